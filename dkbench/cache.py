@@ -1,0 +1,83 @@
+"""Harness side of the best-config cache: error translation and rows for display.
+
+The cache itself (format, locking, lookup) lives in `kernels.config_cache`, which kernels read at
+launch without the harness.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from dkbench.errors import CacheError
+from kernels.config_cache import CONFIG_FIELDS
+
+
+@contextmanager
+def cache_errors() -> Iterator[None]:
+    """Turn the cache library's ValueError / OSError (bad file, unwritable path, stuck lock)
+    into `CacheError`, so the CLI reports it like any other harness error."""
+    try:
+        yield
+    except (ValueError, OSError) as e:
+        raise CacheError(str(e)) from e
+
+
+@dataclass(frozen=True)
+class CacheRow:
+    """One cache entry, flattened for a table."""
+
+    gpu: str
+    capability: str
+    triton: str
+    kernel: str
+    kernel_hash: str
+    dtype: str
+    head_dim: int
+    block_size: int
+    seqlen_bucket: int
+    density_bucket: float
+    config: str
+    ms: float
+    default_ms: float
+    speedup: float
+    tuned_at: str
+    source: str
+
+
+def format_config(config: Mapping[str, Any]) -> str:
+    """``{"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 3}`` -> ``64x32 w4 s3``."""
+    text = (
+        f"{config['block_m']}x{config['block_n']} w{config['num_warps']} s{config['num_stages']}"
+    )
+    extra = [f"{k}={v}" for k, v in sorted(config.items()) if k not in CONFIG_FIELDS]
+    return " ".join([text, *extra])
+
+
+def cache_rows(entries: Mapping[str, Mapping[str, Any]]) -> list[CacheRow]:
+    """Rows for ``ConfigCache.entries()``, sorted by machine, kernel and problem size."""
+    rows = []
+    for entry in entries.values():
+        key, ms, default_ms = entry["key"], float(entry["ms"]), float(entry["default_ms"])
+        rows.append(
+            CacheRow(
+                **key,
+                config=format_config(entry["config"]),
+                ms=ms,
+                default_ms=default_ms,
+                # The tuned config's gain over the default launch config; nan if ms is unusable.
+                speedup=default_ms / ms if ms > 0 else math.nan,
+                tuned_at=str(entry.get("tuned_at", "")),
+                source=str(entry.get("source", "")),
+            )
+        )
+    rows.sort(
+        key=lambda r: (
+            r.gpu, r.triton, r.kernel, r.dtype, r.head_dim, r.block_size, r.seqlen_bucket,
+            r.density_bucket,
+        )
+    )
+    return rows

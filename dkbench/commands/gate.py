@@ -1,0 +1,81 @@
+"""`dkbench gate`: fail CI when throughput drops against a baseline run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dkbench.errors import BadInputError, DkbenchError, RegressionError
+from dkbench.gate import (FAILED, IMPROVED, REGRESSION, SKIPPED, TABLE_HEADER, GateResult,
+                          parse_tolerance, run_gate, table_rows, to_markdown)
+
+_STYLES = {FAILED: "bold red", REGRESSION: "bold red", IMPROVED: "green", SKIPPED: "yellow"}
+
+
+def _render(result: GateResult, console: Console) -> None:
+    title = f"dkbench gate: {result.metric}" + (
+        f" vs {result.against}" if result.metric == "speedup" else "")
+    table = Table(title=title)
+    for name in TABLE_HEADER:
+        table.add_column(name, justify="right" if name in ("baseline", "current", "change",
+                                                           "noise") else "left")
+    for cells in table_rows(result):
+        verdict = cells[-1].split(" ", 1)[0].lower()
+        table.add_row(*cells, style=_STYLES.get(verdict))
+    console.print(table)
+    if result.one_sided:
+        console.print("[bold]Rows on one side only:[/bold]")
+        for o in result.one_sided:
+            console.print(f"  {o.case} / {o.provider}: only in {o.side} ({o.status})",
+                          markup=False, soft_wrap=True)
+    for note in result.notes:
+        console.print(f"note: {note}", style="yellow", markup=False, soft_wrap=True)
+    console.print(result.summary(), style="bold green" if result.passed else "bold red",
+                  markup=False, soft_wrap=True)
+
+
+def gate(
+    current: Annotated[Path, typer.Argument(
+        help="Run directory (holding results.csv) or results CSV to check.")],
+    baseline: Annotated[Path, typer.Option(
+        "--baseline", "-b", help="Run directory or results CSV to compare against.")],
+    metric: Annotated[str, typer.Option(
+        help="speedup (vs a provider of the same run; higher is better), tflops (higher is "
+             "better) or ms (lower is better).")] = "speedup",
+    against: Annotated[Optional[str], typer.Option(
+        help="Provider the speedup is measured against (default: the rows' `baseline` column).",
+        show_default=False)] = None,
+    tolerance: Annotated[str, typer.Option(
+        help="Allowed worsening in percent: '5%' and '5' both mean 5 percent "
+             "(so '0.05' means 0.05 percent).")] = "5%",
+    providers: Annotated[Optional[str], typer.Option(
+        help="Comma-separated providers to gate (default: all).", show_default=False)] = None,
+    fail_on_missing: Annotated[bool, typer.Option(
+        "--fail-on-missing", help="Fail when a row is present on one side only.")] = False,
+    markdown: Annotated[Optional[Path], typer.Option(
+        help="Also write the table as Markdown to this file (for a CI comment).",
+        show_default=False)] = None,
+) -> None:
+    """Compare CURRENT against --baseline; exit 0 pass, 1 regression, 2 bad input."""
+    err_console = Console(stderr=True)
+    try:
+        result = run_gate(
+            current, baseline, metric=metric, against=against,
+            tolerance=parse_tolerance(tolerance),
+            providers=providers.split(",") if providers else None,
+            fail_on_missing=fail_on_missing)
+        _render(result, Console())
+        if markdown is not None:
+            try:
+                markdown.write_text(to_markdown(result))
+            except OSError as err:
+                raise BadInputError(f"--markdown {markdown}: cannot write ({err})") from None
+    except DkbenchError as err:
+        err_console.print(f"error: {err}", style="red", markup=False, soft_wrap=True)
+        raise typer.Exit(code=err.exit_code) from None
+    if not result.passed:
+        raise typer.Exit(code=RegressionError.exit_code)

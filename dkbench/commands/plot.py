@@ -1,0 +1,58 @@
+"""`dkbench plot` and `dkbench report`: figures and a Markdown page from run directories."""
+
+from pathlib import Path
+from typing import Annotated, NoReturn, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from dkbench.errors import DkbenchError
+
+_PATH_HELP = ("A run directory (results.csv + meta.json, maybe tune.csv), or a directory of run "
+              "directories to compare.")
+
+
+def _fail(err: DkbenchError) -> NoReturn:
+    Console(stderr=True).print(f"[bold red]error:[/bold red] {escape(str(err))}", soft_wrap=True)
+    raise typer.Exit(code=err.exit_code)
+
+
+def plot(
+    path: Annotated[Path, typer.Argument(help=_PATH_HELP, show_default=False)],
+    metric: Annotated[Optional[str], typer.Option(
+        "--metric", help="ms, tflops or speedup: the one per-seqlen figure to draw "
+                         "[default: all three].", show_default=False)] = None,
+    formats: Annotated[str, typer.Option(
+        "--format", help="Comma-separated figure formats: png, svg.")] = "png",
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="Directory for the figures [default: PATH].", show_default=False)] = None,
+) -> None:
+    """Draw latency, speedup, TFLOP/s and speedup-vs-density figures, and tuning heatmaps."""
+    # Imported here so that `dkbench --help` and the other commands never load matplotlib.
+    from dkbench.plot import plot_path
+
+    try:
+        written = plot_path(path, metric=metric, formats=formats, out=out)
+    except DkbenchError as err:
+        _fail(err)
+    console = Console()
+    console.print(f"wrote {len(written)} figure files:", markup=False)
+    for file in written:
+        console.print(f"  {file}", markup=False, highlight=False, soft_wrap=True)
+
+
+def report(
+    path: Annotated[Path, typer.Argument(help=_PATH_HELP, show_default=False)],
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="The Markdown file to write; figures go beside it "
+                      "[default: PATH/report.md].", show_default=False)] = None,
+) -> None:
+    """Write a Markdown report: environment, summary tables, failed rows and figures."""
+    from dkbench.report import write_report
+
+    try:
+        written = write_report(path, out=out)
+    except DkbenchError as err:
+        _fail(err)
+    Console().print(f"wrote {written}", markup=False, highlight=False, soft_wrap=True)

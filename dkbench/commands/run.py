@@ -1,0 +1,143 @@
+"""`dkbench run`, `dkbench validate` and `dkbench env`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ..errors import BadInputError, DkbenchError
+from ..spec import expand, filter_cases, load_spec
+
+SWEEPS_DIR = Path(__file__).resolve().parents[2] / "sweeps"
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def default_spec(device: torch.device) -> Path:
+    name = "phi3.yaml" if device.type == "cuda" else "smoke.yaml"
+    for folder in (Path("sweeps"), SWEEPS_DIR):
+        if (folder / name).is_file():
+            return folder / name
+    raise BadInputError(f"no SPEC given and the built-in default sweeps/{name} was not found")
+
+
+def _fail(exc: DkbenchError) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+    return typer.Exit(code=exc.exit_code)
+
+
+def run(
+    spec: Annotated[Optional[Path], typer.Argument(
+        help="Sweep spec (YAML). Default: sweeps/phi3.yaml on a GPU, sweeps/smoke.yaml on a CPU.",
+        show_default=False)] = None,
+    out: Annotated[Path, typer.Option(help="Directory that receives the run directory.")] = Path("results"),
+    device: Annotated[str, typer.Option(help="auto, cuda or cpu (cpu runs Triton's interpreter).")] = "auto",
+    providers: Annotated[Optional[str], typer.Option(
+        help="Comma-separated providers to run instead of the spec's.", show_default=False)] = None,
+    only: Annotated[Optional[list[str]], typer.Option(
+        help="Keep cases where KEY=VALUE (repeatable; VALUE may be a comma list).",
+        show_default=False)] = None,
+    resume: Annotated[Optional[Path], typer.Option(
+        help="Finish an interrupted run directory instead of starting a new one.",
+        show_default=False)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
+) -> None:
+    """Run a sweep: every case x provider checked, timed and appended to results.csv."""
+    from .. import runner
+    from ..summary import summary_table
+
+    try:
+        if device not in ("auto", "cuda", "cpu"):
+            raise BadInputError(f"--device {device!r}: allowed values are auto, cuda, cpu")
+        dev = runner.resolve_device(device if device != "auto" else "auto")
+        if spec is None:
+            spec = default_spec(dev)
+            console.print(f"No SPEC given: running the built-in default [bold]{spec}[/bold] "
+                          f"({'GPU' if dev.type == 'cuda' else 'CPU, through Triton interpreter'}).")
+        sweep = load_spec(spec)
+        if device == "auto" and sweep.device != "auto":
+            dev = runner.resolve_device(sweep.device)
+        chosen = sweep.providers
+        if providers:
+            from ..providers import PROVIDERS
+            chosen = [p.strip() for p in providers.split(",") if p.strip()]
+            unknown = [p for p in chosen if p not in PROVIDERS]
+            if unknown:
+                raise BadInputError(f"--providers: unknown {', '.join(unknown)}; allowed: "
+                                    f"{', '.join(PROVIDERS)}")
+        cases = filter_cases(expand(sweep), only or [])
+        if not cases:
+            raise BadInputError(f"--only {' '.join(only or [])}: no case of {spec} matches")
+        plan = runner.plan_run(sweep, cases, chosen, out, resume)
+    except DkbenchError as exc:
+        raise _fail(exc) from None
+
+    console.print(f"Run directory: [bold]{plan.run_dir}[/bold] ({len(cases)} cases x "
+                  f"{len(chosen)} providers on {dev})")
+    try:
+        if quiet:
+            rows = runner.execute(sweep, spec.read_text(), plan, dev)
+        else:
+            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+            with Progress(*columns, console=console, transient=False) as progress:
+                task = progress.add_task("starting", total=None)
+
+                def on_progress(text: str, done: int, total: int) -> None:
+                    progress.update(task, description=text[:90], completed=done, total=total)
+
+                rows = runner.execute(sweep, spec.read_text(), plan, dev, on_progress)
+    except KeyboardInterrupt:
+        err_console.print(f"Interrupted. Rows so far are in {plan.run_dir}; finish with "
+                          f"--resume {plan.run_dir}")
+        raise typer.Exit(code=130) from None
+    if not quiet and rows:
+        console.print(summary_table(rows, sweep.baseline))
+    failed = [r for r in rows if r.status != "ok"]
+    if failed:
+        console.print(f"{len(failed)} of {len(rows)} rows did not run ok (see status/message in "
+                      "results.csv).")
+    console.print(f"Results: [bold]{plan.run_dir / 'results.csv'}[/bold]")
+
+
+def validate(spec: Annotated[Path, typer.Argument(help="Sweep spec (YAML) to check.")]) -> None:
+    """Check a spec and print how many cases it expands to."""
+    try:
+        sweep = load_spec(spec)
+    except DkbenchError as exc:
+        raise _fail(exc) from None
+    cases = expand(sweep)
+    console.print(f"{spec}: ok, {len(cases)} cases x {len(sweep.providers)} providers = "
+                  f"{len(cases) * len(sweep.providers)} rows")
+
+
+def env(device: Annotated[str, typer.Option(help="auto, cuda or cpu.")] = "auto") -> None:
+    """GPU, versions, and which providers can run here (and why not)."""
+    from ..envinfo import environment
+    from ..providers import PROVIDERS
+    from ..runner import resolve_device
+
+    try:
+        dev = resolve_device(device)
+    except DkbenchError as exc:
+        raise _fail(exc) from None
+    info = environment(dev)
+    table = Table(title="environment", show_header=False)
+    for key, value in info.items():
+        table.add_row(key, str(value))
+    console.print(table)
+    providers = Table(title="providers")
+    providers.add_column("provider")
+    providers.add_column("computes")
+    providers.add_column("available here")
+    for name, cls in PROVIDERS.items():
+        reason = cls().unavailable(dev)
+        providers.add_row(name, cls.computes, "yes" if reason is None else f"no: {reason}")
+    console.print(providers)

@@ -1,0 +1,27 @@
+"""Every error the harness raises on purpose. The CLI maps each to a message and an exit code."""
+
+from __future__ import annotations
+
+
+class DkbenchError(Exception):
+    """Base of all harness errors; `exit_code` is what the CLI exits with."""
+
+    exit_code = 2
+
+
+class SpecError(DkbenchError):
+    """A sweep spec is unreadable or invalid; the message names the file and the key path."""
+
+
+class BadInputError(DkbenchError):
+    """A flag, file or CSV given on the command line cannot be used."""
+
+
+class CacheError(DkbenchError):
+    """The best-config cache cannot be read or written."""
+
+
+class RegressionError(DkbenchError):
+    """The gate found a regression."""
+
+    exit_code = 1

@@ -1,0 +1,470 @@
+"""Figures drawn from run directories: latency, speedup and TFLOP/s against sequence length, speedup
+against density, and (in `plot_tune`) launch-config heatmaps.
+
+Plots are views of the CSVs alone (results.csv, meta.json and tune.csv in a run directory).
+`load_runs` reads and checks them, `build_figures` returns matplotlib Figures (tests inspect them),
+`save_figures` writes them, and `plot_path` does all three for the CLI. Only this module and
+`plot_tune` import matplotlib, so `import dkbench` stays light.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: CI and the GPU machine have no display
+
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
+
+from dkbench.errors import BadInputError
+from dkbench.results import RESULTS_FILE, read_meta, read_results
+
+TUNE_FILE = "tune.csv"
+METRICS = ("ms", "tflops", "speedup")
+FORMATS = ("png", "svg")
+INTERPRETER_NOTE = "interpreter timings (CPU, not meaningful for performance)"
+
+REQUIRED_COLUMNS = (
+    "gpu", "interpreter", "provider", "mode", "dtype", "seqlen", "pattern", "density",
+    "ms", "ms_p20", "ms_p80", "tflops", "dense_tflops", "baseline", "speedup", "status",
+)
+TUNE_COLUMNS = ("case_id", "kernel", "block_m", "block_n", "num_warps", "num_stages", "ms",
+                "status")
+FACET_COLUMNS = ("pattern", "mode", "dtype")
+# Shape columns that split a facet further when a sweep varies them (else lines would mix shapes).
+SHAPE_COLUMNS = {"batch": "b", "heads": "h", "kv_heads": "kv", "head_dim": "d",
+                 "block_size": "block", "causal": "causal"}
+FAILED_MARKERS = {"oom": "x", "error": "X", "unsupported": "1", "wrong": "v"}
+_COLORS = matplotlib.colormaps["tab10"].colors
+_RUN_STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))
+_REFERENCE_STYLES = ("--", ":", "-.", (0, (6, 2, 1, 2)))  # per run, for the baseline's dense rate
+
+
+@dataclass
+class Run:
+    """One run directory, read and checked. `results` gains a `run` column holding `label`."""
+
+    path: Path
+    label: str
+    results: pd.DataFrame
+    meta: dict
+    tune: pd.DataFrame | None
+
+    @property
+    def interpreter(self) -> bool:
+        return bool(self.results["interpreter"].any())
+
+
+@dataclass(frozen=True)
+class NamedFigure:
+    """A built figure, the file stem it is saved under, and a title for links."""
+
+    name: str
+    title: str
+    figure: Figure
+
+
+# -- loading --
+
+def _truthy(col: pd.Series) -> pd.Series:
+    return col.astype(str).str.strip().str.lower().isin(("true", "1", "yes"))
+
+
+def find_run_dirs(path: Path) -> list[Path]:
+    """`path` itself when it holds results.csv, else its subdirectories that do (sorted)."""
+    path = Path(path)
+    if not path.exists():
+        raise BadInputError(f"{path}: no such file or directory")
+    if path.is_file():
+        if path.name == RESULTS_FILE:
+            return [path.parent]
+        raise BadInputError(f"{path}: is a file; give a run directory holding {RESULTS_FILE} "
+                            "or a directory of run directories")
+    if (path / RESULTS_FILE).is_file():
+        return [path]
+    runs = sorted(p for p in path.iterdir() if (p / RESULTS_FILE).is_file())
+    if not runs:
+        raise BadInputError(f"{path}: no {RESULTS_FILE} in it or in its subdirectories")
+    return runs
+
+
+def _read_csv_checked(path: Path, required: Iterable[str], reader) -> pd.DataFrame:
+    try:
+        df = reader(path)
+    except pd.errors.EmptyDataError:
+        raise BadInputError(f"{path}: empty file (no header, no rows)") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise BadInputError(f"{path}: not a readable CSV ({err})") from None
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise BadInputError(f"{path}: missing columns {', '.join(missing)}")
+    return df
+
+
+def read_tune(path: Path) -> pd.DataFrame | None:
+    """A tune.csv as a DataFrame, or None when it is absent or has no rows yet."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    df = _read_csv_checked(path, TUNE_COLUMNS, lambda p: pd.read_csv(
+        p, keep_default_na=False, na_values=["nan", "NaN", ""]))
+    if df.empty:
+        return None
+    df["status"] = df["status"].fillna("").astype(str).str.strip().str.lower()
+    df["is_best"] = _truthy(df["is_best"]) if "is_best" in df.columns else False
+    for col in ("block_m", "block_n", "num_warps", "num_stages", "ms"):
+        df[col] = pd.to_numeric(df[col], errors="coerce")
+    return df
+
+
+def load_run(run_dir: Path) -> Run:
+    """Read one run directory; raises BadInputError naming the file when it cannot be plotted."""
+    csv = run_dir / RESULTS_FILE
+    df = _read_csv_checked(csv, REQUIRED_COLUMNS, read_results)
+    if df.empty:
+        raise BadInputError(f"{csv}: has a header but no rows")
+    for col in ("provider", "mode", "dtype", "pattern", "baseline", "gpu", "status", "message"):
+        if col in df.columns:
+            df[col] = df[col].fillna("").astype(str).str.strip()
+    df["status"] = df["status"].str.lower()
+    df["interpreter"] = _truthy(df["interpreter"])
+    for col in ("seqlen", "density", "ms", "ms_p20", "ms_p80", "tflops", "dense_tflops", "speedup"):
+        df[col] = pd.to_numeric(df[col], errors="coerce")
+    try:
+        meta = read_meta(run_dir)
+    except ValueError as err:  # json.JSONDecodeError
+        raise BadInputError(f"{run_dir / 'meta.json'}: not valid JSON ({err})") from None
+    meta = meta if isinstance(meta, dict) else {}
+    return Run(run_dir, "", df, meta, read_tune(run_dir / TUNE_FILE))
+
+
+def load_runs(path: Path) -> list[Run]:
+    """Every run under `path`, labelled "name (GPU)": meta.json's name (else the directory's) and
+    the CSV's gpu column."""
+    runs = [load_run(d) for d in find_run_dirs(path)]
+    names = [str(r.meta.get("name") or r.path.resolve().name) for r in runs]
+    if len(set(names)) < len(names):  # two runs of one spec: the directory tells them apart
+        names = [r.path.resolve().name for r in runs]
+    for run, name in zip(runs, names):
+        gpus = ", ".join(sorted({g for g in run.results["gpu"] if g}))
+        run.label = f"{name} ({gpus})" if gpus else name
+        run.results["run"] = run.label
+    return runs
+
+
+def check_metric(metric: str | None) -> str | None:
+    """Normalise --metric; None means draw all three per-seqlen figures."""
+    if metric is None:
+        return None
+    if metric.strip().lower() not in METRICS:
+        raise BadInputError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    return metric.strip().lower()
+
+
+def parse_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
+    """A comma list (or sequence) of figure formats, checked against FORMATS."""
+    items = formats.split(",") if isinstance(formats, str) else list(formats)
+    out = tuple(dict.fromkeys(f.strip().lower().lstrip(".") for f in items if f.strip()))
+    bad = [f for f in out if f not in FORMATS]
+    if bad or not out:
+        raise BadInputError(f"unknown figure format {', '.join(bad) or repr(formats)}; "
+                            f"choose from {', '.join(FORMATS)}")
+    return out
+
+
+# -- line figures --
+
+@dataclass(frozen=True)
+class _View:
+    """What one faceted line figure draws."""
+
+    name: str
+    title: str
+    column: str
+    ylabel: str
+    x: str = "seqlen"
+    xlabel: str = "sequence length (tokens)"
+    facets: tuple[str, ...] = FACET_COLUMNS
+    skip_baseline: bool = False  # the baseline is drawn as a reference line instead
+    band: tuple[str, str] | None = None  # p20/p80 drawn as a shaded band
+    markers_only: bool = False
+
+
+VIEWS = {
+    "ms": _View("latency", "Latency against sequence length", "ms", "median latency (ms)",
+                band=("ms_p20", "ms_p80")),
+    "speedup": _View("speedup", "Speedup against the baseline provider", "speedup",
+                     "speedup vs {baseline} (×)", skip_baseline=True),
+    "tflops": _View("tflops", "Throughput on computed pairs", "tflops",
+                    "TFLOP/s (computed pairs)", skip_baseline=True),
+}
+DENSITY_VIEW = _View("speedup_vs_density", "Speedup against block density", "speedup",
+                     "speedup vs {baseline} (×)", x="density",
+                     xlabel="density (fraction of blocks computed)", facets=("mode", "dtype"),
+                     skip_baseline=True, markers_only=True)
+
+
+class _Styles:
+    """Colour per provider, line style and marker per run, fixed across every figure."""
+
+    def __init__(self, frame: pd.DataFrame):
+        providers = sorted(frame["provider"].unique())
+        self.providers = {p: _COLORS[i % len(_COLORS)] for i, p in enumerate(providers)}
+        self.runs = {r: i for i, r in enumerate(dict.fromkeys(frame["run"]))}
+        self.compare = len(self.runs) > 1
+
+    def label(self, provider: str, run: str) -> str:
+        return f"{provider} · {run}" if self.compare else provider
+
+    def line(self, provider: str, run: str) -> dict:
+        ls, marker = _RUN_STYLES[self.runs[run] % len(_RUN_STYLES)]
+        return {"color": self.providers[provider], "linestyle": ls, "marker": marker}
+
+
+def _fmt_tokens(n: float, _pos=None) -> str:
+    n = int(n)
+    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def _spans(values: pd.Series, ratio: float) -> bool:
+    v = values.dropna()
+    return bool(len(v)) and bool((v > 0).all()) and v.max() / v.min() >= ratio
+
+
+def _log_labels(axis, values: pd.Series) -> None:
+    """Plain numbers on a log axis (not 6x10^0); minor labels at 2 and 5 over few decades."""
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    v = values.dropna()
+    if math.log10(v.max() / v.min()) >= 2:
+        axis.set_minor_formatter(NullFormatter())
+        return
+
+    def two_five(v: float, _pos=None) -> str:
+        return f"{v:g}" if round(v / 10 ** math.floor(math.log10(v)), 6) in (2, 5) else ""
+    axis.set_minor_formatter(FuncFormatter(two_five))
+
+
+def _set_scales(ax: Axes, xs: pd.Series, ys: pd.Series, view: _View) -> None:
+    """Log axes where the data spans decades (x by powers of two for sequence lengths)."""
+    if view.x == "seqlen" and _spans(xs, 4):
+        ax.set_xscale("log", base=2)
+        ticks = sorted(xs.dropna().unique())
+        if len(ticks) <= 10:
+            ax.xaxis.set_major_locator(FixedLocator(ticks))
+            ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_major_formatter(FuncFormatter(_fmt_tokens))
+    elif view.x != "seqlen" and _spans(xs, 10):
+        ax.set_xscale("log")
+        _log_labels(ax.xaxis, xs)
+    if _spans(ys, 10):
+        ax.set_yscale("log")
+        _log_labels(ax.yaxis, ys)
+
+
+def _reserve_bottom(ax: Axes, fraction: float) -> None:
+    """Lower the y axis so the bottom `fraction` holds only failure markers, clear of the data."""
+    ax.autoscale_view()
+    scale = ax.yaxis.get_transform()  # identity or log: the space the axis is linear in
+    lo, hi = scale.transform(np.array(ax.get_ylim()))
+    bottom = lo - (hi - lo) * fraction / (1 - fraction)
+    ax.set_ylim(bottom=scale.inverted().transform(np.array([bottom]))[0])
+
+
+def _draw_failed(ax: Axes, rows: pd.DataFrame, x: str, styles: _Styles) -> None:
+    """Failed rows as status markers along the axis bottom, never as numbers; providers stagger
+    a little in height so two failures at one x stay visible."""
+    bad = rows[(rows["status"] != "ok") & rows[x].notna()]
+    for (status, provider, run), g in bad.groupby(["status", "provider", "run"]):
+        height = 0.035 + 0.045 * (list(styles.providers).index(provider) % 3)
+        ax.plot(g[x], np.full(len(g), height), transform=ax.get_xaxis_transform(), linestyle="none",
+                marker=FAILED_MARKERS.get(status, "x"), markersize=9, markeredgewidth=2,
+                color=styles.providers[provider], clip_on=False, gid="failed")
+
+
+def _draw_references(ax: Axes, rows: pd.DataFrame, ok: pd.DataFrame, view: _View,
+                     styles: _Styles) -> None:
+    if view.column == "speedup":
+        ax.axhline(1.0, color="black", linewidth=1, linestyle="--", label="baseline (= 1)",
+                   gid="reference")
+    if view.x == "density" and len(ok):
+        xs = np.geomspace(ok["density"].min(), ok["density"].max(), 50)
+        ax.plot(xs, 1 / xs, color="0.45", linestyle=":", label="ideal (1 / density)",
+                gid="reference")
+    if view.column == "tflops":
+        base = rows[(rows["provider"] == rows["baseline"]) & (rows["status"] == "ok")]
+        for (run, provider), g in base.dropna(subset=["dense_tflops"]).groupby(["run", "provider"]):
+            g = g.groupby("seqlen", as_index=False)["dense_tflops"].median()
+            label = f"{provider} dense rate (reference)" + (f" · {run}" if styles.compare else "")
+            ls = _REFERENCE_STYLES[styles.runs[run] % len(_REFERENCE_STYLES)]
+            ax.plot(g["seqlen"], g["dense_tflops"], color="black", linestyle=ls,
+                    linewidth=1.5, label=label, gid="reference")
+
+
+def _draw_facet(ax: Axes, rows: pd.DataFrame, view: _View, styles: _Styles) -> None:
+    ok = rows[(rows["status"] == "ok") & rows[view.column].notna() & rows[view.x].notna()]
+    if view.skip_baseline:
+        ok = ok[ok["provider"] != ok["baseline"]]
+    value_cols = [view.column, *(view.band or ())]
+    for (provider, run), g in ok.groupby(["provider", "run"], sort=True):
+        # Repeated rows (a resumed run) collapse to their median.
+        g = g.groupby(view.x, as_index=False)[value_cols].median().sort_values(view.x)
+        style = styles.line(provider, run)
+        if view.markers_only:
+            style["linestyle"] = "none"
+        ax.plot(g[view.x], g[view.column], label=styles.label(provider, run), gid="data", **style)
+        if view.band:
+            ax.fill_between(g[view.x], g[view.band[0]], g[view.band[1]], color=style["color"],
+                            alpha=0.15, linewidth=0)
+    _draw_references(ax, rows, ok, view, styles)
+    _draw_failed(ax, rows, view.x, styles)
+    if ok.empty:
+        ax.text(0.5, 0.5, "no ok rows", transform=ax.transAxes, ha="center", va="center",
+                color="0.4")
+    ys = ok[view.column]
+    if view.column == "speedup":
+        ys = pd.concat([ys, pd.Series([1.0])])  # the reference line at 1 must fit on the axis
+    _set_scales(ax, rows[view.x], ys, view)
+    if (rows["status"] != "ok").any() and len(ok):
+        _reserve_bottom(ax, 0.16)
+    ax.grid(True, which="major", alpha=0.3)
+
+
+def _facet_title(key: dict) -> str:
+    head = textwrap.fill(str(key.pop("pattern")), 42) + "\n" if "pattern" in key else ""
+    parts = [str(key.pop("mode", "")), str(key.pop("dtype", ""))]
+    parts += [f"{SHAPE_COLUMNS[c]}={v}" for c, v in key.items()]
+    return head + " · ".join(p for p in parts if p)
+
+
+def _suptitle(title: str, runs: Sequence[Run]) -> str:
+    which = runs[0].label if len(runs) == 1 else "runs: " + "; ".join(r.label for r in runs)
+    lines = [title, which]
+    if any(r.interpreter for r in runs):
+        lines.append(INTERPRETER_NOTE)
+    return "\n".join(textwrap.fill(line, 110) for line in lines)
+
+
+def _figure_legend(fig: Figure, axes: Sequence[Axes], frame: pd.DataFrame, styles: _Styles) -> None:
+    """One legend for the whole figure, below the grid so it never hides data or the title:
+    series in provider order, then reference lines, then one entry per failure status."""
+    seen: dict[str, object] = {}
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, h)
+    series = [styles.label(p, r) for p in styles.providers for r in styles.runs]
+    handles = {k: seen[k] for k in series if k in seen}
+    handles.update({k: h for k, h in seen.items() if k not in handles})
+    for status in sorted(set(frame["status"]) - {"ok"}):
+        handles[f"failed ({status})"] = Line2D([], [], linestyle="none", color="0.3",
+                                               marker=FAILED_MARKERS.get(status, "x"),
+                                               markersize=8, markeredgewidth=2)
+    if not handles:
+        return
+    longest = max(len(k) for k in handles)
+    ncols = max(1, min(4, len(handles), int(fig.get_figwidth() * 12 / (longest + 6))))
+    fig.set_figheight(fig.get_figheight() + 0.25 * math.ceil(len(handles) / ncols))
+    fig.legend(list(handles.values()), list(handles.keys()), loc="outside lower center",
+               ncols=ncols, fontsize="small")
+
+
+def _facet_grid(n: int) -> tuple[Figure, list[Axes]]:
+    ncols = min(3, n)
+    nrows = math.ceil(n / ncols)
+    fig = Figure(figsize=(4.6 * ncols + 0.8, 3.4 * nrows + 1.2), layout="constrained")
+    axes = list(fig.subplots(nrows, ncols, squeeze=False).ravel())
+    for ax in axes[n:]:
+        fig.delaxes(ax)
+    return fig, axes[:n]
+
+
+_MODE_ORDER = {"fwd": 0, "bwd": 1, "fwd_bwd": 2, "decode": 3}
+
+
+def _facet_order(key: tuple, facets: Sequence[str]) -> tuple:
+    """Facets sorted by value, but modes in pipeline order (fwd before bwd) rather than A-Z."""
+    return tuple((_MODE_ORDER.get(v, 9), str(v)) if c == "mode" else (0, v)
+                 for c, v in zip(facets, key))
+
+
+def build_view_figure(frame: pd.DataFrame, view: _View, runs: Sequence[Run]) -> Figure:
+    """One figure of `view`, a subplot per facet; `frame` is the runs' results concatenated."""
+    styles = _Styles(frame)
+    varying = [c for c in SHAPE_COLUMNS if c in frame.columns and frame[c].nunique() > 1]
+    facets = [*view.facets, *varying]
+    groups = sorted(frame.groupby(facets), key=lambda kv: _facet_order(kv[0], facets))
+    fig, axes = _facet_grid(len(groups))
+    baselines = sorted({b for b in frame["baseline"] if b})
+    ylabel = view.ylabel.format(baseline=baselines[0] if len(baselines) == 1 else "baseline")
+    for ax, (key, rows) in zip(axes, groups):
+        _draw_facet(ax, rows, view, styles)
+        ax.set_title(_facet_title(dict(zip(facets, key))), fontsize="medium")
+        ax.set_xlabel(view.xlabel)
+        ax.set_ylabel(ylabel)
+    fig.suptitle(_suptitle(view.title, runs))
+    _figure_legend(fig, axes, frame, styles)
+    return fig
+
+
+def build_figures(runs: Sequence[Run], metric: str | None = None) -> list[NamedFigure]:
+    """The figures for `runs`: per-seqlen figures (all three, or only `metric`), speedup against
+    density, and a heatmap per tuned case and kernel where a run has a tune.csv."""
+    from dkbench.plot_tune import build_tune_figures  # plot_tune imports this module
+
+    frame = pd.concat([r.results for r in runs], ignore_index=True)
+    metrics = METRICS if metric is None else (check_metric(metric),)
+    views = [*(VIEWS[m] for m in metrics), DENSITY_VIEW]
+    figures = [NamedFigure(v.name, v.title, build_view_figure(frame, v, runs)) for v in views]
+    for run in runs:
+        if run.tune is not None:
+            prefix = "tune" if len(runs) == 1 else f"tune_{slug(run.path.resolve().name)}"
+            figures += build_tune_figures(run.tune, prefix=prefix, subtitle=run.label,
+                                          interpreter=run.interpreter)
+    return figures
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of `text`."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text)).strip("_") or "x"
+
+
+def save_figures(figures: Sequence[NamedFigure], out_dir: Path,
+                 formats: Sequence[str] = ("png",)) -> list[Path]:
+    """Write each figure once per format as OUT_DIR/NAME.FORMAT; returns the paths written."""
+    out_dir = Path(out_dir)
+    written = []
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for nf in figures:
+            for fmt in formats:
+                path = out_dir / f"{nf.name}.{fmt}"
+                nf.figure.savefig(path, dpi=110)
+                written.append(path)
+    except OSError as err:
+        raise BadInputError(f"{out_dir}: cannot write figures ({err})") from None
+    return written
+
+
+def output_root(path: Path) -> Path:
+    """The directory PATH names (a results.csv given directly stands for its run directory)."""
+    path = Path(path)
+    return path.parent if path.is_file() else path
+
+
+def plot_path(path: Path, metric: str | None = None, formats: str | Sequence[str] = "png",
+              out: Path | None = None) -> list[Path]:
+    """`dkbench plot`: read the run(s) under `path`, draw, save under `out` (default: `path`)."""
+    metric = check_metric(metric)
+    formats = parse_formats(formats)
+    runs = load_runs(path)
+    out_dir = Path(out) if out else output_root(path)
+    return save_figures(build_figures(runs, metric), out_dir, formats)

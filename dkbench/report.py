@@ -1,0 +1,212 @@
+"""`dkbench report`: a Markdown page for a run directory (or a directory of runs): the environment,
+a summary table per case with the fastest provider marked, the failed rows with their messages,
+and the figures from `dkbench.plot`, linked by relative path. A view of the CSVs alone."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from dkbench.errors import BadInputError
+from dkbench.plot import (INTERPRETER_NOTE, Run, build_figures, load_runs, output_root,
+                          save_figures)
+from dkbench.results import KEY_COLUMNS
+
+REPORT_FILE = "report.md"
+WINNER = "★"
+# (row label, meta.json keys tried in order): the runner's key names may differ across versions.
+META_FIELDS = (
+    ("run name", ("name",)),
+    ("GPU", ("gpu", "gpu_name", "device")),
+    ("torch", ("torch", "torch_version")),
+    ("triton", ("triton", "triton_version")),
+    ("python", ("python", "python_version")),
+    ("spec", ("spec_name", "spec", "sweep", "spec_path")),
+    ("command", ("command", "argv", "cmd")),
+)
+CSV_PROVENANCE = ("run_id", "gpu", "torch_version", "triton_version", "git_sha", "interpreter",
+                  "timer", "command")
+CASE_COLUMNS = tuple(c for c in KEY_COLUMNS if c != "provider")
+_MODE_ORDER = {"fwd": 0, "bwd": 1, "fwd_bwd": 2, "decode": 3}
+
+
+def _cell(value: object) -> str:
+    """A value as one Markdown table cell: pipes escaped, one line, missing as a dash."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if isinstance(value, (list, tuple)):
+        value = " ".join(map(str, value))
+    text = " ".join(str(value).split())
+    return text.replace("|", "\\|") or "—"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+
+
+def _num(value: float, fmt: str) -> str:
+    return "—" if pd.isna(value) else format(value, fmt)
+
+
+def _meta_value(meta: dict, keys: Sequence[str]) -> object:
+    for key in keys:
+        value = meta.get(key)
+        if isinstance(value, dict):  # e.g. {"spec": {"name": ..., "path": ...}}
+            value = value.get("name") or value.get("path")
+        if value not in (None, ""):
+            return value
+    return None
+
+
+def _csv_values(df: pd.DataFrame, column: str) -> str:
+    if column not in df.columns:
+        return "—"
+    values = sorted({str(v) for v in df[column].dropna() if str(v) != ""})
+    return ", ".join(values) if values else "—"
+
+
+def environment_section(runs: Sequence[Run]) -> list[str]:
+    """One column per run: meta.json's environment, then the CSV's provenance columns."""
+    rows = [[label, *(_meta_value(r.meta, keys) for r in runs)] for label, keys in META_FIELDS]
+    rows += [[f"csv `{c}`", *(_csv_values(r.results, c) for r in runs)] for c in CSV_PROVENANCE]
+    rows.append(["csv timestamps", *(_csv_span(r.results) for r in runs)])
+    rows.append(["rows (by status)", *(_status_counts(r.results) for r in runs)])
+    return ["## Environment", "", *_table(["", *(r.label for r in runs)], rows), ""]
+
+
+def _csv_span(df: pd.DataFrame) -> str:
+    stamps = sorted(str(t) for t in df.get("timestamp", pd.Series(dtype=str)).dropna())
+    return f"{stamps[0]} to {stamps[-1]}" if stamps else "—"
+
+
+def _status_counts(df: pd.DataFrame) -> str:
+    counts = df["status"].value_counts()
+    return f"{len(df)} (" + ", ".join(f"{s} {n}" for s, n in counts.items()) + ")"
+
+
+def _case_order(case: pd.DataFrame) -> tuple:
+    first = case.iloc[0]
+    return (str(first["pattern"]), _MODE_ORDER.get(first["mode"], 9), str(first["mode"]),
+            str(first["dtype"]), float(first["seqlen"]))
+
+
+def _case_heading(case: pd.DataFrame) -> str:
+    first = case.iloc[0]
+    parts = [f"seqlen {first['seqlen']:g}"]
+    for col, name in (("q_len", "q_len"), ("batch", "batch"), ("heads", "heads"),
+                      ("kv_heads", "kv_heads"), ("head_dim", "head_dim"), ("block_size", "block"),
+                      ("causal", "causal"), ("density", "density")):
+        if col in case.columns and pd.notna(first[col]):
+            parts.append(f"{name} {first[col]:.4g}" if col == "density" else f"{name} {first[col]}")
+    baselines = sorted({b for b in case["baseline"] if b})
+    if baselines:
+        parts.append("baseline " + ", ".join(baselines))
+    case_id = f"`{first['case_id']}`: " if "case_id" in case.columns else ""
+    return case_id + ", ".join(parts)
+
+
+def case_table(case: pd.DataFrame) -> list[str]:
+    """One case's providers: median ms (p20-p80), TFLOP/s, speedup, status; the fastest ok row
+    starred. A failed row shows no numbers: a failed measurement is not a measurement."""
+    ok = case[(case["status"] == "ok") & case["ms"].notna()]
+    winner = ok["ms"].idxmin() if len(ok) else None
+    rows = []
+    for idx, r in case.sort_values("provider").iterrows():
+        if r["status"] != "ok":
+            rows.append([r["provider"], "—", "—", "—", "—", r["status"]])
+            continue
+        name = f"**{r['provider']}** {WINNER}" if idx == winner else r["provider"]
+        ms = f"{_num(r['ms'], '.4g')} ({_num(r['ms_p20'], '.4g')}–{_num(r['ms_p80'], '.4g')})"
+        if r["provider"] == r["baseline"]:
+            speed = "baseline"
+        else:
+            speed = "—" if pd.isna(r["speedup"]) else f"{r['speedup']:.2f}×"
+        rows.append([name, ms, _num(r["tflops"], ".1f"), _num(r["dense_tflops"], ".1f"), speed,
+                     r["status"]])
+    header = ["provider", "median ms (p20–p80)", "TFLOP/s (computed)", "TFLOP/s (dense-eq.)",
+              "speedup", "status"]
+    return _table(header, rows)
+
+
+def summary_section(run: Run, title: str = "## Summary") -> list[str]:
+    """Per (pattern, mode, dtype) a heading, and under it a table per case."""
+    df = run.results
+    keys = [c for c in CASE_COLUMNS if c in df.columns]
+    cases = sorted((g for _, g in df.groupby(keys, dropna=False)), key=_case_order)
+    lines = [title, "", f"{WINNER} marks the fastest provider of a case (median ms, status ok).",
+             ""]
+    facet = None
+    for case in cases:
+        first = case.iloc[0]
+        if (first["pattern"], first["mode"], first["dtype"]) != facet:
+            facet = (first["pattern"], first["mode"], first["dtype"])
+            lines += [f"### `{_cell(facet[0])}` · {facet[1]} · {facet[2]}", ""]
+        lines += [_case_heading(case), "", *case_table(case), ""]
+    return lines
+
+
+def failed_section(runs: Sequence[Run]) -> list[str]:
+    """Every row whose status is not ok, with its message."""
+    cols = ["case_id", "provider", "mode", "dtype", "seqlen", "status", "message"]
+    rows = []
+    for run in runs:
+        bad = run.results[run.results["status"] != "ok"]
+        for _, r in bad.iterrows():
+            rows.append(([run.label] if len(runs) > 1 else []) + [r.get(c) for c in cols])
+    lines = ["## Failed rows", ""]
+    if not rows:
+        return lines + ["None: every row has status ok.", ""]
+    return lines + _table((["run"] if len(runs) > 1 else []) + cols, rows) + [""]
+
+
+def figures_section(figures: Sequence[tuple[str, Path]], report_dir: Path) -> list[str]:
+    """Image links relative to the report, so the directory can be moved or published as is."""
+    lines = ["## Figures", ""]
+    for title, path in figures:
+        rel = Path(os.path.relpath(path, report_dir)).as_posix()
+        lines += [f"### {title}", "", f"![{title}]({rel})", ""]
+    return lines if figures else lines + ["No figures.", ""]
+
+
+def render_report(runs: Sequence[Run], figures: Sequence[tuple[str, Path]] = (),
+                  report_dir: Path = Path(".")) -> str:
+    """The report's Markdown text; `figures` are (title, file) pairs to link."""
+    title = runs[0].label if len(runs) == 1 else f"{len(runs)} runs compared"
+    lines = [f"# dkbench report: {title}", ""]
+    interpreted = [r.label for r in runs if r.interpreter]
+    if interpreted:
+        lines += [f"> **Note:** {INTERPRETER_NOTE}: {', '.join(interpreted)}.", ""]
+    lines += environment_section(runs)
+    for run in runs:
+        heading = "## Summary" if len(runs) == 1 else f"## Summary: {run.label}"
+        lines += summary_section(run, heading)
+    lines += failed_section(runs)
+    lines += figures_section(figures, report_dir)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def report_file(path: Path, out: Path | None = None) -> Path:
+    """Where the report goes: `out` (a file, or a directory for report.md), else PATH/report.md."""
+    if out is None:
+        return output_root(path) / REPORT_FILE
+    out = Path(out)
+    return out / REPORT_FILE if out.is_dir() else out
+
+
+def write_report(path: Path, out: Path | None = None) -> Path:
+    """`dkbench report`: draw the figures as PNG beside the report, write it, return its path."""
+    runs = load_runs(path)
+    target = report_file(path, out)
+    figures = build_figures(runs)
+    written = save_figures(figures, target.parent, ("png",))
+    links = [(nf.title, file) for nf, file in zip(figures, written)]
+    try:
+        target.write_text(render_report(runs, links, target.parent), encoding="utf-8")
+    except OSError as err:
+        raise BadInputError(f"{target}: cannot write the report ({err})") from None
+    return target

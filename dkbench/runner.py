@@ -1,0 +1,231 @@
+"""Run a sweep: for each case and provider, prepare, check, warm up, time, and append one row."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import metrics
+from .check import random_inputs, run_check
+from .envinfo import command_line, environment
+from .errors import BadInputError
+from .providers import PROVIDERS, Provider, Unsupported
+from .results import RESULTS_FILE, ResultRow, append_row, read_meta, read_results, write_meta
+from .spec import Case, Sweep, excluded_for_provider
+from .timing import measure, peak_memory_mb
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if choice == "cuda":
+        raise BadInputError("--device cuda: no CUDA GPU is visible (torch.cuda.is_available() is False)")
+    return torch.device("cpu")
+
+
+def new_run_dir(out: Path, name: str) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = out / f"{name}-{stamp}"
+    suffix = 1
+    while run_dir.exists():
+        suffix += 1
+        run_dir = out / f"{name}-{stamp}-{suffix}"
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+@dataclass
+class RunContext:
+    """What every row of one run shares."""
+
+    sweep: Sweep
+    device: torch.device
+    env: dict
+    run_id: str
+    baseline: str | None
+    command: str
+    baseline_ms: dict[str, float] = field(default_factory=dict)  # case_id -> baseline's median
+
+
+def order_providers(names: list[str], baseline: str | None) -> list[str]:
+    """The baseline first, so every other row of a case can carry its speedup when written."""
+    return sorted(names, key=lambda n: n != baseline)
+
+
+def make_step(mode: str, attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Callable[[], object]:
+    """The timed callable: forward, backward alone (graph kept) or both."""
+    if mode == "fwd":
+        return lambda: attn(q, k, v)
+    dout = torch.randn_like(q)
+    if mode == "bwd":
+        out = attn(q, k, v)
+        return lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+    return lambda: torch.autograd.grad(attn(q, k, v), (q, k, v), dout)
+
+
+def _base_row(ctx: RunContext, case: Case, provider: str, layout, density: float) -> ResultRow:
+    env = ctx.env
+    return ResultRow(
+        run_id=ctx.run_id, timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        gpu=env["gpu"], torch_version=env["torch"], triton_version=env["triton"],
+        git_sha=env["git_sha"], interpreter=env["interpreter"], case_id=case.case_id,
+        provider=provider, mode=case.mode, dtype=case.dtype, batch=case.batch, seqlen=case.seqlen,
+        q_len=case.q_len, heads=case.heads, kv_heads=case.kv_heads, head_dim=case.head_dim,
+        causal=case.causal, pattern=case.pattern.label(), pattern_hash=layout.hash(),
+        block_size=case.block_size, density=density, seed=ctx.sweep.seed,
+        baseline=ctx.baseline or "", command=ctx.command)
+
+
+def run_one(ctx: RunContext, case: Case, name: str, layout, density: float, inputs,
+            seed: int) -> ResultRow:
+    """Measure one case x provider; every failure becomes a row, never an exception."""
+    row = _base_row(ctx, case, name, layout, density)
+    provider: Provider = PROVIDERS[name]()
+    device, sweep = ctx.device, ctx.sweep
+    scale = case.sm_scale if case.sm_scale is not None else 1.0 / math.sqrt(case.head_dim)
+    try:
+        reason = provider.unavailable(device)
+        if reason:
+            raise Unsupported(reason)
+        if case.mode != "fwd" and not provider.supports_grad:
+            raise Unsupported(f"{name} has no backward pass")
+        start = time.perf_counter()
+        prepared = provider.prepare(case, layout, sweep, device, scale)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        row.build_ms = (time.perf_counter() - start) * 1e3
+        row.config, row.config_source = prepared.config, prepared.config_source
+        if sweep.check.enabled:
+            checked = run_check(provider, prepared, case, layout, sweep, device, scale, seed)
+            row.max_abs_err, row.rel_err = checked.max_abs_err, checked.rel_err
+            if not checked.ok:
+                row.status = "wrong"
+                row.message = (f"{checked.what}: relative error {checked.rel_err:.3g} above "
+                               f"{sweep.check.rtol.get(case.dtype)}")
+                return row
+        step = make_step(case.mode, prepared.attn, *inputs)
+        step()  # warm-up: compilation and autotuning stay outside the timed region
+        timed = measure(step, sweep.timing, device)
+        row.timer, row.ms, row.ms_p20, row.ms_p80 = timed.timer, timed.ms, timed.p20, timed.p80
+        row.peak_mem_mb = peak_memory_mb(step, device)
+        _fill_metrics(ctx, case, provider, layout, row)
+    except Unsupported as exc:
+        row.status, row.message = "unsupported", str(exc)
+    except torch.cuda.OutOfMemoryError as exc:
+        row.status, row.message = "oom", _first_line(exc)
+    except Exception as exc:  # noqa: BLE001 - one failing row never stops a sweep
+        oom = "out of memory" in str(exc).lower()
+        row.status = "oom" if oom else "error"
+        row.message = f"{type(exc).__name__}: {_first_line(exc)}"
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:500]
+
+
+def _fill_metrics(ctx: RunContext, case: Case, provider: Provider, layout, row: ResultRow) -> None:
+    pairs = (metrics.pattern_pairs(case, layout) if provider.computes == "pattern"
+             else metrics.dense_pairs(case))
+    row.flops = metrics.flops(case, pairs)
+    row.tflops = metrics.tflops(row.flops, row.ms)
+    row.dense_tflops = metrics.tflops(metrics.flops(case, metrics.dense_pairs(case)), row.ms)
+    if row.provider == ctx.baseline:
+        ctx.baseline_ms[case.case_id] = row.ms
+    base = ctx.baseline_ms.get(case.case_id)
+    if base is not None:
+        row.speedup = base / row.ms
+        base_computes = PROVIDERS[ctx.baseline].computes if ctx.baseline else ""
+        if provider.computes == "pattern" and base_computes == "dense":
+            # Measured speedup over the ideal 1/density a perfectly sparse kernel would reach.
+            row.sparsity_efficiency = row.speedup * row.density
+    peak = metrics.peak_tflops(row.gpu, case.dtype) if ctx.device.type == "cuda" else None
+    if peak is not None and row.tflops > peak:
+        row.status = "error"
+        row.message = (f"{row.tflops:.0f} TFLOP/s is above the GPU's peak {peak:.0f}: the timing "
+                       "or the FLOP count is wrong")
+
+
+@dataclass
+class RunPlan:
+    run_dir: Path
+    cases: list[Case]
+    providers: list[str]
+    done: set[tuple[str, str]]
+
+
+def plan_run(sweep: Sweep, cases: list[Case], providers: list[str], out: Path,
+             resume: Path | None) -> RunPlan:
+    if resume is None:
+        return RunPlan(new_run_dir(out, sweep.name), cases, providers, set())
+    if not (resume / RESULTS_FILE).exists() and not (resume / "meta.json").exists():
+        raise BadInputError(f"--resume {resume}: not a run directory (no results.csv or meta.json)")
+    meta = read_meta(resume)
+    if meta.get("spec_name") not in (None, sweep.name):
+        raise BadInputError(f"--resume {resume}: that run is of spec {meta.get('spec_name')!r}, "
+                            f"not {sweep.name!r}")
+    done: set[tuple[str, str]] = set()
+    if (resume / RESULTS_FILE).exists() and (resume / RESULTS_FILE).stat().st_size:
+        frame = read_results(resume)
+        done = {(str(c), str(p)) for c, p in zip(frame["case_id"], frame["provider"])}
+    return RunPlan(resume, cases, providers, done)
+
+
+def previous_baselines(run_dir: Path, baseline: str | None) -> dict[str, float]:
+    """Baseline medians already measured in a resumed run, so new rows still get speedups."""
+    path = run_dir / RESULTS_FILE
+    if baseline is None or not path.exists() or not path.stat().st_size:
+        return {}
+    frame = read_results(run_dir)
+    ok = frame[(frame["provider"] == baseline) & (frame["status"] == "ok")]
+    return {str(c): float(ms) for c, ms in zip(ok["case_id"], ok["ms"])}
+
+
+def execute(sweep: Sweep, spec_text: str, plan: RunPlan, device: torch.device,
+            on_progress: Callable[[str, int, int], None] | None = None) -> list[ResultRow]:
+    """Run every pending case x provider of the plan, appending rows as they are measured."""
+    env = environment(device)
+    baseline = sweep.baseline if sweep.baseline in plan.providers else None
+    ctx = RunContext(sweep, device, env, plan.run_dir.name, baseline, command_line(),
+                     previous_baselines(plan.run_dir, baseline))
+    meta = {"run_id": ctx.run_id, "spec_name": sweep.name, "name": sweep.name,
+            "description": sweep.description, "command": ctx.command, "providers": plan.providers,
+            "baseline": baseline, "environment": env, "spec": sweep.model_dump(mode="json"),
+            "spec_text": spec_text, "started": datetime.now(timezone.utc).isoformat()}
+    write_meta(plan.run_dir, {**read_meta(plan.run_dir), **meta})
+    work = [(case, name) for case in plan.cases for name in order_providers(plan.providers, baseline)
+            if (case.case_id, name) not in plan.done and not excluded_for_provider(sweep, case, name)]
+    rows: list[ResultRow] = []
+    total = len(work)
+    for case in plan.cases:
+        pending = [name for c, name in work if c is case]
+        if not pending:
+            continue
+        layout = case.pattern.layout(case.heads, case.kv_heads, case.seqlen, case.causal)
+        density = layout.density(case.seqlen, case.q_len)
+        seed = (sweep.seed * 1_000_003 + int(case.case_id, 16)) % 2**31
+        inputs = random_inputs(case, device, case.mode != "fwd", seed)
+        for name in pending:
+            if on_progress:
+                on_progress(f"{name}: {case.label()}", len(rows), total)
+            row = run_one(ctx, case, name, layout, density, inputs, seed + 1)
+            append_row(plan.run_dir / RESULTS_FILE, row)
+            rows.append(row)
+        del inputs
+    if on_progress:
+        on_progress("done", total, total)
+    write_meta(plan.run_dir, {**read_meta(plan.run_dir),
+                              "finished": datetime.now(timezone.utc).isoformat()})
+    return rows

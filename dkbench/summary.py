@@ -1,0 +1,42 @@
+"""The end-of-run summary: per case, each provider's time and speedup, the winner marked."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from rich.table import Table
+
+from .results import ResultRow
+
+
+def summary_table(rows: list[ResultRow], baseline: str | None) -> Table:
+    providers = list(dict.fromkeys(r.provider for r in rows))
+    by_case: dict[str, dict[str, ResultRow]] = defaultdict(dict)
+    labels: dict[str, str] = {}
+    for r in rows:
+        by_case[r.case_id][r.provider] = r
+        q = f"q{r.q_len}/" if r.q_len != r.seqlen else ""
+        labels[r.case_id] = (f"{r.mode} {r.dtype} b{r.batch} {q}s{r.seqlen} h{r.heads}/{r.kv_heads} "
+                             f"d{r.head_dim} {r.pattern} (density {r.density:.3f})")
+    title = "ms (speedup vs " + (baseline or "no baseline") + "); * = fastest"
+    table = Table(title=title, show_lines=False)
+    table.add_column("case", overflow="fold", max_width=60)
+    for p in providers:
+        table.add_column(p, justify="right")
+    for case_id, cells in by_case.items():
+        ok = {p: r for p, r in cells.items() if r.status == "ok"}
+        winner = min(ok, key=lambda p: ok[p].ms) if ok else None
+        row = [labels[case_id]]
+        for p in providers:
+            r = cells.get(p)
+            if r is None:
+                row.append("")
+            elif r.status != "ok":
+                row.append(f"[dim]{r.status}[/dim]")
+            else:
+                text = f"{r.ms:.3f}"
+                if r.speedup == r.speedup and p != baseline:
+                    text += f" ({r.speedup:.2f}x)"
+                row.append(f"[bold green]*{text}[/bold green]" if p == winner else text)
+        table.add_row(*row)
+    return table

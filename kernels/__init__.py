@@ -1,0 +1,33 @@
+"""Block-sparse attention in Triton: layouts, kernels, the autograd/nn.Module API, a reference."""
+
+from .attention import LocalStrideSparseAttention, SparseAttention, sparse_attention
+from .configs import LaunchConfig
+from .layout import (
+    BlockLayout,
+    KVCacheUnfriendlyWarning,
+    csc,
+    csr,
+    dense_layout,
+    local_stride_layout,
+    random_layout,
+    token_mask,
+)
+from .reference import reference_attention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BlockLayout",
+    "KVCacheUnfriendlyWarning",
+    "LaunchConfig",
+    "LocalStrideSparseAttention",
+    "SparseAttention",
+    "csc",
+    "csr",
+    "dense_layout",
+    "local_stride_layout",
+    "random_layout",
+    "reference_attention",
+    "sparse_attention",
+    "token_mask",
+]

@@ -1,0 +1,152 @@
+"""The public API: argument checks, the autograd Function, the functional API and the modules.
+
+Every check happens here, once, in Python, before a kernel is launched: a bad call raises a
+``ValueError`` or ``TypeError`` that names the argument, never a Triton compile error.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from . import select
+from .configs import LaunchConfig, check_config
+from .fwd import interpreting, sparse_attention_fwd
+from .layout import BlockLayout, local_stride_layout
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
+                  seq_dim: int, sm_scale: float | None) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (batch, seq, heads, dim) with seq_dim=1 or "
+                             f"(batch, heads, seq, dim) with seq_dim=2, got shape {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.device.type == "cpu" and not interpreting():
+        raise ValueError("q, k and v are CPU tensors: the Triton kernels need a GPU, or "
+                         "TRITON_INTERPRET=1 set before triton is imported to run on the CPU")
+    if q.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {q.device}")
+    if not isinstance(layout, BlockLayout):
+        raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
+    if seq_dim not in (1, 2):
+        raise ValueError(f"seq_dim must be 1 (batch, seq, heads, dim) or 2 (batch, heads, seq, dim), "
+                         f"got {seq_dim}")
+    if sm_scale is not None and not (math.isfinite(sm_scale) and sm_scale > 0):
+        raise ValueError(f"sm_scale must be a positive finite number, got {sm_scale}")
+
+    head_axis = 3 - seq_dim
+    batch, heads, dim = q.shape[0], q.shape[head_axis], q.shape[3]
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != batch:
+        raise ValueError(f"q and k must have one batch size, got {batch} and {k.shape[0]}")
+    if k.shape[3] != dim:
+        raise ValueError(f"q and k must have one head_dim, got {dim} and {k.shape[3]}")
+    if not MIN_HEAD_DIM <= dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {dim}")
+    kv_heads = k.shape[head_axis]
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"the number of query heads ({heads}) must be a multiple of the number of "
+                         f"kv heads ({kv_heads})")
+    if layout.heads not in (1, kv_heads, heads):
+        raise ValueError(f"layout has {layout.heads} pattern heads; expected 1, kv_heads={kv_heads} "
+                         f"or heads={heads}")
+    layout.check_seqlen(k.shape[seq_dim], q.shape[seq_dim])
+
+
+class _SparseAttentionFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, layout, sm_scale, fwd_config, bwd_config, return_lse):
+        out, lse = sparse_attention_fwd(q, k, v, layout, sm_scale, fwd_config, return_lse=True)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.layout, ctx.sm_scale, ctx.bwd_config = layout, sm_scale, bwd_config
+        if return_lse:
+            ctx.mark_non_differentiable(lse)
+            return out, lse
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out, *unused):
+        raise NotImplementedError("the backward pass of the block-sparse attention is not built yet")
+
+
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
+                     sm_scale: float | None = None, seq_dim: int = 1, return_lse: bool = False,
+                     config: LaunchConfig | None = None, bwd_config: LaunchConfig | None = None):
+    """Block-sparse attention ``softmax(sm_scale * q kᵀ + mask) v`` over the layout's kept blocks.
+
+    q: ``(batch, seq_q, heads, dim)`` (``seq_dim=1``) or ``(batch, heads, seq_q, dim)``
+    (``seq_dim=2``); k, v: the same with ``seq_k >= seq_q`` and ``kv_heads`` dividing ``heads``.
+    Queries are the last ``seq_q`` of the ``seq_k`` positions. Any strides; float16, bfloat16 or
+    float32. ``sm_scale`` defaults to ``1/sqrt(dim)``. Returns the output in q's layout, and with
+    ``return_lse`` also the natural-log log-sum-exp ``(batch, heads, seq_q)`` in float32.
+    ``config``/``bwd_config`` override the launch configs the lookup would pick.
+    """
+    _check_inputs(q, k, v, layout, seq_dim, sm_scale)
+    layout = layout.to(q.device)
+    dim = q.shape[3]
+    scale = 1.0 / math.sqrt(dim) if sm_scale is None else float(sm_scale)
+    if seq_dim == 1:
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    seq_k = k.shape[2]
+    density = None  # resolved lazily by the lookup only when a tuned entry needs it
+    fwd_config = config or select.resolve_config("fwd", q, layout, seq_k, density)[0]
+    check_config(fwd_config, layout.block_size, dim)
+    if bwd_config is not None:
+        check_config(bwd_config, layout.block_size, dim)
+    result = _SparseAttentionFn.apply(q, k, v, layout, scale, fwd_config, bwd_config, return_lse)
+    out, lse = result if return_lse else (result, None)
+    if seq_dim == 1:
+        out = out.transpose(1, 2)
+    return (out, lse) if return_lse else out
+
+
+class SparseAttention(nn.Module):
+    """Block-sparse attention with a user pattern ``(heads or 1, q_blocks, k_blocks)``."""
+
+    def __init__(self, block_size: int, pattern: torch.Tensor, causal: bool = True,
+                 seq_dim: int = 1, warn_kv_cache: bool = True):
+        super().__init__()
+        if seq_dim not in (1, 2):
+            raise ValueError(f"seq_dim must be 1 or 2, got {seq_dim}")
+        self.layout = BlockLayout.from_pattern(pattern, block_size, causal,
+                                               warn_kv_cache=warn_kv_cache)
+        self.seq_dim = seq_dim
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                sm_scale: float | None = None, return_lse: bool = False,
+                config: LaunchConfig | None = None):
+        return sparse_attention(q, k, v, self.layout, sm_scale, self.seq_dim, return_lse, config)
+
+    def extra_repr(self) -> str:
+        return f"{self.layout.description}, causal={self.layout.causal}, seq_dim={self.seq_dim}"
+
+
+class LocalStrideSparseAttention(SparseAttention):
+    """The phi-3-small local-stride pattern (see :func:`kernels.layout.local_stride_layout`)."""
+
+    def __init__(self, num_heads: int, max_seq_len: int, block_size: int, local_blocks: int,
+                 vert_stride: int, homo_head: bool = False, num_kv_heads: int | None = None,
+                 head_sliding_step: int | None = None, head_sliding_offset: int = 0,
+                 num_dense_heads: int = 0, causal: bool = True, seq_dim: int = 1):
+        nn.Module.__init__(self)
+        if seq_dim not in (1, 2):
+            raise ValueError(f"seq_dim must be 1 or 2, got {seq_dim}")
+        self.layout = local_stride_layout(
+            num_heads, max_seq_len, block_size, local_blocks, vert_stride, homo_head=homo_head,
+            num_kv_heads=num_kv_heads, head_sliding_step=head_sliding_step,
+            head_sliding_offset=head_sliding_offset, num_dense_heads=num_dense_heads, causal=causal)
+        self.seq_dim = seq_dim

@@ -1,0 +1,512 @@
+"""The persisted best-config cache: one JSON file that tuners write and kernels read at launch.
+
+File format (``FORMAT_VERSION`` 1)::
+
+    {"format": 1,
+     "entries": {"<CacheKey.as_str()>": {"key": {...CacheKey fields...},
+                                         "config": {"block_m": 64, "block_n": 64,
+                                                    "num_warps": 4, "num_stages": 3},
+                                         "ms": 0.41, "default_ms": 0.52,
+                                         "tuned_at": "2025-01-01T12:00:00+00:00",
+                                         "source": "tune"}}}
+
+Writers take a file lock (``<path>.lock``), re-read the file under it, merge their change in and
+replace the file atomically (temp file in the same directory, fsync, ``os.replace``), so two
+tuners never lose each other's entries and a reader never sees half a file. Readers take no lock.
+
+A corrupt file, or one with another format version, is reported once with a
+``ConfigCacheWarning`` and renamed to ``<path>.corrupt-<timestamp>``; the cache then behaves as
+empty. Nothing here raises on a bad cache file except ``import_`` of a bad source file.
+
+Memoisation: ``ConfigCache.get`` keeps the parsed file in memory and calls ``os.stat`` once per
+lookup; the memo is dropped when the file's (mtime_ns, size, inode) changes. That costs a
+microsecond-scale syscall per lookup but means a long-running process sees entries that a tuner in
+another process has written, with no explicit refresh. ``invalidate()`` drops it by hand.
+
+Depends on the standard library, filelock and platformdirs only; never imports dkbench.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import inspect
+import json
+import math
+import os
+import sys
+import uuid
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import filelock
+import platformdirs
+
+FORMAT_VERSION = 1
+ENV_VAR = "DKBENCH_CACHE"
+CONFIG_FIELDS = ("block_m", "block_n", "num_warps", "num_stages")
+
+_DENSITY_STEP = 0.05
+# Long enough for a slow writer on a network filesystem; a stuck lock then fails loudly.
+_LOCK_TIMEOUT_S = 60.0
+_HASH_CHARS = 8
+
+# (stat stamp) of a file read from disk: changes whenever the file is replaced.
+_Stamp = tuple[int, int, int]
+
+
+class ConfigCacheWarning(UserWarning):
+    """A cache file was unreadable or of another format version and was set aside."""
+
+
+class CacheFormatError(ValueError):
+    """A cache file is not valid JSON in the expected format; the message names the file."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type, tuple[Path, str]]:
+        # Picklable across processes despite the two-argument constructor.
+        return type(self), (self.path, self.reason)
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """What makes a launch config valid and fast: the machine, the versions, the problem bucket."""
+
+    gpu: str
+    capability: str
+    triton: str
+    kernel: str
+    kernel_hash: str
+    dtype: str
+    head_dim: int
+    block_size: int
+    seqlen_bucket: int
+    density_bucket: float
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "str" and not isinstance(value, str):
+                raise ValueError(f"CacheKey.{f.name} must be a str, got {value!r}")
+            # bool is an int subclass; a True head_dim is a bug, not a size.
+            if f.type == "int" and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ValueError(f"CacheKey.{f.name} must be an int, got {value!r}")
+        density = self.density_bucket
+        if isinstance(density, bool) or not isinstance(density, (int, float)):
+            raise ValueError(f"CacheKey.density_bucket must be a float, got {density!r}")
+        # Normalised so that 0.35 and 0.35000000000000003 name the same entry.
+        object.__setattr__(self, "density_bucket", round(float(self.density_bucket), 2))
+
+    def as_str(self) -> str:
+        """Stable, human-readable key string, e.g.
+        ``NVIDIA H100 80GB HBM3|9.0|3.6.0|fwd|ab12cd34|bfloat16|d128|bs64|s8192|p0.35``."""
+        return (
+            f"{self.gpu}|{self.capability}|{self.triton}|{self.kernel}|{self.kernel_hash}|"
+            f"{self.dtype}|d{self.head_dim}|bs{self.block_size}|s{self.seqlen_bucket}|"
+            f"p{self.density_bucket:.2f}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict (the ``"key"`` of an entry)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CacheKey:
+        """Build a key from its dict form; missing or unknown fields raise ValueError."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"a cache key must be an object, got {type(d).__name__}")
+        names = {f.name for f in fields(cls)}
+        missing = sorted(names - d.keys())
+        unknown = sorted(d.keys() - names)
+        if missing or unknown:
+            raise ValueError(f"bad cache key fields: missing {missing}, unknown {unknown}")
+        return cls(**{name: d[name] for name in names})
+
+
+def seqlen_bucket(seqlen: int) -> int:
+    """The next power of two >= ``seqlen`` (1 -> 1, 1000 -> 1024, 1024 -> 1024)."""
+    if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 1:
+        raise ValueError(f"seqlen must be a positive int, got {seqlen!r}")
+    return 1 << (seqlen - 1).bit_length()
+
+
+def density_bucket(density: float) -> float:
+    """``density`` rounded up to the next multiple of 0.05, within [0.05, 1.0] (0.151 -> 0.2)."""
+    if not math.isfinite(density) or density < 0:
+        raise ValueError(f"density must be a finite number >= 0, got {density!r}")
+    # The epsilon stops float noise bumping an exact multiple up (0.55 / 0.05 = 11.000000000000002).
+    steps = math.ceil(density / _DENSITY_STEP - 1e-9)
+    steps = min(max(steps, 1), round(1.0 / _DENSITY_STEP))
+    return round(steps * _DENSITY_STEP, 2)
+
+
+def default_cache_path() -> Path:
+    """``$DKBENCH_CACHE`` if set, else ``<platform user cache dir>/dkbench/configs.json``."""
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return Path(env).expanduser()
+    return Path(platformdirs.user_cache_dir("dkbench")) / "configs.json"
+
+
+def _source_bytes(obj: object) -> bytes:
+    if isinstance(obj, bytes):
+        return obj
+    if isinstance(obj, str):
+        return obj.encode()
+    # A triton JITFunction (or InterpretedFunction, or an Autotuner around one) is not a function
+    # to `inspect`; the Python function it wraps is, and is the same whether or not interpreting.
+    for _ in range(8):
+        inner = getattr(obj, "fn", None)
+        if inspect.isfunction(obj) or inner is None:
+            break
+        obj = inner
+    try:
+        return inspect.getsource(obj).encode()  # type: ignore[arg-type]
+    except (OSError, TypeError):
+        pass
+    # No source (a frozen app, a .pyc-only install): the module file still changes with the code.
+    module = obj if inspect.ismodule(obj) else sys.modules.get(getattr(obj, "__module__", "") or "")
+    filename = getattr(module, "__file__", None)
+    if filename and os.path.exists(filename):
+        return Path(filename).read_bytes()
+    raise TypeError(f"cannot find the source of {obj!r} to hash")
+
+
+def source_hash(*objects: object) -> str:
+    """Short sha256 (8 hex digits) of the source of functions, modules or JIT kernels.
+
+    Falls back to the bytes of the object's module file when ``inspect.getsource`` fails; str and
+    bytes are hashed as given. Used as ``CacheKey.kernel_hash`` so an edited kernel never reuses a
+    stale config.
+    """
+    if not objects:
+        raise ValueError("source_hash needs at least one object")
+    digest = hashlib.sha256()
+    for obj in objects:
+        data = _source_bytes(obj)
+        # Length-prefixed so that ("ab", "c") and ("a", "bc") hash differently.
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()[:_HASH_CHARS]
+
+
+# -- reading and validating -----------------------------------------------------------------
+
+
+def _read_file(path: Path) -> tuple[_Stamp, str] | None:
+    """The file's stamp and text, or None when it does not exist. Tests count calls to this."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            # fstat on the open file: the stamp belongs to exactly the text we read.
+            st = os.fstat(f.fileno())
+            text = f.read()
+    except FileNotFoundError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino), text
+
+
+def _check_config(config: object) -> dict[str, Any]:
+    if not isinstance(config, Mapping):
+        raise ValueError(f"config must be an object, got {type(config).__name__}")
+    for name in CONFIG_FIELDS:
+        value = config.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"config[{name!r}] must be a positive int, got {value!r}")
+    return dict(config)
+
+
+def _check_entry(raw: object) -> tuple[str, dict[str, Any]]:
+    """Validate one entry; returns (key string re-derived from its key fields, entry)."""
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"an entry must be an object, got {type(raw).__name__}")
+    key = CacheKey.from_dict(raw.get("key"))  # type: ignore[arg-type]
+    entry = dict(raw)
+    entry["key"] = key.to_dict()
+    entry["config"] = _check_config(raw.get("config"))
+    for name in ("ms", "default_ms"):
+        value = raw.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+    return key.as_str(), entry
+
+
+def _parse(text: str, path: Path) -> dict[str, dict[str, Any]]:
+    """Entries of a cache file's text; raises CacheFormatError naming ``path``."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CacheFormatError(path, f"not valid JSON ({e})") from None
+    if not isinstance(data, dict) or "format" not in data:
+        raise CacheFormatError(path, "not a dkbench config cache (no 'format' field)")
+    if data["format"] != FORMAT_VERSION:
+        raise CacheFormatError(
+            path, f"cache format {data['format']!r}, this version reads format {FORMAT_VERSION}"
+        )
+    raw_entries = data.get("entries")
+    if not isinstance(raw_entries, dict):
+        raise CacheFormatError(path, "'entries' must be an object")
+    entries: dict[str, dict[str, Any]] = {}
+    for name, raw in raw_entries.items():
+        try:
+            key_str, entry = _check_entry(raw)
+        except ValueError as e:
+            raise CacheFormatError(path, f"entry {name!r}: {e}") from None
+        # The key string is re-derived from the fields, so a hand-edited name cannot mislead.
+        entries[key_str] = entry
+    return entries
+
+
+def _dump(entries: Mapping[str, Any]) -> str:
+    data = {"format": FORMAT_VERSION, "entries": entries}
+    return json.dumps(data, indent=1, sort_keys=True) + "\n"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text``: readers see the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    # os.open with 0o666 (not mkstemp's 0o600) so the file gets the user's umask like any other.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable on POSIX; directories cannot be opened this way on Windows.
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# Stamps of bad files already reported in this process, so a file that cannot be moved aside
+# (read-only directory) is not reported on every lookup.
+_reported: set[tuple[str, _Stamp]] = set()
+
+
+def _report_once(path: Path, stamp: _Stamp, message: str) -> None:
+    if (str(path), stamp) in _reported:
+        return
+    _reported.add((str(path), stamp))
+    warnings.warn(message, ConfigCacheWarning, stacklevel=2)
+
+
+def _set_aside(path: Path, stamp: _Stamp, reason: str) -> None:
+    """Rename a bad cache file out of the way and warn once. Call under the file lock."""
+    timestamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    dest = path.with_name(f"{path.name}.corrupt-{timestamp}")
+    message = f"ignoring the config cache {path}: {reason}"
+    try:
+        os.replace(path, dest)
+    except OSError as e:
+        _report_once(path, stamp, f"{message}; could not set it aside ({e})")
+        return
+    _report_once(path, stamp, f"{message}; moved it to {dest}")
+
+
+def load_shipped(path: Path) -> dict[str, dict[str, Any]]:
+    """Entries of a shipped tuned-configs file (cache format), read-only; a missing file gives {}.
+
+    A bad shipped file is warned about (once) and treated as empty rather than failing a launch.
+    """
+    path = Path(path)
+    try:
+        read = _read_file(path)
+    except OSError as e:
+        _report_once(path, (0, 0, 0), f"ignoring the shipped configs {path}: {e}")
+        return {}
+    if read is None:
+        return {}
+    stamp, text = read
+    try:
+        return _parse(text, path)
+    except CacheFormatError as e:
+        _report_once(path, stamp, f"ignoring the shipped configs {path}: {e.reason}")
+        return {}
+
+
+# -- the cache --------------------------------------------------------------------------------
+
+
+class ConfigCache:
+    """The best-config cache file at ``path`` (explicit path, else ``$DKBENCH_CACHE``, else the
+    platform's user cache dir). Lookups are memoised; writes are locked and atomic."""
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.path: Path = Path(path).expanduser() if path is not None else default_cache_path()
+        # (stamp of the file it came from, entries); one attribute so a reader thread sees a pair.
+        self._memo: tuple[_Stamp | None, dict[str, dict[str, Any]]] | None = None
+
+    def __repr__(self) -> str:
+        return f"ConfigCache({str(self.path)!r})"
+
+    # -- reading --
+
+    def _lock(self) -> filelock.FileLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return filelock.FileLock(f"{self.path}.lock", timeout=_LOCK_TIMEOUT_S)
+
+    def _load_locked(self) -> tuple[_Stamp | None, dict[str, dict[str, Any]]]:
+        """Read the file; a bad one is set aside (caller holds the lock) and reads as empty."""
+        read = _read_file(self.path)
+        if read is None:
+            return None, {}
+        stamp, text = read
+        try:
+            return stamp, _parse(text, self.path)
+        except CacheFormatError as e:
+            _set_aside(self.path, stamp, e.reason)
+            return None, {}
+
+    def _load(self, stat_stamp: _Stamp | None) -> tuple[_Stamp | None, dict[str, dict[str, Any]]]:
+        """Read the file without the lock; take it only to set a bad file aside."""
+        try:
+            read = _read_file(self.path)
+        except OSError as e:
+            # Unreadable (permissions, a directory): a launch falls back to defaults, not a crash;
+            # memoised under the stat stamp so it is not retried until the file changes.
+            message = f"ignoring the config cache {self.path}: {e}"
+            _report_once(self.path, stat_stamp or (0, 0, 0), message)
+            return stat_stamp, {}
+        if read is None:
+            return None, {}
+        stamp, text = read
+        try:
+            return stamp, _parse(text, self.path)
+        except CacheFormatError as e:
+            reason = e.reason
+        try:
+            with self._lock():
+                # Re-read under the lock: a writer may have replaced the bad file meanwhile.
+                return self._load_locked()
+        except (OSError, filelock.Timeout):
+            # Read-only location or a stuck lock: ignore the file, warn once, never crash a launch.
+            _report_once(self.path, stamp, f"ignoring the config cache {self.path}: {reason}")
+            return stamp, {}
+
+    def _entries_view(self) -> dict[str, dict[str, Any]]:
+        """The memoised entries (do not mutate); one os.stat decides whether they are stale."""
+        try:
+            st = os.stat(self.path)
+            stamp: _Stamp | None = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except OSError:
+            stamp = None
+        memo = self._memo
+        if memo is not None and memo[0] == stamp:
+            return memo[1]
+        memo = self._load(stamp)
+        self._memo = memo
+        return memo[1]
+
+    def invalidate(self) -> None:
+        """Drop the memo; the next lookup reads the file."""
+        self._memo = None
+
+    def entry(self, key: CacheKey | str) -> dict[str, Any] | None:
+        """The whole entry for ``key`` (a copy), or None."""
+        found = self._entries_view().get(key.as_str() if isinstance(key, CacheKey) else key)
+        return copy.deepcopy(found) if found is not None else None
+
+    def get(self, key: CacheKey | str) -> dict[str, Any] | None:
+        """The launch config for ``key`` (block_m, block_n, num_warps, num_stages), or None."""
+        found = self._entries_view().get(key.as_str() if isinstance(key, CacheKey) else key)
+        # A copy: callers may tweak what they launch with, the memo must stay as on disk.
+        return dict(found["config"]) if found is not None else None
+
+    def entries(self) -> dict[str, dict[str, Any]]:
+        """All entries by key string (a copy)."""
+        return copy.deepcopy(self._entries_view())
+
+    # -- writing --
+
+    def _update(self, change: Callable[[dict[str, dict[str, Any]]], int]) -> int:
+        """Under the lock: re-read, apply ``change`` (it returns a count), write back if nonzero."""
+        with self._lock():
+            _, entries = self._load_locked()
+            count = change(entries)
+            if count:
+                _atomic_write(self.path, _dump(entries))
+        self.invalidate()
+        return count
+
+    def put(
+        self,
+        key: CacheKey,
+        config: Mapping[str, Any],
+        *,
+        ms: float,
+        default_ms: float,
+        source: str = "tune",
+    ) -> None:
+        """Record ``config`` as the best for ``key``, merged into whatever the file holds now."""
+        entry = {
+            "key": key.to_dict(),
+            "config": _check_config(config),
+            "ms": float(ms),
+            "default_ms": float(default_ms),
+            "tuned_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "source": source,
+        }
+
+        def change(entries: dict[str, dict[str, Any]]) -> int:
+            entries[key.as_str()] = entry
+            return 1
+
+        self._update(change)
+
+    def clear(self) -> int:
+        """Remove every entry; returns how many there were."""
+
+        def change(entries: dict[str, dict[str, Any]]) -> int:
+            n = len(entries)
+            entries.clear()
+            return n
+
+        return self._update(change)
+
+    def export(self, dest: Path) -> int:
+        """Write the entries to ``dest`` in the cache format; returns how many."""
+        entries = self.entries()
+        _atomic_write(Path(dest), _dump(entries))
+        return len(entries)
+
+    def import_(self, src: Path, *, overwrite: bool = True) -> int:
+        """Merge the entries of ``src`` in; returns how many were written.
+
+        With ``overwrite=False`` entries already in the cache are kept. A missing, corrupt or
+        foreign-format ``src`` raises ValueError (CacheFormatError) naming the file.
+        """
+        src = Path(src)
+        read = _read_file(src)
+        if read is None:
+            raise CacheFormatError(src, "no such file")
+        incoming = _parse(read[1], src)
+
+        def change(entries: dict[str, dict[str, Any]]) -> int:
+            n = 0
+            for name, entry in incoming.items():
+                if overwrite or name not in entries:
+                    entries[name] = entry
+                    n += 1
+            return n
+
+        return self._update(change)

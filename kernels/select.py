@@ -1,0 +1,107 @@
+"""Pick the launch config for a call: user cache, then shipped tuned configs, then defaults.
+
+Resolution is memoised per (kernel, device, dtype, head_dim, block size, shape bucket), so a
+training loop pays for the lookup once, not per call.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+from . import config_cache
+from .configs import LaunchConfig, config_problems, default_config
+from .layout import BlockLayout
+
+SHIPPED_DIR = Path(__file__).parent / "tuned"
+
+_memo: dict[tuple, tuple[LaunchConfig, str]] = {}
+
+
+def clear_memo() -> None:
+    """Forget resolved configs (after the cache was written, or to pick up a new cache path)."""
+    _memo.clear()
+    _user_cache.cache_clear()
+
+
+@functools.lru_cache(maxsize=None)
+def _user_cache(path: str | None) -> config_cache.ConfigCache:
+    return config_cache.ConfigCache(path)
+
+
+@functools.lru_cache(maxsize=None)
+def _shipped() -> dict[str, dict]:
+    entries: dict[str, dict] = {}
+    for file in sorted(SHIPPED_DIR.glob("*.json")):
+        entries.update(config_cache.load_shipped(file))
+    return entries
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_hash(kernel: str) -> str:
+    """Hash of the kernel's source: an edited kernel never reuses a config tuned for the old one."""
+    module = {"fwd": "kernels.fwd", "bwd": "kernels.bwd"}[kernel]
+    __import__(module)
+    return config_cache.source_hash(sys.modules[module])
+
+
+def block_density(layout: BlockLayout, seq_k: int) -> float:
+    """Share of the (causal) blocks kept for ``seq_k`` keys: the cheap density used for bucketing."""
+    def build() -> float:
+        nb = triton.cdiv(seq_k, layout.block_size)
+        kept = int(layout.pattern[:, :nb, :nb].sum())
+        total = nb * (nb + 1) // 2 if layout.causal else nb * nb
+        return kept / (total * layout.heads)
+    return layout.cached(("block_density", seq_k), build)
+
+
+def device_identity(device: torch.device) -> tuple[str, str]:
+    """(GPU name, compute capability) of a CUDA device."""
+    props = torch.cuda.get_device_properties(device)
+    return props.name, f"{props.major}.{props.minor}"
+
+
+def cache_key(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: int,
+              block_size: int, seq_k: int, density: float) -> config_cache.CacheKey:
+    gpu, capability = device_identity(device)
+    return config_cache.CacheKey(
+        gpu=gpu, capability=capability, triton=triton.__version__, kernel=kernel,
+        kernel_hash=kernel_hash(kernel), dtype=str(dtype).removeprefix("torch."),
+        head_dim=head_dim, block_size=block_size,
+        seqlen_bucket=config_cache.seqlen_bucket(seq_k),
+        density_bucket=config_cache.density_bucket(density))
+
+
+def resolve_config(kernel: str, q: torch.Tensor, layout: BlockLayout, seq_k: int,
+                   density: float | None = None, cache_path: str | None = None
+                   ) -> tuple[LaunchConfig, str]:
+    """The config to launch ``kernel`` with and where it came from: cache, shipped or default."""
+    head_dim, block_size = q.shape[-1], layout.block_size
+    fallback = default_config(kernel, q.device, block_size, head_dim, q.dtype)
+    if q.device.type != "cuda":
+        return fallback, "default"
+    if density is None:
+        density = block_density(layout, seq_k)
+    key = cache_key(kernel, q.device, q.dtype, head_dim, block_size, seq_k, density)
+    memo_key = (key, cache_path)
+    if memo_key not in _memo:
+        _memo[memo_key] = _lookup(key, cache_path, block_size, head_dim) or (fallback, "default")
+    return _memo[memo_key]
+
+
+def _lookup(key: config_cache.CacheKey, cache_path: str | None, block_size: int,
+            head_dim: int) -> tuple[LaunchConfig, str] | None:
+    found = _user_cache(cache_path).get(key)
+    source = "cache"
+    if found is None:
+        entry = _shipped().get(key.as_str())
+        found, source = (entry["config"] if entry else None), "shipped"
+    if found is None:
+        return None
+    config = LaunchConfig.from_dict(found)
+    # A cached config that this block size cannot use (hand-edited file) is ignored, not fatal.
+    return None if config_problems(config, block_size, head_dim) else (config, source)

@@ -1,0 +1,287 @@
+"""`dkbench plot`: figure content through matplotlib's objects, files written, bad input, the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from dkbench.commands.plot import plot, report
+from dkbench.errors import BadInputError
+from dkbench.plot import INTERPRETER_NOTE, build_figures, load_runs, plot_path
+from dkbench.results import RESULTS_FILE, read_results
+from tests.dkbench.fixtures_plot import (A100, BASELINE, H100, JUNK, META, PATTERN, SEQLENS,
+                                         multi_run, sample_rows, single_run, write_run)
+
+LABEL = f"{META['name']} ({H100})"
+FAILED_LEGEND = {"failed (oom)", "failed (wrong)", "failed (unsupported)", "failed (error)"}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return single_run(tmp_path_factory.mktemp("plot"))
+
+
+@pytest.fixture(scope="module")
+def figures(run_dir):
+    return {nf.name: nf.figure for nf in build_figures(load_runs(run_dir))}
+
+
+def facet(fig, mode: str):
+    """The subplot of one mode (titles read '<pattern>\\n<mode> · <dtype>')."""
+    (ax,) = [ax for ax in fig.axes if f"{mode} · fp16" in ax.get_title()]
+    return ax
+
+
+def lines(ax, gid: str) -> list:
+    return [line for line in ax.get_lines() if line.get_gid() == gid]
+
+
+def series(ax) -> dict[str, tuple[list, list]]:
+    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in lines(ax, "data")}
+
+
+def legend_labels(fig) -> list[str]:
+    (legend,) = fig.legends
+    return [t.get_text() for t in legend.get_texts()]
+
+
+def axes_fraction(ax, x: float, y: float) -> float:
+    return ax.transAxes.inverted().transform(ax.transData.transform((x, y)))[1]
+
+
+# -- figure content --
+
+def test_latency_facets_labels_and_log_scales(figures):
+    fig = figures["latency"]
+    assert [ax.get_title().split("\n")[-1] for ax in fig.axes] == ["fwd · fp16", "bwd · fp16"]
+    for ax in fig.axes:
+        assert PATTERN in ax.get_title().replace("\n", "")
+        assert ax.get_xlabel() == "sequence length (tokens)"
+        assert ax.get_ylabel() == "median latency (ms)"
+        assert ax.get_xscale() == "log" and ax.get_yscale() == "log"  # 1k..16k tokens, 0.06..15 ms
+    assert fig.get_suptitle().startswith("Latency against sequence length")
+    assert LABEL in fig.get_suptitle()
+    assert INTERPRETER_NOTE not in fig.get_suptitle()
+
+
+def test_latency_draws_one_series_per_provider_with_ok_points_only(figures, run_dir):
+    fwd, bwd = facet(figures["latency"], "fwd"), facet(figures["latency"], "bwd")
+    assert sorted(series(fwd)) == ["dkernel", "flex", "sdpa_flash"]
+    assert series(fwd)["flex"][0] == [1024, 4096]  # oom at 16k
+    assert sorted(series(bwd)) == ["dkernel", "sdpa_flash"]  # flex has no backward
+    assert series(bwd)["dkernel"][0] == [1024, 16384]  # wrong at 4k
+    df = read_results(run_dir)
+    want = df[(df["provider"] == "dkernel") & (df["mode"] == "fwd")].sort_values("seqlen")["ms"]
+    np.testing.assert_allclose(series(fwd)["dkernel"][1], want)
+    labels = legend_labels(figures["latency"])
+    assert labels[:3] == ["dkernel", "flex", "sdpa_flash"]
+    assert FAILED_LEGEND <= set(labels)
+
+
+@pytest.mark.parametrize("name", ["latency", "speedup", "tflops", "speedup_vs_density"])
+def test_failed_rows_are_markers_at_the_bottom_never_numbers(figures, name):
+    fig = figures[name]
+    for ax in fig.axes:
+        for line in lines(ax, "data") + lines(ax, "reference"):
+            assert not set(JUNK.values()) & {float(y) for y in line.get_ydata()}, line.get_label()
+    bwd = facet(fig, "bwd")
+    failed = lines(bwd, "failed")
+    # flex x3 (unsupported), dkernel 4k (wrong), sdpa_flash 16k (error)
+    assert sum(len(line.get_xdata()) for line in failed) == 5
+    assert {line.get_marker() for line in failed} == {"1", "v", "X"}
+    heights = [y for line in failed for y in line.get_ydata()]
+    assert max(heights) < 0.16  # axes fraction: a band at the bottom, held clear of the data
+    for x, y in (p for xs, ys in series(bwd).values() for p in zip(xs, ys)):
+        assert axes_fraction(bwd, x, y) > max(heights), (x, y)
+    assert FAILED_LEGEND <= set(legend_labels(fig))
+
+
+def test_speedup_against_the_baseline_with_a_line_at_one(figures, run_dir):
+    fig = figures["speedup"]
+    fwd = facet(fig, "fwd")
+    assert fwd.get_ylabel() == f"speedup vs {BASELINE} (×)"
+    assert BASELINE not in series(fwd)  # the baseline is the line at 1
+    (one,) = lines(fwd, "reference")
+    assert list(one.get_ydata()) == [1, 1] and one.get_label() == "baseline (= 1)"
+    df = read_results(run_dir)
+    want = df[(df["provider"] == "dkernel") & (df["mode"] == "fwd")].sort_values("seqlen")["speedup"]
+    np.testing.assert_allclose(series(fwd)["dkernel"][1], want)
+    assert fwd.get_yscale() == "log"  # 1.1x .. 13x with the line at 1
+    # dkernel bwd at 16k is ok but its baseline failed: no speedup point there
+    assert series(facet(fig, "bwd"))["dkernel"][0] == [1024]
+
+
+def test_tflops_with_the_baseline_dense_rate_as_reference(figures, run_dir):
+    fwd = facet(figures["tflops"], "fwd")
+    assert fwd.get_ylabel() == "TFLOP/s (computed pairs)"
+    assert sorted(series(fwd)) == ["dkernel", "flex"]
+    (ref,) = lines(fwd, "reference")
+    assert ref.get_label() == f"{BASELINE} dense rate (reference)"
+    df = read_results(run_dir)
+    base = df[(df["provider"] == BASELINE) & (df["mode"] == "fwd")].sort_values("seqlen")
+    np.testing.assert_allclose(ref.get_ydata(), base["dense_tflops"])
+    assert f"{BASELINE} dense rate (reference)" in legend_labels(figures["tflops"])
+
+
+def test_speedup_against_density(figures):
+    fig = figures["speedup_vs_density"]
+    assert [ax.get_title() for ax in fig.axes] == ["fwd · fp16", "bwd · fp16"]
+    fwd = facet(fig, "fwd")
+    assert fwd.get_xlabel() == "density (fraction of blocks computed)"
+    assert sorted(series(fwd)) == ["dkernel", "flex"]
+    assert all(line.get_linestyle() == "None" for line in lines(fwd, "data"))
+    assert sorted(series(fwd)["dkernel"][0]) == [0.0625, 0.25, 0.5]
+    assert {line.get_label() for line in lines(fwd, "reference")} == {"baseline (= 1)",
+                                                                       "ideal (1 / density)"}
+
+
+def test_tune_heatmaps_one_per_case_and_kernel_winner_outlined(figures):
+    assert {n for n in figures if n.startswith("tune")} == {"tune_ls-fwd-4096_fwd", "tune_ls-fwd-4096_bwd"}
+    fig = figures["tune_ls-fwd-4096_fwd"]
+    maps = {ax.get_title(): ax for ax in fig.axes if ax.images}
+    assert sorted(maps) == [f"num_warps={w}, num_stages={s}" for w in (4, 8) for s in (2, 3)]
+    for ax in maps.values():
+        assert ax.get_xlabel() == "BLOCK_N" and ax.get_ylabel() == "BLOCK_M"
+        assert [t.get_text() for t in ax.get_yticklabels()] == ["32", "64", "128"]
+        assert JUNK["ms"] not in np.asarray(ax.images[0].get_array().filled(np.nan))
+    oom = maps["num_warps=4, num_stages=3"].images[0].get_array()
+    assert oom.mask[2, 1] and not oom.mask.sum() - 1  # BLOCK_M=128, BLOCK_N=64 failed; only it
+    assert "oom" in [t.get_text() for t in maps["num_warps=4, num_stages=3"].texts]
+    assert maps["num_warps=8, num_stages=2"].images[0].get_array().mask[2, 0]  # never run
+    winners = [(title, p) for title, ax in maps.items() for p in ax.patches if p.get_gid() == "winner"]
+    assert len(winners) == 1
+    title, box = winners[0]
+    assert title == "num_warps=8, num_stages=3" and box.get_xy() == (0.5, 0.5)  # BLOCK_M=64, BLOCK_N=64
+    assert "best: BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3" in fig.get_suptitle()
+    assert "1.31×" in fig.get_suptitle()
+
+
+def test_metric_picks_the_main_figure(run_dir):
+    runs = load_runs(run_dir)
+    names = [nf.name for nf in build_figures(runs, metric="tflops")]
+    assert names == ["tflops", "speedup_vs_density", "tune_ls-fwd-4096_bwd", "tune_ls-fwd-4096_fwd"]
+
+
+def test_comparing_runs_labels_series_by_run_and_gpu(tmp_path):
+    runs = load_runs(multi_run(tmp_path))
+    assert [r.label for r in runs] == [f"nightly-a100 ({A100})", f"nightly-h100 ({H100})"]
+    figs = {nf.name: nf.figure for nf in build_figures(runs)}
+    fwd = facet(figs["latency"], "fwd")
+    assert len(lines(fwd, "data")) == 6
+    assert f"dkernel · nightly-a100 ({A100})" in series(fwd)
+    assert {line.get_linestyle() for line in lines(fwd, "data")} == {"-", "--"}  # one style per run
+    assert len(lines(facet(figs["tflops"], "fwd"), "reference")) == 2  # a dense rate per run
+    assert "runs: " in figs["latency"].get_suptitle()
+    assert {n for n in figs if n.startswith("tune")} == {"tune_h100_ls-fwd-4096_fwd", "tune_h100_ls-fwd-4096_bwd"}
+
+
+def test_run_name_falls_back_to_the_directory(tmp_path):
+    write_run(tmp_path / "a" / "first", sample_rows())
+    write_run(tmp_path / "a" / "second", sample_rows(), {"name": "same"})
+    write_run(tmp_path / "a" / "third", sample_rows(), {"name": "same"})  # a clash: dir names
+    assert [r.label for r in load_runs(tmp_path / "a")] == [f"{n} ({H100})" for n in ("first", "second", "third")]
+
+
+def test_interpreter_runs_say_so_in_every_title(tmp_path):
+    runs = load_runs(single_run(tmp_path, interpreter=True))
+    for nf in build_figures(runs):
+        assert INTERPRETER_NOTE in nf.figure.get_suptitle(), nf.name
+
+
+def test_plot_path_writes_each_format(tmp_path):
+    run = write_run(tmp_path / "run", sample_rows(), META)
+    written = plot_path(run, metric="ms", formats="png, svg", out=tmp_path / "figs")
+    assert sorted(p.name for p in written) == ["latency.png", "latency.svg", "speedup_vs_density.png",
+                                               "speedup_vs_density.svg"]
+    assert all(p.parent == tmp_path / "figs" for p in written)
+    assert (tmp_path / "figs" / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "<svg" in (tmp_path / "figs" / "latency.svg").read_text()
+
+
+# -- bad input --
+
+def _header_only(p: Path) -> Path:
+    csv = write_run(p / "r", sample_rows()[:1]) / RESULTS_FILE
+    csv.write_text(csv.read_text().splitlines()[0] + "\n")
+    return p / "r"
+
+
+def _missing_columns(p: Path) -> Path:
+    (p / "r").mkdir()
+    (p / "r" / RESULTS_FILE).write_text("provider,seqlen,ms\nx,1024,1.0\n")
+    return p / "r"
+
+
+def _empty(p: Path) -> Path:
+    (p / "r").mkdir()
+    (p / "r" / RESULTS_FILE).write_text("")
+    return p / "r"
+
+
+def _plain_dir(p: Path) -> Path:
+    (p / "d").mkdir()
+    return p / "d"
+
+
+def _other_file(p: Path) -> Path:
+    (p / "x.txt").write_text("")
+    return p / "x.txt"
+
+
+def _bad_tune(p: Path) -> Path:
+    write_run(p / "r", sample_rows())
+    (p / "r" / "tune.csv").write_text("case_id,kernel\nc,fwd\n")
+    return p / "r"
+
+
+@pytest.mark.parametrize("make, kwargs, match", [
+    (lambda p: p / "nope", {}, "no such file"),
+    (_plain_dir, {}, "no results.csv in it"),
+    (_other_file, {}, "is a file"),
+    (_empty, {}, "empty file"),
+    (_header_only, {}, "no rows"),
+    (_missing_columns, {}, "missing columns gpu, interpreter"),
+    (_bad_tune, {}, "tune.csv: missing columns block_m"),
+    (lambda p: write_run(p / "r", sample_rows()), {"metric": "latency"}, "unknown metric 'latency'"),
+    (lambda p: write_run(p / "r", sample_rows()), {"formats": "png,pdf"}, "unknown figure format pdf"),
+])
+def test_bad_input_names_the_path_and_the_problem(tmp_path, make, kwargs, match):
+    path = make(tmp_path)
+    with pytest.raises(BadInputError, match=match) as info:
+        plot_path(path, **kwargs)
+    if "metric" not in kwargs and "formats" not in kwargs:
+        assert str(tmp_path) in str(info.value)
+
+
+# -- CLI --
+
+def cli() -> typer.Typer:
+    app = typer.Typer()
+    app.command("plot")(plot)
+    app.command("report")(report)
+    return app
+
+
+def test_cli_plot_writes_figures_into_the_run_dir(tmp_path):
+    run = write_run(tmp_path / "run", sample_rows(), META)
+    result = CliRunner().invoke(cli(), ["plot", str(run), "--metric", "speedup"])
+    assert result.exit_code == 0, result.output
+    assert (run / "speedup.png").is_file() and (run / "speedup_vs_density.png").is_file()
+    assert not (run / "latency.png").exists()
+    assert str(run / "speedup.png") in result.output
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["plot", "{tmp}/missing"], "missing: no such file"),
+    (["plot", "{tmp}", "--metric", "flops"], "unknown metric 'flops'"),
+    (["plot", "{tmp}", "--format", "jpg"], "unknown figure format jpg"),
+    (["plot", "{tmp}"], "no results.csv"),
+])
+def test_cli_plot_bad_input_exits_2(tmp_path, args, needle):
+    result = CliRunner().invoke(cli(), [a.format(tmp=tmp_path) for a in args])
+    assert result.exit_code == 2, result.output
+    assert needle in result.output, result.output

@@ -1,0 +1,38 @@
+"""One tolerance table and one verbose comparison for every numerical test."""
+
+from __future__ import annotations
+
+import torch
+
+# Relative error ||actual - expected|| / ||expected|| allowed per (input dtype, device type).
+# float32 on a GPU runs its dots in tf32; bf16 keeps 8 mantissa bits.
+REL_TOL = {
+    (torch.float32, "cpu"): 1e-5,
+    (torch.float32, "cuda"): 5e-3,
+    (torch.float16, "cpu"): 2e-3,
+    (torch.float16, "cuda"): 2e-3,
+    (torch.bfloat16, "cpu"): 1e-2,
+    (torch.bfloat16, "cuda"): 1e-2,
+}
+
+
+def rel_tol(dtype: torch.dtype, device: str | torch.device) -> float:
+    return REL_TOL[(dtype, torch.device(device).type)]
+
+
+def assert_verbose_close(actual: torch.Tensor, expected: torch.Tensor, tol: float,
+                         name: str = "output") -> None:
+    """Fail on NaN/inf, on a shape mismatch, or on relative error above ``tol``; show the worst."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    bad = ~torch.isfinite(a)
+    assert not bad.any(), (f"{name}: {int(bad.sum())} non-finite elements (unwritten or overflow), "
+                           f"first at {bad.nonzero()[:5].tolist()}")
+    diff = (a - e).abs()
+    rel = float(diff.norm() / e.norm().clamp_min(1e-30))
+    if rel > tol:
+        worst = diff.flatten().topk(min(5, diff.numel())).indices
+        where = [tuple(int(i) for i in torch.unravel_index(w, diff.shape)) for w in worst]
+        detail = ", ".join(f"{w}: {a[w].item():.5g} vs {e[w].item():.5g}" for w in where)
+        raise AssertionError(f"{name}: relative error {rel:.3e} > {tol:.1e}; worst: {detail}")
