@@ -1,0 +1,41 @@
+"""Real sizes on a GPU (skipped without one): bf16/fp16 against the float32 reference."""
+
+import pytest
+import torch
+
+from kernels import LaunchConfig, local_stride_layout, reference_attention, sparse_attention
+from tests.kernels.cases import make_layout, make_qkv
+from tests.tolerances import assert_verbose_close
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+PHI3 = dict(num_heads=32, block_size=64, local_blocks=16, vert_stride=8, head_sliding_offset=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("config", [None, LaunchConfig(64, 64, 4, 3), LaunchConfig(128, 64, 8, 3),
+                                    LaunchConfig(128, 32, 4, 2)], ids=str)
+def test_phi3_at_8k(dtype, config, poison_outputs):
+    layout = local_stride_layout(max_seq_len=8192, **PHI3)
+    q, k, v = make_qkv(1, 8192, 8192, 32, 8, 128, dtype, "cuda")
+    out = sparse_attention(q, k, v, layout, sm_scale=1 / 128, config=config)
+    ref = reference_attention(q, k, v, layout, sm_scale=1 / 128)
+    assert_verbose_close(out, ref, 1e-2)
+
+
+@pytest.mark.parametrize("case", [
+    # (family, causal, seq_q, seq_k, heads, kv_heads, dim, block, seq_dim)
+    ("hetero", False, 4096, 4096, 16, 4, 128, 64, 1),
+    ("random", True, 1000, 8000, 8, 8, 80, 64, 2),
+    ("dense_heads", True, 6000, 6000, 16, 4, 64, 128, 1),
+    ("random", False, 3000, 5000, 8, 2, 256, 32, 1),
+    ("homo", True, 8192, 8192, 8, 1, 96, 16, 2),
+], ids=str)
+def test_layout_families_bf16(case, poison_outputs):
+    family, causal, sq, sk, h, hkv, d, bs, seq_dim = case
+    layout = make_layout(family, h, hkv, sk, bs, causal)
+    q, k, v = make_qkv(1, sq, sk, h, hkv, d, torch.bfloat16, "cuda", seq_dim, contiguous=False)
+    out, lse = sparse_attention(q, k, v, layout, seq_dim=seq_dim, return_lse=True)
+    ref, ref_lse = reference_attention(q, k, v, layout, seq_dim=seq_dim, return_lse=True)
+    assert_verbose_close(out, ref, 1e-2)
+    assert_verbose_close(lse, ref_lse, 1e-3, "lse")
