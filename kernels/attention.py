@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from . import select
+from .bwd import sparse_attention_bwd
 from .configs import LaunchConfig, check_config
 from .fwd import interpreting, sparse_attention_fwd
 from .layout import BlockLayout, local_stride_layout
@@ -80,7 +81,18 @@ class _SparseAttentionFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, *unused):
-        raise NotImplementedError("the backward pass of the block-sparse attention is not built yet")
+        if torch.is_grad_enabled():
+            # create_graph=True asks for a differentiable backward, which the kernels are not.
+            raise RuntimeError("double backward through the block-sparse attention is not "
+                               "supported (the backward kernels are not differentiable)")
+        q, k, v, out, lse = ctx.saved_tensors
+        config = ctx.bwd_config
+        if config is None:
+            config = select.resolve_config("bwd", q, ctx.layout, k.shape[2])[0]
+            check_config(config, ctx.layout.block_size, q.shape[3], "bwd")
+        dq, dk, dv = sparse_attention_bwd(grad_out, q, k, v, out, lse, ctx.layout, ctx.sm_scale,
+                                          config)
+        return dq, dk, dv, None, None, None, None, None
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
@@ -93,7 +105,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
     Queries are the last ``seq_q`` of the ``seq_k`` positions. Any strides; float16, bfloat16 or
     float32. ``sm_scale`` defaults to ``1/sqrt(dim)``. Returns the output in q's layout, and with
     ``return_lse`` also the natural-log log-sum-exp ``(batch, heads, seq_q)`` in float32.
-    ``config``/``bwd_config`` override the launch configs the lookup would pick.
+    ``config``/``bwd_config`` override the launch configs the lookup would pick. Differentiable
+    in q, k and v (once: double backward raises).
     """
     _check_inputs(q, k, v, layout, seq_dim, sm_scale)
     layout = layout.to(q.device)
@@ -102,11 +115,10 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
     if seq_dim == 1:
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     seq_k = k.shape[2]
-    density = None  # resolved lazily by the lookup only when a tuned entry needs it
-    fwd_config = config or select.resolve_config("fwd", q, layout, seq_k, density)[0]
+    fwd_config = config or select.resolve_config("fwd", q, layout, seq_k)[0]
     check_config(fwd_config, layout.block_size, dim)
     if bwd_config is not None:
-        check_config(bwd_config, layout.block_size, dim)
+        check_config(bwd_config, layout.block_size, dim, "bwd")
     result = _SparseAttentionFn.apply(q, k, v, layout, scale, fwd_config, bwd_config, return_lse)
     out, lse = result if return_lse else (result, None)
     if seq_dim == 1:

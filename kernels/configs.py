@@ -37,9 +37,14 @@ def _pow2(x: int) -> bool:
     return x > 0 and not x & (x - 1)
 
 
-def config_problems(config: LaunchConfig, block_size: int, head_dim: int) -> list[str]:
-    """Why a config cannot run for this sparse block size and head_dim (empty when it can)."""
+def config_problems(config: LaunchConfig, block_size: int, head_dim: int,
+                    kernel: str = "fwd") -> list[str]:
+    """Why a config cannot run this kernel for this sparse block size and head_dim (empty if ok)."""
     problems = []
+    if kernel == "bwd" and config.block_m > block_size:
+        # The dk/dv kernel's kv tile (block_m) must stay inside one sparse block.
+        problems.append(f"block_m={config.block_m} must not exceed the sparse block size "
+                        f"{block_size} for the backward")
     if not (_pow2(config.block_m) and config.block_m >= 16):
         problems.append(f"block_m={config.block_m} must be a power of two >= 16")
     elif config.block_m > block_size and config.block_m // block_size > 32:
@@ -57,8 +62,8 @@ def config_problems(config: LaunchConfig, block_size: int, head_dim: int) -> lis
     return problems
 
 
-def check_config(config: LaunchConfig, block_size: int, head_dim: int) -> None:
-    problems = config_problems(config, block_size, head_dim)
+def check_config(config: LaunchConfig, block_size: int, head_dim: int, kernel: str = "fwd") -> None:
+    problems = config_problems(config, block_size, head_dim, kernel)
     if problems:
         raise ValueError("invalid launch config " + config.short() + ": " + "; ".join(problems))
 

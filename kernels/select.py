@@ -59,8 +59,15 @@ def block_density(layout: BlockLayout, seq_k: int) -> float:
     return layout.cached(("block_density", seq_k), build)
 
 
+# The identity of any non-CUDA device: kernels only run there through Triton's interpreter, so
+# entries under it are written by a CPU tune (pipeline checks), never by a GPU one.
+CPU_IDENTITY = ("cpu (triton interpreter)", "")
+
+
 def device_identity(device: torch.device) -> tuple[str, str]:
-    """(GPU name, compute capability) of a CUDA device."""
+    """(GPU name, compute capability) of a CUDA device; :data:`CPU_IDENTITY` for any other."""
+    if device.type != "cuda":
+        return CPU_IDENTITY
     props = torch.cuda.get_device_properties(device)
     return props.name, f"{props.major}.{props.minor}"
 
@@ -82,8 +89,8 @@ def resolve_config(kernel: str, q: torch.Tensor, layout: BlockLayout, seq_k: int
     """The config to launch ``kernel`` with and where it came from: cache, shipped or default."""
     head_dim, block_size = q.shape[-1], layout.block_size
     fallback = default_config(kernel, q.device, block_size, head_dim, q.dtype)
-    if q.device.type != "cuda":
-        return fallback, "default"
+    # A non-CUDA device (the interpreter) is looked up too, under CPU_IDENTITY: a CPU tune writes
+    # there, which is how the tune -> cache -> run pipeline is tested without a GPU.
     if density is None:
         density = block_density(layout, seq_k)
     key = cache_key(kernel, q.device, q.dtype, head_dim, block_size, seq_k, density)
@@ -104,4 +111,4 @@ def _lookup(key: config_cache.CacheKey, cache_path: str | None, block_size: int,
         return None
     config = LaunchConfig.from_dict(found)
     # A cached config that this block size cannot use (hand-edited file) is ignored, not fatal.
-    return None if config_problems(config, block_size, head_dim) else (config, source)
+    return None if config_problems(config, block_size, head_dim, key.kernel) else (config, source)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -37,6 +39,7 @@ class _Sdpa(Provider):
                 raise Unsupported("cuDNN SDPA takes no bottom-right causal bias (q_len < seqlen)")
             causal_kwargs["attn_mask"] = causal_lower_right(case.q_len, case.seqlen)
         backend = self.backend
+        _probe(backend, case, device, gqa, causal_kwargs)
 
         def attn(q, k, v):
             with sdpa_kernel(backend):
@@ -44,6 +47,30 @@ class _Sdpa(Provider):
                                                       **causal_kwargs)
 
         return Prepared(attn)
+
+
+def _probe(backend: SDPBackend, case: Case, device: torch.device, gqa: bool, kwargs: dict) -> None:
+    """Run the backend once on a tiny problem of the case's kind; Unsupported with its reasons."""
+    dtype = getattr(torch, case.dtype)
+    seq = min(case.seqlen, 256)
+    q_len = min(case.q_len, seq)
+    q = torch.randn(1, case.heads, q_len, case.head_dim, device=device, dtype=dtype)
+    kv = torch.randn(1, case.kv_heads, seq, case.head_dim, device=device, dtype=dtype)
+    kwargs = dict(kwargs)
+    if "attn_mask" in kwargs:
+        from torch.nn.attention.bias import causal_lower_right
+        kwargs["attn_mask"] = causal_lower_right(q_len, seq)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with sdpa_kernel(backend):
+                F.scaled_dot_product_attention(q, kv, kv, enable_gqa=gqa, **kwargs)
+        except RuntimeError as exc:
+            if "No available kernel" not in str(exc):
+                raise
+            reasons = "; ".join(str(w.message).strip().splitlines()[0] for w in caught)
+            raise Unsupported(f"SDPA {backend.name} cannot run this case"
+                              + (f": {reasons}" if reasons else "")) from None
 
 
 class SdpaFlash(_Sdpa):

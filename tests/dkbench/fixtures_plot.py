@@ -8,6 +8,7 @@ status. Failed rows carry junk numbers (`JUNK`) so a test can tell whether they 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -68,7 +69,8 @@ def make_row(provider: str, mode: str, seqlen: int, gpu: str = H100, interpreter
         ms=ms, ms_p20=ms * 0.95, ms_p80=ms * 1.05,
         flops=dense_flops * density, tflops=dense_flops * density / (ms * 1e-3) / 1e12,
         dense_tflops=dense_flops / (ms * 1e-3) / 1e12, baseline=BASELINE,
-        speedup=_ms(BASELINE, mode, seqlen) / _ms(provider, mode, seqlen, sparse_gain), command="dkbench run sweeps/local_stride.yaml",
+        speedup=_ms(BASELINE, mode, seqlen) / _ms(provider, mode, seqlen, sparse_gain),
+        command="dkbench run sweeps/local_stride.yaml",
     )
     if (provider, mode, seqlen) in FAILURES:
         status, message = FAILURES[(provider, mode, seqlen)]
@@ -82,28 +84,31 @@ def sample_rows(**kwargs) -> list[ResultRow]:
     return [make_row(p, m, s, **kwargs) for m in ("fwd", "bwd") for s in SEQLENS for p in PROVIDERS]
 
 
+def _tune_ms(bm: int, bn: int, warps: int, stages: int) -> float:
+    """Fastest at 64x64 tiles, 8 warps, 3 stages (TUNE_BEST)."""
+    return (0.2 + abs(bm - 64) / 160 + abs(bn - 64) / 200 + (0.05 if warps == 4 else 0)
+            + (0.03 if stages == 2 else 0))
+
+
 def tune_rows() -> list[dict]:
-    """A tune.csv for one case, fwd and bwd kernels: 3x2 blocks per (num_warps, num_stages) in 2x2."""
+    """A tune.csv for one case and both kernels: 3x2 tiles per (num_warps, num_stages), 2x2."""
+    shape = {"run_id": "run1", "case_id": TUNE_CASE, "dtype": "fp16", "seqlen": 4096, "heads": 8,
+             "kv_heads": 8, "head_dim": 64, "block_size": 64, "pattern": PATTERN}
     rows = []
-    for kernel in ("fwd", "bwd"):
-        for bm in (32, 64, 128):
-            for bn in (32, 64):
-                for warps in (4, 8):
-                    for stages in (2, 3):
-                        key = (bm, bn, warps, stages)
-                        if key == TUNE_MISSING:
-                            continue
-                        ms = 0.2 + abs(bm - 64) / 160 + abs(bn - 64) / 200 + (0.05 if warps == 4 else 0) + (
-                            0.03 if stages == 2 else 0)
-                        status, message = ("oom", "out of shared memory") if key == TUNE_OOM else ("ok", "")
-                        rows.append({
-                            "run_id": "run1", "case_id": TUNE_CASE, "kernel": kernel, "dtype": "fp16",
-                            "seqlen": 4096, "heads": 8, "kv_heads": 8, "head_dim": 64, "block_size": 64,
-                            "pattern": PATTERN, "block_m": bm, "block_n": bn, "num_warps": warps,
-                            "num_stages": stages, "ms": JUNK["ms"] if status != "ok" else ms,
-                            "ms_p20": ms * 0.97, "ms_p80": ms * 1.03, "status": status, "message": message,
-                            "is_best": key == TUNE_BEST, "speedup_vs_default": 1.31 if key == TUNE_BEST else 1.0,
-                        })
+    for kernel, bm, bn, warps, stages in itertools.product(("fwd", "bwd"), (32, 64, 128), (32, 64),
+                                                           (4, 8), (2, 3)):
+        key = (bm, bn, warps, stages)
+        if key == TUNE_MISSING:
+            continue
+        ms = _tune_ms(*key)
+        failed = key == TUNE_OOM
+        rows.append({
+            **shape, "kernel": kernel, "block_m": bm, "block_n": bn, "num_warps": warps,
+            "num_stages": stages, "ms": JUNK["ms"] if failed else ms, "ms_p20": ms * 0.97,
+            "ms_p80": ms * 1.03, "status": "oom" if failed else "ok",
+            "message": "out of shared memory" if failed else "", "is_best": key == TUNE_BEST,
+            "speedup_vs_default": 1.31 if key == TUNE_BEST else 1.0,
+        })
     return rows
 
 
@@ -130,6 +135,8 @@ def single_run(tmp_path: Path, interpreter: bool = False) -> Path:
 def multi_run(tmp_path: Path) -> Path:
     """A directory of two runs of the same sweep, on an A100 and an H100 (the H100 one tuned)."""
     parent = tmp_path / "runs"
-    write_run(parent / "a100", sample_rows(gpu=A100, run_id="ra", speed=0.5, sparse_gain=0.8), {**META, "name": "nightly-a100"})
-    write_run(parent / "h100", sample_rows(run_id="rh"), {**META, "name": "nightly-h100"}, tune_rows())
+    a100 = sample_rows(gpu=A100, run_id="ra", speed=0.5, sparse_gain=0.8)
+    write_run(parent / "a100", a100, {**META, "name": "nightly-a100", "gpu": A100})
+    write_run(parent / "h100", sample_rows(run_id="rh"), {**META, "name": "nightly-h100"},
+              tune_rows())
     return parent

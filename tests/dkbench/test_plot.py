@@ -1,7 +1,8 @@
-"""`dkbench plot`: figure content through matplotlib's objects, files written, bad input, the CLI."""
+"""`dkbench plot`: figure content through matplotlib's objects, files, bad input, the CLI."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,8 @@ from dkbench.commands.plot import plot, report
 from dkbench.errors import BadInputError
 from dkbench.plot import INTERPRETER_NOTE, build_figures, load_runs, plot_path
 from dkbench.results import RESULTS_FILE, read_results
-from tests.dkbench.fixtures_plot import (A100, BASELINE, H100, JUNK, META, PATTERN, SEQLENS,
-                                         multi_run, sample_rows, single_run, write_run)
+from tests.dkbench.fixtures_plot import (A100, BASELINE, H100, JUNK, META, PATTERN, multi_run,
+                                         sample_rows, single_run, write_run)
 
 LABEL = f"{META['name']} ({H100})"
 FAILED_LEGEND = {"failed (oom)", "failed (wrong)", "failed (unsupported)", "failed (error)"}
@@ -41,7 +42,8 @@ def lines(ax, gid: str) -> list:
 
 
 def series(ax) -> dict[str, tuple[list, list]]:
-    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in lines(ax, "data")}
+    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+            for line in lines(ax, "data")}
 
 
 def legend_labels(fig) -> list[str]:
@@ -108,8 +110,8 @@ def test_speedup_against_the_baseline_with_a_line_at_one(figures, run_dir):
     (one,) = lines(fwd, "reference")
     assert list(one.get_ydata()) == [1, 1] and one.get_label() == "baseline (= 1)"
     df = read_results(run_dir)
-    want = df[(df["provider"] == "dkernel") & (df["mode"] == "fwd")].sort_values("seqlen")["speedup"]
-    np.testing.assert_allclose(series(fwd)["dkernel"][1], want)
+    want = df[(df["provider"] == "dkernel") & (df["mode"] == "fwd")].sort_values("seqlen")
+    np.testing.assert_allclose(series(fwd)["dkernel"][1], want["speedup"])
     assert fwd.get_yscale() == "log"  # 1.1x .. 13x with the line at 1
     # dkernel bwd at 16k is ok but its baseline failed: no speedup point there
     assert series(facet(fig, "bwd"))["dkernel"][0] == [1024]
@@ -140,7 +142,8 @@ def test_speedup_against_density(figures):
 
 
 def test_tune_heatmaps_one_per_case_and_kernel_winner_outlined(figures):
-    assert {n for n in figures if n.startswith("tune")} == {"tune_ls-fwd-4096_fwd", "tune_ls-fwd-4096_bwd"}
+    tuned = {n for n in figures if n.startswith("tune")}
+    assert tuned == {"tune_ls-fwd-4096_fwd", "tune_ls-fwd-4096_bwd"}
     fig = figures["tune_ls-fwd-4096_fwd"]
     maps = {ax.get_title(): ax for ax in fig.axes if ax.images}
     assert sorted(maps) == [f"num_warps={w}, num_stages={s}" for w in (4, 8) for s in (2, 3)]
@@ -152,10 +155,12 @@ def test_tune_heatmaps_one_per_case_and_kernel_winner_outlined(figures):
     assert oom.mask[2, 1] and not oom.mask.sum() - 1  # BLOCK_M=128, BLOCK_N=64 failed; only it
     assert "oom" in [t.get_text() for t in maps["num_warps=4, num_stages=3"].texts]
     assert maps["num_warps=8, num_stages=2"].images[0].get_array().mask[2, 0]  # never run
-    winners = [(title, p) for title, ax in maps.items() for p in ax.patches if p.get_gid() == "winner"]
+    winners = [(title, p) for title, ax in maps.items() for p in ax.patches
+               if p.get_gid() == "winner"]
     assert len(winners) == 1
     title, box = winners[0]
-    assert title == "num_warps=8, num_stages=3" and box.get_xy() == (0.5, 0.5)  # BLOCK_M=64, BLOCK_N=64
+    assert title == "num_warps=8, num_stages=3"
+    assert box.get_xy() == (0.5, 0.5)  # the cell of BLOCK_M=64, BLOCK_N=64
     assert "best: BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3" in fig.get_suptitle()
     assert "1.31×" in fig.get_suptitle()
 
@@ -163,7 +168,7 @@ def test_tune_heatmaps_one_per_case_and_kernel_winner_outlined(figures):
 def test_metric_picks_the_main_figure(run_dir):
     runs = load_runs(run_dir)
     names = [nf.name for nf in build_figures(runs, metric="tflops")]
-    assert names == ["tflops", "speedup_vs_density", "tune_ls-fwd-4096_bwd", "tune_ls-fwd-4096_fwd"]
+    assert names == ["tflops", "speedup_vs_density", "tune_ls-fwd-4096_fwd", "tune_ls-fwd-4096_bwd"]
 
 
 def test_comparing_runs_labels_series_by_run_and_gpu(tmp_path):
@@ -176,14 +181,29 @@ def test_comparing_runs_labels_series_by_run_and_gpu(tmp_path):
     assert {line.get_linestyle() for line in lines(fwd, "data")} == {"-", "--"}  # one style per run
     assert len(lines(facet(figs["tflops"], "fwd"), "reference")) == 2  # a dense rate per run
     assert "runs: " in figs["latency"].get_suptitle()
-    assert {n for n in figs if n.startswith("tune")} == {"tune_h100_ls-fwd-4096_fwd", "tune_h100_ls-fwd-4096_bwd"}
+    tuned = {n for n in figs if n.startswith("tune")}
+    assert tuned == {"tune_h100_ls-fwd-4096_fwd", "tune_h100_ls-fwd-4096_bwd"}
+
+
+def test_a_varying_shape_splits_facets_and_an_all_failed_facet_still_draws(tmp_path):
+    rows = sample_rows()
+    wide = [replace(r, head_dim=128, status="oom", message="too big") for r in rows]
+    runs = load_runs(write_run(tmp_path / "r", rows + wide))
+    fig = {nf.name: nf.figure for nf in build_figures(runs, metric="ms")}["latency"]
+    titles = [ax.get_title().split("\n")[-1] for ax in fig.axes]
+    assert titles == ["fwd · fp16 · d=64", "fwd · fp16 · d=128", "bwd · fp16 · d=64",
+                      "bwd · fp16 · d=128"]
+    (wide_fwd,) = [ax for ax in fig.axes if ax.get_title().endswith("fwd · fp16 · d=128")]
+    assert not lines(wide_fwd, "data") and len(lines(wide_fwd, "failed")) == 3
+    assert "no ok rows with ms" in [t.get_text() for t in wide_fwd.texts]
 
 
 def test_run_name_falls_back_to_the_directory(tmp_path):
     write_run(tmp_path / "a" / "first", sample_rows())
     write_run(tmp_path / "a" / "second", sample_rows(), {"name": "same"})
     write_run(tmp_path / "a" / "third", sample_rows(), {"name": "same"})  # a clash: dir names
-    assert [r.label for r in load_runs(tmp_path / "a")] == [f"{n} ({H100})" for n in ("first", "second", "third")]
+    labels = [r.label for r in load_runs(tmp_path / "a")]
+    assert labels == [f"{n} ({H100})" for n in ("first", "second", "third")]
 
 
 def test_interpreter_runs_say_so_in_every_title(tmp_path):
@@ -195,14 +215,18 @@ def test_interpreter_runs_say_so_in_every_title(tmp_path):
 def test_plot_path_writes_each_format(tmp_path):
     run = write_run(tmp_path / "run", sample_rows(), META)
     written = plot_path(run, metric="ms", formats="png, svg", out=tmp_path / "figs")
-    assert sorted(p.name for p in written) == ["latency.png", "latency.svg", "speedup_vs_density.png",
-                                               "speedup_vs_density.svg"]
+    assert sorted(p.name for p in written) == ["latency.png", "latency.svg",
+                                               "speedup_vs_density.png", "speedup_vs_density.svg"]
     assert all(p.parent == tmp_path / "figs" for p in written)
     assert (tmp_path / "figs" / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "<svg" in (tmp_path / "figs" / "latency.svg").read_text()
 
 
 # -- bad input --
+
+def _good(p: Path) -> Path:
+    return write_run(p / "r", sample_rows())
+
 
 def _header_only(p: Path) -> Path:
     csv = write_run(p / "r", sample_rows()[:1]) / RESULTS_FILE
@@ -246,8 +270,8 @@ def _bad_tune(p: Path) -> Path:
     (_header_only, {}, "no rows"),
     (_missing_columns, {}, "missing columns gpu, interpreter"),
     (_bad_tune, {}, "tune.csv: missing columns block_m"),
-    (lambda p: write_run(p / "r", sample_rows()), {"metric": "latency"}, "unknown metric 'latency'"),
-    (lambda p: write_run(p / "r", sample_rows()), {"formats": "png,pdf"}, "unknown figure format pdf"),
+    (_good, {"metric": "latency"}, "unknown metric 'latency'"),
+    (_good, {"formats": "png,pdf"}, "unknown figure format pdf"),
 ])
 def test_bad_input_names_the_path_and_the_problem(tmp_path, make, kwargs, match):
     path = make(tmp_path)

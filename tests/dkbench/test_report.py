@@ -104,7 +104,8 @@ def test_comparing_runs(tmp_path):
     assert text.startswith("# dkbench report: 2 runs compared")
     header = section(text, "## Environment").splitlines()[2]
     assert f"nightly-a100 ({A100})" in header and f"nightly-h100 ({H100})" in header
-    assert f"## Summary: nightly-a100 ({A100})" in text and f"## Summary: nightly-h100 ({H100})" in text
+    assert f"## Summary: nightly-a100 ({A100})" in text
+    assert f"## Summary: nightly-h100 ({H100})" in text
     assert section(text, "## Failed rows").splitlines()[2].startswith("| run | case_id |")
 
 
@@ -127,7 +128,8 @@ def test_cli_report_out_elsewhere_links_relative_to_it(tmp_path):
     assert result.exit_code == 0, result.output
     assert str(out) in result.output
     links = IMAGE.findall(out.read_text())
-    assert links and all(not Path(link).is_absolute() and (out.parent / link).is_file() for link in links)
+    assert links
+    assert all(not Path(link).is_absolute() and (out.parent / link).is_file() for link in links)
 
 
 def test_cli_report_bad_input_exits_2(tmp_path):

@@ -111,11 +111,3 @@ def test_cpu_tensors_without_interpreter_raise():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     assert "ValueError: q, k and v are CPU tensors" in res.stdout, res.stdout + res.stderr
-
-
-def test_gradients_not_built_yet(problem):
-    layout, q, k, v = problem
-    q.requires_grad_(True)
-    out = sparse_attention(q, k, v, layout)
-    with pytest.raises(NotImplementedError, match="backward"):
-        out.sum().backward()

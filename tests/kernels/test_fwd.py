@@ -37,7 +37,7 @@ def test_forward_matches_reference(case, device, poison_outputs):
                                        return_lse=True)
     assert out.dtype == dtype and out.shape == q.shape
     assert_verbose_close(out, ref, rel_tol(dtype, device), "out")
-    assert_verbose_close(lse, ref_lse, 1e-4, "lse")
+    assert_verbose_close(lse, ref_lse, rel_tol(dtype, device) / 2, "lse")
 
 
 def test_bf16_forward(device, poison_outputs):

@@ -39,3 +39,37 @@ def test_layout_families_bf16(case, poison_outputs):
     ref, ref_lse = reference_attention(q, k, v, layout, seq_dim=seq_dim, return_lse=True)
     assert_verbose_close(out, ref, 1e-2)
     assert_verbose_close(lse, ref_lse, 1e-3, "lse")
+
+
+@pytest.mark.parametrize("bwd_config", [None, LaunchConfig(64, 32, 4, 2), LaunchConfig(64, 64, 8, 2)],
+                         ids=str)
+def test_phi3_gradients_at_8k(bwd_config, poison_outputs):
+    layout = local_stride_layout(max_seq_len=8192, **PHI3)
+    q, k, v = make_qkv(1, 8192, 8192, 32, 8, 128, torch.bfloat16, "cuda", requires_grad=True)
+    out = sparse_attention(q, k, v, layout, sm_scale=1 / 128, bwd_config=bwd_config)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref = reference_attention(q, k, v, layout, sm_scale=1 / 128, grad=True)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dout.float())
+    del ref
+    for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_verbose_close(got, want, 1e-2, name)
+
+
+@pytest.mark.parametrize("case", [
+    ("hetero", False, 4096, 4096, 16, 4, 128, 64, 1),
+    ("random", True, 1000, 6000, 8, 8, 80, 64, 2),
+    ("dense_heads", True, 5000, 5000, 16, 4, 64, 128, 1),
+], ids=str)
+def test_gradients_layout_families_bf16(case, poison_outputs):
+    family, causal, sq, sk, h, hkv, d, bs, seq_dim = case
+    layout = make_layout(family, h, hkv, sk, bs, causal)
+    q, k, v = make_qkv(1, sq, sk, h, hkv, d, torch.bfloat16, "cuda", seq_dim, contiguous=False,
+                       requires_grad=True)
+    out = sparse_attention(q, k, v, layout, seq_dim=seq_dim)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref = reference_attention(q, k, v, layout, seq_dim=seq_dim, grad=True)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dout.float())
+    for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_verbose_close(got, want, 1e-2, name)

@@ -1,0 +1,369 @@
+"""Backward block-sparse attention: delta pre-pass, dk/dv kernel, dq kernel, and the launcher.
+
+- ``_bwd_preprocess``: ``delta = rowsum(dO * O)`` per query row.
+- ``_bwd_dkdv``: one program per (kv tile, batch, kv head); it walks, for each query head of its
+  GQA group, the query blocks that keep its kv block (the pattern's column form), so dk/dv are
+  summed over the group without atomics.
+- ``_bwd_dq``: one program per (query tile, batch, head) over the forward's tile plan.
+
+A bwd ``LaunchConfig``'s ``block_m`` is the outer tile (kv rows for dk/dv, query rows for dq) and
+``block_n`` the inner one (query rows for dk/dv, kv rows for dq).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from . import buffers
+from .configs import LaunchConfig
+from .fwd import interpreting, tile_plan
+from .layout import BlockLayout
+
+
+@dataclass(frozen=True)
+class ColumnPlan:
+    """Kept query blocks per (pattern head, kv block), unmasked ones first in each row.
+
+    Query blocks wholly before the first query (``seq_q < seq_k``) are left out. An entry needs a
+    mask when it is the causal diagonal, the ragged last block, or straddles the first query.
+    """
+
+    col_ptr: torch.Tensor  # int32 (pattern_heads * kv_blocks + 1,)
+    n_full: torch.Tensor  # int32 (pattern_heads * kv_blocks,)
+    q_block: torch.Tensor  # int32 (nnz,)
+    kv_blocks: int
+
+
+def build_column_plan(layout: BlockLayout, seq_q: int, seq_k: int) -> ColumnPlan:
+    bs = layout.block_size
+    nb = math.ceil(seq_k / bs)
+    offset = seq_k - seq_q
+    pattern = layout.pattern[:, :nb, :nb]
+    heads, device = pattern.shape[0], pattern.device
+    qb = torch.arange(nb, device=device)
+    has_queries = (qb + 1) * bs > offset
+    kept = pattern.transpose(1, 2) & has_queries[None, None, :]  # (heads, kv block, q block)
+    partial_q = ((qb + 1) * bs > seq_k) | (qb * bs < offset)
+    masked = partial_q[None, None, :].expand_as(kept)
+    if layout.causal:
+        masked = masked | torch.eye(nb, dtype=torch.bool, device=device)[None]
+    hh, jj, ii = kept.nonzero(as_tuple=True)
+    entry_masked = masked[hh, jj, ii]
+    row = hh * nb + jj
+    order = torch.argsort(row * 2 + entry_masked.to(row.dtype), stable=True)
+    counts = torch.bincount(row, minlength=heads * nb)
+    full = torch.bincount(row[~entry_masked], minlength=heads * nb)
+    col_ptr = torch.zeros(heads * nb + 1, dtype=torch.int32, device=device)
+    col_ptr[1:] = counts.cumsum(0)
+    return ColumnPlan(col_ptr, full.to(torch.int32), ii[order].to(torch.int32), nb)
+
+
+def column_plan(layout: BlockLayout, seq_q: int, seq_k: int) -> ColumnPlan:
+    return layout.cached(("bwd_col_plan", seq_q, seq_k, layout.pattern.device),
+                         lambda: build_column_plan(layout, seq_q, seq_k))
+
+
+@triton.jit
+def _bwd_preprocess(Out, DO, Delta,
+                    stride_oz, stride_oh, stride_om, stride_ok,
+                    stride_doz, stride_doh, stride_dom, stride_dok,
+                    num_heads, seq_q,
+                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    off_zh = tl.program_id(1)
+    off_z = (off_zh // num_heads).to(tl.int64)
+    off_h = (off_zh % num_heads).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(Out + off_z * stride_oz + off_h * stride_oh + offs_m[:, None] * stride_om
+                + offs_d[None, :] * stride_ok, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + off_z * stride_doz + off_h * stride_doh + offs_m[:, None] * stride_dom
+                 + offs_d[None, :] * stride_dok, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Delta + off_zh.to(tl.int64) * seq_q + offs_m, tl.sum(o * do, axis=1),
+             mask=offs_m < seq_q)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                stride_qm, stride_qk, stride_dom, stride_dok,
+                QBlock, entry_start, entry_end,
+                offs_n, kv_tile_start, q_offset, seq_q, seq_k, qk_scale,
+                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                DOT_FP32: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    for e in range(entry_start, entry_end):
+        lo = tl.load(QBlock + e) * BLOCK_SIZE
+        n_sub = BLOCK_SIZE // BLOCK_M
+        if MASKED:
+            hi = tl.minimum(lo + BLOCK_SIZE, seq_k)
+            # Skip query sub-tiles before the first query, and wholly above the causal diagonal.
+            start = tl.maximum(lo, (q_offset // BLOCK_M) * BLOCK_M)
+            if IS_CAUSAL:
+                start = tl.maximum(start, (kv_tile_start // BLOCK_M) * BLOCK_M)
+            lo = start
+            n_sub = tl.cdiv(hi - lo, BLOCK_M)
+        for sub in range(0, n_sub):
+            offs_m_abs = lo + sub * BLOCK_M + tl.arange(0, BLOCK_M)
+            offs_m = offs_m_abs - q_offset
+            # -- load q, dO (transposed) and the row statistics --
+            qt_ptrs = q_base + offs_d[:, None] * stride_qk + offs_m[None, :] * stride_qm
+            do_ptrs = do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dok
+            if MASKED:
+                m_ok = (offs_m >= 0) & (offs_m < seq_q)
+                qt = tl.load(qt_ptrs, mask=d_ok[:, None] & m_ok[None, :], other=0.0)
+                do = tl.load(do_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+                lse = tl.load(lse_base + offs_m, mask=m_ok, other=0.0)
+                delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
+            else:
+                qt = tl.load(qt_ptrs, mask=d_ok[:, None], other=0.0)
+                do = tl.load(do_ptrs, mask=d_ok[None, :], other=0.0)
+                lse = tl.load(lse_base + offs_m)
+                delta = tl.load(delta_base + offs_m)
+            if DOT_FP32:
+                qt = qt.to(tl.float32)
+                do = do.to(tl.float32)
+            # -- recompute P^T from the forward's log-sum-exp (log2 units) --
+            qkt = tl.dot(k, qt) * qk_scale
+            pt = tl.math.exp2(qkt - lse[None, :] * 1.4426950408889634)
+            if MASKED:
+                keep = m_ok[None, :]
+                if IS_CAUSAL:
+                    keep = keep & (offs_m_abs[None, :] >= offs_n[:, None])
+                pt = tl.where(keep, pt, 0.0)
+            dv = tl.dot(pt.to(do.dtype), do, dv)
+            # -- dS^T = P^T * (dP^T - delta) --
+            dpt = tl.dot(v, tl.trans(do))
+            dst = pt * (dpt - delta[None, :])
+            dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv(Q, K, V, DO, DK, DV, Lse, Delta,
+              ColPtr, NFull, QBlock,
+              stride_qz, stride_qh, stride_qm, stride_qk,
+              stride_kz, stride_kh, stride_kn, stride_kk,
+              stride_vz, stride_vh, stride_vn, stride_vk,
+              stride_doz, stride_doh, stride_dom, stride_dok,
+              stride_dkz, stride_dkh, stride_dkn, stride_dkk,
+              stride_dvz, stride_dvh, stride_dvn, stride_dvk,
+              num_heads, kv_heads, q_per_kv, heads_per_pattern, seq_q, seq_k, kv_blocks,
+              qk_scale, sm_scale,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, IS_CAUSAL: tl.constexpr,
+              DOT_FP32: tl.constexpr):
+    tl.static_assert(BLOCK_SIZE % BLOCK_N == 0)
+    tl.static_assert(BLOCK_SIZE % BLOCK_M == 0)
+    kv_tile_start = tl.program_id(0) * BLOCK_N
+    off_zkv = tl.program_id(1)
+    off_z = (off_zkv // kv_heads).to(tl.int64)
+    off_kvh = (off_zkv % kv_heads).to(tl.int64)
+    kv_block = kv_tile_start // BLOCK_SIZE
+    q_offset = seq_k - seq_q
+    offs_n = kv_tile_start + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < seq_k
+    kv_mask = n_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+
+    k = tl.load(K + off_z * stride_kz + off_kvh * stride_kh + offs_n[:, None] * stride_kn
+                + offs_d[None, :] * stride_kk, mask=kv_mask, other=0.0)
+    v = tl.load(V + off_z * stride_vz + off_kvh * stride_vh + offs_n[:, None] * stride_vn
+                + offs_d[None, :] * stride_vk, mask=kv_mask, other=0.0)
+    if DOT_FP32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    # dk/dv of a kv head sum over the query heads of its group.
+    for g in range(0, q_per_kv):
+        off_h = off_kvh * q_per_kv + g
+        off_zh = off_z * num_heads + off_h
+        row = (off_h // heads_per_pattern) * kv_blocks + kv_block
+        q_base = Q + off_z * stride_qz + off_h * stride_qh
+        do_base = DO + off_z * stride_doz + off_h * stride_doh
+        lse_base = Lse + off_zh * seq_q
+        delta_base = Delta + off_zh * seq_q
+        entry_start = tl.load(ColPtr + row)
+        entry_mid = entry_start + tl.load(NFull + row)
+        entry_end = tl.load(ColPtr + row + 1)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                             stride_qm, stride_qk, stride_dom, stride_dok,
+                             QBlock, entry_start, entry_mid,
+                             offs_n, kv_tile_start, q_offset, seq_q, seq_k, qk_scale,
+                             BLOCK_M, BLOCK_D, HEAD_DIM, BLOCK_SIZE, False, IS_CAUSAL, DOT_FP32)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                             stride_qm, stride_qk, stride_dom, stride_dok,
+                             QBlock, entry_mid, entry_end,
+                             offs_n, kv_tile_start, q_offset, seq_q, seq_k, qk_scale,
+                             BLOCK_M, BLOCK_D, HEAD_DIM, BLOCK_SIZE, True, IS_CAUSAL, DOT_FP32)
+
+    # -- epilogue: dS was taken w.r.t. the scaled scores --
+    dk = dk * sm_scale
+    tl.store(DK + off_z * stride_dkz + off_kvh * stride_dkh + offs_n[:, None] * stride_dkn
+             + offs_d[None, :] * stride_dkk, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + off_z * stride_dvz + off_kvh * stride_dvh + offs_n[:, None] * stride_dvn
+             + offs_d[None, :] * stride_dvk, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse, delta, k_base, v_base,
+              stride_kn, stride_kk, stride_vn, stride_vk,
+              KvBlock, RowBits, entry_start, entry_end,
+              offs_m_abs, tile_first_block, row_end, seq_k, qk_scale,
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+              BLOCK_SIZE: tl.constexpr, SUB_BLOCKS: tl.constexpr, MASKED: tl.constexpr,
+              IS_CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    for e in range(entry_start, entry_end):
+        kv_start = tl.load(KvBlock + e) * BLOCK_SIZE
+        n_sub = BLOCK_SIZE // BLOCK_N
+        if MASKED:
+            n_sub = tl.minimum(n_sub, tl.cdiv(row_end - kv_start, BLOCK_N))
+            if SUB_BLOCKS > 1:
+                bits = tl.load(RowBits + e)
+                row_keeps = ((bits >> (offs_m_abs // BLOCK_SIZE - tile_first_block)) & 1) != 0
+        for sub in range(0, n_sub):
+            offs_n = kv_start + sub * BLOCK_N + tl.arange(0, BLOCK_N)
+            kt_ptrs = k_base + offs_d[:, None] * stride_kk + offs_n[None, :] * stride_kn
+            vt_ptrs = v_base + offs_d[:, None] * stride_vk + offs_n[None, :] * stride_vn
+            if MASKED:
+                n_ok = offs_n < seq_k
+                kt = tl.load(kt_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+                vt = tl.load(vt_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+            else:
+                kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
+                vt = tl.load(vt_ptrs, mask=d_ok[:, None], other=0.0)
+            if DOT_FP32:
+                kt = kt.to(tl.float32)
+                vt = vt.to(tl.float32)
+            # -- recompute P, then dS = P * (dP - delta) --
+            qk = tl.dot(q, kt) * qk_scale
+            p = tl.math.exp2(qk - lse[:, None])
+            if MASKED:
+                keep = n_ok[None, :]
+                if IS_CAUSAL:
+                    keep = keep & (offs_n[None, :] <= offs_m_abs[:, None])
+                if SUB_BLOCKS > 1:
+                    keep = keep & row_keeps[:, None]
+                p = tl.where(keep, p, 0.0)
+            dp = tl.dot(do, vt)
+            ds = p * (dp - delta[:, None])
+            dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq)
+    return dq
+
+
+@triton.jit
+def _bwd_dq(Q, K, V, DO, DQ, Lse, Delta,
+            RowPtr, NFull, KvBlock, RowBits,
+            stride_qz, stride_qh, stride_qm, stride_qk,
+            stride_kz, stride_kh, stride_kn, stride_kk,
+            stride_vz, stride_vh, stride_vn, stride_vk,
+            stride_doz, stride_doh, stride_dom, stride_dok,
+            stride_dqz, stride_dqh, stride_dqm, stride_dqk,
+            num_heads, q_per_kv, heads_per_pattern, seq_q, seq_k, tiles, first_tile,
+            qk_scale, sm_scale,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+            HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, IS_CAUSAL: tl.constexpr,
+            DOT_FP32: tl.constexpr):
+    tl.static_assert(BLOCK_SIZE % BLOCK_N == 0)
+    SUB_BLOCKS: tl.constexpr = BLOCK_M // BLOCK_SIZE if BLOCK_M > BLOCK_SIZE else 1
+    tile = tl.program_id(0) + first_tile
+    off_zh = tl.program_id(1)
+    off_z = (off_zh // num_heads).to(tl.int64)
+    off_h = off_zh % num_heads
+    off_kvh = (off_h // q_per_kv).to(tl.int64)
+    row = (off_h // heads_per_pattern) * tiles + tile
+    q_offset = seq_k - seq_q
+    offs_m_abs = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = offs_m_abs - q_offset
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = (offs_m >= 0) & (offs_m < seq_q)
+    mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+
+    off_h64 = off_h.to(tl.int64)
+    q = tl.load(Q + off_z * stride_qz + off_h64 * stride_qh + offs_m[:, None] * stride_qm
+                + offs_d[None, :] * stride_qk, mask=mask, other=0.0)
+    do = tl.load(DO + off_z * stride_doz + off_h64 * stride_doh + offs_m[:, None] * stride_dom
+                 + offs_d[None, :] * stride_dok, mask=mask, other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse = tl.load(Lse + off_zh.to(tl.int64) * seq_q + offs_m, mask=row_ok, other=0.0)
+    lse = lse * 1.4426950408889634
+    delta = tl.load(Delta + off_zh.to(tl.int64) * seq_q + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    k_base = K + off_z * stride_kz + off_kvh * stride_kh
+    v_base = V + off_z * stride_vz + off_kvh * stride_vh
+    entry_start = tl.load(RowPtr + row)
+    entry_mid = entry_start + tl.load(NFull + row)
+    entry_end = tl.load(RowPtr + row + 1)
+    tile_first_block = tile * BLOCK_M // BLOCK_SIZE
+    if IS_CAUSAL:
+        row_end = tl.minimum((tile + 1) * BLOCK_M, seq_k)
+    else:
+        row_end = seq_k
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kk, stride_vn,
+                   stride_vk, KvBlock, RowBits, entry_start, entry_mid, offs_m_abs,
+                   tile_first_block, row_end, seq_k, qk_scale,
+                   BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_SIZE, SUB_BLOCKS, False, IS_CAUSAL, DOT_FP32)
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kk, stride_vn,
+                   stride_vk, KvBlock, RowBits, entry_mid, entry_end, offs_m_abs,
+                   tile_first_block, row_end, seq_k, qk_scale,
+                   BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_SIZE, SUB_BLOCKS, True, IS_CAUSAL, DOT_FP32)
+    dq = dq * sm_scale
+    tl.store(DQ + off_z * stride_dqz + off_h64 * stride_dqh + offs_m[:, None] * stride_dqm
+             + offs_d[None, :] * stride_dqk, dq.to(DQ.dtype.element_ty), mask=mask)
+
+
+def _grad_like(t: torch.Tensor) -> torch.Tensor:
+    """A gradient buffer in (batch, seq, heads, dim) memory order, viewed as (b, h, s, d)."""
+    b, h, s, d = t.shape
+    return buffers.new_output((b, s, h, d), t, t.dtype).transpose(1, 2)
+
+
+def sparse_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         out: torch.Tensor, lse: torch.Tensor, layout: BlockLayout, sm_scale: float,
+                         config: LaunchConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients dq, dk, dv for ``(batch, heads, seq, dim)`` views (any strides)."""
+    batch, heads, seq_q, head_dim = q.shape
+    kv_heads, seq_k = k.shape[1], k.shape[2]
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    qk_scale = sm_scale * 1.4426950408889634
+    dot_fp32 = interpreting() and q.dtype == torch.bfloat16
+    common = dict(BLOCK_D=block_d, HEAD_DIM=head_dim, BLOCK_SIZE=layout.block_size,
+                  IS_CAUSAL=layout.causal, DOT_FP32=dot_fp32,
+                  num_warps=config.num_warps, num_stages=config.num_stages)
+
+    # -- delta = rowsum(dO * O) --
+    delta = buffers.new_output((batch, heads, seq_q), q, torch.float32)
+    pre_m = 64
+    _bwd_preprocess[(triton.cdiv(seq_q, pre_m), batch * heads)](
+        out, do, delta, *out.stride(), *do.stride(), heads, seq_q,
+        BLOCK_M=pre_m, BLOCK_D=block_d, HEAD_DIM=head_dim)
+
+    dq, dk, dv = _grad_like(q), _grad_like(k), _grad_like(v)
+    cols = column_plan(layout, seq_q, seq_k)
+    _bwd_dkdv[(triton.cdiv(seq_k, config.block_m), batch * kv_heads)](
+        q, k, v, do, dk, dv, lse, delta, cols.col_ptr, cols.n_full, cols.q_block,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        heads, kv_heads, heads // kv_heads, heads // layout.heads, seq_q, seq_k, cols.kv_blocks,
+        qk_scale, sm_scale, BLOCK_M=config.block_n, BLOCK_N=config.block_m, **common)
+
+    plan = tile_plan(layout, config.block_m, seq_k)
+    first_tile = (seq_k - seq_q) // config.block_m
+    _bwd_dq[(plan.tiles - first_tile, batch * heads)](
+        q, k, v, do, dq, lse, delta, plan.row_ptr, plan.n_full, plan.kv_block, plan.row_bits,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        heads, heads // kv_heads, heads // layout.heads, seq_q, seq_k, plan.tiles, first_tile,
+        qk_scale, sm_scale, BLOCK_M=config.block_m, BLOCK_N=config.block_n, **common)
+    return dq, dk, dv

@@ -1,0 +1,370 @@
+"""`dkbench tune`: the space and its prune rules, dry runs, failures per candidate, and a tiny real
+tune on the CPU interpreter whose cache a following `run` uses."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import typer
+import yaml
+from typer.testing import CliRunner, Result
+
+import dkbench.providers.bundled as bundled
+import dkbench.tune as tuning
+import kernels.select as select
+from dkbench import runner
+from dkbench.check import CheckResult
+from dkbench.commands.tune import tune
+from dkbench.errors import BadInputError
+from dkbench.spec import expand, load_spec
+from dkbench.timing import Measurement
+from dkbench.tune_space import (
+    CPU_SHAPE, GPU_SHAPE, Problem, build_space, fits_shared_memory, fits_sparse_block,
+    kernel_accepts, parse_int_list, plan_candidates, plan_tune, prune_reason,
+    shared_memory_bytes, sweep_from_flags)
+from kernels import LaunchConfig, reference_attention
+from kernels.config_cache import ENV_VAR, ConfigCache
+
+CPU = torch.device("cpu")
+CUDA = torch.device("cuda", 0)  # only its .type is read by the code under test here
+COLUMNS = ["run_id", "case_id", "kernel", "dtype", "seqlen", "heads", "kv_heads", "head_dim",
+           "block_size", "pattern", "block_m", "block_n", "num_warps", "num_stages", "ms",
+           "ms_p20", "ms_p80", "status", "message", "is_best", "speedup_vs_default"]
+# 128 tokens, one head, head_dim 32, four sparse blocks of 32: a kernel call takes ~0.1 s.
+TINY = {"name": "tinytune", "dtype": "fp32", "mode": "fwd", "batch": 1, "seqlen": 128,
+        "heads": 1, "kv_heads": 1, "head_dim": 32, "causal": True,
+        "patterns": [{"type": "local_stride", "block_size": 32, "local_blocks": 2,
+                      "vert_stride": 2, "head_sliding_offset": 1}],
+        "providers": ["dkbench"], "timing": {"warmup_ms": 1, "rep_ms": 1},
+        "check": {"max_tokens": 256}}
+
+
+def write_spec(folder: Path, **overrides) -> Path:
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump({**TINY, **overrides}, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def app() -> typer.Typer:
+    app = typer.Typer()
+    app.command("tune")(tune)
+    app.command("noop")(lambda: None)  # two commands, so "tune" stays a subcommand
+    return app
+
+
+@pytest.fixture
+def cache_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private cache file that both tune (--cache) and the kernels' lookup (env var) use."""
+    path = tmp_path / "configs.json"
+    monkeypatch.setenv(ENV_VAR, str(path))
+    select.clear_memo()
+    yield path
+    select.clear_memo()
+
+
+def invoke(app: typer.Typer, *args: str) -> Result:
+    return CliRunner().invoke(app, ["tune", *args])
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    with open(run_dir / "tune.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def only_run_dir(out: Path) -> Path:
+    dirs = list(out.iterdir())
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+# -- the space and the prune rules ---------------------------------------------------------------
+
+
+def problem(**kw) -> Problem:
+    base = dict(kernel="fwd", block_size=64, head_dim=128, dtype=torch.bfloat16, smem_limit=None)
+    return Problem(**{**base, **kw})
+
+
+def test_space_from_flags_replaces_only_the_given_axes() -> None:
+    space = build_space("fwd", CUDA, 64, {"block_m": (32, 64, 128), "block_n": None,
+                                          "num_warps": (8,), "num_stages": None})
+    assert space.values == {"block_m": (32, 64, 128), "block_n": (32, 64), "num_warps": (8,),
+                            "num_stages": (2, 3, 4)}
+    configs = space.configs()
+    assert len(configs) == 3 * 2 * 1 * 3
+    assert configs[0] == LaunchConfig(32, 32, 8, 2) and configs[-1] == LaunchConfig(128, 64, 8, 4)
+
+
+def test_default_spaces_cap_block_n_and_shrink_on_cpu() -> None:
+    assert build_space("fwd", CUDA, 32, {}).values["block_n"] == (32,)
+    assert build_space("fwd", CUDA, 32, {}).values["block_m"] == (64, 128)
+    assert build_space("bwd", CUDA, 32, {}).values["block_m"] == (32,)
+    cpu = build_space("fwd", CPU, 64, {}).values
+    assert cpu == {"block_m": (16, 32), "block_n": (16, 32), "num_warps": (4,), "num_stages": (1,)}
+
+
+@pytest.mark.parametrize("text, expected", [("32,64,128", (32, 64, 128)), (" 4, 8,4 ", (4, 8))])
+def test_parse_int_list(text: str, expected: tuple) -> None:
+    assert parse_int_list(text, "--block-m") == expected
+
+
+@pytest.mark.parametrize("text", ["32,x", "", "0,16", "-8"])
+def test_parse_int_list_rejects_with_the_flag_named(text: str) -> None:
+    with pytest.raises(BadInputError, match="--block-m"):
+        parse_int_list(text, "--block-m")
+
+
+def test_prune_rule_tile_must_fit_the_sparse_block() -> None:
+    assert "must not exceed the sparse block size 64" in fits_sparse_block(
+        LaunchConfig(64, 128, 4, 2), problem())
+    assert "power of two" in fits_sparse_block(LaunchConfig(48, 32, 4, 2), problem())
+    assert fits_sparse_block(LaunchConfig(128, 64, 4, 2), problem()) is None
+
+
+def test_prune_rule_shared_memory_against_the_device_limit() -> None:
+    config = LaunchConfig(128, 64, 4, 4)
+    # 4 stages x (64 x 128 x 2 tensors) x 2 bytes + 128 x 128 x 2 bytes
+    assert shared_memory_bytes(config, problem()) == 4 * 64 * 128 * 2 * 2 + 128 * 128 * 2
+    assert "shared memory" in fits_shared_memory(config, problem(smem_limit=100 * 1024))
+    assert fits_shared_memory(config, problem(smem_limit=228 * 1024)) is None
+    assert fits_shared_memory(config, problem(smem_limit=None)) is None  # CPU: no such rule
+    # head_dim is padded to a power of two, fp32 takes 4 bytes
+    # the backward keeps two outer tiles resident
+    assert shared_memory_bytes(config, problem(kernel="bwd")) == \
+        4 * 64 * 128 * 2 * 2 + 2 * 128 * 128 * 2
+    small = LaunchConfig(16, 16, 4, 1)
+    assert shared_memory_bytes(small, problem(head_dim=80, dtype=torch.float32)) == \
+        (16 * 128 * 2 + 16 * 128) * 4
+
+
+def test_prune_rule_the_kernel_rejects() -> None:
+    # Tile shapes the kernel's static asserts reject, checked without config_problems.
+    assert "divide the block size" in kernel_accepts(LaunchConfig(64, 48, 4, 2), problem())
+    assert "divide or be a multiple" in kernel_accepts(LaunchConfig(96, 32, 4, 2), problem())
+    assert kernel_accepts(LaunchConfig(256, 64, 4, 2), problem()) is None
+    # The backward's own rule (kernels.configs): its block_m stays inside one sparse block.
+    assert "for the backward" in fits_sparse_block(LaunchConfig(128, 64, 4, 2), problem(kernel="bwd"))
+    assert fits_sparse_block(LaunchConfig(128, 64, 4, 2), problem()) is None
+
+
+def test_plan_measures_the_default_first_even_when_outside_the_space() -> None:
+    space = build_space("fwd", CUDA, 64, {"block_m": (64,), "block_n": (32, 128),
+                                          "num_warps": (4,), "num_stages": (2, 8)})
+    cands = plan_candidates(space, problem(smem_limit=100 * 1024), CUDA)
+    assert cands.default == LaunchConfig(128, 64, 4, 3)  # kernels.configs.default_config
+    assert cands.run[0] == cands.default and cands.default not in space.configs()
+    assert cands.run[1:] == (LaunchConfig(64, 32, 4, 2),)
+    pruned = dict(cands.pruned)
+    assert "sparse block size" in pruned[LaunchConfig(64, 128, 4, 2)]
+    assert "shared memory" in pruned[LaunchConfig(64, 32, 4, 8)]
+    assert prune_reason(LaunchConfig(64, 32, 4, 2), problem(smem_limit=100 * 1024)) is None
+
+
+def test_sweep_from_flags_uses_defaults_and_flags(tmp_path: Path) -> None:
+    sweep = sweep_from_flags(CPU, "fwd", seqlen=128, heads=2, kv_heads=None, head_dim=None,
+                             dtype=None, batch=None, block_size=None, local_blocks=None,
+                             vert_stride=None)
+    (case,) = expand(sweep)
+    assert (case.seqlen, case.heads, case.kv_heads, case.head_dim, case.dtype) == \
+        (128, 2, CPU_SHAPE["kv_heads"], CPU_SHAPE["head_dim"], "float32")
+    assert case.pattern.type == "local_stride" and case.pattern.head_sliding_offset == 1
+    gpu = expand(sweep_from_flags(CUDA, "fwd"))[0]
+    assert (gpu.seqlen, gpu.heads, gpu.kv_heads, gpu.head_dim, gpu.dtype, gpu.block_size) == \
+        (GPU_SHAPE["seqlen"], 32, 8, 128, "bfloat16", 64)
+    with pytest.raises(Exception, match="kv_heads"):
+        sweep_from_flags(CPU, "fwd", heads=3, kv_heads=2)
+
+
+# -- the command: dry run, bad input -------------------------------------------------------------
+
+
+def test_dry_run_lists_candidates_and_pruned_without_running(
+        app: typer.Typer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*a, **k):
+        raise AssertionError("a dry run must not prepare or run anything")
+
+    monkeypatch.setattr(tuning, "measure_candidate", boom)
+    monkeypatch.setattr(bundled, "sparse_attention", boom)
+    result = invoke(app, "--dry-run", "--device", "cpu", "--seqlen", "128", "--heads", "1",
+                    "--kv-heads", "1", "--block-m", "16,32", "--block-n", "32,64",
+                    "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    assert "m32n32w4s1" in result.output and "default" in result.output
+    assert "m16n32w4s1" in result.output
+    assert "m16n64w4s1" in result.output and "pruned" in result.output
+    assert "exceed the sparse" in result.output
+    assert "2 to run, 2 pruned" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_spec_and_shape_flags_together_is_bad_input(app: typer.Typer, tmp_path: Path) -> None:
+    result = invoke(app, str(write_spec(tmp_path)), "--seqlen", "64", "--dry-run")
+    assert result.exit_code == 2, result.output
+    assert "not both" in result.output
+
+
+@pytest.mark.parametrize("mode", ["bwd", "fwd_bwd"])
+def test_backward_modes_need_the_backward_kernel(app: typer.Typer, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 mode: str) -> None:
+    monkeypatch.setitem(sys.modules, "kernels.bwd", None)  # import fails, as before it exists
+    result = invoke(app, str(write_spec(tmp_path)), "--mode", mode, "--device", "cpu")
+    assert result.exit_code == 2, result.output
+    assert "the backward kernel is not available yet" in result.output
+
+
+# -- failures per candidate (fake kernel and timer: fast, and the timings are chosen) ------------
+
+# Fake times by block_m: block_m 16 would be the fastest if it ran ok.
+FAKE_MS = {16: 0.5, 32: 2.0, 64: 1.0}
+
+
+@pytest.fixture
+def fake_kernel(monkeypatch: pytest.MonkeyPatch):
+    """The bundled kernel replaced by the reference; the timer by FAKE_MS; records the calls."""
+    calls: list[dict] = []
+
+    def attention(q, k, v, layout, sm_scale=None, seq_dim=1, config=None, bwd_config=None):
+        calls.append({"config": config, "bwd_config": bwd_config})
+        out = reference_attention(q, k, v, layout, sm_scale=sm_scale, seq_dim=seq_dim,
+                                  grad=q.requires_grad)
+        return out.to(q.dtype)
+
+    def timer(prepared, mode, inputs, sweep, device):
+        ms = FAKE_MS[prepared.launch_config.block_m]
+        return Measurement(ms, ms * 0.9, ms * 1.1, "fake", 3)
+
+    monkeypatch.setattr(bundled, "sparse_attention", attention)
+    monkeypatch.setattr(tuning, "sparse_attention", attention)
+    monkeypatch.setattr(tuning, "time_prepared", timer)
+    return calls
+
+
+def tune_spec(tmp_path: Path, mode: str = "fwd", cache: Path | None = None):
+    path = write_spec(tmp_path)
+    sweep = load_spec(path)
+    overrides = {"block_m": (16, 32, 64), "block_n": (32,), "num_warps": (4,), "num_stages": (1,)}
+    jobs = plan_tune(sweep, mode, CPU, overrides)
+    return tuning.execute_tune(sweep, path.read_text(), jobs, CPU, tmp_path / "out",
+                               cache or tmp_path / "cache.json")
+
+
+def test_failing_candidate_is_recorded_and_does_not_win(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_kernel) -> None:
+    from triton.runtime.errors import OutOfResources
+
+    real = bundled.sparse_attention
+
+    def failing(q, k, v, layout, config=None, **kw):
+        if config.block_m == 16:
+            raise RuntimeError("PassManager::run failed\nlong compiler log")
+        if config.block_m == 64:
+            raise OutOfResources(300_000, 232_448, "shared memory")
+        return real(q, k, v, layout, config=config, **kw)
+
+    monkeypatch.setattr(bundled, "sparse_attention", failing)
+    outcome = tune_spec(tmp_path)
+    rows = {int(r["block_m"]): r for r in read_rows(outcome.run_dir)}
+    assert rows[16]["status"] == "error"
+    assert rows[16]["message"] == "RuntimeError: PassManager::run failed"
+    assert rows[64]["status"] == "oom" and "OutOfResources" in rows[64]["message"]
+    assert [m for m, r in rows.items() if r["is_best"] == "True"] == [32]
+    assert ConfigCache(tmp_path / "cache.json").get(outcome.writes[0].key)["block_m"] == 32
+
+
+def test_wrong_candidate_cannot_win(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    fake_kernel) -> None:
+    real_check = tuning.run_check
+
+    def check(provider, prepared, *args):
+        if prepared.launch_config.block_m == 16:
+            return CheckResult(1.0, 0.5, False, "out")
+        return real_check(provider, prepared, *args)
+
+    monkeypatch.setattr(tuning, "run_check", check)
+    outcome = tune_spec(tmp_path)
+    rows = {int(r["block_m"]): r for r in read_rows(outcome.run_dir)}
+    assert rows[16]["status"] == "wrong" and "relative error 0.5" in rows[16]["message"]
+    assert rows[16]["ms"] == "nan"  # never timed
+    assert rows[64]["is_best"] == "True" and rows[16]["is_best"] == "False"
+    assert float(rows[64]["speedup_vs_default"]) == pytest.approx(2.0)  # default m32: 2.0 ms
+    (write,) = outcome.writes
+    assert write.config == LaunchConfig(64, 32, 4, 1)
+    assert (write.ms, write.default_ms) == (1.0, 2.0)
+
+
+def test_fwd_bwd_tunes_the_backward_behind_the_forward_winner(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_kernel) -> None:
+    outcome = tune_spec(tmp_path, mode="fwd_bwd")
+    rows = read_rows(outcome.run_dir)
+    assert {r["kernel"] for r in rows} == {"fwd", "bwd"}
+    for kernel in ("fwd", "bwd"):
+        best = [r for r in rows if r["kernel"] == kernel and r["is_best"] == "True"]
+        assert len(best) == 1 and best[0]["block_m"] == "16"
+    winner = LaunchConfig(16, 32, 4, 1)
+    bwd_calls = [c for c in fake_kernel if c["bwd_config"] is not None]
+    assert bwd_calls and all(c["config"] == winner for c in bwd_calls)
+    assert {c["bwd_config"].block_m for c in bwd_calls} == {16, 32, 64}
+    assert sorted(w.key.kernel for w in outcome.writes) == ["bwd", "fwd"]
+
+
+# -- end to end on the CPU interpreter: tune, then run reads the cache ---------------------------
+
+
+def test_tiny_tune_writes_csv_and_cache_that_run_uses(app: typer.Typer, tmp_path: Path,
+                                                      cache_env: Path) -> None:
+    spec = write_spec(tmp_path)
+    out = tmp_path / "results"
+    result = invoke(app, str(spec), "--device", "cpu", "--block-m", "32,64", "--block-n", "32",
+                    "--cache", str(cache_env), "--out", str(out), "--top", "2")
+    assert result.exit_code == 0, result.output
+    run_dir = only_run_dir(out)
+    assert run_dir.name.startswith("tune-tinytune-")
+    assert (run_dir / "meta.json").is_file()
+    with open(run_dir / "tune.csv", newline="") as fh:
+        assert next(csv.reader(fh)) == COLUMNS
+    rows = read_rows(run_dir)
+    assert {(int(r["block_m"]), int(r["block_n"])) for r in rows} == {(32, 32), (64, 32)}
+    assert all(r["status"] == "ok" and float(r["ms"]) > 0 for r in rows), rows
+    best = [r for r in rows if r["is_best"] == "True"]
+    assert len(best) == 1
+    default = next(r for r in rows if r["block_m"] == "32")
+    assert float(default["speedup_vs_default"]) == pytest.approx(1.0)
+    winner = LaunchConfig(int(best[0]["block_m"]), int(best[0]["block_n"]),
+                          int(best[0]["num_warps"]), int(best[0]["num_stages"]))
+
+    entries = ConfigCache(cache_env).entries()
+    (entry,) = entries.values()
+    assert entry["key"]["gpu"] == "cpu (triton interpreter)" and entry["key"]["kernel"] == "fwd"
+    assert entry["config"] == winner.as_dict()
+
+    sweep = load_spec(spec)
+    plan = runner.plan_run(sweep, expand(sweep), ["dkbench"], tmp_path / "run", None)
+    (row,) = runner.execute(sweep, spec.read_text(), plan, CPU)
+    assert row.status == "ok", row.message
+    assert (row.config_source, row.config) == ("cache", winner.short())
+
+
+def test_tiny_fwd_bwd_tune_caches_both_kernels(tmp_path: Path, cache_env: Path) -> None:
+    spec = write_spec(tmp_path, mode="fwd_bwd")
+    sweep = load_spec(spec)
+    overrides = {"block_m": (32,), "block_n": (16, 32), "num_warps": (4,), "num_stages": (1,)}
+    jobs = plan_tune(sweep, "fwd_bwd", CPU, overrides)
+    outcome = tuning.execute_tune(sweep, spec.read_text(), jobs, CPU, tmp_path / "out", cache_env)
+    rows = read_rows(outcome.run_dir)
+    for kernel in ("fwd", "bwd"):
+        mine = [r for r in rows if r["kernel"] == kernel]
+        assert len(mine) == 2 and all(r["status"] == "ok" for r in mine), mine
+        assert sum(r["is_best"] == "True" for r in mine) == 1
+    (case,) = expand(sweep)
+    layout = case.pattern.layout(case.heads, case.kv_heads, case.seqlen, case.causal)
+    probe = torch.empty(1, 1, 1, case.head_dim)
+    for write in outcome.writes:
+        found = select.resolve_config(write.key.kernel, probe, layout, case.seqlen)
+        assert found == (write.config, "cache")
+    assert sorted(w.key.kernel for w in outcome.writes) == ["bwd", "fwd"]
