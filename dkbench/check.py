@@ -75,7 +75,7 @@ def run_check(provider: Provider, prepared: Prepared, case: Case, layout: BlockL
         got = torch.autograd.grad(out, (q, k, v), dout)
         want = torch.autograd.grad(ref, (q, k, v), dout.to(ref.dtype))
         pairs += [(n, g, w) for n, g, w in zip(("dq", "dk", "dv"), got, want)]
-    tol = sweep.check.rtol.get(case.dtype, 1e-2)
+    tol = sweep.check.rtol[case.dtype]
     worst = CheckResult(0.0, 0.0, True, "out")
     for name, got_t, want_t in pairs:
         diff = (got_t.detach().double() - want_t.detach().double())

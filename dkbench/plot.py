@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -25,6 +25,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.patches import Rectangle
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
 
 from dkbench.errors import BadInputError
@@ -46,6 +47,7 @@ FACET_COLUMNS = ("pattern", "mode", "dtype")
 SHAPE_COLUMNS = {"batch": "b", "heads": "h", "kv_heads": "kv", "head_dim": "d",
                  "block_size": "block", "causal": "causal"}
 FAILED_MARKERS = {"oom": "x", "error": "X", "unsupported": "1", "wrong": "v"}
+FAILURE_BAND = 0.16  # axes fraction at the bottom of each subplot kept for failure markers
 _COLORS = matplotlib.colormaps["tab10"].colors
 _RUN_STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))
 _REFERENCE_STYLES = ("--", ":", "-.", (0, (6, 2, 1, 2)))  # per run, for the baseline's dense rate
@@ -271,13 +273,21 @@ def _set_scales(ax: Axes, xs: pd.Series, ys: pd.Series, view: _View) -> None:
         _log_labels(ax.yaxis, ys)
 
 
-def _reserve_bottom(ax: Axes, fraction: float) -> None:
-    """Lower the y axis so the bottom `fraction` holds only failure markers, clear of the data."""
+def _failure_band(ax: Axes, fraction: float) -> None:
+    """Lower the y axis so that its bottom `fraction` is a grey band holding only failure markers,
+    with no y ticks in it: a marker there must never read as a value (say, 0 TFLOP/s)."""
     ax.autoscale_view()
+    data_lo, data_hi = ax.get_ylim()
     scale = ax.yaxis.get_transform()  # identity or log: the space the axis is linear in
-    lo, hi = scale.transform(np.array(ax.get_ylim()))
-    bottom = lo - (hi - lo) * fraction / (1 - fraction)
-    ax.set_ylim(bottom=scale.inverted().transform(np.array([bottom]))[0])
+    lo, hi = scale.transform(np.array([data_lo, data_hi]))
+    bottom = scale.inverted().transform(np.array([lo - (hi - lo) * fraction / (1 - fraction)]))[0]
+    major = [t for t in ax.get_yticks() if data_lo <= t <= data_hi]
+    minor = [t for t in ax.yaxis.get_minorticklocs() if data_lo <= t <= data_hi]
+    ax.set_ylim(bottom, data_hi)
+    ax.set_yticks(major)
+    ax.set_yticks(minor, minor=True)
+    ax.add_patch(Rectangle((0, 0), 1, fraction, transform=ax.transAxes, facecolor="0.93",
+                           edgecolor="none", zorder=0, gid="failed-band"))
 
 
 def _draw_failed(ax: Axes, rows: pd.DataFrame, x: str, styles: _Styles) -> None:
@@ -285,7 +295,7 @@ def _draw_failed(ax: Axes, rows: pd.DataFrame, x: str, styles: _Styles) -> None:
     a little in height so two failures at one x stay visible."""
     bad = rows[(rows["status"] != "ok") & rows[x].notna()]
     for (status, provider, run), g in bad.groupby(["status", "provider", "run"]):
-        height = 0.035 + 0.045 * (list(styles.providers).index(provider) % 3)
+        height = FAILURE_BAND * (0.2 + 0.3 * (list(styles.providers).index(provider) % 3))
         ax.plot(g[x], np.full(len(g), height), transform=ax.get_xaxis_transform(), linestyle="none",
                 marker=FAILED_MARKERS.get(status, "x"), markersize=9, markeredgewidth=2,
                 color=styles.providers[provider], clip_on=False, gid="failed")
@@ -328,14 +338,14 @@ def _draw_facet(ax: Axes, rows: pd.DataFrame, view: _View, styles: _Styles) -> N
     _draw_references(ax, rows, ok, view, styles)
     _draw_failed(ax, rows, view.x, styles)
     if ok.empty:
-        ax.text(0.5, 0.5, "no ok rows", transform=ax.transAxes, ha="center", va="center",
-                color="0.4")
+        ax.text(0.5, 0.5, f"no ok rows with {view.column}", transform=ax.transAxes, ha="center",
+                va="center", color="0.4")
     ys = ok[view.column]
     if view.column == "speedup":
         ys = pd.concat([ys, pd.Series([1.0])])  # the reference line at 1 must fit on the axis
     _set_scales(ax, rows[view.x], ys, view)
     if (rows["status"] != "ok").any() and len(ok):
-        _reserve_bottom(ax, 0.16)
+        _failure_band(ax, FAILURE_BAND)
     ax.grid(True, which="major", alpha=0.3)
 
 
@@ -427,8 +437,11 @@ def build_figures(runs: Sequence[Run], metric: str | None = None) -> list[NamedF
     for run in runs:
         if run.tune is not None:
             prefix = "tune" if len(runs) == 1 else f"tune_{slug(run.path.resolve().name)}"
-            figures += build_tune_figures(run.tune, prefix=prefix, subtitle=run.label,
-                                          interpreter=run.interpreter)
+            tuned = build_tune_figures(run.tune, prefix=prefix, subtitle=run.label,
+                                       interpreter=run.interpreter)
+            if len(runs) > 1:
+                tuned = [replace(nf, title=f"{nf.title}, {run.label}") for nf in tuned]
+            figures += tuned
     return figures
 
 

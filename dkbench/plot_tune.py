@@ -16,6 +16,7 @@ from dkbench.plot import INTERPRETER_NOTE, NamedFigure, slug
 
 # Faster is brighter; grey marks configs that were not run or failed.
 _CMAP = matplotlib.colormaps["viridis_r"].with_extremes(bad="0.85")
+_KERNEL_ORDER = {"fwd": 0, "bwd": 1, "decode": 2}
 _STATUS_SHORT = {"oom": "oom", "error": "err", "unsupported": "unsup", "wrong": "wrong"}
 
 
@@ -130,7 +131,9 @@ def build_tune_figures(tune: pd.DataFrame, prefix: str = "tune", subtitle: str =
                        interpreter: bool = False) -> list[NamedFigure]:
     """One heatmap figure per (case_id, kernel) in `tune` (a tune.csv read by `plot.read_tune`)."""
     figures = []
-    for (case_id, kernel), rows in tune.groupby(["case_id", "kernel"], sort=True):
+    groups = sorted(tune.groupby(["case_id", "kernel"]),
+                    key=lambda kv: (str(kv[0][0]), _KERNEL_ORDER.get(kv[0][1], 9), str(kv[0][1])))
+    for (case_id, kernel), rows in groups:
         fig = tune_heatmap(rows, subtitle=subtitle, interpreter=interpreter)
         figures.append(NamedFigure(f"{prefix}_{slug(case_id)}_{slug(kernel)}",
                                    f"Tuning heatmap: {case_id} ({kernel})", fig))

@@ -109,7 +109,7 @@ def run_one(ctx: RunContext, case: Case, name: str, layout, density: float, inpu
             if not checked.ok:
                 row.status = "wrong"
                 row.message = (f"{checked.what}: relative error {checked.rel_err:.3g} above "
-                               f"{sweep.check.rtol.get(case.dtype)}")
+                               f"{sweep.check.rtol[case.dtype]}")
                 return row
         step = make_step(case.mode, prepared.attn, *inputs)
         step()  # warm-up: compilation and autotuning stay outside the timed region

@@ -5,14 +5,16 @@ Every error names the file, the key path and what is allowed, before anything ru
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import re
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import SpecError
 from .patterns import PATTERN_TYPES, FilePattern, PatternSpec
@@ -23,6 +25,7 @@ MODES = ("fwd", "bwd", "fwd_bwd")
 DEVICES = ("auto", "cuda", "cpu")
 
 IntList = Union[int, list[int]]
+DEFAULT_RTOL = {"bfloat16": 2e-2, "float16": 5e-3, "float32": 5e-3}
 
 
 class Timing(BaseModel):
@@ -38,8 +41,16 @@ class Check(BaseModel):
     # Cases larger than this many tokens (batch * seqlen) are checked on a cut-down copy: batch 1,
     # seqlen clipped to it, same pattern and heads. The reference materialises the token mask.
     max_tokens: int = Field(2048, ge=16)
-    rtol: dict[str, float] = Field(default_factory=lambda: {
-        "bfloat16": 2e-2, "float16": 5e-3, "float32": 5e-3})
+    # Relative error allowed per dtype; given keys (aliases like bf16 allowed) override these.
+    rtol: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_RTOL))
+
+    @field_validator("rtol")
+    @classmethod
+    def _canonical_rtol(cls, given: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(k for k in given if k not in DTYPES)
+        if unknown:
+            raise ValueError(f"unknown dtype(s) {unknown}; allowed: {', '.join(DTYPES)}")
+        return {**DEFAULT_RTOL, **{DTYPES[k]: v for k, v in given.items()}}
 
 
 class LaunchConfigSpec(BaseModel):
@@ -150,7 +161,7 @@ def _validation_message(path: Path, err: ValidationError) -> str:
             parent = e["loc"][:-1]
             allowed = _allowed_keys(parent)
             msg = f"unknown key; allowed keys here: {', '.join(allowed)}" if allowed else msg
-        elif e["type"] == "union_tag_invalid" or "discriminator" in e["type"]:
+        elif e["type"] in ("union_tag_invalid", "union_tag_not_found"):
             msg = f"{msg}; pattern types: {', '.join(PATTERN_TYPES)}"
         lines.append(f"  {loc}: {msg}")
     return "\n".join(lines)
@@ -215,7 +226,7 @@ def check_sweep(sweep: Sweep, path: Path) -> None:
     if sweep.baseline is not None and sweep.baseline not in sweep.providers:
         fail("baseline", f"{sweep.baseline!r} is not in providers ({', '.join(sweep.providers)})")
     for key in ("seqlen", "heads", "head_dim", "batch", "batch_tokens", "q_len", "kv_heads"):
-        for v in _as_list(getattr(sweep, key) or []):
+        for v in [x for x in _as_list(getattr(sweep, key)) if x is not None]:  # 0 is checked too
             if v < 1:
                 fail(key, f"must be a positive integer, got {v}")
     for d in _as_list(sweep.head_dim):
@@ -245,17 +256,20 @@ def _check_case(case: Case, fail) -> None:
     if case.q_len > case.seqlen:
         fail("q_len", f"q_len={case.q_len} exceeds seqlen={case.seqlen}; queries are the last "
              "positions of the key sequence")
-    if isinstance(case.pattern, FilePattern):
-        try:
-            layout = case.pattern.layout(case.heads, case.kv_heads, case.seqlen, case.causal)
-            layout.check_seqlen(case.seqlen, case.q_len)
-        except (ValueError, TypeError) as exc:
-            fail("patterns", f"{case.pattern.label()}: {exc}")
-        if layout.heads not in (1, case.kv_heads, case.heads):
-            fail("patterns", f"{case.pattern.label()} has {layout.heads} heads; expected 1, "
-                 f"kv_heads={case.kv_heads} or heads={case.heads}")
-    if getattr(case.pattern, "num_dense_heads", 0) > case.heads:
-        fail("patterns", f"num_dense_heads={case.pattern.num_dense_heads} exceeds heads={case.heads}")
+    try:
+        layout = _layout_for_check(case)
+        layout.check_seqlen(case.seqlen, case.q_len)
+    except (ValueError, TypeError) as exc:
+        fail("patterns", f"{case.pattern.label()}: {exc}")
+    if layout.heads not in (1, case.kv_heads, case.heads):
+        fail("patterns", f"{case.pattern.label()} has {layout.heads} heads; expected 1, "
+             f"kv_heads={case.kv_heads} or heads={case.heads}")
+
+
+@functools.lru_cache(maxsize=64)
+def _layout_for_check(case: Case):
+    """Build the case's pattern once while validating (generators check their own arguments)."""
+    return case.pattern.layout(case.heads, case.kv_heads, case.seqlen, case.causal)
 
 
 def expand(sweep: Sweep) -> list[Case]:
@@ -306,8 +320,9 @@ def filter_cases(cases: list[Case], only: list[str]) -> list[Case]:
         if not sep or key not in CASE_KEYS or key == "provider":
             raise SpecError(f"--only {item!r}: expected KEY=VALUE with KEY one of "
                             f"{', '.join(k for k in CASE_KEYS if k != 'provider')}")
-        values = value.split(",")
+        # Pattern labels hold commas inside parentheses: split only on the others.
+        values = [v.strip().lower() for v in re.split(r",(?![^()]*\))", value)]
         if key == "dtype":
             values = [DTYPES.get(v, v) for v in values]
-        cases = [c for c in cases if str(c.field(key)) in values]
+        cases = [c for c in cases if str(c.field(key)).lower() in values]
     return cases

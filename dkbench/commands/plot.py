@@ -22,11 +22,11 @@ def plot(
     path: Annotated[Path, typer.Argument(help=_PATH_HELP, show_default=False)],
     metric: Annotated[Optional[str], typer.Option(
         "--metric", help="ms, tflops or speedup: the one per-seqlen figure to draw "
-                         "[default: all three].", show_default=False)] = None,
+                         "(default: all three).", show_default=False)] = None,
     formats: Annotated[str, typer.Option(
         "--format", help="Comma-separated figure formats: png, svg.")] = "png",
     out: Annotated[Optional[Path], typer.Option(
-        "--out", help="Directory for the figures [default: PATH].", show_default=False)] = None,
+        "--out", help="Directory for the figures (default: PATH).", show_default=False)] = None,
 ) -> None:
     """Draw latency, speedup, TFLOP/s and speedup-vs-density figures, and tuning heatmaps."""
     # Imported here so that `dkbench --help` and the other commands never load matplotlib.
@@ -46,7 +46,7 @@ def report(
     path: Annotated[Path, typer.Argument(help=_PATH_HELP, show_default=False)],
     out: Annotated[Optional[Path], typer.Option(
         "--out", help="The Markdown file to write; figures go beside it "
-                      "[default: PATH/report.md].", show_default=False)] = None,
+                      "(default: PATH/report.md).", show_default=False)] = None,
 ) -> None:
     """Write a Markdown report: environment, summary tables, failed rows and figures."""
     from dkbench.report import write_report

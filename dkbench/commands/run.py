@@ -8,11 +8,12 @@ from typing import Annotated, Optional
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from ..errors import BadInputError, DkbenchError
-from ..spec import expand, filter_cases, load_spec
+from ..spec import excluded_for_provider, expand, filter_cases, load_spec
 
 SWEEPS_DIR = Path(__file__).resolve().parents[2] / "sweeps"
 
@@ -29,7 +30,7 @@ def default_spec(device: torch.device) -> Path:
 
 
 def _fail(exc: DkbenchError) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+    err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
     return typer.Exit(code=exc.exit_code)
 
 
@@ -79,7 +80,7 @@ def run(
     except DkbenchError as exc:
         raise _fail(exc) from None
 
-    console.print(f"Run directory: [bold]{plan.run_dir}[/bold] ({len(cases)} cases x "
+    console.print(f"Run directory: [bold]{escape(str(plan.run_dir))}[/bold] ({len(cases)} cases x "
                   f"{len(chosen)} providers on {dev})")
     try:
         if quiet:
@@ -104,7 +105,7 @@ def run(
     if failed:
         console.print(f"{len(failed)} of {len(rows)} rows did not run ok (see status/message in "
                       "results.csv).")
-    console.print(f"Results: [bold]{plan.run_dir / 'results.csv'}[/bold]")
+    console.print(f"Results: [bold]{escape(str(plan.run_dir / 'results.csv'))}[/bold]")
 
 
 def validate(spec: Annotated[Path, typer.Argument(help="Sweep spec (YAML) to check.")]) -> None:
@@ -114,8 +115,9 @@ def validate(spec: Annotated[Path, typer.Argument(help="Sweep spec (YAML) to che
     except DkbenchError as exc:
         raise _fail(exc) from None
     cases = expand(sweep)
-    console.print(f"{spec}: ok, {len(cases)} cases x {len(sweep.providers)} providers = "
-                  f"{len(cases) * len(sweep.providers)} rows")
+    rows = sum(not excluded_for_provider(sweep, case, p) for case in cases for p in sweep.providers)
+    console.print(f"{escape(str(spec))}: ok, {len(cases)} cases x {len(sweep.providers)} providers "
+                  f"= {rows} rows (after exclusions)", highlight=False)
 
 
 def env(device: Annotated[str, typer.Option(help="auto, cuda or cpu.")] = "auto") -> None:

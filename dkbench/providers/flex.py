@@ -92,6 +92,10 @@ class Flex(Provider):
                 scale: float, config: object = None) -> Prepared:
         block_mask = build_block_mask(layout, case.heads, case.kv_heads, case.q_len, case.seqlen,
                                       device)
+        # Each case's mask_mod closes over new tensors and recompiles; past dynamo's recompile
+        # limit it would fall back to eager flex, which materialises the scores. Start afresh.
+        torch._dynamo.reset()
+        _compiled_flex.cache_clear()
         flex = _compiled_flex()
         gqa = case.heads != case.kv_heads
 

@@ -1,20 +1,30 @@
 """Builders for tiny sweep specs written to a test's tmp_path.
 
-`TINY` runs in a fraction of a second on a CPU: sdpa_math only, one 32-token case. Tests override
-the keys they care about; an override of ``None`` removes the key.
+`TINY` runs in a fraction of a second on the CPU (on any machine: its device is pinned), sdpa_math
+only, one 32-token case. Tests override the keys they care about; an override of ``None`` removes
+the key.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import yaml
+
+# The bundled kernel runs on CPU tensors only through Triton's interpreter, which conftest turns on
+# when there is no GPU; on a GPU machine the kernel tests cover it on the GPU instead.
+needs_interpreter = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1",
+    reason="runs the bundled kernel on the CPU through Triton's interpreter")
 
 TINY: dict[str, Any] = {
     "name": "tiny",
+    "device": "cpu",
     "dtype": "fp32",
     "mode": "fwd",
     "batch": 1,

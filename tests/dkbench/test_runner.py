@@ -19,7 +19,7 @@ from dkbench.providers.sdpa import SdpaMath
 from dkbench.results import COLUMNS, ResultRow, read_results
 from dkbench.spec import expand, load_spec
 
-from .specs import write_spec
+from .specs import needs_interpreter, write_spec
 
 CPU = torch.device("cpu")
 
@@ -115,6 +115,7 @@ def perturb_bundled(monkeypatch: pytest.MonkeyPatch, change) -> None:
     monkeypatch.setattr(BundledKernel, "prepare", prepare)
 
 
+@needs_interpreter
 def test_wrong_output_becomes_a_wrong_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     perturb_bundled(monkeypatch, lambda out: out * 1.1)
     rows = run_rows(tmp_path, providers=["sdpa_math", "dkbench"], baseline="sdpa_math")
@@ -126,6 +127,7 @@ def test_wrong_output_becomes_a_wrong_row(tmp_path: Path, monkeypatch: pytest.Mo
     assert rows[0].rel_err < 1e-5
 
 
+@needs_interpreter
 def test_non_finite_output_is_wrong(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     perturb_bundled(monkeypatch, lambda out: torch.full_like(out, float("nan")))
     (row,) = run_rows(tmp_path, providers=["dkbench"])
@@ -148,6 +150,7 @@ def test_disabled_check_times_anyway(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert unchecked.status == "ok" and math.isnan(unchecked.rel_err) and unchecked.ms > 0
 
 
+@needs_interpreter
 def test_bundled_backward_is_checked_and_credited(tmp_path: Path) -> None:
     fwd, bwd = run_rows(tmp_path, providers=["dkbench"], mode=["fwd", "bwd"])
     assert (fwd.status, bwd.status) == ("ok", "ok"), bwd.message
@@ -158,11 +161,12 @@ def test_bundled_backward_is_checked_and_credited(tmp_path: Path) -> None:
 
 # -- ok rows --
 
+@needs_interpreter
 def test_baseline_runs_first_and_gives_speedups(tmp_path: Path) -> None:
-    rows = run_rows(tmp_path, seqlen=[32, 64], providers=["dkbench", "sdpa_math"],
+    rows = run_rows(tmp_path, heads=[2, 4], providers=["dkbench", "sdpa_math"],
                     baseline="sdpa_math")
-    assert statuses(rows) == [(32, "sdpa_math", "ok"), (32, "dkbench", "ok"),
-                              (64, "sdpa_math", "ok"), (64, "dkbench", "ok")]
+    assert [(r.heads, r.provider, r.status) for r in rows] == [
+        (2, "sdpa_math", "ok"), (2, "dkbench", "ok"), (4, "sdpa_math", "ok"), (4, "dkbench", "ok")]
     for base, other in (rows[0:2], rows[2:4]):
         assert base.speedup == 1.0
         assert other.speedup == pytest.approx(base.ms / other.ms)
@@ -192,6 +196,7 @@ def test_backward_modes_check_gradients_and_scale_flops(tmp_path: Path, mode: st
     assert 0 <= grad.rel_err < 1e-5
 
 
+@needs_interpreter
 def test_ok_row_fields(tmp_path: Path) -> None:
     (row,) = run_rows(tmp_path, seqlen=48, q_len=40, heads=4, kv_heads=2, batch=2, sm_scale=0.5,
                       seed=3)
@@ -215,8 +220,9 @@ def test_check_case_cuts_large_cases_down(tmp_path: Path) -> None:
     assert (check_case(short_q, 32).seqlen, check_case(short_q, 32).q_len) == (32, 8)
 
 
+@needs_interpreter
 def test_large_case_is_checked_on_a_cut_down_copy(tmp_path: Path) -> None:
-    rows = run_rows(tmp_path, batch=3, seqlen=64, providers=["sdpa_math", "dkbench"],
+    rows = run_rows(tmp_path, batch=2, seqlen=48, providers=["sdpa_math", "dkbench"],
                     check={"max_tokens": 32})
     assert [r.status for r in rows] == ["ok", "ok"], [r.message for r in rows]
     assert all(r.max_abs_err < 1e-5 for r in rows)
