@@ -26,12 +26,14 @@ from .commands.cache import cache_app  # noqa: E402
 from .commands.gate import gate  # noqa: E402
 from .commands.plot import plot, report  # noqa: E402
 from .commands.run import env, run, validate  # noqa: E402
+from .commands.tune import tune  # noqa: E402
 
 app = typer.Typer(name="dkbench", no_args_is_help=True, add_completion=False,
                   help="Benchmark and autotune block-sparse attention written in Triton.")
 app.command("run")(run)
 app.command("validate")(validate)
 app.command("env")(env)
+app.command("tune")(tune)
 app.command("gate")(gate)
 app.command("plot")(plot)
 app.command("report")(report)

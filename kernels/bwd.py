@@ -92,56 +92,49 @@ def _bwd_preprocess(Out, DO, Delta,
 def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                 stride_qm, stride_qk, stride_dom, stride_dok,
                 QBlock, entry_start, entry_end,
-                offs_n, kv_tile_start, q_offset, seq_q, seq_k, qk_scale,
+                offs_n, q_offset, seq_q, qk_scale,
                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                 BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
                 DOT_FP32: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    for e in range(entry_start, entry_end):
-        lo = tl.load(QBlock + e) * BLOCK_SIZE
-        n_sub = BLOCK_SIZE // BLOCK_M
+    N_SUB: tl.constexpr = BLOCK_SIZE // BLOCK_M
+    # One flat loop over (entry, query sub-tile) so the loads pipeline across kept blocks; in
+    # masked entries, rows before the first query or above the diagonal are masked out below.
+    for t in range(entry_start * N_SUB, entry_end * N_SUB):
+        offs_m_abs = (tl.load(QBlock + t // N_SUB) * BLOCK_SIZE + (t % N_SUB) * BLOCK_M
+                      + tl.arange(0, BLOCK_M))
+        offs_m = offs_m_abs - q_offset
+        # -- load q, dO (transposed) and the row statistics --
+        qt_ptrs = q_base + offs_d[:, None] * stride_qk + offs_m[None, :] * stride_qm
+        do_ptrs = do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dok
         if MASKED:
-            hi = tl.minimum(lo + BLOCK_SIZE, seq_k)
-            # Skip query sub-tiles before the first query, and wholly above the causal diagonal.
-            start = tl.maximum(lo, (q_offset // BLOCK_M) * BLOCK_M)
+            m_ok = (offs_m >= 0) & (offs_m < seq_q)
+            qt = tl.load(qt_ptrs, mask=d_ok[:, None] & m_ok[None, :], other=0.0)
+            do = tl.load(do_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+            lse = tl.load(lse_base + offs_m, mask=m_ok, other=0.0)
+            delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
+        else:
+            qt = tl.load(qt_ptrs, mask=d_ok[:, None], other=0.0)
+            do = tl.load(do_ptrs, mask=d_ok[None, :], other=0.0)
+            lse = tl.load(lse_base + offs_m)
+            delta = tl.load(delta_base + offs_m)
+        if DOT_FP32:
+            qt = qt.to(tl.float32)
+            do = do.to(tl.float32)
+        # -- recompute P^T from the forward's log-sum-exp (log2 units) --
+        qkt = tl.dot(k, qt) * qk_scale
+        pt = tl.math.exp2(qkt - lse[None, :] * 1.4426950408889634)
+        if MASKED:
+            keep = m_ok[None, :]
             if IS_CAUSAL:
-                start = tl.maximum(start, (kv_tile_start // BLOCK_M) * BLOCK_M)
-            lo = start
-            n_sub = tl.cdiv(hi - lo, BLOCK_M)
-        for sub in range(0, n_sub):
-            offs_m_abs = lo + sub * BLOCK_M + tl.arange(0, BLOCK_M)
-            offs_m = offs_m_abs - q_offset
-            # -- load q, dO (transposed) and the row statistics --
-            qt_ptrs = q_base + offs_d[:, None] * stride_qk + offs_m[None, :] * stride_qm
-            do_ptrs = do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dok
-            if MASKED:
-                m_ok = (offs_m >= 0) & (offs_m < seq_q)
-                qt = tl.load(qt_ptrs, mask=d_ok[:, None] & m_ok[None, :], other=0.0)
-                do = tl.load(do_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-                lse = tl.load(lse_base + offs_m, mask=m_ok, other=0.0)
-                delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
-            else:
-                qt = tl.load(qt_ptrs, mask=d_ok[:, None], other=0.0)
-                do = tl.load(do_ptrs, mask=d_ok[None, :], other=0.0)
-                lse = tl.load(lse_base + offs_m)
-                delta = tl.load(delta_base + offs_m)
-            if DOT_FP32:
-                qt = qt.to(tl.float32)
-                do = do.to(tl.float32)
-            # -- recompute P^T from the forward's log-sum-exp (log2 units) --
-            qkt = tl.dot(k, qt) * qk_scale
-            pt = tl.math.exp2(qkt - lse[None, :] * 1.4426950408889634)
-            if MASKED:
-                keep = m_ok[None, :]
-                if IS_CAUSAL:
-                    keep = keep & (offs_m_abs[None, :] >= offs_n[:, None])
-                pt = tl.where(keep, pt, 0.0)
-            dv = tl.dot(pt.to(do.dtype), do, dv)
-            # -- dS^T = P^T * (dP^T - delta) --
-            dpt = tl.dot(v, tl.trans(do))
-            dst = pt * (dpt - delta[None, :])
-            dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk)
+                keep = keep & (offs_m_abs[None, :] >= offs_n[:, None])
+            pt = tl.where(keep, pt, 0.0)
+        dv = tl.dot(pt.to(do.dtype), do, dv)
+        # -- dS^T = P^T * (dP^T - delta) --
+        dpt = tl.dot(v, tl.trans(do))
+        dst = pt * (dpt - delta[None, :])
+        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk)
     return dk, dv
 
 
@@ -197,12 +190,12 @@ def _bwd_dkdv(Q, K, V, DO, DK, DV, Lse, Delta,
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                              stride_qm, stride_qk, stride_dom, stride_dok,
                              QBlock, entry_start, entry_mid,
-                             offs_n, kv_tile_start, q_offset, seq_q, seq_k, qk_scale,
+                             offs_n, q_offset, seq_q, qk_scale,
                              BLOCK_M, BLOCK_D, HEAD_DIM, BLOCK_SIZE, False, IS_CAUSAL, DOT_FP32)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                              stride_qm, stride_qk, stride_dom, stride_dok,
                              QBlock, entry_mid, entry_end,
-                             offs_n, kv_tile_start, q_offset, seq_q, seq_k, qk_scale,
+                             offs_n, q_offset, seq_q, qk_scale,
                              BLOCK_M, BLOCK_D, HEAD_DIM, BLOCK_SIZE, True, IS_CAUSAL, DOT_FP32)
 
     # -- epilogue: dS was taken w.r.t. the scaled scores --
@@ -223,41 +216,38 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base,
               IS_CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    for e in range(entry_start, entry_end):
-        kv_start = tl.load(KvBlock + e) * BLOCK_SIZE
-        n_sub = BLOCK_SIZE // BLOCK_N
+    N_SUB: tl.constexpr = BLOCK_SIZE // BLOCK_N
+    # One flat loop over (entry, kv sub-tile), as in the forward.
+    for t in range(entry_start * N_SUB, entry_end * N_SUB):
+        e = t // N_SUB
+        offs_n = tl.load(KvBlock + e) * BLOCK_SIZE + (t % N_SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
+        kt_ptrs = k_base + offs_d[:, None] * stride_kk + offs_n[None, :] * stride_kn
+        vt_ptrs = v_base + offs_d[:, None] * stride_vk + offs_n[None, :] * stride_vn
         if MASKED:
-            n_sub = tl.minimum(n_sub, tl.cdiv(row_end - kv_start, BLOCK_N))
+            n_ok = (offs_n < seq_k) & (offs_n < row_end)
+            kt = tl.load(kt_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+            vt = tl.load(vt_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+        else:
+            kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
+            vt = tl.load(vt_ptrs, mask=d_ok[:, None], other=0.0)
+        if DOT_FP32:
+            kt = kt.to(tl.float32)
+            vt = vt.to(tl.float32)
+        # -- recompute P, then dS = P * (dP - delta) --
+        qk = tl.dot(q, kt) * qk_scale
+        p = tl.math.exp2(qk - lse[:, None])
+        if MASKED:
+            keep = n_ok[None, :]
+            if IS_CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m_abs[:, None])
             if SUB_BLOCKS > 1:
                 bits = tl.load(RowBits + e)
                 row_keeps = ((bits >> (offs_m_abs // BLOCK_SIZE - tile_first_block)) & 1) != 0
-        for sub in range(0, n_sub):
-            offs_n = kv_start + sub * BLOCK_N + tl.arange(0, BLOCK_N)
-            kt_ptrs = k_base + offs_d[:, None] * stride_kk + offs_n[None, :] * stride_kn
-            vt_ptrs = v_base + offs_d[:, None] * stride_vk + offs_n[None, :] * stride_vn
-            if MASKED:
-                n_ok = offs_n < seq_k
-                kt = tl.load(kt_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-                vt = tl.load(vt_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-            else:
-                kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
-                vt = tl.load(vt_ptrs, mask=d_ok[:, None], other=0.0)
-            if DOT_FP32:
-                kt = kt.to(tl.float32)
-                vt = vt.to(tl.float32)
-            # -- recompute P, then dS = P * (dP - delta) --
-            qk = tl.dot(q, kt) * qk_scale
-            p = tl.math.exp2(qk - lse[:, None])
-            if MASKED:
-                keep = n_ok[None, :]
-                if IS_CAUSAL:
-                    keep = keep & (offs_n[None, :] <= offs_m_abs[:, None])
-                if SUB_BLOCKS > 1:
-                    keep = keep & row_keeps[:, None]
-                p = tl.where(keep, p, 0.0)
-            dp = tl.dot(do, vt)
-            ds = p * (dp - delta[:, None])
-            dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq)
+                keep = keep & row_keeps[:, None]
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, vt)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq)
     return dq
 
 

@@ -101,50 +101,49 @@ def _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base,
                     IS_CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    for e in range(entry_start, entry_end):
-        kv_start = tl.load(KvBlock + e) * BLOCK_SIZE
-        n_sub = BLOCK_SIZE // BLOCK_N
+    N_SUB: tl.constexpr = BLOCK_SIZE // BLOCK_N
+    # One flat loop over (entry, sub-tile) pairs: a nested loop would keep Triton from
+    # software-pipelining the k/v loads across kept blocks.
+    for t in range(entry_start * N_SUB, entry_end * N_SUB):
+        e = t // N_SUB
+        start_n = tl.load(KvBlock + e) * BLOCK_SIZE + (t % N_SUB) * BLOCK_N
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        # -- load k (transposed) and v --
+        kt_ptrs = k_base + offs_d[:, None] * stride_kk + offs_n[None, :] * stride_kn
+        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vk
         if MASKED:
-            # Skip sub-tiles wholly past the last key any row of this tile may see.
-            n_sub = tl.minimum(n_sub, tl.cdiv(row_end - kv_start, BLOCK_N))
+            # Sub-tiles wholly past the last key a row of this tile may see load nothing.
+            n_ok = (offs_n < seq_k) & (offs_n < row_end)
+            kt = tl.load(kt_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        elif BLOCK_D == HEAD_DIM:
+            kt = tl.load(kt_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        if DOT_FP32:
+            kt = kt.to(tl.float32)
+            v = v.to(tl.float32)
+        # -- compute qk, in log2 units --
+        qk = tl.dot(q, kt) * qk_scale
+        if MASKED:
+            keep = n_ok[None, :]
+            if IS_CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m_abs[:, None])
             if SUB_BLOCKS > 1:
                 bits = tl.load(RowBits + e)
                 row_keeps = ((bits >> (offs_m_abs // BLOCK_SIZE - tile_first_block)) & 1) != 0
-        for sub in range(0, n_sub):
-            offs_n = kv_start + sub * BLOCK_N + tl.arange(0, BLOCK_N)
-            # -- load k (transposed) and v --
-            kt_ptrs = k_base + offs_d[:, None] * stride_kk + offs_n[None, :] * stride_kn
-            v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vk
-            if MASKED:
-                n_ok = offs_n < seq_k
-                kt = tl.load(kt_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-                v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            elif BLOCK_D == HEAD_DIM:
-                kt = tl.load(kt_ptrs)
-                v = tl.load(v_ptrs)
-            else:
-                kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
-                v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-            if DOT_FP32:
-                kt = kt.to(tl.float32)
-                v = v.to(tl.float32)
-            # -- compute qk, in log2 units --
-            qk = tl.dot(q, kt) * qk_scale
-            if MASKED:
-                keep = n_ok[None, :]
-                if IS_CAUSAL:
-                    keep = keep & (offs_n[None, :] <= offs_m_abs[:, None])
-                if SUB_BLOCKS > 1:
-                    keep = keep & row_keeps[:, None]
-                qk = tl.where(keep, qk, float("-inf"))
-            # -- online softmax update --
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            p = tl.math.exp2(qk - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(v.dtype), v, acc)
-            m_i = m_new
+                keep = keep & row_keeps[:, None]
+            qk = tl.where(keep, qk, float("-inf"))
+        # -- online softmax update --
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
     return acc, m_i, l_i
 
 

@@ -148,7 +148,8 @@ def test_prune_rule_the_kernel_rejects() -> None:
     assert "divide or be a multiple" in kernel_accepts(LaunchConfig(96, 32, 4, 2), problem())
     assert kernel_accepts(LaunchConfig(256, 64, 4, 2), problem()) is None
     # The backward's own rule (kernels.configs): its block_m stays inside one sparse block.
-    assert "for the backward" in fits_sparse_block(LaunchConfig(128, 64, 4, 2), problem(kernel="bwd"))
+    bwd = problem(kernel="bwd")
+    assert "for the backward" in fits_sparse_block(LaunchConfig(128, 64, 4, 2), bwd)
     assert fits_sparse_block(LaunchConfig(128, 64, 4, 2), problem()) is None
 
 
@@ -309,7 +310,9 @@ def test_fwd_bwd_tunes_the_backward_behind_the_forward_winner(
     winner = LaunchConfig(16, 32, 4, 1)
     bwd_calls = [c for c in fake_kernel if c["bwd_config"] is not None]
     assert bwd_calls and all(c["config"] == winner for c in bwd_calls)
-    assert {c["bwd_config"].block_m for c in bwd_calls} == {16, 32, 64}
+    assert {c["bwd_config"].block_m for c in bwd_calls} == {16, 32}
+    (pruned,) = [r for r in rows if r["kernel"] == "bwd" and r["block_m"] == "64"]
+    assert pruned["status"] == "unsupported" and "for the backward" in pruned["message"]
     assert sorted(w.key.kernel for w in outcome.writes) == ["bwd", "fwd"]
 
 

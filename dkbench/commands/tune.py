@@ -1,0 +1,236 @@
+"""`dkbench tune`: search launch configs of the bundled kernel and cache the fastest right one."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import torch
+import typer
+import yaml
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+from rich.table import Table
+
+from ..errors import BadInputError, DkbenchError
+from ..tune_space import CPU_SHAPE, GPU_SHAPE, TuneJob
+
+console = Console()
+err_console = Console(stderr=True)
+
+_SHAPE_HELP = "Single shape (instead of SPEC): {what}. Default {gpu} on a GPU, {cpu} on the CPU."
+
+
+def _shape_help(key: str, what: str) -> str:
+    return _SHAPE_HELP.format(what=what, gpu=GPU_SHAPE[key], cpu=CPU_SHAPE[key])
+
+
+def _list_help(axis: str, example: str) -> str:
+    return f"Comma-separated {axis} values to search (e.g. {example}). Default: the space above."
+
+
+def _fail(exc: DkbenchError) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
+    return typer.Exit(code=exc.exit_code)
+
+
+def tune(
+    spec: Annotated[Optional[Path], typer.Argument(
+        help="Sweep spec (YAML) whose cases are tuned. Without it, one shape from the flags.",
+        show_default=False)] = None,
+    block_m: Annotated[Optional[str], typer.Option(help=_list_help("BLOCK_M", "32,64,128"),
+                                                   show_default=False)] = None,
+    block_n: Annotated[Optional[str], typer.Option(help=_list_help("BLOCK_N", "32,64"),
+                                                   show_default=False)] = None,
+    num_warps: Annotated[Optional[str], typer.Option(help=_list_help("num_warps", "4,8"),
+                                                     show_default=False)] = None,
+    num_stages: Annotated[Optional[str], typer.Option(help=_list_help("num_stages", "2,3,4"),
+                                                      show_default=False)] = None,
+    mode: Annotated[Optional[str], typer.Option(
+        help="fwd (forward kernel), bwd (backward kernel, forward config from the lookup) or "
+             "fwd_bwd (forward first, then backward behind the forward winner). Default: the "
+             "spec's mode, fwd for a single shape.", show_default=False)] = None,
+    device: Annotated[str, typer.Option(
+        help="auto, cuda or cpu (cpu runs Triton's interpreter).")] = "auto",
+    cache: Annotated[Optional[Path], typer.Option(
+        help="Cache file to write (overrides $DKBENCH_CACHE and the platform cache directory).",
+        dir_okay=False, show_default=False)] = None,
+    top: Annotated[int, typer.Option(min=1, help="Candidates shown per case and kernel.")] = 5,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run",
+        help="List the candidates and the pruned configs (with why), run nothing.")] = False,
+    out: Annotated[Path, typer.Option(
+        help="Directory that receives tune-<name>-<time>/.")] = Path("results"),
+    seqlen: Annotated[Optional[int], typer.Option(help=_shape_help("seqlen", "sequence length"),
+                                                  show_default=False)] = None,
+    heads: Annotated[Optional[int], typer.Option(help=_shape_help("heads", "query heads"),
+                                                 show_default=False)] = None,
+    kv_heads: Annotated[Optional[int], typer.Option(help=_shape_help("kv_heads", "kv heads"),
+                                                    show_default=False)] = None,
+    head_dim: Annotated[Optional[int], typer.Option(help=_shape_help("head_dim", "head dim"),
+                                                    show_default=False)] = None,
+    dtype: Annotated[Optional[str], typer.Option(help=_shape_help("dtype", "bf16, fp16 or fp32"),
+                                                 show_default=False)] = None,
+    batch: Annotated[Optional[int], typer.Option(help=_shape_help("batch", "batch size"),
+                                                 show_default=False)] = None,
+    block_size: Annotated[Optional[int], typer.Option(
+        help=_shape_help("block_size", "sparse block size"), show_default=False)] = None,
+    local_blocks: Annotated[Optional[int], typer.Option(
+        help=_shape_help("local_blocks", "local-stride local blocks"), show_default=False)] = None,
+    vert_stride: Annotated[Optional[int], typer.Option(
+        help=_shape_help("vert_stride", "local-stride vertical stride"),
+        show_default=False)] = None,
+) -> None:
+    """Search launch configs of the bundled kernel per case; cache the fastest one that is right.
+
+    Every candidate is checked against the reference before it may win and timed as `run` times.
+    The single-shape flags build a causal local_stride pattern with head_sliding_offset 1.
+
+    Default spaces: fwd block_m {64,128}, block_n {32,64}, num_warps {4,8}, num_stages {2,3,4};
+    bwd block_m {32,64}, block_n {32,64}, num_warps {4,8}, num_stages {1,2,3} (block_n, and the
+    backward's block_m, capped at the block size); on the CPU interpreter block_m {16,32},
+    block_n {16,32}, num_warps {4}, num_stages {1}. The default config is always timed too, as
+    the reference. Winners go to the cache (on the CPU under the "cpu (triton interpreter)" key),
+    every config to tune.csv in OUT/tune-NAME-TIME/.
+    """
+    from .. import tune as tuning
+    from ..runner import resolve_device
+    from ..spec import load_spec
+    from ..tune_space import AXES, parse_int_list, plan_tune, resolve_mode, sweep_from_flags
+
+    shape = {"seqlen": seqlen, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
+             "dtype": dtype, "batch": batch, "block_size": block_size,
+             "local_blocks": local_blocks, "vert_stride": vert_stride}
+    lists = {"block_m": block_m, "block_n": block_n, "num_warps": num_warps,
+             "num_stages": num_stages}
+    try:
+        if device not in ("auto", "cuda", "cpu"):
+            raise BadInputError(f"--device {device!r}: allowed values are auto, cuda, cpu")
+        overrides = {axis: parse_int_list(lists[axis], "--" + axis.replace("_", "-"))
+                     if lists[axis] is not None else None for axis in AXES}
+        dev = resolve_device(device)
+        if spec is not None:
+            given = [k for k, v in shape.items() if v is not None]
+            if given:
+                raise BadInputError(f"give a SPEC or shape flags, not both (got {spec} and "
+                                    + ", ".join("--" + k.replace("_", "-") for k in given) + ")")
+            sweep = load_spec(spec)
+            if device == "auto" and sweep.device != "auto":
+                dev = resolve_device(sweep.device)
+            spec_text = spec.read_text()
+        else:
+            sweep = sweep_from_flags(dev, mode or "fwd", **shape)
+            spec_text = yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False)
+        _check_interpreter(dev)
+        chosen_mode = resolve_mode(sweep, mode)
+        jobs = plan_tune(sweep, chosen_mode, dev, overrides)
+    except DkbenchError as exc:
+        raise _fail(exc) from None
+
+    if dry_run:
+        console.print(_dry_run_table(jobs, dev))
+        return
+    console.print(f"Tuning {len(jobs)} case(s), mode {chosen_mode}, on {dev}"
+                  + (" (Triton interpreter: timings exercise the pipeline only)"
+                     if dev.type != "cuda" else ""))
+    try:
+        outcome = _execute(tuning, sweep, spec_text, jobs, dev, out, cache)
+    except DkbenchError as exc:
+        raise _fail(exc) from None
+    except KeyboardInterrupt:
+        err_console.print("Interrupted: rows of finished cases are in the tune directory; the "
+                          "cache was not written.")
+        raise typer.Exit(code=130) from None
+    for table in _top_tables(outcome, top):
+        console.print(table)
+    _print_cache(outcome, cache)
+    console.print(f"Tune results: [bold]{escape(str(outcome.run_dir / tuning.TUNE_FILE))}[/bold]")
+
+
+def _check_interpreter(dev: torch.device) -> None:
+    if dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise BadInputError("--device cpu: the kernels need TRITON_INTERPRET=1 set before triton "
+                            "is imported (the dkbench command sets it for --device cpu)")
+
+
+def _execute(tuning, sweep, spec_text: str, jobs: list[TuneJob], dev: torch.device, out: Path,
+             cache: Path | None):
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("starting", total=None)
+
+        def on_progress(text: str, done: int, total: int) -> None:
+            progress.update(task, description=text[:90], completed=done, total=total)
+
+        return tuning.execute_tune(sweep, spec_text, jobs, dev, out, cache, on_progress)
+
+
+def _dry_run_table(jobs: list[TuneJob], dev: torch.device) -> Table:
+    table = Table(title=f"dry run on {dev}: candidates that would run, and pruned configs")
+    for name in ("case", "kernel", "config", "would"):
+        table.add_column(name, overflow="fold")
+    for job in jobs:
+        label = escape(f"{job.case.case_id} {job.case.label()}")
+        for cands in job.candidates:
+            for config in cands.run:
+                what = "run (default, reference)" if config == cands.default else "run"
+                table.add_row(label, cands.kernel, config.short(), what)
+                label = ""  # the case once, on its first row
+            for config, reason in cands.pruned:
+                table.add_row(label, cands.kernel, config.short(),
+                              f"[dim]pruned: {escape(reason)}[/dim]")
+                label = ""
+    n_run = sum(len(c.run) for j in jobs for c in j.candidates)
+    n_pruned = sum(len(c.pruned) for j in jobs for c in j.candidates)
+    table.caption = f"{n_run} to run, {n_pruned} pruned; nothing was compiled"
+    return table
+
+
+def _top_tables(outcome, top: int) -> list[Table]:
+    tables = []
+    for result in outcome.results:
+        case = result.case
+        table = Table(title=escape(f"{result.kernel}: {case.label()} ({case.case_id})"))
+        for name, justify in (("#", "right"), ("config", "left"), ("ms", "right"),
+                              ("p20-p80", "right"), ("vs default", "right")):
+            table.add_column(name, justify=justify)
+        for rank, row in enumerate(result.ranked()[:top], start=1):
+            speedup = (f"{row.speedup_vs_default:.2f}x"
+                       if row.speedup_vs_default == row.speedup_vs_default else "")
+            name = row.config.short() + (" (default)" if row is result.default else "")
+            spread = f"{row.ms_p20:.4f}-{row.ms_p80:.4f}"
+            cells = [str(rank), name, f"{row.ms:.4f}", spread, speedup]
+            if row.is_best:
+                cells = [f"[bold green]{c}[/bold green]" for c in cells]
+            table.add_row(*cells)
+        failed = [r for r in result.rows if r.status not in ("ok", "unsupported")]
+        pruned = [r for r in result.rows if r.status == "unsupported"]
+        notes = [f"{len(pruned)} pruned"] if pruned else []
+        if failed:
+            notes.append(f"{len(failed)} failed ({', '.join(sorted({r.status for r in failed}))})")
+        if result.default.status != "ok":
+            notes.append(f"default {result.default.config.short()} {result.default.status}: "
+                         f"{result.default.message}")
+        table.caption = escape("; ".join(notes)) if notes else None
+        tables.append(table)
+    return tables
+
+
+def _print_cache(outcome, cache: Path | None) -> None:
+    if not outcome.writes:
+        console.print("No config ran ok: the cache was not written.")
+        return
+    for w in outcome.writes:
+        console.print(f"cached {w.config.short()} for {escape(w.key.as_str())}")
+    console.print(f"Cache: [bold]{escape(str(outcome.cache_path))}[/bold]")
+    if cache is not None:
+        from kernels.config_cache import ENV_VAR, default_cache_path
+
+        if Path(cache).expanduser() != default_cache_path():
+            console.print(f"The kernels read ${ENV_VAR} (else the platform cache directory): "
+                          f"set {ENV_VAR}={escape(str(outcome.cache_path))} for `dkbench run` "
+                          "to use it.")

@@ -1,0 +1,311 @@
+"""`dkbench tune`: time launch configs of the bundled kernel per case, keep the fastest right one.
+
+For each case and kernel (fwd, bwd) the default config and every unpruned config of the space is
+prepared, checked against the reference, warmed up and timed exactly as `run` does. Every config
+becomes a row of ``tune.csv``; a failure is a row with its status, never an exception. The winner
+per cache key goes to the best-config cache, which the kernels read at launch.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import os
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from kernels import BlockLayout, LaunchConfig, sparse_attention
+from kernels.config_cache import CacheKey, ConfigCache
+from kernels.fwd import tile_plan
+from kernels.select import block_density, cache_key, clear_memo
+
+from .cache import cache_errors
+from .check import random_inputs, run_check
+from .envinfo import command_line, environment
+from .providers.base import Prepared, Provider
+from .providers.bundled import BundledKernel
+from .results import read_meta, write_meta
+from .runner import make_step, new_run_dir
+from .spec import Case, Sweep
+from .timing import Measurement, measure
+from .tune_space import Candidates, TuneJob
+
+TUNE_FILE = "tune.csv"
+
+@dataclass
+class TuneRow:
+    """One measured (or pruned, or failed) config. Field order is tune.csv's column order."""
+
+    run_id: str
+    case_id: str
+    kernel: str
+    dtype: str
+    seqlen: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    block_size: int
+    pattern: str
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    ms: float = float("nan")
+    ms_p20: float = float("nan")
+    ms_p80: float = float("nan")
+    status: str = "ok"
+    message: str = ""
+    is_best: bool = False
+    speedup_vs_default: float = float("nan")
+
+    @property
+    def config(self) -> LaunchConfig:
+        return LaunchConfig(self.block_m, self.block_n, self.num_warps, self.num_stages)
+
+
+TUNE_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(TuneRow))
+
+
+def append_tune_rows(path: Path, rows: list[TuneRow]) -> None:
+    """Append rows to tune.csv (header first when new), flushed: a crash keeps finished groups."""
+    new = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=TUNE_COLUMNS)
+        if new:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow(dataclasses.asdict(row))
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+# -- measuring one config --------------------------------------------------------------------------
+
+
+class _BackwardCandidate(Provider):
+    """The bundled kernel with the backward config pinned, the forward one fixed or looked up."""
+
+    name = "dkbench"
+    computes = "pattern"
+
+    def __init__(self, fwd_config: LaunchConfig | None) -> None:
+        self.fwd_config = fwd_config
+
+    def prepare(self, case: Case, layout: BlockLayout, sweep: Sweep, device: torch.device,
+                scale: float, config: object = None) -> Prepared:
+        layout = layout.to(device)
+        fwd = self.fwd_config
+        if fwd is not None:
+            tile_plan(layout, fwd.block_m, case.seqlen)
+
+        def attn(q, k, v):
+            return sparse_attention(q, k, v, layout, sm_scale=scale, seq_dim=2, config=fwd,
+                                    bwd_config=config)
+
+        return Prepared(attn, config.short(), "explicit", launch_config=config)
+
+
+def time_prepared(prepared: Prepared, mode: str, inputs, sweep: Sweep,
+                  device: torch.device) -> Measurement:
+    """Warm up (compilation stays outside the timed region), then time as `run` does."""
+    step = make_step(mode, prepared.attn, *inputs)
+    step()
+    return measure(step, sweep.timing, device)
+
+
+def _failure(exc: BaseException) -> tuple[str, str]:
+    from triton.runtime.errors import OutOfResources
+
+    text = str(exc).strip()
+    first = (text.splitlines()[0] if text else type(exc).__name__)[:500]
+    oom = isinstance(exc, (torch.cuda.OutOfMemoryError, OutOfResources))
+    if oom or "out of memory" in text.lower():
+        return "oom", f"{type(exc).__name__}: {first}"
+    return "error", f"{type(exc).__name__}: {first}"
+
+
+def measure_candidate(provider: Provider, config: LaunchConfig, case: Case, layout: BlockLayout,
+                      sweep: Sweep, device: torch.device, inputs, seed: int,
+                      row: TuneRow) -> TuneRow:
+    """Prepare, check, time one config; every failure lands in ``row.status``/``row.message``."""
+    scale = case.sm_scale if case.sm_scale is not None else 1.0 / math.sqrt(case.head_dim)
+    try:
+        prepared = provider.prepare(case, layout, sweep, device, scale, config)
+        checked = run_check(provider, prepared, case, layout, sweep, device, scale, seed)
+        if not checked.ok:
+            row.status = "wrong"
+            row.message = (f"{checked.what}: relative error {checked.rel_err:.3g} above "
+                           f"{sweep.check.rtol.get(case.dtype, 1e-2)}")
+            return row
+        timed = time_prepared(prepared, case.mode, inputs, sweep, device)
+        row.ms, row.ms_p20, row.ms_p80 = timed.ms, timed.p20, timed.p80
+    except Exception as exc:  # noqa: BLE001 - one failing config never stops a tune
+        row.status, row.message = _failure(exc)
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+# -- tuning ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class KernelResult:
+    """The rows of one (case, kernel), the winner marked, and where the winner is cached."""
+
+    case: Case
+    kernel: str
+    rows: list[TuneRow]
+    default: TuneRow
+    key: CacheKey
+
+    @property
+    def best(self) -> TuneRow | None:
+        return next((r for r in self.rows if r.is_best), None)
+
+    def ranked(self) -> list[TuneRow]:
+        return sorted((r for r in self.rows if r.status == "ok"), key=lambda r: r.ms)
+
+
+@dataclass
+class CacheWrite:
+    key: CacheKey
+    config: LaunchConfig
+    ms: float
+    default_ms: float
+
+
+@dataclass
+class TuneOutcome:
+    run_dir: Path
+    results: list[KernelResult]
+    cache_path: Path
+    writes: list[CacheWrite]
+
+
+def _row(run_id: str, case: Case, kernel: str, config: LaunchConfig) -> TuneRow:
+    return TuneRow(run_id=run_id, case_id=case.case_id, kernel=kernel, dtype=case.dtype,
+                   seqlen=case.seqlen, heads=case.heads, kv_heads=case.kv_heads,
+                   head_dim=case.head_dim, block_size=case.block_size,
+                   pattern=case.pattern.label(), block_m=config.block_m, block_n=config.block_n,
+                   num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def mark_best(rows: list[TuneRow], default: TuneRow) -> None:
+    """Flag the fastest ok row (only checked rows are ok) and fill speedups over the default."""
+    ok = [r for r in rows if r.status == "ok" and math.isfinite(r.ms)]
+    for r in rows:
+        r.is_best = False
+        if r.status == "ok" and default.status == "ok" and r.ms > 0:
+            r.speedup_vs_default = default.ms / r.ms
+    if ok:
+        min(ok, key=lambda r: r.ms).is_best = True
+
+
+def tune_kernel(job: TuneJob, cands: Candidates, sweep: Sweep, device: torch.device, run_id: str,
+                fwd_config: LaunchConfig | None,
+                on_config: Callable[[str], None]) -> KernelResult:
+    """Measure every candidate of one kernel of one case; pruned configs become rows too."""
+    kernel = cands.kernel
+    case = dataclasses.replace(job.case, mode=kernel)  # what is checked and timed: fwd or bwd
+    provider = BundledKernel() if kernel == "fwd" else _BackwardCandidate(fwd_config)
+    seed = (sweep.seed * 1_000_003 + int(job.case.case_id, 16)) % 2**31
+    inputs = random_inputs(case, device, kernel != "fwd", seed)
+    rows = []
+    for config in cands.run:
+        on_config(f"{kernel} {config.short()}: {job.case.label()}")
+        row = measure_candidate(provider, config, case, job.layout, sweep, device, inputs,
+                                seed + 1, _row(run_id, job.case, kernel, config))
+        if config == cands.default and row.status == "ok":
+            row.message = "default config (reference)"
+        rows.append(row)
+    for config, reason in cands.pruned:
+        row = _row(run_id, job.case, kernel, config)
+        row.status, row.message = "unsupported", f"pruned: {reason}"
+        rows.append(row)
+    default = rows[0]
+    mark_best(rows, default)
+    density = block_density(job.layout, job.case.seqlen)
+    key = cache_key(kernel, device, getattr(torch, case.dtype), case.head_dim, case.block_size,
+                    case.seqlen, density)
+    return KernelResult(job.case, kernel, rows, default, key)
+
+
+def cache_winners(results: list[KernelResult]) -> list[CacheWrite]:
+    """One config per cache key: a case's winner, or, when several cases share a key (shapes in
+    one bucket), the config ok in all of them with the best geometric-mean speedup over the
+    default; failing that, the winner of the largest of those cases."""
+    by_key: dict[str, list[KernelResult]] = defaultdict(list)
+    for result in results:
+        if result.best is not None:
+            by_key[result.key.as_str()].append(result)
+    writes = []
+    for group in by_key.values():
+        ok = [{r.config: r for r in g.rows if r.status == "ok"} for g in group]
+        common = [c for c in ok[0] if all(c in o for o in ok[1:])]
+        if len(group) == 1 or not common or any(g.default.status != "ok" for g in group):
+            largest = max(group, key=lambda g: g.case.batch * g.case.seqlen * g.case.heads)
+            best = largest.best
+            writes.append(CacheWrite(largest.key, best.config, best.ms, largest.default.ms))
+            continue
+        chosen = max(common, key=lambda c: _geomean([o[c].speedup_vs_default for o in ok]))
+        writes.append(CacheWrite(group[0].key, chosen, _geomean([o[chosen].ms for o in ok]),
+                                 _geomean([g.default.ms for g in group])))
+    return writes
+
+
+def _geomean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def execute_tune(sweep: Sweep, spec_text: str, jobs: list[TuneJob], device: torch.device,
+                 out: Path, cache_path: Path | None,
+                 on_progress: Callable[[str, int, int], None] | None = None) -> TuneOutcome:
+    """Tune every job into a new ``<out>/tune-<name>-<stamp>/`` and write the winners' cache."""
+    run_dir = new_run_dir(out, f"tune-{sweep.name}")
+    env = environment(device)
+    cache = ConfigCache(cache_path)
+    mode = jobs[0].case.mode if jobs else "fwd"
+    write_meta(run_dir, {
+        "run_id": run_dir.name, "kind": "tune", "spec_name": sweep.name, "name": sweep.name,
+        "description": sweep.description, "command": command_line(), "mode": mode,
+        "providers": ["dkbench"], "environment": env, "spec": sweep.model_dump(mode="json"),
+        "spec_text": spec_text, "cache": str(cache.path),
+        "spaces": {f"{j.case.case_id}/{c.kernel}": [x.short() for x in c.run] for j in jobs
+                   for c in j.candidates},
+        "started": datetime.now(timezone.utc).isoformat()})
+    total = sum(len(c.run) for j in jobs for c in j.candidates)
+    done = 0
+
+    def on_config(text: str) -> None:
+        nonlocal done
+        if on_progress:
+            on_progress(text, done, total)
+        done += 1
+
+    results: list[KernelResult] = []
+    for job in jobs:
+        fwd_winner = None
+        for cands in job.candidates:
+            result = tune_kernel(job, cands, sweep, device, run_dir.name, fwd_winner, on_config)
+            append_tune_rows(run_dir / TUNE_FILE, result.rows)
+            results.append(result)
+            if cands.kernel == "fwd" and result.best is not None:
+                fwd_winner = result.best.config  # fwd_bwd: the backward is tuned behind it
+    if on_progress:
+        on_progress("done", total, total)
+    writes = cache_winners(results)
+    with cache_errors():
+        for w in writes:
+            cache.put(w.key, w.config.as_dict(), ms=w.ms, default_ms=w.default_ms)
+    clear_memo()
+    write_meta(run_dir, {**read_meta(run_dir), "finished": datetime.now(timezone.utc).isoformat(),
+                         "cache_writes": [w.key.as_str() for w in writes]})
+    return TuneOutcome(run_dir, results, cache.path, writes)
