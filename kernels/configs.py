@@ -75,9 +75,10 @@ def default_config(kernel: str, device: torch.device, block_size: int, head_dim:
         # Interpreter: small tiles keep numpy's temporaries small; stages mean nothing there.
         tile = min(32, block_size)
         return LaunchConfig(tile, tile, 4, 1)
+    # From the phi-3 scan (kernels/PERF.md): 4 warps beat 8 on Hopper, 2 stages beat 3 for
+    # 128-row tiles; wide head dims and fp32 take smaller tiles to fit registers.
     big = head_dim > 128 or dtype == torch.float32
     if kernel == "fwd":
-        return LaunchConfig(min(64, max(16, block_size)) if big else 128,
-                            min(block_size, 32 if big else 64), 8 if big else 4, 2 if big else 3)
-    return LaunchConfig(min(block_size, 64), min(block_size, 32 if big else 64),
-                        8 if big else 4, 2)
+        block_m = 64 if big else 128
+        return LaunchConfig(block_m, min(block_size, 32 if big else 64), 4, 2)
+    return LaunchConfig(min(block_size, 64), min(block_size, 32 if big else 64), 4, 2)
