@@ -99,17 +99,15 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     N_SUB: tl.constexpr = BLOCK_SIZE // BLOCK_M
-    qt_offs = offs_d[:, None] * stride_qk + tl.arange(0, BLOCK_M)[None, :] * stride_qm
-    do_offs = tl.arange(0, BLOCK_M)[:, None] * stride_dom + offs_d[None, :] * stride_dok
     # One flat loop over (entry, query sub-tile) so the loads pipeline across kept blocks; in
     # masked entries, rows before the first query or above the diagonal are masked out below.
     for t in range(entry_start * N_SUB, entry_end * N_SUB):
-        start_m = tl.load(QBlock + t // N_SUB) * BLOCK_SIZE + (t % N_SUB) * BLOCK_M - q_offset
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        offs_m_abs = offs_m + q_offset
+        offs_m_abs = (tl.load(QBlock + t // N_SUB) * BLOCK_SIZE + (t % N_SUB) * BLOCK_M
+                      + tl.arange(0, BLOCK_M))
+        offs_m = offs_m_abs - q_offset
         # -- load q, dO (transposed) and the row statistics --
-        qt_ptrs = q_base + start_m.to(tl.int64) * stride_qm + qt_offs
-        do_ptrs = do_base + start_m.to(tl.int64) * stride_dom + do_offs
+        qt_ptrs = q_base + offs_d[:, None] * stride_qk + offs_m[None, :] * stride_qm
+        do_ptrs = do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dok
         if MASKED:
             m_ok = (offs_m >= 0) & (offs_m < seq_q)
             qt = tl.load(qt_ptrs, mask=d_ok[:, None] & m_ok[None, :], other=0.0)
@@ -219,15 +217,12 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base,
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     N_SUB: tl.constexpr = BLOCK_SIZE // BLOCK_N
-    kt_offs = offs_d[:, None] * stride_kk + tl.arange(0, BLOCK_N)[None, :] * stride_kn
-    vt_offs = offs_d[:, None] * stride_vk + tl.arange(0, BLOCK_N)[None, :] * stride_vn
     # One flat loop over (entry, kv sub-tile), as in the forward.
     for t in range(entry_start * N_SUB, entry_end * N_SUB):
         e = t // N_SUB
-        start_n = tl.load(KvBlock + e) * BLOCK_SIZE + (t % N_SUB) * BLOCK_N
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kt_ptrs = k_base + start_n.to(tl.int64) * stride_kn + kt_offs
-        vt_ptrs = v_base + start_n.to(tl.int64) * stride_vn + vt_offs
+        offs_n = tl.load(KvBlock + e) * BLOCK_SIZE + (t % N_SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
+        kt_ptrs = k_base + offs_d[:, None] * stride_kk + offs_n[None, :] * stride_kn
+        vt_ptrs = v_base + offs_d[:, None] * stride_vk + offs_n[None, :] * stride_vn
         if MASKED:
             n_ok = (offs_n < seq_k) & (offs_n < row_end)
             kt = tl.load(kt_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)

@@ -102,10 +102,6 @@ def _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base,
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     N_SUB: tl.constexpr = BLOCK_SIZE // BLOCK_N
-    # Tile offsets are loop-invariant: each step adds one scalar row offset to them instead of
-    # recomputing BLOCK_N x BLOCK_D addresses.
-    kt_offs = offs_d[:, None] * stride_kk + tl.arange(0, BLOCK_N)[None, :] * stride_kn
-    v_offs = tl.arange(0, BLOCK_N)[:, None] * stride_vn + offs_d[None, :] * stride_vk
     # One flat loop over (entry, sub-tile) pairs: a nested loop would keep Triton from
     # software-pipelining the k/v loads across kept blocks.
     for t in range(entry_start * N_SUB, entry_end * N_SUB):
@@ -113,8 +109,8 @@ def _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base,
         start_n = tl.load(KvBlock + e) * BLOCK_SIZE + (t % N_SUB) * BLOCK_N
         offs_n = start_n + tl.arange(0, BLOCK_N)
         # -- load k (transposed) and v --
-        kt_ptrs = k_base + start_n.to(tl.int64) * stride_kn + kt_offs
-        v_ptrs = v_base + start_n.to(tl.int64) * stride_vn + v_offs
+        kt_ptrs = k_base + offs_d[:, None] * stride_kk + offs_n[None, :] * stride_kn
+        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vk
         if MASKED:
             # Sub-tiles wholly past the last key a row of this tile may see load nothing.
             n_ok = (offs_n < seq_k) & (offs_n < row_end)
@@ -129,8 +125,8 @@ def _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base,
         if DOT_FP32:
             kt = kt.to(tl.float32)
             v = v.to(tl.float32)
-        # -- compute qk; the scale (log2 units) is folded into the exponent below --
-        qk = tl.dot(q, kt)
+        # -- compute qk, in log2 units --
+        qk = tl.dot(q, kt) * qk_scale
         if MASKED:
             keep = n_ok[None, :]
             if IS_CAUSAL:
@@ -141,8 +137,8 @@ def _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base,
                 keep = keep & row_keeps[:, None]
             qk = tl.where(keep, qk, float("-inf"))
         # -- online softmax update --
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
