@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Reproduce the shipped measurements on a GPU: tune the phi-3 kernels, run the phi-3 sweep with
+# the tuned configs, and check the CI gate (a rerun passes, a forced bad config fails).
+# Usage: benchmarks/reproduce.sh OUTDIR
+set -uo pipefail
+out=${1:?usage: benchmarks/reproduce.sh OUTDIR}
+mkdir -p "$out"
+dk="python cli.py"
+export DKBENCH_CACHE="$out/cache.json"
+
+# Tune each shape once: the forward, then the backward behind the forward's winner.
+sed 's/^mode: .*/mode: fwd_bwd/' sweeps/phi3.yaml > "$out/phi3-tune.yaml"
+$dk tune "$out/phi3-tune.yaml" --mode fwd_bwd --block-m 64,128 --block-n 32,64 --num-warps 4 \
+    --num-stages 2,3 --out "$out/tune" --top 3 2>&1 | tee "$out/tune.log"
+$dk run sweeps/phi3.yaml --out "$out/phi3" 2>&1 | tee "$out/phi3.log"
+
+$dk run sweeps/ci.yaml --out "$out/ci-a" --quiet
+$dk run sweeps/ci.yaml --out "$out/ci-b" --quiet
+# A deliberately bad forward config (8 warps, 3 stages: about 2x slower on Hopper).
+sed 's/^check:/config: {block_m: 64, block_n: 32, num_warps: 8, num_stages: 3}\ncheck:/' \
+    sweeps/ci.yaml > "$out/ci-worse.yaml"
+$dk run "$out/ci-worse.yaml" --out "$out/ci-worse" --quiet
+$dk gate "$out"/ci-b/ci-* --baseline "$out"/ci-a/ci-* --markdown "$out/gate-pass.md"
+echo "gate (rerun vs baseline) exit: $?"
+$dk gate "$out"/ci-worse/ci-* --baseline "$out"/ci-a/ci-* --markdown "$out/gate-fail.md"
+echo "gate (bad config vs baseline) exit: $?"
