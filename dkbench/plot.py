@@ -45,7 +45,7 @@ TUNE_COLUMNS = ("case_id", "kernel", "block_m", "block_n", "num_warps", "num_sta
 FACET_COLUMNS = ("pattern", "mode", "dtype")
 # Shape columns that split a facet further when a sweep varies them (else lines would mix shapes).
 SHAPE_COLUMNS = {"batch": "b", "heads": "h", "kv_heads": "kv", "head_dim": "d",
-                 "block_size": "block", "causal": "causal"}
+                 "block_size": "block", "causal": "causal", "tokens": "tokens"}
 FAILED_MARKERS = {"oom": "x", "error": "X", "unsupported": "1", "wrong": "v"}
 FAILURE_BAND = 0.16  # axes fraction at the bottom of each subplot kept for failure markers
 _COLORS = matplotlib.colormaps["tab10"].colors
@@ -409,7 +409,13 @@ def _facet_order(key: tuple, facets: Sequence[str]) -> tuple:
 def build_view_figure(frame: pd.DataFrame, view: _View, runs: Sequence[Run]) -> Figure:
     """One figure of `view`, a subplot per facet; `frame` is the runs' results concatenated."""
     styles = _Styles(frame)
+    frame = frame.assign(tokens=frame["batch"] * frame["seqlen"])
     varying = [c for c in SHAPE_COLUMNS if c in frame.columns and frame[c].nunique() > 1]
+    if "batch" in varying and frame["tokens"].nunique() < frame["batch"].nunique():
+        # A batch_tokens sweep: batch shrinks as seqlen grows, so lines follow the token budget.
+        varying.remove("batch")
+    else:
+        varying = [c for c in varying if c != "tokens"]
     facets = [*view.facets, *varying]
     groups = sorted(frame.groupby(facets), key=lambda kv: _facet_order(kv[0], facets))
     fig, axes = _facet_grid(len(groups))

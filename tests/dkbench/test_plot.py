@@ -309,3 +309,15 @@ def test_cli_plot_bad_input_exits_2(tmp_path, args, needle):
     result = CliRunner().invoke(cli(), [a.format(tmp=tmp_path) for a in args])
     assert result.exit_code == 2, result.output
     assert needle in result.output, result.output
+
+
+def test_batch_tokens_sweep_keeps_one_line_per_provider(tmp_path):
+    # batch_tokens: batch shrinks as seqlen grows; the lines must run across seqlen, not split.
+    budget = 16384
+    rows = [replace(r, batch=budget // r.seqlen) for r in sample_rows()]
+    runs = load_runs(write_run(tmp_path / "r", rows))
+    fig = {nf.name: nf.figure for nf in build_figures(runs, metric="ms")}["latency"]
+    titles = [ax.get_title().split("\n")[-1] for ax in fig.axes]
+    assert titles == ["fwd · fp16", "bwd · fp16"]
+    xs = {len(x) for x, _ in series(facet(fig, "fwd")).values()}
+    assert max(xs) == 3, xs  # a provider's ok points at all three sequence lengths on one line
