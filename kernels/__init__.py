@@ -2,6 +2,7 @@
 
 from .attention import LocalStrideSparseAttention, SparseAttention, sparse_attention
 from .configs import LaunchConfig
+from .inference import sparse_attention_decode, sparse_attention_padded, sparse_attention_varlen
 from .layout import (
     BlockLayout,
     KVCacheUnfriendlyWarning,
@@ -29,5 +30,8 @@ __all__ = [
     "random_layout",
     "reference_attention",
     "sparse_attention",
+    "sparse_attention_decode",
+    "sparse_attention_padded",
+    "sparse_attention_varlen",
     "token_mask",
 ]

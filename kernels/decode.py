@@ -1,0 +1,195 @@
+"""Decoding with a KV cache: one new token per sequence, each sequence with its own cache length.
+
+- GQA-grouped: one program serves every query head of a kv group, so each cached kv block is
+  loaded once for the group. With one pattern per query head, the group reads the union of its
+  heads' kept blocks, and a per-entry head mask drops the rows whose head did not keep it.
+- Split-K (flash-decoding): a sequence's kept blocks are split across ``num_splits`` programs, each
+  writing a partial output and its log-sum-exp; a second kernel merges them. A single long
+  sequence, or few heads, still fill the GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from . import buffers
+from .fwd import interpreting
+from .layout import BlockLayout
+from .reference import layout_head_index
+
+MAX_SPLITS = 64
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """Kept kv blocks per (kv head, query block), union over the group's query heads.
+
+    Bit ``i`` of ``head_bits[e]`` is set when the group's ``i``-th query head keeps the entry.
+    """
+
+    row_ptr: torch.Tensor  # int32 (kv_heads * q_blocks + 1,)
+    kv_block: torch.Tensor  # int32 (nnz,)
+    head_bits: torch.Tensor  # int32 (nnz,)
+    q_blocks: int
+    max_entries: int
+
+
+def build_group_plan(layout: BlockLayout, num_heads: int, kv_heads: int) -> GroupPlan:
+    group = num_heads // kv_heads
+    if group > 31:
+        raise ValueError(f"decoding supports at most 31 query heads per kv head, got {group}")
+    device = layout.pattern.device
+    head_map = layout_head_index(num_heads, kv_heads, layout.heads).to(device)
+    qb, kb = layout.q_blocks, layout.k_blocks
+    per_head = layout.pattern[head_map].view(kv_heads, group, qb, kb)
+    kept = per_head.any(dim=1)
+    weights = 1 << torch.arange(group, device=device, dtype=torch.int32)
+    bits = (per_head.to(torch.int32) * weights[None, :, None, None]).sum(dim=1, dtype=torch.int32)
+    gg, ii, jj = kept.nonzero(as_tuple=True)  # row-major: rows in order, blocks ascending
+    counts = torch.bincount(gg * qb + ii, minlength=kv_heads * qb)
+    row_ptr = torch.zeros(kv_heads * qb + 1, dtype=torch.int32, device=device)
+    row_ptr[1:] = counts.cumsum(0)
+    return GroupPlan(row_ptr, jj.to(torch.int32), bits[gg, ii, jj].to(torch.int32), qb,
+                     int(counts.max()) if counts.numel() else 0)
+
+
+def group_plan(layout: BlockLayout, num_heads: int, kv_heads: int) -> GroupPlan:
+    return layout.cached(("decode_plan", num_heads, kv_heads, layout.pattern.device),
+                         lambda: build_group_plan(layout, num_heads, kv_heads))
+
+
+@triton.jit
+def _decode_split(Q, K, V, Out, PartOut, PartLse, CacheLens,
+                  RowPtr, KvBlock, HeadBits,
+                  stride_qz, stride_qh, stride_qk,
+                  stride_kz, stride_kn, stride_kh, stride_kk,
+                  stride_vz, stride_vn, stride_vh, stride_vk,
+                  stride_oz, stride_oh, stride_ok,
+                  kv_heads, group, q_blocks, num_splits, qk_scale,
+                  BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, SPLIT: tl.constexpr,
+                  DOT_FP32: tl.constexpr):
+    split = tl.program_id(0)
+    off_z = tl.program_id(1) // kv_heads
+    off_g = tl.program_id(1) % kv_heads
+    cache_len = tl.load(CacheLens + off_z)
+    pos = cache_len - 1  # the new token's position; its k/v are already in the cache
+    row = off_g * q_blocks + pos // BLOCK_SIZE
+    row_start = tl.load(RowPtr + row)
+    n_entries = tl.load(RowPtr + row + 1) - row_start
+    per_split = tl.cdiv(n_entries, num_splits)
+    entry_start = row_start + split * per_split
+    entry_end = tl.minimum(entry_start + per_split, row_start + n_entries)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    h_ok = offs_h < group
+    d_ok = offs_d < HEAD_DIM
+    heads = off_g * group + offs_h
+    z64 = off_z.to(tl.int64)
+    q = tl.load(Q + z64 * stride_qz + heads[:, None].to(tl.int64) * stride_qh
+                + offs_d[None, :] * stride_qk, mask=h_ok[:, None] & d_ok[None, :], other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    k_base = K + z64 * stride_kz + off_g.to(tl.int64) * stride_kh
+    v_base = V + z64 * stride_vz + off_g.to(tl.int64) * stride_vh
+
+    m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    N_SUB: tl.constexpr = BLOCK_SIZE // BLOCK_N
+    for t in range(entry_start * N_SUB, entry_end * N_SUB):
+        e = t // N_SUB
+        offs_n = tl.load(KvBlock + e) * BLOCK_SIZE + (t % N_SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < cache_len
+        kt = tl.load(k_base + offs_d[:, None] * stride_kk + offs_n[None, :].to(tl.int64) * stride_kn,
+                     mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :] * stride_vk,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        if DOT_FP32:
+            kt = kt.to(tl.float32)
+            v = v.to(tl.float32)
+        head_keeps = ((tl.load(HeadBits + e) >> offs_h) & 1) != 0
+        qk = tl.dot(q, kt)
+        qk = tl.where(head_keeps[:, None] & n_ok[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    if SPLIT:
+        # Partial output and its log2-sum-exp; a split that kept nothing weighs zero.
+        lse = tl.where(l_i > 0.0, m_i + tl.math.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
+        part = (z64 * (kv_heads * group) + heads.to(tl.int64)) * num_splits + split
+        tl.store(PartOut + part[:, None] * BLOCK_D + offs_d[None, :], out,
+                 mask=h_ok[:, None] & d_ok[None, :])
+        tl.store(PartLse + part, lse, mask=h_ok)
+    else:
+        tl.store(Out + z64 * stride_oz + heads[:, None].to(tl.int64) * stride_oh
+                 + offs_d[None, :] * stride_ok, out.to(Out.dtype.element_ty),
+                 mask=h_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _decode_merge(Out, PartOut, PartLse,
+                  stride_oz, stride_oh, stride_ok,
+                  num_heads, num_splits,
+                  BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    zh = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < num_splits
+    lse = tl.load(PartLse + zh * num_splits + offs_s, mask=s_ok, other=float("-inf"))
+    top = tl.max(lse, 0)
+    weight = tl.math.exp2(lse - top)
+    parts = tl.load(PartOut + (zh * num_splits + offs_s)[:, None] * BLOCK_D + offs_d[None, :],
+                    mask=s_ok[:, None], other=0.0)
+    out = tl.sum(parts * weight[:, None], 0) / tl.sum(weight, 0)
+    tl.store(Out + (zh // num_heads) * stride_oz + (zh % num_heads) * stride_oh + offs_d * stride_ok,
+             out.to(Out.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+def auto_splits(batch: int, kv_heads: int, max_entries: int, device: torch.device) -> int:
+    """Enough programs for two per SM, never fewer than four blocks per split."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = math.ceil(2 * sms / max(1, batch * kv_heads))
+    return max(1, min(want, max(1, max_entries // 4), MAX_SPLITS))
+
+
+def sparse_attention_decode_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                cache_seqlens: torch.Tensor, layout: BlockLayout, sm_scale: float,
+                                num_splits: int | None, block_n: int = 64,
+                                num_warps: int = 4) -> torch.Tensor:
+    """Launch on checked tensors: q (batch, heads, dim), caches (batch, max_len, kv_heads, dim)."""
+    batch, heads, head_dim = q.shape
+    kv_heads = k_cache.shape[2]
+    plan = group_plan(layout, heads, kv_heads)
+    splits = num_splits or auto_splits(batch, kv_heads, plan.max_entries, q.device)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    out = buffers.new_output((batch, heads, head_dim), q, q.dtype)
+    part_out = buffers.new_output((batch * heads * splits, block_d), q, torch.float32)
+    part_lse = buffers.new_output((batch * heads * splits,), q, torch.float32)
+    group = heads // kv_heads
+    _decode_split[(splits, batch * kv_heads)](
+        q, k_cache, v_cache, out, part_out, part_lse, cache_seqlens,
+        plan.row_ptr, plan.kv_block, plan.head_bits,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
+        kv_heads, group, plan.q_blocks, splits, sm_scale * 1.4426950408889634,
+        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=min(block_n, layout.block_size),
+        BLOCK_D=block_d, HEAD_DIM=head_dim, BLOCK_SIZE=layout.block_size, SPLIT=splits > 1,
+        DOT_FP32=interpreting() and q.dtype == torch.bfloat16, num_warps=num_warps)
+    if splits > 1:
+        _decode_merge[(batch * heads,)](
+            out, part_out, part_lse, *out.stride(), heads, splits,
+            BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d, HEAD_DIM=head_dim)
+    return out

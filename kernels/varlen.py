@@ -1,0 +1,165 @@
+"""Forward over sequences of different lengths in one launch: packed (cu_seqlens), left-padded
+batches, and chunked prefill (a chunk of queries at the end of a longer key sequence).
+
+Each sequence's pattern starts at its own first token. The program grid is (query tiles of the
+longest sequence, sequences * heads); programs past their sequence's tiles exit at once. The inner
+loop is the forward kernel's (`_attn_fwd_inner`); only the sequence bookkeeping differs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from . import buffers
+from .configs import LaunchConfig
+from .fwd import _attn_fwd_inner, build_tile_plan, interpreting
+from .layout import BlockLayout
+
+# Columns of the per-sequence metadata table the kernel reads.
+META_BATCH, META_Q_START, META_Q_LEN, META_K_START, META_K_LEN = range(5)
+
+
+@dataclass(frozen=True)
+class Sequences:
+    """Where each sequence lives: batch index, first row and length, for queries and keys."""
+
+    meta: torch.Tensor  # int32 (num_seqs, 5): batch, q_start, q_len, k_start, k_len
+    max_q: int
+    max_k: int
+
+    @property
+    def count(self) -> int:
+        return self.meta.shape[0]
+
+
+def sequences(batch: list[int], q_start: list[int], q_len: list[int], k_start: list[int],
+              k_len: list[int], device: torch.device) -> Sequences:
+    meta = torch.tensor(list(zip(batch, q_start, q_len, k_start, k_len)), dtype=torch.int32,
+                        device=device).reshape(-1, 5)
+    return Sequences(meta, max(q_len), max(k_len))
+
+
+def varlen_plan(layout: BlockLayout, block_m: int, max_k: int):
+    """The tile plan for the longest sequence. Bidirectional rows of a shorter sequence may keep
+    kv blocks past its end, so there every entry takes the masked path (bounds checked)."""
+    def build():
+        plan = build_tile_plan(layout, block_m, max_k)
+        if not layout.causal:
+            plan = type(plan)(plan.row_ptr, torch.zeros_like(plan.n_full), plan.kv_block,
+                              plan.row_bits, plan.tiles)
+        return plan
+    return layout.cached(("varlen_plan", block_m, max_k, layout.pattern.device), build)
+
+
+@triton.jit
+def _sparse_attn_fwd_varlen(Q, K, V, Out, SeqMeta,
+                            RowPtr, NFull, KvBlock, RowBits,
+                            stride_qz, stride_qh, stride_qm, stride_qk,
+                            stride_kz, stride_kh, stride_kn, stride_kk,
+                            stride_vz, stride_vh, stride_vn, stride_vk,
+                            stride_oz, stride_oh, stride_om, stride_ok,
+                            num_heads, q_per_kv, heads_per_pattern, tiles, qk_scale,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                            HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                            IS_CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr):
+    tl.static_assert(BLOCK_SIZE % BLOCK_N == 0)
+    tl.static_assert((BLOCK_SIZE % BLOCK_M == 0) or (BLOCK_M % BLOCK_SIZE == 0))
+    SUB_BLOCKS: tl.constexpr = BLOCK_M // BLOCK_SIZE if BLOCK_M > BLOCK_SIZE else 1
+    seq = tl.program_id(1) // num_heads
+    off_h = tl.program_id(1) % num_heads
+    # -- this program's sequence --
+    meta = SeqMeta + seq * 5
+    off_z = tl.load(meta).to(tl.int64)
+    q_start = tl.load(meta + 1).to(tl.int64)
+    seq_q = tl.load(meta + 2)
+    k_start = tl.load(meta + 3).to(tl.int64)
+    seq_k = tl.load(meta + 4)
+    q_offset = seq_k - seq_q
+    tile = tl.program_id(0) + q_offset // BLOCK_M
+    if tile * BLOCK_M < seq_k:
+        off_kvh = (off_h // q_per_kv).to(tl.int64)
+        row = (off_h // heads_per_pattern) * tiles + tile
+        offs_m_abs = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m = offs_m_abs - q_offset
+        offs_d = tl.arange(0, BLOCK_D)
+        row_ok = (offs_m >= 0) & (offs_m < seq_q)
+        d_ok = offs_d < HEAD_DIM
+
+        q_base = Q + off_z * stride_qz + q_start * stride_qm + off_h.to(tl.int64) * stride_qh
+        k_base = K + off_z * stride_kz + k_start * stride_kn + off_kvh * stride_kh
+        v_base = V + off_z * stride_vz + k_start * stride_vn + off_kvh * stride_vh
+        q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk,
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        if DOT_FP32:
+            q = q.to(tl.float32)
+        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+        entry_start = tl.load(RowPtr + row)
+        entry_end = tl.load(RowPtr + row + 1)
+        entry_mid = entry_start + tl.load(NFull + row)
+        tile_first_block = tile * BLOCK_M // BLOCK_SIZE
+        if IS_CAUSAL:
+            row_end = tl.minimum((tile + 1) * BLOCK_M, seq_k)
+        else:
+            row_end = seq_k
+        acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base,
+                                        stride_kn, stride_kk, stride_vn, stride_vk,
+                                        KvBlock, RowBits, entry_start, entry_mid,
+                                        offs_m_abs, tile_first_block, row_end, seq_k, qk_scale,
+                                        BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_SIZE, SUB_BLOCKS,
+                                        False, IS_CAUSAL, DOT_FP32)
+        acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base,
+                                        stride_kn, stride_kk, stride_vn, stride_vk,
+                                        KvBlock, RowBits, entry_mid, entry_end,
+                                        offs_m_abs, tile_first_block, row_end, seq_k, qk_scale,
+                                        BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_SIZE, SUB_BLOCKS,
+                                        True, IS_CAUSAL, DOT_FP32)
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        o_base = Out + off_z * stride_oz + q_start * stride_om + off_h.to(tl.int64) * stride_oh
+        tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_ok,
+                 out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+def sparse_attention_fwd_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                seqs: Sequences, layout: BlockLayout, sm_scale: float,
+                                config: LaunchConfig, out: torch.Tensor) -> torch.Tensor:
+    """Launch on checked ``(batch, seq, heads, dim)`` tensors (packed inputs have batch 1);
+    writes the rows of every sequence into ``out`` (same shape as q) and returns it."""
+    heads, head_dim = q.shape[2], q.shape[3]
+    kv_heads = k.shape[2]
+    plan = varlen_plan(layout, config.block_m, seqs.max_k)
+    # Enough tiles for the sequence that needs the most: its queries end at its keys' end.
+    meta = seqs.meta.cpu()
+    first = (meta[:, META_K_LEN] - meta[:, META_Q_LEN]) // config.block_m
+    tiles_needed = int((torch.div(meta[:, META_K_LEN] + config.block_m - 1, config.block_m,
+                                  rounding_mode="floor") - first).max())
+    grid = (tiles_needed, seqs.count * heads)
+    # Kernels index (batch, heads, seq, dim): hand them the strides in that order.
+    bhsd = lambda t: (t.stride(0), t.stride(2), t.stride(1), t.stride(3))  # noqa: E731
+    _sparse_attn_fwd_varlen[grid](
+        q, k, v, out, seqs.meta,
+        plan.row_ptr, plan.n_full, plan.kv_block, plan.row_bits,
+        *bhsd(q), *bhsd(k), *bhsd(v), *bhsd(out),
+        heads, heads // kv_heads, heads // layout.heads, plan.tiles,
+        sm_scale * 1.4426950408889634,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), HEAD_DIM=head_dim,
+        BLOCK_SIZE=layout.block_size, IS_CAUSAL=layout.causal,
+        DOT_FP32=interpreting() and q.dtype == torch.bfloat16,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out
+
+
+def new_varlen_output(q: torch.Tensor, padded: bool) -> torch.Tensor:
+    """Packed outputs are fully written; padded rows of a padded batch are zero, not garbage."""
+    if padded:
+        return torch.zeros_like(q, memory_format=torch.contiguous_format)
+    return buffers.new_output(tuple(q.shape), q, q.dtype)
+
