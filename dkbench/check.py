@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import BlockLayout, reference_attention
-from kernels.layout import dense_layout
+from kernels import BlockLayout
 
+from .modes import make_inputs, reference
 from .providers import Prepared, Provider
-from .spec import Case, Sweep
+from .spec import TRAINING_MODES, Case, Sweep
 
 
 @dataclass(frozen=True)
@@ -27,17 +27,13 @@ class CheckResult:
 
 
 def random_inputs(case: Case, device: torch.device, requires_grad: bool,
-                  generator_seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fresh random q, k, v ``(batch, heads, seq, dim)``, reproducible from the seed."""
-    gen = torch.Generator(device=device).manual_seed(generator_seed)
-    dtype = getattr(torch, case.dtype)
-
-    def one(heads: int, seq: int) -> torch.Tensor:
-        t = torch.randn(case.batch, heads, seq, case.head_dim, device=device, dtype=dtype,
-                        generator=gen)
-        return t.requires_grad_(requires_grad)
-
-    return one(case.heads, case.q_len), one(case.kv_heads, case.seqlen), one(case.kv_heads, case.seqlen)
+                  generator_seed: int) -> tuple:
+    """Fresh random inputs for the case's mode (see `dkbench.modes`), reproducible from the seed;
+    training inputs track gradients when ``requires_grad``."""
+    inputs = make_inputs(case, device, generator_seed)
+    if case.mode in TRAINING_MODES:
+        return tuple(t.detach().requires_grad_(requires_grad) for t in inputs)
+    return inputs
 
 
 def check_case(case: Case, max_tokens: int) -> Case:
@@ -48,14 +44,9 @@ def check_case(case: Case, max_tokens: int) -> Case:
     q_len = max(1, min(case.q_len, seqlen - (case.seqlen - case.q_len)))
     if case.seqlen - case.q_len >= seqlen:
         q_len = min(case.q_len, seqlen)
-    return dataclasses.replace(case, batch=1, seqlen=seqlen, q_len=q_len)
-
-
-def reference_layout(provider: Provider, layout: BlockLayout, case: Case) -> BlockLayout:
-    """What the provider computes: the case's pattern, or the dense (causal) problem."""
-    if provider.computes == "pattern":
-        return layout
-    return dense_layout(-(-case.seqlen // layout.block_size), layout.block_size, case.causal)
+    # Inference modes keep two sequences, so different lengths are still checked.
+    batch = 1 if case.mode in TRAINING_MODES else min(case.batch, 2)
+    return dataclasses.replace(case, batch=batch, seqlen=seqlen, q_len=q_len)
 
 
 def run_check(provider: Provider, prepared: Prepared, case: Case, layout: BlockLayout,
@@ -64,13 +55,13 @@ def run_check(provider: Provider, prepared: Prepared, case: Case, layout: BlockL
     if small is not case:
         layout = case.pattern.layout(small.heads, small.kv_heads, small.seqlen, small.causal)
         prepared = provider.prepare(small, layout, sweep, device, scale, prepared.launch_config)
-    grads = small.mode != "fwd"
-    q, k, v = random_inputs(small, device, grads, seed)
-    ref_layout = reference_layout(provider, layout, small)
-    out = prepared.attn(q, k, v)
-    ref = reference_attention(q, k, v, ref_layout, sm_scale=scale, seq_dim=2, grad=grads)
-    pairs = [("out", out, ref)]
+    grads = small.mode in ("bwd", "fwd_bwd")
+    inputs = random_inputs(small, device, grads, seed)
+    out = prepared.attn(*inputs)
+    ref = reference(small, inputs, layout, scale, provider.computes, grad=grads)
+    pairs = [("out", prepared.canonical(out), ref)]
     if grads:
+        q, k, v = inputs
         dout = torch.randn_like(out)
         got = torch.autograd.grad(out, (q, k, v), dout)
         want = torch.autograd.grad(ref, (q, k, v), dout.to(ref.dtype))

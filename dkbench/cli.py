@@ -24,6 +24,7 @@ _use_interpreter_without_gpu(sys.argv[1:])
 
 from .commands.cache import cache_app  # noqa: E402
 from .commands.gate import gate  # noqa: E402
+from .commands.merge import merge  # noqa: E402
 from .commands.plot import plot, report  # noqa: E402
 from .commands.run import env, run, validate  # noqa: E402
 from .commands.tune import tune  # noqa: E402
@@ -35,6 +36,7 @@ app.command("validate")(validate)
 app.command("env")(env)
 app.command("tune")(tune)
 app.command("gate")(gate)
+app.command("merge")(merge)
 app.command("plot")(plot)
 app.command("report")(report)
 app.add_typer(cache_app, name="cache", help="Show and manage the best-config cache.")

@@ -1,7 +1,7 @@
 """One FLOP model for every provider: 4 * head_dim per computed (query, key) pair forward.
 
 A provider is credited with the pairs it computes: the pattern's kept pairs for a sparse kernel,
-every (causal) pair for a dense one. Dense-equivalent TFLOP/s divides the dense problem's FLOPs
+every (causal) pair of the (padded) problem for a dense one. Dense-equivalent TFLOP/s divides the dense problem's FLOPs
 by the same time, the rate a dense kernel would need to match.
 """
 
@@ -10,9 +10,10 @@ from __future__ import annotations
 from kernels import BlockLayout
 from kernels.layout import causal_pairs, kept_pairs
 
-from .spec import Case
+from .modes import sequence_lengths
+from .spec import TRAINING_MODES, Case
 
-MODE_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
+MODE_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5, "prefill_varlen": 1.0, "decode": 1.0}
 
 # Dense tensor-core peaks in TFLOP/s (fp16/bf16; fp32 runs as tf32 at half that) by GPU name.
 PEAK_TFLOPS = {"H100": 989.5, "H200": 989.5, "H800": 989.5, "GH200": 989.5, "A100": 312.0,
@@ -20,11 +21,41 @@ PEAK_TFLOPS = {"H100": 989.5, "H200": 989.5, "H800": 989.5, "GH200": 989.5, "A10
 
 
 def dense_pairs(case: Case) -> float:
-    return float(causal_pairs(case.q_len, case.seqlen) if case.causal else case.q_len * case.seqlen)
+    """Pairs per head and sequence of the dense (causal) problem without padding: the least a
+    dense kernel computes; dense-equivalent TFLOP/s divide these FLOPs by the measured time."""
+    if case.mode in TRAINING_MODES:
+        return float(causal_pairs(case.q_len, case.seqlen) if case.causal
+                     else case.q_len * case.seqlen)
+    lengths = sequence_lengths(case)
+    if case.mode == "decode":
+        return sum(lengths) / case.batch
+    return sum(causal_pairs(n, n) if case.causal else n * n for n in lengths) / case.batch
 
 
 def pattern_pairs(case: Case, layout: BlockLayout) -> float:
-    return kept_pairs(layout, case.seqlen, case.q_len)
+    """Pairs per head and sequence the pattern keeps (each sequence's pattern from its start)."""
+    if case.mode in TRAINING_MODES:
+        return kept_pairs(layout, case.seqlen, case.q_len)
+    lengths = sequence_lengths(case)
+    q_len = (lambda n: 1) if case.mode == "decode" else (lambda n: n)
+    return sum(kept_pairs(layout, n, q_len(n)) for n in lengths) / case.batch
+
+
+def padded_dense_pairs(case: Case) -> float:
+    """Pairs per head and sequence a dense baseline computes on right-padded inputs."""
+    if case.mode == "decode":
+        return float(case.seqlen)  # a masked dense kernel reads the whole padded cache
+    if case.mode == "prefill_varlen":
+        return float(causal_pairs(case.seqlen, case.seqlen) if case.causal else case.seqlen ** 2)
+    return dense_pairs(case)
+
+
+def computed_pairs(case: Case, layout: BlockLayout, computes: str, padded: bool = False) -> float:
+    """The pairs a provider computes: its pattern's for a sparse kernel, the dense problem's for
+    a dense one (with the padding, for one that runs on right-padded inputs)."""
+    if computes == "pattern":
+        return pattern_pairs(case, layout)
+    return padded_dense_pairs(case) if padded else dense_pairs(case)
 
 
 def flops(case: Case, pairs: float) -> float:

@@ -60,10 +60,11 @@ def order_providers(names: list[str], baseline: str | None) -> list[str]:
     return sorted(names, key=lambda n: n != baseline)
 
 
-def make_step(mode: str, attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Callable[[], object]:
-    """The timed callable: forward, backward alone (graph kept) or both."""
-    if mode == "fwd":
-        return lambda: attn(q, k, v)
+def make_step(mode: str, attn, *inputs) -> Callable[[], object]:
+    """The timed callable: forward (any mode), backward alone (graph kept) or both."""
+    if mode not in ("bwd", "fwd_bwd"):
+        return lambda: attn(*inputs)
+    q, k, v = inputs
     dout = torch.randn_like(q)
     if mode == "bwd":
         out = attn(q, k, v)
@@ -71,7 +72,8 @@ def make_step(mode: str, attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return lambda: torch.autograd.grad(attn(q, k, v), (q, k, v), dout)
 
 
-def _base_row(ctx: RunContext, case: Case, provider: str, layout, density: float) -> ResultRow:
+def _base_row(ctx: RunContext, case: Case, provider: str, pattern_hash: str,
+              density: float) -> ResultRow:
     env = ctx.env
     return ResultRow(
         run_id=ctx.run_id, timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -79,7 +81,7 @@ def _base_row(ctx: RunContext, case: Case, provider: str, layout, density: float
         git_sha=env["git_sha"], interpreter=env["interpreter"], case_id=case.case_id,
         provider=provider, mode=case.mode, dtype=case.dtype, batch=case.batch, seqlen=case.seqlen,
         q_len=case.q_len, heads=case.heads, kv_heads=case.kv_heads, head_dim=case.head_dim,
-        causal=case.causal, pattern=case.pattern.label(), pattern_hash=layout.hash(),
+        causal=case.causal, pattern=case.pattern.label(), pattern_hash=pattern_hash,
         block_size=case.block_size, density=density, seed=ctx.sweep.seed,
         baseline=ctx.baseline or "", command=ctx.command)
 
@@ -87,7 +89,7 @@ def _base_row(ctx: RunContext, case: Case, provider: str, layout, density: float
 def run_one(ctx: RunContext, case: Case, name: str, layout, density: float, inputs,
             seed: int) -> ResultRow:
     """Measure one case x provider; every failure becomes a row, never an exception."""
-    row = _base_row(ctx, case, name, layout, density)
+    row = _base_row(ctx, case, name, layout.hash(), density)
     provider: Provider = PROVIDERS[name]()
     device, sweep = ctx.device, ctx.sweep
     scale = case.sm_scale if case.sm_scale is not None else 1.0 / math.sqrt(case.head_dim)
@@ -95,7 +97,10 @@ def run_one(ctx: RunContext, case: Case, name: str, layout, density: float, inpu
         reason = provider.unavailable(device)
         if reason:
             raise Unsupported(reason)
-        if case.mode != "fwd" and not provider.supports_grad:
+        if case.mode not in provider.modes:
+            raise Unsupported(f"{name} has no {case.mode} mode (it runs: "
+                              f"{', '.join(provider.modes)})")
+        if case.mode in ("bwd", "fwd_bwd") and not provider.supports_grad:
             raise Unsupported(f"{name} has no backward pass")
         start = time.perf_counter()
         prepared = provider.prepare(case, layout, sweep, device, scale)
@@ -137,8 +142,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _fill_metrics(ctx: RunContext, case: Case, provider: Provider, layout, row: ResultRow) -> None:
-    pairs = (metrics.pattern_pairs(case, layout) if provider.computes == "pattern"
-             else metrics.dense_pairs(case))
+    pairs = metrics.computed_pairs(case, layout, provider.computes, provider.pads_inputs)
     row.flops = metrics.flops(case, pairs)
     row.tflops = metrics.tflops(row.flops, row.ms)
     row.dense_tflops = metrics.tflops(metrics.flops(case, metrics.dense_pairs(case)), row.ms)
@@ -193,9 +197,21 @@ def previous_baselines(run_dir: Path, baseline: str | None) -> dict[str, float]:
     return {str(c): float(ms) for c, ms in zip(ok["case_id"], ok["ms"])}
 
 
-def execute(sweep: Sweep, spec_text: str, plan: RunPlan, device: torch.device,
-            on_progress: Callable[[str, int, int], None] | None = None) -> list[ResultRow]:
-    """Run every pending case x provider of the plan, appending rows as they are measured."""
+def pending_work(sweep: Sweep, plan: RunPlan, baseline: str | None) -> list[tuple[Case, list[str]]]:
+    """Each case with its providers still to run (baseline first), in the plan's case order."""
+    order = order_providers(plan.providers, baseline)
+    work = []
+    for case in plan.cases:
+        names = [n for n in order if (case.case_id, n) not in plan.done
+                 and not excluded_for_provider(sweep, case, n)]
+        if names:
+            work.append((case, names))
+    return work
+
+
+def begin_run(sweep: Sweep, spec_text: str, plan: RunPlan, device: torch.device,
+              extra_meta: dict | None = None) -> tuple[RunContext, list[tuple[Case, list[str]]]]:
+    """Write meta.json and return the run's context with its pending work."""
     env = environment(device)
     baseline = sweep.baseline if sweep.baseline in plan.providers else None
     ctx = RunContext(sweep, device, env, plan.run_dir.name, baseline, command_line(),
@@ -203,29 +219,83 @@ def execute(sweep: Sweep, spec_text: str, plan: RunPlan, device: torch.device,
     meta = {"run_id": ctx.run_id, "spec_name": sweep.name, "name": sweep.name,
             "description": sweep.description, "command": ctx.command, "providers": plan.providers,
             "baseline": baseline, "environment": env, "spec": sweep.model_dump(mode="json"),
-            "spec_text": spec_text, "started": datetime.now(timezone.utc).isoformat()}
+            "spec_text": spec_text, "started": datetime.now(timezone.utc).isoformat(),
+            **(extra_meta or {})}
     write_meta(plan.run_dir, {**read_meta(plan.run_dir), **meta})
-    work = [(case, name) for case in plan.cases for name in order_providers(plan.providers, baseline)
-            if (case.case_id, name) not in plan.done and not excluded_for_provider(sweep, case, name)]
+    return ctx, pending_work(sweep, plan, baseline)
+
+
+def finish_run(plan: RunPlan, extra_meta: dict | None = None) -> None:
+    write_meta(plan.run_dir, {**read_meta(plan.run_dir), **(extra_meta or {}),
+                              "finished": datetime.now(timezone.utc).isoformat()})
+
+
+def case_seed(sweep: Sweep, case: Case) -> int:
+    return (sweep.seed * 1_000_003 + int(case.case_id, 16)) % 2**31
+
+
+def failed_row(ctx: RunContext, case: Case, provider: str, status: str,
+               message: str) -> ResultRow:
+    """A row for a case x provider that was never measured (its case failed to build, its worker
+    died): no layout, so no pattern hash or density."""
+    row = _base_row(ctx, case, provider, "", float("nan"))
+    row.status, row.message = status, message[:500]
+    return row
+
+
+def run_case(ctx: RunContext, case: Case, providers: list[str],
+             on_start: Callable[[str], None] | None = None,
+             on_row: Callable[[ResultRow], None] | None = None) -> list[ResultRow]:
+    """Build the case's layout and inputs once, then measure each provider in the order given.
+
+    The serial runner and the GPU workers of `dkbench.parallel` both call this; give the baseline
+    first so the other rows carry its speedup. `on_row` sees each row as soon as it is measured.
+    """
     rows: list[ResultRow] = []
-    total = len(work)
-    for case in plan.cases:
-        pending = [name for c, name in work if c is case]
-        if not pending:
-            continue
+
+    def emit(row: ResultRow) -> None:
+        rows.append(row)
+        if on_row:
+            on_row(row)
+
+    try:
         layout = case.pattern.layout(case.heads, case.kv_heads, case.seqlen, case.causal)
-        density = layout.density(case.seqlen, case.q_len)
-        seed = (sweep.seed * 1_000_003 + int(case.case_id, 16)) % 2**31
-        inputs = random_inputs(case, device, case.mode != "fwd", seed)
-        for name in pending:
+        density = metrics.pattern_pairs(case, layout) / metrics.dense_pairs(case)
+        seed = case_seed(ctx.sweep, case)
+        inputs = random_inputs(case, ctx.device, case.mode in ("bwd", "fwd_bwd"), seed)
+    except Exception as exc:  # noqa: BLE001 - one failing case never stops a sweep
+        oom = isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+        message = f"building the case failed: {type(exc).__name__}: {_first_line(exc)}"
+        for name in providers:
+            emit(failed_row(ctx, case, name, "oom" if oom else "error", message))
+        return rows
+    for name in providers:
+        if on_start:
+            on_start(name)
+        emit(run_one(ctx, case, name, layout, density, inputs, seed + 1))
+    del inputs
+    return rows
+
+
+def execute(sweep: Sweep, spec_text: str, plan: RunPlan, device: torch.device,
+            on_progress: Callable[[str, int, int], None] | None = None, *,
+            extra_meta: dict | None = None) -> list[ResultRow]:
+    """Run every pending case x provider of the plan, appending rows as they are measured."""
+    ctx, work = begin_run(sweep, spec_text, plan, device, extra_meta)
+    rows: list[ResultRow] = []
+    total = sum(len(names) for _, names in work)
+
+    def on_row(row: ResultRow) -> None:
+        append_row(plan.run_dir / RESULTS_FILE, row)
+        rows.append(row)
+
+    for case, names in work:
+        def on_start(name: str, case: Case = case) -> None:
             if on_progress:
                 on_progress(f"{name}: {case.label()}", len(rows), total)
-            row = run_one(ctx, case, name, layout, density, inputs, seed + 1)
-            append_row(plan.run_dir / RESULTS_FILE, row)
-            rows.append(row)
-        del inputs
+
+        run_case(ctx, case, names, on_start, on_row)
     if on_progress:
         on_progress("done", total, total)
-    write_meta(plan.run_dir, {**read_meta(plan.run_dir),
-                              "finished": datetime.now(timezone.utc).isoformat()})
+    finish_run(plan)
     return rows

@@ -21,7 +21,10 @@ from .patterns import PATTERN_TYPES, FilePattern, PatternSpec
 
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
           "half": "float16", "fp32": "float32", "float32": "float32"}
-MODES = ("fwd", "bwd", "fwd_bwd")
+MODES = ("fwd", "bwd", "fwd_bwd", "prefill_varlen", "decode")
+TRAINING_MODES = ("fwd", "bwd", "fwd_bwd")
+INFERENCE_MODES = ("prefill_varlen", "decode")
+Mode = Literal["fwd", "bwd", "fwd_bwd", "prefill_varlen", "decode"]
 DEVICES = ("auto", "cuda", "cpu")
 
 IntList = Union[int, list[int]]
@@ -69,7 +72,7 @@ class Sweep(BaseModel):
     description: str = ""
     device: Literal["auto", "cuda", "cpu"] = "auto"
     dtype: Union[str, list[str]] = "bf16"
-    mode: Union[Literal["fwd", "bwd", "fwd_bwd"], list[Literal["fwd", "bwd", "fwd_bwd"]]] = "fwd"
+    mode: Union[Mode, list[Mode]] = "fwd"
     batch: IntList | None = None
     batch_tokens: IntList | None = None
     seqlen: IntList
@@ -83,6 +86,9 @@ class Sweep(BaseModel):
     providers: list[str] = Field(min_length=1)
     baseline: str | None = None
     seed: int = 0
+    # prefill_varlen and decode: each sequence's length is drawn from
+    # [seqlen * (1 - length_spread), seqlen] (seeded); 0 makes them all seqlen.
+    length_spread: float = Field(0.0, ge=0.0, lt=1.0)
     timing: Timing = Field(default_factory=Timing)
     check: Check = Field(default_factory=Check)
     config: LaunchConfigSpec | None = None
@@ -92,6 +98,9 @@ class Sweep(BaseModel):
     def _one_batch_key(self) -> "Sweep":
         if (self.batch is None) == (self.batch_tokens is None):
             raise ValueError("give exactly one of 'batch' and 'batch_tokens'")
+        if self.q_len is not None and any(m in INFERENCE_MODES for m in _as_list(self.mode)):
+            raise ValueError("q_len applies to fwd/bwd/fwd_bwd; prefill_varlen and decode draw "
+                             "their own lengths (see length_spread)")
         return self
 
 
@@ -111,6 +120,7 @@ class Case:
     pattern: Any  # one of the pattern models (frozen, hashable)
     sm_scale: float | None
     seed: int
+    length_spread: float = 0.0
 
     @property
     def block_size(self) -> int:
@@ -118,9 +128,12 @@ class Case:
 
     @property
     def case_id(self) -> str:
-        text = repr((self.mode, self.dtype, self.batch, self.seqlen, self.q_len, self.heads,
-                     self.kv_heads, self.head_dim, self.causal, self.pattern.label(), self.sm_scale,
-                     self.seed))
+        fields = (self.mode, self.dtype, self.batch, self.seqlen, self.q_len, self.heads,
+                  self.kv_heads, self.head_dim, self.causal, self.pattern.label(), self.sm_scale,
+                  self.seed)
+        if self.length_spread:
+            fields += (self.length_spread,)
+        text = repr(fields)
         return hashlib.sha1(text.encode()).hexdigest()[:10]
 
     def field(self, key: str) -> Any:
@@ -249,6 +262,8 @@ def check_sweep(sweep: Sweep, path: Path) -> None:
 
 
 def _check_case(case: Case, fail) -> None:
+    if case.mode == "decode" and not case.causal:
+        fail("causal", "mode decode needs causal: true (a new token sees only the past)")
     if case.heads % case.kv_heads:
         fail("kv_heads", f"heads={case.heads} is not divisible by kv_heads={case.kv_heads}")
     if case.batch < 1:
@@ -283,11 +298,14 @@ def expand(sweep: Sweep) -> list[Case]:
             _as_list(sweep.mode), _as_list(sweep.dtype), _as_list(sweep.seqlen),
             _as_list(sweep.heads), kv_heads, _as_list(sweep.head_dim), _as_list(sweep.causal),
             sweep.patterns, batches, tokens, q_lens):
+        if mode == "decode":
+            q_len = 1  # one new token per sequence
         case = Case(mode=mode, dtype=DTYPES.get(dtype, dtype),
                     batch=batch if batch is not None else tok // seqlen, seqlen=seqlen,
                     q_len=q_len if q_len is not None else seqlen, heads=heads,
                     kv_heads=kvh if kvh is not None else heads, head_dim=dim, causal=causal,
-                    pattern=pattern, sm_scale=sweep.sm_scale, seed=sweep.seed)
+                    pattern=pattern, sm_scale=sweep.sm_scale, seed=sweep.seed,
+                    length_spread=sweep.length_spread if mode in INFERENCE_MODES else 0.0)
         if not any(_matches(case, rule) for rule in sweep.exclude):
             cases.append(case)
     return cases

@@ -246,6 +246,12 @@ def resolve_mode(sweep: Sweep, mode: str | None) -> str:
             raise BadInputError(f"--mode {mode!r}: allowed values are {', '.join(MODE_KERNELS)}")
         return mode
     modes = sweep.mode if isinstance(sweep.mode, list) else [sweep.mode]
+    # Varlen prefill runs the forward kernel's configs; decoding has no tile config to tune.
+    modes = ["fwd" if m == "prefill_varlen" else m for m in modes if m != "decode"]
+    if not modes:
+        raise BadInputError("the spec's only mode is decode, which has no launch config to tune "
+                            "(its split count is chosen per call); give --mode fwd to tune the "
+                            "forward kernel on these shapes")
     if len(set(modes)) == 1:
         return modes[0]
     return "fwd_bwd" if any(m != "fwd" for m in modes) else "fwd"

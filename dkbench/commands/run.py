@@ -48,22 +48,37 @@ def run(
     resume: Annotated[Optional[Path], typer.Option(
         help="Finish an interrupted run directory instead of starting a new one.",
         show_default=False)] = None,
+    gpus: Annotated[Optional[str], typer.Option(
+        help="Spread the cases over GPUs of this host, one worker process each: 'all' or indices "
+             "like 0,1,3. 'cpu:N' runs N CPU worker processes through Triton's interpreter "
+             "(a testing/CI aid).", show_default=False)] = None,
+    shard: Annotated[Optional[str], typer.Option(
+        help="Run shard I of N (1-based, e.g. 2/4): the cases (after --only), largest first, "
+             "dealt round-robin, so every machine given the same spec gets the same split. "
+             "Combine the run directories with `dkbench merge`.", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
 ) -> None:
     """Run a sweep: every case x provider checked, timed and appended to results.csv."""
     from .. import runner
+    from ..parallel import execute_parallel, parent_device, parse_gpus
+    from ..shard import parse_shard, shard_cases
     from ..summary import summary_table
 
     try:
         if device not in ("auto", "cuda", "cpu"):
             raise BadInputError(f"--device {device!r}: allowed values are auto, cuda, cpu")
-        dev = runner.resolve_device(device if device != "auto" else "auto")
+        part = parse_shard(shard) if shard is not None else None
+        slots = parse_gpus(gpus) if gpus is not None else None
+        dev = parent_device(slots) if slots else runner.resolve_device(device)
         if spec is None:
             spec = default_spec(dev)
             console.print(f"No SPEC given: running the built-in default [bold]{spec}[/bold] "
                           f"({'GPU' if dev.type == 'cuda' else 'CPU, through Triton interpreter'}).")
         sweep = load_spec(spec)
-        if device == "auto" and sweep.device != "auto":
+        if slots:
+            _check_workers_device(gpus, slots[0].cuda, device if device != "auto" else sweep.device)
+            dev = parent_device(slots)
+        elif device == "auto" and sweep.device != "auto":
             dev = runner.resolve_device(sweep.device)
         chosen = sweep.providers
         if providers:
@@ -76,15 +91,37 @@ def run(
         cases = filter_cases(expand(sweep), only or [])
         if not cases:
             raise BadInputError(f"--only {' '.join(only or [])}: no case of {spec} matches")
+        spec_cases, cases = len(cases), shard_cases(cases, part)
+        if not cases:
+            console.print(f"Shard {part} has no cases (the sweep has {spec_cases}); "
+                          "nothing to run.")
+            return
+        if resume is not None:
+            _check_resumed_shard(resume, part)
         plan = runner.plan_run(sweep, cases, chosen, out, resume)
     except DkbenchError as exc:
         raise _fail(exc) from None
 
-    console.print(f"Run directory: [bold]{escape(str(plan.run_dir))}[/bold] ({len(cases)} cases x "
-                  f"{len(chosen)} providers on {dev})")
+    count = (f"{len(cases)} cases" if part is None
+             else f"shard {part}: {len(cases)} of {spec_cases} cases")
+    where = (f"{len(slots)} worker{'s' * (len(slots) > 1)} ({', '.join(s.label for s in slots)})"
+             if slots else str(dev))
+    console.print(f"Run directory: [bold]{escape(str(plan.run_dir))}[/bold] ({count} x "
+                  f"{len(chosen)} providers on {where})")
+    meta = {"shard": str(part) if part else None, "only": list(only or []), "gpus": gpus}
+
+    def warn(text: str) -> None:
+        err_console.print(f"[yellow]warning:[/yellow] {escape(text)}", highlight=False)
+
+    def run_sweep(on_progress=None):
+        if slots:
+            return execute_parallel(sweep, spec.read_text(), plan, slots, on_progress, warn,
+                                    extra_meta=meta)
+        return runner.execute(sweep, spec.read_text(), plan, dev, on_progress, extra_meta=meta)
+
     try:
         if quiet:
-            rows = runner.execute(sweep, spec.read_text(), plan, dev)
+            rows = run_sweep()
         else:
             columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
@@ -94,11 +131,14 @@ def run(
                 def on_progress(text: str, done: int, total: int) -> None:
                     progress.update(task, description=text[:90], completed=done, total=total)
 
-                rows = runner.execute(sweep, spec.read_text(), plan, dev, on_progress)
+                rows = run_sweep(on_progress)
     except KeyboardInterrupt:
         err_console.print(f"Interrupted. Rows so far are in {plan.run_dir}; finish with "
                           f"--resume {plan.run_dir}")
         raise typer.Exit(code=130) from None
+    except DkbenchError as exc:
+        err_console.print(f"Rows so far are in {plan.run_dir}; finish with --resume {plan.run_dir}")
+        raise _fail(exc) from None
     if not quiet and rows:
         console.print(summary_table(rows, sweep.baseline))
     failed = [r for r in rows if r.status != "ok"]
@@ -106,6 +146,24 @@ def run(
         console.print(f"{len(failed)} of {len(rows)} rows did not run ok (see status/message in "
                       "results.csv).")
     console.print(f"Results: [bold]{escape(str(plan.run_dir / 'results.csv'))}[/bold]")
+
+
+def _check_workers_device(gpus: str, cuda: bool, asked: str) -> None:
+    want = "cuda" if cuda else "cpu"
+    if asked not in ("auto", want):
+        raise BadInputError(f"--gpus {gpus} runs on {want}, but the device asked for (--device or "
+                            f"the spec's device) is {asked}")
+
+
+def _check_resumed_shard(resume: Path, part) -> None:
+    from ..results import read_meta
+
+    recorded = read_meta(resume).get("shard")
+    given = str(part) if part is not None else None
+    if recorded != given:
+        raise BadInputError(f"--resume {resume}: that run is "
+                            f"{f'shard {recorded}' if recorded else 'not sharded'}; give "
+                            f"{f'--shard {recorded}' if recorded else 'no --shard'} to finish it")
 
 
 def validate(spec: Annotated[Path, typer.Argument(help="Sweep spec (YAML) to check.")]) -> None:

@@ -11,21 +11,25 @@ from kernels import BlockLayout
 
 from ..spec import Case, Sweep
 
-AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
 class Unsupported(Exception):
     """This provider cannot run this case here; the message says why (becomes status=unsupported)."""
 
 
+def _same(out: torch.Tensor) -> torch.Tensor:
+    return out
+
+
 @dataclass
 class Prepared:
-    """A provider ready to run one case: ``attn(q, k, v)`` on ``(batch, heads, seq, dim)`` inputs."""
+    """A provider ready to run one case: ``attn(*inputs)`` on the mode's inputs (`dkbench.modes`):
+    ``(q, k, v)`` as ``(batch, heads, seq, dim)`` in training modes."""
 
-    attn: AttnFn
+    attn: Callable[..., torch.Tensor]
     config: str = ""
     config_source: str = ""
     launch_config: object = None  # the bundled kernel's LaunchConfig, reused by the check
+    # Turns attn's output into the mode's canonical form, for the check only (never timed).
+    canonical: Callable[[torch.Tensor], torch.Tensor] = _same
 
 
 class Provider:
@@ -35,6 +39,9 @@ class Provider:
     # "pattern": computes the case's block pattern; "dense": computes the dense (causal) problem.
     computes: ClassVar[str] = "dense"
     supports_grad: ClassVar[bool] = True
+    modes: ClassVar[tuple[str, ...]] = ("fwd", "bwd", "fwd_bwd")
+    # A dense provider that runs inference modes on right-padded inputs computes the padding too.
+    pads_inputs: ClassVar[bool] = False
 
     def unavailable(self, device: torch.device) -> str | None:
         """Why this provider cannot run on this device at all, or None when it can."""

@@ -1,12 +1,15 @@
-"""The bundled Triton block-sparse kernel."""
+"""The bundled Triton block-sparse kernels: training forward/backward, varlen prefill, decoding."""
 
 from __future__ import annotations
 
 import torch
 
-from kernels import BlockLayout, LaunchConfig, sparse_attention
+from kernels import (BlockLayout, LaunchConfig, sparse_attention, sparse_attention_decode,
+                     sparse_attention_varlen)
+from kernels.decode import auto_splits, group_plan
 from kernels.fwd import tile_plan
 from kernels.select import resolve_config
+from kernels.varlen import varlen_plan
 
 from ..spec import Case, Sweep
 from .base import Prepared, Provider
@@ -15,10 +18,13 @@ from .base import Prepared, Provider
 class BundledKernel(Provider):
     name = "dkbench"
     computes = "pattern"
+    modes = ("fwd", "bwd", "fwd_bwd", "prefill_varlen", "decode")
 
     def prepare(self, case: Case, layout: BlockLayout, sweep: Sweep, device: torch.device,
                 scale: float, config: object = None) -> Prepared:
         layout = layout.to(device)
+        if case.mode == "decode":
+            return self._decode(case, layout, device, scale)
         probe = torch.empty(1, 1, 1, case.head_dim, device=device, dtype=getattr(torch, case.dtype))
         if config is not None:
             source = "explicit"
@@ -26,9 +32,28 @@ class BundledKernel(Provider):
             config, source = LaunchConfig(**sweep.config.model_dump()), "explicit"
         else:
             config, source = resolve_config("fwd", probe, layout, case.seqlen)
-        tile_plan(layout, config.block_m, case.seqlen)  # index forms built here, outside timing
+        # Index forms are built here, outside the timed region.
+        if case.mode == "prefill_varlen":
+            varlen_plan(layout, config.block_m, case.seqlen)
 
-        def attn(q, k, v):
-            return sparse_attention(q, k, v, layout, sm_scale=scale, seq_dim=2, config=config)
+            def attn(q, k, v, cu_seqlens, *_):
+                return sparse_attention_varlen(q, k, v, cu_seqlens, cu_seqlens, layout,
+                                               sm_scale=scale, config=config)
+        else:
+            tile_plan(layout, config.block_m, case.seqlen)
+
+            def attn(q, k, v):
+                return sparse_attention(q, k, v, layout, sm_scale=scale, seq_dim=2, config=config)
 
         return Prepared(attn, config.short(), source, launch_config=config)
+
+    @staticmethod
+    def _decode(case: Case, layout: BlockLayout, device: torch.device, scale: float) -> Prepared:
+        plan = group_plan(layout, case.heads, case.kv_heads)
+        splits = auto_splits(case.batch, case.kv_heads, plan.max_entries, device)
+
+        def attn(q, k_cache, v_cache, cache_seqlens, *_):
+            return sparse_attention_decode(q, k_cache, v_cache, cache_seqlens, layout,
+                                           sm_scale=scale, num_splits=splits)
+
+        return Prepared(attn, f"splits{splits}", "auto")

@@ -42,7 +42,7 @@ ERRORS: list[tuple[str, dict[str, Any], str, str]] = [
     ("fractional int", {"heads": 2.5}, "heads", "valid integer"),
     ("string for int", {"seqlen": "long"}, "seqlen", "valid integer"),
     ("bad list element", {"heads": [2, "x"]}, "heads.list[int][1]", "valid integer"),
-    ("bad mode", {"mode": "forward"}, "mode", "'fwd', 'bwd' or 'fwd_bwd'"),
+    ("bad mode", {"mode": "forward"}, "mode", "'fwd', 'bwd', 'fwd_bwd', 'prefill_varlen' or 'decode'"),
     ("bad device", {"device": "gpu"}, "device", "'auto', 'cuda' or 'cpu'"),
     ("bad causal", {"causal": "maybe"}, "causal", "valid boolean"),
     ("exclude not a list", {"exclude": {"seqlen": 32}}, "exclude", "valid list"),

@@ -157,7 +157,7 @@ def test_plan_measures_the_default_first_even_when_outside_the_space() -> None:
     space = build_space("fwd", CUDA, 64, {"block_m": (64,), "block_n": (32, 128),
                                           "num_warps": (4,), "num_stages": (2, 8)})
     cands = plan_candidates(space, problem(smem_limit=100 * 1024), CUDA)
-    assert cands.default == LaunchConfig(128, 64, 4, 3)  # kernels.configs.default_config
+    assert cands.default == LaunchConfig(128, 64, 4, 2)  # kernels.configs.default_config
     assert cands.run[0] == cands.default and cands.default not in space.configs()
     assert cands.run[1:] == (LaunchConfig(64, 32, 4, 2),)
     pruned = dict(cands.pruned)
