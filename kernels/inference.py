@@ -155,8 +155,10 @@ def sparse_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
     q: ``(batch, heads, dim)``, the newest token of each sequence; k_cache, v_cache:
     ``(batch, max_len, kv_heads, dim)``, already holding that token's k/v at position
-    ``cache_seqlens[b] - 1``. The pattern row of that position decides which cached blocks are
-    read. ``num_splits`` (split-K over kept blocks) is chosen to fill the GPU unless given.
+    ``cache_seqlens[b] - 1``; lengths must lie in ``[1, max_len]`` (checked when
+    ``cache_seqlens`` is on the CPU; on the GPU they are not read back, to avoid a sync per step).
+    The pattern must cover ``max_len``. The pattern row of the new token's position decides which
+    cached blocks are read. ``num_splits`` (split-K over kept blocks) is chosen to fill the GPU unless given.
     Returns ``(batch, heads, dim)``.
     """
     if not all(isinstance(t, torch.Tensor) for t in (q, k_cache, v_cache)):
@@ -167,14 +169,21 @@ def sparse_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     _check_common(q[:, None], k_cache, v_cache, layout, 4, sm_scale)
     if not layout.causal:
         raise ValueError("decoding needs a causal layout (a new token sees only the past)")
-    lens = _lengths("cache_seqlens", cache_seqlens)
+    if (not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dim() != 1
+            or cache_seqlens.dtype.is_floating_point):
+        raise TypeError("cache_seqlens must be a 1-D integer tensor")
     batch, max_len = k_cache.shape[0], k_cache.shape[1]
-    if q.shape[0] != batch or len(lens) != batch:
-        raise ValueError(f"q has batch {q.shape[0]}, the caches {batch}, cache_seqlens {len(lens)}")
-    if min(lens) < 1 or max(lens) > max_len:
-        raise ValueError(f"cache_seqlens must be in [1, {max_len}] (the new token is already in "
-                         f"the cache), got {min(lens)}..{max(lens)}")
-    layout.check_seqlen(max(lens), 1)
+    if q.shape[0] != batch or cache_seqlens.shape[0] != batch:
+        raise ValueError(f"q has batch {q.shape[0]}, the caches {batch}, cache_seqlens "
+                         f"{cache_seqlens.shape[0]}")
+    if cache_seqlens.device.type == "cpu":
+        lens = cache_seqlens.tolist()
+        if min(lens) < 1 or max(lens) > max_len:
+            raise ValueError(f"cache_seqlens must be in [1, {max_len}] (the new token is already "
+                             f"in the cache), got {min(lens)}..{max(lens)}")
+    # Lengths on the GPU are not read back: a host sync per decoding step would cost more than
+    # the step (the caller keeps them in [1, max_len], as with FlashAttention's kvcache API).
+    layout.check_seqlen(max_len, 1)
     if num_splits is not None and not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
     if q.shape[1] // k_cache.shape[2] > 31:
