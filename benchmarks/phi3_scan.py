@@ -80,7 +80,7 @@ def main() -> None:
                 print(f"  {cfg.short()}: {ms:.3f} ms  ratio {ms / base:.3f}")
                 rows.append(dict(gpu=gpu, seqlen=seqlen, mode=mode, provider="dkbench",
                                  config=cfg.short(), ms=ms, ratio=ms / base))
-        del q, k, v
+        q = k = v = None  # free before the next length
         torch.cuda.empty_cache()
     with open(args.out, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))

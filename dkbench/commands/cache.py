@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from dkbench.cache import cache_errors, cache_rows
+from dkbench.commands.errors import fail
 from dkbench.errors import DkbenchError
 from kernels.config_cache import ENV_VAR, ConfigCache
 
@@ -41,8 +42,7 @@ def _cli_errors() -> Iterator[None]:
         with cache_errors():
             yield
     except DkbenchError as e:
-        err_console.print(f"[red]error:[/red] {escape(str(e))}")
-        raise typer.Exit(code=e.exit_code) from e
+        raise fail(e) from e
 
 
 @cache_app.command()

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dkbench.errors import BadInputError, DkbenchError, RegressionError
+from dkbench.commands.errors import fail
 from dkbench.gate import (FAILED, IMPROVED, REGRESSION, SKIPPED, TABLE_HEADER, GateResult,
                           parse_tolerance, run_gate, table_rows, to_markdown)
 
@@ -61,7 +62,6 @@ def gate(
         show_default=False)] = None,
 ) -> None:
     """Compare CURRENT against --baseline; exit 0 pass, 1 regression, 2 bad input."""
-    err_console = Console(stderr=True)
     try:
         result = run_gate(
             current, baseline, metric=metric, against=against,
@@ -75,7 +75,6 @@ def gate(
             except OSError as err:
                 raise BadInputError(f"--markdown {markdown}: cannot write ({err})") from None
     except DkbenchError as err:
-        err_console.print(f"error: {err}", style="red", markup=False, soft_wrap=True)
-        raise typer.Exit(code=err.exit_code) from None
+        raise fail(err) from None
     if not result.passed:
         raise typer.Exit(code=RegressionError.exit_code)

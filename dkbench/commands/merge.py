@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..errors import DkbenchError
+from dkbench.commands.errors import fail
 
 
 def merge(
@@ -30,8 +31,7 @@ def merge(
     try:
         result = merge_runs(run_dirs, out, force=force)
     except DkbenchError as exc:
-        err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(code=exc.exit_code) from None
+        raise fail(exc) from None
     for note in result.notes:
         err_console.print(f"[yellow]warning:[/yellow] {escape(note)}", highlight=False)
     shards = f" (shards {', '.join(result.shards)})" if result.shards else ""

@@ -1,21 +1,16 @@
 """`dkbench plot` and `dkbench report`: figures and a Markdown page from run directories."""
 
 from pathlib import Path
-from typing import Annotated, NoReturn, Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
 from dkbench.errors import DkbenchError
+from dkbench.commands.errors import fail
 
 _PATH_HELP = ("A run directory (results.csv + meta.json, maybe tune.csv), or a directory of run "
               "directories to compare.")
-
-
-def _fail(err: DkbenchError) -> NoReturn:
-    Console(stderr=True).print(f"[bold red]error:[/bold red] {escape(str(err))}", soft_wrap=True)
-    raise typer.Exit(code=err.exit_code)
 
 
 def plot(
@@ -35,7 +30,7 @@ def plot(
     try:
         written = plot_path(path, metric=metric, formats=formats, out=out)
     except DkbenchError as err:
-        _fail(err)
+        raise fail(err) from None
     console = Console()
     console.print(f"wrote {len(written)} figure files:", markup=False)
     for file in written:
@@ -54,5 +49,5 @@ def report(
     try:
         written = write_report(path, out=out)
     except DkbenchError as err:
-        _fail(err)
+        raise fail(err) from None
     Console().print(f"wrote {written}", markup=False, highlight=False, soft_wrap=True)

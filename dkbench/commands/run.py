@@ -13,12 +13,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..errors import BadInputError, DkbenchError
+from .errors import err_console, fail
 from ..spec import excluded_for_provider, expand, filter_cases, load_spec
 
 SWEEPS_DIR = Path(__file__).resolve().parents[2] / "sweeps"
 
 console = Console()
-err_console = Console(stderr=True)
 
 
 def default_spec(device: torch.device) -> Path:
@@ -27,11 +27,6 @@ def default_spec(device: torch.device) -> Path:
         if (folder / name).is_file():
             return folder / name
     raise BadInputError(f"no SPEC given and the built-in default sweeps/{name} was not found")
-
-
-def _fail(exc: DkbenchError) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
-    return typer.Exit(code=exc.exit_code)
 
 
 def run(
@@ -100,7 +95,7 @@ def run(
             _check_resumed_shard(resume, part)
         plan = runner.plan_run(sweep, cases, chosen, out, resume)
     except DkbenchError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
 
     count = (f"{len(cases)} cases" if part is None
              else f"shard {part}: {len(cases)} of {spec_cases} cases")
@@ -138,7 +133,7 @@ def run(
         raise typer.Exit(code=130) from None
     except DkbenchError as exc:
         err_console.print(f"Rows so far are in {plan.run_dir}; finish with --resume {plan.run_dir}")
-        raise _fail(exc) from None
+        raise fail(exc) from None
     if not quiet and rows:
         console.print(summary_table(rows, sweep.baseline))
     failed = [r for r in rows if r.status != "ok"]
@@ -171,7 +166,7 @@ def validate(spec: Annotated[Path, typer.Argument(help="Sweep spec (YAML) to che
     try:
         sweep = load_spec(spec)
     except DkbenchError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     cases = expand(sweep)
     rows = sum(not excluded_for_provider(sweep, case, p) for case in cases for p in sweep.providers)
     console.print(f"{escape(str(spec))}: ok, {len(cases)} cases x {len(sweep.providers)} providers "
@@ -187,7 +182,7 @@ def env(device: Annotated[str, typer.Option(help="auto, cuda or cpu.")] = "auto"
     try:
         dev = resolve_device(device)
     except DkbenchError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     info = environment(dev)
     table = Table(title="environment", show_header=False)
     for key, value in info.items():

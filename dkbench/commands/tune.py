@@ -16,10 +16,10 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 from rich.table import Table
 
 from ..errors import BadInputError, DkbenchError
+from dkbench.commands.errors import err_console, fail
 from ..tune_space import CPU_SHAPE, GPU_SHAPE, TuneJob
 
 console = Console()
-err_console = Console(stderr=True)
 
 _SHAPE_HELP = "Single shape (instead of SPEC): {what}. Default {gpu} on a GPU, {cpu} on the CPU."
 
@@ -30,11 +30,6 @@ def _shape_help(key: str, what: str) -> str:
 
 def _list_help(axis: str, example: str) -> str:
     return f"Comma-separated {axis} values to search (e.g. {example}). Default: the space above."
-
-
-def _fail(exc: DkbenchError) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
-    return typer.Exit(code=exc.exit_code)
 
 
 def tune(
@@ -128,7 +123,7 @@ def tune(
         chosen_mode = resolve_mode(sweep, mode)
         jobs = plan_tune(sweep, chosen_mode, dev, overrides)
     except DkbenchError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
 
     if dry_run:
         console.print(_dry_run_table(jobs, dev))
@@ -139,7 +134,7 @@ def tune(
     try:
         outcome = _execute(tuning, sweep, spec_text, jobs, dev, out, cache)
     except DkbenchError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     except KeyboardInterrupt:
         err_console.print("Interrupted: rows of finished cases are in the tune directory; the "
                           "cache was not written.")
