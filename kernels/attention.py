@@ -13,58 +13,27 @@ from torch import nn
 
 from . import select
 from .bwd import sparse_attention_bwd
+from .checks import check_heads, check_scale, check_tensors
 from .configs import LaunchConfig, check_config
-from .fwd import interpreting, sparse_attention_fwd
+from .fwd import sparse_attention_fwd
 from .layout import BlockLayout, local_stride_layout
-
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
-
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
                   seq_dim: int, sm_scale: float | None) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (batch, seq, heads, dim) with seq_dim=1 or "
-                             f"(batch, heads, seq, dim) with seq_dim=2, got shape {tuple(t.shape)}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if q.device.type == "cpu" and not interpreting():
-        raise ValueError("q, k and v are CPU tensors: the Triton kernels need a GPU, or "
-                         "TRITON_INTERPRET=1 set before triton is imported to run on the CPU")
-    if q.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {q.device}")
-    if not isinstance(layout, BlockLayout):
-        raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
+    check_tensors(("q", "k", "v"), (q, k, v), 4,
+                  "(batch, seq, heads, dim) with seq_dim=1 or (batch, heads, seq, dim) with seq_dim=2")
     if seq_dim not in (1, 2):
         raise ValueError(f"seq_dim must be 1 (batch, seq, heads, dim) or 2 (batch, heads, seq, dim), "
                          f"got {seq_dim}")
-    if sm_scale is not None and not (math.isfinite(sm_scale) and sm_scale > 0):
-        raise ValueError(f"sm_scale must be a positive finite number, got {sm_scale}")
-
+    check_scale(sm_scale)
     head_axis = 3 - seq_dim
-    batch, heads, dim = q.shape[0], q.shape[head_axis], q.shape[3]
     if k.shape != v.shape:
         raise ValueError(f"k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[0] != batch:
-        raise ValueError(f"q and k must have one batch size, got {batch} and {k.shape[0]}")
-    if k.shape[3] != dim:
-        raise ValueError(f"q and k must have one head_dim, got {dim} and {k.shape[3]}")
-    if not MIN_HEAD_DIM <= dim <= MAX_HEAD_DIM:
-        raise ValueError(f"head_dim must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {dim}")
-    kv_heads = k.shape[head_axis]
-    if kv_heads == 0 or heads % kv_heads:
-        raise ValueError(f"the number of query heads ({heads}) must be a multiple of the number of "
-                         f"kv heads ({kv_heads})")
-    if layout.heads not in (1, kv_heads, heads):
-        raise ValueError(f"layout has {layout.heads} pattern heads; expected 1, kv_heads={kv_heads} "
-                         f"or heads={heads}")
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"q and k must have one batch size, got {q.shape[0]} and {k.shape[0]}")
+    if k.shape[3] != q.shape[3]:
+        raise ValueError(f"q and k must have one head_dim, got {q.shape[3]} and {k.shape[3]}")
+    check_heads(q.shape[head_axis], k.shape[head_axis], q.shape[3], layout)
     layout.check_seqlen(k.shape[seq_dim], q.shape[seq_dim])
 
 

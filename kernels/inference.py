@@ -11,51 +11,28 @@ import math
 import torch
 
 from . import select
-from .attention import SUPPORTED_DTYPES, MAX_HEAD_DIM, MIN_HEAD_DIM
+from .checks import check_heads, check_scale, check_tensors
 from .configs import LaunchConfig, check_config
 from .decode import MAX_SPLITS, sparse_attention_decode_fwd
-from .fwd import interpreting
 from .layout import BlockLayout
 from .varlen import new_varlen_output, sequences, sparse_attention_fwd_varlen
 
 
 def _check_common(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
-                  ranks: int, sm_scale: float | None) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != ranks:
-            raise ValueError(f"{name} must be {ranks}-D, got shape {tuple(t.shape)}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32")
+                  ranks: int, sm_scale: float | None, names: tuple[str, str, str] = ("q", "k", "v"),
+                  shape_hint: str = "") -> None:
+    check_tensors(names, (q, k, v), ranks, shape_hint)
+    for name, t in zip(names, (q, k, v)):
         if t.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"{name} requires grad: the varlen, padded and decode forms are "
                              "inference-only; use sparse_attention for training")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if q.device.type == "cpu" and not interpreting():
-        raise ValueError("q, k and v are CPU tensors: the Triton kernels need a GPU, or "
-                         "TRITON_INTERPRET=1 set before triton is imported to run on the CPU")
-    if not isinstance(layout, BlockLayout):
-        raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    dim = q.shape[-1]
-    if k.shape[-1] != dim:
-        raise ValueError(f"q and k must have one head_dim, got {dim} and {k.shape[-1]}")
-    if not MIN_HEAD_DIM <= dim <= MAX_HEAD_DIM:
-        raise ValueError(f"head_dim must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {dim}")
-    heads, kv_heads = q.shape[-2], k.shape[-2]
-    if kv_heads == 0 or heads % kv_heads:
-        raise ValueError(f"the number of query heads ({heads}) must be a multiple of the number of "
-                         f"kv heads ({kv_heads})")
-    if layout.heads not in (1, kv_heads, heads):
-        raise ValueError(f"layout has {layout.heads} pattern heads; expected 1, kv_heads={kv_heads} "
-                         f"or heads={heads}")
-    if sm_scale is not None and not (math.isfinite(sm_scale) and sm_scale > 0):
-        raise ValueError(f"sm_scale must be a positive finite number, got {sm_scale}")
+        raise ValueError(f"{names[1]} and {names[2]} must have one shape, got {tuple(k.shape)} "
+                         f"and {tuple(v.shape)}")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"q and k must have one head_dim, got {q.shape[-1]} and {k.shape[-1]}")
+    check_heads(q.shape[-2], k.shape[-2], q.shape[-1], layout)
+    check_scale(sm_scale)
 
 
 def _lengths(name: str, t: torch.Tensor) -> list[int]:
@@ -94,7 +71,7 @@ def sparse_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     ``q_len_i`` of its ``k_len_i`` positions, so chunked prefill of several sequences is one call.
     Returns ``(total_q, heads, dim)``.
     """
-    _check_common(q, k, v, layout, 3, sm_scale)
+    _check_common(q, k, v, layout, 3, sm_scale, shape_hint="(total, heads, dim)")
     cq, ck = _lengths("cu_seqlens_q", cu_seqlens_q), _lengths("cu_seqlens_k", cu_seqlens_k)
     if len(cq) != len(ck) or len(cq) < 2:
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must both have num_seqs + 1 >= 2 entries, "
@@ -126,7 +103,7 @@ def sparse_attention_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q: ``(batch, seq, heads, dim)``; k, v: ``(batch, seq, kv_heads, dim)``. Each sequence's pattern
     starts at its first real token (not at the padding). Padded output rows are zero.
     """
-    _check_common(q, k, v, layout, 4, sm_scale)
+    _check_common(q, k, v, layout, 4, sm_scale, shape_hint="(batch, seq, heads, dim)")
     lens = _lengths("seq_lens", seq_lens)
     batch, seq = q.shape[0], q.shape[1]
     if k.shape[0] != batch or k.shape[1] != seq:
@@ -166,7 +143,8 @@ def sparse_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if q.dim() != 3 or k_cache.dim() != 4 or v_cache.dim() != 4:
         raise ValueError(f"q must be (batch, heads, dim) and the caches (batch, max_len, kv_heads, "
                          f"dim), got {tuple(q.shape)} and {tuple(k_cache.shape)}")
-    _check_common(q[:, None], k_cache, v_cache, layout, 4, sm_scale)
+    _check_common(q[:, None], k_cache, v_cache, layout, 4, sm_scale,
+                  ("q", "k_cache", "v_cache"), "(batch, max_len, kv_heads, dim)")
     if not layout.causal:
         raise ValueError("decoding needs a causal layout (a new token sees only the past)")
     if (not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dim() != 1
