@@ -13,9 +13,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from dkbench.cache import cache_errors, cache_rows
-from dkbench.commands.errors import fail
 from dkbench.errors import DkbenchError
 from kernels.config_cache import ENV_VAR, ConfigCache
+
+from .errors import fail
 
 cache_app = typer.Typer(
     help="Inspect and manage the best-config cache that the bundled kernels read at launch.",

@@ -10,9 +10,20 @@ from rich.console import Console
 from rich.table import Table
 
 from dkbench.errors import BadInputError, DkbenchError, RegressionError
-from dkbench.commands.errors import fail
-from dkbench.gate import (FAILED, IMPROVED, REGRESSION, SKIPPED, TABLE_HEADER, GateResult,
-                          parse_tolerance, run_gate, table_rows, to_markdown)
+from dkbench.gate import (
+    FAILED,
+    IMPROVED,
+    REGRESSION,
+    SKIPPED,
+    TABLE_HEADER,
+    GateResult,
+    parse_tolerance,
+    run_gate,
+    table_rows,
+    to_markdown,
+)
+
+from .errors import fail
 
 _STYLES = {FAILED: "bold red", REGRESSION: "bold red", IMPROVED: "green", SKIPPED: "yellow"}
 

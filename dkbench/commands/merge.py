@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..errors import DkbenchError
-from dkbench.commands.errors import fail
+from .errors import fail
 
 
 def merge(

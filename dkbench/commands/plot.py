@@ -7,7 +7,8 @@ import typer
 from rich.console import Console
 
 from dkbench.errors import DkbenchError
-from dkbench.commands.errors import fail
+
+from .errors import fail
 
 _PATH_HELP = ("A run directory (results.csv + meta.json, maybe tune.csv), or a directory of run "
               "directories to compare.")

@@ -9,12 +9,12 @@ import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from ..errors import BadInputError, DkbenchError
-from .errors import err_console, fail
 from ..spec import excluded_for_provider, expand, filter_cases, load_spec
+from .errors import err_console, fail
+from .progress import progress_bar
 
 SWEEPS_DIR = Path(__file__).resolve().parents[2] / "sweeps"
 
@@ -118,14 +118,7 @@ def run(
         if quiet:
             rows = run_sweep()
         else:
-            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                       TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
-            with Progress(*columns, console=console, transient=False) as progress:
-                task = progress.add_task("starting", total=None)
-
-                def on_progress(text: str, done: int, total: int) -> None:
-                    progress.update(task, description=text[:90], completed=done, total=total)
-
+            with progress_bar(console) as on_progress:
                 rows = run_sweep(on_progress)
     except KeyboardInterrupt:
         err_console.print(f"Interrupted. Rows so far are in {plan.run_dir}; finish with "
@@ -136,6 +129,9 @@ def run(
         raise fail(exc) from None
     if not quiet and rows:
         console.print(summary_table(rows, sweep.baseline))
+        if rows[0].interpreter:
+            console.print("Timings above ran through Triton's interpreter on the CPU: they check "
+                          "the pipeline and say nothing about GPU performance.")
     failed = [r for r in rows if r.status != "ok"]
     if failed:
         console.print(f"{len(failed)} of {len(rows)} rows did not run ok (see status/message in "

@@ -11,13 +11,12 @@ import typer
 import yaml
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
 from rich.table import Table
 
 from ..errors import BadInputError, DkbenchError
-from dkbench.commands.errors import err_console, fail
 from ..tune_space import CPU_SHAPE, GPU_SHAPE, TuneJob
+from .errors import err_console, fail
+from .progress import progress_bar
 
 console = Console()
 
@@ -94,7 +93,13 @@ def tune(
     from .. import tune as tuning
     from ..runner import resolve_device
     from ..spec import load_spec
-    from ..tune_space import AXES, parse_int_list, plan_tune, resolve_mode, sweep_from_flags
+    from ..tune_space import (
+        AXES,
+        parse_int_list,
+        plan_tune,
+        resolve_mode,
+        sweep_from_flags,
+    )
 
     shape = {"seqlen": seqlen, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
              "dtype": dtype, "batch": batch, "block_size": block_size,
@@ -153,14 +158,7 @@ def _check_interpreter(dev: torch.device) -> None:
 
 def _execute(tuning, sweep, spec_text: str, jobs: list[TuneJob], dev: torch.device, out: Path,
              cache: Path | None):
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("starting", total=None)
-
-        def on_progress(text: str, done: int, total: int) -> None:
-            progress.update(task, description=text[:90], completed=done, total=total)
-
+    with progress_bar(console) as on_progress:
         return tuning.execute_tune(sweep, spec_text, jobs, dev, out, cache, on_progress)
 
 
