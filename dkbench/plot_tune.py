@@ -12,7 +12,8 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from dkbench.plot import INTERPRETER_NOTE, NamedFigure, slug
+from dkbench.plot import NamedFigure, slug
+from dkbench.runs import INTERPRETER_NOTE
 
 # Faster is brighter; grey marks configs that were not run or failed.
 _CMAP = matplotlib.colormaps["viridis_r"].with_extremes(bad="0.85")

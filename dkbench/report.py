@@ -12,13 +12,13 @@ from typing import Sequence
 import pandas as pd
 
 from dkbench.errors import BadInputError
-from dkbench.plot import (INTERPRETER_NOTE, Run, build_figures, load_runs, output_root,
-                          save_figures)
+from dkbench.plot import build_figures, output_root, save_figures
 from dkbench.results import KEY_COLUMNS
+from dkbench.runs import INTERPRETER_NOTE, Run, load_runs
 
 REPORT_FILE = "report.md"
 WINNER = "★"
-# (row label, meta.json keys tried in order): the runner's key names may differ across versions.
+# (row label, meta.json keys tried in order, at the top level and then under "environment").
 META_FIELDS = (
     ("run name", ("name",)),
     ("GPU", ("gpu", "gpu_name", "device")),
@@ -31,7 +31,7 @@ META_FIELDS = (
 CSV_PROVENANCE = ("run_id", "gpu", "torch_version", "triton_version", "git_sha", "interpreter",
                   "timer", "command")
 CASE_COLUMNS = tuple(c for c in KEY_COLUMNS if c != "provider")
-_MODE_ORDER = {"fwd": 0, "bwd": 1, "fwd_bwd": 2, "decode": 3}
+_MODE_ORDER = {"fwd": 0, "bwd": 1, "fwd_bwd": 2, "prefill_varlen": 3, "decode": 4}
 
 
 def _cell(value: object) -> str:
@@ -54,8 +54,9 @@ def _num(value: float, fmt: str) -> str:
 
 
 def _meta_value(meta: dict, keys: Sequence[str]) -> object:
+    environment = meta.get("environment") if isinstance(meta.get("environment"), dict) else {}
     for key in keys:
-        value = meta.get(key)
+        value = meta.get(key, environment.get(key))
         if isinstance(value, dict):  # e.g. {"spec": {"name": ..., "path": ...}}
             value = value.get("name") or value.get("path")
         if value not in (None, ""):

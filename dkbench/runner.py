@@ -16,7 +16,14 @@ from .check import random_inputs, run_check
 from .envinfo import command_line, environment
 from .errors import BadInputError
 from .providers import PROVIDERS, Provider, Unsupported
-from .results import RESULTS_FILE, ResultRow, append_row, read_meta, read_results, write_meta
+from .results import (
+    RESULTS_FILE,
+    ResultRow,
+    append_row,
+    read_meta,
+    read_results,
+    write_meta,
+)
 from .spec import Case, Sweep, excluded_for_provider
 from .timing import measure, peak_memory_mb
 

@@ -7,14 +7,21 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import re
 import itertools
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import SpecError
 from .patterns import PATTERN_TYPES, FilePattern, PatternSpec

@@ -11,6 +11,7 @@ from kernels import BlockLayout
 
 from ..spec import Case, Sweep
 
+
 class Unsupported(Exception):
     """This provider cannot run this case here; the message says why (becomes status=unsupported)."""
 

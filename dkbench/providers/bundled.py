@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from kernels import (BlockLayout, LaunchConfig, sparse_attention, sparse_attention_decode,
-                     sparse_attention_varlen)
+from kernels import (
+    BlockLayout,
+    LaunchConfig,
+    sparse_attention,
+    sparse_attention_decode,
+    sparse_attention_varlen,
+)
 from kernels.decode import auto_splits, group_plan
 from kernels.fwd import tile_plan
 from kernels.select import resolve_config

@@ -138,3 +138,15 @@ def test_cli_report_bad_input_exits_2(tmp_path):
     result = CliRunner().invoke(cli(), ["report", str(tmp_path / "run")])
     assert result.exit_code == 2, result.output
     assert "results.csv: empty file" in result.output, result.output
+
+
+def test_environment_comes_from_the_runners_meta(tmp_path):
+    # The runner nests versions under meta.json's "environment".
+    from dkbench.report import render_report
+
+    meta = {"name": "nested", "environment": {"gpu": "GPU-X", "torch": "9.9", "triton": "8.8",
+                                              "python": "3.99"}}
+    runs = load_runs(write_run(tmp_path / "r", sample_rows(), meta))
+    text = render_report(runs)
+    for want in ("| GPU | GPU-X |", "| torch | 9.9 |", "| triton | 8.8 |", "| python | 3.99 |"):
+        assert want in text, want
