@@ -21,6 +21,12 @@ class CacheError(DkbenchError):
     """The best-config cache cannot be read or written."""
 
 
+class NoWorkersLeft(DkbenchError):
+    """Every GPU was dropped after repeated worker deaths while cases were still pending."""
+
+    exit_code = 1
+
+
 class RegressionError(DkbenchError):
     """The gate found a regression."""
 

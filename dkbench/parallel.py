@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 import torch
 
 from . import runner
-from .errors import BadInputError, DkbenchError
+from .errors import BadInputError, NoWorkersLeft
 from .results import RESULTS_FILE, ResultRow, append_row
 from .shard import largest_first
 from .spec import Case, Sweep
@@ -43,12 +43,6 @@ CRASH_EXIT = 3
 CONTEXT_LOST_EXIT = 75
 
 Progress = Callable[[str, int, int], None]
-
-
-class NoWorkersLeft(DkbenchError):
-    """Every GPU was dropped after repeated worker deaths while cases were still pending."""
-
-    exit_code = 1
 
 
 @dataclass(frozen=True)
