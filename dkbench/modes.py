@@ -1,7 +1,7 @@
 """What each benchmark mode feeds a provider, and the reference it is checked against.
 
 Training modes (`fwd`, `bwd`, `fwd_bwd`) pass ``(q, k, v)`` as ``(batch, heads, seq, dim)``.
-Inference modes give every sequence its own length, drawn (seeded) from
+Inference modes give every sequence its own length: the spec's `lengths`, or drawn (seeded) from
 ``[seqlen * (1 - length_spread), seqlen]`` with the first sequence at ``seqlen``:
 
 - `prefill_varlen`: `VarlenInputs`, the packed sequences plus a right-padded copy for dense
@@ -43,7 +43,9 @@ class DecodeInputs(NamedTuple):
 
 
 def sequence_lengths(case: Case) -> tuple[int, ...]:
-    """Per-sequence lengths of an inference case: reproducible from the case alone."""
+    """Per-sequence lengths of an inference case: the spec's `lengths`, or drawn reproducibly."""
+    if case.lengths:
+        return case.lengths
     rng = random.Random(f"{case.seed}|{case.case_id}")
     low = max(1, round(case.seqlen * (1.0 - case.length_spread)))
     return (case.seqlen, *(rng.randint(low, case.seqlen) for _ in range(case.batch - 1)))

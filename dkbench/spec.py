@@ -96,6 +96,9 @@ class Sweep(BaseModel):
     # prefill_varlen and decode: each sequence's length is drawn from
     # [seqlen * (1 - length_spread), seqlen] (seeded); 0 makes them all seqlen.
     length_spread: float = Field(0.0, ge=0.0, lt=1.0)
+    # prefill_varlen and decode: the exact per-sequence lengths (for decode, the cache lengths);
+    # the batch is their count and every one must be <= seqlen (the padded length).
+    lengths: list[int] | None = Field(None, min_length=1)
     timing: Timing = Field(default_factory=Timing)
     check: Check = Field(default_factory=Check)
     config: LaunchConfigSpec | None = None
@@ -103,6 +106,16 @@ class Sweep(BaseModel):
 
     @model_validator(mode="after")
     def _one_batch_key(self) -> "Sweep":
+        if self.lengths is not None:
+            if any(m not in INFERENCE_MODES for m in _as_list(self.mode)):
+                raise ValueError("lengths applies to the prefill_varlen and decode modes only")
+            if self.batch_tokens is not None or (self.batch is not None and
+                                                  _as_list(self.batch) != [len(self.lengths)]):
+                raise ValueError(f"with lengths the batch is their count ({len(self.lengths)}); "
+                                 "leave out batch and batch_tokens")
+            if min(self.lengths) < 1:
+                raise ValueError("lengths must be positive (zero-length sequences are not allowed)")
+            return self
         if (self.batch is None) == (self.batch_tokens is None):
             raise ValueError("give exactly one of 'batch' and 'batch_tokens'")
         if self.q_len is not None and any(m in INFERENCE_MODES for m in _as_list(self.mode)):
@@ -128,6 +141,7 @@ class Case:
     sm_scale: float | None
     seed: int
     length_spread: float = 0.0
+    lengths: tuple[int, ...] | None = None
 
     @property
     def block_size(self) -> int:
@@ -140,6 +154,8 @@ class Case:
                   self.seed)
         if self.length_spread:
             fields += (self.length_spread,)
+        if self.lengths:
+            fields += (self.lengths,)
         text = repr(fields)
         return hashlib.sha1(text.encode()).hexdigest()[:10]
 
@@ -275,6 +291,9 @@ def _check_case(case: Case, fail) -> None:
         fail("kv_heads", f"heads={case.heads} is not divisible by kv_heads={case.kv_heads}")
     if case.batch < 1:
         fail("batch_tokens", f"fewer tokens than seqlen={case.seqlen} gives a batch of 0")
+    if case.lengths and max(case.lengths) > case.seqlen:
+        fail("lengths", f"the longest sequence ({max(case.lengths)}) exceeds seqlen={case.seqlen}, "
+             "the padded length")
     if case.q_len > case.seqlen:
         fail("q_len", f"q_len={case.q_len} exceeds seqlen={case.seqlen}; queries are the last "
              "positions of the key sequence")
@@ -297,7 +316,8 @@ def _layout_for_check(case: Case):
 def expand(sweep: Sweep) -> list[Case]:
     """The cartesian product of every list axis, minus excluded cases, in a stable order."""
     kv_heads = _as_list(sweep.kv_heads) if sweep.kv_heads is not None else [None]
-    batches = _as_list(sweep.batch) if sweep.batch is not None else [None]
+    batches = (_as_list(sweep.batch) if sweep.batch is not None
+               else [len(sweep.lengths)] if sweep.lengths else [None])
     tokens = _as_list(sweep.batch_tokens) if sweep.batch_tokens is not None else [None]
     q_lens = _as_list(sweep.q_len) if sweep.q_len is not None else [None]
     cases = []
@@ -312,7 +332,8 @@ def expand(sweep: Sweep) -> list[Case]:
                     q_len=q_len if q_len is not None else seqlen, heads=heads,
                     kv_heads=kvh if kvh is not None else heads, head_dim=dim, causal=causal,
                     pattern=pattern, sm_scale=sweep.sm_scale, seed=sweep.seed,
-                    length_spread=sweep.length_spread if mode in INFERENCE_MODES else 0.0)
+                    length_spread=sweep.length_spread if mode in INFERENCE_MODES else 0.0,
+                    lengths=tuple(sweep.lengths) if sweep.lengths else None)
         if not any(_matches(case, rule) for rule in sweep.exclude):
             cases.append(case)
     return cases

@@ -77,3 +77,15 @@ def test_decode_needs_causal_and_inference_modes_take_no_q_len(tmp_path):
         load_spec(write_spec(tmp_path, **INFER, mode="decode", causal=False))
     with pytest.raises(SpecError, match="q_len applies to fwd/bwd/fwd_bwd"):
         load_spec(write_spec(tmp_path, **INFER, mode="decode", q_len=16))
+
+
+def test_explicit_lengths_set_the_batch(tmp_path):
+    spec = {**INFER, "batch": None, "lengths": [64, 17, 40]}
+    (case,) = expand(load_spec(write_spec(tmp_path, **spec, mode="decode")))
+    assert case.batch == 3 and sequence_lengths(case) == (64, 17, 40)
+    with pytest.raises(SpecError, match="exceeds seqlen=64"):
+        load_spec(write_spec(tmp_path, **{**spec, "lengths": [65]}, mode="decode"))
+    with pytest.raises(SpecError, match="prefill_varlen and decode modes only"):
+        load_spec(write_spec(tmp_path, **spec, mode="fwd"))
+    with pytest.raises(SpecError, match="leave out batch"):
+        load_spec(write_spec(tmp_path, **{**spec, "batch": 2}, mode="decode"))
