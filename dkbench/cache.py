@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dkbench.errors import CacheError
-from kernels.config_cache import CONFIG_FIELDS
+from kernels.config_cache import CONFIG_FIELDS, CacheKey
 
 
 @contextmanager
@@ -28,18 +28,9 @@ def cache_errors() -> Iterator[None]:
 
 @dataclass(frozen=True)
 class CacheRow:
-    """One cache entry, flattened for a table."""
+    """One cache entry for a table: its key, the config as text, and its timings."""
 
-    gpu: str
-    capability: str
-    triton: str
-    kernel: str
-    kernel_hash: str
-    dtype: str
-    head_dim: int
-    block_size: int
-    seqlen_bucket: int
-    density_bucket: float
+    key: CacheKey
     config: str
     ms: float
     default_ms: float
@@ -64,7 +55,7 @@ def cache_rows(entries: Mapping[str, Mapping[str, Any]]) -> list[CacheRow]:
         key, ms, default_ms = entry["key"], float(entry["ms"]), float(entry["default_ms"])
         rows.append(
             CacheRow(
-                **key,
+                CacheKey.from_dict(key),
                 config=format_config(entry["config"]),
                 ms=ms,
                 default_ms=default_ms,
@@ -74,10 +65,6 @@ def cache_rows(entries: Mapping[str, Mapping[str, Any]]) -> list[CacheRow]:
                 source=str(entry.get("source", "")),
             )
         )
-    rows.sort(
-        key=lambda r: (
-            r.gpu, r.triton, r.kernel, r.dtype, r.head_dim, r.block_size, r.seqlen_bucket,
-            r.density_bucket,
-        )
-    )
+    rows.sort(key=lambda r: (r.key.gpu, r.key.triton, r.key.kernel, r.key.dtype, r.key.head_dim,
+                             r.key.block_size, r.key.seqlen_bucket, r.key.density_bucket))
     return rows

@@ -13,10 +13,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from dkbench.cache import cache_errors, cache_rows
-from dkbench.errors import DkbenchError
 from kernels.config_cache import ENV_VAR, ConfigCache
 
-from .errors import fail
+from .errors import cli_errors
 
 cache_app = typer.Typer(
     help="Inspect and manage the best-config cache that the bundled kernels read at launch.",
@@ -38,12 +37,9 @@ CacheOption = Annotated[
 
 @contextmanager
 def _cli_errors() -> Iterator[None]:
-    """Report a harness error on stderr and exit with its code; only the CLI prints and exits."""
-    try:
-        with cache_errors():
-            yield
-    except DkbenchError as e:
-        raise fail(e) from e
+    """Cache library errors become harness errors, reported like every other command's."""
+    with cli_errors(), cache_errors():
+        yield
 
 
 @cache_app.command()
@@ -62,9 +58,10 @@ def show(cache: CacheOption = None) -> None:
     for name in ("ms", "default_ms", "speedup"):
         table.add_column(name, justify="right")
     for r in rows:
+        k = r.key
         table.add_row(
-            escape(r.gpu), r.capability, r.triton, r.kernel, r.kernel_hash, r.dtype,
-            str(r.head_dim), str(r.block_size), str(r.seqlen_bucket), f"{r.density_bucket:.2f}",
+            escape(k.gpu), k.capability, k.triton, k.kernel, k.kernel_hash, k.dtype,
+            str(k.head_dim), str(k.block_size), str(k.seqlen_bucket), f"{k.density_bucket:.2f}",
             r.config, f"{r.ms:.4f}", f"{r.default_ms:.4f}", f"{r.speedup:.2f}x",
         )
     console.print(table)

@@ -139,7 +139,7 @@ def test_export_to_unwritable_place_exits_2(app: typer.Typer, cache: ConfigCache
 
 def test_rows_and_config_format(cache: ConfigCache) -> None:
     rows = cache_rows(cache.entries())
-    assert [r.head_dim for r in rows] == [64, 128]
+    assert [r.key.head_dim for r in rows] == [64, 128]
     assert rows[1].speedup == pytest.approx(1.25)
     assert format_config({**CONFIG, "waves": 2}) == "64x32 w4 s3 waves=2"
     broken = {"k": {**cache.entry(make_key()), "ms": 0.0}}  # type: ignore[dict-item]
