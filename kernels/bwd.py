@@ -21,7 +21,7 @@ import triton.language as tl
 
 from . import buffers
 from .configs import LaunchConfig
-from .fwd import interpreting, tile_plan
+from .fwd import interpreting, tile_descriptors, tile_plan
 from .layout import BlockLayout
 
 
@@ -91,40 +91,50 @@ def _bwd_preprocess(Out, DO, Delta,
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                 stride_qm, stride_qk, stride_dom, stride_dok,
+                q_desc, do_desc, desc_z, desc_h,
                 QBlock, entry_start, entry_end,
                 offs_n, q_offset, seq_q, qk_scale,
                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                 BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                DOT_FP32: tl.constexpr):
+                DOT_FP32: tl.constexpr, USE_TMA: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     N_SUB: tl.constexpr = BLOCK_SIZE // BLOCK_M
     # One flat loop over (entry, query sub-tile) so the loads pipeline across kept blocks; in
     # masked entries, rows before the first query or above the diagonal are masked out below.
     for t in range(entry_start * N_SUB, entry_end * N_SUB):
-        offs_m_abs = (tl.load(QBlock + t // N_SUB) * BLOCK_SIZE + (t % N_SUB) * BLOCK_M
-                      + tl.arange(0, BLOCK_M))
+        start_m_abs = tl.load(QBlock + t // N_SUB) * BLOCK_SIZE + (t % N_SUB) * BLOCK_M
+        offs_m_abs = start_m_abs + tl.arange(0, BLOCK_M)
         offs_m = offs_m_abs - q_offset
-        # -- load q, dO (transposed) and the row statistics --
-        qt_ptrs = q_base + offs_d[:, None] * stride_qk + offs_m[None, :] * stride_qm
-        do_ptrs = do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dok
         if MASKED:
             m_ok = (offs_m >= 0) & (offs_m < seq_q)
-            qt = tl.load(qt_ptrs, mask=d_ok[:, None] & m_ok[None, :], other=0.0)
-            do = tl.load(do_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        # -- load q, dO and the row statistics --
+        if USE_TMA:
+            # Rows outside [0, seq_q) come back as zeros (the coordinate may be negative).
+            start_m = start_m_abs - q_offset
+            q = tl.reshape(q_desc.load([desc_z, desc_h, start_m, 0]), [BLOCK_M, BLOCK_D])
+            do = tl.reshape(do_desc.load([desc_z, desc_h, start_m, 0]), [BLOCK_M, BLOCK_D])
+        else:
+            q_ptrs = q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk
+            do_ptrs = do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dok
+            if MASKED:
+                q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+                do = tl.load(do_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+            else:
+                q = tl.load(q_ptrs, mask=d_ok[None, :], other=0.0)
+                do = tl.load(do_ptrs, mask=d_ok[None, :], other=0.0)
+        if MASKED:
             lse = tl.load(lse_base + offs_m, mask=m_ok, other=0.0)
             delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
         else:
-            qt = tl.load(qt_ptrs, mask=d_ok[:, None], other=0.0)
-            do = tl.load(do_ptrs, mask=d_ok[None, :], other=0.0)
             lse = tl.load(lse_base + offs_m)
             delta = tl.load(delta_base + offs_m)
         if DOT_FP32:
-            qt = qt.to(tl.float32)
+            q = q.to(tl.float32)
             do = do.to(tl.float32)
         # -- recompute P^T from the forward's log-sum-exp (log2 units) --
-        qkt = tl.dot(k, qt) * qk_scale
-        pt = tl.math.exp2(qkt - lse[None, :] * 1.4426950408889634)
+        qkt = tl.dot(k, tl.trans(q))
+        pt = tl.math.exp2(qkt * qk_scale - lse[None, :] * 1.4426950408889634)
         if MASKED:
             keep = m_ok[None, :]
             if IS_CAUSAL:
@@ -134,12 +144,12 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
         # -- dS^T = P^T * (dP^T - delta) --
         dpt = tl.dot(v, tl.trans(do))
         dst = pt * (dpt - delta[None, :])
-        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk)
+        dk = tl.dot(dst.to(q.dtype), q, dk)
     return dk, dv
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, DO, DK, DV, Lse, Delta,
+def _bwd_dkdv(Q, K, V, DO, QDesc, DODesc, DK, DV, Lse, Delta,
               ColPtr, NFull, QBlock,
               stride_qz, stride_qh, stride_qm, stride_qk,
               stride_kz, stride_kh, stride_kn, stride_kk,
@@ -151,7 +161,7 @@ def _bwd_dkdv(Q, K, V, DO, DK, DV, Lse, Delta,
               qk_scale, sm_scale,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, IS_CAUSAL: tl.constexpr,
-              DOT_FP32: tl.constexpr):
+              DOT_FP32: tl.constexpr, USE_TMA: tl.constexpr):
     tl.static_assert(BLOCK_SIZE % BLOCK_N == 0)
     tl.static_assert(BLOCK_SIZE % BLOCK_M == 0)
     kv_tile_start = tl.program_id(0) * BLOCK_N
@@ -189,14 +199,18 @@ def _bwd_dkdv(Q, K, V, DO, DK, DV, Lse, Delta,
         entry_end = tl.load(ColPtr + row + 1)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                              stride_qm, stride_qk, stride_dom, stride_dok,
+                             QDesc, DODesc, off_z.to(tl.int32), off_h.to(tl.int32),
                              QBlock, entry_start, entry_mid,
                              offs_n, q_offset, seq_q, qk_scale,
-                             BLOCK_M, BLOCK_D, HEAD_DIM, BLOCK_SIZE, False, IS_CAUSAL, DOT_FP32)
+                             BLOCK_M, BLOCK_D, HEAD_DIM, BLOCK_SIZE, False, IS_CAUSAL, DOT_FP32,
+                             USE_TMA)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                              stride_qm, stride_qk, stride_dom, stride_dok,
+                             QDesc, DODesc, off_z.to(tl.int32), off_h.to(tl.int32),
                              QBlock, entry_mid, entry_end,
                              offs_n, q_offset, seq_q, qk_scale,
-                             BLOCK_M, BLOCK_D, HEAD_DIM, BLOCK_SIZE, True, IS_CAUSAL, DOT_FP32)
+                             BLOCK_M, BLOCK_D, HEAD_DIM, BLOCK_SIZE, True, IS_CAUSAL, DOT_FP32,
+                             USE_TMA)
 
     # -- epilogue: dS was taken w.r.t. the scaled scores --
     dk = dk * sm_scale
@@ -220,22 +234,24 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base,
     # One flat loop over (entry, kv sub-tile), as in the forward.
     for t in range(entry_start * N_SUB, entry_end * N_SUB):
         e = t // N_SUB
-        offs_n = tl.load(KvBlock + e) * BLOCK_SIZE + (t % N_SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
-        kt_ptrs = k_base + offs_d[:, None] * stride_kk + offs_n[None, :] * stride_kn
-        vt_ptrs = v_base + offs_d[:, None] * stride_vk + offs_n[None, :] * stride_vn
+        start_n = tl.load(KvBlock + e) * BLOCK_SIZE + (t % N_SUB) * BLOCK_N
+        offs_n = start_n + tl.arange(0, BLOCK_N)
         if MASKED:
             n_ok = (offs_n < seq_k) & (offs_n < row_end)
-            kt = tl.load(kt_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-            vt = tl.load(vt_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+        k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kk
+        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vk
+        if MASKED:
+            k = tl.load(k_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         else:
-            kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
-            vt = tl.load(vt_ptrs, mask=d_ok[:, None], other=0.0)
+            k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
         if DOT_FP32:
-            kt = kt.to(tl.float32)
-            vt = vt.to(tl.float32)
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
         # -- recompute P, then dS = P * (dP - delta) --
-        qk = tl.dot(q, kt) * qk_scale
-        p = tl.math.exp2(qk - lse[:, None])
+        qk = tl.dot(q, tl.trans(k))
+        p = tl.math.exp2(qk * qk_scale - lse[:, None])
         if MASKED:
             keep = n_ok[None, :]
             if IS_CAUSAL:
@@ -245,9 +261,9 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base,
                 row_keeps = ((bits >> (offs_m_abs // BLOCK_SIZE - tile_first_block)) & 1) != 0
                 keep = keep & row_keeps[:, None]
             p = tl.where(keep, p, 0.0)
-        dp = tl.dot(do, vt)
+        dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq)
+        dq = tl.dot(ds.to(k.dtype), k, dq)
     return dq
 
 
@@ -343,11 +359,16 @@ def sparse_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
 
     dq, dk, dv = _grad_like(q), _grad_like(k), _grad_like(v)
     cols = column_plan(layout, seq_q, seq_k)
+    # The dk/dv kernel reads q and dO tiles of block_n rows through descriptors where it can.
+    # The dq kernel keeps pointer loads: descriptors for its k/v tiles measured no faster.
+    q_descs = tile_descriptors(config.block_n, block_d, q, do)
     _bwd_dkdv[(triton.cdiv(seq_k, config.block_m), batch * kv_heads)](
-        q, k, v, do, dk, dv, lse, delta, cols.col_ptr, cols.n_full, cols.q_block,
+        q, k, v, do, *(q_descs or (q, do)), dk, dv, lse, delta,
+        cols.col_ptr, cols.n_full, cols.q_block,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         heads, kv_heads, heads // kv_heads, heads // layout.heads, seq_q, seq_k, cols.kv_blocks,
-        qk_scale, sm_scale, BLOCK_M=config.block_n, BLOCK_N=config.block_m, **common)
+        qk_scale, sm_scale, BLOCK_M=config.block_n, BLOCK_N=config.block_m,
+        USE_TMA=q_descs is not None, **common)
 
     plan = tile_plan(layout, config.block_m, seq_k)
     first_tile = (seq_k - seq_q) // config.block_m

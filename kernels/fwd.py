@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import buffers
 from .configs import LaunchConfig
@@ -24,6 +25,39 @@ from .layout import BlockLayout
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Load tiles through tensor-memory descriptors where the device and strides allow it. Off only to
+# measure the pointer path against it (benchmarks/phi3_scan.py --tma on,off).
+TMA_LOADS = True
+
+
+def tile_descriptor(x: torch.Tensor, rows: int, cols: int) -> TensorDescriptor | None:
+    """A descriptor of ``(batch, heads, seq, dim)`` ``x`` with ``(1, 1, rows, cols)`` boxes, or None.
+
+    Tensor-memory copies need Hopper or newer, a unit last stride and 16-byte aligned base and
+    strides; anything else takes the pointer path. Boxes reaching past the tensor (any side)
+    read zeros.
+    """
+    if not TMA_LOADS:
+        return None
+    if x.is_cuda:
+        if torch.cuda.get_device_capability(x.device) < (9, 0):
+            return None
+    elif not interpreting():
+        return None
+    size = x.element_size()
+    aligned = x.data_ptr() % 16 == 0 and all(st > 0 and st * size % 16 == 0
+                                             for st in x.stride()[:-1])
+    if x.stride(-1) != 1 or not aligned:
+        return None
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, rows, cols])
+
+
+def tile_descriptors(rows: int, cols: int, *tensors: torch.Tensor) -> list | None:
+    """Descriptors for all of ``tensors``, or None when any of them must take the pointer path."""
+    descs = [tile_descriptor(t, rows, cols) for t in tensors]
+    return None if any(d is None for d in descs) else descs
 
 
 @dataclass(frozen=True)
@@ -94,11 +128,12 @@ def tile_plan(layout: BlockLayout, block_m: int, seq_k: int) -> TilePlan:
 @triton.jit
 def _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base,
                     stride_kn, stride_kk, stride_vn, stride_vk,
+                    k_desc, v_desc, desc_z, desc_h,
                     KvBlock, RowBits, entry_start, entry_end,
                     offs_m_abs, tile_first_block, row_end, seq_k, qk_scale,
                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                     BLOCK_SIZE: tl.constexpr, SUB_BLOCKS: tl.constexpr, MASKED: tl.constexpr,
-                    IS_CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr):
+                    IS_CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, USE_TMA: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     N_SUB: tl.constexpr = BLOCK_SIZE // BLOCK_N
@@ -108,25 +143,33 @@ def _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base,
         e = t // N_SUB
         start_n = tl.load(KvBlock + e) * BLOCK_SIZE + (t % N_SUB) * BLOCK_N
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        # -- load k (transposed) and v --
-        kt_ptrs = k_base + offs_d[:, None] * stride_kk + offs_n[None, :] * stride_kn
-        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vk
         if MASKED:
-            # Sub-tiles wholly past the last key a row of this tile may see load nothing.
             n_ok = (offs_n < seq_k) & (offs_n < row_end)
+        # -- load k (transposed) and v --
+        if USE_TMA:
+            # Tensor-memory copies: no address tiles in registers; keys past seq_k and dims
+            # past head_dim come back as zeros, and the masked pass's score mask does the rest.
+            kt = tl.trans(tl.reshape(k_desc.load([desc_z, desc_h, start_n, 0]), [BLOCK_N, BLOCK_D]))
+            v = tl.reshape(v_desc.load([desc_z, desc_h, start_n, 0]), [BLOCK_N, BLOCK_D])
+        elif MASKED:
+            # Sub-tiles wholly past the last key a row of this tile may see load nothing.
+            kt_ptrs = k_base + offs_d[:, None] * stride_kk + offs_n[None, :] * stride_kn
+            v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vk
             kt = tl.load(kt_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
             v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        elif BLOCK_D == HEAD_DIM:
-            kt = tl.load(kt_ptrs)
-            v = tl.load(v_ptrs)
         else:
-            kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+            kt_ptrs = k_base + offs_d[:, None] * stride_kk + offs_n[None, :] * stride_kn
+            v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vk
+            if BLOCK_D == HEAD_DIM:
+                kt = tl.load(kt_ptrs)
+                v = tl.load(v_ptrs)
+            else:
+                kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
+                v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
         if DOT_FP32:
             kt = kt.to(tl.float32)
             v = v.to(tl.float32)
-        # -- compute qk, in log2 units --
-        qk = tl.dot(q, kt) * qk_scale
+        qk = tl.dot(q, kt)
         if MASKED:
             keep = n_ok[None, :]
             if IS_CAUSAL:
@@ -136,9 +179,9 @@ def _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base,
                 row_keeps = ((bits >> (offs_m_abs // BLOCK_SIZE - tile_first_block)) & 1) != 0
                 keep = keep & row_keeps[:, None]
             qk = tl.where(keep, qk, float("-inf"))
-        # -- online softmax update --
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
+        # -- online softmax update, in log2 units: the scale rides in the max and one FMA --
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -148,7 +191,7 @@ def _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base,
 
 
 @triton.jit
-def _sparse_attn_fwd(Q, K, V, Out, Lse,
+def _sparse_attn_fwd(Q, K, V, KDesc, VDesc, Out, Lse,
                      RowPtr, NFull, KvBlock, RowBits,
                      stride_qz, stride_qh, stride_qm, stride_qk,
                      stride_kz, stride_kh, stride_kn, stride_kk,
@@ -158,7 +201,7 @@ def _sparse_attn_fwd(Q, K, V, Out, Lse,
                      qk_scale,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                     RETURN_LSE: tl.constexpr, DOT_FP32: tl.constexpr):
+                     RETURN_LSE: tl.constexpr, DOT_FP32: tl.constexpr, USE_TMA: tl.constexpr):
     tl.static_assert(BLOCK_SIZE % BLOCK_N == 0)
     tl.static_assert((BLOCK_SIZE % BLOCK_M == 0) or (BLOCK_M % BLOCK_SIZE == 0))
     SUB_BLOCKS: tl.constexpr = BLOCK_M // BLOCK_SIZE if BLOCK_M > BLOCK_SIZE else 1
@@ -200,16 +243,18 @@ def _sparse_attn_fwd(Q, K, V, Out, Lse,
         row_end = seq_k
     acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base,
                                     stride_kn, stride_kk, stride_vn, stride_vk,
+                                    KDesc, VDesc, off_z.to(tl.int32), off_kvh.to(tl.int32),
                                     KvBlock, RowBits, entry_start, entry_mid,
                                     offs_m_abs, tile_first_block, row_end, seq_k, qk_scale,
                                     BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_SIZE, SUB_BLOCKS,
-                                    False, IS_CAUSAL, DOT_FP32)
+                                    False, IS_CAUSAL, DOT_FP32, USE_TMA)
     acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base,
                                     stride_kn, stride_kk, stride_vn, stride_vk,
+                                    KDesc, VDesc, off_z.to(tl.int32), off_kvh.to(tl.int32),
                                     KvBlock, RowBits, entry_mid, entry_end,
                                     offs_m_abs, tile_first_block, row_end, seq_k, qk_scale,
                                     BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_SIZE, SUB_BLOCKS,
-                                    True, IS_CAUSAL, DOT_FP32)
+                                    True, IS_CAUSAL, DOT_FP32, USE_TMA)
 
     # -- epilogue --
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -242,16 +287,18 @@ def sparse_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layo
     lse = buffers.new_output((batch, heads, seq_q) if return_lse else (1,), q, torch.float32)
     first_tile = (seq_k - seq_q) // config.block_m
     grid = (plan.tiles - first_tile, batch * heads)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    descs = tile_descriptors(config.block_n, block_d, k, v)
     _sparse_attn_fwd[grid](
-        q, k, v, out, lse,
+        q, k, v, *(descs or (k, v)), out, lse,
         plan.row_ptr, plan.n_full, plan.kv_block, plan.row_bits,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         heads, heads // kv_heads, heads // layout.heads, seq_q, seq_k, plan.tiles, first_tile,
         sm_scale * 1.4426950408889634,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), HEAD_DIM=head_dim,
+        BLOCK_D=block_d, HEAD_DIM=head_dim,
         BLOCK_SIZE=layout.block_size, IS_CAUSAL=layout.causal, RETURN_LSE=return_lse,
-        DOT_FP32=interpreting() and q.dtype == torch.bfloat16,
+        DOT_FP32=interpreting() and q.dtype == torch.bfloat16, USE_TMA=descs is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out, (lse if return_lse else None)

@@ -110,16 +110,18 @@ def _sparse_attn_fwd_varlen(Q, K, V, Out, SeqMeta,
             row_end = seq_k
         acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base,
                                         stride_kn, stride_kk, stride_vn, stride_vk,
+                                        K, V, 0, 0,
                                         KvBlock, RowBits, entry_start, entry_mid,
                                         offs_m_abs, tile_first_block, row_end, seq_k, qk_scale,
                                         BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_SIZE, SUB_BLOCKS,
-                                        False, IS_CAUSAL, DOT_FP32)
+                                        False, IS_CAUSAL, DOT_FP32, False)
         acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base,
                                         stride_kn, stride_kk, stride_vn, stride_vk,
+                                        K, V, 0, 0,
                                         KvBlock, RowBits, entry_mid, entry_end,
                                         offs_m_abs, tile_first_block, row_end, seq_k, qk_scale,
                                         BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_SIZE, SUB_BLOCKS,
-                                        True, IS_CAUSAL, DOT_FP32)
+                                        True, IS_CAUSAL, DOT_FP32, False)
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         o_base = Out + off_z * stride_oz + q_start * stride_om + off_h.to(tl.int64) * stride_oh
         tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_ok,

@@ -30,7 +30,7 @@ def _id(c):
 
 
 @pytest.mark.parametrize("case", CASES, ids=_id)
-def test_gradients_match_reference(case, device, poison_outputs):
+def test_gradients_match_reference(case, device, poison_outputs, tile_loads):
     family, causal, batch, sq, sk, h, hkv, d, bs, dtype, seq_dim, contig, cfg, bcfg = case
     layout = make_layout(family, h, hkv, sk, bs, causal)
     q, k, v = make_qkv(batch, sq, sk, h, hkv, d, dtype, device, seq_dim, contig, requires_grad=True)

@@ -26,7 +26,7 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{'causal' if c[1] else 'bidir'}-"
                          f"q{c[3]}k{c[4]}-h{c[5]}kv{c[6]}-d{c[7]}-bs{c[8]}-{str(c[9])[6:]}")
-def test_forward_matches_reference(case, device, poison_outputs):
+def test_forward_matches_reference(case, device, poison_outputs, tile_loads):
     family, causal, batch, sq, sk, h, hkv, d, bs, dtype, seq_dim, contig, config = case
     layout = make_layout(family, h, hkv, sk, bs, causal)
     q, k, v = make_qkv(batch, sq, sk, h, hkv, d, dtype, device, seq_dim, contig)
@@ -77,3 +77,21 @@ def test_tile_plan_orders_full_blocks_first():
             needs_mask = kv_end > tile * 64 or kv_end > 200 or int(plan.row_bits[e]) != 3 and tile < 3
             if e < start + n_full:
                 assert not needs_mask, (row, e)
+
+
+def test_tile_descriptors_only_where_strides_allow(device, monkeypatch):
+    import kernels.fwd as fwd
+
+    if device == "cuda" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("tensor descriptors need Hopper or newer")
+    monkeypatch.setattr(fwd, "TMA_LOADS", True)
+    packed = torch.randn(1, 40, 3, 4, 64, device=device)  # (batch, seq, qkv, heads, dim)
+    k = packed[:, :, 1].transpose(1, 2)  # a strided (batch, heads, seq, dim) view
+    desc = fwd.tile_descriptor(k, 16, 64)
+    assert desc is not None and list(desc.strides) == list(k.stride())
+    # fp16 rows of 20 elements are 40 bytes: not 16-byte aligned, so the pointer path.
+    assert fwd.tile_descriptor(torch.randn(1, 2, 40, 20, device=device).half(), 16, 32) is None
+    assert fwd.tile_descriptor(k.expand(2, -1, -1, -1), 16, 64) is None  # a zero batch stride
+    assert fwd.tile_descriptors(16, 64, k, k.transpose(2, 3)) is None  # last stride not 1
+    monkeypatch.setattr(fwd, "TMA_LOADS", False)
+    assert fwd.tile_descriptor(k, 16, 64) is None

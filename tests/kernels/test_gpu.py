@@ -31,7 +31,7 @@ def test_phi3_at_8k(dtype, config, poison_outputs):
     ("random", False, 3000, 5000, 8, 2, 256, 32, 1),
     ("homo", True, 8192, 8192, 8, 1, 96, 16, 2),
 ], ids=str)
-def test_layout_families_bf16(case, poison_outputs):
+def test_layout_families_bf16(case, poison_outputs, tile_loads):
     family, causal, sq, sk, h, hkv, d, bs, seq_dim = case
     layout = make_layout(family, h, hkv, sk, bs, causal)
     q, k, v = make_qkv(1, sq, sk, h, hkv, d, torch.bfloat16, "cuda", seq_dim, contiguous=False)
@@ -61,7 +61,7 @@ def test_phi3_gradients_at_8k(bwd_config, poison_outputs):
     ("random", True, 1000, 6000, 8, 8, 80, 64, 2),
     ("dense_heads", True, 5000, 5000, 16, 4, 64, 128, 1),
 ], ids=str)
-def test_gradients_layout_families_bf16(case, poison_outputs):
+def test_gradients_layout_families_bf16(case, poison_outputs, tile_loads):
     family, causal, sq, sk, h, hkv, d, bs, seq_dim = case
     layout = make_layout(family, h, hkv, sk, bs, causal)
     q, k, v = make_qkv(1, sq, sk, h, hkv, d, torch.bfloat16, "cuda", seq_dim, contiguous=False,
