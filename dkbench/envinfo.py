@@ -16,11 +16,13 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def git_sha() -> str:
-    root = Path(__file__).resolve().parents[1]
+def git_sha(root: Path | None = None) -> str:
+    """Short sha of the checkout's HEAD, with ``-dirty`` when the tree has uncommitted changes
+    (the measured code is then not exactly that commit); empty outside a git checkout."""
+    root = root or Path(__file__).resolve().parents[1]
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                             text=True, timeout=5)
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=10"], cwd=root,
+                             capture_output=True, text=True, timeout=5)
         return out.stdout.strip() if out.returncode == 0 else ""
     except (OSError, subprocess.SubprocessError):
         return ""
