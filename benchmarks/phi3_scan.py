@@ -43,7 +43,8 @@ def main() -> None:
     ap.add_argument("--stages", default="2,3,4")
     ap.add_argument("--configs", default="",
                     help="explicit configs (m128n64w4s2,...) instead of the block/warps/stages grid")
-    ap.add_argument("--tma", default="on", help="forward k/v loads: on, off or on,off")
+    ap.add_argument("--tma", default="on",
+                    help="tensor-descriptor loads (forward k/v, dk/dv q/dO): on, off or on,off")
     ap.add_argument("--check-upto", type=int, default=16384,
                     help="check the forward of the first sequence against the float32 reference "
                          "up to this length")

@@ -23,26 +23,26 @@ console = Console()
 _SHAPE_HELP = "Single shape (instead of SPEC): {what}. Default {gpu} on a GPU, {cpu} on the CPU."
 
 
-def _shape_help(key: str, what: str) -> str:
-    return _SHAPE_HELP.format(what=what, gpu=GPU_SHAPE[key], cpu=CPU_SHAPE[key])
+def _shape_option(key: str, what: str):
+    """A single-shape flag; its help names the GPU and CPU defaults from tune_space."""
+    return typer.Option(help=_SHAPE_HELP.format(what=what, gpu=GPU_SHAPE[key], cpu=CPU_SHAPE[key]),
+                        show_default=False)
 
 
-def _list_help(axis: str, example: str) -> str:
-    return f"Comma-separated {axis} values to search (e.g. {example}). Default: the space above."
+def _list_option(axis: str, example: str):
+    """A search-space flag: comma-separated values for one config axis."""
+    return typer.Option(help=f"Comma-separated {axis} values to search (e.g. {example}). "
+                             "Default: the space above.", show_default=False)
 
 
 def tune(
     spec: Annotated[Optional[Path], typer.Argument(
         help="Sweep spec (YAML) whose cases are tuned. Without it, one shape from the flags.",
         show_default=False)] = None,
-    block_m: Annotated[Optional[str], typer.Option(help=_list_help("BLOCK_M", "32,64,128"),
-                                                   show_default=False)] = None,
-    block_n: Annotated[Optional[str], typer.Option(help=_list_help("BLOCK_N", "32,64"),
-                                                   show_default=False)] = None,
-    num_warps: Annotated[Optional[str], typer.Option(help=_list_help("num_warps", "4,8"),
-                                                     show_default=False)] = None,
-    num_stages: Annotated[Optional[str], typer.Option(help=_list_help("num_stages", "2,3,4"),
-                                                      show_default=False)] = None,
+    block_m: Annotated[Optional[str], _list_option("BLOCK_M", "32,64,128")] = None,
+    block_n: Annotated[Optional[str], _list_option("BLOCK_N", "32,64")] = None,
+    num_warps: Annotated[Optional[str], _list_option("num_warps", "4,8")] = None,
+    num_stages: Annotated[Optional[str], _list_option("num_stages", "2,3,4")] = None,
     mode: Annotated[Optional[str], typer.Option(
         help="fwd (forward kernel), bwd (backward kernel, forward config from the lookup) or "
              "fwd_bwd (forward first, then backward behind the forward winner). Default: the "
@@ -58,25 +58,17 @@ def tune(
         help="List the candidates and the pruned configs (with why), run nothing.")] = False,
     out: Annotated[Path, typer.Option(
         help="Directory that receives tune-<name>-<time>/.")] = Path("results"),
-    seqlen: Annotated[Optional[int], typer.Option(help=_shape_help("seqlen", "sequence length"),
-                                                  show_default=False)] = None,
-    heads: Annotated[Optional[int], typer.Option(help=_shape_help("heads", "query heads"),
-                                                 show_default=False)] = None,
-    kv_heads: Annotated[Optional[int], typer.Option(help=_shape_help("kv_heads", "kv heads"),
-                                                    show_default=False)] = None,
-    head_dim: Annotated[Optional[int], typer.Option(help=_shape_help("head_dim", "head dim"),
-                                                    show_default=False)] = None,
-    dtype: Annotated[Optional[str], typer.Option(help=_shape_help("dtype", "bf16, fp16 or fp32"),
-                                                 show_default=False)] = None,
-    batch: Annotated[Optional[int], typer.Option(help=_shape_help("batch", "batch size"),
-                                                 show_default=False)] = None,
-    block_size: Annotated[Optional[int], typer.Option(
-        help=_shape_help("block_size", "sparse block size"), show_default=False)] = None,
-    local_blocks: Annotated[Optional[int], typer.Option(
-        help=_shape_help("local_blocks", "local-stride local blocks"), show_default=False)] = None,
-    vert_stride: Annotated[Optional[int], typer.Option(
-        help=_shape_help("vert_stride", "local-stride vertical stride"),
-        show_default=False)] = None,
+    seqlen: Annotated[Optional[int], _shape_option("seqlen", "sequence length")] = None,
+    heads: Annotated[Optional[int], _shape_option("heads", "query heads")] = None,
+    kv_heads: Annotated[Optional[int], _shape_option("kv_heads", "kv heads")] = None,
+    head_dim: Annotated[Optional[int], _shape_option("head_dim", "head dim")] = None,
+    dtype: Annotated[Optional[str], _shape_option("dtype", "bf16, fp16 or fp32")] = None,
+    batch: Annotated[Optional[int], _shape_option("batch", "batch size")] = None,
+    block_size: Annotated[Optional[int], _shape_option("block_size", "sparse block size")] = None,
+    local_blocks: Annotated[Optional[int],
+                            _shape_option("local_blocks", "local-stride local blocks")] = None,
+    vert_stride: Annotated[Optional[int],
+                           _shape_option("vert_stride", "local-stride vertical stride")] = None,
 ) -> None:
     """Search launch configs of the bundled kernel per case; cache the fastest one that is right.
 
