@@ -2,7 +2,7 @@
 
 A quick scan for kernel work (see kernels/PERF.md); `dkbench tune` is the user-facing tuner.
 Usage: python benchmarks/phi3_scan.py [--seqlens 8192,65536] [--modes fwd,bwd] [--out FILE]
-       [--configs m128n64w4s2,m64n64w4s3] [--tma on,off]
+       [--configs m128n64w4s2,gluon-m128n128w4s3] [--tma on,off]
 """
 
 from __future__ import annotations
@@ -23,10 +23,13 @@ from kernels.configs import config_problems
 
 
 def parse_config(text: str) -> LaunchConfig:
-    match = re.fullmatch(r"m(\d+)n(\d+)w(\d+)s(\d+)", text)
+    """``m128n64w4s2`` (Triton) or ``gluon-m128n128w4s3`` (the Gluon forward)."""
+    match = re.fullmatch(r"(gluon-)?m(\d+)n(\d+)w(\d+)s(\d+)", text)
     if not match:
-        raise SystemExit(f"--configs: {text!r} is not of the form m128n64w4s2")
-    return LaunchConfig(*(int(g) for g in match.groups()))
+        raise SystemExit(f"--configs: {text!r} is not of the form m128n64w4s2 or "
+                         "gluon-m128n128w4s3")
+    impl = "gluon" if match.group(1) else "triton"
+    return LaunchConfig(*(int(g) for g in match.groups()[1:]), impl)
 
 
 def bench(fn) -> float:
@@ -42,9 +45,11 @@ def main() -> None:
     ap.add_argument("--warps", default="4,8")
     ap.add_argument("--stages", default="2,3,4")
     ap.add_argument("--configs", default="",
-                    help="explicit configs (m128n64w4s2,...) instead of the block/warps/stages grid")
+                    help="explicit configs (m128n64w4s2, gluon-m128n128w4s3, ...) instead of the "
+                         "block/warps/stages grid of Triton configs")
     ap.add_argument("--tma", default="on",
-                    help="tensor-descriptor loads (forward k/v, dk/dv q/dO): on, off or on,off")
+                    help="tensor-descriptor loads (forward k/v, dk/dv q/dO): on, off or on,off; "
+                         "off also turns the Gluon forward off (it loads through descriptors only)")
     ap.add_argument("--check-upto", type=int, default=16384,
                     help="check the forward of the first sequence against the float32 reference "
                          "up to this length")

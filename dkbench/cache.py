@@ -40,11 +40,15 @@ class CacheRow:
 
 
 def format_config(config: Mapping[str, Any]) -> str:
-    """``{"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 3}`` -> ``64x32 w4 s3``."""
+    """``{"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 3}`` -> ``64x32 w4 s3``
+    (``gluon 128x128 w4 s3`` for the Gluon forward)."""
     text = (
         f"{config['block_m']}x{config['block_n']} w{config['num_warps']} s{config['num_stages']}"
     )
-    extra = [f"{k}={v}" for k, v in sorted(config.items()) if k not in CONFIG_FIELDS]
+    if config.get("impl", "triton") != "triton":
+        text = f"{config['impl']} {text}"
+    extra = [f"{k}={v}" for k, v in sorted(config.items())
+             if k not in CONFIG_FIELDS and k != "impl"]
     return " ".join([text, *extra])
 
 

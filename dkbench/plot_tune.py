@@ -79,8 +79,9 @@ def _best_line(best: pd.Series | None) -> str:
     if best is None:
         return "no config ran ok"
     text = (f"best: BLOCK_M={best['block_m']:g}, BLOCK_N={best['block_n']:g}, "
-            f"num_warps={best['num_warps']:g}, num_stages={best['num_stages']:g}: "
-            f"{best['ms']:.3g} ms")
+            f"num_warps={best['num_warps']:g}, num_stages={best['num_stages']:g}"
+            + (f", impl={best['impl']}" if best.get("impl", "triton") != "triton" else "")
+            + f": {best['ms']:.3g} ms")
     if "speedup_vs_default" in best.index and pd.notna(best["speedup_vs_default"]):
         text += f" ({float(best['speedup_vs_default']):.2f}× vs the default config)"
     return text

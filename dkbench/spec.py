@@ -69,6 +69,7 @@ class LaunchConfigSpec(BaseModel):
     block_n: int
     num_warps: int = 4
     num_stages: int = 2
+    impl: Literal["triton", "gluon"] = "triton"
 
 
 class Sweep(BaseModel):

@@ -56,6 +56,7 @@ class TuneRow:
     block_n: int
     num_warps: int
     num_stages: int
+    impl: str = "triton"
     ms: float = float("nan")
     ms_p20: float = float("nan")
     ms_p80: float = float("nan")
@@ -66,7 +67,8 @@ class TuneRow:
 
     @property
     def config(self) -> LaunchConfig:
-        return LaunchConfig(self.block_m, self.block_n, self.num_warps, self.num_stages)
+        return LaunchConfig(self.block_m, self.block_n, self.num_warps, self.num_stages,
+                            self.impl)
 
 
 TUNE_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(TuneRow))
@@ -195,7 +197,7 @@ def _row(run_id: str, case: Case, kernel: str, config: LaunchConfig) -> TuneRow:
                    seqlen=case.seqlen, heads=case.heads, kv_heads=case.kv_heads,
                    head_dim=case.head_dim, block_size=case.block_size,
                    pattern=case.pattern.label(), block_m=config.block_m, block_n=config.block_n,
-                   num_warps=config.num_warps, num_stages=config.num_stages)
+                   num_warps=config.num_warps, num_stages=config.num_stages, impl=config.impl)
 
 
 def mark_best(rows: list[TuneRow], default: TuneRow) -> None:

@@ -20,12 +20,13 @@ import triton
 from pydantic import ValidationError
 
 from kernels import BlockLayout
-from kernels.configs import LaunchConfig, config_problems, default_config
+from kernels import fwd_ws
+from kernels.configs import IMPLS, LaunchConfig, config_problems, default_config
 
 from .errors import BadInputError
 from .spec import Case, Sweep, check_sweep, expand
 
-AXES = ("block_m", "block_n", "num_warps", "num_stages")
+AXES = ("block_m", "block_n", "num_warps", "num_stages", "impl")
 MODE_KERNELS = {"fwd": ("fwd",), "bwd": ("bwd",), "fwd_bwd": ("fwd", "bwd")}
 
 # The shape tuned when no SPEC is given: phi-3-small's attention on a GPU; a tiny one on the CPU,
@@ -35,18 +36,21 @@ GPU_SHAPE = {"seqlen": 8192, "heads": 32, "kv_heads": 8, "head_dim": 128, "dtype
 CPU_SHAPE = {"seqlen": 256, "heads": 2, "kv_heads": 1, "head_dim": 32, "dtype": "fp32",
              "batch": 1, "block_size": 32, "local_blocks": 2, "vert_stride": 2}
 
-# Searched when no list is given for an axis. block_n (and the backward's block_m) is capped at
-# the sparse block size (the kernels walk whole sparse blocks in tile steps). In the interpreter
-# only correctness and the pipeline mean anything, so the CPU space is tiny; warps and stages do
+# Searched when no list is given for an axis. The Triton kernels' block_n (and the backward's
+# block_m) is capped at the sparse block size (they walk whole sparse blocks in tile steps); the
+# forward's Gluon kernel (impl "gluon", Hopper only) gathers two 64-key blocks into its 128-wide
+# tiles, so the forward also tries block_n 128, which only it can use. In the interpreter only
+# correctness and the pipeline mean anything, so the CPU space is tiny; warps and stages do
 # nothing there.
-GPU_SPACES: Mapping[str, Mapping[str, tuple[int, ...]]] = MappingProxyType({
-    "fwd": MappingProxyType({"block_m": (64, 128), "block_n": (32, 64), "num_warps": (4, 8),
-                             "num_stages": (2, 3, 4)}),
+GPU_SPACES: Mapping[str, Mapping[str, tuple]] = MappingProxyType({
+    "fwd": MappingProxyType({"block_m": (64, 128), "block_n": (32, 64, 128), "num_warps": (4, 8),
+                             "num_stages": (2, 3, 4), "impl": IMPLS}),
     "bwd": MappingProxyType({"block_m": (32, 64), "block_n": (32, 64), "num_warps": (4, 8),
-                             "num_stages": (1, 2, 3)}),
+                             "num_stages": (1, 2, 3), "impl": ("triton",)}),
 })
-CPU_SPACE: Mapping[str, tuple[int, ...]] = MappingProxyType(
-    {"block_m": (16, 32), "block_n": (16, 32), "num_warps": (4,), "num_stages": (1,)})
+CPU_SPACE: Mapping[str, tuple] = MappingProxyType(
+    {"block_m": (16, 32), "block_n": (16, 32), "num_warps": (4,), "num_stages": (1,),
+     "impl": ("triton",)})
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,7 @@ class Problem:
     head_dim: int
     dtype: torch.dtype
     smem_limit: int | None  # bytes of shared memory per block (opt-in), None on the CPU
+    capability: tuple[int, int] | None = None  # CUDA compute capability, None on the CPU
 
 
 @dataclass(frozen=True)
@@ -65,14 +70,14 @@ class Space:
     """A cartesian product of values per axis (tuples: never mutated)."""
 
     kernel: str
-    values: Mapping[str, tuple[int, ...]] = field(hash=False)
+    values: Mapping[str, tuple] = field(hash=False)
 
     def configs(self) -> list[LaunchConfig]:
-        """Every combination, in axis order (block_m slowest, num_stages fastest)."""
+        """Every combination, in axis order (block_m slowest, impl fastest)."""
         axes = (self.values[a] for a in AXES)
         return [LaunchConfig(*combo) for combo in itertools.product(*axes)]
 
-    def as_dict(self) -> dict[str, list[int]]:
+    def as_dict(self) -> dict[str, list]:
         return {a: list(self.values[a]) for a in AXES}
 
 
@@ -95,17 +100,31 @@ def parse_int_list(text: str, flag: str) -> tuple[int, ...]:
     return tuple(dict.fromkeys(values))
 
 
-def default_space(kernel: str, device: torch.device, block_size: int) -> dict[str, tuple[int, ...]]:
+def parse_impl_list(text: str, flag: str = "--impl") -> tuple[str, ...]:
+    """``"triton,gluon"`` -> ``("triton", "gluon")``; BadInputError naming the allowed values."""
+    values = tuple(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
+    bad = [v for v in values if v not in IMPLS]
+    if bad or not values:
+        raise BadInputError(f"{flag} {text!r}: allowed values are {', '.join(IMPLS)}")
+    return values
+
+
+def default_space(kernel: str, device: torch.device, block_size: int) -> dict[str, tuple]:
     base = GPU_SPACES[kernel] if device.type == "cuda" else CPU_SPACE
     values = dict(base)
-    # The backward's outer tile (block_m) must stay inside one sparse block, like block_n.
+    # The backward's outer tile (block_m) must stay inside one sparse block, like block_n. The
+    # forward's block_n may reach 128 where the Gluon kernel can pair 64-key blocks; the prune
+    # rules drop the Triton configs past the block size.
+    cap = block_size
+    if kernel == "fwd" and "gluon" in base["impl"] and block_size % 64 == 0:
+        cap = max(block_size, 128)
     for axis in ("block_n", "block_m") if kernel == "bwd" else ("block_n",):
-        values[axis] = tuple(dict.fromkeys(min(n, block_size) for n in base[axis]))
+        values[axis] = tuple(dict.fromkeys(min(n, cap) for n in base[axis]))
     return values
 
 
 def build_space(kernel: str, device: torch.device, block_size: int,
-                overrides: Mapping[str, tuple[int, ...] | None]) -> Space:
+                overrides: Mapping[str, tuple | None]) -> Space:
     """The default space of ``kernel`` on ``device`` with the axes given on the command line."""
     values = default_space(kernel, device, block_size)
     for axis, given in overrides.items():
@@ -146,9 +165,24 @@ def fits_shared_memory(config: LaunchConfig, problem: Problem) -> str | None:
     return None
 
 
+def runs_on_device(config: LaunchConfig, problem: Problem) -> str | None:
+    """The Gluon forward needs Hopper, 16-bit inputs and a triton that has Gluon."""
+    if config.impl != "gluon":
+        return None
+    if problem.capability is None or problem.capability[0] != 9:
+        return "impl='gluon' runs on Hopper (compute capability 9.x) only"
+    if problem.dtype not in (torch.float16, torch.bfloat16):
+        return f"impl='gluon' runs float16 and bfloat16 only, not {problem.dtype}"
+    if not fwd_ws.GLUON:
+        return f"impl='gluon' needs Gluon, which triton {triton.__version__} does not have"
+    return None
+
+
 def kernel_accepts(config: LaunchConfig, problem: Problem) -> str | None:
     """The kernels' compile-time asserts on tile shapes (``tl.static_assert``), as a rule here so
     that a bad combination is pruned with a reason instead of failing to compile."""
+    if config.impl == "gluon":
+        return None  # config_problems holds all of its tile rules
     bs = problem.block_size
     if bs % config.block_n:
         return f"the kernel needs block_n={config.block_n} to divide the block size {bs}"
@@ -158,7 +192,7 @@ def kernel_accepts(config: LaunchConfig, problem: Problem) -> str | None:
 
 
 PRUNE_RULES: tuple[Callable[[LaunchConfig, Problem], str | None], ...] = (
-    fits_sparse_block, fits_shared_memory, kernel_accepts)
+    fits_sparse_block, runs_on_device, fits_shared_memory, kernel_accepts)
 
 
 def prune_reason(config: LaunchConfig, problem: Problem) -> str | None:
@@ -282,6 +316,7 @@ def plan_tune(sweep: Sweep, mode: str, device: torch.device,
     if "bwd" in kernels:
         require_backward()
     limit = smem_limit(device)
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
     jobs, seen = [], set()
     for case in expand(sweep):
         case = dataclasses.replace(case, mode=mode)
@@ -292,7 +327,7 @@ def plan_tune(sweep: Sweep, mode: str, device: torch.device,
         dtype = getattr(torch, case.dtype)
         candidates = []
         for kernel in kernels:
-            problem = Problem(kernel, case.block_size, case.head_dim, dtype, limit)
+            problem = Problem(kernel, case.block_size, case.head_dim, dtype, limit, capability)
             space = build_space(kernel, device, case.block_size, overrides)
             candidates.append(plan_candidates(space, problem, device))
         jobs.append(TuneJob(case, layout, tuple(candidates)))

@@ -5,7 +5,8 @@ File format (``FORMAT_VERSION`` 1)::
     {"format": 1,
      "entries": {"<CacheKey.as_str()>": {"key": {...CacheKey fields...},
                                          "config": {"block_m": 64, "block_n": 64,
-                                                    "num_warps": 4, "num_stages": 3},
+                                                    "num_warps": 4, "num_stages": 3,
+                                                    "impl": "triton"},
                                          "ms": 0.41, "default_ms": 0.52,
                                          "tuned_at": "2025-01-01T12:00:00+00:00",
                                          "source": "tune"}}}
@@ -42,6 +43,7 @@ import filelock
 import platformdirs
 
 from .cache_key import CacheKey, density_bucket, seqlen_bucket, source_hash
+from .configs import IMPLS
 
 __all__ = ["CONFIG_FIELDS", "ENV_VAR", "FORMAT_VERSION", "CacheFormatError", "CacheKey",
            "ConfigCache", "ConfigCacheWarning", "default_cache_path", "density_bucket",
@@ -105,6 +107,10 @@ def _check_config(config: object) -> dict[str, Any]:
         value = config.get(name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"config[{name!r}] must be a positive int, got {value!r}")
+    # Optional: entries written before configs named their implementation are Triton ones.
+    impl = config.get("impl", "triton")
+    if impl not in IMPLS:
+        raise ValueError(f"config['impl'] must be one of {', '.join(IMPLS)}, got {impl!r}")
     return dict(config)
 
 

@@ -12,25 +12,39 @@ import torch
 
 KERNELS = ("fwd", "bwd")
 
+# Implementations of a kernel: "triton" everywhere; "gluon", the forward's warp-specialised Gluon
+# kernel (kernels/fwd_ws.py), on Hopper only.
+IMPLS = ("triton", "gluon")
+
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Tile sizes and launch parameters for one kernel."""
+    """Tile sizes and launch parameters for one kernel, and which implementation runs it.
+
+    For ``impl="gluon"``: ``block_m`` is the query tile (128: two 64-row consumer warp groups),
+    ``block_n`` the kv tile (64 or 128 keys, gathered from 64-key copies, so two kept blocks of
+    64 share one tile), ``num_warps`` the warps of each consumer group (4) and ``num_stages`` the
+    kv tiles in flight.
+    """
 
     block_m: int
     block_n: int
     num_warps: int = 4
     num_stages: int = 2
+    impl: str = "triton"
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "LaunchConfig":
-        return cls(int(d["block_m"]), int(d["block_n"]), int(d["num_warps"]), int(d["num_stages"]))
+        # Entries written before configs named their implementation are Triton ones.
+        return cls(int(d["block_m"]), int(d["block_n"]), int(d["num_warps"]), int(d["num_stages"]),
+                   str(d.get("impl", "triton")))
 
     def short(self) -> str:
-        return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}"
+        prefix = "" if self.impl == "triton" else f"{self.impl}-"
+        return f"{prefix}m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}"
 
 
 def _pow2(x: int) -> bool:
@@ -40,6 +54,10 @@ def _pow2(x: int) -> bool:
 def config_problems(config: LaunchConfig, block_size: int, head_dim: int,
                     kernel: str = "fwd") -> list[str]:
     """Why a config cannot run this kernel for this sparse block size and head_dim (empty if ok)."""
+    if config.impl not in IMPLS:
+        return [f"impl={config.impl!r} must be one of {', '.join(IMPLS)}"]
+    if config.impl == "gluon":
+        return _gluon_problems(config, block_size, head_dim, kernel)
     problems = []
     if kernel == "bwd" and config.block_m > block_size:
         # The dk/dv kernel's kv tile (block_m) must stay inside one sparse block.
@@ -62,15 +80,48 @@ def config_problems(config: LaunchConfig, block_size: int, head_dim: int,
     return problems
 
 
+def _gluon_problems(config: LaunchConfig, block_size: int, head_dim: int,
+                    kernel: str) -> list[str]:
+    problems = []
+    if kernel != "fwd":
+        problems.append("impl='gluon' is a forward kernel only")
+    if config.block_m != 128:
+        problems.append(f"block_m={config.block_m} must be 128 for impl='gluon'")
+    if config.block_n not in (64, 128):
+        problems.append(f"block_n={config.block_n} must be 64 or 128 for impl='gluon'")
+    if config.num_warps != 4:
+        problems.append(f"num_warps={config.num_warps} must be 4 for impl='gluon' "
+                        "(warps per consumer group)")
+    if not 2 <= config.num_stages <= 4:
+        problems.append(f"num_stages={config.num_stages} must be 2, 3 or 4 for impl='gluon'")
+    if block_size % 64:
+        problems.append(f"impl='gluon' needs a sparse block size that is a multiple of 64, "
+                        f"got {block_size}")
+    if head_dim not in (64, 128):
+        problems.append(f"impl='gluon' needs head_dim 64 or 128, got {head_dim}")
+    return problems
+
+
 def check_config(config: LaunchConfig, block_size: int, head_dim: int, kernel: str = "fwd") -> None:
     problems = config_problems(config, block_size, head_dim, kernel)
     if problems:
         raise ValueError("invalid launch config " + config.short() + ": " + "; ".join(problems))
 
 
+def gluon_default_applies(device: torch.device, block_size: int, head_dim: int,
+                          dtype: torch.dtype) -> bool:
+    """Whether the forward defaults to the Gluon kernel here: Hopper, 16-bit, shapes it takes."""
+    from . import fwd_ws  # imported late: it imports Gluon, which configs does not need
+    return (device.type == "cuda" and fwd_ws.GLUON and dtype in (torch.float16, torch.bfloat16)
+            and torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] == 9
+            and not _gluon_problems(LaunchConfig(128, 128, 4, 3, "gluon"), block_size, head_dim,
+                                    "fwd"))
+
+
 def default_config(kernel: str, device: torch.device, block_size: int, head_dim: int,
-                   dtype: torch.dtype) -> LaunchConfig:
-    """A config that runs everywhere and is reasonable on recent GPUs."""
+                   dtype: torch.dtype, allow_gluon: bool = True) -> LaunchConfig:
+    """A config that runs everywhere and is reasonable on recent GPUs (``allow_gluon=False``:
+    a Triton one even where the Gluon forward would be the default)."""
     if device.type != "cuda":
         # Interpreter: small tiles keep numpy's temporaries small; stages mean nothing there.
         tile = min(32, block_size)
@@ -78,6 +129,10 @@ def default_config(kernel: str, device: torch.device, block_size: int, head_dim:
     # From the phi-3 scan (kernels/PERF.md): 4 warps beat 8 on Hopper, 2 stages beat 3 for
     # 128-row tiles; wide head dims and fp32 take smaller tiles to fit registers.
     big = head_dim > 128 or dtype == torch.float32
+    if kernel == "fwd" and allow_gluon and gluon_default_applies(device, block_size, head_dim,
+                                                                 dtype):
+        # Measured fastest on the H100 for the phi-3 shapes, 8k to 64k (kernels/PERF.md).
+        return LaunchConfig(128, 128, 4, 3, "gluon")
     if kernel == "fwd":
         block_m = 64 if big else 128
         return LaunchConfig(block_m, min(block_size, 32 if big else 64), 4, 2)

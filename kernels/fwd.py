@@ -4,7 +4,8 @@ The grid is (query tiles, batch * heads). Each program owns ``BLOCK_M`` query ro
 positions (so a tile never straddles two sparse query blocks when ``BLOCK_M <= block_size``, and
 covers ``BLOCK_M // block_size`` whole blocks otherwise) and walks the kv blocks its plan lists:
 first the blocks that need no mask, then the ones that do (causal diagonal, ragged end, or kept by
-only some of the tile's query blocks).
+only some of the tile's query blocks). A config with ``impl="gluon"`` hands the call to the
+warp-specialised Gluon kernel (:mod:`kernels.fwd_ws`) where it can take it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import buffers
-from .configs import LaunchConfig
+from .configs import LaunchConfig, default_config
 from .layout import BlockLayout
 
 
@@ -278,6 +279,15 @@ def sparse_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layo
     Returns ``out`` (q's shape and dtype, a ``(batch, heads, seq_q, dim)`` view of a
     ``(batch, seq_q, heads, dim)`` tensor) and the natural-log LSE ``(batch, heads, seq_q)`` float32, or None.
     """
+    if config.impl == "gluon":
+        from . import fwd_ws  # late: fwd_ws builds on this module
+        if fwd_ws.eligible(q, k, v, layout):
+            return fwd_ws.sparse_attention_fwd_ws(q, k, v, layout, sm_scale, return_lse, out,
+                                                  stages=config.num_stages,
+                                                  boxes=config.block_n // fwd_ws.BOX_N)
+        # Strides or a device the Gluon kernel cannot take: the Triton default runs instead.
+        config = default_config("fwd", q.device, layout.block_size, q.shape[3], q.dtype,
+                                allow_gluon=False)
     batch, heads, seq_q, head_dim = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
     plan = tile_plan(layout, config.block_m, seq_k)

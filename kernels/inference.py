@@ -12,7 +12,7 @@ import torch
 
 from . import select
 from .checks import check_heads, check_scale, check_tensors
-from .configs import LaunchConfig, check_config
+from .configs import LaunchConfig, check_config, default_config
 from .decode import MAX_SPLITS, sparse_attention_decode_fwd
 from .layout import BlockLayout
 from .varlen import new_varlen_output, sequences, sparse_attention_fwd_varlen
@@ -44,7 +44,15 @@ def _lengths(name: str, t: torch.Tensor) -> list[int]:
 def _config(q: torch.Tensor, layout: BlockLayout, seq_k: int, config: LaunchConfig | None,
             dim: int) -> LaunchConfig:
     probe = q.new_empty(1, 1, 1, dim)
-    config = config or select.resolve_config("fwd", probe, layout, seq_k)[0]
+    if config is None:
+        config = select.resolve_config("fwd", probe, layout, seq_k)[0]
+        if config.impl != "triton":
+            # The forward's tuned config may be the Gluon kernel, which has no varlen form.
+            config = default_config("fwd", q.device, layout.block_size, dim, q.dtype,
+                                    allow_gluon=False)
+    elif config.impl != "triton":
+        raise ValueError(f"config {config.short()}: varlen and padded calls run the Triton "
+                         "kernel; give a config with impl='triton'")
     check_config(config, layout.block_size, dim)
     return config
 

@@ -43,10 +43,14 @@ def _shipped() -> dict[str, dict]:
 
 @functools.lru_cache(maxsize=None)
 def kernel_hash(kernel: str) -> str:
-    """Hash of the kernel's source: an edited kernel never reuses a config tuned for the old one."""
-    module = {"fwd": "kernels.fwd", "bwd": "kernels.bwd"}[kernel]
-    __import__(module)
-    return config_cache.source_hash(sys.modules[module])
+    """Hash of the kernel's source: an edited kernel never reuses a config tuned for the old one.
+
+    The forward's configs choose between two modules (Triton and Gluon), so it hashes both.
+    """
+    modules = {"fwd": ("kernels.fwd", "kernels.fwd_ws"), "bwd": ("kernels.bwd",)}[kernel]
+    for module in modules:
+        __import__(module)
+    return config_cache.source_hash(*(sys.modules[module] for module in modules))
 
 
 def block_density(layout: BlockLayout, seq_k: int) -> float:

@@ -43,6 +43,10 @@ def tune(
     block_n: Annotated[Optional[str], _list_option("BLOCK_N", "32,64")] = None,
     num_warps: Annotated[Optional[str], _list_option("num_warps", "4,8")] = None,
     num_stages: Annotated[Optional[str], _list_option("num_stages", "2,3,4")] = None,
+    impl: Annotated[Optional[str], typer.Option(
+        help="Comma-separated kernel implementations to search: triton, gluon (the forward's "
+             "warp-specialised Hopper kernel). Default: the space above.",
+        show_default=False)] = None,
     mode: Annotated[Optional[str], typer.Option(
         help="fwd (forward kernel), bwd (backward kernel, forward config from the lookup) or "
              "fwd_bwd (forward first, then backward behind the forward winner). Default: the "
@@ -75,10 +79,11 @@ def tune(
     Every candidate is checked against the reference before it may win and timed as `run` times.
     The single-shape flags build a causal local_stride pattern with head_sliding_offset 1.
 
-    Default spaces: fwd block_m {64,128}, block_n {32,64}, num_warps {4,8}, num_stages {2,3,4};
-    bwd block_m {32,64}, block_n {32,64}, num_warps {4,8}, num_stages {1,2,3} (block_n, and the
-    backward's block_m, capped at the block size); on the CPU interpreter block_m {16,32},
-    block_n {16,32}, num_warps {4}, num_stages {1}. The default config is always timed too, as
+    Default spaces: fwd block_m {64,128}, block_n {32,64,128}, num_warps {4,8},
+    num_stages {2,3,4}, impl {triton,gluon} (gluon on Hopper only; Triton block_n capped at the
+    block size); bwd block_m {32,64}, block_n {32,64}, num_warps {4,8}, num_stages {1,2,3},
+    impl {triton} (block_n and block_m capped at the block size); on the CPU interpreter
+    block_m {16,32}, block_n {16,32}, num_warps {4}, num_stages {1}, impl {triton}. The default config is always timed too, as
     the reference. Winners go to the cache (on the CPU under the "cpu (triton interpreter)" key),
     every config to tune.csv in OUT/tune-NAME-TIME/.
     """
@@ -87,6 +92,7 @@ def tune(
     from ..spec import load_spec
     from ..tune_space import (
         AXES,
+        parse_impl_list,
         parse_int_list,
         plan_tune,
         resolve_mode,
@@ -102,7 +108,8 @@ def tune(
         if device not in ("auto", "cuda", "cpu"):
             raise BadInputError(f"--device {device!r}: allowed values are auto, cuda, cpu")
         overrides = {axis: parse_int_list(lists[axis], "--" + axis.replace("_", "-"))
-                     if lists[axis] is not None else None for axis in AXES}
+                     if lists[axis] is not None else None for axis in AXES if axis in lists}
+        overrides["impl"] = parse_impl_list(impl) if impl is not None else None
         dev = resolve_device(device)
         if spec is not None:
             given = [k for k, v in shape.items() if v is not None]

@@ -24,7 +24,7 @@ from dkbench.spec import expand, load_spec
 from dkbench.timing import Measurement
 from dkbench.tune_space import (
     CPU_SHAPE, GPU_SHAPE, Problem, build_space, fits_shared_memory, fits_sparse_block,
-    kernel_accepts, parse_int_list, plan_candidates, plan_tune, prune_reason,
+    kernel_accepts, parse_impl_list, parse_int_list, plan_candidates, plan_tune, prune_reason,
     shared_memory_bytes, sweep_from_flags)
 from kernels import LaunchConfig, reference_attention
 from kernels.config_cache import ENV_VAR, ConfigCache
@@ -32,7 +32,7 @@ from kernels.config_cache import ENV_VAR, ConfigCache
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda", 0)  # only its .type is read by the code under test here
 COLUMNS = ["run_id", "case_id", "kernel", "dtype", "seqlen", "heads", "kv_heads", "head_dim",
-           "block_size", "pattern", "block_m", "block_n", "num_warps", "num_stages", "ms",
+           "block_size", "pattern", "block_m", "block_n", "num_warps", "num_stages", "impl", "ms",
            "ms_p20", "ms_p80", "status", "message", "is_best", "speedup_vs_default"]
 # 128 tokens, one head, head_dim 32, four sparse blocks of 32: a kernel call takes ~0.1 s.
 TINY = {"name": "tinytune", "dtype": "fp32", "mode": "fwd", "batch": 1, "seqlen": 128,
@@ -92,20 +92,47 @@ def problem(**kw) -> Problem:
 
 def test_space_from_flags_replaces_only_the_given_axes() -> None:
     space = build_space("fwd", CUDA, 64, {"block_m": (32, 64, 128), "block_n": None,
-                                          "num_warps": (8,), "num_stages": None})
-    assert space.values == {"block_m": (32, 64, 128), "block_n": (32, 64), "num_warps": (8,),
-                            "num_stages": (2, 3, 4)}
+                                          "num_warps": (8,), "num_stages": None, "impl": None})
+    assert space.values == {"block_m": (32, 64, 128), "block_n": (32, 64, 128),
+                            "num_warps": (8,), "num_stages": (2, 3, 4),
+                            "impl": ("triton", "gluon")}
     configs = space.configs()
-    assert len(configs) == 3 * 2 * 1 * 3
-    assert configs[0] == LaunchConfig(32, 32, 8, 2) and configs[-1] == LaunchConfig(128, 64, 8, 4)
+    assert len(configs) == 3 * 3 * 1 * 3 * 2
+    assert configs[0] == LaunchConfig(32, 32, 8, 2, "triton")
+    assert configs[-1] == LaunchConfig(128, 128, 8, 4, "gluon")
+
+
+def test_impl_axis_narrows_to_the_given_kernels() -> None:
+    space = build_space("fwd", CUDA, 64, {"impl": ("triton",)})
+    assert {c.impl for c in space.configs()} == {"triton"}
+    assert build_space("bwd", CUDA, 64, {}).values["impl"] == ("triton",)
+    assert parse_impl_list("gluon, triton") == ("gluon", "triton")
+    with pytest.raises(BadInputError, match="allowed values are triton, gluon"):
+        parse_impl_list("cuda")
+
+
+def test_gluon_configs_are_pruned_off_hopper_and_for_32_bit() -> None:
+    gluon = LaunchConfig(128, 128, 4, 3, "gluon")
+    assert prune_reason(gluon, problem(capability=(9, 0))) is None
+    assert "Hopper" in prune_reason(gluon, problem(capability=(8, 0)))
+    assert "Hopper" in prune_reason(gluon, problem())  # the CPU: no capability
+    assert "bfloat16" in prune_reason(gluon, problem(capability=(9, 0), dtype=torch.float32))
+    # 128 keys per tile is the Gluon kernel's alone with 64-key blocks.
+    assert "must not exceed" in prune_reason(LaunchConfig(128, 128, 4, 3), problem())
+    assert "block_m=64 must be 128" in prune_reason(LaunchConfig(64, 128, 4, 3, "gluon"),
+                                                    problem(capability=(9, 0)))
 
 
 def test_default_spaces_cap_block_n_and_shrink_on_cpu() -> None:
     assert build_space("fwd", CUDA, 32, {}).values["block_n"] == (32,)
     assert build_space("fwd", CUDA, 32, {}).values["block_m"] == (64, 128)
     assert build_space("bwd", CUDA, 32, {}).values["block_m"] == (32,)
+    # 64-key blocks: the Gluon forward may pair them into 128-key tiles; the backward may not.
+    assert build_space("fwd", CUDA, 64, {}).values["block_n"] == (32, 64, 128)
+    assert build_space("bwd", CUDA, 64, {}).values["block_n"] == (32, 64)
     cpu = build_space("fwd", CPU, 64, {}).values
-    assert cpu == {"block_m": (16, 32), "block_n": (16, 32), "num_warps": (4,), "num_stages": (1,)}
+    assert cpu == {"block_m": (16, 32), "block_n": (16, 32), "num_warps": (4,), "num_stages": (1,),
+                   "impl": ("triton",)}
 
 
 @pytest.mark.parametrize("text, expected", [("32,64,128", (32, 64, 128)), (" 4, 8,4 ", (4, 8))])

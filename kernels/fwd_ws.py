@@ -1,0 +1,376 @@
+"""Warp-specialised forward kernel for Hopper, written in Gluon (configs with ``impl="gluon"``).
+
+The same tile plan and arithmetic as :mod:`kernels.fwd`, split across warps by job. A loader warp
+streams kv tiles into a ring of shared-memory stages with tensor-memory copies of 64 keys each,
+so one 128-key tile can hold two kept blocks that are not adjacent. Two consumer warp groups own
+64 query rows each of a 128-row tile; each overlaps its softmax with its own next q kᵀ and last
+p v, and they take turns issuing to the tensor cores (ping-pong), so one's softmax runs while
+the other's products keep the tensor cores busy. Calls it cannot take (not Hopper, 32-bit,
+head_dim other than 64 or 128, strides tensor-memory copies refuse) run :mod:`kernels.fwd`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from . import buffers, fwd
+from .fwd import tile_plan
+from .layout import BlockLayout
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
+    from triton.experimental.gluon.language._core import _unwrap_if_constexpr, builtin
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+    # The copy is tma.async_load from triton 3.7 on; 3.6 names it async_copy_global_to_shared.
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    GLUON = True
+except ImportError:  # a triton without Gluon: the Triton kernel serves every call
+    GLUON = False
+
+BLOCK_M = 128
+BOX_N = 64  # keys per tensor-memory copy; a step's kv tile is ``boxes`` of them side by side
+# Two 4-warp consumers and a loader warp (a warp group of registers): 12 warps at 168 registers
+# a thread fill the register file; the consumers get 240 each, the loader 24.
+MAX_REGS = 168
+
+
+if GLUON:
+    @builtin
+    def _reinterpret(desc, dtype, shape, layout, _semantic=None):
+        """``desc``'s bytes seen with another shape and layout (the shared-memory method is
+        ``reinterpret`` from triton 3.7 on and ``_reinterpret`` before, so call the op directly)."""
+        return _semantic.memdesc_reinterpret(desc, _unwrap_if_constexpr(dtype),
+                                             [_unwrap_if_constexpr(n) for n in shape],
+                                             _unwrap_if_constexpr(layout))
+
+    @gluon.jit
+    def _box_start(KvBlock, first_box, b, n_boxes, BLOCK_SIZE: gl.constexpr, BOX_N: gl.constexpr):
+        """First key of the row's ``b``-th box (scalar or vector ``b``). Boxes past the row's end
+        (the odd half of its last step, or the placeholder step of an empty row) read keys from
+        block 0: valid memory whose scores the consumers mask."""
+        n_sub: gl.constexpr = BLOCK_SIZE // BOX_N
+        box = first_box + b
+        block = gl.load(KvBlock + box // n_sub, mask=b < n_boxes, other=0)
+        return block * BLOCK_SIZE + (box % n_sub) * BOX_N
+
+    @gluon.jit
+    def _copy_tile(desc, boxes_buf, ready, s, j, KvBlock, first_box, n_boxes, desc_z, desc_h,
+                   BLOCK_SIZE: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
+        """Copy step ``j``'s k (or v) tile into stage ``s``: one copy per (64 keys, column chunk),
+        all signalling ``ready``."""
+        BOX_N: gl.constexpr = desc.block_type.shape[2]
+        BOX_D: gl.constexpr = desc.block_type.shape[3]
+        chunks: gl.constexpr = HEAD_DIM // BOX_D
+        boxes: gl.constexpr = boxes_buf.shape[0] // (STAGES * chunks)
+        mbarrier.expect(ready, boxes * chunks * desc.block_type.nbytes)
+        for h in gl.static_range(boxes):
+            start_n = _box_start(KvBlock, first_box, j * boxes + h, n_boxes, BLOCK_SIZE, BOX_N)
+            for c in gl.static_range(chunks):
+                # Box (h, c) is keys h*BOX_N.. of column chunk c of the stage's tile.
+                _tma_load(desc, [desc_z, desc_h, start_n, c * BOX_D], ready,
+                          boxes_buf.index((s * chunks + c) * boxes + h))
+
+    @gluon.jit
+    def _load_kv(k_desc, v_desc, k_boxes, v_boxes, k_ready, v_ready, kv_empty, KvBlock,
+                 entry_start, entry_end, desc_z, desc_h,
+                 BLOCK_SIZE: gl.constexpr, HEAD_DIM: gl.constexpr):
+        """Loader warp: fill the stages with each step's k and v tiles, oldest freed first."""
+        stages: gl.constexpr = k_ready.shape[0]
+        BOX_N: gl.constexpr = k_desc.block_type.shape[2]
+        boxes: gl.constexpr = k_boxes.shape[0] // (stages * (HEAD_DIM // k_desc.block_type.shape[3]))
+        n_sub: gl.constexpr = BLOCK_SIZE // BOX_N
+        first_box = entry_start * n_sub
+        n_boxes = (entry_end - entry_start) * n_sub
+        steps = gl.maximum(gl.cdiv(n_boxes, boxes), 1)
+        for j in range(0, steps):
+            s = j % stages
+            # Barriers start in the completed phase, so the first pass over the stages runs free.
+            mbarrier.wait(kv_empty.index(s), ((j // stages) & 1) ^ 1)
+            _copy_tile(k_desc, k_boxes, k_ready.index(s), s, j, KvBlock, first_box, n_boxes,
+                       desc_z, desc_h, BLOCK_SIZE, HEAD_DIM, stages)
+            _copy_tile(v_desc, v_boxes, v_ready.index(s), s, j, KvBlock, first_box, n_boxes,
+                       desc_z, desc_h, BLOCK_SIZE, HEAD_DIM, stages)
+
+    @gluon.jit
+    def _issue_scores(q_op, k_bufs, k_ready, j, zero, HEAD_DIM: gl.constexpr):
+        """Wait for step ``j``'s k tile and start q kᵀ on the tensor cores (not waited for)."""
+        stages: gl.constexpr = k_bufs.shape[0]
+        s = j % stages
+        mbarrier.wait(k_ready.index(s), (j // stages) & 1)
+        k_tile = k_bufs.index(s).permute((1, 0))
+        return warpgroup_mma(q_op, k_tile, zero, use_acc=False, is_async=True)
+
+    @gluon.jit
+    def _issue_pv(p_op, acc, v_bufs, v_ready, j, HEAD_DIM: gl.constexpr):
+        """Wait for step ``j``'s v tile and start acc += p v (not waited for)."""
+        stages: gl.constexpr = v_bufs.shape[0]
+        s = j % stages
+        mbarrier.wait(v_ready.index(s), (j // stages) & 1)
+        v_tile = v_bufs.index(s)
+        return warpgroup_mma(p_op, v_tile, acc, is_async=True)
+
+    @gluon.jit
+    def _softmax_step(qk, m_i, l_i, j, first_box, n_boxes, full_boxes, KvBlock, RowBits,
+                      offs_m_abs, tile_first_block, row_end, seq_k, qk_scale,
+                      TILE_N: gl.constexpr, BOX_N: gl.constexpr, BLOCK_SIZE: gl.constexpr,
+                      SUB_BLOCKS: gl.constexpr, IS_CAUSAL: gl.constexpr,
+                      s_layout: gl.constexpr, p_layout: gl.constexpr, P_DTYPE: gl.constexpr):
+        """Mask step ``j``'s scores if any of its boxes needs it, then the online softmax update.
+
+        Returns p (16-bit, laid out as the p v operand), the new max and sum, and the factor
+        that rescales the accumulator.
+        """
+        if (j + 1) * (TILE_N // BOX_N) > full_boxes:
+            n_sub: gl.constexpr = BLOCK_SIZE // BOX_N
+            cols = gl.arange(0, TILE_N, layout=gl.SliceLayout(0, s_layout))
+            b = j * (TILE_N // BOX_N) + cols // BOX_N
+            offs_n = _box_start(KvBlock, first_box, b, n_boxes, BLOCK_SIZE, BOX_N) + cols % BOX_N
+            n_ok = (b < n_boxes) & (offs_n < seq_k) & (offs_n < row_end)
+            keep = gl.expand_dims(n_ok, 0)
+            if IS_CAUSAL:
+                keep = keep & (gl.expand_dims(offs_n, 0) <= gl.expand_dims(offs_m_abs, 1))
+            if SUB_BLOCKS > 1:
+                bits = gl.load(RowBits + (first_box + b) // n_sub, mask=b < n_boxes, other=0)
+                shift = offs_m_abs // BLOCK_SIZE - tile_first_block
+                keep = keep & (((gl.expand_dims(bits, 0) >> gl.expand_dims(shift, 1)) & 1) != 0)
+            qk = gl.where(keep, qk, float("-inf"))
+        # In log2 units; the scale rides in the max and one FMA.
+        m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
+        p = gl.exp2(qk * qk_scale - gl.expand_dims(m_new, 1))
+        alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha + gl.sum(p, 1)
+        return gl.convert_layout(p.to(P_DTYPE), p_layout), m_new, l_i, alpha
+
+    @gluon.jit
+    def _take_turn(turns, n, HALF: gl.constexpr):
+        """Wait for this consumer's ``n``-th turn to issue tensor-core work (half 0 goes first)."""
+        mbarrier.wait(turns.index(HALF), (n & 1) ^ (1 - HALF))
+
+    @gluon.jit
+    def _softmax_partition(q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty, turns,
+                           KvBlock, RowBits, entry_start, entry_mid, entry_end,
+                           Out, Lse, o_row_base, stride_om, stride_ok, lse_base,
+                           tile, q_offset, seq_q, seq_k, qk_scale,
+                           BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
+                           BLOCK_SIZE: gl.constexpr, BOX_N: gl.constexpr,
+                           IS_CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr,
+                           HALF: gl.constexpr):
+        """One consumer warp group: rows ``HALF * BLOCK_M / 2`` on of the tile, through q kᵀ,
+        the online softmax and p v over the row's steps, then the store. q stays in shared
+        memory (read from registers measured slower: kernels/PERF.md).
+
+        Software-pipelined by one step: step j+1's q kᵀ and step j's p v run on the tensor
+        cores while these warps do step j+1's softmax. The two consumers take turns issuing
+        (ping-pong), so one's softmax runs while the other's products keep the tensor cores busy.
+        """
+        NUM_WARPS: gl.constexpr = 4
+        ROWS: gl.constexpr = BLOCK_M // 2
+        SUB_BLOCKS: gl.constexpr = BLOCK_M // BLOCK_SIZE if BLOCK_M > BLOCK_SIZE else 1
+        TILE_N: gl.constexpr = k_bufs.shape[1]
+        n_sub: gl.constexpr = BLOCK_SIZE // BOX_N
+        stages: gl.constexpr = k_bufs.shape[0]
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, TILE_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        P_DTYPE: gl.constexpr = q_smem.dtype
+        q_op = q_smem.slice(HALF * ROWS, ROWS)
+        row0 = tile * BLOCK_M + HALF * ROWS
+        offs_m_abs = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
+        # A finite floor instead of -inf keeps exp2(m_i - m_new) defined for fully masked rows.
+        m_i = gl.full([ROWS], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, s_layout))
+        acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
+        zero = gl.zeros([ROWS, TILE_N], gl.float32, s_layout)
+        tile_first_block = tile * BLOCK_M // BLOCK_SIZE
+        if IS_CAUSAL:
+            row_end = gl.minimum((tile + 1) * BLOCK_M, seq_k)
+        else:
+            row_end = seq_k
+        first_box = entry_start * n_sub
+        n_boxes = (entry_end - entry_start) * n_sub
+        full_boxes = (entry_mid - entry_start) * n_sub
+        steps = gl.maximum(gl.cdiv(n_boxes, TILE_N // BOX_N), 1)
+
+        _take_turn(turns, 0, HALF)
+        qk = _issue_scores(q_op, k_bufs, k_ready, 0, zero, HEAD_DIM)
+        mbarrier.arrive(turns.index(1 - HALF), count=1)
+        qk = warpgroup_mma_wait(0, deps=(qk,))
+        p, m_i, l_i, alpha = _softmax_step(
+            qk, m_i, l_i, 0, first_box, n_boxes, full_boxes, KvBlock, RowBits, offs_m_abs,
+            tile_first_block, row_end, seq_k, qk_scale, TILE_N, BOX_N, BLOCK_SIZE, SUB_BLOCKS,
+            IS_CAUSAL, s_layout, p_layout, P_DTYPE)
+        for j in range(1, steps):
+            _take_turn(turns, j, HALF)
+            qk = _issue_scores(q_op, k_bufs, k_ready, j, zero, HEAD_DIM)
+            acc = _issue_pv(p, acc, v_bufs, v_ready, j - 1, HEAD_DIM)
+            mbarrier.arrive(turns.index(1 - HALF), count=1)
+            # wgmma groups retire in order: one left outstanding means q kᵀ is done.
+            qk = warpgroup_mma_wait(1, deps=(qk,))
+            p, m_i, l_i, alpha = _softmax_step(
+                qk, m_i, l_i, j, first_box, n_boxes, full_boxes, KvBlock, RowBits, offs_m_abs,
+                tile_first_block, row_end, seq_k, qk_scale, TILE_N, BOX_N, BLOCK_SIZE,
+                SUB_BLOCKS, IS_CAUSAL, s_layout, p_layout, P_DTYPE)
+            acc = warpgroup_mma_wait(0, deps=(acc,))
+            mbarrier.arrive(kv_empty.index((j - 1) % stages), count=1)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        _take_turn(turns, steps, HALF)
+        acc = _issue_pv(p, acc, v_bufs, v_ready, steps - 1, HEAD_DIM)
+        mbarrier.arrive(turns.index(1 - HALF), count=1)
+        acc = warpgroup_mma_wait(0, deps=(acc,))
+        mbarrier.arrive(kv_empty.index((steps - 1) % stages), count=1)
+
+        # -- epilogue --
+        l_safe = gl.where(l_i == 0.0, 1.0, l_i)
+        l_o = gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout))
+        out = acc / gl.expand_dims(l_o, 1)
+        offs_m = row0 - q_offset + gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
+        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        row_ok = (offs_m >= 0) & (offs_m < seq_q)
+        o_ptrs = (Out + o_row_base + gl.expand_dims(offs_m.to(gl.int64) * stride_om, 1)
+                  + gl.expand_dims(offs_d * stride_ok, 0))
+        gl.store(o_ptrs, out.to(Out.dtype.element_ty),
+                 mask=gl.expand_dims(row_ok, 1) & gl.expand_dims(offs_d < HEAD_DIM, 0))
+        if RETURN_LSE:
+            # Natural-log log-sum-exp; m_i is in log2 units.
+            lse = (m_i + gl.log2(l_safe)) * 0.6931471805599453
+            offs_m_s = offs_m_abs - q_offset
+            gl.store(Lse + lse_base + offs_m_s, lse,
+                     mask=(offs_m_s >= 0) & (offs_m_s < seq_q))
+
+    @gluon.jit
+    def _sparse_attn_fwd_ws(q_desc, k_desc, v_desc, Out, Lse,
+                            RowPtr, NFull, KvBlock, RowBits,
+                            stride_oz, stride_oh, stride_om, stride_ok,
+                            num_heads, q_per_kv, heads_per_pattern, seq_q, seq_k, tiles,
+                            first_tile, qk_scale,
+                            BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
+                            BLOCK_SIZE: gl.constexpr, IS_CAUSAL: gl.constexpr,
+                            RETURN_LSE: gl.constexpr, BOXES: gl.constexpr, STAGES: gl.constexpr):
+        tile = gl.program_id(0) + first_tile
+        off_zh = gl.program_id(1)
+        off_z = off_zh // num_heads
+        off_h = off_zh % num_heads
+        off_kvh = off_h // q_per_kv
+        row = (off_h // heads_per_pattern) * tiles + tile
+        q_offset = seq_k - seq_q
+        entry_start = gl.load(RowPtr + row)
+        entry_end = gl.load(RowPtr + row + 1)
+        entry_mid = entry_start + gl.load(NFull + row)
+
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
+        BOX_N: gl.constexpr = k_desc.block_type.shape[2]
+        BOX_D: gl.constexpr = k_desc.block_type.shape[3]
+        # Each stage holds one step's (BOXES * BOX_N, dim) kv tile. With 128-byte swizzling that
+        # tile is stored as 128-byte column chunks, each all rows deep; the loader fills it with
+        # one box per (rows, chunk) pair, and the consumers read the same bytes as one tile.
+        kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BOXES * BOX_N, HEAD_DIM],
+                                                                       k_desc.dtype)
+        box_slots: gl.constexpr = STAGES * BOXES * (HEAD_DIM // BOX_D)
+        k_boxes = gl.allocate_shared_memory(k_desc.dtype, [box_slots] + k_desc.block_type.shape,
+                                            k_desc.layout)
+        v_boxes = gl.allocate_shared_memory(v_desc.dtype, [box_slots] + v_desc.block_type.shape,
+                                            v_desc.layout)
+        k_bufs = _reinterpret(k_boxes, k_desc.dtype, [STAGES, BOXES * BOX_N, HEAD_DIM], kv_layout)
+        v_bufs = _reinterpret(v_boxes, v_desc.dtype, [STAGES, BOXES * BOX_N, HEAD_DIM], kv_layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(kv_empty.index(i), count=2)  # both consumers release a stage
+        for i in gl.static_range(2):
+            mbarrier.init(turns.index(i), count=1)
+
+        # q rows before the first query or past the last read zeros (boxes may hang off either end).
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+        _tma_load(q_desc, [off_z, off_h, tile * BLOCK_M - q_offset, 0],
+                                        q_bar, q_smem)
+        mbarrier.wait(q_bar, 0)
+        q_tile = q_smem.reshape([BLOCK_M, HEAD_DIM])
+
+        o_row_base = off_z.to(gl.int64) * stride_oz + off_h.to(gl.int64) * stride_oh
+        lse_base = off_zh.to(gl.int64) * seq_q
+        # Constexprs must be written into each partition's tuple: a tuple variable would turn
+        # them into runtime values.
+        gl.warp_specialize([
+            (_softmax_partition, (q_tile, k_bufs, v_bufs, k_ready, v_ready, kv_empty, turns,
+                                  KvBlock, RowBits, entry_start, entry_mid, entry_end,
+                                  Out, Lse, o_row_base, stride_om, stride_ok, lse_base,
+                                  tile, q_offset, seq_q, seq_k, qk_scale,
+                                  BLOCK_M, HEAD_DIM, BLOCK_SIZE, BOX_N, IS_CAUSAL, RETURN_LSE,
+                                  0)),
+            (_softmax_partition, (q_tile, k_bufs, v_bufs, k_ready, v_ready, kv_empty, turns,
+                                  KvBlock, RowBits, entry_start, entry_mid, entry_end,
+                                  Out, Lse, o_row_base, stride_om, stride_ok, lse_base,
+                                  tile, q_offset, seq_q, seq_k, qk_scale,
+                                  BLOCK_M, HEAD_DIM, BLOCK_SIZE, BOX_N, IS_CAUSAL, RETURN_LSE,
+                                  1)),
+            (_load_kv, (k_desc, v_desc, k_boxes, v_boxes, k_ready, v_ready, kv_empty, KvBlock,
+                        entry_start, entry_end, off_z, off_kvh, BLOCK_SIZE, HEAD_DIM)),
+        ], [4, 1], [240, 24])  # registers a thread: see MAX_REGS
+
+
+def _descriptor(x: torch.Tensor, rows: int, cols: int) -> "GluonDescriptor":
+    block = [1, 1, rows, cols]
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16 if x.dtype == torch.bfloat16
+                                                  else gl.float16)
+    return GluonDescriptor(x, list(x.shape), list(x.stride()), block, layout)
+
+
+def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout) -> bool:
+    """Whether the warp-specialised kernel can take this call (else :mod:`kernels.fwd` does)."""
+    if not (GLUON and fwd.TMA_LOADS) or not q.is_cuda:
+        return False  # TMA_LOADS off (measuring the pointer path): no tensor-memory copies
+    if torch.cuda.get_device_capability(q.device)[0] != 9:
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[3] not in (64, 128):
+        return False
+    if layout.block_size % BOX_N or not (layout.block_size % BLOCK_M == 0
+                                           or BLOCK_M % layout.block_size == 0):
+        return False
+    for x in (q, k, v):
+        size = x.element_size()
+        if x.stride(-1) != 1 or x.data_ptr() % 16:
+            return False
+        if not all(st > 0 and st * size % 16 == 0 for st in x.stride()[:-1]):
+            return False
+    return True
+
+
+def sparse_attention_fwd_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            layout: BlockLayout, sm_scale: float, return_lse: bool = True,
+                            out: torch.Tensor | None = None, stages: int = 3, boxes: int = 2
+                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`kernels.fwd.sparse_attention_fwd` for calls :func:`eligible` accepts: ``boxes``
+    64-key copies per kv tile (a config's ``block_n // 64``), ``stages`` kv tiles in flight."""
+    batch, heads, seq_q, head_dim = q.shape
+    kv_heads, seq_k = k.shape[1], k.shape[2]
+    plan = tile_plan(layout, BLOCK_M, seq_k)
+    if out is None:
+        out = buffers.new_output((batch, seq_q, heads, head_dim), q, q.dtype).transpose(1, 2)
+    lse = buffers.new_output((batch, heads, seq_q) if return_lse else (1,), q, torch.float32)
+    first_tile = (seq_k - seq_q) // BLOCK_M
+    grid = (plan.tiles - first_tile, batch * heads)
+    box_d = 128 // q.element_size()  # one 128-byte swizzle span of columns per k/v copy
+    _sparse_attn_fwd_ws[grid](
+        _descriptor(q, BLOCK_M, head_dim), _descriptor(k, BOX_N, box_d),
+        _descriptor(v, BOX_N, box_d), out, lse,
+        plan.row_ptr, plan.n_full, plan.kv_block, plan.row_bits,
+        *out.stride(),
+        heads, heads // kv_heads, heads // layout.heads, seq_q, seq_k, plan.tiles, first_tile,
+        sm_scale * 1.4426950408889634,
+        BLOCK_M=BLOCK_M, HEAD_DIM=head_dim, BLOCK_SIZE=layout.block_size,
+        IS_CAUSAL=layout.causal, RETURN_LSE=return_lse, BOXES=boxes, STAGES=stages,
+        num_warps=4, maxnreg=MAX_REGS,
+    )
+    return out, (lse if return_lse else None)

@@ -1,0 +1,131 @@
+"""The Gluon forward's config rules, dispatch and fallback, and that it compiles for Hopper.
+
+Gluon kernels do not run in Triton's interpreter: on the CPU the dispatch falls back to the
+Triton kernel (checked against the reference here), and the Gluon kernel is compiled for sm_90a
+without a GPU, which catches a triton release that changed the Gluon API. Its numbers are
+checked on the GPU in test_gpu_gluon.py.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import triton
+
+from kernels import LaunchConfig, fwd_ws, reference_attention, sparse_attention
+from kernels.config_cache import FORMAT_VERSION, ConfigCacheWarning, load_shipped
+from kernels.configs import config_problems, default_config
+from kernels.inference import sparse_attention_varlen
+from tests.kernels.cases import make_layout, make_qkv
+from tests.tolerances import assert_verbose_close
+
+GLUON = LaunchConfig(128, 128, 4, 3, "gluon")
+
+
+def test_gluon_config_rules() -> None:
+    assert config_problems(GLUON, 64, 128) == []
+    assert config_problems(LaunchConfig(128, 64, 4, 2, "gluon"), 128, 64) == []
+    assert GLUON.short() == "gluon-m128n128w4s3"
+    assert LaunchConfig(128, 64).short() == "m128n64w4s2"
+    problems = " ".join(config_problems(LaunchConfig(64, 96, 8, 5, "gluon"), 32, 80, "bwd"))
+    for text in ("forward kernel only", "block_m=64", "block_n=96", "num_warps=8",
+                 "num_stages=5", "multiple of 64", "head_dim 64 or 128"):
+        assert text in problems
+    assert "impl='cuda' must be one of triton, gluon" in config_problems(
+        LaunchConfig(64, 64, 4, 2, "cuda"), 64, 64)[0]
+
+
+def test_configs_round_trip_and_old_entries_are_triton() -> None:
+    assert LaunchConfig.from_dict(GLUON.as_dict()) == GLUON
+    old = {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2}
+    assert LaunchConfig.from_dict(old).impl == "triton"
+
+
+def test_cache_entry_with_an_unknown_impl_is_rejected(tmp_path) -> None:
+    key = {"gpu": "g", "capability": "9.0", "triton": triton.__version__, "kernel": "fwd",
+           "kernel_hash": "0", "dtype": "bfloat16", "head_dim": 128, "block_size": 64,
+           "seqlen_bucket": 8192, "density_bucket": 0.25}
+    entry = {"key": key, "config": {**GLUON.as_dict(), "impl": "cutlass"}, "ms": 1.0,
+             "default_ms": 1.0}
+    path = tmp_path / "shipped.json"
+    path.write_text(json.dumps({"format": FORMAT_VERSION, "entries": {"k": entry}}))
+    with pytest.warns(ConfigCacheWarning, match="impl"):
+        assert load_shipped(path) == {}
+
+
+def test_cpu_default_is_triton_and_the_gluon_kernel_is_not_eligible() -> None:
+    layout = make_layout("hetero", 4, 2, 256, 64)
+    q, k, v = make_qkv(1, 256, 256, 4, 2, 64, torch.bfloat16, "cpu", seq_dim=2)
+    assert not fwd_ws.eligible(q, k, v, layout)
+    assert default_config("fwd", torch.device("cpu"), 64, 128, torch.bfloat16).impl == "triton"
+
+
+def test_gluon_config_falls_back_to_triton_where_it_cannot_run(monkeypatch) -> None:
+    """On the CPU (and on any call the Gluon kernel cannot take) the Triton kernel answers."""
+    called = []
+    monkeypatch.setattr(fwd_ws, "sparse_attention_fwd_ws", lambda *a, **k: called.append(1))
+    layout = make_layout("hetero", 2, 1, 200, 64)
+    q, k, v = make_qkv(1, 200, 200, 2, 1, 64, torch.float32, "cpu")
+    out = sparse_attention(q, k, v, layout, config=LaunchConfig(128, 128, 4, 2, "gluon"))
+    assert_verbose_close(out, reference_attention(q, k, v, layout), 2e-3)
+    assert not called
+
+
+def test_varlen_refuses_an_explicit_gluon_config() -> None:
+    layout = make_layout("hetero", 2, 1, 128, 64)
+    q = torch.randn(128, 2, 64)
+    k = v = torch.randn(128, 1, 64)
+    cu = torch.tensor([0, 128])
+    with pytest.raises(ValueError, match="impl='triton'"):
+        sparse_attention_varlen(q, k, v, cu, cu, layout, config=GLUON)
+
+
+# Compiled in a fresh interpreter: the suite runs with TRITON_INTERPRET=1, under which Gluon
+# kernels cannot be compiled.
+_COMPILE = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon._runtime import GluonASTSource
+from kernels import fwd_ws
+
+boxes, head_dim, block_size = (int(x) for x in sys.argv[1:])
+
+def desc(rows, cols):
+    layout = gl.NVMMASharedLayout.get_default_for([1, 1, rows, cols], gl.bfloat16)
+    return f"tensordesc<bf16[1, 1, {rows}, {cols}],{layout!r}>"
+
+signature = dict(
+    q_desc=desc(fwd_ws.BLOCK_M, head_dim), k_desc=desc(fwd_ws.BOX_N, 64),
+    v_desc=desc(fwd_ws.BOX_N, 64), Out="*bf16", Lse="*fp32", RowPtr="*i32", NFull="*i32",
+    KvBlock="*i32", RowBits="*i32", stride_oz="i32", stride_oh="i32", stride_om="i32",
+    stride_ok="i32", num_heads="i32", q_per_kv="i32", heads_per_pattern="i32", seq_q="i32",
+    seq_k="i32", tiles="i32", first_tile="i32", qk_scale="fp32")
+constants = dict(BLOCK_M=fwd_ws.BLOCK_M, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+                 IS_CAUSAL=True, RETURN_LSE=True, BOXES=boxes, STAGES=2)
+signature.update({name: "constexpr" for name in constants})
+names = list(signature)
+source = GluonASTSource(fwd_ws._sparse_attn_fwd_ws, signature,
+                        {(names.index(n),): value for n, value in constants.items()})
+compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=4, maxnreg=fwd_ws.MAX_REGS))
+ptx = compiled.asm["ptx"]
+assert "wgmma.mma_async" in ptx and "setmaxnreg" in ptx, "no warp-group MMA or register split"
+print("ok", len(compiled.asm["cubin"]))
+"""
+
+
+@pytest.mark.skipif(not fwd_ws.GLUON, reason="this triton has no Gluon")
+@pytest.mark.parametrize("boxes, head_dim, block_size", [(2, 128, 64), (1, 64, 128)])
+def test_gluon_kernel_compiles_for_hopper(boxes: int, head_dim: int, block_size: int) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[2]
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-c", _COMPILE, str(boxes), str(head_dim),
+                           str(block_size)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.startswith("ok"), done.stderr[-3000:]
