@@ -11,6 +11,8 @@ head_dim other than 64 or 128, strides tensor-memory copies refuse) run :mod:`ke
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
@@ -75,30 +77,59 @@ if GLUON:
                           boxes_buf.index((s * chunks + c) * boxes + h))
 
     @gluon.jit
-    def _load_kv(k_desc, v_desc, k_boxes, v_boxes, k_ready, v_ready, kv_empty, KvBlock,
-                 entry_start, entry_end, desc_z, desc_h,
-                 BLOCK_SIZE: gl.constexpr, HEAD_DIM: gl.constexpr):
-        """Loader warp: fill the stages with each step's k and v tiles, oldest freed first."""
+    def _work_item(w, n_tiles, first_tile, num_heads, q_per_kv, heads_per_pattern, tiles):
+        """Work item ``w`` (query tiles fastest, then batch x head): its tile, batch, head, kv
+        head and tile-plan row."""
+        tile = w % n_tiles + first_tile
+        off_zh = w // n_tiles
+        off_h = off_zh % num_heads
+        row = (off_h // heads_per_pattern) * tiles + tile
+        return tile, off_zh, off_zh // num_heads, off_h, off_h // q_per_kv, row
+
+    @gluon.jit
+    def _load_partition(q_desc, k_desc, v_desc, q_smem, k_boxes, v_boxes, q_ready, q_empty,
+                        k_ready, v_ready, kv_empty, RowPtr, KvBlock, n_items, n_tiles,
+                        first_tile, num_heads, q_per_kv, heads_per_pattern, tiles, q_offset,
+                        BLOCK_M: gl.constexpr, BLOCK_SIZE: gl.constexpr, HEAD_DIM: gl.constexpr):
+        """Loader warp: for each of this program's work items, its q tile (once the consumers
+        are done multiplying the last one) and its k and v tiles through the stages."""
         stages: gl.constexpr = k_ready.shape[0]
         BOX_N: gl.constexpr = k_desc.block_type.shape[2]
         boxes: gl.constexpr = k_boxes.shape[0] // (stages * (HEAD_DIM // k_desc.block_type.shape[3]))
         n_sub: gl.constexpr = BLOCK_SIZE // BOX_N
-        first_box = entry_start * n_sub
-        n_boxes = (entry_end - entry_start) * n_sub
-        steps = gl.maximum(gl.cdiv(n_boxes, boxes), 1)
-        for j in range(0, steps):
-            s = j % stages
-            # Barriers start in the completed phase, so the first pass over the stages runs free.
-            mbarrier.wait(kv_empty.index(s), ((j // stages) & 1) ^ 1)
-            _copy_tile(k_desc, k_boxes, k_ready.index(s), s, j, KvBlock, first_box, n_boxes,
-                       desc_z, desc_h, BLOCK_SIZE, HEAD_DIM, stages)
-            _copy_tile(v_desc, v_boxes, v_ready.index(s), s, j, KvBlock, first_box, n_boxes,
-                       desc_z, desc_h, BLOCK_SIZE, HEAD_DIM, stages)
+        g = 0  # kv steps issued so far by this program: the ring position
+        i = 0  # work items so far: the q buffer's phase
+        for w in range(gl.program_id(0), n_items, gl.num_programs(0)):
+            tile, off_zh, off_z, off_h, off_kvh, row = _work_item(
+                w, n_tiles, first_tile, num_heads, q_per_kv, heads_per_pattern, tiles)
+            entry_start = gl.load(RowPtr + row)
+            entry_end = gl.load(RowPtr + row + 1)
+            # q rows before the first query or past the last read zeros.
+            mbarrier.wait(q_empty, (i & 1) ^ 1)
+            mbarrier.expect(q_ready, q_desc.block_type.nbytes)
+            _tma_load(q_desc, [off_z, off_h, tile * BLOCK_M - q_offset, 0], q_ready, q_smem)
+            first_box = entry_start * n_sub
+            n_boxes = (entry_end - entry_start) * n_sub
+            steps = gl.maximum(gl.cdiv(n_boxes, boxes), 1)
+            for j in range(0, steps):
+                s = (g + j) % stages
+                # Barriers start in the completed phase: the first pass over the stages runs free.
+                mbarrier.wait(kv_empty.index(s), (((g + j) // stages) & 1) ^ 1)
+                _copy_tile(k_desc, k_boxes, k_ready.index(s), s, j, KvBlock, first_box, n_boxes,
+                           off_z, off_kvh, BLOCK_SIZE, HEAD_DIM, stages)
+                _copy_tile(v_desc, v_boxes, v_ready.index(s), s, j, KvBlock, first_box, n_boxes,
+                           off_z, off_kvh, BLOCK_SIZE, HEAD_DIM, stages)
+            g += steps
+            i += 1
 
     @gluon.jit
-    def _issue_scores(q_op, k_bufs, k_ready, j, zero, HEAD_DIM: gl.constexpr):
+    def _issue_scores(q_op, k_bufs, k_ready, j, s_layout: gl.constexpr):
         """Wait for step ``j``'s k tile and start q kᵀ on the tensor cores (not waited for)."""
         stages: gl.constexpr = k_bufs.shape[0]
+        # A fresh zero each step: one kept live across the loop would hold a tile of registers.
+        rows: gl.constexpr = q_op.shape[0]
+        tile_n: gl.constexpr = k_bufs.shape[1]
+        zero = gl.zeros([rows, tile_n], gl.float32, s_layout)
         s = j % stages
         mbarrier.wait(k_ready.index(s), (j // stages) & 1)
         k_tile = k_bufs.index(s).permute((1, 0))
@@ -151,21 +182,25 @@ if GLUON:
         mbarrier.wait(turns.index(HALF), (n & 1) ^ (1 - HALF))
 
     @gluon.jit
-    def _softmax_partition(q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty, turns,
-                           KvBlock, RowBits, entry_start, entry_mid, entry_end,
-                           Out, Lse, o_row_base, stride_om, stride_ok, lse_base,
-                           tile, q_offset, seq_q, seq_k, qk_scale,
+    def _softmax_partition(q_smem, k_bufs, v_bufs, q_ready, q_empty, k_ready, v_ready, kv_empty,
+                           turns, RowPtr, NFull, KvBlock, RowBits, Out, Lse,
+                           stride_oz, stride_oh, stride_om, stride_ok, n_items, n_tiles,
+                           first_tile, num_heads, q_per_kv, heads_per_pattern, tiles,
+                           seq_q, seq_k, qk_scale,
                            BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
                            BLOCK_SIZE: gl.constexpr, BOX_N: gl.constexpr,
                            IS_CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr,
                            HALF: gl.constexpr):
-        """One consumer warp group: rows ``HALF * BLOCK_M / 2`` on of the tile, through q kᵀ,
-        the online softmax and p v over the row's steps, then the store. q stays in shared
-        memory (read from registers measured slower: kernels/PERF.md).
+        """One consumer warp group: for each of this program's work items, rows
+        ``HALF * BLOCK_M / 2`` on of its tile, through q kᵀ, the online softmax and p v over the
+        row's steps, then the store. q stays in shared memory (read from registers measured
+        slower: kernels/PERF.md).
 
         Software-pipelined by one step: step j+1's q kᵀ and step j's p v run on the tensor
         cores while these warps do step j+1's softmax. The two consumers take turns issuing
         (ping-pong), so one's softmax runs while the other's products keep the tensor cores busy.
+        The q tile is released as soon as its last q kᵀ is done, so the next item's q and first
+        kv tiles load during this item's last p v and store.
         """
         NUM_WARPS: gl.constexpr = 4
         ROWS: gl.constexpr = BLOCK_M // 2
@@ -180,89 +215,96 @@ if GLUON:
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         P_DTYPE: gl.constexpr = q_smem.dtype
         q_op = q_smem.slice(HALF * ROWS, ROWS)
-        row0 = tile * BLOCK_M + HALF * ROWS
-        offs_m_abs = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
-        # A finite floor instead of -inf keeps exp2(m_i - m_new) defined for fully masked rows.
-        m_i = gl.full([ROWS], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
-        l_i = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, s_layout))
-        acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
-        zero = gl.zeros([ROWS, TILE_N], gl.float32, s_layout)
-        tile_first_block = tile * BLOCK_M // BLOCK_SIZE
-        if IS_CAUSAL:
-            row_end = gl.minimum((tile + 1) * BLOCK_M, seq_k)
-        else:
-            row_end = seq_k
-        first_box = entry_start * n_sub
-        n_boxes = (entry_end - entry_start) * n_sub
-        full_boxes = (entry_mid - entry_start) * n_sub
-        steps = gl.maximum(gl.cdiv(n_boxes, TILE_N // BOX_N), 1)
+        q_offset = seq_k - seq_q
+        g = 0  # kv steps consumed so far by this program: the ring position
+        i = 0  # work items so far: the q buffer's phase
+        turn = 0  # turns taken so far
+        for w in range(gl.program_id(0), n_items, gl.num_programs(0)):
+            tile, off_zh, off_z, off_h, off_kvh, row = _work_item(
+                w, n_tiles, first_tile, num_heads, q_per_kv, heads_per_pattern, tiles)
+            entry_start = gl.load(RowPtr + row)
+            entry_end = gl.load(RowPtr + row + 1)
+            entry_mid = entry_start + gl.load(NFull + row)
+            row0 = tile * BLOCK_M + HALF * ROWS
+            offs_m_abs = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
+            # A finite floor instead of -inf keeps exp2(m_i - m_new) defined for masked rows.
+            m_i = gl.full([ROWS], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
+            l_i = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, s_layout))
+            acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
+            tile_first_block = tile * BLOCK_M // BLOCK_SIZE
+            if IS_CAUSAL:
+                row_end = gl.minimum((tile + 1) * BLOCK_M, seq_k)
+            else:
+                row_end = seq_k
+            first_box = entry_start * n_sub
+            n_boxes = (entry_end - entry_start) * n_sub
+            full_boxes = (entry_mid - entry_start) * n_sub
+            steps = gl.maximum(gl.cdiv(n_boxes, TILE_N // BOX_N), 1)
 
-        _take_turn(turns, 0, HALF)
-        qk = _issue_scores(q_op, k_bufs, k_ready, 0, zero, HEAD_DIM)
-        mbarrier.arrive(turns.index(1 - HALF), count=1)
-        qk = warpgroup_mma_wait(0, deps=(qk,))
-        p, m_i, l_i, alpha = _softmax_step(
-            qk, m_i, l_i, 0, first_box, n_boxes, full_boxes, KvBlock, RowBits, offs_m_abs,
-            tile_first_block, row_end, seq_k, qk_scale, TILE_N, BOX_N, BLOCK_SIZE, SUB_BLOCKS,
-            IS_CAUSAL, s_layout, p_layout, P_DTYPE)
-        for j in range(1, steps):
-            _take_turn(turns, j, HALF)
-            qk = _issue_scores(q_op, k_bufs, k_ready, j, zero, HEAD_DIM)
-            acc = _issue_pv(p, acc, v_bufs, v_ready, j - 1, HEAD_DIM)
+            mbarrier.wait(q_ready, i & 1)
+            _take_turn(turns, turn, HALF)
+            qk = _issue_scores(q_op, k_bufs, k_ready, g, s_layout)
             mbarrier.arrive(turns.index(1 - HALF), count=1)
-            # wgmma groups retire in order: one left outstanding means q kᵀ is done.
-            qk = warpgroup_mma_wait(1, deps=(qk,))
+            qk = warpgroup_mma_wait(0, deps=(qk,))
             p, m_i, l_i, alpha = _softmax_step(
-                qk, m_i, l_i, j, first_box, n_boxes, full_boxes, KvBlock, RowBits, offs_m_abs,
+                qk, m_i, l_i, 0, first_box, n_boxes, full_boxes, KvBlock, RowBits, offs_m_abs,
                 tile_first_block, row_end, seq_k, qk_scale, TILE_N, BOX_N, BLOCK_SIZE,
                 SUB_BLOCKS, IS_CAUSAL, s_layout, p_layout, P_DTYPE)
+            for j in range(1, steps):
+                _take_turn(turns, turn + j, HALF)
+                qk = _issue_scores(q_op, k_bufs, k_ready, g + j, s_layout)
+                acc = _issue_pv(p, acc, v_bufs, v_ready, g + j - 1, HEAD_DIM)
+                mbarrier.arrive(turns.index(1 - HALF), count=1)
+                # wgmma groups retire in order: one left outstanding means q kᵀ is done.
+                qk = warpgroup_mma_wait(1, deps=(qk,))
+                p, m_i, l_i, alpha = _softmax_step(
+                    qk, m_i, l_i, j, first_box, n_boxes, full_boxes, KvBlock, RowBits,
+                    offs_m_abs, tile_first_block, row_end, seq_k, qk_scale, TILE_N, BOX_N,
+                    BLOCK_SIZE, SUB_BLOCKS, IS_CAUSAL, s_layout, p_layout, P_DTYPE)
+                acc = warpgroup_mma_wait(0, deps=(acc,))
+                mbarrier.arrive(kv_empty.index((g + j - 1) % stages), count=1)
+                acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)),
+                                           1)
+            mbarrier.arrive(q_empty, count=1)  # every q kᵀ of this item is done
+            _take_turn(turns, turn + steps, HALF)
+            acc = _issue_pv(p, acc, v_bufs, v_ready, g + steps - 1, HEAD_DIM)
+            mbarrier.arrive(turns.index(1 - HALF), count=1)
             acc = warpgroup_mma_wait(0, deps=(acc,))
-            mbarrier.arrive(kv_empty.index((j - 1) % stages), count=1)
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-        _take_turn(turns, steps, HALF)
-        acc = _issue_pv(p, acc, v_bufs, v_ready, steps - 1, HEAD_DIM)
-        mbarrier.arrive(turns.index(1 - HALF), count=1)
-        acc = warpgroup_mma_wait(0, deps=(acc,))
-        mbarrier.arrive(kv_empty.index((steps - 1) % stages), count=1)
+            mbarrier.arrive(kv_empty.index((g + steps - 1) % stages), count=1)
+            g += steps
+            turn += steps + 1
+            i += 1
 
-        # -- epilogue --
-        l_safe = gl.where(l_i == 0.0, 1.0, l_i)
-        l_o = gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout))
-        out = acc / gl.expand_dims(l_o, 1)
-        offs_m = row0 - q_offset + gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
-        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-        row_ok = (offs_m >= 0) & (offs_m < seq_q)
-        o_ptrs = (Out + o_row_base + gl.expand_dims(offs_m.to(gl.int64) * stride_om, 1)
-                  + gl.expand_dims(offs_d * stride_ok, 0))
-        gl.store(o_ptrs, out.to(Out.dtype.element_ty),
-                 mask=gl.expand_dims(row_ok, 1) & gl.expand_dims(offs_d < HEAD_DIM, 0))
-        if RETURN_LSE:
-            # Natural-log log-sum-exp; m_i is in log2 units.
-            lse = (m_i + gl.log2(l_safe)) * 0.6931471805599453
-            offs_m_s = offs_m_abs - q_offset
-            gl.store(Lse + lse_base + offs_m_s, lse,
-                     mask=(offs_m_s >= 0) & (offs_m_s < seq_q))
+            # -- epilogue --
+            l_safe = gl.where(l_i == 0.0, 1.0, l_i)
+            l_o = gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout))
+            out = acc / gl.expand_dims(l_o, 1)
+            offs_m = row0 - q_offset + gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
+            offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+            row_ok = (offs_m >= 0) & (offs_m < seq_q)
+            o_base = off_z.to(gl.int64) * stride_oz + off_h.to(gl.int64) * stride_oh
+            o_ptrs = (Out + o_base + gl.expand_dims(offs_m.to(gl.int64) * stride_om, 1)
+                      + gl.expand_dims(offs_d * stride_ok, 0))
+            gl.store(o_ptrs, out.to(Out.dtype.element_ty),
+                     mask=gl.expand_dims(row_ok, 1) & gl.expand_dims(offs_d < HEAD_DIM, 0))
+            if RETURN_LSE:
+                # Natural-log log-sum-exp; m_i is in log2 units.
+                lse = (m_i + gl.log2(l_safe)) * 0.6931471805599453
+                offs_m_s = offs_m_abs - q_offset
+                gl.store(Lse + off_zh.to(gl.int64) * seq_q + offs_m_s, lse,
+                         mask=(offs_m_s >= 0) & (offs_m_s < seq_q))
 
     @gluon.jit
     def _sparse_attn_fwd_ws(q_desc, k_desc, v_desc, Out, Lse,
                             RowPtr, NFull, KvBlock, RowBits,
                             stride_oz, stride_oh, stride_om, stride_ok,
                             num_heads, q_per_kv, heads_per_pattern, seq_q, seq_k, tiles,
-                            first_tile, qk_scale,
+                            first_tile, n_items, qk_scale,
                             BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
                             BLOCK_SIZE: gl.constexpr, IS_CAUSAL: gl.constexpr,
                             RETURN_LSE: gl.constexpr, BOXES: gl.constexpr, STAGES: gl.constexpr):
-        tile = gl.program_id(0) + first_tile
-        off_zh = gl.program_id(1)
-        off_z = off_zh // num_heads
-        off_h = off_zh % num_heads
-        off_kvh = off_h // q_per_kv
-        row = (off_h // heads_per_pattern) * tiles + tile
-        q_offset = seq_k - seq_q
-        entry_start = gl.load(RowPtr + row)
-        entry_end = gl.load(RowPtr + row + 1)
-        entry_mid = entry_start + gl.load(NFull + row)
-
+        """Persistent: each program takes work items (query tile, batch x head) ``program_id``,
+        ``program_id + num_programs``, ... until ``n_items``."""
         q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
         BOX_N: gl.constexpr = k_desc.block_type.shape[2]
         BOX_D: gl.constexpr = k_desc.block_type.shape[3]
@@ -278,46 +320,50 @@ if GLUON:
                                             v_desc.layout)
         k_bufs = _reinterpret(k_boxes, k_desc.dtype, [STAGES, BOXES * BOX_N, HEAD_DIM], kv_layout)
         v_bufs = _reinterpret(v_boxes, v_desc.dtype, [STAGES, BOXES * BOX_N, HEAD_DIM], kv_layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
+        mbarrier.init(q_ready, count=1)
+        mbarrier.init(q_empty, count=2)  # both consumers release the q tile
         for i in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
             mbarrier.init(kv_empty.index(i), count=2)  # both consumers release a stage
         for i in gl.static_range(2):
             mbarrier.init(turns.index(i), count=1)
-
-        # q rows before the first query or past the last read zeros (boxes may hang off either end).
-        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-        _tma_load(q_desc, [off_z, off_h, tile * BLOCK_M - q_offset, 0],
-                                        q_bar, q_smem)
-        mbarrier.wait(q_bar, 0)
         q_tile = q_smem.reshape([BLOCK_M, HEAD_DIM])
+        n_tiles = tiles - first_tile
 
-        o_row_base = off_z.to(gl.int64) * stride_oz + off_h.to(gl.int64) * stride_oh
-        lse_base = off_zh.to(gl.int64) * seq_q
         # Constexprs must be written into each partition's tuple: a tuple variable would turn
         # them into runtime values.
         gl.warp_specialize([
-            (_softmax_partition, (q_tile, k_bufs, v_bufs, k_ready, v_ready, kv_empty, turns,
-                                  KvBlock, RowBits, entry_start, entry_mid, entry_end,
-                                  Out, Lse, o_row_base, stride_om, stride_ok, lse_base,
-                                  tile, q_offset, seq_q, seq_k, qk_scale,
+            (_softmax_partition, (q_tile, k_bufs, v_bufs, q_ready, q_empty, k_ready, v_ready,
+                                  kv_empty, turns, RowPtr, NFull, KvBlock, RowBits, Out, Lse,
+                                  stride_oz, stride_oh, stride_om, stride_ok, n_items, n_tiles,
+                                  first_tile, num_heads, q_per_kv, heads_per_pattern, tiles,
+                                  seq_q, seq_k, qk_scale,
                                   BLOCK_M, HEAD_DIM, BLOCK_SIZE, BOX_N, IS_CAUSAL, RETURN_LSE,
                                   0)),
-            (_softmax_partition, (q_tile, k_bufs, v_bufs, k_ready, v_ready, kv_empty, turns,
-                                  KvBlock, RowBits, entry_start, entry_mid, entry_end,
-                                  Out, Lse, o_row_base, stride_om, stride_ok, lse_base,
-                                  tile, q_offset, seq_q, seq_k, qk_scale,
+            (_softmax_partition, (q_tile, k_bufs, v_bufs, q_ready, q_empty, k_ready, v_ready,
+                                  kv_empty, turns, RowPtr, NFull, KvBlock, RowBits, Out, Lse,
+                                  stride_oz, stride_oh, stride_om, stride_ok, n_items, n_tiles,
+                                  first_tile, num_heads, q_per_kv, heads_per_pattern, tiles,
+                                  seq_q, seq_k, qk_scale,
                                   BLOCK_M, HEAD_DIM, BLOCK_SIZE, BOX_N, IS_CAUSAL, RETURN_LSE,
                                   1)),
-            (_load_kv, (k_desc, v_desc, k_boxes, v_boxes, k_ready, v_ready, kv_empty, KvBlock,
-                        entry_start, entry_end, off_z, off_kvh, BLOCK_SIZE, HEAD_DIM)),
+            (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_boxes, v_boxes, q_ready,
+                               q_empty, k_ready, v_ready, kv_empty, RowPtr, KvBlock, n_items,
+                               n_tiles, first_tile, num_heads, q_per_kv, heads_per_pattern,
+                               tiles, seq_k - seq_q, BLOCK_M, BLOCK_SIZE, HEAD_DIM)),
         ], [4, 1], [240, 24])  # registers a thread: see MAX_REGS
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _descriptor(x: torch.Tensor, rows: int, cols: int) -> "GluonDescriptor":
@@ -360,7 +406,8 @@ def sparse_attention_fwd_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out = buffers.new_output((batch, seq_q, heads, head_dim), q, q.dtype).transpose(1, 2)
     lse = buffers.new_output((batch, heads, seq_q) if return_lse else (1,), q, torch.float32)
     first_tile = (seq_k - seq_q) // BLOCK_M
-    grid = (plan.tiles - first_tile, batch * heads)
+    n_items = (plan.tiles - first_tile) * batch * heads
+    grid = (min(n_items, _sm_count(q.device)),)  # persistent: one program per SM
     box_d = 128 // q.element_size()  # one 128-byte swizzle span of columns per k/v copy
     _sparse_attn_fwd_ws[grid](
         _descriptor(q, BLOCK_M, head_dim), _descriptor(k, BOX_N, box_d),
@@ -368,7 +415,7 @@ def sparse_attention_fwd_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         plan.row_ptr, plan.n_full, plan.kv_block, plan.row_bits,
         *out.stride(),
         heads, heads // kv_heads, heads // layout.heads, seq_q, seq_k, plan.tiles, first_tile,
-        sm_scale * 1.4426950408889634,
+        n_items, sm_scale * 1.4426950408889634,
         BLOCK_M=BLOCK_M, HEAD_DIM=head_dim, BLOCK_SIZE=layout.block_size,
         IS_CAUSAL=layout.causal, RETURN_LSE=return_lse, BOXES=boxes, STAGES=stages,
         num_warps=4, maxnreg=MAX_REGS,
