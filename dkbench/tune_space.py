@@ -20,8 +20,7 @@ import triton
 from pydantic import ValidationError
 
 from kernels import BlockLayout
-from kernels import fwd_ws
-from kernels.configs import IMPLS, LaunchConfig, config_problems, default_config
+from kernels.configs import IMPLS, LaunchConfig, config_problems, default_config, gluon_unavailable
 
 from .errors import BadInputError
 from .spec import Case, Sweep, check_sweep, expand
@@ -169,13 +168,7 @@ def runs_on_device(config: LaunchConfig, problem: Problem) -> str | None:
     """The Gluon forward needs Hopper, 16-bit inputs and a triton that has Gluon."""
     if config.impl != "gluon":
         return None
-    if problem.capability is None or problem.capability[0] != 9:
-        return "impl='gluon' runs on Hopper (compute capability 9.x) only"
-    if problem.dtype not in (torch.float16, torch.bfloat16):
-        return f"impl='gluon' runs float16 and bfloat16 only, not {problem.dtype}"
-    if not fwd_ws.GLUON:
-        return f"impl='gluon' needs Gluon, which triton {triton.__version__} does not have"
-    return None
+    return gluon_unavailable(problem.capability, problem.dtype)
 
 
 def kernel_accepts(config: LaunchConfig, problem: Problem) -> str | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+import triton
 
 KERNELS = ("fwd", "bwd")
 
@@ -108,14 +109,30 @@ def check_config(config: LaunchConfig, block_size: int, head_dim: int, kernel: s
         raise ValueError("invalid launch config " + config.short() + ": " + "; ".join(problems))
 
 
+# Measured fastest on the H100 for the phi-3 shapes, 8k to 64k (kernels/PERF.md).
+GLUON_DEFAULT = LaunchConfig(128, 128, 4, 3, "gluon")
+
+
+def gluon_unavailable(capability: tuple[int, int] | None, dtype: torch.dtype) -> str | None:
+    """Why the Gluon forward cannot run on a device of this compute capability (None: not a
+    CUDA device) for this dtype, or None when it can."""
+    from . import fwd_ws  # imported late: it imports Gluon, which configs does not need
+    if capability is None or capability[0] != 9:
+        return "impl='gluon' runs on Hopper (compute capability 9.x) only"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"impl='gluon' runs float16 and bfloat16 only, not {dtype}"
+    if not fwd_ws.GLUON:
+        return f"impl='gluon' needs Gluon, which triton {triton.__version__} does not have"
+    return None
+
+
 def gluon_default_applies(device: torch.device, block_size: int, head_dim: int,
                           dtype: torch.dtype) -> bool:
     """Whether the forward defaults to the Gluon kernel here: Hopper, 16-bit, shapes it takes."""
-    from . import fwd_ws  # imported late: it imports Gluon, which configs does not need
-    return (device.type == "cuda" and fwd_ws.GLUON and dtype in (torch.float16, torch.bfloat16)
-            and torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] == 9
-            and not _gluon_problems(LaunchConfig(128, 128, 4, 3, "gluon"), block_size, head_dim,
-                                    "fwd"))
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return (gluon_unavailable(torch.cuda.get_device_capability(device), dtype) is None
+            and not _gluon_problems(GLUON_DEFAULT, block_size, head_dim, "fwd"))
 
 
 def default_config(kernel: str, device: torch.device, block_size: int, head_dim: int,
@@ -131,8 +148,7 @@ def default_config(kernel: str, device: torch.device, block_size: int, head_dim:
     big = head_dim > 128 or dtype == torch.float32
     if kernel == "fwd" and allow_gluon and gluon_default_applies(device, block_size, head_dim,
                                                                  dtype):
-        # Measured fastest on the H100 for the phi-3 shapes, 8k to 64k (kernels/PERF.md).
-        return LaunchConfig(128, 128, 4, 3, "gluon")
+        return GLUON_DEFAULT
     if kernel == "fwd":
         block_m = 64 if big else 128
         return LaunchConfig(block_m, min(block_size, 32 if big else 64), 4, 2)
