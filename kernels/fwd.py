@@ -33,6 +33,14 @@ def interpreting() -> bool:
 TMA_LOADS = True
 
 
+def tma_compatible(x: torch.Tensor) -> bool:
+    """Whether tensor-memory copies can read ``x``: unit last stride, 16-byte aligned base and
+    other strides."""
+    size = x.element_size()
+    return (x.stride(-1) == 1 and x.data_ptr() % 16 == 0
+            and all(st > 0 and st * size % 16 == 0 for st in x.stride()[:-1]))
+
+
 def tile_descriptor(x: torch.Tensor, rows: int, cols: int) -> TensorDescriptor | None:
     """A descriptor of ``(batch, heads, seq, dim)`` ``x`` with ``(1, 1, rows, cols)`` boxes, or None.
 
@@ -47,10 +55,7 @@ def tile_descriptor(x: torch.Tensor, rows: int, cols: int) -> TensorDescriptor |
             return None
     elif not interpreting():
         return None
-    size = x.element_size()
-    aligned = x.data_ptr() % 16 == 0 and all(st > 0 and st * size % 16 == 0
-                                             for st in x.stride()[:-1])
-    if x.stride(-1) != 1 or not aligned:
+    if not tma_compatible(x):
         return None
     return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, rows, cols])
 

@@ -12,6 +12,7 @@ head_dim other than 64 or 128, strides tensor-memory copies refuse) run :mod:`ke
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -19,6 +20,7 @@ import triton
 from . import buffers, fwd
 from .fwd import tile_plan
 from .layout import BlockLayout
+from .schedule import balanced_schedule
 
 try:
     from triton.experimental import gluon
@@ -38,6 +40,10 @@ BOX_N = 64  # keys per tensor-memory copy; a step's kv tile is ``boxes`` of them
 # Two 4-warp consumers and a loader warp (a warp group of registers): 12 warps at 168 registers
 # a thread fill the register file; the consumers get 240 each, the loader 24.
 MAX_REGS = 168
+# A work item's fixed cost in kv steps, for balancing the persistent programs' work: the phi-3
+# forward's time per program fits (steps + 2.5 per item) at both 8k (11.3 steps an item) and
+# 64k (39.7) on the H100 (kernels/PERF.md).
+ITEM_OVERHEAD = 2.5
 
 
 if GLUON:
@@ -77,19 +83,25 @@ if GLUON:
                           boxes_buf.index((s * chunks + c) * boxes + h))
 
     @gluon.jit
-    def _work_item(w, n_tiles, first_tile, num_heads, q_per_kv, heads_per_pattern, tiles):
-        """Work item ``w`` (query tiles fastest, then batch x head): its tile, batch, head, kv
-        head and tile-plan row."""
+    def _work_item(w, n_tiles, first_tile, num_heads, q_per_kv):
+        """Work item ``w`` (query tiles fastest, then batch x head): its tile, batch x head,
+        batch, head and kv head."""
         tile = w % n_tiles + first_tile
         off_zh = w // n_tiles
         off_h = off_zh % num_heads
-        row = (off_h // heads_per_pattern) * tiles + tile
-        return tile, off_zh, off_zh // num_heads, off_h, off_h // q_per_kv, row
+        return tile, off_zh, off_zh // num_heads, off_h, off_h // q_per_kv
+
+    @gluon.jit
+    def _read_item(Items, slot):
+        """Row ``slot`` of the work table: item number, first tile-plan entry, entries, and
+        unmasked entries."""
+        row = Items + 4 * slot
+        return gl.load(row), gl.load(row + 1), gl.load(row + 2), gl.load(row + 3)
 
     @gluon.jit
     def _load_partition(q_desc, k_desc, v_desc, q_smem, k_boxes, v_boxes, q_ready, q_empty,
-                        k_ready, v_ready, kv_empty, RowPtr, KvBlock, n_items, n_tiles,
-                        first_tile, num_heads, q_per_kv, heads_per_pattern, tiles, q_offset,
+                        k_ready, v_ready, kv_empty, Items, Starts, KvBlock, n_tiles,
+                        first_tile, num_heads, q_per_kv, q_offset,
                         BLOCK_M: gl.constexpr, BLOCK_SIZE: gl.constexpr, HEAD_DIM: gl.constexpr):
         """Loader warp: for each of this program's work items, its q tile (once the consumers
         are done multiplying the last one) and its k and v tiles through the stages."""
@@ -99,17 +111,17 @@ if GLUON:
         n_sub: gl.constexpr = BLOCK_SIZE // BOX_N
         g = 0  # kv steps issued so far by this program: the ring position
         i = 0  # work items so far: the q buffer's phase
-        for w in range(gl.program_id(0), n_items, gl.num_programs(0)):
-            tile, off_zh, off_z, off_h, off_kvh, row = _work_item(
-                w, n_tiles, first_tile, num_heads, q_per_kv, heads_per_pattern, tiles)
-            entry_start = gl.load(RowPtr + row)
-            entry_end = gl.load(RowPtr + row + 1)
+        pid = gl.program_id(0)
+        for slot in range(gl.load(Starts + pid), gl.load(Starts + pid + 1)):
+            w, first_entry, n_entries, _ = _read_item(Items, slot)
+            tile, _, off_z, off_h, off_kvh = _work_item(w, n_tiles, first_tile, num_heads,
+                                                        q_per_kv)
             # q rows before the first query or past the last read zeros.
             mbarrier.wait(q_empty, (i & 1) ^ 1)
             mbarrier.expect(q_ready, q_desc.block_type.nbytes)
             _tma_load(q_desc, [off_z, off_h, tile * BLOCK_M - q_offset, 0], q_ready, q_smem)
-            first_box = entry_start * n_sub
-            n_boxes = (entry_end - entry_start) * n_sub
+            first_box = first_entry * n_sub
+            n_boxes = n_entries * n_sub
             steps = gl.maximum(gl.cdiv(n_boxes, boxes), 1)
             for j in range(0, steps):
                 s = (g + j) % stages
@@ -183,10 +195,9 @@ if GLUON:
 
     @gluon.jit
     def _softmax_partition(q_smem, k_bufs, v_bufs, q_ready, q_empty, k_ready, v_ready, kv_empty,
-                           turns, RowPtr, NFull, KvBlock, RowBits, Out, Lse,
-                           stride_oz, stride_oh, stride_om, stride_ok, n_items, n_tiles,
-                           first_tile, num_heads, q_per_kv, heads_per_pattern, tiles,
-                           seq_q, seq_k, qk_scale,
+                           turns, Items, Starts, KvBlock, RowBits, Out, Lse,
+                           stride_oz, stride_oh, stride_om, stride_ok,
+                           n_tiles, first_tile, num_heads, q_per_kv, seq_q, seq_k, qk_scale,
                            BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
                            BLOCK_SIZE: gl.constexpr, BOX_N: gl.constexpr,
                            IS_CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr,
@@ -219,12 +230,17 @@ if GLUON:
         g = 0  # kv steps consumed so far by this program: the ring position
         i = 0  # work items so far: the q buffer's phase
         turn = 0  # turns taken so far
-        for w in range(gl.program_id(0), n_items, gl.num_programs(0)):
-            tile, off_zh, off_z, off_h, off_kvh, row = _work_item(
-                w, n_tiles, first_tile, num_heads, q_per_kv, heads_per_pattern, tiles)
-            entry_start = gl.load(RowPtr + row)
-            entry_end = gl.load(RowPtr + row + 1)
-            entry_mid = entry_start + gl.load(NFull + row)
+        pid = gl.program_id(0)
+        first_slot = gl.load(Starts + pid)
+        last_slot = gl.load(Starts + pid + 1)
+        # Each item's row of Items is read one item ahead: waiting for it at the item's start
+        # cost about 3% at 8k (kernels/PERF.md).
+        next_item = _read_item(Items, first_slot)
+        for slot in range(first_slot, last_slot):
+            w, first_entry, n_entries, n_full = next_item
+            next_item = _read_item(Items, gl.minimum(slot + 1, last_slot - 1))
+            tile, off_zh, off_z, off_h, off_kvh = _work_item(w, n_tiles, first_tile, num_heads,
+                                                             q_per_kv)
             row0 = tile * BLOCK_M + HALF * ROWS
             offs_m_abs = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
             # A finite floor instead of -inf keeps exp2(m_i - m_new) defined for masked rows.
@@ -236,9 +252,9 @@ if GLUON:
                 row_end = gl.minimum((tile + 1) * BLOCK_M, seq_k)
             else:
                 row_end = seq_k
-            first_box = entry_start * n_sub
-            n_boxes = (entry_end - entry_start) * n_sub
-            full_boxes = (entry_mid - entry_start) * n_sub
+            first_box = first_entry * n_sub
+            n_boxes = n_entries * n_sub
+            full_boxes = n_full * n_sub
             steps = gl.maximum(gl.cdiv(n_boxes, TILE_N // BOX_N), 1)
 
             mbarrier.wait(q_ready, i & 1)
@@ -295,16 +311,14 @@ if GLUON:
                          mask=(offs_m_s >= 0) & (offs_m_s < seq_q))
 
     @gluon.jit
-    def _sparse_attn_fwd_ws(q_desc, k_desc, v_desc, Out, Lse,
-                            RowPtr, NFull, KvBlock, RowBits,
+    def _sparse_attn_fwd_ws(q_desc, k_desc, v_desc, Out, Lse, Items, Starts, KvBlock, RowBits,
                             stride_oz, stride_oh, stride_om, stride_ok,
-                            num_heads, q_per_kv, heads_per_pattern, seq_q, seq_k, tiles,
-                            first_tile, n_items, qk_scale,
+                            num_heads, q_per_kv, seq_q, seq_k, n_tiles, first_tile, qk_scale,
                             BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
                             BLOCK_SIZE: gl.constexpr, IS_CAUSAL: gl.constexpr,
                             RETURN_LSE: gl.constexpr, BOXES: gl.constexpr, STAGES: gl.constexpr):
-        """Persistent: each program takes work items (query tile, batch x head) ``program_id``,
-        ``program_id + num_programs``, ... until ``n_items``."""
+        """Persistent: program ``p`` takes the work items in rows ``Starts[p]:Starts[p+1]`` of
+        ``Items`` (see :func:`work_items`)."""
         q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
         BOX_N: gl.constexpr = k_desc.block_type.shape[2]
         BOX_D: gl.constexpr = k_desc.block_type.shape[3]
@@ -335,35 +349,69 @@ if GLUON:
         for i in gl.static_range(2):
             mbarrier.init(turns.index(i), count=1)
         q_tile = q_smem.reshape([BLOCK_M, HEAD_DIM])
-        n_tiles = tiles - first_tile
 
         # Constexprs must be written into each partition's tuple: a tuple variable would turn
         # them into runtime values.
         gl.warp_specialize([
             (_softmax_partition, (q_tile, k_bufs, v_bufs, q_ready, q_empty, k_ready, v_ready,
-                                  kv_empty, turns, RowPtr, NFull, KvBlock, RowBits, Out, Lse,
-                                  stride_oz, stride_oh, stride_om, stride_ok, n_items, n_tiles,
-                                  first_tile, num_heads, q_per_kv, heads_per_pattern, tiles,
-                                  seq_q, seq_k, qk_scale,
+                                  kv_empty, turns, Items, Starts, KvBlock, RowBits, Out, Lse,
+                                  stride_oz, stride_oh, stride_om, stride_ok,
+                                  n_tiles, first_tile, num_heads, q_per_kv, seq_q, seq_k, qk_scale,
                                   BLOCK_M, HEAD_DIM, BLOCK_SIZE, BOX_N, IS_CAUSAL, RETURN_LSE,
                                   0)),
             (_softmax_partition, (q_tile, k_bufs, v_bufs, q_ready, q_empty, k_ready, v_ready,
-                                  kv_empty, turns, RowPtr, NFull, KvBlock, RowBits, Out, Lse,
-                                  stride_oz, stride_oh, stride_om, stride_ok, n_items, n_tiles,
-                                  first_tile, num_heads, q_per_kv, heads_per_pattern, tiles,
-                                  seq_q, seq_k, qk_scale,
+                                  kv_empty, turns, Items, Starts, KvBlock, RowBits, Out, Lse,
+                                  stride_oz, stride_oh, stride_om, stride_ok,
+                                  n_tiles, first_tile, num_heads, q_per_kv, seq_q, seq_k, qk_scale,
                                   BLOCK_M, HEAD_DIM, BLOCK_SIZE, BOX_N, IS_CAUSAL, RETURN_LSE,
                                   1)),
             (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_boxes, v_boxes, q_ready,
-                               q_empty, k_ready, v_ready, kv_empty, RowPtr, KvBlock, n_items,
-                               n_tiles, first_tile, num_heads, q_per_kv, heads_per_pattern,
-                               tiles, seq_k - seq_q, BLOCK_M, BLOCK_SIZE, HEAD_DIM)),
+                               q_empty, k_ready, v_ready, kv_empty, Items, Starts, KvBlock,
+                               n_tiles, first_tile, num_heads, q_per_kv, seq_k - seq_q,
+                               BLOCK_M, BLOCK_SIZE, HEAD_DIM)),
         ], [4, 1], [240, 24])  # registers a thread: see MAX_REGS
 
 
 @functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@dataclass(frozen=True)
+class WorkItems:
+    """The persistent programs' work: program ``p`` takes rows ``starts[p]:starts[p+1]`` of
+    ``items``, each (item number, first tile-plan entry, entries, unmasked entries)."""
+
+    items: torch.Tensor  # int32 (n_items, 4)
+    starts: torch.Tensor  # int32 (programs + 1,)
+
+
+def work_items(layout: BlockLayout, seq_k: int, first_tile: int, batch: int, heads: int,
+               boxes: int, programs: int, device: torch.device) -> WorkItems:
+    """Deal the work items to up to ``programs`` programs, balanced by their kv steps (cached
+    per shape).
+
+    Item ``w`` is query tile ``w % n_tiles + first_tile`` of batch x head ``w // n_tiles``, as
+    the kernel's ``_work_item`` reads it. Each row carries the item's tile-plan entries, so a
+    program reads its next item with one load instead of two dependent ones.
+    """
+    def build() -> WorkItems:
+        plan = tile_plan(layout, BLOCK_M, seq_k)
+        n_tiles = plan.tiles - first_tile
+        item = torch.arange((batch * heads) * n_tiles)
+        head = (item // n_tiles) % heads
+        row = (head // (heads // layout.heads)) * plan.tiles + item % n_tiles + first_tile
+        row_ptr = plan.row_ptr.cpu().long()
+        first, count = row_ptr[row], row_ptr[row + 1] - row_ptr[row]
+        steps = torch.clamp(torch.ceil(count * (layout.block_size // BOX_N) / boxes), min=1)
+        sched = balanced_schedule(steps.double() + ITEM_OVERHEAD, min(len(item), programs))
+        order = sched.order.long()
+        table = torch.stack([item[order], first[order], count[order],
+                             plan.n_full.cpu().long()[row[order]]], dim=1)
+        return WorkItems(table.to(torch.int32).contiguous().to(device), sched.starts.to(device))
+
+    key = ("ws_items", seq_k, first_tile, batch, heads, boxes, programs, str(device))
+    return layout.cached(key, build)
 
 
 def _descriptor(x: torch.Tensor, rows: int, cols: int) -> "GluonDescriptor":
@@ -384,13 +432,7 @@ def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLay
     if layout.block_size % BOX_N or not (layout.block_size % BLOCK_M == 0
                                            or BLOCK_M % layout.block_size == 0):
         return False
-    for x in (q, k, v):
-        size = x.element_size()
-        if x.stride(-1) != 1 or x.data_ptr() % 16:
-            return False
-        if not all(st > 0 and st * size % 16 == 0 for st in x.stride()[:-1]):
-            return False
-    return True
+    return all(fwd.tma_compatible(x) for x in (q, k, v))
 
 
 def sparse_attention_fwd_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -406,16 +448,16 @@ def sparse_attention_fwd_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out = buffers.new_output((batch, seq_q, heads, head_dim), q, q.dtype).transpose(1, 2)
     lse = buffers.new_output((batch, heads, seq_q) if return_lse else (1,), q, torch.float32)
     first_tile = (seq_k - seq_q) // BLOCK_M
-    n_items = (plan.tiles - first_tile) * batch * heads
-    grid = (min(n_items, _sm_count(q.device)),)  # persistent: one program per SM
+    work = work_items(layout, seq_k, first_tile, batch, heads, boxes, _sm_count(q.device),
+                      q.device)
+    grid = (len(work.starts) - 1,)  # persistent: one program per SM
     box_d = 128 // q.element_size()  # one 128-byte swizzle span of columns per k/v copy
     _sparse_attn_fwd_ws[grid](
         _descriptor(q, BLOCK_M, head_dim), _descriptor(k, BOX_N, box_d),
         _descriptor(v, BOX_N, box_d), out, lse,
-        plan.row_ptr, plan.n_full, plan.kv_block, plan.row_bits,
-        *out.stride(),
-        heads, heads // kv_heads, heads // layout.heads, seq_q, seq_k, plan.tiles, first_tile,
-        n_items, sm_scale * 1.4426950408889634,
+        work.items, work.starts, plan.kv_block, plan.row_bits, *out.stride(),
+        heads, heads // kv_heads, seq_q, seq_k, plan.tiles - first_tile, first_tile,
+        sm_scale * 1.4426950408889634,
         BLOCK_M=BLOCK_M, HEAD_DIM=head_dim, BLOCK_SIZE=layout.block_size,
         IS_CAUSAL=layout.causal, RETURN_LSE=return_lse, BOXES=boxes, STAGES=stages,
         num_warps=4, maxnreg=MAX_REGS,

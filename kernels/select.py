@@ -45,9 +45,11 @@ def _shipped() -> dict[str, dict]:
 def kernel_hash(kernel: str) -> str:
     """Hash of the kernel's source: an edited kernel never reuses a config tuned for the old one.
 
-    The forward's configs choose between two modules (Triton and Gluon), so it hashes both.
+    The forward's configs choose between two modules (Triton and Gluon), so it hashes both,
+    and the schedule the Gluon one walks.
     """
-    modules = {"fwd": ("kernels.fwd", "kernels.fwd_ws"), "bwd": ("kernels.bwd",)}[kernel]
+    modules = {"fwd": ("kernels.fwd", "kernels.fwd_ws", "kernels.schedule"),
+               "bwd": ("kernels.bwd",)}[kernel]
     for module in modules:
         __import__(module)
     return config_cache.source_hash(*(sys.modules[module] for module in modules))

@@ -102,10 +102,10 @@ def desc(rows, cols):
 
 signature = dict(
     q_desc=desc(fwd_ws.BLOCK_M, head_dim), k_desc=desc(fwd_ws.BOX_N, 64),
-    v_desc=desc(fwd_ws.BOX_N, 64), Out="*bf16", Lse="*fp32", RowPtr="*i32", NFull="*i32",
+    v_desc=desc(fwd_ws.BOX_N, 64), Out="*bf16", Lse="*fp32", Items="*i32", Starts="*i32",
     KvBlock="*i32", RowBits="*i32", stride_oz="i32", stride_oh="i32", stride_om="i32",
-    stride_ok="i32", num_heads="i32", q_per_kv="i32", heads_per_pattern="i32", seq_q="i32",
-    seq_k="i32", tiles="i32", first_tile="i32", n_items="i32", qk_scale="fp32")
+    stride_ok="i32", num_heads="i32", q_per_kv="i32", seq_q="i32", seq_k="i32", n_tiles="i32",
+    first_tile="i32", qk_scale="fp32")
 constants = dict(BLOCK_M=fwd_ws.BLOCK_M, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
                  IS_CAUSAL=True, RETURN_LSE=True, BOXES=boxes, STAGES=2)
 signature.update({name: "constexpr" for name in constants})
