@@ -95,6 +95,7 @@ from triton.experimental.gluon._runtime import GluonASTSource
 from kernels import fwd_ws
 
 boxes, head_dim, block_size = (int(x) for x in sys.argv[1:])
+tma_store = boxes == 2  # as sparse_attention_fwd_ws decides for its own output
 
 def desc(rows, cols):
     layout = gl.NVMMASharedLayout.get_default_for([1, 1, rows, cols], gl.bfloat16)
@@ -102,12 +103,12 @@ def desc(rows, cols):
 
 signature = dict(
     q_desc=desc(fwd_ws.BLOCK_M, head_dim), k_desc=desc(fwd_ws.BOX_N, 64),
-    v_desc=desc(fwd_ws.BOX_N, 64), Out="*bf16", Lse="*fp32", Items="*i32", Starts="*i32",
+    v_desc=desc(fwd_ws.BOX_N, 64), o_desc=desc(fwd_ws.BOX_N, 64), Out="*bf16", Lse="*fp32", Items="*i32", Starts="*i32",
     KvBlock="*i32", RowBits="*i32", stride_oz="i32", stride_oh="i32", stride_om="i32",
     stride_ok="i32", num_heads="i32", q_per_kv="i32", seq_q="i32", seq_k="i32", n_tiles="i32",
     first_tile="i32", qk_scale="fp32")
 constants = dict(BLOCK_M=fwd_ws.BLOCK_M, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-                 IS_CAUSAL=True, RETURN_LSE=True, BOXES=boxes, STAGES=2)
+                 IS_CAUSAL=True, RETURN_LSE=True, BOXES=boxes, STAGES=2, TMA_STORE=tma_store)
 signature.update({name: "constexpr" for name in constants})
 names = list(signature)
 source = GluonASTSource(fwd_ws._sparse_attn_fwd_ws, signature,
@@ -116,6 +117,8 @@ compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=4, maxnreg=fwd_ws.MAX_REGS))
 ptx = compiled.asm["ptx"]
 assert "wgmma.mma_async" in ptx and "setmaxnreg" in ptx, "no warp-group MMA or register split"
+# The output leaves through tensor-memory stores exactly when the config has two boxes a step.
+assert ("cp.async.bulk.tensor.4d.global.shared" in ptx) == tma_store, "wrong output path"
 print("ok", len(compiled.asm["cubin"]))
 """
 

@@ -35,6 +35,8 @@ def gluon_calls(monkeypatch) -> list:
     ("hetero", True, 2048, 2048, 8, 2, 128, 64, 1, torch.bfloat16),
     ("hetero", True, 1000, 1000, 8, 8, 128, 64, 2, torch.float16),  # ragged end
     ("hetero", True, 300, 1000, 8, 4, 128, 64, 1, torch.bfloat16),  # queries are the last 300
+    # The last 512 queries: whole tiles, so the output leaves through tensor-memory stores.
+    ("hetero", True, 512, 1024, 8, 2, 128, 64, 1, torch.bfloat16),
     ("random", False, 777, 777, 4, 2, 64, 64, 1, torch.bfloat16),
     ("random", True, 1024, 1024, 4, 2, 128, 128, 2, torch.bfloat16),  # two 64-key boxes a block
     ("dense_heads", True, 3000, 3000, 16, 4, 64, 128, 1, torch.float16),
