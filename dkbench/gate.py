@@ -17,9 +17,13 @@ Metrics and direction:
 
 Noise model: each row carries the median `ms` and its 20th/80th percentiles. Its relative noise
 band is the half-width of that interval, (ms_p80 - ms_p20) / (2 * ms); TFLOP/s share it, being
-proportional to 1/ms. A speedup is a ratio of two timings, so its band is the sum of the row's band
-and its against-provider row's band (relative errors of a quotient add, to first order). Rows with
-no recorded spread have a band of 0. A row regresses only when its worsening exceeds
+proportional to 1/ms. A speedup whose row records `speedup_p20`/`speedup_p80` (its providers were
+timed interleaved, and the speedup is the median of per-round ratios) has that ratio's own band,
+(speedup_p80 - speedup_p20) / (2 * speedup): the drift both providers saw in the same rounds
+cancels in it. Otherwise (files written before that, or a ratio recomputed against another
+provider) a speedup is a ratio of two timings, so its band is the sum of the row's band and its
+against-provider row's band (relative errors of a quotient add, to first order). Rows with no
+recorded spread have a band of 0. A row regresses only when its worsening exceeds
 ``max(tolerance, band(current) + band(baseline))``: the drop must be larger than the tolerance *and*
 large enough that the two p20-p80 intervals no longer overlap. An improvement beyond the same
 threshold is reported as such and never fails.
@@ -197,6 +201,14 @@ def _band(row: dict[str, Any]) -> float:
     return abs(p80 - p20) / (2 * ms)
 
 
+def _paired_band(row: dict[str, Any], speedup: float, otherwise: float) -> float:
+    """The band of a recorded speedup from its own p20/p80 of paired ratios, when it has them."""
+    p20, p80 = _float(row.get("speedup_p20")), _float(row.get("speedup_p80"))
+    if not (math.isfinite(p20) and math.isfinite(p80)) or speedup <= 0:
+        return otherwise  # not timed interleaved (or written before that was recorded)
+    return abs(p80 - p20) / (2 * speedup)
+
+
 def _value(table: _Table, key: Key, metric: str, against: str | None) -> tuple[float, float]:
     """(metric value, relative noise band) of one ok row."""
     row = table.rows[key]
@@ -208,7 +220,7 @@ def _value(table: _Table, key: Key, metric: str, against: str | None) -> tuple[f
     band = _band(row) + (_band(ref) if ref is not None else 0.0)
     recorded = _float(row.get("speedup"))
     if _key_text(row.get("baseline", "")) == against and math.isfinite(recorded):
-        return recorded, band
+        return recorded, _paired_band(row, recorded, band)
     if ref is not None:
         return _float(ref["ms"]) / _float(row["ms"]), band
     return math.nan, band

@@ -36,7 +36,7 @@ from .spec import Case, Sweep
 MAX_RESTARTS = 2  # replacements per GPU before it is dropped
 POLL_S = 1.0  # how often the parent checks on workers while no message arrives
 # Test hook: "CASE_ID" or "CASE_ID:PROVIDER" makes a worker os._exit(CRASH_EXIT) as it starts that
-# case (or that provider of it), as a segfault would.
+# case (or starts preparing that provider of it), as a segfault would.
 CRASH_ENV = "DKBENCH_TEST_CRASH"
 CRASH_EXIT = 3
 # A worker exits with this code after a case that left its CUDA context unusable.
@@ -132,10 +132,11 @@ def _worker_main(conn: Connection, setup: WorkerSetup, slot: Slot) -> None:
             return
         index, case, providers = task
 
-        def on_start(name: str, case: Case = case, index: int = index) -> None:
-            if case.case_id == crash_case and crash_provider in ("", name):
+        def on_start(what: str, case: Case = case, index: int = index) -> None:
+            # `what` is "NAME" or "preparing NAME" for a provider, "timing N providers ..." after
+            if case.case_id == crash_case and crash_provider in ("", what.split()[-1]):
                 os._exit(CRASH_EXIT)
-            conn.send(("start", index, name))
+            conn.send(("start", index, what))
 
         try:
             runner.run_case(ctx, case, providers, on_start,

@@ -62,6 +62,9 @@ class ResultRow:
     dense_tflops: float = float("nan")
     baseline: str = ""
     speedup: float = float("nan")
+    # p20/p80 of the per-round ratios when the providers were timed interleaved (else NaN)
+    speedup_p20: float = float("nan")
+    speedup_p80: float = float("nan")
     sparsity_efficiency: float = float("nan")
     peak_mem_mb: float = float("nan")
     max_abs_err: float = float("nan")
@@ -82,15 +85,25 @@ KEY_COLUMNS: tuple[str, ...] = (
 
 
 def append_row(path: Path, row: ResultRow) -> None:
-    """Append one row to a CSV (writing the header first if the file is new), flushed to disk."""
+    """Append one row to a CSV (writing the header first if the file is new), flushed to disk.
+
+    A file written by an older version keeps its own columns (a resumed run): the row fills those,
+    so no value ever lands under another column's name.
+    """
     new = not path.exists() or path.stat().st_size == 0
+    header = list(COLUMNS) if new else _header(path)
     with open(path, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        writer = csv.DictWriter(fh, fieldnames=header, restval="", extrasaction="ignore")
         if new:
             writer.writeheader()
         writer.writerow(dataclasses.asdict(row))
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def _header(path: Path) -> list[str]:
+    with open(path, newline="") as fh:
+        return next(csv.reader(fh), None) or list(COLUMNS)
 
 
 def read_results(path: Path) -> pd.DataFrame:

@@ -25,7 +25,7 @@ from .results import (
     write_meta,
 )
 from .spec import Case, Sweep, excluded_for_provider
-from .timing import measure, peak_memory_mb
+from .timing import Ratio, measure, measure_interleaved, peak_memory_mb
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -93,9 +93,23 @@ def _base_row(ctx: RunContext, case: Case, provider: str, pattern_hash: str,
         baseline=ctx.baseline or "", command=ctx.command)
 
 
-def run_one(ctx: RunContext, case: Case, name: str, layout, density: float, inputs,
-            seed: int) -> ResultRow:
-    """Measure one case x provider; every failure becomes a row, never an exception."""
+@dataclass
+class ReadyStep:
+    """A case x provider prepared, checked and warmed up, waiting to be timed."""
+
+    row: ResultRow
+    provider: Provider
+    step: Callable[[], object]
+
+
+def prepare_one(ctx: RunContext, case: Case, name: str, layout, density: float, inputs,
+                seed: int, case_bytes: int = 0) -> ResultRow | ReadyStep:
+    """Everything before timing one case x provider: availability, prepare, check, the timed step,
+    one warm-up call and peak memory. A failure comes back as a finished row, never an exception.
+
+    ``case_bytes`` is the device memory allocated once the case's inputs existed, before any
+    provider was prepared.
+    """
     row = _base_row(ctx, case, name, layout.hash(), density)
     provider: Provider = PROVIDERS[name]()
     device, sweep = ctx.device, ctx.sweep
@@ -109,6 +123,7 @@ def run_one(ctx: RunContext, case: Case, name: str, layout, density: float, inpu
                               f"{', '.join(provider.modes)})")
         if case.mode in ("bwd", "fwd_bwd") and not provider.supports_grad:
             raise Unsupported(f"{name} has no backward pass")
+        before = _allocated(device)
         start = time.perf_counter()
         prepared = provider.prepare(case, layout, sweep, device, scale)
         if device.type == "cuda":
@@ -125,22 +140,69 @@ def run_one(ctx: RunContext, case: Case, name: str, layout, density: float, inpu
                 return row
         step = make_step(case.mode, prepared.attn, *inputs)
         step()  # warm-up: compilation and autotuning stay outside the timed region
-        timed = measure(step, sweep.timing, device)
-        row.timer, row.ms, row.ms_p20, row.ms_p80 = timed.timer, timed.ms, timed.p20, timed.p80
-        row.peak_mem_mb = peak_memory_mb(step, device)
-        _fill_metrics(ctx, case, provider, layout, row)
-    except Unsupported as exc:
-        row.status, row.message = "unsupported", str(exc)
-    except torch.cuda.OutOfMemoryError as exc:
-        row.status, row.message = "oom", _first_line(exc)
+        # Providers prepared before this one are still alive (they are timed together); what they
+        # hold is not this step's. With one provider alive, before == case_bytes and this is all
+        # memory allocated while the call runs, inputs and outputs included.
+        row.peak_mem_mb = peak_memory_mb(step, device, before - case_bytes)
+        return ReadyStep(row, provider, step)
     except Exception as exc:  # noqa: BLE001 - one failing row never stops a sweep
-        oom = "out of memory" in str(exc).lower()
-        row.status = "oom" if oom else "error"
-        row.message = f"{type(exc).__name__}: {_first_line(exc)}"
-    finally:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        _record_failure(row, exc)
     return row
+
+
+def run_one(ctx: RunContext, case: Case, name: str, layout, density: float, inputs,
+            seed: int, case_bytes: int = 0) -> ResultRow:
+    """Measure one case x provider alone (sequential timing); every failure becomes a row."""
+    try:
+        ready = prepare_one(ctx, case, name, layout, density, inputs, seed, case_bytes)
+        if isinstance(ready, ResultRow):
+            return ready
+        try:
+            timed = measure(ready.step, ctx.sweep.timing, ctx.device)
+            ready.row.timer, ready.row.ms = timed.timer, timed.ms
+            ready.row.ms_p20, ready.row.ms_p80 = timed.p20, timed.p80
+            _fill_metrics(ctx, case, ready.provider, layout, ready.row)
+        except Exception as exc:  # noqa: BLE001 - one failing row never stops a sweep
+            _record_failure(ready.row, exc)
+        return ready.row
+    finally:
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def time_together(ctx: RunContext, case: Case, layout, ready: list[ReadyStep]) -> None:
+    """Time the ready steps of one case interleaved and fill their rows (given baseline first, so
+    the others find its median); a step that failed while timed gets its error row."""
+    steps = {r.row.provider: r.step for r in ready}
+    baseline = ctx.baseline if ctx.baseline in steps else None
+    try:
+        timed = measure_interleaved(steps, ctx.sweep.timing, ctx.device, baseline)
+    except Exception as exc:  # noqa: BLE001 - e.g. no memory for the L2 flush buffer
+        for r in ready:
+            _record_failure(r.row, exc)
+        return
+    for r in ready:
+        name, row = r.row.provider, r.row
+        if name in timed.errors:
+            _record_failure(row, timed.errors[name])
+            continue
+        got = timed.times[name]
+        row.timer, row.ms, row.ms_p20, row.ms_p80 = got.timer, got.ms, got.p20, got.p80
+        _fill_metrics(ctx, case, r.provider, layout, row, timed.ratios.get(name))
+
+
+def _allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def _record_failure(row: ResultRow, exc: BaseException) -> None:
+    if isinstance(exc, Unsupported):
+        row.status, row.message = "unsupported", str(exc)
+    elif isinstance(exc, torch.cuda.OutOfMemoryError):
+        row.status, row.message = "oom", _first_line(exc)
+    else:
+        row.status = "oom" if "out of memory" in str(exc).lower() else "error"
+        row.message = f"{type(exc).__name__}: {_first_line(exc)}"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -148,7 +210,10 @@ def _first_line(exc: BaseException) -> str:
     return (text.splitlines()[0] if text else type(exc).__name__)[:500]
 
 
-def _fill_metrics(ctx: RunContext, case: Case, provider: Provider, layout, row: ResultRow) -> None:
+def _fill_metrics(ctx: RunContext, case: Case, provider: Provider, layout, row: ResultRow,
+                  paired: Ratio | None = None) -> None:
+    """FLOPs, rates and the speedup of a timed row: the median of its per-round ratios to the
+    baseline when the two were timed interleaved (`paired`), else the ratio of their medians."""
     pairs = metrics.computed_pairs(case, layout, provider.computes, provider.pads_inputs)
     row.flops = metrics.flops(case, pairs)
     row.tflops = metrics.tflops(row.flops, row.ms)
@@ -158,6 +223,8 @@ def _fill_metrics(ctx: RunContext, case: Case, provider: Provider, layout, row: 
     base = ctx.baseline_ms.get(case.case_id)
     if base is not None:
         row.speedup = base / row.ms
+        if paired is not None:
+            row.speedup, row.speedup_p20, row.speedup_p80 = paired.median, paired.p20, paired.p80
         base_computes = PROVIDERS[ctx.baseline].computes if ctx.baseline else ""
         if provider.computes == "pattern" and base_computes == "dense":
             # Measured speedup over the ideal 1/density a perfectly sparse kernel would reach.
@@ -253,10 +320,15 @@ def failed_row(ctx: RunContext, case: Case, provider: str, status: str,
 def run_case(ctx: RunContext, case: Case, providers: list[str],
              on_start: Callable[[str], None] | None = None,
              on_row: Callable[[ResultRow], None] | None = None) -> list[ResultRow]:
-    """Build the case's layout and inputs once, then measure each provider in the order given.
+    """Build the case's layout and inputs once, then measure its providers; one row each, in the
+    order given.
 
     The serial runner and the GPU workers of `dkbench.parallel` both call this; give the baseline
-    first so the other rows carry its speedup. `on_row` sees each row as soon as it is measured.
+    first so the other rows carry its speedup. With `timing.interleave` (the default) every
+    provider is prepared and warmed up first, then all are timed together and the case's rows come
+    at the end; otherwise each is prepared and timed alone, its row coming as soon as it is
+    measured. `on_start` hears what is being done (a provider's name, "preparing NAME",
+    "timing N providers interleaved"); `on_row` sees each row.
     """
     rows: list[ResultRow] = []
 
@@ -276,12 +348,39 @@ def run_case(ctx: RunContext, case: Case, providers: list[str],
         for name in providers:
             emit(failed_row(ctx, case, name, "oom" if oom else "error", message))
         return rows
+    case_bytes = _allocated(ctx.device)
+    if ctx.sweep.timing.interleave:
+        for row in _interleaved_rows(ctx, case, providers, layout, density, inputs, seed,
+                                     case_bytes, on_start):
+            emit(row)
+    else:
+        for name in providers:
+            if on_start:
+                on_start(name)
+            emit(run_one(ctx, case, name, layout, density, inputs, seed + 1, case_bytes))
+    del inputs
+    if ctx.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _interleaved_rows(ctx: RunContext, case: Case, providers: list[str], layout, density: float,
+                      inputs, seed: int, case_bytes: int,
+                      on_start: Callable[[str], None] | None) -> list[ResultRow]:
+    """Prepare every provider, then time the ready ones together; rows in provider order. The
+    prepared state of all of them lives until this returns."""
+    prepared: list[ResultRow | ReadyStep] = []
     for name in providers:
         if on_start:
-            on_start(name)
-        emit(run_one(ctx, case, name, layout, density, inputs, seed + 1))
-    del inputs
-    return rows
+            on_start(f"preparing {name}")
+        prepared.append(prepare_one(ctx, case, name, layout, density, inputs, seed + 1,
+                                    case_bytes))
+    ready = [p for p in prepared if isinstance(p, ReadyStep)]
+    if ready:
+        if on_start:
+            on_start(f"timing {len(ready)} provider{'s' * (len(ready) > 1)} interleaved")
+        time_together(ctx, case, layout, ready)
+    return [p.row if isinstance(p, ReadyStep) else p for p in prepared]
 
 
 def execute(sweep: Sweep, spec_text: str, plan: RunPlan, device: torch.device,
@@ -297,9 +396,9 @@ def execute(sweep: Sweep, spec_text: str, plan: RunPlan, device: torch.device,
         rows.append(row)
 
     for case, names in work:
-        def on_start(name: str, case: Case = case) -> None:
+        def on_start(what: str, case: Case = case) -> None:
             if on_progress:
-                on_progress(f"{name}: {case.label()}", len(rows), total)
+                on_progress(f"{what}: {case.label()}", len(rows), total)
 
         run_case(ctx, case, names, on_start, on_row)
     if on_progress:

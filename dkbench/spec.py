@@ -43,6 +43,20 @@ class Timing(BaseModel):
     warmup_ms: float = Field(25.0, gt=0)
     rep_ms: float = Field(100.0, gt=0)
     cuda_graph: bool = False
+    # Time a case's providers together, one call of each in turn, so a drift of the GPU's speed
+    # lands on all of them alike; `speedup` is then the median of per-round ratios. Graph replay
+    # times one provider at a time, so cuda_graph turns this off unless it is given too (an error).
+    interleave: bool = True
+
+    @model_validator(mode="after")
+    def _graph_or_interleave(self) -> Timing:
+        if self.cuda_graph and self.interleave:
+            if "interleave" in self.model_fields_set:
+                raise ValueError("timing.interleave and timing.cuda_graph are both true; pick one "
+                                 "(graphs are replayed one provider at a time, so they cannot be "
+                                 "interleaved)")
+            self.interleave = False
+        return self
 
 
 class Check(BaseModel):

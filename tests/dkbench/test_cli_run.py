@@ -19,7 +19,7 @@ from dkbench.results import COLUMNS, RESULTS_FILE, read_meta, read_results
 from .specs import needs_interpreter, write_spec
 
 SWEEPS = Path(__file__).resolve().parents[2] / "sweeps"
-RUN_ONE = runner.run_one
+PREPARE_ONE = runner.prepare_one
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 
 
@@ -84,9 +84,11 @@ def test_smoke_ok_rows_have_finite_numbers(smoke: tuple[Result, Path]) -> None:
     assert base["speedup"].tolist() == [1.0, 1.0]
     mine = ok[ok["provider"] == "dkbench"].set_index("seqlen")
     base = base.set_index("seqlen")
+    assert base["speedup_p20"].isna().all() and base["speedup_p80"].isna().all()
     for seqlen in (128, 192):
-        assert mine.loc[seqlen, "speedup"] == pytest.approx(
-            base.loc[seqlen, "ms"] / mine.loc[seqlen, "ms"])
+        # Timed interleaved: the speedup is the median of per-round ratios, inside their p20-p80.
+        assert 0 < mine.loc[seqlen, "speedup_p20"] <= mine.loc[seqlen, "speedup"] <= mine.loc[
+            seqlen, "speedup_p80"]
         assert mine.loc[seqlen, "sparsity_efficiency"] == pytest.approx(
             mine.loc[seqlen, "speedup"] * mine.loc[seqlen, "density"])
         assert 0 < mine.loc[seqlen, "density"] < 1
@@ -146,13 +148,13 @@ def four_cases(tmp_path: Path, **overrides) -> Path:
 def record_calls(monkeypatch: pytest.MonkeyPatch, interrupt_at: int | None = None) -> list:
     calls: list[tuple[str, str]] = []
 
-    def run_one(ctx, case, name, *args):
+    def prepare_one(ctx, case, name, *args):
         if interrupt_at is not None and len(calls) + 1 == interrupt_at:
             raise KeyboardInterrupt
         calls.append((case.case_id, name))
-        return RUN_ONE(ctx, case, name, *args)
+        return PREPARE_ONE(ctx, case, name, *args)
 
-    monkeypatch.setattr(runner, "run_one", run_one)
+    monkeypatch.setattr(runner, "prepare_one", prepare_one)
     return calls
 
 
@@ -219,6 +221,22 @@ def test_resume_adds_providers_with_speedups(tmp_path: Path) -> None:
     assert (mine["status"] == "ok").all(), mine["message"].tolist()
     for case_id, row in mine.iterrows():
         assert row["speedup"] == pytest.approx(base[case_id] / row["ms"])  # baseline from run 1
+
+
+def test_resume_keeps_an_older_files_columns(tmp_path: Path) -> None:
+    spec, out = four_cases(tmp_path), tmp_path / "out"
+    assert invoke("run", spec, "--out", out, "-q").exit_code == 0
+    run_dir = run_dir_of(out)
+    frame = read_results(run_dir)
+    old = [c for c in COLUMNS if c not in ("speedup_p20", "speedup_p80")]
+    frame[old].head(2).to_csv(run_dir / RESULTS_FILE, index=False)  # as written before them
+
+    result = invoke("run", spec, "--out", out, "-q", "--resume", run_dir)
+    assert result.exit_code == 0, result.output
+    again = read_results(run_dir)
+    assert list(again.columns) == old and len(again) == 4
+    assert (again["status"] == "ok").all() and (again["ms"] > 0).all(), again.tail(2).T
+    assert set(again["timer"]) == {"interpreter-wallclock"}
 
 
 def test_resume_rejects_other_directories(tmp_path: Path) -> None:

@@ -147,6 +147,52 @@ def test_speedup_band_includes_against_provider_spread(tmp_path):
     check(invoke(cur, "--baseline", base, "--metric", "ms"), 1)
 
 
+def paired(rows: list[ResultRow], spread: float) -> list[ResultRow]:
+    """Rows as an interleaved run writes them: each speedup with its paired ratios' p20/p80."""
+    return [replace(r, speedup_p20=r.speedup * (1 - spread), speedup_p80=r.speedup * (1 + spread))
+            if r.provider != BASE else r for r in rows]
+
+
+def test_paired_spread_replaces_the_sum_of_ms_bands(tmp_path):
+    # The same 10% slowdown of dkernel, twice. The providers' ms spreads are wide (the drift each
+    # saw), so the old rule's band (7% a side) covers the drop; the paired ratios are tight (1% a
+    # side), since the drift cancels in them, and the drop is a regression.
+    wide = {p: 0.035 for p in MS}
+    slower = make_run(ms={"dkernel": 1.1}, spread=wide)
+    base = write_run(tmp_path / "base", make_run(spread=wide))
+    assert run_gate(write_run(tmp_path / "old", slower), base).passed
+    base = write_run(tmp_path / "pbase", paired(make_run(spread=wide), 0.01))
+    res = run_gate(write_run(tmp_path / "new", paired(slower, 0.01)), base)
+    assert verdicts(res)[("s1024", "dkernel")] == REGRESSION, res.comparisons
+    dk = [c for c in res.comparisons if c.provider == "dkernel"]
+    assert all(math.isclose(c.noise, 0.02) for c in dk), dk
+    # and the other way: tight ms, but paired ratios that spread wider than the drop
+    tight = make_run(ms={"dkernel": 1.1}, spread=NO_SPREAD)
+    base = write_run(tmp_path / "tbase", make_run(spread=NO_SPREAD))
+    assert not run_gate(write_run(tmp_path / "tight", tight), base).passed
+    base = write_run(tmp_path / "wbase", paired(make_run(spread=NO_SPREAD), 0.06))
+    assert run_gate(write_run(tmp_path / "wide", paired(tight, 0.06)), base).passed
+
+
+def test_paired_band_on_one_side_only(tmp_path):
+    # a baseline file from before paired ratios were recorded: its side keeps the ms rule
+    wide = {p: 0.035 for p in MS}
+    base = write_run(tmp_path / "base", make_run(spread=wide))
+    cur = write_run(tmp_path / "cur", paired(make_run(ms={"dkernel": 1.1}, spread=wide), 0.01))
+    dk = [c for c in run_gate(cur, base).comparisons if c.provider == "dkernel"]
+    assert all(math.isclose(c.noise, 0.07 + 0.01) for c in dk), dk
+
+
+def test_old_csv_without_paired_columns_gates(tmp_path, base_dir):
+    frame = pd.read_csv(base_dir / RESULTS_FILE)
+    old = tmp_path / "old.csv"
+    frame.drop(columns=["speedup_p20", "speedup_p80"]).to_csv(old, index=False)
+    cur = write_run(tmp_path / "cur", paired(make_run(ms={"dkernel": 1.1}), 0.01))
+    res = run_gate(cur, old)
+    assert {c.provider for c in res.regressions} == {"dkernel"}
+    assert run_gate(old, old).passed
+
+
 def test_failed_row_is_a_regression(tmp_path, base_dir):
     rows = make_run()
     rows[2] = replace(rows[2], status="oom", message="CUDA out of memory", ms=float("nan"))

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from dkbench import runner
+from dkbench import runner, timing
 from dkbench.check import check_case
 from dkbench.errors import BadInputError
 from dkbench.providers import PROVIDERS
@@ -19,6 +19,7 @@ from dkbench.providers.sdpa import SdpaMath
 from dkbench.results import COLUMNS, ResultRow, read_results
 from dkbench.spec import expand, load_spec
 
+from .clocks import ScriptedClock, drift_once
 from .specs import needs_interpreter, write_spec
 
 CPU = torch.device("cpu")
@@ -168,10 +169,87 @@ def test_baseline_runs_first_and_gives_speedups(tmp_path: Path) -> None:
     assert [(r.heads, r.provider, r.status) for r in rows] == [
         (2, "sdpa_math", "ok"), (2, "dkbench", "ok"), (4, "sdpa_math", "ok"), (4, "dkbench", "ok")]
     for base, other in (rows[0:2], rows[2:4]):
-        assert base.speedup == 1.0
-        assert other.speedup == pytest.approx(base.ms / other.ms)
+        assert base.speedup == 1.0 and math.isnan(base.speedup_p20)
+        # timed interleaved: the median of per-round ratios (exactly checked in the tests below)
+        assert 0 < other.speedup_p20 <= other.speedup <= other.speedup_p80
         assert other.baseline == base.baseline == "sdpa_math"
         assert other.config_source == "default" and other.config.startswith("m")
+
+
+# -- interleaved and sequential timing --
+
+def scripted(monkeypatch: pytest.MonkeyPatch, duration, rounds: int) -> list[ScriptedClock]:
+    """Every interleaved timing gets a fresh scripted clock; returns them, one per case."""
+    clocks: list[ScriptedClock] = []
+
+    def clock(device: torch.device) -> ScriptedClock:
+        clocks.append(ScriptedClock(duration, fixed_rounds=rounds))
+        return clocks[-1]
+
+    monkeypatch.setattr(timing, "default_clock", clock)
+    return clocks
+
+
+@needs_interpreter
+def test_interleaved_speedup_is_the_median_of_paired_ratios(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # sdpa_math 2.5 ms, dkbench 1.0 ms; both double in round 2 of 5, between the round's two calls
+    clocks = scripted(monkeypatch, drift_once([2.5, 1.0], at_call=5), rounds=5)
+    monkeypatch.setattr(runner, "measure", None)  # the sequential timer must not run
+    path = write_spec(tmp_path, providers=["dkbench", "sdpa_math"], baseline="sdpa_math")
+    sweep = load_spec(path)
+    (case,) = expand(sweep)
+    ctx = runner.RunContext(sweep, CPU, {"gpu": "cpu", "torch": "", "triton": "", "git_sha": "",
+                                         "interpreter": True}, "run", "sdpa_math", "dkbench run")
+    started: list[str] = []
+    base, mine = runner.run_case(ctx, case, ["sdpa_math", "dkbench"], started.append)
+    assert started == ["preparing sdpa_math", "preparing dkbench",
+                       "timing 2 providers interleaved"]
+    assert clocks[0].order == [0, 1, 1, 0, 0, 1, 1, 0, 0, 1]  # 0: sdpa_math, prepared first
+    assert (base.provider, base.status, mine.provider, mine.status) == (
+        "sdpa_math", "ok", "dkbench", "ok")
+    assert (base.ms, mine.ms) == (2.5, 2.0) and mine.timer == base.timer == "scripted"
+    # paired ratios 2.5, 2.5, 1.25, 2.5, 2.5; the ratio of the medians would be 2.5 / 2.0
+    assert mine.speedup == 2.5 and base.ms / mine.ms == 1.25
+    assert (mine.speedup_p20, mine.speedup_p80) == (pytest.approx(2.25), 2.5)
+    assert base.speedup == 1.0 and math.isnan(base.speedup_p20) and math.isnan(base.speedup_p80)
+    assert mine.sparsity_efficiency == pytest.approx(2.5 * mine.density)
+
+
+@needs_interpreter
+def test_interleaved_rows_keep_provider_order_and_failures(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def duration(step: int, call: int) -> float:
+        if step == 1 and call >= 4:  # dkbench's third call
+            raise torch.cuda.OutOfMemoryError("Tried to allocate 3.00 GiB")
+        return 1.0 + step
+
+    clocks = scripted(monkeypatch, duration, rounds=4)
+    rows = run_rows(tmp_path, seqlen=[32, 48], providers=["sdpa_flash", "dkbench", "sdpa_math"],
+                    baseline="sdpa_math")
+    assert statuses(rows) == [(32, "sdpa_math", "ok"), (32, "sdpa_flash", "unsupported"),
+                              (32, "dkbench", "oom"),
+                              (48, "sdpa_math", "ok"), (48, "sdpa_flash", "unsupported"),
+                              (48, "dkbench", "oom")]
+    assert len(clocks) == 2  # one interleaved timing per case
+    assert rows[2].message == "Tried to allocate 3.00 GiB" and math.isnan(rows[2].ms)
+    assert rows[0].ms == 1.0 and rows[0].speedup == 1.0 and rows[0].timer == "scripted"
+
+
+def test_interleave_off_times_each_provider_alone(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    timed: list[str] = []
+
+    def measure(fn, spec, device):
+        timed.append(spec.interleave)
+        return timing.measure(fn, spec, device)
+
+    monkeypatch.setattr(runner, "measure", measure)
+    monkeypatch.setattr(runner, "measure_interleaved", None)
+    rows = run_rows(tmp_path, seqlen=[32, 48], timing={"warmup_ms": 1, "rep_ms": 1,
+                                                      "interleave": False})
+    assert timed == [False, False]
+    assert [(r.status, r.timer) for r in rows] == [("ok", "interpreter-wallclock")] * 2
 
 
 def test_no_baseline_no_speedup(tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ ERRORS: list[tuple[str, dict[str, Any], str, str]] = [
     ("unknown top-level key", {"colour": "red"}, "colour: unknown key",
      "allowed keys here: baseline, batch, batch_tokens,"),
     ("unknown timing key", {"timing": {"rep": 3}}, "timing.rep: unknown key",
-     "allowed keys here: cuda_graph, rep_ms, warmup_ms"),
+     "allowed keys here: cuda_graph, interleave, rep_ms, warmup_ms"),
     ("unknown check key", {"check": {"tol": 1}}, "check.tol: unknown key", "max_tokens"),
     ("unknown pattern key", {"patterns": [{**LOCAL, "bogus": 1}]},
      "patterns[0].local_stride.bogus: unknown key", "local_blocks"),
@@ -92,6 +92,9 @@ ERRORS: list[tuple[str, dict[str, Any], str, str]] = [
     ("zero batch", {"batch": 0}, "batch", "must be a positive integer, got 0"),
     ("zero seqlen", {"seqlen": 0}, "seqlen", "must be a positive integer, got 0"),
     ("zero q_len", {"q_len": 0}, "q_len", "must be a positive integer, got 0"),
+    # graph replay times one provider at a time
+    ("interleave with cuda_graph", {"timing": {"cuda_graph": True, "interleave": True}}, "timing",
+     "timing.interleave and timing.cuda_graph are both true; pick one"),
 ]
 
 
@@ -135,6 +138,18 @@ def test_errors_in_several_keys_are_all_listed(tmp_path: Path) -> None:
     assert any(line.strip().startswith("colour: unknown key") for line in lines), lines
     assert any(line.strip().startswith("heads") for line in lines), lines
     assert any(line.strip().startswith("timing.rep: unknown key") for line in lines), lines
+
+
+@pytest.mark.parametrize(("given", "interleave", "cuda_graph"), [
+    ({}, True, False),                                      # the default
+    ({"cuda_graph": True}, False, True),                    # graphs time one provider at a time
+    ({"cuda_graph": True, "interleave": False}, False, True),
+    ({"interleave": False}, False, False),
+])
+def test_timing_interleave(tmp_path: Path, given: dict, interleave: bool,
+                           cuda_graph: bool) -> None:
+    timing = load_spec(write_spec(tmp_path, timing={"warmup_ms": 1, "rep_ms": 1, **given})).timing
+    assert (timing.interleave, timing.cuda_graph) == (interleave, cuda_graph)
 
 
 @pytest.mark.parametrize("overrides", [

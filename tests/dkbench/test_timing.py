@@ -1,0 +1,174 @@
+"""Interleaved timing with a scripted clock: paired ratios survive drift, only the second half of
+each turn is timed, rounds rotate, a failing step drops out alone, and turns and rounds follow
+the estimate and rep_ms within their bounds."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+
+from dkbench import timing
+from dkbench.spec import Timing
+from dkbench.timing import (
+    ESTIMATE_CALLS,
+    INTERPRETER_REPS,
+    MAX_ROUNDS,
+    MAX_TURN_CALLS,
+    MIN_ROUNDS,
+    TURN_MS,
+    measure_interleaved,
+    plan_rounds,
+    plan_turn,
+)
+
+from .clocks import ScriptedClock, drift_once
+
+CPU = torch.device("cpu")
+
+
+def noop() -> None:
+    return None
+
+
+def steps_of(*names: str) -> dict[str, object]:
+    return {name: (lambda: None) for name in names}  # distinct objects, one per name
+
+
+def test_paired_ratio_survives_a_drift_that_moves_the_ratio_of_medians() -> None:
+    """The device doubles its times in round 10 of 20, between the two turns of that round (as a
+    real clock change would land). Every other round still has base / fast = 2.5, so their median
+    is exactly 2.5; each provider's own median sits on the edge of the step, and their ratio
+    says 5/3."""
+    # Turns of one settling and one timed call: round r is calls 4r .. 4r + 3.
+    clock = ScriptedClock(drift_once([2.5, 1.0], at_call=4 * 10 + 2), fixed_rounds=20,
+                          fixed_turn=(1, 1))
+    got = measure_interleaved(steps_of("base", "fast"), Timing(), CPU, "base", clock=clock)
+    assert not got.errors and len(got.rounds) == 20
+    assert got.rounds[10] == {"base": 2.5, "fast": 2.0}  # the round the step split
+    paired = got.ratios["fast"]
+    assert paired.median == 2.5 and paired.samples == 20
+    assert paired.p20 == paired.p80 == 2.5
+    ratio_of_medians = got.times["base"].ms / got.times["fast"].ms
+    assert ratio_of_medians == pytest.approx(5 / 3)  # what timing them apart would be exposed to
+    assert got.times["fast"].timer == "scripted" and got.times["fast"].samples == 20
+    assert "base" not in got.ratios
+
+
+def test_only_the_second_part_of_a_turn_is_timed() -> None:
+    """The first call of every turn reports 100 ms (the clock still settling); the timed calls
+    report 1, 2 and 3 ms. Turn medians, samples and ratios see only the timed calls."""
+    def duration(step: int, call: int) -> float:
+        at = call % 4  # turns of four calls: one settling, three timed
+        return 100.0 if at == 0 else float(at) * (step + 1)
+
+    clock = ScriptedClock(duration, fixed_rounds=3, fixed_turn=(1, 3))
+    got = measure_interleaved(steps_of("base", "x"), Timing(), CPU, "base", clock=clock)
+    assert len(clock.order) == 3 * 2 * 4
+    assert got.rounds == [{"base": 2.0, "x": 4.0}] * 3
+    assert got.times["x"].samples == 9 and got.times["x"].ms == 4.0
+    assert got.ratios["x"].median == 0.5
+
+
+def test_ratio_quantiles_are_of_the_per_round_ratios() -> None:
+    ms = {0: [4.0, 4.0, 4.0, 4.0, 4.0], 1: [1.0, 2.0, 4.0, 8.0, 1.0]}
+    clock = ScriptedClock(lambda step, call: ms[step][call // 2], fixed_rounds=5)
+    got = measure_interleaved(steps_of("base", "x"), Timing(), CPU, "base", clock=clock)
+    ratios = [4.0, 2.0, 1.0, 0.5, 4.0]
+    assert [r["base"] / r["x"] for r in got.rounds] == ratios
+    assert got.ratios["x"].median == statistics.median(ratios) == 2.0
+    assert got.ratios["x"].p20 == pytest.approx(0.9) and got.ratios["x"].p80 == 4.0
+
+
+def test_rounds_rotate_the_first_step() -> None:
+    clock = ScriptedClock(lambda step, call: 1.0, fixed_rounds=4, fixed_turn=(1, 1))
+    measure_interleaved(steps_of("a", "b", "c"), Timing(), CPU, "a", clock=clock)
+    # Each step's turn is two calls in a row.
+    assert clock.order == [s for s in [0, 1, 2, 1, 2, 0, 2, 0, 1, 0, 1, 2] for _ in range(2)]
+
+
+def test_a_step_that_raises_drops_out_and_the_others_carry_on() -> None:
+    calls = {"a": 0, "b": 0, "c": 0}
+
+    def step(name: str):
+        def run() -> None:
+            calls[name] += 1
+            if name == "b" and calls[name] == 3:
+                raise RuntimeError("CUDA error: an illegal memory access")
+        return run
+
+    steps = {name: step(name) for name in calls}
+    clock = ScriptedClock(lambda s, call: 1.0 + s, fixed_rounds=6)
+    got = measure_interleaved(steps, Timing(), CPU, "a", clock=clock)
+    assert list(got.errors) == ["b"] and "illegal memory access" in str(got.errors["b"])
+    assert calls == {"a": 6, "b": 3, "c": 6}  # never called after it raised
+    assert sorted(got.times) == ["a", "c"] and got.times["c"].samples == 6
+    assert all(set(r) == {"a", "c"} for r in got.rounds)  # its earlier samples went with it
+    assert sorted(got.ratios) == ["c"] and got.ratios["c"].median == pytest.approx(1 / 3)
+
+
+def test_a_failed_baseline_leaves_times_but_no_ratios() -> None:
+    def broken() -> None:
+        raise torch.cuda.OutOfMemoryError("Tried to allocate 2.00 GiB")
+
+    clock = ScriptedClock(lambda s, call: 1.0, fixed_rounds=3)
+    got = measure_interleaved({"base": broken, "x": noop}, Timing(), CPU, "base", clock=clock)
+    assert list(got.errors) == ["base"] and got.ratios == {}
+    assert got.times["x"].samples == 3
+
+
+def test_a_device_error_seen_on_reading_fails_every_step() -> None:
+    class Poisoned(ScriptedClock):
+        def read(self, handles):
+            raise RuntimeError("CUDA error: device-side assert triggered")
+
+    got = measure_interleaved(steps_of("a", "b"), Timing(), CPU, "a",
+                              clock=Poisoned(lambda s, c: 1.0, fixed_rounds=3))
+    assert sorted(got.errors) == ["a", "b"] and got.times == {} and got.ratios == {}
+
+
+@pytest.mark.parametrize(("estimate_ms", "want"), [
+    (1.0, (50, 50)),                  # about TURN_MS of calls, half of them timed
+    (30.0, (1, 2)),
+    (150.0, (1, 1)),                  # a step slower than a turn still gets one of each
+    (1e-4, (MAX_TURN_CALLS // 2, MAX_TURN_CALLS // 2)),  # microsecond steps stop at the cap
+])
+def test_plan_turn(estimate_ms: float, want: tuple[int, int]) -> None:
+    assert TURN_MS == 100.0
+    assert plan_turn(estimate_ms) == want
+
+
+@pytest.mark.parametrize(("rep_ms", "want"), [(300, MIN_ROUNDS), (1000, 20), (1e9, MAX_ROUNDS)])
+def test_plan_rounds(rep_ms: float, want: int) -> None:
+    """Timed calls add up to about rep_ms a step (half of every turn), within the bounds."""
+    assert plan_rounds(Timing(rep_ms=rep_ms)) == want
+
+
+def test_planned_turns_follow_the_estimate() -> None:
+    """Without fixed rounds: ESTIMATE_CALLS calls a step first, then rounds of planned turns."""
+    ms = [30.0, 150.0]
+    clock = ScriptedClock(lambda s, call: ms[s])
+    spec = Timing(rep_ms=1000)
+    got = measure_interleaved(steps_of("a", "b"), spec, CPU, "a", clock=clock)
+    rounds = plan_rounds(spec)
+    assert len(got.rounds) == rounds == got.ratios["b"].samples
+    assert got.times["a"].samples == 2 * rounds and got.times["b"].samples == rounds
+    assert len(clock.order) == 2 * ESTIMATE_CALLS + rounds * (3 + 2)
+    assert got.ratios["b"].median == pytest.approx(0.2)
+
+
+def test_cpu_uses_the_wall_clock() -> None:
+    got = measure_interleaved({"a": noop, "b": noop}, Timing(), CPU, "a")
+    assert got.times["a"].timer == "interpreter-wallclock"
+    assert got.times["b"].samples == len(got.rounds) == INTERPRETER_REPS
+    assert all(r["a"] >= 0 and r["b"] >= 0 for r in got.rounds)
+
+
+def test_no_steps() -> None:
+    got = measure_interleaved({}, Timing(), CPU, None, clock=ScriptedClock(lambda s, c: 1.0))
+    assert got.times == {} and got.errors == {} and got.rounds == []
+
+
+def test_default_clock_by_device() -> None:
+    assert isinstance(timing.default_clock(CPU), timing.WallClock)
