@@ -5,7 +5,8 @@
 set -uo pipefail
 out=${1:?usage: benchmarks/reproduce.sh OUTDIR}
 mkdir -p "$out"
-dk="python cli.py"
+# PYTHON picks the interpreter (default python3).
+dk="${PYTHON:-python3} cli.py"
 export DKBENCH_CACHE="$out/cache.json"
 
 # Tune each shape once: the forward, then the backward behind the forward's winner.

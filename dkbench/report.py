@@ -112,8 +112,8 @@ def _case_heading(case: pd.DataFrame) -> str:
 
 
 def case_table(case: pd.DataFrame) -> list[str]:
-    """One case's providers: median ms (p20-p80), TFLOP/s, speedup, status; the fastest ok row
-    starred. A failed row shows no numbers: a failed measurement is not a measurement."""
+    """One case's providers: median ms (p20-p80), TFLOP/s, speedup (with the p20-p80 of its
+    paired ratios when timed interleaved), status; the fastest ok row starred. A failed row shows no numbers: a failed measurement is not a measurement."""
     ok = case[(case["status"] == "ok") & case["ms"].notna()]
     winner = ok["ms"].idxmin() if len(ok) else None
     rows = []
@@ -127,10 +127,13 @@ def case_table(case: pd.DataFrame) -> list[str]:
             speed = "baseline"
         else:
             speed = "—" if pd.isna(r["speedup"]) else f"{r['speedup']:.2f}×"
+            p20, p80 = r.get("speedup_p20", float("nan")), r.get("speedup_p80", float("nan"))
+            if not (pd.isna(r["speedup"]) or pd.isna(p20) or pd.isna(p80)):
+                speed += f" ({p20:.2f}–{p80:.2f})"  # p20-p80 of its paired ratios
         rows.append([name, ms, _num(r["tflops"], ".1f"), _num(r["dense_tflops"], ".1f"), speed,
                      r["status"]])
     header = ["provider", "median ms (p20–p80)", "TFLOP/s (computed)", "TFLOP/s (dense-eq.)",
-              "speedup", "status"]
+              "speedup (p20–p80)", "status"]
     return _table(header, rows)
 
 

@@ -43,8 +43,9 @@ class Timing(BaseModel):
     warmup_ms: float = Field(25.0, gt=0)
     rep_ms: float = Field(100.0, gt=0)
     cuda_graph: bool = False
-    # Time a case's providers together, one call of each in turn, so a drift of the GPU's speed
-    # lands on all of them alike; `speedup` is then the median of per-round ratios. Graph replay
+    # Time a case's providers together, in rounds of one turn each (dkbench.timing), so a drift of
+    # the GPU's speed lands on all of them alike; `speedup` is then the median of per-round ratios.
+    # Graph replay
     # times one provider at a time, so cuda_graph turns this off unless it is given too (an error).
     interleave: bool = True
 

@@ -150,3 +150,24 @@ def test_environment_comes_from_the_runners_meta(tmp_path):
     text = render_report(runs)
     for want in ("| GPU | GPU-X |", "| torch | 9.9 |", "| triton | 8.8 |", "| python | 3.99 |"):
         assert want in text, want
+
+
+def test_a_paired_speedup_shows_the_band_of_its_ratios():
+    """Timed interleaved, a speedup carries the p20-p80 of its per-round ratios; an older row
+    (no such columns filled) shows the speedup alone."""
+    import pandas as pd
+
+    from dkbench.report import case_table
+
+    common = dict(status="ok", baseline="sdpa_cudnn", ms_p20=1.0, ms_p80=1.2, tflops=1.0,
+                  dense_tflops=1.0)
+    frame = pd.DataFrame([
+        dict(common, provider="sdpa_cudnn", ms=4.0, speedup=1.0, speedup_p20=float("nan"),
+             speedup_p80=float("nan")),
+        dict(common, provider="dkbench", ms=1.5, speedup=2.54, speedup_p20=2.5, speedup_p80=2.58),
+        dict(common, provider="flex", ms=3.0, speedup=1.3, speedup_p20=float("nan"),
+             speedup_p80=float("nan")),
+    ])
+    rows = table_rows("\n".join(case_table(frame)))
+    assert rows["**dkbench** ★"][3] == "2.54× (2.50–2.58)"
+    assert rows["flex"][3] == "1.30×" and rows["sdpa_cudnn"][3] == "baseline"
