@@ -172,6 +172,11 @@ def plan_turn(estimate_ms: float) -> tuple[int, int]:
     return calls // 2, calls - calls // 2
 
 
+def warmup_calls(estimate_ms: float, timing: Timing) -> int:
+    """Untimed calls before the rounds: about warmup_ms, at least one, at most MAX_TURN_CALLS."""
+    return min(max(1, math.ceil(timing.warmup_ms / max(estimate_ms, 1e-6))), MAX_TURN_CALLS)
+
+
 def plan_rounds(timing: Timing) -> int:
     """Rounds enough that each step's timed calls add up to about rep_ms (half of each turn is
     timed), within [MIN_ROUNDS, MAX_ROUNDS]."""
@@ -197,8 +202,9 @@ def measure_interleaved(steps: dict[str, Callable[[], object]], timing: Timing,
                         clock: Clock | None = None) -> Interleaved:
     """Time ``steps`` (already warmed up) in rounds that give each a turn, and pair their times.
 
-    A turn calls the step for about TURN_MS and times its second half, so each step runs at the
-    clock it sets itself. Round r starts at step r mod n, so no step always follows the same
+    Each step is first timed ESTIMATE_CALLS times (to plan its turn) and called for about
+    ``timing.warmup_ms``. A turn calls the step for about TURN_MS and times its second half, so
+    each step runs at the clock it sets itself. Round r starts at step r mod n, so no step always follows the same
     neighbour. Each step gets the median, p20 and p80 of its timed calls; with ``baseline`` among
     the steps, every other step also gets those of the per-round ratios (baseline's turn median /
     this step's), which a drift of the device's speed between rounds leaves alone. A step that
@@ -211,8 +217,14 @@ def measure_interleaved(steps: dict[str, Callable[[], object]], timing: Timing,
     names = list(steps)
     errors: dict[str, BaseException] = {}
     if clock.fixed_rounds is None:
-        turns = _planned_turns(clock, steps, errors)
+        estimates = _estimates(clock, steps, errors)
+        turns = {name: plan_turn(ms) for name, ms in estimates.items()}
         rounds = plan_rounds(timing)
+        for name, ms in estimates.items():  # about warmup_ms of untimed calls each, as do_bench
+            try:
+                _calls(clock, steps[name], warmup_calls(ms, timing))
+            except Exception as exc:  # noqa: BLE001 - the other steps carry on
+                errors[name] = exc
     else:
         turns = {name: clock.fixed_turn for name in names}
         rounds = clock.fixed_rounds
@@ -249,9 +261,9 @@ def measure_interleaved(steps: dict[str, Callable[[], object]], timing: Timing,
         errors=errors, rounds=per_round)
 
 
-def _planned_turns(clock: Clock, steps: dict[str, Callable[[], object]],
-                   errors: dict[str, BaseException]) -> dict[str, tuple[int, int]]:
-    """Each step's turn, from the median of ESTIMATE_CALLS timed calls."""
+def _estimates(clock: Clock, steps: dict[str, Callable[[], object]],
+               errors: dict[str, BaseException]) -> dict[str, float]:
+    """Each step's time: the median of ESTIMATE_CALLS timed calls."""
     handles: dict[str, list[object]] = {}
     for name, fn in steps.items():
         try:
@@ -260,7 +272,7 @@ def _planned_turns(clock: Clock, steps: dict[str, Callable[[], object]],
             errors[name] = exc
     ok = [n for n in handles if n not in errors]
     times = _read(clock, [h for n in ok for h in handles[n]], ok, errors) or []
-    return {name: plan_turn(statistics.median(times[i * ESTIMATE_CALLS:(i + 1) * ESTIMATE_CALLS]))
+    return {name: statistics.median(times[i * ESTIMATE_CALLS:(i + 1) * ESTIMATE_CALLS])
             for i, name in enumerate(ok) if name not in errors}
 
 

@@ -21,6 +21,7 @@ from dkbench.timing import (
     measure_interleaved,
     plan_rounds,
     plan_turn,
+    warmup_calls,
 )
 
 from .clocks import ScriptedClock, drift_once
@@ -145,17 +146,27 @@ def test_plan_rounds(rep_ms: float, want: int) -> None:
     assert plan_rounds(Timing(rep_ms=rep_ms)) == want
 
 
+@pytest.mark.parametrize(("estimate_ms", "warmup_ms", "want"), [
+    (10.0, 25.0, 3), (30.0, 25.0, 1), (1e-4, 25.0, MAX_TURN_CALLS)])
+def test_warmup_calls(estimate_ms: float, warmup_ms: float, want: int) -> None:
+    assert warmup_calls(estimate_ms, Timing(warmup_ms=warmup_ms)) == want
+
+
 def test_planned_turns_follow_the_estimate() -> None:
-    """Without fixed rounds: ESTIMATE_CALLS calls a step first, then rounds of planned turns."""
-    ms = [30.0, 150.0]
+    """Without fixed rounds: ESTIMATE_CALLS calls a step first, then about warmup_ms of calls
+    each, then rounds of planned turns."""
+    ms = [10.0, 150.0]
     clock = ScriptedClock(lambda s, call: ms[s])
-    spec = Timing(rep_ms=1000)
+    spec = Timing(warmup_ms=25, rep_ms=1000)
     got = measure_interleaved(steps_of("a", "b"), spec, CPU, "a", clock=clock)
     rounds = plan_rounds(spec)
     assert len(got.rounds) == rounds == got.ratios["b"].samples
-    assert got.times["a"].samples == 2 * rounds and got.times["b"].samples == rounds
-    assert len(clock.order) == 2 * ESTIMATE_CALLS + rounds * (3 + 2)
-    assert got.ratios["b"].median == pytest.approx(0.2)
+    assert got.times["a"].samples == 5 * rounds and got.times["b"].samples == rounds
+    estimate, warm_up = [0] * ESTIMATE_CALLS + [1] * ESTIMATE_CALLS, [0] * 3 + [1]
+    first_round = [0] * 10 + [1] * 2  # a: 5 settling + 5 timed calls; b: 1 + 1
+    assert clock.order[:len(estimate) + len(warm_up) + 12] == estimate + warm_up + first_round
+    assert len(clock.order) == 2 * ESTIMATE_CALLS + 4 + rounds * (10 + 2)
+    assert got.ratios["b"].median == pytest.approx(10 / 150)
 
 
 def test_cpu_uses_the_wall_clock() -> None:
