@@ -183,8 +183,15 @@ def plan_rounds(timing: Timing) -> int:
     return min(max(math.ceil(timing.rep_ms / (TURN_MS / 2)), MIN_ROUNDS), MAX_ROUNDS)
 
 
-def _calls(clock: Clock, fn: Callable[[], object], n: int) -> list[object]:
-    return [clock.call(fn) for _ in range(n)]
+def _calls(clock: Clock, steps: dict[str, Callable[[], object]], name: str, n: int,
+           errors: dict[str, BaseException]) -> list[object] | None:
+    """``n`` calls of step ``name``; None, with the error recorded, when one raises (the other
+    steps carry on)."""
+    try:
+        return [clock.call(steps[name]) for _ in range(n)]
+    except Exception as exc:  # noqa: BLE001 - one failing step never stops the others
+        errors[name] = exc
+        return None
 
 
 def _read(clock: Clock, handles: list[object], active: list[str],
@@ -204,8 +211,8 @@ def measure_interleaved(steps: dict[str, Callable[[], object]], timing: Timing,
 
     Each step is first timed ESTIMATE_CALLS times (to plan its turn) and called for about
     ``timing.warmup_ms``. A turn calls the step for about TURN_MS and times its second half, so
-    each step runs at the clock it sets itself. Round r starts at step r mod n, so no step always follows the same
-    neighbour. Each step gets the median, p20 and p80 of its timed calls; with ``baseline`` among
+    each step runs at the clock it sets itself. Round r starts at step r mod n, so no step always
+    follows the same neighbour. Each step gets the median, p20 and p80 of its timed calls; with ``baseline`` among
     the steps, every other step also gets those of the per-round ratios (baseline's turn median /
     this step's), which a drift of the device's speed between rounds leaves alone. A step that
     raises is reported in ``errors`` and left out of the later rounds, its samples dropped; the
@@ -221,10 +228,7 @@ def measure_interleaved(steps: dict[str, Callable[[], object]], timing: Timing,
         turns = {name: plan_turn(ms) for name, ms in estimates.items()}
         rounds = plan_rounds(timing)
         for name, ms in estimates.items():  # about warmup_ms of untimed calls each, as do_bench
-            try:
-                _calls(clock, steps[name], warmup_calls(ms, timing))
-            except Exception as exc:  # noqa: BLE001 - the other steps carry on
-                errors[name] = exc
+            _calls(clock, steps, name, warmup_calls(ms, timing), errors)
     else:
         turns = {name: clock.fixed_turn for name in names}
         rounds = clock.fixed_rounds
@@ -235,11 +239,11 @@ def measure_interleaved(steps: dict[str, Callable[[], object]], timing: Timing,
             if name in errors:
                 continue
             settle, count = turns[name]
-            try:
-                _calls(clock, steps[name], settle)
-                this_round.append((name, _calls(clock, steps[name], count)))
-            except Exception as exc:  # noqa: BLE001 - the other steps carry on
-                errors[name] = exc
+            if _calls(clock, steps, name, settle, errors) is None:
+                continue
+            handles = _calls(clock, steps, name, count, errors)
+            if handles is not None:
+                this_round.append((name, handles))
         timed.append(this_round)
     flat = [h for this_round in timed for _, handles in this_round for h in handles]
     times = _read(clock, flat, [n for n in names if n not in errors], errors)
@@ -264,13 +268,8 @@ def measure_interleaved(steps: dict[str, Callable[[], object]], timing: Timing,
 def _estimates(clock: Clock, steps: dict[str, Callable[[], object]],
                errors: dict[str, BaseException]) -> dict[str, float]:
     """Each step's time: the median of ESTIMATE_CALLS timed calls."""
-    handles: dict[str, list[object]] = {}
-    for name, fn in steps.items():
-        try:
-            handles[name] = _calls(clock, fn, ESTIMATE_CALLS)
-        except Exception as exc:  # noqa: BLE001 - the other steps carry on
-            errors[name] = exc
-    ok = [n for n in handles if n not in errors]
+    handles = {name: _calls(clock, steps, name, ESTIMATE_CALLS, errors) for name in steps}
+    ok = [n for n in steps if handles[n] is not None]
     times = _read(clock, [h for n in ok for h in handles[n]], ok, errors) or []
     return {name: statistics.median(times[i * ESTIMATE_CALLS:(i + 1) * ESTIMATE_CALLS])
             for i, name in enumerate(ok) if name not in errors}
