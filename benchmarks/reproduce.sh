@@ -21,7 +21,7 @@ tune() {
     # Each shape once: the forward, then the backward behind the forward's winner.
     sed 's/^mode: .*/mode: fwd_bwd/' sweeps/phi3.yaml > "$out/phi3-tune.yaml"
     $dk tune "$out/phi3-tune.yaml" --mode fwd_bwd --block-m 64,128 --block-n 32,64,128 \
-        --num-warps 4 --num-stages 2,3 --impl triton,gluon --out "$out/tune" --top 3 2>&1 \
+        --num-warps 4,8 --num-stages 2,3 --impl triton,gluon --out "$out/tune" --top 3 2>&1 \
         | tee "$out/tune.log"
 }
 

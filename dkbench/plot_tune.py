@@ -17,7 +17,7 @@ from dkbench.runs import INTERPRETER_NOTE
 
 # Faster is brighter; grey marks configs that were not run or failed.
 _CMAP = matplotlib.colormaps["viridis_r"].with_extremes(bad="0.85")
-_KERNEL_ORDER = {"fwd": 0, "bwd": 1, "decode": 2}
+_KERNEL_ORDER = {"fwd": 0, "bwd": 1, "dq": 2, "decode": 3}
 _STATUS_SHORT = {"oom": "oom", "error": "err", "unsupported": "unsup", "wrong": "wrong"}
 
 

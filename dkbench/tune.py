@@ -1,6 +1,7 @@
 """`dkbench tune`: time launch configs of the bundled kernel per case, keep the fastest right one.
 
-For each case and kernel (fwd, bwd) the default config and every unpruned config of the space is
+For each case and kernel (fwd; the backward's dk/dv kernel, bwd, and its dq kernel, dq) the
+default config and every unpruned config of the space is
 prepared, checked against the reference, warmed up and timed exactly as `run` does. Every config
 becomes a row of ``tune.csv``; a failure is a row with its status, never an exception. The winner
 per cache key goes to the best-config cache, which the kernels read at launch.
@@ -91,24 +92,27 @@ def append_tune_rows(path: Path, rows: list[TuneRow]) -> None:
 
 
 class _BackwardCandidate(Provider):
-    """The bundled kernel with the backward config pinned, the forward one fixed or looked up."""
+    """The bundled kernel with one backward kernel's config ("bwd": dk/dv, or "dq") pinned; the
+    other kernels' configs are the winners tuned before it, else looked up."""
 
     name = "dkbench"
     computes = "pattern"
 
-    def __init__(self, fwd_config: LaunchConfig | None) -> None:
-        self.fwd_config = fwd_config
+    def __init__(self, kernel: str, winners: dict[str, LaunchConfig]) -> None:
+        self.kernel = kernel
+        self.winners = winners
 
     def prepare(self, case: Case, layout: BlockLayout, sweep: Sweep, device: torch.device,
                 scale: float, config: object = None) -> Prepared:
         layout = layout.to(device)
-        fwd = self.fwd_config
-        if fwd is not None:
-            tile_plan(layout, fwd.block_m, case.seqlen)
+        configs = {"config": self.winners.get("fwd"), "bwd_config": self.winners.get("bwd"),
+                   "dq_config": self.winners.get("dq")}
+        configs[{"bwd": "bwd_config", "dq": "dq_config"}[self.kernel]] = config
+        if configs["config"] is not None:
+            tile_plan(layout, configs["config"].block_m, case.seqlen)
 
         def attn(q, k, v):
-            return sparse_attention(q, k, v, layout, sm_scale=scale, seq_dim=2, config=fwd,
-                                    bwd_config=config)
+            return sparse_attention(q, k, v, layout, sm_scale=scale, seq_dim=2, **configs)
 
         return Prepared(attn, config.short(), "explicit", launch_config=config)
 
@@ -212,12 +216,14 @@ def mark_best(rows: list[TuneRow], default: TuneRow) -> None:
 
 
 def tune_kernel(job: TuneJob, cands: Candidates, sweep: Sweep, device: torch.device, run_id: str,
-                fwd_config: LaunchConfig | None,
+                winners: dict[str, LaunchConfig],
                 on_config: Callable[[str], None]) -> KernelResult:
-    """Measure every candidate of one kernel of one case; pruned configs become rows too."""
+    """Measure every candidate of one kernel of one case, behind the ``winners`` of the kernels
+    tuned before it; pruned configs become rows too."""
     kernel = cands.kernel
-    case = dataclasses.replace(job.case, mode=kernel)  # what is checked and timed: fwd or bwd
-    provider = BundledKernel() if kernel == "fwd" else _BackwardCandidate(fwd_config)
+    # What is checked and timed: the forward, or the whole backward (both of its kernels).
+    case = dataclasses.replace(job.case, mode="fwd" if kernel == "fwd" else "bwd")
+    provider = BundledKernel() if kernel == "fwd" else _BackwardCandidate(kernel, winners)
     seed = (sweep.seed * 1_000_003 + int(job.case.case_id, 16)) % 2**31
     inputs = random_inputs(case, device, kernel != "fwd", seed)
     rows = []
@@ -294,13 +300,13 @@ def execute_tune(sweep: Sweep, spec_text: str, jobs: list[TuneJob], device: torc
 
     results: list[KernelResult] = []
     for job in jobs:
-        fwd_winner = None
+        winners: dict[str, LaunchConfig] = {}  # each kernel is tuned behind those before it
         for cands in job.candidates:
-            result = tune_kernel(job, cands, sweep, device, run_dir.name, fwd_winner, on_config)
+            result = tune_kernel(job, cands, sweep, device, run_dir.name, winners, on_config)
             append_tune_rows(run_dir / TUNE_FILE, result.rows)
             results.append(result)
-            if cands.kernel == "fwd" and result.best is not None:
-                fwd_winner = result.best.config  # fwd_bwd: the backward is tuned behind it
+            if result.best is not None:
+                winners[cands.kernel] = result.best.config
     if on_progress:
         on_progress("done", total, total)
     writes = cache_winners(results)

@@ -26,7 +26,9 @@ from .errors import BadInputError
 from .spec import Case, Sweep, check_sweep, expand
 
 AXES = ("block_m", "block_n", "num_warps", "num_stages", "impl")
-MODE_KERNELS = {"fwd": ("fwd",), "bwd": ("bwd",), "fwd_bwd": ("fwd", "bwd")}
+# Tuned in this order, each behind the winners before it: the backward's dk/dv kernel ("bwd")
+# with the dq kernel's looked-up config, then the dq kernel ("dq") behind the dk/dv winner.
+MODE_KERNELS = {"fwd": ("fwd",), "bwd": ("bwd", "dq"), "fwd_bwd": ("fwd", "bwd", "dq")}
 
 # The shape tuned when no SPEC is given: phi-3-small's attention on a GPU; a tiny one on the CPU,
 # where every kernel call goes through Triton's interpreter.
@@ -35,8 +37,9 @@ GPU_SHAPE = {"seqlen": 8192, "heads": 32, "kv_heads": 8, "head_dim": 128, "dtype
 CPU_SHAPE = {"seqlen": 256, "heads": 2, "kv_heads": 1, "head_dim": 32, "dtype": "fp32",
              "batch": 1, "block_size": 32, "local_blocks": 2, "vert_stride": 2}
 
-# Searched when no list is given for an axis. The Triton kernels' block_n (and the backward's
-# block_m) is capped at the sparse block size (they walk whole sparse blocks in tile steps); the
+# Searched when no list is given for an axis. The Triton kernels' block_n (and the dk/dv
+# kernel's block_m) is capped at the sparse block size (they walk whole sparse blocks in tile
+# steps); the
 # forward's Gluon kernel (impl "gluon", Hopper only) gathers two 64-key blocks into its 128-wide
 # tiles, so the forward also tries block_n 128, which only it can use. In the interpreter only
 # correctness and the pipeline mean anything, so the CPU space is tiny; warps and stages do
@@ -46,6 +49,8 @@ GPU_SPACES: Mapping[str, Mapping[str, tuple]] = MappingProxyType({
                              "num_stages": (2, 3, 4), "impl": IMPLS}),
     "bwd": MappingProxyType({"block_m": (32, 64), "block_n": (32, 64), "num_warps": (4, 8),
                              "num_stages": (1, 2, 3), "impl": ("triton",)}),
+    "dq": MappingProxyType({"block_m": (64, 128), "block_n": (32, 64), "num_warps": (4, 8),
+                            "num_stages": (2, 3, 4), "impl": ("triton",)}),
 })
 CPU_SPACE: Mapping[str, tuple] = MappingProxyType(
     {"block_m": (16, 32), "block_n": (16, 32), "num_warps": (4,), "num_stages": (1,),
@@ -56,7 +61,7 @@ CPU_SPACE: Mapping[str, tuple] = MappingProxyType(
 class Problem:
     """What decides whether a config can run: the kernel, the tile constraints, the device."""
 
-    kernel: str  # "fwd" or "bwd"
+    kernel: str  # "fwd", "bwd" (the dk/dv kernel) or "dq"
     block_size: int
     head_dim: int
     dtype: torch.dtype
@@ -111,7 +116,7 @@ def parse_impl_list(text: str, flag: str = "--impl") -> tuple[str, ...]:
 def default_space(kernel: str, device: torch.device, block_size: int) -> dict[str, tuple]:
     base = GPU_SPACES[kernel] if device.type == "cuda" else CPU_SPACE
     values = dict(base)
-    # The backward's outer tile (block_m) must stay inside one sparse block, like block_n. The
+    # The dk/dv kernel's outer tile (block_m) must stay inside one sparse block, like block_n. The
     # forward's block_n may reach 128 where the Gluon kernel can pair 64-key blocks; the prune
     # rules drop the Triton configs past the block size.
     cap = block_size
@@ -138,10 +143,10 @@ def build_space(kernel: str, device: torch.device, block_size: int,
 def shared_memory_bytes(config: LaunchConfig, problem: Problem) -> int:
     """A lower estimate of the shared memory a config needs (bytes).
 
-    Both kernels pipeline two ``block_n x head_dim`` tiles over ``num_stages`` buffers and keep
-    the outer ``block_m`` tile resident: forward, K and V streamed past Q; backward (a bwd config's
-    block_m is the outer tile of both its kernels), Q and dO streamed past K and V for dk/dv, and
-    K and V past Q and dO for dq, so two resident tiles.
+    Every kernel pipelines two ``block_n x head_dim`` tiles over ``num_stages`` buffers and keeps
+    its outer ``block_m`` tile resident: forward, K and V streamed past Q; backward, Q and dO
+    streamed past K and V for dk/dv ("bwd"), and K and V past Q and dO for dq, so two resident
+    tiles.
     """
     dim = max(16, triton.next_power_of_2(problem.head_dim))
     elem = torch.tensor([], dtype=problem.dtype).element_size()

@@ -39,10 +39,10 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Blo
 
 class _SparseAttentionFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, layout, sm_scale, fwd_config, bwd_config, return_lse):
+    def forward(ctx, q, k, v, layout, sm_scale, fwd_config, bwd_configs, return_lse):
         out, lse = sparse_attention_fwd(q, k, v, layout, sm_scale, fwd_config, return_lse=True)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.layout, ctx.sm_scale, ctx.bwd_config = layout, sm_scale, bwd_config
+        ctx.layout, ctx.sm_scale, ctx.bwd_configs = layout, sm_scale, bwd_configs
         if return_lse:
             ctx.mark_non_differentiable(lse)
             return out, lse
@@ -55,18 +55,24 @@ class _SparseAttentionFn(torch.autograd.Function):
             raise RuntimeError("double backward through the block-sparse attention is not "
                                "supported (the backward kernels are not differentiable)")
         q, k, v, out, lse = ctx.saved_tensors
-        config = ctx.bwd_config
-        if config is None:
-            config = select.resolve_config("bwd", q, ctx.layout, k.shape[2])[0]
-            check_config(config, ctx.layout.block_size, q.shape[3], "bwd")
+        dkdv_given, dq_given = ctx.bwd_configs
+        dkdv_config = dkdv_given or _looked_up("bwd", q, ctx.layout, k.shape[2])
+        dq_config = dq_given or _looked_up("dq", q, ctx.layout, k.shape[2])
         dq, dk, dv = sparse_attention_bwd(grad_out, q, k, v, out, lse, ctx.layout, ctx.sm_scale,
-                                          config)
+                                          dkdv_config, dq_config)
         return dq, dk, dv, None, None, None, None, None
+
+
+def _looked_up(kernel: str, q: torch.Tensor, layout: BlockLayout, seq_k: int) -> LaunchConfig:
+    config = select.resolve_config(kernel, q, layout, seq_k)[0]
+    check_config(config, layout.block_size, q.shape[3], kernel)
+    return config
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
                      sm_scale: float | None = None, seq_dim: int = 1, return_lse: bool = False,
-                     config: LaunchConfig | None = None, bwd_config: LaunchConfig | None = None):
+                     config: LaunchConfig | None = None, bwd_config: LaunchConfig | None = None,
+                     dq_config: LaunchConfig | None = None):
     """Block-sparse attention ``softmax(sm_scale * q kᵀ + mask) v`` over the layout's kept blocks.
 
     q: ``(batch, seq_q, heads, dim)`` (``seq_dim=1``) or ``(batch, heads, seq_q, dim)``
@@ -74,7 +80,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
     Queries are the last ``seq_q`` of the ``seq_k`` positions. Any strides; float16, bfloat16 or
     float32. ``sm_scale`` defaults to ``1/sqrt(dim)``. Returns the output in q's layout, and with
     ``return_lse`` also the natural-log log-sum-exp ``(batch, heads, seq_q)`` in float32.
-    ``config``/``bwd_config`` override the launch configs the lookup would pick. Differentiable
+    ``config``/``bwd_config``/``dq_config`` override the launch configs the lookup would pick
+    for the forward, the backward's dk/dv kernel and its dq kernel. Differentiable
     in q, k and v (once: double backward raises).
     """
     _check_inputs(q, k, v, layout, seq_dim, sm_scale)
@@ -86,9 +93,11 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
     seq_k = k.shape[2]
     fwd_config = config or select.resolve_config("fwd", q, layout, seq_k)[0]
     check_config(fwd_config, layout.block_size, dim)
-    if bwd_config is not None:
-        check_config(bwd_config, layout.block_size, dim, "bwd")
-    result = _SparseAttentionFn.apply(q, k, v, layout, scale, fwd_config, bwd_config, return_lse)
+    for kernel, given in (("bwd", bwd_config), ("dq", dq_config)):
+        if given is not None:
+            check_config(given, layout.block_size, dim, kernel)
+    result = _SparseAttentionFn.apply(q, k, v, layout, scale, fwd_config,
+                                      (bwd_config, dq_config), return_lse)
     out, lse = result if return_lse else (result, None)
     if seq_dim == 1:
         out = out.transpose(1, 2)

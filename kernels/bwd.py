@@ -1,13 +1,16 @@
-"""Backward block-sparse attention: delta pre-pass, dk/dv kernel, dq kernel, and the launcher.
+"""Backward block-sparse attention: the dq kernel, the dk/dv kernel, and the launcher.
 
-- ``_bwd_preprocess``: ``delta = rowsum(dO * O)`` per query row.
+- ``_bwd_dq``: one program per (query tile, batch, head) over the forward's tile plan. It runs
+  first and also writes ``delta = rowsum(dO * O)`` for its rows, which it needs itself and the
+  dk/dv kernel reads (no separate pass over O and dO).
 - ``_bwd_dkdv``: one program per (kv tile, batch, kv head); it walks, for each query head of its
   GQA group, the query blocks that keep its kv block (the pattern's column form), so dk/dv are
   summed over the group without atomics.
-- ``_bwd_dq``: one program per (query tile, batch, head) over the forward's tile plan.
 
-A bwd ``LaunchConfig``'s ``block_m`` is the outer tile (kv rows for dk/dv, query rows for dq) and
-``block_n`` the inner one (query rows for dk/dv, kv rows for dq).
+Each kernel has its own ``LaunchConfig`` (kernel names "dq" and "bwd"): ``block_m`` is the outer
+tile (query rows for dq, kv rows for dk/dv) and ``block_n`` the inner one (kv rows for dq, query
+rows for dk/dv). Their best tiles differ: on the H100, dq ran fastest with 32-key steps or
+128-row tiles at 8 warps, dk/dv with 64x64 tiles at 4 warps (kernels/PERF.md, session 6).
 """
 
 from __future__ import annotations
@@ -66,26 +69,6 @@ def build_column_plan(layout: BlockLayout, seq_q: int, seq_k: int) -> ColumnPlan
 def column_plan(layout: BlockLayout, seq_q: int, seq_k: int) -> ColumnPlan:
     return layout.cached(("bwd_col_plan", seq_q, seq_k, layout.pattern.device),
                          lambda: build_column_plan(layout, seq_q, seq_k))
-
-
-@triton.jit
-def _bwd_preprocess(Out, DO, Delta,
-                    stride_oz, stride_oh, stride_om, stride_ok,
-                    stride_doz, stride_doh, stride_dom, stride_dok,
-                    num_heads, seq_q,
-                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
-    off_zh = tl.program_id(1)
-    off_z = (off_zh // num_heads).to(tl.int64)
-    off_h = (off_zh % num_heads).to(tl.int64)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(Out + off_z * stride_oz + off_h * stride_oh + offs_m[:, None] * stride_om
-                + offs_d[None, :] * stride_ok, mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + off_z * stride_doz + off_h * stride_doh + offs_m[:, None] * stride_dom
-                 + offs_d[None, :] * stride_dok, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Delta + off_zh.to(tl.int64) * seq_q + offs_m, tl.sum(o * do, axis=1),
-             mask=offs_m < seq_q)
 
 
 @triton.jit
@@ -268,11 +251,12 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base,
 
 
 @triton.jit
-def _bwd_dq(Q, K, V, DO, DQ, Lse, Delta,
+def _bwd_dq(Q, K, V, Out, DO, DQ, Lse, Delta,
             RowPtr, NFull, KvBlock, RowBits,
             stride_qz, stride_qh, stride_qm, stride_qk,
             stride_kz, stride_kh, stride_kn, stride_kk,
             stride_vz, stride_vh, stride_vn, stride_vk,
+            stride_oz, stride_oh, stride_om, stride_ok,
             stride_doz, stride_doh, stride_dom, stride_dok,
             stride_dqz, stride_dqh, stride_dqm, stride_dqk,
             num_heads, q_per_kv, heads_per_pattern, seq_q, seq_k, tiles, first_tile,
@@ -300,12 +284,16 @@ def _bwd_dq(Q, K, V, DO, DQ, Lse, Delta,
                 + offs_d[None, :] * stride_qk, mask=mask, other=0.0)
     do = tl.load(DO + off_z * stride_doz + off_h64 * stride_doh + offs_m[:, None] * stride_dom
                  + offs_d[None, :] * stride_dok, mask=mask, other=0.0)
+    o = tl.load(Out + off_z * stride_oz + off_h64 * stride_oh + offs_m[:, None] * stride_om
+                + offs_d[None, :] * stride_ok, mask=mask, other=0.0)
+    # delta = rowsum(dO * O): this tile's rows belong to this program alone.
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(Delta + off_zh.to(tl.int64) * seq_q + offs_m, delta, mask=row_ok)
     if DOT_FP32:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
     lse = tl.load(Lse + off_zh.to(tl.int64) * seq_q + offs_m, mask=row_ok, other=0.0)
     lse = lse * 1.4426950408889634
-    delta = tl.load(Delta + off_zh.to(tl.int64) * seq_q + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     k_base = K + off_z * stride_kz + off_kvh * stride_kh
@@ -339,25 +327,30 @@ def _grad_like(t: torch.Tensor) -> torch.Tensor:
 
 def sparse_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          out: torch.Tensor, lse: torch.Tensor, layout: BlockLayout, sm_scale: float,
-                         config: LaunchConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients dq, dk, dv for ``(batch, heads, seq, dim)`` views (any strides)."""
+                         config: LaunchConfig, dq_config: LaunchConfig
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients dq, dk, dv for ``(batch, heads, seq, dim)`` views (any strides); ``config``
+    launches the dk/dv kernel, ``dq_config`` the dq kernel."""
     batch, heads, seq_q, head_dim = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
     block_d = max(16, triton.next_power_of_2(head_dim))
     qk_scale = sm_scale * 1.4426950408889634
     dot_fp32 = interpreting() and q.dtype == torch.bfloat16
     common = dict(BLOCK_D=block_d, HEAD_DIM=head_dim, BLOCK_SIZE=layout.block_size,
-                  IS_CAUSAL=layout.causal, DOT_FP32=dot_fp32,
-                  num_warps=config.num_warps, num_stages=config.num_stages)
-
-    # -- delta = rowsum(dO * O) --
-    delta = buffers.new_output((batch, heads, seq_q), q, torch.float32)
-    pre_m = 64
-    _bwd_preprocess[(triton.cdiv(seq_q, pre_m), batch * heads)](
-        out, do, delta, *out.stride(), *do.stride(), heads, seq_q,
-        BLOCK_M=pre_m, BLOCK_D=block_d, HEAD_DIM=head_dim)
-
+                  IS_CAUSAL=layout.causal, DOT_FP32=dot_fp32)
     dq, dk, dv = _grad_like(q), _grad_like(k), _grad_like(v)
+    delta = buffers.new_output((batch, heads, seq_q), q, torch.float32)
+
+    # -- dq first: it writes delta, which the dk/dv kernel reads --
+    plan = tile_plan(layout, dq_config.block_m, seq_k)
+    first_tile = (seq_k - seq_q) // dq_config.block_m
+    _bwd_dq[(plan.tiles - first_tile, batch * heads)](
+        q, k, v, out, do, dq, lse, delta, plan.row_ptr, plan.n_full, plan.kv_block, plan.row_bits,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *do.stride(), *dq.stride(),
+        heads, heads // kv_heads, heads // layout.heads, seq_q, seq_k, plan.tiles, first_tile,
+        qk_scale, sm_scale, BLOCK_M=dq_config.block_m, BLOCK_N=dq_config.block_n,
+        num_warps=dq_config.num_warps, num_stages=dq_config.num_stages, **common)
+
     cols = column_plan(layout, seq_q, seq_k)
     # The dk/dv kernel reads q and dO tiles of block_n rows through descriptors where it can.
     # The dq kernel keeps pointer loads: descriptors for its k/v tiles measured no faster.
@@ -368,13 +361,6 @@ def sparse_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         heads, kv_heads, heads // kv_heads, heads // layout.heads, seq_q, seq_k, cols.kv_blocks,
         qk_scale, sm_scale, BLOCK_M=config.block_n, BLOCK_N=config.block_m,
-        USE_TMA=q_descs is not None, **common)
-
-    plan = tile_plan(layout, config.block_m, seq_k)
-    first_tile = (seq_k - seq_q) // config.block_m
-    _bwd_dq[(plan.tiles - first_tile, batch * heads)](
-        q, k, v, do, dq, lse, delta, plan.row_ptr, plan.n_full, plan.kv_block, plan.row_bits,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        heads, heads // kv_heads, heads // layout.heads, seq_q, seq_k, plan.tiles, first_tile,
-        qk_scale, sm_scale, BLOCK_M=config.block_m, BLOCK_N=config.block_n, **common)
+        USE_TMA=q_descs is not None, num_warps=config.num_warps, num_stages=config.num_stages,
+        **common)
     return dq, dk, dv

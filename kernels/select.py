@@ -49,7 +49,7 @@ def kernel_hash(kernel: str) -> str:
     and the schedule the Gluon one walks.
     """
     modules = {"fwd": ("kernels.fwd", "kernels.fwd_ws", "kernels.schedule"),
-               "bwd": ("kernels.bwd",)}[kernel]
+               "bwd": ("kernels.bwd",), "dq": ("kernels.bwd",)}[kernel]
     for module in modules:
         __import__(module)
     return config_cache.source_hash(*(sys.modules[module] for module in modules))

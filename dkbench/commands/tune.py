@@ -48,9 +48,10 @@ def tune(
              "warp-specialised Hopper kernel). Default: the space above.",
         show_default=False)] = None,
     mode: Annotated[Optional[str], typer.Option(
-        help="fwd (forward kernel), bwd (backward kernel, forward config from the lookup) or "
-             "fwd_bwd (forward first, then backward behind the forward winner). Default: the "
-             "spec's mode, fwd for a single shape.", show_default=False)] = None,
+        help="fwd (forward kernel), bwd (the backward's dk/dv kernel, then its dq kernel behind "
+             "the dk/dv winner; forward config from the lookup) or fwd_bwd (forward first, then "
+             "both backward kernels behind it). Default: the spec's mode, fwd for a single shape.",
+        show_default=False)] = None,
     device: Annotated[str, typer.Option(
         help="auto, cuda or cpu (cpu runs Triton's interpreter).")] = "auto",
     cache: Annotated[Optional[Path], typer.Option(
@@ -81,8 +82,10 @@ def tune(
 
     Default spaces: fwd block_m {64,128}, block_n {32,64,128}, num_warps {4,8},
     num_stages {2,3,4}, impl {triton,gluon} (gluon on Hopper only; Triton block_n capped at the
-    block size); bwd block_m {32,64}, block_n {32,64}, num_warps {4,8}, num_stages {1,2,3},
-    impl {triton} (block_n and block_m capped at the block size); on the CPU interpreter
+    block size); bwd (dk/dv) block_m {32,64}, block_n {32,64}, num_warps {4,8},
+    num_stages {1,2,3}, impl {triton} (block_n and block_m capped at the block size); dq block_m
+    {64,128}, block_n {32,64}, num_warps {4,8}, num_stages {2,3,4}, impl {triton} (block_n
+    capped at the block size); on the CPU interpreter
     block_m {16,32}, block_n {16,32}, num_warps {4}, num_stages {1}, impl {triton}. The default config is always timed too, as
     the reference. Winners go to the cache (on the CPU under the "cpu (triton interpreter)" key),
     every config to tune.csv in OUT/tune-NAME-TIME/.

@@ -131,6 +131,9 @@ def test_default_spaces_cap_block_n_and_shrink_on_cpu() -> None:
     # 64-key blocks: the Gluon forward may pair them into 128-key tiles; the backward may not.
     assert build_space("fwd", CUDA, 64, {}).values["block_n"] == (32, 64, 128)
     assert build_space("bwd", CUDA, 64, {}).values["block_n"] == (32, 64)
+    # The dq kernel's query tile may span sparse blocks; its kv steps may not.
+    assert build_space("dq", CUDA, 32, {}).values["block_m"] == (64, 128)
+    assert build_space("dq", CUDA, 32, {}).values["block_n"] == (32,)
     cpu = build_space("fwd", CPU, 64, {}).values
     assert cpu == {"block_m": (16, 32), "block_n": (16, 32), "num_warps": (4,), "num_stages": (1,),
                    "impl": ("triton",)}
@@ -163,8 +166,9 @@ def test_prune_rule_shared_memory_against_the_device_limit() -> None:
     assert fits_shared_memory(config, problem(smem_limit=None)) is None  # CPU: no such rule
     # head_dim is padded to a power of two, fp32 takes 4 bytes
     # the backward keeps two outer tiles resident
-    assert shared_memory_bytes(config, problem(kernel="bwd")) == \
-        4 * 64 * 128 * 2 * 2 + 2 * 128 * 128 * 2
+    for kernel in ("bwd", "dq"):
+        assert shared_memory_bytes(config, problem(kernel=kernel)) == \
+            4 * 64 * 128 * 2 * 2 + 2 * 128 * 128 * 2
     small = LaunchConfig(16, 16, 4, 1)
     assert shared_memory_bytes(small, problem(head_dim=80, dtype=torch.float32)) == \
         (16 * 128 * 2 + 16 * 128) * 4
@@ -179,6 +183,8 @@ def test_prune_rule_the_kernel_rejects() -> None:
     bwd = problem(kernel="bwd")
     assert "for the backward" in fits_sparse_block(LaunchConfig(128, 64, 4, 2), bwd)
     assert fits_sparse_block(LaunchConfig(128, 64, 4, 2), problem()) is None
+    assert fits_sparse_block(LaunchConfig(128, 64, 4, 2), problem(kernel="dq")) is None
+    assert "must not exceed" in fits_sparse_block(LaunchConfig(64, 128, 4, 2), problem(kernel="dq"))
 
 
 def test_plan_measures_the_default_first_even_when_outside_the_space(monkeypatch) -> None:
@@ -260,8 +266,9 @@ def fake_kernel(monkeypatch: pytest.MonkeyPatch):
     """The bundled kernel replaced by the reference; the timer by FAKE_MS; records the calls."""
     calls: list[dict] = []
 
-    def attention(q, k, v, layout, sm_scale=None, seq_dim=1, config=None, bwd_config=None):
-        calls.append({"config": config, "bwd_config": bwd_config})
+    def attention(q, k, v, layout, sm_scale=None, seq_dim=1, config=None, bwd_config=None,
+                  dq_config=None):
+        calls.append({"config": config, "bwd_config": bwd_config, "dq_config": dq_config})
         out = reference_attention(q, k, v, layout, sm_scale=sm_scale, seq_dim=seq_dim,
                                   grad=q.requires_grad)
         return out.to(q.dtype)
@@ -329,21 +336,27 @@ def test_wrong_candidate_cannot_win(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert (write.ms, write.default_ms) == (1.0, 2.0)
 
 
-def test_fwd_bwd_tunes_the_backward_behind_the_forward_winner(
+def test_fwd_bwd_tunes_each_kernel_behind_the_winners_before_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_kernel) -> None:
     outcome = tune_spec(tmp_path, mode="fwd_bwd")
     rows = read_rows(outcome.run_dir)
-    assert {r["kernel"] for r in rows} == {"fwd", "bwd"}
-    for kernel in ("fwd", "bwd"):
+    assert {r["kernel"] for r in rows} == {"fwd", "bwd", "dq"}
+    for kernel in ("fwd", "bwd", "dq"):
         best = [r for r in rows if r["kernel"] == kernel and r["is_best"] == "True"]
         assert len(best) == 1 and best[0]["block_m"] == "16"
-    winner = LaunchConfig(16, 32, 4, 1)
-    bwd_calls = [c for c in fake_kernel if c["bwd_config"] is not None]
-    assert bwd_calls and all(c["config"] == winner for c in bwd_calls)
-    assert {c["bwd_config"].block_m for c in bwd_calls} == {16, 32}
+    winner = LaunchConfig(16, 32, 4, 1)  # of every kernel: FAKE_MS favours block_m 16
+    # The dk/dv kernel behind the forward winner, the dq config looked up (None here).
+    dkdv_calls = [c for c in fake_kernel if c["bwd_config"] is not None and c["dq_config"] is None]
+    assert dkdv_calls and all(c["config"] == winner for c in dkdv_calls)
+    assert {c["bwd_config"].block_m for c in dkdv_calls} == {16, 32}
     (pruned,) = [r for r in rows if r["kernel"] == "bwd" and r["block_m"] == "64"]
     assert pruned["status"] == "unsupported" and "for the backward" in pruned["message"]
-    assert sorted(w.key.kernel for w in outcome.writes) == ["bwd", "fwd"]
+    # The dq kernel behind both winners; its tile may span sparse blocks (64 over blocks of 32).
+    dq_calls = [c for c in fake_kernel if c["dq_config"] is not None]
+    assert dq_calls and all(c["config"] == winner and c["bwd_config"] == winner
+                            for c in dq_calls)
+    assert {c["dq_config"].block_m for c in dq_calls} == {16, 32, 64}
+    assert sorted(w.key.kernel for w in outcome.writes) == ["bwd", "dq", "fwd"]
 
 
 # -- end to end on the CPU interpreter: tune, then run reads the cache ---------------------------
@@ -383,14 +396,14 @@ def test_tiny_tune_writes_csv_and_cache_that_run_uses(app: typer.Typer, tmp_path
     assert (row.config_source, row.config) == ("cache", winner.short())
 
 
-def test_tiny_fwd_bwd_tune_caches_both_kernels(tmp_path: Path, cache_env: Path) -> None:
+def test_tiny_fwd_bwd_tune_caches_every_kernel(tmp_path: Path, cache_env: Path) -> None:
     spec = write_spec(tmp_path, mode="fwd_bwd")
     sweep = load_spec(spec)
     overrides = {"block_m": (32,), "block_n": (16, 32), "num_warps": (4,), "num_stages": (1,)}
     jobs = plan_tune(sweep, "fwd_bwd", CPU, overrides)
     outcome = tuning.execute_tune(sweep, spec.read_text(), jobs, CPU, tmp_path / "out", cache_env)
     rows = read_rows(outcome.run_dir)
-    for kernel in ("fwd", "bwd"):
+    for kernel in ("fwd", "bwd", "dq"):
         mine = [r for r in rows if r["kernel"] == kernel]
         assert len(mine) == 2 and all(r["status"] == "ok" for r in mine), mine
         assert sum(r["is_best"] == "True" for r in mine) == 1
@@ -400,4 +413,4 @@ def test_tiny_fwd_bwd_tune_caches_both_kernels(tmp_path: Path, cache_env: Path) 
     for write in outcome.writes:
         found = select.resolve_config(write.key.kernel, probe, layout, case.seqlen)
         assert found == (write.config, "cache")
-    assert sorted(w.key.kernel for w in outcome.writes) == ["bwd", "fwd"]
+    assert sorted(w.key.kernel for w in outcome.writes) == ["bwd", "dq", "fwd"]

@@ -9,18 +9,22 @@ from tests.kernels.cases import make_layout, make_qkv
 from tests.tolerances import assert_verbose_close, rel_tol
 
 # (family, causal, batch, seq_q, seq_k, heads, kv_heads, dim, block, dtype, seq_dim, contiguous,
-#  fwd config, bwd config)
+#  fwd config, dk/dv config, dq config)
 CASES = [
-    ("homo", True, 2, 128, 128, 2, 2, 32, 32, torch.float32, 1, True, None, None),
-    ("hetero", True, 1, 200, 200, 4, 2, 64, 32, torch.float16, 1, True, None, None),  # ragged, GQA
-    ("hetero", False, 1, 200, 200, 4, 4, 64, 32, torch.float32, 2, True, None, None),  # bidirectional
-    ("dense_heads", True, 1, 160, 160, 4, 2, 80, 32, torch.float32, 1, False, None, None),  # dim 80
-    ("random", True, 1, 77, 190, 4, 2, 48, 16, torch.float16, 2, True, None, None),  # q shorter
-    ("random", False, 1, 96, 224, 2, 1, 64, 32, torch.float32, 1, False, None, None),  # MQA, bidir
+    ("homo", True, 2, 128, 128, 2, 2, 32, 32, torch.float32, 1, True, None, None, None),
+    ("hetero", True, 1, 200, 200, 4, 2, 64, 32, torch.float16, 1, True, None, None, None),  # GQA
+    ("hetero", False, 1, 200, 200, 4, 4, 64, 32, torch.float32, 2, True, None, None, None),  # bidir
+    ("dense_heads", True, 1, 160, 160, 4, 2, 80, 32, torch.float32, 1, False, None, None, None),
+    ("random", True, 1, 77, 190, 4, 2, 48, 16, torch.float16, 2, True, None, None, None),  # q < k
+    ("random", False, 1, 96, 224, 2, 1, 64, 32, torch.float32, 1, False, None, None, None),  # MQA
+    # dq tiles spanning 4 sparse blocks; dk/dv tiles inside one
     ("hetero", True, 1, 250, 250, 4, 2, 64, 16, torch.float32, 1, True,
-     LaunchConfig(64, 16, 4, 1), LaunchConfig(16, 16, 4, 1)),
+     LaunchConfig(64, 16, 4, 1), LaunchConfig(16, 16, 4, 1), LaunchConfig(64, 16, 4, 1)),
+    # q shorter than k by 113 rows: the first dq tile of 32 rows starts before the first query
+    ("random", True, 1, 77, 190, 4, 2, 48, 16, torch.float16, 2, True,
+     None, None, LaunchConfig(32, 16, 4, 1)),
     ("dense", True, 1, 130, 130, 2, 1, 96, 64, torch.float32, 2, True,
-     None, LaunchConfig(64, 32, 4, 1)),
+     None, LaunchConfig(64, 32, 4, 1), LaunchConfig(128, 64, 4, 1)),
 ]
 
 
@@ -31,10 +35,11 @@ def _id(c):
 
 @pytest.mark.parametrize("case", CASES, ids=_id)
 def test_gradients_match_reference(case, device, poison_outputs, tile_loads):
-    family, causal, batch, sq, sk, h, hkv, d, bs, dtype, seq_dim, contig, cfg, bcfg = case
+    family, causal, batch, sq, sk, h, hkv, d, bs, dtype, seq_dim, contig, cfg, bcfg, dqcfg = case
     layout = make_layout(family, h, hkv, sk, bs, causal)
     q, k, v = make_qkv(batch, sq, sk, h, hkv, d, dtype, device, seq_dim, contig, requires_grad=True)
-    out = sparse_attention(q, k, v, layout, seq_dim=seq_dim, config=cfg, bwd_config=bcfg)
+    out = sparse_attention(q, k, v, layout, seq_dim=seq_dim, config=cfg, bwd_config=bcfg,
+                           dq_config=dqcfg)
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     ref = reference_attention(q, k, v, layout, seq_dim=seq_dim, grad=True)
@@ -80,6 +85,13 @@ def test_bwd_config_must_fit_sparse_block(device):
     q, k, v = make_qkv(1, 64, 64, 2, 2, 32, torch.float32, device, requires_grad=True)
     with pytest.raises(ValueError, match="block_m=32 must not exceed the sparse block size 16"):
         sparse_attention(q, k, v, layout, bwd_config=LaunchConfig(32, 16, 4, 1))
+
+
+def test_dq_config_is_checked_before_launch(device):
+    layout = make_layout("hetero", 2, 2, 64, 16)
+    q, k, v = make_qkv(1, 64, 64, 2, 2, 32, torch.float32, device, requires_grad=True)
+    with pytest.raises(ValueError, match="block_n=32 must not exceed the sparse block size 16"):
+        sparse_attention(q, k, v, layout, dq_config=LaunchConfig(32, 32, 4, 1))
 
 
 def test_column_plan_skips_blocks_before_first_query():

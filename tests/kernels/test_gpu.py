@@ -41,12 +41,16 @@ def test_layout_families_bf16(case, poison_outputs, tile_loads):
     assert_verbose_close(lse, ref_lse, 1e-3, "lse")
 
 
-@pytest.mark.parametrize("bwd_config", [None, LaunchConfig(64, 32, 4, 2), LaunchConfig(64, 64, 8, 2)],
-                         ids=str)
-def test_phi3_gradients_at_8k(bwd_config, poison_outputs):
+@pytest.mark.parametrize("bwd_config,dq_config", [
+    (None, None),
+    (LaunchConfig(64, 32, 4, 2), LaunchConfig(128, 64, 8, 3)),
+    (LaunchConfig(64, 64, 8, 2), LaunchConfig(64, 64, 4, 2)),
+], ids=str)
+def test_phi3_gradients_at_8k(bwd_config, dq_config, poison_outputs):
     layout = local_stride_layout(max_seq_len=8192, **PHI3)
     q, k, v = make_qkv(1, 8192, 8192, 32, 8, 128, torch.bfloat16, "cuda", requires_grad=True)
-    out = sparse_attention(q, k, v, layout, sm_scale=1 / 128, bwd_config=bwd_config)
+    out = sparse_attention(q, k, v, layout, sm_scale=1 / 128, bwd_config=bwd_config,
+                           dq_config=dq_config)
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     ref = reference_attention(q, k, v, layout, sm_scale=1 / 128, grad=True)
