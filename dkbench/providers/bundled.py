@@ -46,9 +46,15 @@ class BundledKernel(Provider):
                                                sm_scale=scale, config=config)
         else:
             tile_plan(layout, config.block_m, case.seqlen)
+            backward = _backward_configs(case, probe, layout)
 
             def attn(q, k, v):
-                return sparse_attention(q, k, v, layout, sm_scale=scale, seq_dim=2, config=config)
+                return sparse_attention(q, k, v, layout, sm_scale=scale, seq_dim=2, config=config,
+                                        **{arg: cfg for arg, (_, cfg, _) in backward.items()})
+
+            if backward:
+                label, source = _describe([("", config, source), *backward.values()])
+                return Prepared(attn, label, source, launch_config=config)
 
         return Prepared(attn, config.short(), source, launch_config=config)
 
@@ -62,3 +68,24 @@ class BundledKernel(Provider):
                                            sm_scale=scale, num_splits=splits)
 
         return Prepared(attn, f"splits{splits}", "auto")
+
+
+def _backward_configs(case: Case, probe: torch.Tensor, layout: BlockLayout
+                      ) -> dict[str, tuple[str, LaunchConfig, str]]:
+    """For the modes with a backward: ``sparse_attention`` argument -> (kernel, config, source)
+    of the dk/dv and dq kernels, looked up once here so that the row can name them."""
+    if case.mode not in ("bwd", "fwd_bwd"):
+        return {}
+    looked_up = {}
+    for arg, kernel in (("bwd_config", "bwd"), ("dq_config", "dq")):
+        config, source = resolve_config(kernel, probe, layout, case.seqlen)
+        looked_up[arg] = (kernel, config, source)
+    return looked_up
+
+
+def _describe(parts: list[tuple[str, LaunchConfig, str]]) -> tuple[str, str]:
+    """A row's config and config_source for several kernels: ``"m128n64w4s2, bwd m64n64w4s2,
+    dq m64n32w4s2"``; one source when all agree, else one per kernel in the same order."""
+    label = ", ".join(f"{kernel} {config.short()}".strip() for kernel, config, _ in parts)
+    sources = [source for _, _, source in parts]
+    return label, sources[0] if len(set(sources)) == 1 else ", ".join(sources)

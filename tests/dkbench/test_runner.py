@@ -14,7 +14,7 @@ from dkbench import runner, timing
 from dkbench.check import check_case
 from dkbench.errors import BadInputError
 from dkbench.providers import PROVIDERS
-from dkbench.providers.bundled import BundledKernel
+from dkbench.providers.bundled import BundledKernel, _describe
 from dkbench.providers.sdpa import SdpaMath
 from dkbench.results import COLUMNS, ResultRow, read_results
 from dkbench.spec import expand, load_spec
@@ -158,6 +158,17 @@ def test_bundled_backward_is_checked_and_credited(tmp_path: Path) -> None:
     assert bwd.rel_err < 5e-3  # dq, dk and dv against the reference's gradients
     assert bwd.flops == pytest.approx(2.5 * fwd.flops, rel=1e-15)
     assert bwd.flops < bwd.dense_tflops * bwd.ms * 1e9  # credited with kept pairs only
+    # The backward row names the configs of all three kernels that ran, in launch order.
+    assert bwd.config.startswith(fwd.config + ", bwd m") and ", dq m" in bwd.config
+    assert fwd.config_source == bwd.config_source == "default"
+
+
+def test_a_row_names_each_kernels_config_and_source() -> None:
+    from kernels import LaunchConfig
+    fwd, dkdv, dq = LaunchConfig(64, 32, 8, 3), LaunchConfig(64, 64, 4, 2), LaunchConfig(64, 32, 4, 2)
+    assert _describe([("", fwd, "explicit"), ("bwd", dkdv, "shipped"), ("dq", dq, "default")]) == (
+        "m64n32w8s3, bwd m64n64w4s2, dq m64n32w4s2", "explicit, shipped, default")
+    assert _describe([("", fwd, "cache"), ("bwd", dkdv, "cache")])[1] == "cache"
 
 
 # -- ok rows --

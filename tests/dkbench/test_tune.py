@@ -29,6 +29,7 @@ from dkbench.tune_space import (
     shared_memory_bytes, sweep_from_flags)
 from kernels import LaunchConfig, reference_attention
 from kernels.config_cache import ENV_VAR, ConfigCache
+from tests.dkbench.specs import needs_interpreter
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda", 0)  # only its .type is read by the code under test here
@@ -220,6 +221,7 @@ def test_sweep_from_flags_uses_defaults_and_flags(tmp_path: Path) -> None:
 # -- the command: dry run, bad input -------------------------------------------------------------
 
 
+@needs_interpreter  # --device cpu
 def test_dry_run_lists_candidates_and_pruned_without_running(
         app: typer.Typer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(*a, **k):
@@ -245,6 +247,7 @@ def test_spec_and_shape_flags_together_is_bad_input(app: typer.Typer, tmp_path: 
     assert "not both" in result.output
 
 
+@needs_interpreter  # --device cpu
 @pytest.mark.parametrize("mode", ["bwd", "fwd_bwd"])
 def test_backward_modes_need_the_backward_kernel(app: typer.Typer, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch,
@@ -362,6 +365,7 @@ def test_fwd_bwd_tunes_each_kernel_behind_the_winners_before_it(
 # -- end to end on the CPU interpreter: tune, then run reads the cache ---------------------------
 
 
+@needs_interpreter
 def test_tiny_tune_writes_csv_and_cache_that_run_uses(app: typer.Typer, tmp_path: Path,
                                                       cache_env: Path) -> None:
     spec = write_spec(tmp_path)
@@ -396,6 +400,7 @@ def test_tiny_tune_writes_csv_and_cache_that_run_uses(app: typer.Typer, tmp_path
     assert (row.config_source, row.config) == ("cache", winner.short())
 
 
+@needs_interpreter
 def test_tiny_fwd_bwd_tune_caches_every_kernel(tmp_path: Path, cache_env: Path) -> None:
     spec = write_spec(tmp_path, mode="fwd_bwd")
     sweep = load_spec(spec)
