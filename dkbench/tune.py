@@ -1,10 +1,13 @@
 """`dkbench tune`: time launch configs of the bundled kernel per case, keep the fastest right one.
 
 For each case and kernel (fwd; the backward's dk/dv kernel, bwd, and its dq kernel, dq) the
-default config and every unpruned config of the space is
-prepared, checked against the reference, warmed up and timed exactly as `run` does. Every config
-becomes a row of ``tune.csv``; a failure is a row with its status, never an exception. The winner
-per cache key goes to the best-config cache, which the kernels read at launch.
+default config and every unpruned config of the space is prepared, checked against the reference,
+warmed up and timed as `run` times a case's providers: with ``timing.interleave`` (the default) all
+of them together in rounds, the default as the baseline, so each speedup over the default is the
+median of per-round ratios and the winner is the config with the best one; otherwise one after
+another with ``do_bench``. Every config becomes a row of ``tune.csv``; a failure is a row with its
+status, never an exception. The winner per cache key goes to the best-config cache, which the
+kernels read at launch.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from .providers.bundled import BundledKernel
 from .results import read_meta, write_meta
 from .runner import make_step, new_run_dir
 from .spec import Case, Sweep
-from .timing import Measurement, measure
+from .timing import Interleaved, Measurement, measure, measure_interleaved
 from .tune_space import Candidates, TuneJob
 
 TUNE_FILE = "tune.csv"
@@ -117,12 +120,16 @@ class _BackwardCandidate(Provider):
         return Prepared(attn, config.short(), "explicit", launch_config=config)
 
 
-def time_prepared(prepared: Prepared, mode: str, inputs, sweep: Sweep,
-                  device: torch.device) -> Measurement:
-    """Warm up (compilation stays outside the timed region), then time as `run` does."""
-    step = make_step(mode, prepared.attn, *inputs)
-    step()
-    return measure(step, sweep.timing, device)
+@dataclass
+class ReadyCandidate:
+    """A config prepared, checked and warmed up: its row and the step to time."""
+
+    row: TuneRow
+    step: Callable[[], object]
+
+    @property
+    def name(self) -> str:
+        return self.row.config.short()
 
 
 def _failure(exc: BaseException) -> tuple[str, str]:
@@ -136,10 +143,16 @@ def _failure(exc: BaseException) -> tuple[str, str]:
     return "error", f"{type(exc).__name__}: {first}"
 
 
-def measure_candidate(provider: Provider, config: LaunchConfig, case: Case, layout: BlockLayout,
+def _release(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def prepare_candidate(provider: Provider, config: LaunchConfig, case: Case, layout: BlockLayout,
                       sweep: Sweep, device: torch.device, inputs, seed: int,
-                      row: TuneRow) -> TuneRow:
-    """Prepare, check, time one config; every failure lands in ``row.status``/``row.message``."""
+                      row: TuneRow) -> ReadyCandidate | None:
+    """Prepare, check and warm up one config (compilation stays outside the timed region); None
+    when it failed, the failure in ``row.status``/``row.message``."""
     scale = case.sm_scale if case.sm_scale is not None else 1.0 / math.sqrt(case.head_dim)
     try:
         prepared = provider.prepare(case, layout, sweep, device, scale, config)
@@ -148,15 +161,67 @@ def measure_candidate(provider: Provider, config: LaunchConfig, case: Case, layo
             row.status = "wrong"
             row.message = (f"{checked.what}: relative error {checked.rel_err:.3g} above "
                            f"{sweep.check.rtol.get(case.dtype, 1e-2)}")
-            return row
-        timed = time_prepared(prepared, case.mode, inputs, sweep, device)
+            return None
+        step = make_step(case.mode, prepared.attn, *inputs)
+        step()
+        return ReadyCandidate(row, step)
+    except Exception as exc:  # noqa: BLE001 - one failing config never stops a tune
+        row.status, row.message = _failure(exc)
+        _release(device)
+        return None
+
+
+def time_alone(ready: ReadyCandidate, sweep: Sweep, device: torch.device) -> Measurement:
+    """One candidate on its own, as `run` times with ``timing.interleave: false``."""
+    return measure(ready.step, sweep.timing, device)
+
+
+def time_together(ready: list[ReadyCandidate], baseline: str | None, sweep: Sweep,
+                  device: torch.device) -> Interleaved:
+    """All candidates of one (case, kernel) in rounds, as `run` times a case's providers."""
+    return measure_interleaved({r.name: r.step for r in ready}, sweep.timing, device, baseline)
+
+
+def measure_candidate(provider: Provider, config: LaunchConfig, case: Case, layout: BlockLayout,
+                      sweep: Sweep, device: torch.device, inputs, seed: int,
+                      row: TuneRow) -> TuneRow:
+    """Prepare, check and time one config on its own; every failure lands in the row."""
+    ready = prepare_candidate(provider, config, case, layout, sweep, device, inputs, seed, row)
+    if ready is None:
+        return row
+    try:
+        timed = time_alone(ready, sweep, device)
         row.ms, row.ms_p20, row.ms_p80 = timed.ms, timed.p20, timed.p80
     except Exception as exc:  # noqa: BLE001 - one failing config never stops a tune
         row.status, row.message = _failure(exc)
     finally:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        del ready
+        _release(device)
     return row
+
+
+def measure_together(ready: list[ReadyCandidate], default: LaunchConfig, sweep: Sweep,
+                     device: torch.device) -> None:
+    """Time the ready candidates interleaved and fill their rows; each speedup over the default
+    is the median of the per-round ratios (a drift between rounds leaves it alone)."""
+    names = {r.name for r in ready}
+    baseline = default.short() if default.short() in names else None
+    try:
+        timed = time_together(ready, baseline, sweep, device)
+    except Exception as exc:  # noqa: BLE001 - e.g. no memory for the L2 flush buffer
+        for r in ready:
+            r.row.status, r.row.message = _failure(exc)
+        return
+    for r in ready:
+        if r.name in timed.errors:
+            r.row.status, r.row.message = _failure(timed.errors[r.name])
+            continue
+        got = timed.times[r.name]
+        r.row.ms, r.row.ms_p20, r.row.ms_p80 = got.ms, got.p20, got.p80
+        if r.name == baseline:
+            r.row.speedup_vs_default = 1.0
+        elif r.name in timed.ratios:
+            r.row.speedup_vs_default = timed.ratios[r.name].median
 
 
 # -- tuning ----------------------------------------------------------------------------------------
@@ -177,7 +242,7 @@ class KernelResult:
         return next((r for r in self.rows if r.is_best), None)
 
     def ranked(self) -> list[TuneRow]:
-        return sorted((r for r in self.rows if r.status == "ok"), key=lambda r: r.ms)
+        return sorted((r for r in self.rows if r.status == "ok"), key=_rank_key)
 
 
 @dataclass
@@ -204,15 +269,25 @@ def _row(run_id: str, case: Case, kernel: str, config: LaunchConfig) -> TuneRow:
                    num_warps=config.num_warps, num_stages=config.num_stages, impl=config.impl)
 
 
+def _rank_key(row: TuneRow) -> tuple[float, float]:
+    """Fastest first: by speedup over the default where there is one (paired when timed
+    interleaved), then by median ms."""
+    speedup = row.speedup_vs_default
+    return (-speedup if math.isfinite(speedup) else 0.0, row.ms)
+
+
 def mark_best(rows: list[TuneRow], default: TuneRow) -> None:
-    """Flag the fastest ok row (only checked rows are ok) and fill speedups over the default."""
+    """Flag the fastest ok row (only checked rows are ok). Speedups over the default that timing
+    did not pair are the ratio of medians; with the default failed, the fastest median wins."""
     ok = [r for r in rows if r.status == "ok" and math.isfinite(r.ms)]
     for r in rows:
         r.is_best = False
-        if r.status == "ok" and default.status == "ok" and r.ms > 0:
+        if r.status != "ok" or default.status != "ok":
+            r.speedup_vs_default = float("nan")
+        elif not math.isfinite(r.speedup_vs_default) and r.ms > 0:
             r.speedup_vs_default = default.ms / r.ms
     if ok:
-        min(ok, key=lambda r: r.ms).is_best = True
+        min(ok, key=_rank_key).is_best = True
 
 
 def tune_kernel(job: TuneJob, cands: Candidates, sweep: Sweep, device: torch.device, run_id: str,
@@ -226,14 +301,27 @@ def tune_kernel(job: TuneJob, cands: Candidates, sweep: Sweep, device: torch.dev
     provider = BundledKernel() if kernel == "fwd" else _BackwardCandidate(kernel, winners)
     seed = (sweep.seed * 1_000_003 + int(job.case.case_id, 16)) % 2**31
     inputs = random_inputs(case, device, kernel != "fwd", seed)
-    rows = []
+    rows, ready = [], []
     for config in cands.run:
         on_config(f"{kernel} {config.short()}: {job.case.label()}")
-        row = measure_candidate(provider, config, case, job.layout, sweep, device, inputs,
-                                seed + 1, _row(run_id, job.case, kernel, config))
-        if config == cands.default and row.status == "ok":
-            row.message = "default config (reference)"
+        row = _row(run_id, job.case, kernel, config)
         rows.append(row)
+        if not sweep.timing.interleave:
+            measure_candidate(provider, config, case, job.layout, sweep, device, inputs, seed + 1,
+                              row)
+            continue
+        candidate = prepare_candidate(provider, config, case, job.layout, sweep, device, inputs,
+                                      seed + 1, row)
+        if candidate is not None:
+            ready.append(candidate)
+    if sweep.timing.interleave:
+        on_config(f"{kernel}: timing {len(ready)} configs interleaved: {job.case.label()}")
+        if ready:
+            measure_together(ready, cands.default, sweep, device)
+        ready.clear()
+        _release(device)
+    if rows[0].status == "ok":  # cands.run starts with the default
+        rows[0].message = "default config (reference)"
     for config, reason in cands.pruned:
         row = _row(run_id, job.case, kernel, config)
         row.status, row.message = "unsupported", f"pruned: {reason}"
@@ -289,7 +377,9 @@ def execute_tune(sweep: Sweep, spec_text: str, jobs: list[TuneJob], device: torc
         "spaces": {f"{j.case.case_id}/{c.kernel}": [x.short() for x in c.run] for j in jobs
                    for c in j.candidates},
         "started": datetime.now(timezone.utc).isoformat()})
-    total = sum(len(c.run) for j in jobs for c in j.candidates)
+    # One step per config, and with interleaved timing one more per (case, kernel): the timing.
+    together = 1 if sweep.timing.interleave else 0
+    total = sum(len(c.run) + together for j in jobs for c in j.candidates)
     done = 0
 
     def on_config(text: str) -> None:

@@ -77,7 +77,9 @@ def tune(
 ) -> None:
     """Search launch configs of the bundled kernel per case; cache the fastest one that is right.
 
-    Every candidate is checked against the reference before it may win and timed as `run` times.
+    Every candidate is checked against the reference before it may win and timed as `run` times:
+    with the spec's timing.interleave (the default) all of a kernel's candidates together, in
+    rounds against the default config, the best median per-round speedup winning.
     The single-shape flags build a causal local_stride pattern with head_sliding_offset 1.
 
     Default spaces: fwd block_m {64,128}, block_n {32,64,128}, num_warps {4,8},

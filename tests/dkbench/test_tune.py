@@ -22,7 +22,7 @@ from dkbench.check import CheckResult
 from dkbench.commands.tune import tune
 from dkbench.errors import BadInputError
 from dkbench.spec import expand, load_spec
-from dkbench.timing import Measurement
+from dkbench.timing import Interleaved, Measurement, Ratio
 from dkbench.tune_space import (
     CPU_SHAPE, GPU_SHAPE, Problem, build_space, fits_shared_memory, fits_sparse_block,
     kernel_accepts, parse_impl_list, parse_int_list, plan_candidates, plan_tune, prune_reason,
@@ -228,6 +228,7 @@ def test_dry_run_lists_candidates_and_pruned_without_running(
         raise AssertionError("a dry run must not prepare or run anything")
 
     monkeypatch.setattr(tuning, "measure_candidate", boom)
+    monkeypatch.setattr(tuning, "prepare_candidate", boom)
     monkeypatch.setattr(bundled, "sparse_attention", boom)
     result = invoke(app, "--dry-run", "--device", "cpu", "--seqlen", "128", "--heads", "1",
                     "--kv-heads", "1", "--block-m", "16,32", "--block-n", "32,64",
@@ -276,18 +277,26 @@ def fake_kernel(monkeypatch: pytest.MonkeyPatch):
                                   grad=q.requires_grad)
         return out.to(q.dtype)
 
-    def timer(prepared, mode, inputs, sweep, device):
-        ms = FAKE_MS[prepared.launch_config.block_m]
+    def fake(ready):
+        ms = FAKE_MS[ready.row.block_m]
         return Measurement(ms, ms * 0.9, ms * 1.1, "fake", 3)
+
+    def together(ready, baseline, sweep, device):
+        times = {r.name: fake(r) for r in ready}
+        ratios = {name: Ratio(times[baseline].ms / t.ms, 0.0, 0.0, 3) for name, t in times.items()
+                  if baseline is not None and name != baseline}
+        return Interleaved(times, ratios, {}, [])
 
     monkeypatch.setattr(bundled, "sparse_attention", attention)
     monkeypatch.setattr(tuning, "sparse_attention", attention)
-    monkeypatch.setattr(tuning, "time_prepared", timer)
+    monkeypatch.setattr(tuning, "time_alone", lambda ready, sweep, device: fake(ready))
+    monkeypatch.setattr(tuning, "time_together", together)
     return calls
 
 
-def tune_spec(tmp_path: Path, mode: str = "fwd", cache: Path | None = None):
-    path = write_spec(tmp_path)
+def tune_spec(tmp_path: Path, mode: str = "fwd", cache: Path | None = None,
+              interleave: bool = True):
+    path = write_spec(tmp_path, timing={**TINY["timing"], "interleave": interleave})
     sweep = load_spec(path)
     overrides = {"block_m": (16, 32, 64), "block_n": (32,), "num_warps": (4,), "num_stages": (1,)}
     jobs = plan_tune(sweep, mode, CPU, overrides)
@@ -295,8 +304,9 @@ def tune_spec(tmp_path: Path, mode: str = "fwd", cache: Path | None = None):
                                cache or tmp_path / "cache.json")
 
 
+@pytest.mark.parametrize("interleave", [True, False])
 def test_failing_candidate_is_recorded_and_does_not_win(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_kernel) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_kernel, interleave: bool) -> None:
     from triton.runtime.errors import OutOfResources
 
     real = bundled.sparse_attention
@@ -309,7 +319,7 @@ def test_failing_candidate_is_recorded_and_does_not_win(
         return real(q, k, v, layout, config=config, **kw)
 
     monkeypatch.setattr(bundled, "sparse_attention", failing)
-    outcome = tune_spec(tmp_path)
+    outcome = tune_spec(tmp_path, interleave=interleave)
     rows = {int(r["block_m"]): r for r in read_rows(outcome.run_dir)}
     assert rows[16]["status"] == "error"
     assert rows[16]["message"] == "RuntimeError: PassManager::run failed"
@@ -318,8 +328,9 @@ def test_failing_candidate_is_recorded_and_does_not_win(
     assert ConfigCache(tmp_path / "cache.json").get(outcome.writes[0].key)["block_m"] == 32
 
 
+@pytest.mark.parametrize("interleave", [True, False])
 def test_wrong_candidate_cannot_win(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                    fake_kernel) -> None:
+                                    fake_kernel, interleave: bool) -> None:
     real_check = tuning.run_check
 
     def check(provider, prepared, *args):
@@ -328,7 +339,7 @@ def test_wrong_candidate_cannot_win(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         return real_check(provider, prepared, *args)
 
     monkeypatch.setattr(tuning, "run_check", check)
-    outcome = tune_spec(tmp_path)
+    outcome = tune_spec(tmp_path, interleave=interleave)
     rows = {int(r["block_m"]): r for r in read_rows(outcome.run_dir)}
     assert rows[16]["status"] == "wrong" and "relative error 0.5" in rows[16]["message"]
     assert rows[16]["ms"] == "nan"  # never timed
@@ -337,6 +348,46 @@ def test_wrong_candidate_cannot_win(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     (write,) = outcome.writes
     assert write.config == LaunchConfig(64, 32, 4, 1)
     assert (write.ms, write.default_ms) == (1.0, 2.0)
+
+
+def test_interleaved_tune_picks_by_the_paired_ratio_and_times_all_together(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_kernel) -> None:
+    # m64 has the lower median ms, but paired with the default round by round m16 gains more:
+    # a drift that slowed m16's rounds moved its median, not its ratios.
+    seen = []
+
+    def together(ready, baseline, sweep, device):
+        seen.append(([r.name for r in ready], baseline))
+        times = {"m32n32w4s1": Measurement(2.0, 1.9, 2.1, "fake", 9),
+                 "m16n32w4s1": Measurement(1.5, 1.0, 3.0, "fake", 9),
+                 "m64n32w4s1": Measurement(1.2, 1.1, 1.3, "fake", 9)}
+        ratios = {"m16n32w4s1": Ratio(1.9, 1.8, 2.0, 3), "m64n32w4s1": Ratio(1.6, 1.5, 1.7, 3)}
+        return Interleaved(times, ratios, {}, [])
+
+    monkeypatch.setattr(tuning, "time_together", together)
+    monkeypatch.setattr(tuning, "time_alone", None)  # nothing is timed on its own
+    outcome = tune_spec(tmp_path)
+    assert seen == [(["m32n32w4s1", "m16n32w4s1", "m64n32w4s1"], "m32n32w4s1")]
+    rows = {int(r["block_m"]): r for r in read_rows(outcome.run_dir)}
+    assert [m for m, r in rows.items() if r["is_best"] == "True"] == [16]
+    assert float(rows[16]["speedup_vs_default"]) == pytest.approx(1.9)
+    assert float(rows[64]["speedup_vs_default"]) == pytest.approx(1.6)
+    assert float(rows[32]["speedup_vs_default"]) == 1.0
+    assert [r.config.block_m for r in outcome.results[0].ranked()] == [16, 64, 32]
+
+
+def test_interleaved_tune_records_a_failure_while_timed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_kernel) -> None:
+    def together(ready, baseline, sweep, device):
+        times = {r.name: Measurement(2.0, 1.9, 2.1, "fake", 9) for r in ready
+                 if r.name != "m16n32w4s1"}
+        return Interleaved(times, {"m64n32w4s1": Ratio(1.1, 1.0, 1.2, 3)},
+                           {"m16n32w4s1": torch.cuda.OutOfMemoryError("out of memory")}, [])
+
+    monkeypatch.setattr(tuning, "time_together", together)
+    rows = {int(r["block_m"]): r for r in read_rows(tune_spec(tmp_path).run_dir)}
+    assert rows[16]["status"] == "oom" and rows[16]["ms"] == "nan"
+    assert rows[64]["is_best"] == "True" and rows[32]["message"] == "default config (reference)"
 
 
 def test_fwd_bwd_tunes_each_kernel_behind_the_winners_before_it(
