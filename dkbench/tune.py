@@ -68,6 +68,9 @@ class TuneRow:
     message: str = ""
     is_best: bool = False
     speedup_vs_default: float = float("nan")
+    # The p20/p80 of the per-round speedups when timed interleaved with the default, else NaN.
+    speedup_p20: float = float("nan")
+    speedup_p80: float = float("nan")
 
     @property
     def config(self) -> LaunchConfig:
@@ -219,9 +222,11 @@ def measure_together(ready: list[ReadyCandidate], default: LaunchConfig, sweep: 
         got = timed.times[r.name]
         r.row.ms, r.row.ms_p20, r.row.ms_p80 = got.ms, got.p20, got.p80
         if r.name == baseline:
-            r.row.speedup_vs_default = 1.0
+            r.row.speedup_vs_default = r.row.speedup_p20 = r.row.speedup_p80 = 1.0
         elif r.name in timed.ratios:
-            r.row.speedup_vs_default = timed.ratios[r.name].median
+            ratio = timed.ratios[r.name]
+            r.row.speedup_vs_default = ratio.median
+            r.row.speedup_p20, r.row.speedup_p80 = ratio.p20, ratio.p80
 
 
 # -- tuning ----------------------------------------------------------------------------------------
@@ -242,7 +247,15 @@ class KernelResult:
         return next((r for r in self.rows if r.is_best), None)
 
     def ranked(self) -> list[TuneRow]:
-        return sorted((r for r in self.rows if r.status == "ok"), key=_rank_key)
+        """The ok rows, the winner first, then fastest first."""
+        return sorted((r for r in self.rows if r.status == "ok"),
+                      key=lambda r: (not r.is_best, _rank_key(r)))
+
+    @property
+    def default_kept(self) -> bool:
+        """The default won although another config's median was faster (not clearly faster)."""
+        ranked = sorted((r for r in self.rows if r.status == "ok"), key=_rank_key)
+        return bool(ranked) and self.default.is_best and ranked[0] is not self.default
 
 
 @dataclass
@@ -276,18 +289,34 @@ def _rank_key(row: TuneRow) -> tuple[float, float]:
     return (-speedup if math.isfinite(speedup) else 0.0, row.ms)
 
 
+def clearly_faster(row: TuneRow, default: TuneRow) -> bool:
+    """Faster than the default beyond the noise: in at least four rounds of five when the two
+    were timed interleaved (p20 of the paired speedups above 1), else with p20-p80 bands apart."""
+    if math.isfinite(row.speedup_p20):
+        return row.speedup_p20 > 1.0
+    return row.ms_p80 < default.ms_p20
+
+
 def mark_best(rows: list[TuneRow], default: TuneRow) -> None:
-    """Flag the fastest ok row (only checked rows are ok). Speedups over the default that timing
-    did not pair are the ratio of medians; with the default failed, the fastest median wins."""
+    """Flag the winner among the ok rows (only checked rows are ok): the fastest config that is
+    clearly faster than the default (:func:`clearly_faster`), else the default, so noise never
+    moves a cache entry; with the default failed, the fastest median. Speedups over the default
+    that timing did not pair are the ratio of medians."""
     ok = [r for r in rows if r.status == "ok" and math.isfinite(r.ms)]
     for r in rows:
         r.is_best = False
         if r.status != "ok" or default.status != "ok":
-            r.speedup_vs_default = float("nan")
+            r.speedup_vs_default = r.speedup_p20 = r.speedup_p80 = float("nan")
         elif not math.isfinite(r.speedup_vs_default) and r.ms > 0:
             r.speedup_vs_default = default.ms / r.ms
-    if ok:
-        min(ok, key=_rank_key).is_best = True
+    if not ok:
+        return
+    if default in ok:
+        better = [r for r in ok if r is not default and clearly_faster(r, default)]
+        winner = min(better, key=_rank_key) if better else default
+    else:
+        winner = min(ok, key=lambda r: r.ms)
+    winner.is_best = True
 
 
 def tune_kernel(job: TuneJob, cands: Candidates, sweep: Sweep, device: torch.device, run_id: str,

@@ -209,6 +209,9 @@ def _top_tables(outcome, top: int) -> list[Table]:
         notes = [f"{len(pruned)} pruned"] if pruned else []
         if failed:
             notes.append(f"{len(failed)} failed ({', '.join(sorted({r.status for r in failed}))})")
+        if result.default_kept:
+            notes.append("the default stays: no config was faster in four rounds of five "
+                         "(or, timed one by one, beyond the p20-p80 bands)")
         if result.default.status != "ok":
             notes.append(f"default {result.default.config.short()} {result.default.status}: "
                          f"{result.default.message}")

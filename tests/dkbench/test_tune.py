@@ -4,6 +4,7 @@ tune on the CPU interpreter whose cache a following `run` uses."""
 from __future__ import annotations
 
 import csv
+import math
 import sys
 from pathlib import Path
 
@@ -35,7 +36,8 @@ CPU = torch.device("cpu")
 CUDA = torch.device("cuda", 0)  # only its .type is read by the code under test here
 COLUMNS = ["run_id", "case_id", "kernel", "dtype", "seqlen", "heads", "kv_heads", "head_dim",
            "block_size", "pattern", "block_m", "block_n", "num_warps", "num_stages", "impl", "ms",
-           "ms_p20", "ms_p80", "status", "message", "is_best", "speedup_vs_default"]
+           "ms_p20", "ms_p80", "status", "message", "is_best", "speedup_vs_default",
+           "speedup_p20", "speedup_p80"]
 # 128 tokens, one head, head_dim 32, four sparse blocks of 32: a kernel call takes ~0.1 s.
 TINY = {"name": "tinytune", "dtype": "fp32", "mode": "fwd", "batch": 1, "seqlen": 128,
         "heads": 1, "kv_heads": 1, "head_dim": 32, "causal": True,
@@ -283,7 +285,7 @@ def fake_kernel(monkeypatch: pytest.MonkeyPatch):
 
     def together(ready, baseline, sweep, device):
         times = {r.name: fake(r) for r in ready}
-        ratios = {name: Ratio(times[baseline].ms / t.ms, 0.0, 0.0, 3) for name, t in times.items()
+        ratios = {name: Ratio(*[times[baseline].ms / t.ms] * 3, 3) for name, t in times.items()
                   if baseline is not None and name != baseline}
         return Interleaved(times, ratios, {}, [])
 
@@ -376,12 +378,35 @@ def test_interleaved_tune_picks_by_the_paired_ratio_and_times_all_together(
     assert [r.config.block_m for r in outcome.results[0].ranked()] == [16, 64, 32]
 
 
+@pytest.mark.parametrize("interleave", [True, False])
+def test_a_config_within_the_noise_does_not_replace_the_default(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_kernel, interleave: bool) -> None:
+    # m64's median is 0.2% faster than the default's (a tie seen on the H100); m16 is slower.
+    times = {"m32n32w4s1": Measurement(2.000, 1.98, 2.02, "fake", 9),
+             "m16n32w4s1": Measurement(2.500, 2.40, 2.60, "fake", 9),
+             "m64n32w4s1": Measurement(1.996, 1.97, 2.03, "fake", 9)}
+    ratios = {"m16n32w4s1": Ratio(0.80, 0.78, 0.82, 3), "m64n32w4s1": Ratio(1.002, 0.99, 1.01, 3)}
+    monkeypatch.setattr(tuning, "time_together",
+                        lambda ready, *a: Interleaved({r.name: times[r.name] for r in ready},
+                                                      ratios, {}, []))
+    monkeypatch.setattr(tuning, "time_alone", lambda ready, *a: times[ready.name])
+    outcome = tune_spec(tmp_path, interleave=interleave)
+    (result,) = outcome.results
+    assert result.best is result.default and result.default_kept
+    assert [r.config.block_m for r in result.ranked()] == [32, 64, 16]  # the winner first
+    rows = {int(r["block_m"]): r for r in read_rows(outcome.run_dir)}
+    assert rows[32]["is_best"] == "True" and rows[64]["is_best"] == "False"
+    paired = float(rows[64]["speedup_p20"])
+    assert paired == pytest.approx(0.99) if interleave else math.isnan(paired)
+    assert outcome.writes[0].config == LaunchConfig(32, 32, 4, 1)
+
+
 def test_interleaved_tune_records_a_failure_while_timed(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_kernel) -> None:
     def together(ready, baseline, sweep, device):
         times = {r.name: Measurement(2.0, 1.9, 2.1, "fake", 9) for r in ready
                  if r.name != "m16n32w4s1"}
-        return Interleaved(times, {"m64n32w4s1": Ratio(1.1, 1.0, 1.2, 3)},
+        return Interleaved(times, {"m64n32w4s1": Ratio(1.1, 1.05, 1.2, 3)},
                            {"m16n32w4s1": torch.cuda.OutOfMemoryError("out of memory")}, [])
 
     monkeypatch.setattr(tuning, "time_together", together)
