@@ -4,8 +4,8 @@ For each case and kernel (fwd; the backward's dk/dv kernel, bwd, and its dq kern
 default config and every unpruned config of the space is prepared, checked against the reference,
 warmed up and timed as `run` times a case's providers: with ``timing.interleave`` (the default) all
 of them together in rounds, the default as the baseline, so each speedup over the default is the
-median of per-round ratios and the winner is the config with the best one; otherwise one after
-another with ``do_bench``. Every config becomes a row of ``tune.csv``; a failure is a row with its
+median of per-round ratios; otherwise one after another with ``do_bench``. A config replaces the
+default only when it is clearly faster (:func:`clearly_faster`). Every config becomes a row of ``tune.csv``; a failure is a row with its
 status, never an exception. The winner per cache key goes to the best-config cache, which the
 kernels read at launch.
 """
@@ -311,7 +311,7 @@ def mark_best(rows: list[TuneRow], default: TuneRow) -> None:
             r.speedup_vs_default = default.ms / r.ms
     if not ok:
         return
-    if default in ok:
+    if any(r is default for r in ok):
         better = [r for r in ok if r is not default and clearly_faster(r, default)]
         winner = min(better, key=_rank_key) if better else default
     else:
