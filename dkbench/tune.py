@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from kernels import BlockLayout, LaunchConfig, sparse_attention
+from kernels.attention import CONFIG_ARGUMENTS
 from kernels.config_cache import CacheKey, ConfigCache
 from kernels.fwd import tile_plan
 from kernels.select import block_density, cache_key, clear_memo
@@ -111,11 +112,10 @@ class _BackwardCandidate(Provider):
     def prepare(self, case: Case, layout: BlockLayout, sweep: Sweep, device: torch.device,
                 scale: float, config: object = None) -> Prepared:
         layout = layout.to(device)
-        configs = {"config": self.winners.get("fwd"), "bwd_config": self.winners.get("bwd"),
-                   "dq_config": self.winners.get("dq")}
-        configs[{"bwd": "bwd_config", "dq": "dq_config"}[self.kernel]] = config
-        if configs["config"] is not None:
-            tile_plan(layout, configs["config"].block_m, case.seqlen)
+        pinned = {**self.winners, self.kernel: config}
+        configs = {arg: pinned.get(kernel) for kernel, arg in CONFIG_ARGUMENTS.items()}
+        if pinned.get("fwd") is not None:
+            tile_plan(layout, pinned["fwd"].block_m, case.seqlen)
 
         def attn(q, k, v):
             return sparse_attention(q, k, v, layout, sm_scale=scale, seq_dim=2, **configs)

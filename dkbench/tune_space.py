@@ -39,9 +39,8 @@ CPU_SHAPE = {"seqlen": 256, "heads": 2, "kv_heads": 1, "head_dim": 32, "dtype": 
 
 # Searched when no list is given for an axis. The Triton kernels' block_n (and the dk/dv
 # kernel's block_m) is capped at the sparse block size (they walk whole sparse blocks in tile
-# steps); the
-# forward's Gluon kernel (impl "gluon", Hopper only) gathers two 64-key blocks into its 128-wide
-# tiles, so the forward also tries block_n 128, which only it can use. In the interpreter only
+# steps); the forward's Gluon kernel (impl "gluon", Hopper only) gathers two 64-key blocks into
+# its 128-wide tiles, so the forward also tries block_n 128, which only it can use. In the interpreter only
 # correctness and the pipeline mean anything, so the CPU space is tiny; warps and stages do
 # nothing there.
 GPU_SPACES: Mapping[str, Mapping[str, tuple]] = MappingProxyType({

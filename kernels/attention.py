@@ -18,6 +18,9 @@ from .configs import LaunchConfig, check_config
 from .fwd import sparse_attention_fwd
 from .layout import BlockLayout, local_stride_layout
 
+# The argument of :func:`sparse_attention` that pins each kernel's launch config.
+CONFIG_ARGUMENTS = {"fwd": "config", "bwd": "bwd_config", "dq": "dq_config"}
+
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
                   seq_dim: int, sm_scale: float | None) -> None:
     check_tensors(("q", "k", "v"), (q, k, v), 4,

@@ -79,7 +79,9 @@ def tune(
 
     Every candidate is checked against the reference before it may win and timed as `run` times:
     with the spec's timing.interleave (the default) all of a kernel's candidates together, in
-    rounds against the default config, the best median per-round speedup winning.
+    rounds against the default config. A config replaces the default only when it is faster in
+    four rounds of five (timed one by one: beyond the p20-p80 bands); the best median per-round
+    speedup among those wins.
     The single-shape flags build a causal local_stride pattern with head_sliding_offset 1.
 
     Default spaces: fwd block_m {64,128}, block_n {32,64,128}, num_warps {4,8},
@@ -87,9 +89,9 @@ def tune(
     block size); bwd (dk/dv) block_m {32,64}, block_n {32,64}, num_warps {4,8},
     num_stages {1,2,3}, impl {triton} (block_n and block_m capped at the block size); dq block_m
     {64,128}, block_n {32,64}, num_warps {4,8}, num_stages {2,3,4}, impl {triton} (block_n
-    capped at the block size); on the CPU interpreter
-    block_m {16,32}, block_n {16,32}, num_warps {4}, num_stages {1}, impl {triton}. The default config is always timed too, as
-    the reference. Winners go to the cache (on the CPU under the "cpu (triton interpreter)" key),
+    capped at the block size); on the CPU interpreter block_m {16,32}, block_n {16,32},
+    num_warps {4}, num_stages {1}, impl {triton}. The default config is always timed too, as the
+    reference. Winners go to the cache (on the CPU under the "cpu (triton interpreter)" key),
     every config to tune.csv in OUT/tune-NAME-TIME/.
     """
     from .. import tune as tuning

@@ -11,6 +11,7 @@ from kernels import (
     sparse_attention_decode,
     sparse_attention_varlen,
 )
+from kernels.attention import CONFIG_ARGUMENTS
 from kernels.decode import auto_splits, group_plan
 from kernels.fwd import tile_plan
 from kernels.select import resolve_config
@@ -77,9 +78,9 @@ def _backward_configs(case: Case, probe: torch.Tensor, layout: BlockLayout
     if case.mode not in ("bwd", "fwd_bwd"):
         return {}
     looked_up = {}
-    for arg, kernel in (("bwd_config", "bwd"), ("dq_config", "dq")):
+    for kernel in ("bwd", "dq"):
         config, source = resolve_config(kernel, probe, layout, case.seqlen)
-        looked_up[arg] = (kernel, config, source)
+        looked_up[CONFIG_ARGUMENTS[kernel]] = (kernel, config, source)
     return looked_up
 
 
