@@ -146,7 +146,7 @@ def prepare_one(ctx: RunContext, case: Case, name: str, layout, density: float, 
         row.peak_mem_mb = peak_memory_mb(step, device, before - case_bytes)
         return ReadyStep(row, provider, step)
     except Exception as exc:  # noqa: BLE001 - one failing row never stops a sweep
-        _record_failure(row, exc)
+        _record_failure(row, exc, provider.refused(exc))
     return row
 
 
@@ -195,9 +195,9 @@ def _allocated(device: torch.device) -> int:
     return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
 
-def _record_failure(row: ResultRow, exc: BaseException) -> None:
-    if isinstance(exc, Unsupported):
-        row.status, row.message = "unsupported", str(exc)
+def _record_failure(row: ResultRow, exc: BaseException, refusal: str | None = None) -> None:
+    if isinstance(exc, Unsupported) or refusal:
+        row.status, row.message = "unsupported", (refusal or str(exc)).splitlines()[0][:500]
     elif isinstance(exc, torch.cuda.OutOfMemoryError):
         row.status, row.message = "oom", _first_line(exc)
     else:

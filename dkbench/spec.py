@@ -118,6 +118,9 @@ class Sweep(BaseModel):
     timing: Timing = Field(default_factory=Timing)
     check: Check = Field(default_factory=Check)
     config: LaunchConfigSpec | None = None
+    # Per-provider settings, e.g. {fa4_sparse: {fwd_block: [128, 64]}}; each provider's own model
+    # (`Provider.Options`) checks its entry when the spec is loaded.
+    provider_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     exclude: list[dict[str, Any]] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -275,6 +278,7 @@ def check_sweep(sweep: Sweep, path: Path) -> None:
     for i, name in enumerate(sweep.providers):
         if name not in PROVIDERS:
             fail(f"providers[{i}]", f"unknown provider {name!r}; allowed: {', '.join(PROVIDERS)}")
+    _check_provider_options(sweep, fail)
     if sweep.baseline is not None and sweep.baseline not in sweep.providers:
         fail("baseline", f"{sweep.baseline!r} is not in providers ({', '.join(sweep.providers)})")
     for key in ("seqlen", "heads", "head_dim", "batch", "batch_tokens", "q_len", "kv_heads"):
@@ -298,6 +302,28 @@ def check_sweep(sweep: Sweep, path: Path) -> None:
         fail("exclude", "the exclusion rules remove every case")
     for case in cases:
         _check_case(case, fail)
+
+
+def _check_provider_options(sweep: Sweep, fail) -> None:
+    from .providers import PROVIDERS
+
+    for name, given in sweep.provider_options.items():
+        key = f"provider_options.{name}"
+        if name not in sweep.providers:
+            fail(key, f"{name!r} is not in providers ({', '.join(sweep.providers)})")
+        model = PROVIDERS[name].Options
+        if model is None:
+            fail(key, f"{name} takes no options")
+        if not isinstance(given, dict):
+            fail(key, f"expected a mapping of option: value, got {type(given).__name__}")
+        try:
+            model.model_validate(given)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = _format_loc(err["loc"])
+            msg = (f"unknown key; allowed keys here: {', '.join(sorted(model.model_fields))}"
+                   if err["type"] == "extra_forbidden" else err["msg"])
+            fail(f"{key}.{where}" if where else key, msg)
 
 
 def _check_case(case: Case, fail) -> None:

@@ -190,5 +190,5 @@ def env(device: Annotated[str, typer.Option(help="auto, cuda or cpu.")] = "auto"
     providers.add_column("available here")
     for name, cls in PROVIDERS.items():
         reason = cls().unavailable(dev)
-        providers.add_row(name, cls.computes, "yes" if reason is None else f"no: {reason}")
+        providers.add_row(name, cls.computes, "yes" if reason is None else escape(f"no: {reason}"))
     console.print(providers)

@@ -1,4 +1,4 @@
-"""The `flash_attn` package, when installed, on the dense (causal) problem: its plain, varlen
+"""The `flash_attn` package (FlashAttention-2/3), when installed, on the dense (causal) problem: its plain, varlen
 and KV-cache functions."""
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ class FlashAttn(Provider):
 
     def unavailable(self, device: torch.device) -> str | None:
         try:
-            import flash_attn  # noqa: F401
+            # flash-attn-4 installs a flash_attn package too, holding only flash_attn.cute.
+            from flash_attn import flash_attn_func  # noqa: F401
         except ImportError:
-            return "the flash_attn package is not installed"
+            return ("the flash_attn package (FlashAttention-2/3) is not installed; "
+                    "FlashAttention-4 is the fa4 provider")
         if device.type != "cuda":
             return "flash_attn needs a CUDA GPU"
         return None

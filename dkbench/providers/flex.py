@@ -1,9 +1,10 @@
-"""FlexAttention (torch.compile'd) with a block mask built from the case's own pattern.
+"""FlexAttention (torch.compile'd) with a block mask built from the case's own pattern, on its
+Triton backend (`flex`) and on its FLASH backend, FlashAttention-4 (`flex_flash`).
 
-The block mask comes straight from the block pattern through `BlockMask.from_kv_blocks`, never
-from a token-level mask, so building it costs O(blocks) memory at any sequence length. Flex's
-block is 128 (smaller ones fail to compile on Hopper, see the README); a 128-block is "full" when
-every finer pattern block inside it is kept and it lies wholly below the diagonal, and "partial"
+The block mask comes from the pattern compiler (`forms.coarse_blocks`) through
+`BlockMask.from_kv_blocks`, never from a token-level mask, so building it costs O(blocks) memory
+at any sequence length. Its (q, kv) block shape is the provider's default or the spec's
+`provider_options`; a block is "full" when every token pair in it is kept, and "partial"
 (checked per token by `mask_mod`) otherwise.
 """
 
@@ -14,10 +15,11 @@ import functools
 import torch
 
 from kernels import BlockLayout
-from kernels.reference import layout_head_index
 
 from ..spec import Case, Sweep
-from .base import Prepared, Provider, Unsupported
+from .base import MaskBlocks, Prepared, Provider
+from .fa4 import fa4_unavailable
+from .forms import block_index, coarse_blocks, per_head_table
 
 FLEX_BLOCK = 128
 
@@ -29,55 +31,39 @@ def _compiled_flex():
 
 
 def build_block_mask(layout: BlockLayout, heads: int, kv_heads: int, q_len: int, seq_k: int,
-                     device: torch.device):
-    """A FlexAttention BlockMask for this layout; queries are the last q_len positions."""
+                     device: torch.device, block: tuple[int, int] = (FLEX_BLOCK, FLEX_BLOCK)):
+    """A FlexAttention BlockMask for this layout at ``block`` = (q, kv) tokens; queries are the
+    last q_len positions. Full blocks skip ``mask_mod``; partial ones apply it per token."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    bs = layout.block_size
-    flex_bs = max(FLEX_BLOCK, bs)
-    factor = flex_bs // bs
+    block_q, block_kv = block
     offset = seq_k - q_len
-    if offset % flex_bs:
-        raise Unsupported(f"q_len={q_len} leaves queries unaligned to FlexAttention's {flex_bs} blocks")
-    nb = -(-seq_k // bs)
-    nf = -(-seq_k // flex_bs)
-    pattern = torch.zeros(layout.heads, nf * factor, nf * factor, dtype=torch.bool, device=device)
-    pattern[:, :nb, :nb] = layout.pattern[:, :nb, :nb].to(device)
-    coarse = pattern.view(layout.heads, nf, factor, nf, factor)
-    any_kept = coarse.any(dim=4).any(dim=2)
-    all_kept = coarse.all(dim=4).all(dim=2)
-    fj = torch.arange(nf, device=device)
-    full = all_kept & ((fj[None, :] + 1) * flex_bs <= seq_k)  # ragged last block is partial
-    if layout.causal:
-        full &= fj[None, :] < fj[:, None]
-    partial = any_kept & ~full
-    first_q = offset // flex_bs
-    head_map = layout_head_index(heads, kv_heads, layout.heads).to(device)
-
-    def to_kv(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mask = mask[:, first_q:][head_map][None]  # (1, heads, q_blocks, kv_blocks)
-        counts = mask.sum(dim=-1, dtype=torch.int32)
-        # Kept blocks first, in ascending order: sort on (not kept, index).
-        order = torch.argsort((~mask).to(torch.int32) * nf + fj, dim=-1).to(torch.int32)
-        return counts, order
-
-    kv_num, kv_idx = to_kv(partial)
-    full_num, full_idx = to_kv(full)
-    fine = layout.pattern.to(device)
-    causal = layout.causal
+    blocks = coarse_blocks(layout, heads, kv_heads, q_len, seq_k, block_q, block_kv, device)
+    kv_num, kv_idx = block_index(blocks.partial)
+    full_num, full_idx = block_index(blocks.full)
+    # The pattern per query head, flattened: mask_mod then indexes one buffer with arithmetic on
+    # its own int32 indices. FLASH's CuTe lowering rejected a gather through an int64 head map.
+    table = per_head_table(layout, heads, kv_heads, device)
+    q_blocks, k_blocks = table.shape[1], table.shape[2]
+    table = table.reshape(-1)
+    bs, causal = layout.block_size, layout.causal
 
     def mask_mod(b, h, q_idx, kv_idx):
-        q_abs = q_idx + offset
-        keep = fine[head_map[h], q_abs // bs, kv_idx // bs]
+        q_abs = q_idx + offset if offset else q_idx
+        keep = table[(h * q_blocks + q_abs // bs) * k_blocks + kv_idx // bs]
         return keep & (kv_idx <= q_abs) if causal else keep
 
-    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=flex_bs,
-                                    mask_mod=mask_mod, seq_lengths=(q_len, seq_k))
+    return BlockMask.from_kv_blocks(kv_num[None], kv_idx[None], full_num[None], full_idx[None],
+                                    BLOCK_SIZE=block, mask_mod=mask_mod,
+                                    seq_lengths=(q_len, seq_k))
 
 
 class Flex(Provider):
     name = "flex"
     computes = "pattern"
+    Options = MaskBlocks
+    # kernel_options for flex_attention; the Triton backend when None.
+    kernel_options: dict | None = None
 
     def unavailable(self, device: torch.device) -> str | None:
         try:
@@ -88,18 +74,48 @@ class Flex(Provider):
             return "FlexAttention is timed on CUDA GPUs only (its CPU path compiles for minutes)"
         return None
 
+    def mask_block(self, case: Case, layout: BlockLayout, options: MaskBlocks) -> tuple[int, int]:
+        """The (q, kv) block of the case's mask: one mask serves forward and backward."""
+        if case.mode == "fwd":
+            return options.fwd_block or self.default_block(case, layout)
+        return options.bwd_block or self.default_block(case, layout)
+
+    def default_block(self, case: Case, layout: BlockLayout) -> tuple[int, int]:
+        # The Triton backend fails to compile blocks under 128 on Hopper.
+        side = max(FLEX_BLOCK, layout.block_size)
+        return side, side
+
     def prepare(self, case: Case, layout: BlockLayout, sweep: Sweep, device: torch.device,
                 scale: float, config: object = None) -> Prepared:
+        block = self.mask_block(case, layout, self.options(sweep))
         block_mask = build_block_mask(layout, case.heads, case.kv_heads, case.q_len, case.seqlen,
-                                      device)
+                                      device, block)
         # Each case's mask_mod closes over new tensors and recompiles; past dynamo's recompile
         # limit it would fall back to eager flex, which materialises the scores. Start afresh.
         torch._dynamo.reset()
         _compiled_flex.cache_clear()
         flex = _compiled_flex()
         gqa = case.heads != case.kv_heads
+        extra = {"kernel_options": self.kernel_options} if self.kernel_options else {}
 
         def attn(q, k, v):
-            return flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+            return flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa, **extra)
 
-        return Prepared(attn, f"block{max(FLEX_BLOCK, layout.block_size)}", "")
+        return Prepared(attn, f"block{block[0]}x{block[1]}", "")
+
+
+class FlexFlash(Flex):
+    """FlexAttention on its FLASH backend: the same BlockMask, run by FlashAttention-4's kernels
+    (flash-attn-4 installed)."""
+
+    name = "flex_flash"
+    kernel_options = {"BACKEND": "FLASH"}
+    # FA4's refusals of a mask shape or head size reach us as these.
+    refusals = (ValueError, AssertionError, NotImplementedError)
+
+    def unavailable(self, device: torch.device) -> str | None:
+        return super().unavailable(device) or fa4_unavailable()
+
+    def default_block(self, case: Case, layout: BlockLayout) -> tuple[int, int]:
+        # On Hopper FA4's forward takes kv blocks of 64; its backward only 128-wide kv blocks.
+        return (128, 64) if case.mode == "fwd" else (128, 128)

@@ -345,7 +345,7 @@ def test_validate_prints_the_count(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("name", "count"), [("smoke.yaml", "2 cases x 4 providers = 8 rows"),
-                                             ("phi3.yaml", "8 cases x 7 providers")])
+                                             ("phi3.yaml", "8 cases x 11 providers")])
 def test_validate_shipped_sweeps(name: str, count: str) -> None:
     result = invoke("validate", SWEEPS / name)
     assert result.exit_code == 0, result.output

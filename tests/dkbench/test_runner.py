@@ -51,6 +51,9 @@ def statuses(rows: list[ResultRow]) -> list[tuple[int, str, str]]:
     ("sdpa_efficient", "the SDPA EFFICIENT_ATTENTION backend needs a CUDA GPU"),
     ("sdpa_cudnn", "the SDPA CUDNN_ATTENTION backend needs a CUDA GPU"),
     ("flex", "FlexAttention is timed on CUDA GPUs only"),
+    ("flex_flash", "FlexAttention is timed on CUDA GPUs only"),
+    ("fa4", "FlashAttention-4 needs a CUDA GPU"),
+    ("fa4_sparse", "FlashAttention-4 needs a CUDA GPU"),
 ])
 def test_availability_on_cpu(name: str, reason: str | None) -> None:
     got = PROVIDERS[name]().unavailable(CPU)
@@ -62,7 +65,8 @@ def test_availability_on_cpu(name: str, reason: str | None) -> None:
 
 def test_flash_attn_unavailable_on_cpu() -> None:
     got = PROVIDERS["flash_attn"]().unavailable(CPU)
-    assert got in ("the flash_attn package is not installed", "flash_attn needs a CUDA GPU")
+    assert got is not None and got.startswith(("the flash_attn package (FlashAttention-2/3) is "
+                                               "not installed", "flash_attn needs a CUDA GPU"))
 
 
 def test_unavailable_providers_become_unsupported_rows(tmp_path: Path) -> None:
