@@ -36,7 +36,7 @@ from kernels import BlockLayout
 from ..modes import sequence_lengths
 from ..spec import Case, Sweep
 from .base import MaskBlocks, Prepared, Provider, Unsupported
-from .forms import coarse_blocks
+from .forms import coarse_blocks, per_kv_head
 
 INSTALL_HINT = 'pip install -e ".[flashinfer]"'
 # FlashInfer's plan() checks arguments with ValueError and NotImplementedError; its RuntimeErrors
@@ -114,15 +114,16 @@ def variable_blocks(layout: BlockLayout, heads: int, kv_heads: int, q_len: int, 
     blocks = coarse_blocks(layout, heads, kv_heads, seq_k - start, seq_k, block_q, block_kv,
                            device)
     kept = blocks.kept
-    grouped = kept.view(kv_heads, heads // kv_heads, *kept.shape[1:])
-    if not bool((grouped == grouped[:, :1]).all()):
+    try:
+        per_group = per_kv_head(kept, kv_heads)
+    except ValueError:
         raise Unsupported("FlashInfer's block-sparse wrappers take one block map per kv head: the "
                           "query heads of a GQA group keep different blocks here (it needs one "
-                          "pattern per GQA group)")
+                          "pattern per GQA group)") from None
     edges_q = torch.arange(kept.shape[1] + 1, dtype=torch.int64) * block_q + start
     edges_q = edges_q.clamp(min=offset, max=seq_k)
     edges_k = (torch.arange(kept.shape[2] + 1, dtype=torch.int64) * block_kv).clamp(max=seq_k)
-    return VariableBlocks(grouped[:, 0].contiguous(), edges_q.diff().to(torch.int32),
+    return VariableBlocks(per_group, edges_q.diff().to(torch.int32),
                           edges_k.diff().to(torch.int32), block_q, block_kv)
 
 

@@ -11,7 +11,7 @@ The forms:
 - `block_index`: counts and ascending indices per row (FlexAttention's ``kv_num_blocks`` /
   ``kv_indices`` and FA4's ``mask_block_cnt`` / ``mask_block_idx``), kv-major for a forward and
   q-major (transposed) for FA4's backward.
-- `bsr`: a block-sparse-row matrix (``indptr``, ``indices``) per kv head, FlashInfer's form.
+- `per_kv_head`: one block map per kv head, FlashInfer's form (its variable-block wrapper).
 - `expand_blocks`: a block map back to token pairs, the test oracle for the others.
 """
 
@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import torch
 
 from kernels import BlockLayout
-from kernels.layout import to_csr
 from kernels.reference import layout_head_index
 
 
@@ -125,28 +124,14 @@ def sparse_index(blocks: CoarseBlocks, kv_major: bool = True) -> BlockSparseInde
                             blocks.block_q, blocks.block_kv)
 
 
-@dataclass(frozen=True)
-class Bsr:
-    """One block-sparse-row matrix per kv head: ``indptr`` ``(kv_heads, q_blocks + 1)`` and
-    ``indices`` ``(kv_heads, max_nnz)`` (padded with -1), int32."""
-
-    indptr: torch.Tensor
-    indices: torch.Tensor
-    block_q: int
-    block_kv: int
-
-
-def bsr(blocks: CoarseBlocks, kv_heads: int) -> Bsr:
-    """The kept blocks as BSR per kv head; every query head of a group must keep the same blocks
-    (one pattern per group), else ValueError."""
-    kept = blocks.kept
-    heads = kept.shape[0]
-    grouped = kept.view(kv_heads, heads // kv_heads, *kept.shape[1:])
+def per_kv_head(mask: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """A per-query-head block map ``(heads, ...)`` as one map per kv head ``(kv_heads, ...)``, for
+    a backend that masks per kv head; ValueError when the query heads of a group differ."""
+    grouped = mask.view(kv_heads, mask.shape[0] // kv_heads, *mask.shape[1:])
     if not bool((grouped == grouped[:, :1]).all()):
-        raise ValueError("the query heads of a GQA group keep different blocks; a BSR matrix per "
-                         "kv head needs one pattern per group")
-    indptr, indices = to_csr(grouped[:, 0])
-    return Bsr(indptr, indices, blocks.block_q, blocks.block_kv)
+        raise ValueError("the query heads of a GQA group keep different blocks; a map per kv "
+                         "head needs one pattern per group")
+    return grouped[:, 0].contiguous()
 
 
 def per_head_table(layout: BlockLayout, heads: int, kv_heads: int, device: torch.device,

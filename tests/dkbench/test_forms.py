@@ -7,9 +7,9 @@ import torch
 
 from dkbench.providers.forms import (
     block_index,
-    bsr,
     coarse_blocks,
     expand_blocks,
+    per_kv_head,
     sparse_index,
 )
 from kernels import BlockLayout, local_stride_layout, random_layout, token_mask
@@ -98,21 +98,20 @@ def test_sparse_index_round_trips_to_the_block_maps(kv_major: bool) -> None:
     assert (index.block_q, index.block_kv) == (64, 128)
 
 
-def test_bsr_per_kv_head_matches_the_kept_blocks() -> None:
+def test_per_kv_head_keeps_one_map_per_group() -> None:
     layout = layouts()["per_group"]
     blocks = coarse_blocks(layout, HEADS, KV_HEADS, 384, 384, 32, 32)
-    form = bsr(blocks, KV_HEADS)
-    for g in range(KV_HEADS):
-        for i in range(blocks.kept.shape[1]):
-            cols = form.indices[g, form.indptr[g, i]:form.indptr[g, i + 1]].tolist()
-            assert cols == blocks.kept[g * (HEADS // KV_HEADS), i].nonzero().flatten().tolist()
+    maps = per_kv_head(blocks.kept, KV_HEADS)
+    assert maps.shape == (KV_HEADS, *blocks.kept.shape[1:])
+    for h in range(HEADS):
+        assert torch.equal(maps[h // (HEADS // KV_HEADS)], blocks.kept[h])
 
 
-def test_bsr_refuses_heads_of_one_group_with_different_patterns() -> None:
+def test_per_kv_head_refuses_heads_of_one_group_with_different_patterns() -> None:
     layout = layouts()["local_stride"]  # one pattern per query head
     blocks = coarse_blocks(layout, HEADS, KV_HEADS, 384, 384, 32, 32)
     with pytest.raises(ValueError, match="one pattern per group"):
-        bsr(blocks, KV_HEADS)
+        per_kv_head(blocks.kept, KV_HEADS)
 
 
 def test_bad_block_sizes_are_refused() -> None:
