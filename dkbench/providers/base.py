@@ -13,6 +13,17 @@ from kernels import BlockLayout
 from ..spec import Case, Sweep
 
 
+def import_failure(module: str, package: str, extra: str) -> str | None:
+    """Why the optional ``module`` cannot be imported here, in its own words, with the hint to
+    install the project's ``extra``; None when it imports."""
+    try:
+        __import__(module)
+    except Exception as exc:  # noqa: BLE001 - a broken install raises more than ImportError
+        return (f"{package} is not usable here ({type(exc).__name__}: {exc}); "
+                f'pip install -e ".[{extra}]"')
+    return None
+
+
 class Unsupported(Exception):
     """This provider cannot run this case here; the message says why (becomes status=unsupported)."""
 

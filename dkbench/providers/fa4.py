@@ -15,10 +15,9 @@ import torch
 from kernels import BlockLayout
 
 from ..spec import Case, Sweep
-from .base import MaskBlocks, Prepared, Provider
+from .base import MaskBlocks, Prepared, Provider, import_failure
 from .forms import BlockSparseIndex, coarse_blocks, per_head_table, sparse_index
 
-INSTALL_HINT = 'pip install -e ".[fa4]"'
 # FA4 checks its arguments with asserts and ValueErrors: a case it cannot run (a head size, a
 # block shape, an architecture) raises one of these before any kernel runs.
 FA4_REFUSALS = (AssertionError, ValueError, NotImplementedError, TypeError)
@@ -27,11 +26,7 @@ FA4_REFUSALS = (AssertionError, ValueError, NotImplementedError, TypeError)
 @functools.lru_cache(maxsize=1)
 def fa4_unavailable() -> str | None:
     """Why FA4 cannot be imported here (its words), or None."""
-    try:
-        import flash_attn.cute  # noqa: F401
-    except Exception as exc:  # noqa: BLE001 - a broken install raises more than ImportError
-        return f"flash-attn-4 is not usable here ({type(exc).__name__}: {exc}); {INSTALL_HINT}"
-    return None
+    return import_failure("flash_attn.cute", "flash-attn-4", "fa4")
 
 
 def _unavailable(device: torch.device) -> str | None:

@@ -35,10 +35,9 @@ from kernels import BlockLayout
 
 from ..modes import sequence_lengths
 from ..spec import Case, Sweep
-from .base import MaskBlocks, Prepared, Provider, Unsupported
+from .base import MaskBlocks, Prepared, Provider, Unsupported, import_failure
 from .forms import coarse_blocks, per_kv_head
 
-INSTALL_HINT = 'pip install -e ".[flashinfer]"'
 # FlashInfer's plan() checks arguments with ValueError and NotImplementedError; its RuntimeErrors
 # come from kernels and JIT builds as well, so they stay errors.
 FLASHINFER_REFUSALS = (ValueError, NotImplementedError)
@@ -50,11 +49,7 @@ DECODE_PAGE = 16
 @functools.lru_cache(maxsize=1)
 def flashinfer_unavailable() -> str | None:
     """Why FlashInfer cannot be imported here (its words), or None."""
-    try:
-        import flashinfer  # noqa: F401
-    except Exception as exc:  # noqa: BLE001 - a broken install raises more than ImportError
-        return f"flashinfer is not usable here ({type(exc).__name__}: {exc}); {INSTALL_HINT}"
-    return None
+    return import_failure("flashinfer", "flashinfer", "flashinfer")
 
 
 def _unavailable(device: torch.device) -> str | None:
