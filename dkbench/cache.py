@@ -7,13 +7,14 @@ launch without the harness.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from dkbench.errors import CacheError
-from kernels.config_cache import CONFIG_FIELDS, CacheKey
+from kernels.config_cache import CONFIG_FIELDS, CacheKey, ConfigCacheWarning
 
 
 @contextmanager
@@ -24,6 +25,27 @@ def cache_errors() -> Iterator[None]:
         yield
     except (ValueError, OSError) as e:
         raise CacheError(str(e)) from e
+
+
+@contextmanager
+def cache_warnings(show: Callable[[str], None]) -> Iterator[None]:
+    """Hand each `ConfigCacheWarning` (a cache file set aside or ignored) raised inside the block
+    to ``show``, once per message, instead of Python's ``file:line: Warning`` print; other
+    warnings pass through unchanged."""
+    seen: set[str] = set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", ConfigCacheWarning)
+        passthrough = warnings.showwarning
+
+        def showwarning(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+            if not issubclass(category, ConfigCacheWarning):
+                passthrough(message, category, filename, lineno, file, line)
+            elif str(message) not in seen:
+                seen.add(str(message))
+                show(str(message))
+
+        warnings.showwarning = showwarning
+        yield
 
 
 @dataclass(frozen=True)
@@ -69,6 +91,7 @@ def cache_rows(entries: Mapping[str, Mapping[str, Any]]) -> list[CacheRow]:
                 source=str(entry.get("source", "")),
             )
         )
-    rows.sort(key=lambda r: (r.key.gpu, r.key.triton, r.key.kernel, r.key.dtype, r.key.head_dim,
-                             r.key.block_size, r.key.seqlen_bucket, r.key.density_bucket))
+    rows.sort(key=lambda r: (r.key.gpu, r.key.capability, r.key.triton, r.key.kernel,
+                             r.key.dtype, r.key.head_dim, r.key.block_size, r.key.seqlen_bucket,
+                             r.key.density_bucket))
     return rows

@@ -31,3 +31,13 @@ class RegressionError(DkbenchError):
     """The gate found a regression."""
 
     exit_code = 1
+
+
+class ResultsWriteError(DkbenchError):
+    """results.csv or meta.json could not be written (disk full, read-only); the message names the
+    file, and the rows written before it are intact."""
+
+
+class TornRowWarning(UserWarning):
+    """A results.csv ended in a partial row (a run stopped mid-write); its bytes were set aside in a
+    sibling file, named in the message, and the file cut back to its last whole row."""

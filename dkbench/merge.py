@@ -14,8 +14,16 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .errors import BadInputError
-from .results import META_FILE, RESULTS_FILE, read_meta, write_meta
+from .errors import BadInputError, ResultsWriteError
+from .results import (
+    META_FILE,
+    RESULTS_FILE,
+    check_out_dir,
+    heal_results,
+    read_meta,
+    whole_rows_end,
+    write_meta,
+)
 from .spec import Sweep, expand, filter_cases
 
 ENV_KEYS = ("gpu", "torch", "triton")
@@ -29,6 +37,7 @@ class Source:
     meta: dict
     header: list[str]
     rows: list[dict[str, str]]
+    notes: list[str] = field(default_factory=list)  # e.g. a torn last row set aside
 
 
 @dataclass
@@ -55,16 +64,26 @@ def _load(run_dir: Path) -> Source:
     if meta.get("kind", "run") != "run" or "spec" not in meta:
         raise BadInputError(f"{run_dir}: not a `dkbench run` directory (its meta.json is of kind "
                             f"{meta.get('kind')!r}{'' if 'spec' in meta else ', with no spec'})")
-    with open(csv_path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        header = list(reader.fieldnames or [])
-        rows = list(reader)
+    data, notes = csv_path.read_bytes(), []
+    end = whole_rows_end(data)
+    if end < len(data):  # a run stopped mid-row: never copy half a row
+        try:
+            notes.append(str(heal_results(csv_path)))
+        except ResultsWriteError as exc:
+            notes.append(f"{exc}; merging its whole rows only")
+        data = data[:end]
+    try:
+        reader = csv.DictReader(io.StringIO(data.decode("utf-8"), newline=""))
+    except UnicodeDecodeError as exc:
+        raise BadInputError(f"{csv_path}: not a UTF-8 CSV ({exc})") from None
+    header = list(reader.fieldnames or [])
+    rows = list(reader)
     if rows and not {"case_id", "provider"} <= set(header):
         raise BadInputError(f"{csv_path}: no case_id/provider columns")
     for line, row in enumerate(rows, start=2):
         if None in row:
             raise BadInputError(f"{csv_path}: line {line} has more fields than the header")
-    return Source(run_dir, meta, header, rows)
+    return Source(run_dir, meta, header, rows, notes)
 
 
 def _spec_key(meta: dict) -> object:
@@ -121,8 +140,9 @@ def merge_runs(run_dirs: list[Path], out: Path, force: bool = False) -> MergeRes
         raise BadInputError("a RUN_DIR is given twice")
     if out.resolve() in {d.resolve() for d in run_dirs}:
         raise BadInputError(f"--out {out}: is one of the inputs; pick a new directory")
+    check_out_dir(out)
     sources = [_load(d) for d in run_dirs]
-    notes: list[str] = []
+    notes: list[str] = [note for s in sources for note in s.notes]
     if (out / RESULTS_FILE).exists() or (out / META_FILE).exists():
         if not force:
             raise BadInputError(f"--out {out}: already holds a run (--force overwrites it)")
@@ -191,12 +211,16 @@ def _merged_meta(sources: list[Source], out: Path, result: MergeResult, forced: 
 
 
 def _write(out: Path, header: list[str], rows: list[dict[str, str]], meta: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=header, restval="", lineterminator="\r\n")
     writer.writeheader()
     writer.writerows(rows)
     tmp = out / (RESULTS_FILE + ".tmp")
-    tmp.write_text(text.getvalue(), newline="")
-    tmp.replace(out / RESULTS_FILE)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text.getvalue(), newline="")
+        tmp.replace(out / RESULTS_FILE)
+    except OSError as exc:
+        raise BadInputError(f"--out {out}: cannot write the merged run there "
+                            f"({exc.strerror or exc})") from None
     write_meta(out, meta)

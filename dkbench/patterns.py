@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
@@ -12,9 +13,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from kernels import BlockLayout, local_stride_layout
 from kernels.layout import dense_layout, random_layout
 
+MAX_BLOCKS = 2**24  # the longest seqlen a spec allows, in blocks of one token
+
 
 class _Pattern(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a YAML `true` or `64.5` is not an integer here
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
     block_size: int = 64
 
     def label(self) -> str:  # pragma: no cover - overridden
@@ -28,13 +32,14 @@ class LocalStridePattern(_Pattern):
     """phi-3-small's local-stride pattern (see `kernels.local_stride_layout`)."""
 
     type: Literal["local_stride"]
-    local_blocks: int = Field(16, ge=1)
-    vert_stride: int = Field(8, ge=1)
+    # Counts of blocks: a bound well past any sequence keeps torch's int64 arithmetic in range.
+    local_blocks: int = Field(16, ge=1, le=MAX_BLOCKS)
+    vert_stride: int = Field(8, ge=1, le=MAX_BLOCKS)
     homo_head: bool = False
     per_kv_group: bool = False  # one pattern per GQA group instead of one per query head
-    head_sliding_step: int | None = Field(None, ge=0)
-    head_sliding_offset: int = 0
-    num_dense_heads: int = Field(0, ge=0)
+    head_sliding_step: int | None = Field(None, ge=0, le=MAX_BLOCKS)
+    head_sliding_offset: int = Field(0, ge=-MAX_BLOCKS, le=MAX_BLOCKS)
+    num_dense_heads: int = Field(0, ge=0, le=1024)
 
     def label(self) -> str:
         heads = "homo" if self.homo_head else ("group" if self.per_kv_group else "head")
@@ -67,7 +72,7 @@ class RandomPattern(_Pattern):
 
     type: Literal["random"]
     density: float = Field(gt=0.0, le=1.0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**64)  # what torch.Generator.manual_seed takes
     per_head: bool = True
 
     def label(self) -> str:
@@ -92,21 +97,62 @@ class FilePattern(_Pattern):
         return f"file({Path(self.path).name},bs{self.block_size})"
 
     def load(self) -> torch.Tensor:
+        """The saved pattern as a bool tensor; ValueError naming the file on any problem."""
         path = Path(self.path)
         if not path.exists():
             raise ValueError(f"pattern file {path} does not exist")
-        if path.suffix == ".npy":
-            return torch.from_numpy(np.load(path, allow_pickle=False))
-        if path.suffix in (".pt", ".pth"):
-            data = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(data, torch.Tensor):
-                raise ValueError(f"pattern file {path} holds a {type(data).__name__}, not a tensor")
-            return data
-        raise ValueError(f"pattern file {path}: expected a .npy or .pt file")
+        if path.suffix not in (".npy", ".pt", ".pth"):
+            raise ValueError(f"pattern file {path}: expected a .npy or .pt file")
+        try:
+            if path.suffix == ".npy":
+                data = np.load(path, allow_pickle=False)
+            else:
+                data = torch.load(path, map_location="cpu", weights_only=True)
+        # A damaged or foreign file fails in the loaders' own ways (UnpicklingError, EOFError,
+        # RuntimeError, OSError, ValueError for pickled objects, ...): one message for all.
+        except Exception as exc:  # noqa: BLE001
+            raise ValueError(f"pattern file {path} cannot be read as a {path.suffix} pattern "
+                             f"({_reason(exc)})") from exc
+        if isinstance(data, torch.Tensor):
+            if data.layout != torch.strided:
+                raise ValueError(f"pattern file {path} holds a {data.layout} tensor; save it dense")
+            if data.dtype.is_floating_point or data.dtype.is_complex:
+                raise ValueError(f"pattern file {path} holds {data.dtype} values; a pattern is "
+                                 "bool or integer 0/1")
+            data = data.detach().cpu().numpy()
+        if not isinstance(data, np.ndarray):
+            raise ValueError(f"pattern file {path} holds a {type(data).__name__}, not an array")
+        _check_zeros_and_ones(data, path)
+        return torch.from_numpy(data.astype(bool))
 
     def layout(self, heads: int, kv_heads: int, seqlen: int, causal: bool) -> BlockLayout:
         return BlockLayout.from_pattern(self.load(), self.block_size, causal,
                                         description=self.label(), warn_kv_cache=False)
+
+
+def _reason(exc: Exception) -> str:
+    """A loader's exception in one line: torch's weights-only refusal is a page of advice with
+    terminal colours, whose one useful line names the object it would not unpickle."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    text = text.partition("WeightsUnpickler error:")[2] or text
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    first = re.split(r"(?<=\.)\s", lines[0])[0]  # its first sentence
+    return f"{type(exc).__name__}: {first[:200]}"
+
+
+def _check_zeros_and_ones(data: np.ndarray, path: Path) -> None:
+    """ValueError naming ``path`` unless ``data`` is bool, or integers that are all 0 or 1."""
+    if data.dtype == bool:
+        return
+    if data.dtype.kind not in "iu":
+        raise ValueError(f"pattern file {path} holds {data.dtype} values; a pattern is bool or "
+                         "integer 0/1")
+    bad = data[(data != 0) & (data != 1)]
+    if bad.size:
+        raise ValueError(f"pattern file {path} holds the value {bad.flat[0]}; a pattern holds "
+                         "only 0 and 1")
 
 
 PatternSpec = Annotated[Union[LocalStridePattern, DensePattern, RandomPattern, FilePattern],

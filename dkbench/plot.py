@@ -1,7 +1,8 @@
 """Figures drawn from run directories: latency, speedup and TFLOP/s against sequence length, speedup
 against density, and (in `plot_tune`) launch-config heatmaps.
 
-Plots are views of the CSVs alone (results.csv, meta.json and tune.csv in a run directory).
+Plots are views of the CSVs alone (results.csv, meta.json and tune.csv in a run directory, or
+tune.csv and meta.json in a directory `dkbench tune` wrote).
 `dkbench.runs.load_runs` reads and checks them, `build_figures` returns matplotlib Figures (tests inspect them),
 `save_figures` writes them, and `plot_path` does all three for the CLI. Only this module and
 `plot_tune` import matplotlib, so `import dkbench` stays light.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import math
 import re
 import textwrap
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -29,14 +31,17 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
 
 from dkbench.errors import BadInputError
+from dkbench.results import RESULTS_FILE, read_meta
 from dkbench.runs import (
     INTERPRETER_NOTE,
     METRICS,
+    TUNE_FILE,
     Run,
     check_metric,
-    load_runs,
     parse_formats,
+    read_tune,
 )
+from dkbench.runs import load_runs as _load_runs
 
 FACET_COLUMNS = ("pattern", "mode", "dtype")
 # Shape columns that split a facet further when a sweep varies them (else lines would mix shapes).
@@ -56,6 +61,101 @@ class NamedFigure:
     name: str
     title: str
     figure: Figure
+
+
+# -- reading --
+
+# Provenance columns kept as the text written: pandas would read the sha 338e663124 as a float
+# (inf) and 0123456 as the integer 123456.
+TEXT_COLUMNS = ("run_id", "timestamp", "torch_version", "triton_version", "git_sha", "case_id",
+                "pattern_hash", "config", "config_source", "timer", "command")
+TUNE_TEXT_COLUMNS = ("run_id", "case_id")  # a case_id is a hex digest: 1234567890 is one too
+
+
+def read_text_columns(csv: Path, columns: Sequence[str] = TEXT_COLUMNS) -> pd.DataFrame:
+    """A CSV's `columns` (those it has) exactly as written: str, an empty cell as ""."""
+    return pd.read_csv(csv, dtype=str, keep_default_na=False, usecols=lambda c: c in columns)
+
+
+def _as_text(frame: pd.DataFrame, csv: Path, columns: Sequence[str]) -> None:
+    """Replace `frame`'s `columns` (it was read from `csv`, row for row) by their text."""
+    try:
+        text = read_text_columns(csv, columns)
+    except (pd.errors.ParserError, UnicodeDecodeError):
+        return  # a torn last row that the reader set aside: keep the values as it read them
+    if len(text) < len(frame):
+        return
+    for col in text.columns:  # whole rows come first; a torn last one is beyond len(frame)
+        frame[col] = text[col].to_numpy()[:len(frame)]
+
+
+def load_runs(path: Path) -> list[Run]:
+    """`dkbench.runs.load_runs`, with the provenance columns as text (TEXT_COLUMNS)."""
+    runs = _load_runs(path)
+    for run in runs:
+        _as_text(run.results, run.path / RESULTS_FILE, TEXT_COLUMNS)
+        if run.tune is not None:
+            _as_text(run.tune, run.path / TUNE_FILE, TUNE_TEXT_COLUMNS)
+    return runs
+
+
+@dataclass
+class TuneDir:
+    """A directory `dkbench tune` wrote: tune.csv and meta.json, no results.csv."""
+
+    path: Path
+    label: str
+    meta: dict
+    tune: pd.DataFrame
+
+    @property
+    def interpreter(self) -> bool:
+        env = self.meta.get("environment")
+        return bool(isinstance(env, dict) and env.get("interpreter"))
+
+
+def find_tune_dirs(path: Path) -> list[Path]:
+    """`path` itself when it is a tune directory, else its subdirectories that are (sorted); a
+    run directory's tune.csv belongs to its run (`Run.tune`), so it is not listed here."""
+    path = Path(path)
+    if not path.is_dir() or (path / RESULTS_FILE).is_file():
+        return []
+    if (path / TUNE_FILE).is_file():
+        return [path]
+    return sorted(p for p in path.iterdir()
+                  if (p / TUNE_FILE).is_file() and not (p / RESULTS_FILE).is_file())
+
+
+def load_tune_dir(tune_dir: Path) -> TuneDir:
+    """Read one tune directory; raises BadInputError naming the file when it cannot be drawn."""
+    tune = read_tune(tune_dir / TUNE_FILE)
+    if tune is None:
+        raise BadInputError(f"{tune_dir / TUNE_FILE}: no rows yet")
+    _as_text(tune, tune_dir / TUNE_FILE, TUNE_TEXT_COLUMNS)
+    try:
+        meta = read_meta(tune_dir)
+    except ValueError as err:  # json.JSONDecodeError
+        raise BadInputError(f"{tune_dir / 'meta.json'}: not valid JSON ({err})") from None
+    meta = meta if isinstance(meta, dict) else {}
+    env = meta.get("environment") if isinstance(meta.get("environment"), dict) else {}
+    # The directory's name (tune-NAME-TIME) tells two tunings of one sweep apart.
+    name, gpu = tune_dir.resolve().name, env.get("gpu") or meta.get("gpu")
+    return TuneDir(tune_dir, f"{name} ({gpu})" if gpu else name, meta, tune)
+
+
+def _holds_runs(path: Path) -> bool:
+    path = Path(path)
+    return path.is_file() or (path / RESULTS_FILE).is_file() or any(
+        (p / RESULTS_FILE).is_file() for p in path.iterdir())
+
+
+def load_sources(path: Path) -> tuple[list[Run], list[TuneDir]]:
+    """The run directories and the tune directories under `path`: a run directory, a tune
+    directory, or a directory of either. Raises BadInputError when there is neither."""
+    tunes = [load_tune_dir(d) for d in find_tune_dirs(path)]
+    if tunes and not _holds_runs(path):
+        return [], tunes
+    return load_runs(path), tunes
 
 
 # -- line figures --
@@ -238,9 +338,45 @@ def _suptitle(title: str, runs: Sequence[Run]) -> str:
     return "\n".join(textwrap.fill(line, 110) for line in lines)
 
 
+def _short(message: str, width: int = 44) -> str:
+    line = " ".join(str(message).splitlines()[0].split()) if str(message).strip() else ""
+    return line if len(line) <= width else line[:width - 1].rstrip() + "…"
+
+
+def failure_note(rows: pd.DataFrame) -> str | None:
+    """What failed of one provider's rows: "2 of 4 failed", or when none ran ok its (most
+    common) status and a short reason, "unsupported: needs a CUDA GPU"; None when all ran ok."""
+    bad = rows[rows["status"] != "ok"]
+    if bad.empty:
+        return None
+    if len(bad) < len(rows):
+        return f"{len(bad)} of {len(rows)} failed"
+    messages = bad["message"] if "message" in bad.columns else pd.Series("", index=bad.index)
+    (status, message), _ = Counter(zip(bad["status"], messages.fillna(""))).most_common(1)[0]
+    text = f"{status}: {_short(message)}" if _short(message) else status
+    return text if bad["status"].nunique() == 1 else f"all {len(bad)} failed; {text}"
+
+
+def _failure_entries(frame: pd.DataFrame, styles: _Styles) -> dict[str, Line2D]:
+    """A legend entry per provider (and run) with failed rows, saying how many or why, in the
+    provider's colour with the marker of its commonest failure."""
+    entries = {}
+    for provider, run in ((p, r) for p in styles.providers for r in styles.runs):
+        rows = frame[(frame["provider"] == provider) & (frame["run"] == run)]
+        note = failure_note(rows) if len(rows) else None
+        if note is None:
+            continue
+        status = rows.loc[rows["status"] != "ok", "status"].mode().iloc[0]
+        entries[f"{styles.label(provider, run)} ({note})"] = Line2D(
+            [], [], linestyle="none", color=styles.providers[provider],
+            marker=FAILED_MARKERS.get(status, "x"), markersize=8, markeredgewidth=2)
+    return entries
+
+
 def _figure_legend(fig: Figure, axes: Sequence[Axes], frame: pd.DataFrame, styles: _Styles) -> None:
     """One legend for the whole figure, below the grid so it never hides data or the title:
-    series in provider order, then reference lines, then one entry per failure status."""
+    series in provider order, then reference lines, then per provider with failed rows how many
+    failed (or why, when none ran ok), then one entry per failure status."""
     seen: dict[str, object] = {}
     for ax in axes:
         for h, label in zip(*ax.get_legend_handles_labels()):
@@ -248,6 +384,7 @@ def _figure_legend(fig: Figure, axes: Sequence[Axes], frame: pd.DataFrame, style
     series = [styles.label(p, r) for p in styles.providers for r in styles.runs]
     handles = {k: seen[k] for k in series if k in seen}
     handles.update({k: h for k, h in seen.items() if k not in handles})
+    handles.update(_failure_entries(frame, styles))
     for status in sorted(set(frame["status"]) - {"ok"}):
         handles[f"failed ({status})"] = Line2D([], [], linestyle="none", color="0.3",
                                                marker=FAILED_MARKERS.get(status, "x"),
@@ -305,22 +442,27 @@ def build_view_figure(frame: pd.DataFrame, view: _View, runs: Sequence[Run]) -> 
     return fig
 
 
-def build_figures(runs: Sequence[Run], metric: str | None = None) -> list[NamedFigure]:
+def build_figures(runs: Sequence[Run], metric: str | None = None,
+                  tunes: Sequence[TuneDir] = ()) -> list[NamedFigure]:
     """The figures for `runs`: per-seqlen figures (all three, or only `metric`), speedup against
-    density, and a heatmap per tuned case and kernel where a run has a tune.csv."""
+    density, and a heatmap per tuned case and kernel where a run has a tune.csv and for each of
+    `tunes` (directories written by `dkbench tune`)."""
     from dkbench.plot_tune import build_tune_figures  # plot_tune imports this module
 
-    frame = pd.concat([r.results for r in runs], ignore_index=True)
-    metrics = METRICS if metric is None else (check_metric(metric),)
-    views = [*(VIEWS[m] for m in metrics), DENSITY_VIEW]
-    figures = [NamedFigure(v.name, v.title, build_view_figure(frame, v, runs)) for v in views]
-    for run in runs:
-        if run.tune is not None:
-            prefix = "tune" if len(runs) == 1 else f"tune_{slug(run.path.resolve().name)}"
-            tuned = build_tune_figures(run.tune, prefix=prefix, subtitle=run.label,
-                                       interpreter=run.interpreter)
-            if len(runs) > 1:
-                tuned = [replace(nf, title=f"{nf.title}, {run.label}") for nf in tuned]
+    figures = []
+    if runs:
+        frame = pd.concat([r.results for r in runs], ignore_index=True)
+        metrics = METRICS if metric is None else (check_metric(metric),)
+        views = [*(VIEWS[m] for m in metrics), DENSITY_VIEW]
+        figures = [NamedFigure(v.name, v.title, build_view_figure(frame, v, runs)) for v in views]
+    many = len(runs) + len(tunes) > 1
+    for source in [*runs, *tunes]:
+        if source.tune is not None:
+            prefix = f"tune_{slug(source.path.resolve().name)}" if many else "tune"
+            tuned = build_tune_figures(source.tune, prefix=prefix, subtitle=source.label,
+                                       interpreter=source.interpreter)
+            if many:
+                tuned = [replace(nf, title=f"{nf.title}, {source.label}") for nf in tuned]
             figures += tuned
     return figures
 
@@ -355,9 +497,10 @@ def output_root(path: Path) -> Path:
 
 def plot_path(path: Path, metric: str | None = None, formats: str | Sequence[str] = "png",
               out: Path | None = None) -> list[Path]:
-    """`dkbench plot`: read the run(s) under `path`, draw, save under `out` (default: `path`)."""
+    """`dkbench plot`: read the run and tune directories under `path`, draw, save under `out`
+    (default: `path`)."""
     metric = check_metric(metric)
     formats = parse_formats(formats)
-    runs = load_runs(path)
+    runs, tunes = load_sources(path)
     out_dir = Path(out) if out else output_root(path)
-    return save_figures(build_figures(runs, metric), out_dir, formats)
+    return save_figures(build_figures(runs, metric, tunes), out_dir, formats)

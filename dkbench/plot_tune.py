@@ -17,11 +17,11 @@ from dkbench.runs import INTERPRETER_NOTE
 
 # Faster is brighter; grey marks configs that were not run or failed.
 _CMAP = matplotlib.colormaps["viridis_r"].with_extremes(bad="0.85")
-_KERNEL_ORDER = {"fwd": 0, "bwd": 1, "dq": 2, "decode": 3}
+KERNEL_ORDER = {"fwd": 0, "bwd": 1, "dq": 2, "decode": 3}
 _STATUS_SHORT = {"oom": "oom", "error": "err", "unsupported": "unsup", "wrong": "wrong"}
 
 
-def _winner(rows: pd.DataFrame) -> pd.Series | None:
+def winner(rows: pd.DataFrame) -> pd.Series | None:
     """The row tune marked best, else the fastest ok row (an older tune.csv may lack is_best)."""
     ok = rows[(rows["status"] == "ok") & rows["ms"].notna()]
     if ok.empty:
@@ -94,7 +94,7 @@ def tune_heatmap(rows: pd.DataFrame, subtitle: str = "", interpreter: bool = Fal
     warps = sorted(rows["num_warps"].dropna().unique())
     stages = sorted(rows["num_stages"].dropna().unique())
     ok = rows[(rows["status"] == "ok") & rows["ms"].notna()]
-    norm, best = _norm(ok["ms"]), _winner(rows)
+    norm, best = _norm(ok["ms"]), winner(rows)
     cell = 0.62  # inches per heatmap cell, so a value fits in it
     fig = Figure(figsize=(max(8.0, len(stages) * (len(bn) * cell + 1.2) + 1.6),
                           len(warps) * (len(bm) * cell + 1.0) + 2.2), layout="constrained")
@@ -134,7 +134,7 @@ def build_tune_figures(tune: pd.DataFrame, prefix: str = "tune", subtitle: str =
     """One heatmap figure per (case_id, kernel) in `tune` (a tune.csv read by `plot.read_tune`)."""
     figures = []
     groups = sorted(tune.groupby(["case_id", "kernel"]),
-                    key=lambda kv: (str(kv[0][0]), _KERNEL_ORDER.get(kv[0][1], 9), str(kv[0][1])))
+                    key=lambda kv: (str(kv[0][0]), KERNEL_ORDER.get(kv[0][1], 9), str(kv[0][1])))
     for (case_id, kernel), rows in groups:
         fig = tune_heatmap(rows, subtitle=subtitle, interpreter=interpreter)
         figures.append(NamedFigure(f"{prefix}_{slug(case_id)}_{slug(kernel)}",

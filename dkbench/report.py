@@ -1,6 +1,7 @@
-"""`dkbench report`: a Markdown page for a run directory (or a directory of runs): the environment,
-a summary table per case with the fastest provider marked, the failed rows with their messages,
-and the figures from `dkbench.plot`, linked by relative path. A view of the CSVs alone."""
+"""`dkbench report`: a Markdown page for a run directory, a tune directory (`dkbench tune`'s), or a
+directory of them: the environment, a summary table per case with the fastest provider marked, the
+failed rows with their messages, the tuned configs, and the figures from `dkbench.plot`, linked by
+relative path. A view of the CSVs alone."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from typing import Sequence
 import pandas as pd
 
 from dkbench.errors import BadInputError
-from dkbench.plot import build_figures, output_root, save_figures
+from dkbench.plot import TuneDir, build_figures, load_sources, output_root, save_figures
+from dkbench.plot_tune import KERNEL_ORDER, winner
 from dkbench.results import KEY_COLUMNS
-from dkbench.runs import INTERPRETER_NOTE, Run, load_runs
+from dkbench.runs import INTERPRETER_NOTE, Run
 
 REPORT_FILE = "report.md"
 WINNER = "★"
@@ -71,13 +73,29 @@ def _csv_values(df: pd.DataFrame, column: str) -> str:
     return ", ".join(values) if values else "—"
 
 
-def environment_section(runs: Sequence[Run]) -> list[str]:
-    """One column per run: meta.json's environment, then the CSV's provenance columns."""
-    rows = [[label, *(_meta_value(r.meta, keys) for r in runs)] for label, keys in META_FIELDS]
-    rows += [[f"csv `{c}`", *(_csv_values(r.results, c) for r in runs)] for c in CSV_PROVENANCE]
-    rows.append(["csv timestamps", *(_csv_span(r.results) for r in runs)])
-    rows.append(["rows (by status)", *(_status_counts(r.results) for r in runs)])
-    return ["## Environment", "", *_table(["", *(r.label for r in runs)], rows), ""]
+def _frame(source: Run | TuneDir) -> pd.DataFrame:
+    return source.tune if isinstance(source, TuneDir) else source.results
+
+
+def _provenance(source: Run | TuneDir, column: str) -> str:
+    """A provenance column's values; tune.csv has few of them, so meta.json's environment
+    fills in for a tune directory (torch_version is its "torch")."""
+    value = _csv_values(_frame(source), column)
+    if value == "—" and isinstance(source, TuneDir):
+        meta = _meta_value(source.meta, (column, column.removesuffix("_version")))
+        value = "—" if meta is None else str(meta)
+    return value
+
+
+def environment_section(runs: Sequence[Run], tunes: Sequence[TuneDir] = ()) -> list[str]:
+    """One column per run (then per tune directory): meta.json's environment, then the CSV's
+    provenance columns."""
+    sources = [*runs, *tunes]
+    rows = [[label, *(_meta_value(s.meta, keys) for s in sources)] for label, keys in META_FIELDS]
+    rows += [[f"csv `{c}`", *(_provenance(s, c) for s in sources)] for c in CSV_PROVENANCE]
+    rows.append(["csv timestamps", *(_csv_span(_frame(s)) for s in sources)])
+    rows.append(["rows (by status)", *(_status_counts(_frame(s)) for s in sources)])
+    return ["## Environment", "", *_table(["", *(s.label for s in sources)], rows), ""]
 
 
 def _csv_span(df: pd.DataFrame) -> str:
@@ -168,6 +186,37 @@ def failed_section(runs: Sequence[Run]) -> list[str]:
     return lines + _table((["run"] if len(runs) > 1 else []) + cols, rows) + [""]
 
 
+def _config_text(row: pd.Series) -> str:
+    text = (f"BLOCK_M={row['block_m']:g}, BLOCK_N={row['block_n']:g}, "
+            f"num_warps={row['num_warps']:g}, num_stages={row['num_stages']:g}")
+    impl = row.get("impl", "triton")
+    return text + (f", impl={impl}" if isinstance(impl, str) and impl not in ("", "triton") else "")
+
+
+def tuning_section(sources: Sequence[Run | TuneDir]) -> list[str]:
+    """Per tuned (case, kernel): how many configs ran ok, the fastest and its gain over the
+    default config; nothing when no source has a tune.csv."""
+    tuned = [s for s in sources if s.tune is not None]
+    rows = []
+    for source in tuned:
+        groups = sorted(source.tune.groupby(["case_id", "kernel"]), key=lambda kv: (
+            str(kv[0][0]), KERNEL_ORDER.get(kv[0][1], 9), str(kv[0][1])))
+        for (case_id, kernel), g in groups:
+            best = winner(g)
+            ok = int(((g["status"] == "ok") & g["ms"].notna()).sum())
+            gain = best.get("speedup_vs_default") if best is not None else None
+            rows.append(([source.label] if len(tuned) > 1 else []) + [
+                case_id, kernel, f"{ok} of {len(g)}",
+                "—" if best is None else _config_text(best),
+                "—" if best is None else _num(best["ms"], ".4g"),
+                "—" if gain is None or pd.isna(gain) else f"{float(gain):.2f}×"])
+    if not rows:
+        return []
+    header = (["run"] if len(tuned) > 1 else []) + [
+        "case_id", "kernel", "configs ok", "fastest config", "median ms", "vs default"]
+    return ["## Tuning", "", *_table(header, rows), ""]
+
+
 def figures_section(figures: Sequence[tuple[str, Path]], report_dir: Path) -> list[str]:
     """Image links relative to the report, so the directory can be moved or published as is."""
     lines = ["## Figures", ""]
@@ -178,18 +227,22 @@ def figures_section(figures: Sequence[tuple[str, Path]], report_dir: Path) -> li
 
 
 def render_report(runs: Sequence[Run], figures: Sequence[tuple[str, Path]] = (),
-                  report_dir: Path = Path(".")) -> str:
-    """The report's Markdown text; `figures` are (title, file) pairs to link."""
-    title = runs[0].label if len(runs) == 1 else f"{len(runs)} runs compared"
+                  report_dir: Path = Path("."), tunes: Sequence[TuneDir] = ()) -> str:
+    """The report's Markdown text; `figures` are (title, file) pairs to link; `tunes` are
+    directories `dkbench tune` wrote, reported beside (or instead of) the runs."""
+    sources = [*runs, *tunes]
+    title = sources[0].label if len(sources) == 1 else f"{len(sources)} runs compared"
     lines = [f"# dkbench report: {title}", ""]
-    interpreted = [r.label for r in runs if r.interpreter]
+    interpreted = [s.label for s in sources if s.interpreter]
     if interpreted:
         lines += [f"> **Note:** {INTERPRETER_NOTE}: {', '.join(interpreted)}.", ""]
-    lines += environment_section(runs)
+    lines += environment_section(runs, tunes)
     for run in runs:
         heading = "## Summary" if len(runs) == 1 else f"## Summary: {run.label}"
         lines += summary_section(run, heading)
-    lines += failed_section(runs)
+    if runs:
+        lines += failed_section(runs)
+    lines += tuning_section(sources)
     lines += figures_section(figures, report_dir)
     return "\n".join(lines).rstrip() + "\n"
 
@@ -204,13 +257,13 @@ def report_file(path: Path, out: Path | None = None) -> Path:
 
 def write_report(path: Path, out: Path | None = None) -> Path:
     """`dkbench report`: draw the figures as PNG beside the report, write it, return its path."""
-    runs = load_runs(path)
+    runs, tunes = load_sources(path)
     target = report_file(path, out)
-    figures = build_figures(runs)
+    figures = build_figures(runs, tunes=tunes)
     written = save_figures(figures, target.parent, ("png",))
     links = [(nf.title, file) for nf, file in zip(figures, written)]
     try:
-        target.write_text(render_report(runs, links, target.parent), encoding="utf-8")
+        target.write_text(render_report(runs, links, target.parent, tunes), encoding="utf-8")
     except OSError as err:
         raise BadInputError(f"{target}: cannot write the report ({err})") from None
     return target

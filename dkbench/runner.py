@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -11,20 +12,23 @@ from typing import Callable
 
 import torch
 
-from . import metrics
+from . import metrics, size_guard
 from .check import random_inputs, run_check
 from .envinfo import command_line, environment
-from .errors import BadInputError
+from .errors import BadInputError, SpecError
 from .providers import PROVIDERS, Provider, Unsupported
 from .results import (
+    META_FILE,
     RESULTS_FILE,
     ResultRow,
     append_row,
+    check_out_dir,
+    heal_results,
     read_meta,
     read_results,
     write_meta,
 )
-from .spec import Case, Sweep, excluded_for_provider
+from .spec import Case, Sweep, check_sweep, excluded_for_provider
 from .timing import Ratio, measure, measure_interleaved, peak_memory_mb
 
 
@@ -39,13 +43,18 @@ def resolve_device(choice: str) -> torch.device:
 
 
 def new_run_dir(out: Path, name: str) -> Path:
+    check_out_dir(out)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = out / f"{name}-{stamp}"
     suffix = 1
     while run_dir.exists():
         suffix += 1
         run_dir = out / f"{name}-{stamp}-{suffix}"
-    run_dir.mkdir(parents=True)
+    try:
+        run_dir.mkdir(parents=True)
+    except OSError as exc:
+        raise BadInputError(f"--out {out}: cannot make the run directory {run_dir.name} there "
+                            f"({exc.strerror or exc})") from None
     return run_dir
 
 
@@ -123,6 +132,12 @@ def prepare_one(ctx: RunContext, case: Case, name: str, layout, density: float, 
                               f"{', '.join(provider.modes)})")
         if case.mode in ("bwd", "fwd_bwd") and not provider.supports_grad:
             raise Unsupported(f"{name} has no backward pass")
+        # Refuse what cannot fit rather than swap the machine or die of it mid-sweep.
+        too_big = size_guard.too_big(case, name, device,
+                                     sweep.check.max_tokens if sweep.check.enabled else None)
+        if too_big:
+            row.status, row.message = "oom", too_big
+            return row
         before = _allocated(device)
         start = time.perf_counter()
         prepared = provider.prepare(case, layout, sweep, device, scale)
@@ -242,23 +257,83 @@ class RunPlan:
     cases: list[Case]
     providers: list[str]
     done: set[tuple[str, str]]
+    warnings: list[str] = field(default_factory=list)  # for the user, e.g. a torn row set aside
 
 
 def plan_run(sweep: Sweep, cases: list[Case], providers: list[str], out: Path,
              resume: Path | None) -> RunPlan:
+    """A new run directory under ``out``, or the resumed run ``resume`` with its done rows: checked
+    writable, of the same spec, and with a torn last row set aside (its case runs again)."""
     if resume is None:
         return RunPlan(new_run_dir(out, sweep.name), cases, providers, set())
-    if not (resume / RESULTS_FILE).exists() and not (resume / "meta.json").exists():
-        raise BadInputError(f"--resume {resume}: not a run directory (no results.csv or meta.json)")
-    meta = read_meta(resume)
+    meta = _resumable_meta(resume)
     if meta.get("spec_name") not in (None, sweep.name):
         raise BadInputError(f"--resume {resume}: that run is of spec {meta.get('spec_name')!r}, "
                             f"not {sweep.name!r}")
+    differ = spec_differences(meta.get("spec"), sweep)
+    if differ:
+        raise BadInputError(f"--resume {resume}: the SPEC given differs from the one recorded in "
+                            f"{resume / META_FILE} in {', '.join(differ)}; give no SPEC to finish "
+                            "the run as recorded")
+    csv_path = resume / RESULTS_FILE
     done: set[tuple[str, str]] = set()
-    if (resume / RESULTS_FILE).exists() and (resume / RESULTS_FILE).stat().st_size:
-        frame = read_results(resume)
-        done = {(str(c), str(p)) for c, p in zip(frame["case_id"], frame["provider"])}
-    return RunPlan(resume, cases, providers, done)
+    notes: list[str] = []
+    if csv_path.exists() and csv_path.stat().st_size:
+        torn = heal_results(csv_path)
+        if torn is not None:
+            notes.append(str(torn))
+        if csv_path.stat().st_size:  # a torn header leaves nothing: every case runs
+            frame = read_results(resume)
+            done = {(str(c), str(p)) for c, p in zip(frame["case_id"], frame["provider"])}
+    return RunPlan(resume, cases, providers, done, notes)
+
+
+def _resumable_meta(resume: Path) -> dict:
+    """meta.json of a run directory that --resume can write to; BadInputError names the file."""
+    if not (resume / RESULTS_FILE).exists() and not (resume / META_FILE).exists():
+        raise BadInputError(f"--resume {resume}: not a run directory (no results.csv or meta.json)")
+    for path, mode in ((resume, os.W_OK | os.X_OK), (resume / RESULTS_FILE, os.W_OK),
+                       (resume / META_FILE, os.W_OK)):
+        if path.exists() and not os.access(path, mode):
+            raise BadInputError(f"--resume {resume}: {path} is read-only; make it writable to "
+                                "finish the run")
+    try:
+        meta = read_meta(resume)
+    except (ValueError, OSError) as exc:
+        raise BadInputError(f"--resume {resume}: {resume / META_FILE} cannot be read ({exc})") \
+            from None
+    return meta if isinstance(meta, dict) else {}
+
+
+def recorded_spec(resume: Path) -> tuple[Sweep, str]:
+    """The sweep recorded in a run's meta.json and its YAML text, for --resume without a SPEC."""
+    meta = _resumable_meta(resume)
+    path = resume / META_FILE
+    if not isinstance(meta.get("spec"), dict):
+        raise BadInputError(f"--resume {resume}: {path} records no spec; give the SPEC it ran")
+    try:
+        sweep = Sweep.model_validate(meta["spec"])
+    except ValueError as exc:  # pydantic's ValidationError
+        raise SpecError(f"{path}: the recorded spec is no longer valid: {exc}") from None
+    check_sweep(sweep, path)
+    return sweep, str(meta.get("spec_text") or "")
+
+
+def spec_differences(recorded: object, sweep: Sweep) -> list[str]:
+    """Top-level keys in which ``sweep`` differs from a run's recorded spec (none when the run
+    recorded none). Pattern files compare by name, so a moved checkout still resumes."""
+    if not isinstance(recorded, dict):
+        return []
+    try:  # through the model again, so defaults added since the run was recorded match
+        recorded = Sweep.model_validate(recorded).model_dump(mode="json")
+    except ValueError:
+        pass
+    given = sweep.model_dump(mode="json")
+    for spec in (recorded, given):
+        spec["patterns"] = [{**p, "path": Path(p["path"]).name}
+                            if isinstance(p, dict) and p.get("path") else p
+                            for p in spec.get("patterns") or []]
+    return sorted(k for k in set(recorded) | set(given) if recorded.get(k) != given.get(k))
 
 
 def previous_baselines(run_dir: Path, baseline: str | None) -> dict[str, float]:
@@ -341,6 +416,11 @@ def run_case(ctx: RunContext, case: Case, providers: list[str],
         layout = case.pattern.layout(case.heads, case.kv_heads, case.seqlen, case.causal)
         density = metrics.pattern_pairs(case, layout) / metrics.dense_pairs(case)
         seed = case_seed(ctx.sweep, case)
+        too_big = size_guard.too_big(case, None, ctx.device)
+        if too_big:  # the case's own tensors cannot fit: no provider is tried
+            for name in providers:
+                emit(failed_row(ctx, case, name, "oom", too_big))
+            return rows
         inputs = random_inputs(case, ctx.device, case.mode in ("bwd", "fwd_bwd"), seed)
     except Exception as exc:  # noqa: BLE001 - one failing case never stops a sweep
         oom = isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()

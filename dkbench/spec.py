@@ -8,10 +8,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import itertools
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
@@ -19,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -37,11 +39,25 @@ DEVICES = ("auto", "cuda", "cpu")
 IntList = Union[int, list[int]]
 DEFAULT_RTOL = {"bfloat16": 2e-2, "float16": 5e-3, "float32": 5e-3}
 
+# What each integer axis allows, checked before anything is built: far beyond any GPU's reach,
+# close enough that a typo (an extra 0, a byte count for a length) is refused at once.
+MAX_SEQLEN = 2**24
+AXIS_RANGES = {"batch": (1, 2**20), "batch_tokens": (1, 2**32), "seqlen": (1, MAX_SEQLEN),
+               "q_len": (1, MAX_SEQLEN), "heads": (1, 1024), "kv_heads": (1, 1024),
+               "head_dim": (16, 256)}
+# A spec's axes may multiply to this many cases; past it, expanding and checking them is what
+# would take minutes (and no GPU runs them all).
+MAX_CASES = 100_000
+# Block entries of one generated layout (pattern heads x blocks x blocks, a bool each).
+MAX_LAYOUT_BLOCKS = 2**32
+# Strict: a YAML `true` is not the integer 1, and `64.5` or `"64"` are not integers.
+_STRICT = ConfigDict(extra="forbid", strict=True)
+
 
 class Timing(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    warmup_ms: float = Field(25.0, gt=0)
-    rep_ms: float = Field(100.0, gt=0)
+    model_config = _STRICT
+    warmup_ms: float = Field(25.0, gt=0, allow_inf_nan=False)
+    rep_ms: float = Field(100.0, gt=0, allow_inf_nan=False)
     cuda_graph: bool = False
     # Time a case's providers together, in rounds of one turn each (dkbench.timing), so a drift of
     # the GPU's speed lands on all of them alike; `speedup` is then the median of per-round ratios.
@@ -61,13 +77,14 @@ class Timing(BaseModel):
 
 
 class Check(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
     enabled: bool = True
     # Cases larger than this many tokens (batch * seqlen) are checked on a cut-down copy: batch 1,
     # seqlen clipped to it, same pattern and heads. The reference materialises the token mask.
     max_tokens: int = Field(2048, ge=16)
     # Relative error allowed per dtype; given keys (aliases like bf16 allowed) override these.
-    rtol: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_RTOL))
+    rtol: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(
+        default_factory=lambda: dict(DEFAULT_RTOL))
 
     @field_validator("rtol")
     @classmethod
@@ -79,7 +96,7 @@ class Check(BaseModel):
 
 
 class LaunchConfigSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
     block_m: int
     block_n: int
     num_warps: int = 4
@@ -87,10 +104,46 @@ class LaunchConfigSpec(BaseModel):
     impl: Literal["triton", "gluon"] = "triton"
 
 
+class _AxisError(ValueError):
+    """A bad axis value; `index` is its place in the list (None when the axis is one value)."""
+
+    def __init__(self, message: str, index: int | None = None) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+def _show(value: Any) -> str:
+    """A value as YAML writes it (`true`, `null`), strings quoted."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    if not isinstance(value, (str, int, float, list, dict)):
+        return str(value)  # a YAML date, say: 2024-01-01
+    return repr(value)
+
+
+def _axis_values() -> dict[str, tuple[str, Any, str]]:
+    """Axis key -> (what one value is, its test, what is allowed)."""
+    table = {
+        "mode": ("a mode", lambda v: isinstance(v, str) and v in MODES,
+                 f"allowed: {', '.join(MODES)}"),
+        "dtype": ("a dtype", lambda v: isinstance(v, str), f"allowed: {', '.join(DTYPES)}"),
+        "causal": ("a boolean", lambda v: isinstance(v, bool), "allowed: true, false"),
+    }
+    for key, (lo, hi) in AXIS_RANGES.items():
+        table[key] = ("an integer", lambda v: type(v) is int, f"allowed: integers {lo} to {hi}")
+    return table
+
+
+# A union of a value and a list reports one error per branch in pydantic's words; these axes
+# are checked first, in ours.
+AXIS_VALUES = _axis_values()
+_NULLABLE_AXES = ("batch", "batch_tokens", "q_len", "kv_heads")
+
+
 class Sweep(BaseModel):
     """A sweep spec as written in YAML (lists are the axes of a cartesian product)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
     device: Literal["auto", "cuda", "cpu"] = "auto"
@@ -104,14 +157,14 @@ class Sweep(BaseModel):
     kv_heads: IntList | None = None
     head_dim: IntList
     causal: Union[bool, list[bool]] = True
-    sm_scale: float | None = Field(None, gt=0)
+    sm_scale: float | None = Field(None, gt=0, allow_inf_nan=False)
     patterns: list[PatternSpec] = Field(min_length=1)
     providers: list[str] = Field(min_length=1)
     baseline: str | None = None
     seed: int = 0
     # prefill_varlen and decode: each sequence's length is drawn from
     # [seqlen * (1 - length_spread), seqlen] (seeded); 0 makes them all seqlen.
-    length_spread: float = Field(0.0, ge=0.0, lt=1.0)
+    length_spread: float = Field(0.0, ge=0.0, lt=1.0, allow_inf_nan=False)
     # prefill_varlen and decode: the exact per-sequence lengths (for decode, the cache lengths);
     # the batch is their count and every one must be <= seqlen (the padded length).
     lengths: list[int] | None = Field(None, min_length=1)
@@ -122,6 +175,43 @@ class Sweep(BaseModel):
     # (`Provider.Options`) checks its entry when the spec is loaded.
     provider_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     exclude: list[dict[str, Any]] = Field(default_factory=list)
+
+    @field_validator(*AXIS_VALUES, mode="before")
+    @classmethod
+    def _axis(cls, value: Any, info: ValidationInfo) -> Any:
+        """Each value of an axis: its type, no empty list, no value twice."""
+        key = info.field_name
+        if value is None and key in _NULLABLE_AXES:
+            return value
+        what, ok, allowed = AXIS_VALUES[key]
+        given = isinstance(value, list)
+        if given and not value:
+            raise _AxisError(f"an empty list; give at least one value ({allowed})")
+        seen: dict[Any, int] = {}
+        for i, v in enumerate(_as_list(value)):
+            if not ok(v):
+                raise _AxisError(f"{_show(v)} is not {what}; {allowed}", i if given else None)
+            same = DTYPES.get(v, v) if key == "dtype" else v
+            if same in seen:
+                raise _AxisError(f"{_show(v)} is given twice (also at [{seen[same]}]); each "
+                                 "value of an axis may appear once", i)
+            seen[same] = i
+        return value
+
+    @field_validator("patterns", "providers")
+    @classmethod
+    def _distinct(cls, values: list, info: ValidationInfo) -> list:
+        """No entry twice: patterns by label (what case ids hash), providers by name."""
+        seen: dict[str, int] = {}
+        for i, v in enumerate(values):
+            label = v.label() if info.field_name == "patterns" else repr(v)
+            if label in seen:
+                same = values[seen[label]] == v
+                raise _AxisError(f"{label} is given twice (also at [{seen[label]}])" + (
+                    "" if same else "; they differ only in keys the label leaves out, so their "
+                    "case ids would collide"), i)
+            seen[label] = i
+        return values
 
     @model_validator(mode="after")
     def _one_batch_key(self) -> "Sweep":
@@ -210,42 +300,161 @@ def _format_loc(loc: tuple) -> str:
 def _validation_message(path: Path, err: ValidationError) -> str:
     lines = [f"{path}: invalid sweep spec"]
     for e in err.errors():
-        loc = _format_loc(e["loc"]) or "(top level)"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            parent = e["loc"][:-1]
-            allowed = _allowed_keys(parent)
-            msg = f"unknown key; allowed keys here: {', '.join(allowed)}" if allowed else msg
-        elif e["type"] in ("union_tag_invalid", "union_tag_not_found"):
-            msg = f"{msg}; pattern types: {', '.join(PATTERN_TYPES)}"
-        lines.append(f"  {loc}: {msg}")
+        lines.append(f"  {_error_where(e) or '(top level)'}: {_error_text(e)}")
     return "\n".join(lines)
 
 
-def _allowed_keys(parent: tuple) -> list[str]:
-    model: Any = Sweep
-    if parent[:1] == ("timing",):
-        model = Timing
-    elif parent[:1] == ("check",):
-        model = Check
-    elif parent[:1] == ("config",):
-        model = LaunchConfigSpec
-    elif parent[:1] == ("patterns",) and len(parent) >= 3:
+def _error_where(e: dict) -> str:
+    if e["type"] == "invalid_key":  # the location is the bad key itself: blame its mapping
+        return _format_loc(e["loc"][:-1])
+    error = e.get("ctx", {}).get("error")
+    index = (error.index,) if isinstance(error, _AxisError) and error.index is not None else ()
+    return _format_loc((*e["loc"], *index))
+
+
+_KINDS = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+          float: "a number", type(None): "null"}
+_BOUNDS = {"greater_than": ("gt", "greater than"), "greater_than_equal": ("ge", "greater than or "
+           "equal to"), "less_than": ("lt", "less than"), "less_than_equal": ("le", "less than or "
+           "equal to"), "multiple_of": ("multiple_of", "a multiple of")}
+
+
+def _error_text(e: dict, root: Any = None) -> str:
+    """One pydantic error in the project's words: what was given and what is allowed there.
+
+    ``root`` is the model the error's location starts from (None: `Sweep`)."""
+    kind, ctx, loc = e["type"], e.get("ctx", {}), e["loc"]
+    given, got = _show(e.get("input")), _KINDS.get(type(e.get("input")), "something else")
+    if kind in ("value_error", "assertion_error"):
+        return str(ctx["error"])
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(loc[:-1], root)
+        return "unknown key" + (f"; allowed keys here: {', '.join(allowed)}" if allowed else "")
+    if kind == "union_tag_invalid":
+        return f"unknown pattern type {ctx['tag']!r}; pattern types: {', '.join(PATTERN_TYPES)}"
+    if kind == "union_tag_not_found":
+        return f"no 'type' key; pattern types: {', '.join(PATTERN_TYPES)}"
+    if kind == "invalid_key":
+        return f"the key {given} is not a name; keys are strings"
+    if kind == "missing":
+        return "required key is missing"
+    limits = _limits(loc, root)
+    if kind.startswith("int_"):
+        return f"{given} is not an integer; allowed: integers{limits}"
+    if kind.startswith("float_") or kind == "finite_number":
+        return f"{given} is not a finite number; allowed: numbers{limits}"
+    if kind.startswith("bool_"):
+        return f"{given} is not a boolean; allowed: true, false"
+    if kind == "string_pattern_mismatch":
+        return f"{given} is not allowed; allowed: text matching {ctx['pattern']}"
+    if kind.startswith("string_"):
+        return f"{given} is not a string"
+    if kind == "literal_error":
+        choices = re.findall(r"'([^']*)'", ctx["expected"])  # "'auto', 'cuda' or 'cpu'"
+        return f"{given} is not allowed; allowed: {', '.join(choices) or ctx['expected']}"
+    if kind in _BOUNDS:
+        bound, words = _BOUNDS[kind]
+        return f"must be {words} {ctx[bound]}, got {given}"
+    if kind in ("list_type", "tuple_type"):
+        return f"expected a list, got {got}"
+    if kind in ("dict_type", "model_type", "model_attributes_type"):
+        return f"expected a mapping of keys, got {got}"
+    if kind in ("too_short", "too_long"):
+        n, most = ctx["actual_length"], kind == "too_long"
+        want = f"at {'most' if most else 'least'} {ctx['max_length' if most else 'min_length']}"
+        return f"{'an empty list' if n == 0 else f'{n} items'}; give {want}"
+    return e["msg"]
+
+
+def _model_at(parent: tuple, root: Any = None) -> Any:
+    """The model whose fields sit at ``parent`` (a location without its last key), or None."""
+    if root is not None:
+        return root if not parent else None
+    if not parent:
+        return Sweep
+    if len(parent) == 1:
+        return {"timing": Timing, "check": Check, "config": LaunchConfigSpec}.get(str(parent[0]))
+    if parent[0] == "patterns" and len(parent) == 3:
         from . import patterns as p
-        model = {"local_stride": p.LocalStridePattern, "dense": p.DensePattern,
-                 "random": p.RandomPattern, "file": p.FilePattern}.get(str(parent[2]))
-    return sorted(model.model_fields) if model is not None and len(parent) <= 3 else []
+        return {"local_stride": p.LocalStridePattern, "dense": p.DensePattern,
+                "random": p.RandomPattern, "file": p.FilePattern}.get(str(parent[2]))
+    return None
+
+
+def _allowed_keys(parent: tuple, root: Any = None) -> list[str]:
+    model = _model_at(parent, root)
+    return sorted(model.model_fields) if model is not None else []
+
+
+def _limits(loc: tuple, root: Any = None) -> str:
+    """The bounds of the field at ``loc``, e.g. `` > 0``, or nothing."""
+    model = _model_at(loc[:-1], root)
+    field = model.model_fields.get(str(loc[-1])) if model is not None and loc else None
+    signs = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+    return " and".join(f" {signs[k]} {getattr(m, k)}" for m in (field.metadata if field else ())
+                       for k in signs if hasattr(m, k))
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first: int) -> None:
+        super().__init__(f"duplicate key {key!r} on line {line}")
+        self.key, self.line, self.first = key, line, first
+
+
+class _SpecLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """yaml's safe loader (libyaml's when there), refusing a key given twice in one mapping
+    (plain YAML keeps the last one silently, so `seqlen` twice would run only the second)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` then a key of base: an override, as YAML means it
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in first:
+                    raise _DuplicateKey(key, line, first[key])
+                first[key] = line
+            except TypeError:
+                pass  # an unhashable key: the base constructor says so
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_problem(exc: yaml.MarkedYAMLError) -> str:
+    """`line 3, column 6: did not find ... (while parsing a flow sequence, line 2)`."""
+    mark, context = exc.problem_mark, exc.context_mark
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    around = f" ({exc.context}, line {context.line + 1})" if exc.context and context else ""
+    return f"{where}{exc.problem or exc.context}{around}"
 
 
 def load_spec(path: str | Path) -> Sweep:
     """Read and validate a YAML spec (``yaml.safe_load`` only); raise SpecError on any problem."""
     path = Path(path)
+    if path.is_dir():
+        raise SpecError(f"{path}: is a directory; give a spec file (YAML)")
     if not path.is_file():
         raise SpecError(f"{path}: no such spec file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path}: not a text file (byte {exc.object[exc.start]:#04x} at offset "
+                        f"{exc.start} is not UTF-8); a sweep spec is YAML text") from None
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot be read: {exc.strerror or exc}") from None
+    try:
+        raw = yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader
+    except _DuplicateKey as exc:
+        raise SpecError(f"{path}: line {exc.line}: duplicate key {exc.key!r} (first given on "
+                        f"line {exc.first}); each key may appear once in a mapping") from None
+    except yaml.MarkedYAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
     except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: not valid YAML: {exc}") from exc
+        problem = str(exc).replace(' in "<unicode string>"', "")
+        raise SpecError(f"{path}: not valid YAML: {problem}") from None
+    except ValueError as exc:  # an integer of more digits than Python converts
+        raise SpecError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a sweep spec is a YAML mapping of keys, got {type(raw).__name__}")
     try:
@@ -285,23 +494,45 @@ def check_sweep(sweep: Sweep, path: Path) -> None:
         for v in [x for x in _as_list(getattr(sweep, key)) if x is not None]:  # 0 is checked too
             if v < 1:
                 fail(key, f"must be a positive integer, got {v}")
+            lo, hi = AXIS_RANGES[key]
+            if v > hi and key != "head_dim":
+                fail(key, f"{v} is too large; allowed: {lo} to {hi} (2**{hi.bit_length() - 1})")
     for d in _as_list(sweep.head_dim):
         if not 16 <= d <= 256:
             fail("head_dim", f"{d} is not supported; allowed: 16 to 256")
+    if sweep.lengths and len(sweep.lengths) > AXIS_RANGES["batch"][1]:
+        fail("lengths", f"{len(sweep.lengths)} sequences; allowed: at most "
+             f"{AXIS_RANGES['batch'][1]} (the batch)")
     for i, p in enumerate(sweep.patterns):
         bs = p.block_size
-        if bs < 16 or bs & (bs - 1):
-            fail(f"patterns[{i}].block_size", f"must be a power of two >= 16, got {bs}")
+        if bs < 16 or bs & (bs - 1) or bs > 1024:
+            fail(f"patterns[{i}].block_size", f"must be a power of two >= 16, got {bs}; allowed: "
+                 "16, 32, 64, 128, 256, 512, 1024")
     for i, rule in enumerate(sweep.exclude):
         unknown = sorted(set(rule) - set(CASE_KEYS))
         if unknown or not rule:
             fail(f"exclude[{i}]", f"unknown key(s) {unknown or '(empty rule)'}; allowed: "
                  f"{', '.join(CASE_KEYS)}")
+    _check_case_count(sweep, fail)
     cases = expand(sweep)
     if not cases:
         fail("exclude", "the exclusion rules remove every case")
+    layouts: dict[tuple, Any] = {}
     for case in cases:
-        _check_case(case, fail)
+        _check_case(case, fail, layouts)
+
+
+def _check_case_count(sweep: Sweep, fail) -> None:
+    """Refuse, before expanding, axes that multiply to more than MAX_CASES cases."""
+    axes = {key: len(_as_list(getattr(sweep, key))) for key in (
+        "mode", "dtype", "seqlen", "q_len", "heads", "kv_heads", "head_dim", "causal", "patterns",
+        "batch", "batch_tokens") if getattr(sweep, key) is not None}
+    total = math.prod(axes.values())
+    if total > MAX_CASES:
+        longest = max(axes, key=axes.__getitem__)
+        product = " x ".join(f"{n} {key}" for key, n in axes.items() if n > 1)
+        fail(longest, f"the axes multiply to {total} cases ({product}); allowed: at most "
+             f"{MAX_CASES} in one spec (shorten {longest} or split the sweep)")
 
 
 def _check_provider_options(sweep: Sweep, fail) -> None:
@@ -320,39 +551,58 @@ def _check_provider_options(sweep: Sweep, fail) -> None:
             model.model_validate(given)
         except ValidationError as exc:
             err = exc.errors()[0]
-            where = _format_loc(err["loc"])
-            msg = (f"unknown key; allowed keys here: {', '.join(sorted(model.model_fields))}"
-                   if err["type"] == "extra_forbidden" else err["msg"])
-            fail(f"{key}.{where}" if where else key, msg)
+            where = _error_where(err)
+            fail(f"{key}.{where}" if where else key, _error_text(err, root=model))
 
 
-def _check_case(case: Case, fail) -> None:
+def _check_case(case: Case, fail, layouts: dict[tuple, Any]) -> None:
+    """One case's cross-field rules; ``layouts`` holds the pattern files read so far, so a long
+    axis of lengths reads each file once (generated patterns are built at one block, cached)."""
     if case.mode == "decode" and not case.causal:
         fail("causal", "mode decode needs causal: true (a new token sees only the past)")
     if case.heads % case.kv_heads:
         fail("kv_heads", f"heads={case.heads} is not divisible by kv_heads={case.kv_heads}")
     if case.batch < 1:
         fail("batch_tokens", f"fewer tokens than seqlen={case.seqlen} gives a batch of 0")
+    if case.batch > AXIS_RANGES["batch"][1]:
+        fail("batch_tokens", f"seqlen={case.seqlen} gives a batch of {case.batch}; allowed: at "
+             f"most {AXIS_RANGES['batch'][1]}")
     if case.lengths and max(case.lengths) > case.seqlen:
         fail("lengths", f"the longest sequence ({max(case.lengths)}) exceeds seqlen={case.seqlen}, "
              "the padded length")
     if case.q_len > case.seqlen:
         fail("q_len", f"q_len={case.q_len} exceeds seqlen={case.seqlen}; queries are the last "
              "positions of the key sequence")
+    label, file = case.pattern.label(), isinstance(case.pattern, FilePattern)
     try:
-        layout = _layout_for_check(case)
-        layout.check_seqlen(case.seqlen, case.q_len)
-    except (ValueError, TypeError) as exc:
-        fail("patterns", f"{case.pattern.label()}: {exc}")
+        if file:  # read once per check, not per length
+            key = (case.pattern, case.causal)
+            if key not in layouts:
+                layouts[key] = case.pattern.layout(case.heads, case.kv_heads, case.seqlen,
+                                                   case.causal)
+            layout = layouts[key]
+            layout.check_seqlen(case.seqlen, case.q_len)
+        else:
+            layout = _generated_layout(case.pattern, case.heads, case.kv_heads, case.causal)
+    except (ValueError, TypeError, OverflowError) as exc:
+        fail("patterns", f"{label}: {exc}")
     if layout.heads not in (1, case.kv_heads, case.heads):
-        fail("patterns", f"{case.pattern.label()} has {layout.heads} heads; expected 1, "
+        fail("patterns", f"{label} has {layout.heads} heads; expected 1, "
              f"kv_heads={case.kv_heads} or heads={case.heads}")
+    blocks = -(-case.seqlen // case.block_size)
+    if not file and layout.heads * blocks * blocks > MAX_LAYOUT_BLOCKS:
+        fail("patterns", f"{label} at seqlen={case.seqlen} is {layout.heads} x {blocks} x "
+             f"{blocks} blocks; allowed: at most 2**{MAX_LAYOUT_BLOCKS.bit_length() - 1} (a "
+             "larger block_size, fewer pattern heads or a shorter seqlen)")
 
 
-@functools.lru_cache(maxsize=64)
-def _layout_for_check(case: Case):
-    """Build the case's pattern once while validating (generators check their own arguments)."""
-    return case.pattern.layout(case.heads, case.kv_heads, case.seqlen, case.causal)
+@functools.lru_cache(maxsize=256)
+def _generated_layout(pattern: Any, heads: int, kv_heads: int, causal: bool):
+    """A generated pattern as validation needs it: one block long.
+
+    A generator checks its own arguments and picks its head count whatever the length, and its
+    layout at a long seqlen can take gigabytes (the run builds that one)."""
+    return pattern.layout(heads, kv_heads, pattern.block_size, causal)
 
 
 def expand(sweep: Sweep) -> list[Case]:

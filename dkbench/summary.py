@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import torch
 from rich.table import Table
 
 from .results import ResultRow
@@ -40,3 +41,29 @@ def summary_table(rows: list[ResultRow], baseline: str | None) -> Table:
                 row.append(f"[bold green]*{text}[/bold green]" if p == winner else text)
         table.add_row(*row)
     return table
+
+
+def cannot_run_here(rows: list[ResultRow], device: torch.device) -> set[str]:
+    """Providers of these rows that are unavailable on this device at all (e.g. a CUDA backend on
+    a CPU): their `unsupported` rows are expected here, not failures."""
+    from .providers import PROVIDERS
+
+    names = {r.provider for r in rows if r.status == "unsupported" and r.provider in PROVIDERS}
+    return {n for n in names if PROVIDERS[n]().unavailable(device) is not None}
+
+
+def outcome_line(rows: list[ResultRow], cannot_run: set[str]) -> str | None:
+    """The run's last word on its rows: how many did not run ok, apart from those skipped because
+    their provider cannot run on this device; None when every row ran ok."""
+    skipped = [r for r in rows if r.status == "unsupported" and r.provider in cannot_run]
+    ran = len(rows) - len(skipped)
+    failed = sum(r.status != "ok" for r in rows) - len(skipped)
+    parts = []
+    if failed:
+        parts.append(f"{failed} of {ran} rows did not run ok (see status/message in results.csv)")
+    elif skipped and ran:
+        parts.append(f"{ran} of {ran} rows ran ok")
+    if skipped:
+        names = ", ".join(sorted({r.provider for r in skipped}))
+        parts.append(f"{len(skipped)} skipped (cannot run here: {names})")
+    return "; ".join(parts) + "." if parts else None

@@ -33,6 +33,7 @@ from kernels.select import block_density, cache_key, clear_memo
 from .cache import cache_errors
 from .check import random_inputs, run_check
 from .envinfo import command_line, environment
+from .errors import BadInputError
 from .providers.base import Prepared, Provider
 from .providers.bundled import BundledKernel
 from .results import read_meta, write_meta
@@ -390,13 +391,37 @@ def _geomean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
+def check_out_dir(out: Path) -> None:
+    """Raise BadInputError naming ``out`` when a run directory cannot be made in it: it, or its
+    nearest existing parent, is a file or is not writable."""
+    probe = Path(out)
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    where = "" if probe == Path(out) else f" ({probe})"
+    if not probe.is_dir():
+        raise BadInputError(f"--out {out}: is a file{where}, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise BadInputError(f"--out {out}: not writable{where}")
+
+
+def preflight(out: Path, cache_path: Path | None) -> ConfigCache:
+    """Before anything is timed: ``out`` can take the tune directory and the cache can be written
+    (a bad cache file is set aside now, with its warning, not after the last candidate)."""
+    check_out_dir(out)
+    cache = ConfigCache(cache_path)
+    with cache_errors():
+        cache.check_writable()
+    return cache
+
+
 def execute_tune(sweep: Sweep, spec_text: str, jobs: list[TuneJob], device: torch.device,
                  out: Path, cache_path: Path | None,
                  on_progress: Callable[[str, int, int], None] | None = None) -> TuneOutcome:
-    """Tune every job into a new ``<out>/tune-<name>-<stamp>/`` and write the winners' cache."""
+    """Tune every job into a new ``<out>/tune-<name>-<stamp>/`` and write the winners' cache.
+    Raises BadInputError / CacheError before timing when ``out`` or the cache is not writable."""
+    cache = preflight(out, cache_path)
     run_dir = new_run_dir(out, f"tune-{sweep.name}")
     env = environment(device)
-    cache = ConfigCache(cache_path)
     mode = jobs[0].case.mode if jobs else "fwd"
     write_meta(run_dir, {
         "run_id": run_dir.name, "kind": "tune", "spec_name": sweep.name, "name": sweep.name,

@@ -15,9 +15,12 @@ Writers take a file lock (``<path>.lock``), re-read the file under it, merge the
 replace the file atomically (temp file in the same directory, fsync, ``os.replace``), so two
 tuners never lose each other's entries and a reader never sees half a file. Readers take no lock.
 
-A corrupt file, or one with another format version, is reported once with a
-``ConfigCacheWarning`` and renamed to ``<path>.corrupt-<timestamp>``; the cache then behaves as
-empty. Nothing here raises on a bad cache file except ``import_`` of a bad source file.
+Every read goes through one reader, :func:`read_entries`. A file it cannot use (not UTF-8, not
+JSON, truncated, of the wrong shape or another format version, a directory in its place) is
+reported once with a ``ConfigCacheWarning`` naming it and renamed to ``<path>.corrupt-<timestamp>``
+(bytes kept); the cache then behaves as empty. Nothing here raises on a bad cache file except
+``import_`` of a bad source file; a file that cannot be opened at all (permissions) is warned about
+on lookups and raises OSError on writes. ``check_writable`` lets a tuner fail before it measures.
 
 Memoisation: ``ConfigCache.get`` keeps the parsed file in memory and calls ``os.stat`` once per
 lookup; the memo is dropped when the file's (mtime_ns, size, inode) changes. That costs a
@@ -47,7 +50,7 @@ from .configs import IMPLS
 
 __all__ = ["CONFIG_FIELDS", "ENV_VAR", "FORMAT_VERSION", "CacheFormatError", "CacheKey",
            "ConfigCache", "ConfigCacheWarning", "default_cache_path", "density_bucket",
-           "load_shipped", "seqlen_bucket", "source_hash"]
+           "load_shipped", "read_entries", "seqlen_bucket", "source_hash"]
 
 FORMAT_VERSION = 1
 ENV_VAR = "DKBENCH_CACHE"
@@ -61,20 +64,29 @@ _Stamp = tuple[int, int, int]
 
 
 class ConfigCacheWarning(UserWarning):
-    """A cache file was unreadable or of another format version and was set aside."""
+    """A cache file was unreadable or of another format version and was set aside (or, where it
+    could not be moved, ignored). The message names the file; ``path`` is it."""
+
+    def __init__(self, message: str, path: Path | None = None) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class CacheFormatError(ValueError):
-    """A cache file is not valid JSON in the expected format; the message names the file."""
+    """A cache file is not valid JSON in the expected format; the message names the file.
 
-    def __init__(self, path: Path, reason: str) -> None:
+    ``stamp`` is the (mtime_ns, size, inode) of what was read, when there was something to read.
+    """
+
+    def __init__(self, path: Path, reason: str, stamp: _Stamp | None = None) -> None:
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
+        self.stamp = stamp
 
-    def __reduce__(self) -> tuple[type, tuple[Path, str]]:
-        # Picklable across processes despite the two-argument constructor.
-        return type(self), (self.path, self.reason)
+    def __reduce__(self) -> tuple[type, tuple[Path, str, _Stamp | None]]:
+        # Picklable across processes despite the multi-argument constructor.
+        return type(self), (self.path, self.reason, self.stamp)
 
 
 def default_cache_path() -> Path:
@@ -88,16 +100,48 @@ def default_cache_path() -> Path:
 # -- reading and validating -----------------------------------------------------------------
 
 
-def _read_file(path: Path) -> tuple[_Stamp, str] | None:
-    """The file's stamp and text, or None when it does not exist. Tests count calls to this."""
+def _stamp(st: os.stat_result) -> _Stamp:
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
+def _read_file(path: Path) -> tuple[_Stamp, bytes] | None:
+    """The file's stamp and bytes, or None when it does not exist. Tests count calls to this."""
     try:
-        with open(path, encoding="utf-8") as f:
-            # fstat on the open file: the stamp belongs to exactly the text we read.
+        with open(path, "rb") as f:
+            # fstat on the open file: the stamp belongs to exactly the bytes we read.
             st = os.fstat(f.fileno())
-            text = f.read()
+            data = f.read()
     except FileNotFoundError:
         return None
-    return (st.st_mtime_ns, st.st_size, st.st_ino), text
+    return _stamp(st), data
+
+
+def read_entries(path: Path) -> tuple[_Stamp | None, dict[str, dict[str, Any]]]:
+    """The one reader of cache-format files: (stamp, entries), or (None, {}) when ``path`` does
+    not exist.
+
+    Raises CacheFormatError naming ``path`` for anything that is not a usable cache file (bytes
+    that are not UTF-8, text that is not JSON or is truncated, JSON of the wrong shape or format
+    version, a directory where the file should be), and OSError when it cannot be opened at all.
+    """
+    path = Path(path)
+    try:
+        read = _read_file(path)
+    except (IsADirectoryError, PermissionError) as e:
+        # Windows reports a directory as PermissionError; only a real directory is "bad content".
+        if not path.is_dir():
+            raise
+        raise CacheFormatError(path, "a directory, not a cache file", _stamp(path.stat())) from e
+    if read is None:
+        return None, {}
+    stamp, data = read
+    try:
+        # utf-8-sig: a byte-order mark that an editor added is not corruption.
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise CacheFormatError(path, f"not UTF-8 text ({e.reason} at byte {e.start})",
+                               stamp) from None
+    return stamp, _parse(text, path, stamp)
 
 
 def _check_config(config: object) -> dict[str, Any]:
@@ -129,27 +173,32 @@ def _check_entry(raw: object) -> tuple[str, dict[str, Any]]:
     return key.as_str(), entry
 
 
-def _parse(text: str, path: Path) -> dict[str, dict[str, Any]]:
+def _parse(text: str, path: Path, stamp: _Stamp | None = None) -> dict[str, dict[str, Any]]:
     """Entries of a cache file's text; raises CacheFormatError naming ``path``."""
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise CacheFormatError(path, f"not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:
+        # ValueError covers JSONDecodeError and numbers too long to convert; RecursionError,
+        # arrays nested thousands deep.
+        raise CacheFormatError(path, f"not valid JSON ({e})", stamp) from None
     if not isinstance(data, dict) or "format" not in data:
-        raise CacheFormatError(path, "not a dkbench config cache (no 'format' field)")
-    if data["format"] != FORMAT_VERSION:
+        raise CacheFormatError(path, "not a dkbench config cache (no 'format' field)", stamp)
+    version = data["format"]
+    # type() check: True == 1 and 1.0 == 1, neither is format 1.
+    if type(version) is not int or version != FORMAT_VERSION:
         raise CacheFormatError(
-            path, f"cache format {data['format']!r}, this version reads format {FORMAT_VERSION}"
+            path, f"cache format {version!r}, this version reads format {FORMAT_VERSION}", stamp
         )
     raw_entries = data.get("entries")
     if not isinstance(raw_entries, dict):
-        raise CacheFormatError(path, "'entries' must be an object")
+        raise CacheFormatError(path, "'entries' must be an object", stamp)
     entries: dict[str, dict[str, Any]] = {}
     for name, raw in raw_entries.items():
         try:
             key_str, entry = _check_entry(raw)
-        except ValueError as e:
-            raise CacheFormatError(path, f"entry {name!r}: {e}") from None
+        except (ValueError, TypeError, OverflowError) as e:
+            # TypeError, OverflowError: values a hand edit can produce (an int too big to float).
+            raise CacheFormatError(path, f"entry {name!r}: {e}", stamp) from None
         # The key string is re-derived from the fields, so a hand-edited name cannot mislead.
         entries[key_str] = entry
     return entries
@@ -194,15 +243,17 @@ def _fsync_dir(directory: Path) -> None:
 _reported: set[tuple[str, _Stamp]] = set()
 
 
-def _report_once(path: Path, stamp: _Stamp, message: str) -> None:
-    if (str(path), stamp) in _reported:
+def _report_once(path: Path, stamp: _Stamp | None, message: str) -> None:
+    # A warning, never a print: the library has no console; a CLI shows it as it sees fit.
+    if (str(path), stamp or (0, 0, 0)) in _reported:
         return
-    _reported.add((str(path), stamp))
-    warnings.warn(message, ConfigCacheWarning, stacklevel=2)
+    _reported.add((str(path), stamp or (0, 0, 0)))
+    warnings.warn(ConfigCacheWarning(message, path), stacklevel=3)
 
 
-def _set_aside(path: Path, stamp: _Stamp, reason: str) -> None:
-    """Rename a bad cache file out of the way and warn once. Call under the file lock."""
+def _set_aside(path: Path, stamp: _Stamp | None, reason: str) -> bool:
+    """Rename a bad cache file (or directory) out of the way, bytes kept, and warn once; True if
+    it moved. Call under the file lock."""
     timestamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     dest = path.with_name(f"{path.name}.corrupt-{timestamp}")
     message = f"ignoring the config cache {path}: {reason}"
@@ -210,8 +261,9 @@ def _set_aside(path: Path, stamp: _Stamp, reason: str) -> None:
         os.replace(path, dest)
     except OSError as e:
         _report_once(path, stamp, f"{message}; could not set it aside ({e})")
-        return
+        return False
     _report_once(path, stamp, f"{message}; moved it to {dest}")
+    return True
 
 
 def load_shipped(path: Path) -> dict[str, dict[str, Any]]:
@@ -221,18 +273,12 @@ def load_shipped(path: Path) -> dict[str, dict[str, Any]]:
     """
     path = Path(path)
     try:
-        read = _read_file(path)
-    except OSError as e:
-        _report_once(path, (0, 0, 0), f"ignoring the shipped configs {path}: {e}")
-        return {}
-    if read is None:
-        return {}
-    stamp, text = read
-    try:
-        return _parse(text, path)
+        return read_entries(path)[1]
     except CacheFormatError as e:
-        _report_once(path, stamp, f"ignoring the shipped configs {path}: {e.reason}")
-        return {}
+        _report_once(path, e.stamp, f"ignoring the shipped configs {path}: {e.reason}")
+    except OSError as e:
+        _report_once(path, None, f"ignoring the shipped configs {path}: {e}")
+    return {}
 
 
 # -- the cache --------------------------------------------------------------------------------
@@ -257,42 +303,49 @@ class ConfigCache:
         return filelock.FileLock(f"{self.path}.lock", timeout=_LOCK_TIMEOUT_S)
 
     def _load_locked(self) -> tuple[_Stamp | None, dict[str, dict[str, Any]]]:
-        """Read the file; a bad one is set aside (caller holds the lock) and reads as empty."""
-        read = _read_file(self.path)
-        if read is None:
-            return None, {}
-        stamp, text = read
+        """Read the file; a bad one is set aside (caller holds the lock) and reads as empty.
+        OSError (cannot open it) propagates: a writer must not replace what it could not read."""
         try:
-            return stamp, _parse(text, self.path)
+            return read_entries(self.path)
         except CacheFormatError as e:
-            _set_aside(self.path, stamp, e.reason)
-            return None, {}
+            moved = _set_aside(self.path, e.stamp, e.reason)
+            # Not moved (read-only directory): memoised under its stamp, so not re-read per lookup.
+            return (None if moved else e.stamp), {}
 
     def _load(self, stat_stamp: _Stamp | None) -> tuple[_Stamp | None, dict[str, dict[str, Any]]]:
         """Read the file without the lock; take it only to set a bad file aside."""
         try:
-            read = _read_file(self.path)
-        except OSError as e:
-            # Unreadable (permissions, a directory): a launch falls back to defaults, not a crash;
-            # memoised under the stat stamp so it is not retried until the file changes.
-            message = f"ignoring the config cache {self.path}: {e}"
-            _report_once(self.path, stat_stamp or (0, 0, 0), message)
-            return stat_stamp, {}
-        if read is None:
-            return None, {}
-        stamp, text = read
-        try:
-            return stamp, _parse(text, self.path)
+            return read_entries(self.path)
         except CacheFormatError as e:
-            reason = e.reason
+            bad = e
+        except OSError as e:
+            # Cannot open it (permissions): a launch falls back to defaults, not a crash;
+            # memoised under the stat stamp so it is not retried until the file changes.
+            _report_once(self.path, stat_stamp, f"ignoring the config cache {self.path}: {e}")
+            return stat_stamp, {}
         try:
             with self._lock():
                 # Re-read under the lock: a writer may have replaced the bad file meanwhile.
                 return self._load_locked()
         except (OSError, filelock.Timeout):
             # Read-only location or a stuck lock: ignore the file, warn once, never crash a launch.
-            _report_once(self.path, stamp, f"ignoring the config cache {self.path}: {reason}")
-            return stamp, {}
+            _report_once(self.path, bad.stamp,
+                         f"ignoring the config cache {self.path}: {bad.reason}")
+            return bad.stamp or stat_stamp, {}
+
+    def check_writable(self) -> None:
+        """Raise OSError naming the file when a write here would fail; a bad file is set aside
+        now, as a write would. For callers (a tuner) that should fail before long work, not after.
+        """
+        probe = self.path.parent
+        while not probe.exists() and probe.parent != probe:
+            probe = probe.parent
+        if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+            what = "is not a directory" if not probe.is_dir() else "is not writable"
+            raise PermissionError(f"cannot write the config cache {self.path}: {probe} {what}")
+        with self._lock():
+            self._load_locked()
+        self.invalidate()
 
     def _entries_view(self) -> dict[str, dict[str, Any]]:
         """The memoised entries (do not mutate); one os.stat decides whether they are stale."""
@@ -387,10 +440,9 @@ class ConfigCache:
         foreign-format ``src`` raises ValueError (CacheFormatError) naming the file.
         """
         src = Path(src)
-        read = _read_file(src)
-        if read is None:
+        stamp, incoming = read_entries(src)
+        if stamp is None:
             raise CacheFormatError(src, "no such file")
-        incoming = _parse(read[1], src)
 
         def change(entries: dict[str, dict[str, Any]]) -> int:
             n = 0

@@ -106,15 +106,26 @@ def resolve_config(kernel: str, q: torch.Tensor, layout: BlockLayout, seq_k: int
     return _memo[memo_key]
 
 
+def _shipped_config(key: config_cache.CacheKey) -> dict | None:
+    entry = _shipped().get(key.as_str())
+    return entry["config"] if entry else None
+
+
 def _lookup(key: config_cache.CacheKey, cache_path: str | None, block_size: int,
             head_dim: int) -> tuple[LaunchConfig, str] | None:
-    found = _user_cache(cache_path).get(key)
-    source = "cache"
-    if found is None:
-        entry = _shipped().get(key.as_str())
-        found, source = (entry["config"] if entry else None), "shipped"
-    if found is None:
-        return None
-    config = LaunchConfig.from_dict(found)
-    # A cached config that this block size cannot use (hand-edited file) is ignored, not fatal.
-    return None if config_problems(config, block_size, head_dim, key.kernel) else (config, source)
+    """The first usable config: the user cache, then the shipped configs; None means the default.
+
+    An unreadable user cache reads as empty (ConfigCache warns, naming it, and sets it aside), and
+    a config that this block size cannot use (hand-edited file) is skipped: either way the next
+    source answers, never an error in the launch.
+    """
+    sources = (("cache", lambda: _user_cache(cache_path).get(key)),
+               ("shipped", lambda: _shipped_config(key)))
+    for source, find in sources:
+        found = find()
+        if found is None:
+            continue
+        config = LaunchConfig.from_dict(found)
+        if not config_problems(config, block_size, head_dim, key.kernel):
+            return config, source
+    return None

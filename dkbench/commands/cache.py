@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from itertools import groupby
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from dkbench.cache import cache_errors, cache_rows
+from dkbench.cache import CacheRow, cache_errors, cache_rows, cache_warnings
 from kernels.config_cache import ENV_VAR, ConfigCache
 
 from .errors import cli_errors
@@ -35,36 +37,67 @@ CacheOption = Annotated[
 ]
 
 
+def _warn(text: str) -> None:
+    err_console.print(f"[yellow]warning:[/yellow] {escape(text)}", highlight=False,
+                      soft_wrap=True)
+
+
+@contextmanager
+def show_cache_warnings() -> Iterator[None]:
+    """A cache file set aside or ignored inside the block is named once, on stderr."""
+    with cache_warnings(_warn):
+        yield
+
+
 @contextmanager
 def _cli_errors() -> Iterator[None]:
-    """Cache library errors become harness errors, reported like every other command's."""
-    with cli_errors(), cache_errors():
+    """Cache library errors become harness errors, reported like every other command's; a bad
+    cache file that was set aside is named once on stderr."""
+    with cli_errors(), cache_errors(), show_cache_warnings():
         yield
+
+
+def _machine_tables(rows: list[CacheRow]) -> list[Table]:
+    """One table per (GPU, capability, triton): the machine in the title, so that the rest fits
+    80 columns; the shape fields share one cell that wraps at spaces, never inside a field."""
+    tables = []
+    for (gpu, capability, triton), group in groupby(
+            rows, key=lambda r: (r.key.gpu, r.key.capability, r.key.triton)):
+        cc = [f"cc {capability}"] if capability else []  # none for the CPU interpreter
+        machine = ", ".join([gpu, *cc, f"triton {triton}"])
+        table = Table(title=escape(machine), title_justify="left", box=box.SIMPLE_HEAD,
+                      padding=(0, 1), collapse_padding=True, pad_edge=False)
+        for name in ("kernel", "hash", "dtype"):
+            table.add_column(name, no_wrap=True)
+        table.add_column("shape")
+        table.add_column("config", min_width=11)  # "64x32 w4 s3" on one line
+        for name in ("ms", "default", "speedup"):
+            table.add_column(name, justify="right", no_wrap=True)
+        for r in group:
+            k = r.key
+            shape = f"d{k.head_dim} bs{k.block_size} s{k.seqlen_bucket} p{k.density_bucket:.2f}"
+            table.add_row(escape(k.kernel), escape(k.kernel_hash), escape(k.dtype), shape,
+                          escape(r.config), f"{r.ms:.4f}", f"{r.default_ms:.4f}",
+                          f"{r.speedup:.2f}x")
+        tables.append(table)
+    return tables
 
 
 @cache_app.command()
 def show(cache: CacheOption = None) -> None:
-    """Show every cached config with its timing against the default config."""
+    """Show every cached config with its timing against the default config, one table per
+    machine (GPU, compute capability, triton version)."""
     with _cli_errors():
         store = ConfigCache(cache)
         rows = cache_rows(store.entries())
     if not rows:
         console.print(f"no entries in {escape(str(store.path))}")
         return
-    table = Table(title=escape(str(store.path)))
-    for name in ("gpu", "cc", "triton", "kernel", "hash", "dtype", "head_dim", "block",
-                 "seqlen", "density", "config"):
-        table.add_column(name)
-    for name in ("ms", "default_ms", "speedup"):
-        table.add_column(name, justify="right")
-    for r in rows:
-        k = r.key
-        table.add_row(
-            escape(k.gpu), k.capability, k.triton, k.kernel, k.kernel_hash, k.dtype,
-            str(k.head_dim), str(k.block_size), str(k.seqlen_bucket), f"{k.density_bucket:.2f}",
-            r.config, f"{r.ms:.4f}", f"{r.default_ms:.4f}", f"{r.speedup:.2f}x",
-        )
-    console.print(table)
+    console.print(f"{len(rows)} entries in {escape(str(store.path))}", highlight=False)
+    for table in _machine_tables(rows):
+        console.print(table)
+    console.print("shape: head_dim d, block size bs, seqlen bucket s, density bucket p; "
+                  "default: ms of the default config", style="dim", highlight=False)
 
 
 @cache_app.command()

@@ -10,8 +10,8 @@ from dkbench.errors import DkbenchError
 
 from .errors import fail
 
-_PATH_HELP = ("A run directory (results.csv + meta.json, maybe tune.csv), or a directory of run "
-              "directories to compare.")
+_PATH_HELP = ("A run directory (results.csv + meta.json, maybe tune.csv), a tune directory "
+              "(tune.csv + meta.json, from `dkbench tune`), or a directory of them to compare.")
 
 
 def plot(

@@ -41,7 +41,9 @@ def run(
         help="Keep cases where KEY=VALUE (repeatable; VALUE may be a comma list).",
         show_default=False)] = None,
     resume: Annotated[Optional[Path], typer.Option(
-        help="Finish an interrupted run directory instead of starting a new one.",
+        help="Finish an interrupted run directory instead of starting a new one. Without SPEC it "
+             "runs the spec recorded in the run's meta.json (and its --providers, --only and "
+             "--shard unless given); a SPEC that differs from the recorded one is refused.",
         show_default=False)] = None,
     gpus: Annotated[Optional[str], typer.Option(
         help="Spread the cases over GPUs of this host, one worker process each: 'all' or indices "
@@ -54,38 +56,49 @@ def run(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
 ) -> None:
     """Run a sweep: every case x provider checked, timed and appended to results.csv."""
-    from .. import runner
-    from ..parallel import execute_parallel, parent_device, parse_gpus
-    from ..shard import parse_shard, shard_cases
-    from ..summary import summary_table
-
     try:
+        from .. import runner
+        from ..parallel import execute_parallel, parent_device, parse_gpus
+        from ..shard import parse_shard, shard_cases
+        from ..summary import cannot_run_here, outcome_line, summary_table
+
         if device not in ("auto", "cuda", "cpu"):
             raise BadInputError(f"--device {device!r}: allowed values are auto, cuda, cpu")
+        sweep = None
+        if resume is not None and spec is None:
+            sweep, spec_text = runner.recorded_spec(resume)
+            providers, only, shard = _recorded_flags(resume, providers, only, shard)
         part = parse_shard(shard) if shard is not None else None
         slots = parse_gpus(gpus) if gpus is not None else None
         dev = parent_device(slots) if slots else runner.resolve_device(device)
-        if spec is None:
-            spec = default_spec(dev)
-            console.print(f"No SPEC given: running the built-in default [bold]{spec}[/bold] "
-                          f"({'GPU' if dev.type == 'cuda' else 'CPU, through Triton interpreter'}).")
-        sweep = load_spec(spec)
+        if sweep is None:
+            if spec is None:
+                spec = default_spec(dev)
+                how = "GPU" if dev.type == "cuda" else "CPU, through Triton interpreter"
+                console.print(f"No SPEC given: running the built-in default [bold]{spec}[/bold] "
+                              f"({how}).")
+            sweep = load_spec(spec)
+            spec_text = spec.read_text()
         if slots:
             _check_workers_device(gpus, slots[0].cuda, device if device != "auto" else sweep.device)
             dev = parent_device(slots)
         elif device == "auto" and sweep.device != "auto":
             dev = runner.resolve_device(sweep.device)
         chosen = sweep.providers
-        if providers:
+        if providers is not None:
             from ..providers import PROVIDERS
             chosen = [p.strip() for p in providers.split(",") if p.strip()]
+            if not chosen:
+                raise BadInputError(f"--providers {providers!r}: name at least one provider; "
+                                    f"allowed: {', '.join(PROVIDERS)}")
             unknown = [p for p in chosen if p not in PROVIDERS]
             if unknown:
                 raise BadInputError(f"--providers: unknown {', '.join(unknown)}; allowed: "
                                     f"{', '.join(PROVIDERS)}")
         cases = filter_cases(expand(sweep), only or [])
         if not cases:
-            raise BadInputError(f"--only {' '.join(only or [])}: no case of {spec} matches")
+            raise BadInputError(f"--only {' '.join(only or [])}: no case of "
+                                f"{spec or resume / 'meta.json'} matches")
         spec_cases, cases = len(cases), shard_cases(cases, part)
         if not cases:
             console.print(f"Shard {part} has no cases (the sweep has {spec_cases}); "
@@ -96,6 +109,9 @@ def run(
         plan = runner.plan_run(sweep, cases, chosen, out, resume)
     except DkbenchError as exc:
         raise fail(exc) from None
+    except KeyboardInterrupt:
+        err_console.print("Interrupted while starting; nothing was run.")
+        raise typer.Exit(code=130) from None
 
     count = (f"{len(cases)} cases" if part is None
              else f"shard {part}: {len(cases)} of {spec_cases} cases")
@@ -108,11 +124,27 @@ def run(
     def warn(text: str) -> None:
         err_console.print(f"[yellow]warning:[/yellow] {escape(text)}", highlight=False)
 
+    for note in plan.warnings:
+        warn(note)
+    if dev.type == "cpu":
+        from ..size_guard import cpu_warning
+
+        slow = cpu_warning(cases, chosen)
+        if slow:
+            warn(slow)
+    # A cache file that cannot be read is set aside once, here, with one warning naming it.
+    from kernels.config_cache import ConfigCache
+
+    from .cache import show_cache_warnings
+
+    with show_cache_warnings():
+        ConfigCache().entries()
+
     def run_sweep(on_progress=None):
         if slots:
-            return execute_parallel(sweep, spec.read_text(), plan, slots, on_progress, warn,
+            return execute_parallel(sweep, spec_text, plan, slots, on_progress, warn,
                                     extra_meta=meta)
-        return runner.execute(sweep, spec.read_text(), plan, dev, on_progress, extra_meta=meta)
+        return runner.execute(sweep, spec_text, plan, dev, on_progress, extra_meta=meta)
 
     try:
         if quiet:
@@ -132,10 +164,9 @@ def run(
         if rows[0].interpreter:
             console.print("Timings above ran through Triton's interpreter on the CPU: they check "
                           "the pipeline and say nothing about GPU performance.")
-    failed = [r for r in rows if r.status != "ok"]
-    if failed:
-        console.print(f"{len(failed)} of {len(rows)} rows did not run ok (see status/message in "
-                      "results.csv).")
+    outcome = outcome_line(rows, cannot_run_here(rows, dev))
+    if outcome:
+        console.print(outcome)
     console.print(f"Results: [bold]{escape(str(plan.run_dir / 'results.csv'))}[/bold]")
 
 
@@ -144,6 +175,18 @@ def _check_workers_device(gpus: str, cuda: bool, asked: str) -> None:
     if asked not in ("auto", want):
         raise BadInputError(f"--gpus {gpus} runs on {want}, but the device asked for (--device or "
                             f"the spec's device) is {asked}")
+
+
+def _recorded_flags(resume: Path, providers: str | None, only: list[str] | None,
+                    shard: str | None) -> tuple[str | None, list[str] | None, str | None]:
+    """--providers, --only and --shard as recorded in a resumed run's meta.json, where not given,
+    so that `--resume DIR` alone finishes the run it names."""
+    from ..results import read_meta
+
+    meta = read_meta(resume)
+    if providers is None and meta.get("providers"):
+        providers = ",".join(meta["providers"])
+    return providers, only or list(meta.get("only") or []) or None, shard or meta.get("shard")
 
 
 def _check_resumed_shard(resume: Path, part) -> None:

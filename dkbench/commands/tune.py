@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 from typing import Annotated, Optional
@@ -15,84 +16,110 @@ from rich.table import Table
 
 from ..errors import BadInputError, DkbenchError
 from ..tune_space import CPU_SHAPE, GPU_SHAPE, TuneJob
+from .cache import show_cache_warnings
 from .errors import err_console, fail
 from .progress import progress_bar
 
 console = Console()
 
-_SHAPE_HELP = "Single shape (instead of SPEC): {what}. Default {gpu} on a GPU, {cpu} on the CPU."
+# Option help stays one or two lines at 80 columns; the explanations are the docstring's
+# paragraphs, which rich wraps as prose.
+_SHAPE_PANEL = "Single shape (instead of SPEC)"
+_SPACE_PANEL = "Search space (each flag replaces one axis)"
+
+
+def prose_help(doc: str) -> str:
+    """``doc`` with each paragraph, and each line that starts with "- ", on one line."""
+    paragraphs = []
+    for paragraph in inspect.cleandoc(doc).split("\n\n"):
+        lines: list[str] = []
+        for line in paragraph.splitlines():
+            if lines and not line.startswith("- "):
+                lines[-1] += " " + line.strip()
+            else:
+                lines.append(line.strip())
+        paragraphs.append("\n".join(lines))
+    return "\n\n".join(paragraphs)
 
 
 def _shape_option(key: str, what: str):
     """A single-shape flag; its help names the GPU and CPU defaults from tune_space."""
-    return typer.Option(help=_SHAPE_HELP.format(what=what, gpu=GPU_SHAPE[key], cpu=CPU_SHAPE[key]),
-                        show_default=False)
+    return typer.Option(help=f"{what}. Default: {GPU_SHAPE[key]} GPU, {CPU_SHAPE[key]} CPU.",
+                        show_default=False, rich_help_panel=_SHAPE_PANEL)
 
 
 def _list_option(axis: str, example: str):
     """A search-space flag: comma-separated values for one config axis."""
-    return typer.Option(help=f"Comma-separated {axis} values to search (e.g. {example}). "
-                             "Default: the space above.", show_default=False)
+    return typer.Option(help=f"{axis} values, comma-separated (e.g. {example}).",
+                        show_default=False, rich_help_panel=_SPACE_PANEL)
 
 
 def tune(
     spec: Annotated[Optional[Path], typer.Argument(
-        help="Sweep spec (YAML) whose cases are tuned. Without it, one shape from the flags.",
+        help="Sweep spec (YAML) to tune. Without it, one shape from the flags.",
         show_default=False)] = None,
     block_m: Annotated[Optional[str], _list_option("BLOCK_M", "32,64,128")] = None,
     block_n: Annotated[Optional[str], _list_option("BLOCK_N", "32,64")] = None,
     num_warps: Annotated[Optional[str], _list_option("num_warps", "4,8")] = None,
     num_stages: Annotated[Optional[str], _list_option("num_stages", "2,3,4")] = None,
     impl: Annotated[Optional[str], typer.Option(
-        help="Comma-separated kernel implementations to search: triton, gluon (the forward's "
-             "warp-specialised Hopper kernel). Default: the space above.",
-        show_default=False)] = None,
+        help="Implementations, comma-separated: triton, gluon.", show_default=False,
+        rich_help_panel=_SPACE_PANEL)] = None,
     mode: Annotated[Optional[str], typer.Option(
-        help="fwd (forward kernel), bwd (the backward's dk/dv kernel, then its dq kernel behind "
-             "the dk/dv winner; forward config from the lookup) or fwd_bwd (forward first, then "
-             "both backward kernels behind it). Default: the spec's mode, fwd for a single shape.",
+        help="fwd, bwd or fwd_bwd (see Modes). Default: the spec's mode, else fwd.",
         show_default=False)] = None,
     device: Annotated[str, typer.Option(
-        help="auto, cuda or cpu (cpu runs Triton's interpreter).")] = "auto",
+        help="auto, cuda or cpu (Triton's interpreter).")] = "auto",
     cache: Annotated[Optional[Path], typer.Option(
-        help="Cache file to write (overrides $DKBENCH_CACHE and the platform cache directory).",
+        help="Cache file to write. Default: $DKBENCH_CACHE, else the platform cache dir.",
         dir_okay=False, show_default=False)] = None,
-    top: Annotated[int, typer.Option(min=1, help="Candidates shown per case and kernel.")] = 5,
+    top: Annotated[int, typer.Option(
+        min=1, metavar="N", help="Candidates shown per case and kernel.")] = 5,
     dry_run: Annotated[bool, typer.Option(
-        "--dry-run",
-        help="List the candidates and the pruned configs (with why), run nothing.")] = False,
+        "--dry-run", help="List candidates and pruned configs (with why); run nothing.")] = False,
     out: Annotated[Path, typer.Option(
-        help="Directory that receives tune-<name>-<time>/.")] = Path("results"),
-    seqlen: Annotated[Optional[int], _shape_option("seqlen", "sequence length")] = None,
-    heads: Annotated[Optional[int], _shape_option("heads", "query heads")] = None,
-    kv_heads: Annotated[Optional[int], _shape_option("kv_heads", "kv heads")] = None,
-    head_dim: Annotated[Optional[int], _shape_option("head_dim", "head dim")] = None,
-    dtype: Annotated[Optional[str], _shape_option("dtype", "bf16, fp16 or fp32")] = None,
-    batch: Annotated[Optional[int], _shape_option("batch", "batch size")] = None,
-    block_size: Annotated[Optional[int], _shape_option("block_size", "sparse block size")] = None,
+        help="Directory that receives tune-NAME-TIME/.")] = Path("results"),
+    seqlen: Annotated[Optional[int], _shape_option("seqlen", "Sequence length")] = None,
+    heads: Annotated[Optional[int], _shape_option("heads", "Query heads")] = None,
+    kv_heads: Annotated[Optional[int], _shape_option("kv_heads", "KV heads")] = None,
+    head_dim: Annotated[Optional[int], _shape_option("head_dim", "Head dim")] = None,
+    dtype: Annotated[Optional[str], _shape_option("dtype", "bf16/fp16/fp32")] = None,
+    batch: Annotated[Optional[int], _shape_option("batch", "Batch size")] = None,
+    block_size: Annotated[Optional[int], _shape_option("block_size", "Sparse block size")] = None,
     local_blocks: Annotated[Optional[int],
-                            _shape_option("local_blocks", "local-stride local blocks")] = None,
+                            _shape_option("local_blocks", "Local blocks")] = None,
     vert_stride: Annotated[Optional[int],
-                           _shape_option("vert_stride", "local-stride vertical stride")] = None,
+                           _shape_option("vert_stride", "Vertical stride")] = None,
 ) -> None:
     """Search launch configs of the bundled kernel per case; cache the fastest one that is right.
 
-    Every candidate is checked against the reference before it may win and timed as `run` times:
+    Every candidate is checked against the reference before it may win, and timed as `run` times:
     with the spec's timing.interleave (the default) all of a kernel's candidates together, in
     rounds against the default config. A config replaces the default only when it is faster in
     four rounds of five (timed one by one: beyond the p20-p80 bands); the best median per-round
     speedup among those wins.
-    The single-shape flags build a causal local_stride pattern with head_sliding_offset 1.
 
-    Default spaces: fwd block_m {64,128}, block_n {32,64,128}, num_warps {4,8},
-    num_stages {2,3,4}, impl {triton,gluon} (gluon on Hopper only; Triton block_n capped at the
-    block size); bwd (dk/dv) block_m {32,64}, block_n {32,64}, num_warps {4,8},
-    num_stages {1,2,3}, impl {triton} (block_n and block_m capped at the block size); dq block_m
-    {64,128}, block_n {32,64}, num_warps {4,8}, num_stages {2,3,4}, impl {triton} (block_n
-    capped at the block size); on the CPU interpreter block_m {16,32}, block_n {16,32},
-    num_warps {4}, num_stages {1}, impl {triton}. The default config is always timed too, as the
-    reference. Winners go to the cache (on the CPU under the "cpu (triton interpreter)" key),
-    every config to tune.csv in OUT/tune-NAME-TIME/.
+    Modes: fwd tunes the forward kernel; bwd the backward's dk/dv kernel, then its dq kernel
+    behind the dk/dv winner (the forward's config from the lookup); fwd_bwd the forward first,
+    then both backward kernels behind it.
+
+    Each search-space flag replaces one axis; the others keep the default space (impl gluon is
+    the forward's warp-specialised Hopper kernel). The default config is always timed too, as the
+    reference. Default spaces:
+    - fwd: block_m {64,128}, block_n {32,64,128}, num_warps {4,8}, num_stages {2,3,4},
+      impl {triton,gluon} (gluon on Hopper only; Triton block_n capped at the block size)
+    - bwd (dk/dv): block_m {32,64}, block_n {32,64}, num_warps {4,8}, num_stages {1,2,3},
+      impl {triton} (block_n and block_m capped at the block size)
+    - dq: block_m {64,128}, block_n {32,64}, num_warps {4,8}, num_stages {2,3,4},
+      impl {triton} (block_n capped at the block size)
+    - CPU interpreter: block_m {16,32}, block_n {16,32}, num_warps {4}, num_stages {1},
+      impl {triton}
+
+    The single-shape flags build one causal local_stride case (local blocks, vertical stride)
+    with head_sliding_offset 1.
+
+    Winners go to the cache (on the CPU under the "cpu (triton interpreter)" key), every config
+    to tune.csv in OUT/tune-NAME-TIME/. Both are checked writable before anything is timed.
     """
     from .. import tune as tuning
     from ..runner import resolve_device
@@ -156,6 +183,12 @@ def tune(
     console.print(f"Tune results: [bold]{escape(str(outcome.run_dir / tuning.TUNE_FILE))}[/bold]")
 
 
+# Typer keeps a docstring's single line breaks and rich wraps each source line again, which at
+# 80 columns leaves a word or two dangling on every other line; one line per paragraph (and per
+# "- " item) lets rich wrap the prose at the terminal's width instead.
+tune.__doc__ = prose_help(tune.__doc__ or "")
+
+
 def _check_interpreter(dev: torch.device) -> None:
     if dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise BadInputError("--device cpu: the kernels need TRITON_INTERPRET=1 set before triton "
@@ -164,7 +197,8 @@ def _check_interpreter(dev: torch.device) -> None:
 
 def _execute(tuning, sweep, spec_text: str, jobs: list[TuneJob], dev: torch.device, out: Path,
              cache: Path | None):
-    with progress_bar(console) as on_progress:
+    # A bad cache file (ours, or the one the kernels' lookup reads) is named once, not per config.
+    with show_cache_warnings(), progress_bar(console) as on_progress:
         return tuning.execute_tune(sweep, spec_text, jobs, dev, out, cache, on_progress)
 
 

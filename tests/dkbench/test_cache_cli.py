@@ -144,3 +144,25 @@ def test_rows_and_config_format(cache: ConfigCache) -> None:
     assert format_config({**CONFIG, "waves": 2}) == "64x32 w4 s3 waves=2"
     broken = {"k": {**cache.entry(make_key()), "ms": 0.0}}  # type: ignore[dict-item]
     assert math.isnan(cache_rows(broken)[0].speedup)
+
+
+def test_show_fits_80_columns_with_every_key_field(app: typer.Typer, cache: ConfigCache) -> None:
+    gluon = {"block_m": 128, "block_n": 128, "num_warps": 4, "num_stages": 3, "impl": "gluon"}
+    cache.put(make_key(kernel="dq", seqlen_bucket=131072, density_bucket=0.05), gluon, ms=12.5,
+              default_ms=13.75)
+    cache.put(make_key(gpu="cpu (triton interpreter)", capability="", kernel="bwd",
+                       dtype="float32", head_dim=32, block_size=32, seqlen_bucket=256,
+                       density_bucket=1.0), CONFIG, ms=0.2, default_ms=0.3)
+    r = invoke(app, "show", "--cache", str(cache.path), env={"COLUMNS": "80"})
+    assert r.exit_code == 0, r.output
+    too_long = [line for line in r.stdout.splitlines() if len(line) > 80]
+    assert not too_long, "\n".join(too_long)
+    words = r.stdout.split()
+    for field in ("NVIDIA H100 80GB HBM3, cc 9.0, triton 3.6.0",
+                  "cpu (triton interpreter), triton 3.6.0", "64x32 w4 s3", "0.4000", "0.5000",
+                  "1.25x", "12.5000", "13.7500", "1.10x", "1.50x"):
+        assert field in r.stdout, f"{field!r} missing from:\n{r.stdout}"
+    for word in ("fwd", "bwd", "dq", "ab12cd34", "bfloat16", "float32", "d128", "d64", "d32",
+                 "bs64", "bs32", "s8192", "s131072", "s256", "p0.35", "p0.05", "p1.00", "gluon",
+                 "128x128"):
+        assert word in words, f"{word!r} missing (or folded) in:\n{r.stdout}"

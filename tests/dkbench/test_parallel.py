@@ -264,9 +264,10 @@ def test_run_case_turns_a_broken_case_into_rows(tmp_path: Path,
     def broken(self, *args):
         raise ValueError("no such layout")
 
-    monkeypatch.setattr(LocalStridePattern, "layout", broken)
     path = write_spec(tmp_path, providers=["sdpa_math", "sdpa_flash"])
     sweep = load_spec(path)
+    # Broken after the spec was validated (validation builds the layout too): the run meets it.
+    monkeypatch.setattr(LocalStridePattern, "layout", broken)
     plan = runner.plan_run(sweep, expand(sweep), sweep.providers, tmp_path / "out", None)
     rows = runner.execute(sweep, path.read_text(), plan, torch.device("cpu"))
     assert [(r.provider, r.status) for r in rows] == [("sdpa_math", "error"),

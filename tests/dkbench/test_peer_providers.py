@@ -34,7 +34,7 @@ def test_provider_options_reach_the_provider(tmp_path: Path) -> None:
     ({"fa4_sparse": {"fwd_blok": [128, 64]}},
      "provider_options.fa4_sparse.fwd_blok: unknown key; allowed keys here: bwd_block, fwd_block"),
     ({"fa4_sparse": {"fwd_block": [100, 64]}},
-     "provider_options.fa4_sparse.fwd_block[0]: Input should be a multiple of 16"),
+     "provider_options.fa4_sparse.fwd_block[0]: must be a multiple of 16, got 100"),
     ({"fa4_sparse": {"fwd_block": [128]}}, "provider_options.fa4_sparse.fwd_block"),
     ({"flex": {"fwd_block": [128, 128]}}, "provider_options.flex: 'flex' is not in providers"),
     ({"sdpa_math": {"x": 1}}, "provider_options.sdpa_math: sdpa_math takes no options"),

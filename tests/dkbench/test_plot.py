@@ -321,3 +321,68 @@ def test_batch_tokens_sweep_keeps_one_line_per_provider(tmp_path):
     assert titles == ["fwd · fp16", "bwd · fp16"]
     xs = {len(x) for x, _ in series(facet(fig, "fwd")).values()}
     assert max(xs) == 3, xs  # a provider's ok points at all three sequence lengths on one line
+
+
+# -- tune directories (`dkbench tune` writes tune.csv and meta.json, no results.csv) --
+
+TUNE_META = {"kind": "tune", "name": "ls", "command": "dkbench tune sweeps/ls.yaml",
+             "environment": {"gpu": H100, "torch": "2.11.0+cu130", "triton": "3.6.0",
+                             "interpreter": False, "git_sha": "abc1234"}}
+
+
+def tune_dir(parent: Path, name: str = "tune-ls-20261124", **env) -> Path:
+    from tests.dkbench.fixtures_plot import tune_rows
+
+    meta = {**TUNE_META, "environment": {**TUNE_META["environment"], **env}}
+    return write_run(parent / name, [], meta, tune_rows())
+
+
+def test_plot_draws_a_tune_directorys_heatmaps(tmp_path):
+    tuned = tune_dir(tmp_path)
+    assert not (tuned / RESULTS_FILE).exists()
+    written = plot_path(tuned)
+    assert sorted(p.name for p in written) == ["tune_ls-fwd-4096_bwd.png",
+                                               "tune_ls-fwd-4096_fwd.png"]
+    assert all(p.parent == tuned and p.read_bytes()[:4] == b"\x89PNG" for p in written)
+
+
+def test_a_tune_directorys_heatmaps_name_it_and_the_interpreter(tmp_path):
+    from dkbench.plot import load_sources
+
+    runs, tunes = load_sources(tune_dir(tmp_path, interpreter=True))
+    assert runs == [] and [t.label for t in tunes] == [f"tune-ls-20261124 ({H100})"]
+    figs = {nf.name: nf.figure for nf in build_figures(runs, tunes=tunes)}
+    assert set(figs) == {"tune_ls-fwd-4096_fwd", "tune_ls-fwd-4096_bwd"}
+    title = figs["tune_ls-fwd-4096_fwd"].get_suptitle()
+    assert f"tune-ls-20261124 ({H100})" in title and INTERPRETER_NOTE in title
+    assert "best: BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3" in title
+
+
+def test_a_directory_of_runs_and_tunings_draws_both(tmp_path):
+    from dkbench.plot import load_sources
+
+    write_run(tmp_path / "all" / "run", sample_rows(), META)
+    tune_dir(tmp_path / "all")
+    runs, tunes = load_sources(tmp_path / "all")
+    names = [nf.name for nf in build_figures(runs, metric="ms", tunes=tunes)]
+    assert names == ["latency", "speedup_vs_density", "tune_tune-ls-20261124_ls-fwd-4096_fwd",
+                     "tune_tune-ls-20261124_ls-fwd-4096_bwd"]
+    only_tunes = tmp_path / "tunes"
+    tune_dir(only_tunes, "tune-a")
+    tune_dir(only_tunes, "tune-b")
+    assert len(plot_path(only_tunes)) == 4
+
+
+def test_a_tune_directory_without_rows_is_bad_input(tmp_path):
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "tune.csv").write_text("")
+    with pytest.raises(BadInputError, match="tune.csv: no rows yet"):
+        plot_path(tmp_path / "t")
+
+
+def test_cli_plot_a_tune_directory(tmp_path):
+    tuned = tune_dir(tmp_path)
+    result = CliRunner().invoke(cli(), ["plot", str(tuned)])
+    assert result.exit_code == 0, result.output
+    assert "wrote 2 figure files" in result.output
+    assert (tuned / "tune_ls-fwd-4096_fwd.png").is_file()

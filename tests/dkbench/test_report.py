@@ -171,3 +171,35 @@ def test_a_paired_speedup_shows_the_band_of_its_ratios():
     rows = table_rows("\n".join(case_table(frame)))
     assert rows["**dkbench** ★"][3] == "2.54× (2.50–2.58)"
     assert rows["flex"][3] == "1.30×" and rows["sdpa_cudnn"][3] == "baseline"
+
+
+# -- tune directories --
+
+def test_report_of_a_tune_directory(tmp_path):
+    from tests.dkbench.fixtures_plot import tune_rows
+
+    meta = {"kind": "tune", "name": "ls", "command": "dkbench tune sweeps/ls.yaml",
+            "environment": {"gpu": H100, "torch": "2.11.0+cu130", "git_sha": "abc1234"}}
+    tuned = write_run(tmp_path / "tune-ls-1", [], meta, tune_rows())
+    result = CliRunner().invoke(cli(), ["report", str(tuned)])
+    assert result.exit_code == 0, result.output
+    text = (tuned / "report.md").read_text()
+    assert text.startswith(f"# dkbench report: tune-ls-1 ({H100})")
+    env = section(text, "## Environment")
+    for want in (f"| GPU | {H100} |", "| torch | 2.11.0+cu130 |", "| csv `git_sha` | abc1234 |",
+                 "| rows (by status) | 46 (ok 44, oom 2) |"):
+        assert want in env, env
+    assert "## Summary" not in text and "## Failed rows" not in text
+    tuning = [line for line in section(text, "## Tuning").splitlines() if line.startswith("| ls")]
+    # 24 configs per kernel, one pruned (no row), one oom; the winner 1.31x over the default.
+    assert tuning[0] == ("| ls-fwd-4096 | fwd | 22 of 23 | BLOCK_M=64, BLOCK_N=64, num_warps=8, "
+                         "num_stages=3 | 0.2 | 1.31× |")
+    assert tuning[1].startswith("| ls-fwd-4096 | bwd | 22 of 23 |")
+    links = IMAGE.findall(section(text, "## Figures"))
+    assert set(links) == {"tune_ls-fwd-4096_fwd.png", "tune_ls-fwd-4096_bwd.png"}
+    assert all((tuned / link).is_file() for link in links)
+
+
+def test_a_run_with_a_tune_csv_reports_its_tuning(text):
+    rows = [line for line in section(text, "## Tuning").splitlines() if line.startswith("| ls-")]
+    assert [line.split(" | ")[1] for line in rows] == ["fwd", "bwd"]  # pipeline order

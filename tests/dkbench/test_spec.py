@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from dkbench.errors import SpecError
 from dkbench.spec import CASE_KEYS, Case, excluded_for_provider, expand, filter_cases, load_spec
@@ -39,13 +40,19 @@ ERRORS: list[tuple[str, dict[str, Any], str, str]] = [
     ("unknown pattern key", {"patterns": [{**LOCAL, "bogus": 1}]},
      "patterns[0].local_stride.bogus: unknown key", "local_blocks"),
     # wrong types
-    ("fractional int", {"heads": 2.5}, "heads", "valid integer"),
-    ("string for int", {"seqlen": "long"}, "seqlen", "valid integer"),
-    ("bad list element", {"heads": [2, "x"]}, "heads.list[int][1]", "valid integer"),
-    ("bad mode", {"mode": "forward"}, "mode", "'fwd', 'bwd', 'fwd_bwd', 'prefill_varlen' or 'decode'"),
-    ("bad device", {"device": "gpu"}, "device", "'auto', 'cuda' or 'cpu'"),
-    ("bad causal", {"causal": "maybe"}, "causal", "valid boolean"),
-    ("exclude not a list", {"exclude": {"seqlen": 32}}, "exclude", "valid list"),
+    ("fractional int", {"heads": 2.5}, "heads: 2.5 is not an integer",
+     "allowed: integers 1 to 1024"),
+    ("string for int", {"seqlen": "long"}, "seqlen: 'long' is not an integer",
+     "allowed: integers 1 to 16777216"),
+    ("bad list element", {"heads": [2, "x"]}, "heads[1]: 'x' is not an integer",
+     "allowed: integers"),
+    ("bad mode", {"mode": "forward"}, "mode: 'forward' is not a mode",
+     "allowed: fwd, bwd, fwd_bwd, prefill_varlen, decode"),
+    ("bad device", {"device": "gpu"}, "device: 'gpu' is not allowed", "allowed: auto, cuda, cpu"),
+    ("bad causal", {"causal": "maybe"}, "causal: 'maybe' is not a boolean",
+     "allowed: true, false"),
+    ("exclude not a list", {"exclude": {"seqlen": 32}}, "exclude",
+     "expected a list, got a mapping"),
     ("bad name", {"name": "my sweep"}, "name", "^[A-Za-z0-9_.-]+$"),
     ("non-positive sm_scale", {"sm_scale": -1.0}, "sm_scale", "greater than 0"),
     ("check.max_tokens too small", {"check": {"max_tokens": 4}}, "check.max_tokens",
@@ -54,7 +61,7 @@ ERRORS: list[tuple[str, dict[str, Any], str, str]] = [
      "pattern types: local_stride, dense, random, file"),
     ("pattern without type", {"patterns": [{"block_size": 16}]}, "patterns[0]",
      "pattern types: local_stride, dense, random, file"),
-    ("missing required key", {"seqlen": None}, "seqlen", "Field required"),
+    ("missing required key", {"seqlen": None}, "seqlen", "required key is missing"),
     ("batch and batch_tokens", {"batch_tokens": 64}, "(top level)",
      "exactly one of 'batch' and 'batch_tokens'"),
     ("neither batch nor batch_tokens", {"batch": None}, "(top level)",
@@ -370,3 +377,75 @@ def test_spec_dict_helper_is_valid(tmp_path: Path) -> None:
     # The base every other test edits must itself be a valid one-case spec.
     assert spec_dict()["providers"] == ["sdpa_math"]
     assert len(expand(load(tmp_path))) == 1
+
+
+# -- big sweeps: checked in time proportional to what differs, or refused at once --
+
+def test_validate_100k_seqlens_is_quick(tmp_path: Path) -> None:
+    # Each case once built its pattern at full length: minutes for this spec. Patterns are now
+    # checked once per (pattern, heads, kv_heads, causal), files once per file.
+    import time
+
+    from typer.testing import CliRunner
+
+    from dkbench.cli import app
+
+    path = write_spec(tmp_path, seqlen=list(range(1, 100_001)),
+                      patterns=[{**LOCAL, "block_size": 64}])
+    start = time.perf_counter()
+    result = CliRunner().invoke(app, ["validate", str(path)], env={"COLUMNS": "400"})
+    elapsed = time.perf_counter() - start
+    assert result.exit_code == 0, result.output
+    assert "ok, 100000 cases" in result.output
+    assert elapsed < 10, f"validate took {elapsed:.1f} s"
+
+
+def test_too_many_cases_refused_at_once(tmp_path: Path) -> None:
+    import time
+
+    path = write_spec(tmp_path, heads=list(range(1, 1025)), seqlen=[16 * k for k in range(1, 101)],
+                      dtype=["fp32", "bf16"])
+    start = time.perf_counter()
+    message = spec_error(path)
+    assert time.perf_counter() - start < 1
+    assert message == (f"{path}: heads: the axes multiply to 204800 cases (2 dtype x 100 seqlen x "
+                       "1024 heads); allowed: at most 100000 in one spec (shorten heads or split "
+                       "the sweep)")
+
+
+def test_long_seqlen_checks_without_building_the_layout(tmp_path: Path) -> None:
+    # 2**20 tokens in blocks of 64: a full per-head layout would be 2 x 16384 x 16384 bools.
+    (case,) = expand(load(tmp_path, seqlen=2**20, patterns=[{**LOCAL, "block_size": 64}]))
+    assert case.seqlen == 2**20
+
+
+# -- the YAML itself --
+
+def test_yaml_merge_keys_are_not_duplicates(tmp_path: Path) -> None:
+    text = (write_spec(tmp_path, patterns=None).read_text()
+            + "patterns:\n  - &p {type: local_stride, block_size: 16, local_blocks: 1, "
+              "vert_stride: 2}\n  - {<<: *p, vert_stride: 4}\n")
+    path = tmp_path / "merge.yaml"
+    path.write_text(text)
+    assert [p.vert_stride for p in load_spec(path).patterns] == [2, 4]
+
+
+def test_strict_types_still_take_what_yaml_writes(tmp_path: Path) -> None:
+    # An integer where a number is wanted is fine; only bools and fractions are refused.
+    sweep = load(tmp_path, timing={"warmup_ms": 1, "rep_ms": 2}, sm_scale=1, check={
+        "rtol": {"fp32": 1}}, patterns=[{"type": "random", "block_size": 16, "density": 1}])
+    assert (sweep.timing.rep_ms, sweep.sm_scale, sweep.check.rtol["float32"]) == (2.0, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [bool, np.uint8, np.int32, np.int64])
+def test_file_pattern_of_zeros_and_ones_loads(tmp_path: Path, dtype: Any) -> None:
+    write_pattern(tmp_path, causal_pattern(1, 2).astype(dtype))
+    (case,) = expand(load(tmp_path, patterns=[{"type": "file", "path": "pattern.npy",
+                                               "block_size": 16}]))
+    assert case.pattern.load().dtype == torch.bool
+
+
+def test_pt_pattern_file_loads(tmp_path: Path) -> None:
+    torch.save(torch.from_numpy(causal_pattern(1, 2)).to(torch.int8), tmp_path / "p.pt")
+    sweep = load(tmp_path, patterns=[{"type": "file", "path": "p.pt", "block_size": 16}])
+    assert sweep.patterns[0].load().tolist() == [[[True, False], [True, True]]]

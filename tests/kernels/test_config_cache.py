@@ -348,3 +348,38 @@ def test_hand_edited_key_string_is_rederived(tmp_path: Path) -> None:
     write_json(path, {"format": 1, "entries": {"whatever": entry}})
     assert ConfigCache(path).get(make_key()) == CONFIG
     assert ConfigCache(path).get(replace(make_key(), kernel="bwd")) is None
+
+
+# -- checking a write before long work --
+
+
+def test_check_writable_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    with pytest.raises(OSError, match=f"{blocker / 'c.json'}.*{blocker} is not a directory"):
+        ConfigCache(blocker / "c.json").check_writable()
+
+    # chmod does not stop root (CI), so the unwritable directory is simulated.
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, *a, **k:
+                        False if Path(p) == locked else real(p, mode, *a, **k))
+    with pytest.raises(PermissionError, match=f"{locked / 'sub' / 'c.json'}.*not writable"):
+        ConfigCache(locked / "sub" / "c.json").check_writable()
+    assert not (locked / "sub").exists()
+
+    fine = ConfigCache(tmp_path / "new" / "c.json")
+    fine.check_writable()
+    assert fine.entries() == {} and not fine.path.exists()
+
+
+def test_cache_format_error_pickles_with_its_stamp(tmp_path: Path) -> None:
+    import pickle
+
+    err = config_cache.CacheFormatError(tmp_path / "c.json", "not valid JSON", (1, 2, 3))
+    back = pickle.loads(pickle.dumps(err))
+    assert (back.path, back.reason, back.stamp, str(back)) == (err.path, err.reason, err.stamp,
+                                                               str(err))
