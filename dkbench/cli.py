@@ -23,6 +23,7 @@ def _use_interpreter_without_gpu(argv: list[str]) -> None:
 _use_interpreter_without_gpu(sys.argv[1:])
 
 from .commands.cache import cache_app  # noqa: E402
+from .commands.errors import plain_warnings  # noqa: E402
 from .commands.gate import gate  # noqa: E402
 from .commands.merge import merge  # noqa: E402
 from .commands.plot import plot, report  # noqa: E402
@@ -40,6 +41,7 @@ app.command("merge")(merge)
 app.command("plot")(plot)
 app.command("report")(report)
 app.add_typer(cache_app, name="cache", help="Show and manage the best-config cache.")
+app.callback()(plain_warnings)
 
 
 def main() -> None:

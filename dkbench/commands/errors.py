@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -19,6 +20,25 @@ def fail(exc: DkbenchError) -> typer.Exit:
     err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False,
                       soft_wrap=True)
     return typer.Exit(code=exc.exit_code)
+
+
+def plain_warnings() -> None:
+    """Show the warnings the library raises on purpose (a torn results row set aside, a config
+    cache file set aside) as one ``warning:`` line on stderr, not Python's file:line form."""
+    from kernels.config_cache import ConfigCacheWarning
+
+    from ..errors import TornRowWarning
+
+    original = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, (TornRowWarning, ConfigCacheWarning)):
+            err_console.print(f"[yellow]warning:[/yellow] {escape(str(message))}",
+                              highlight=False, soft_wrap=True)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
 
 
 @contextmanager

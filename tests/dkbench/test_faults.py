@@ -267,3 +267,18 @@ def test_read_only_run_on_resume_exits_2_naming_the_file(quick, tmp_path: Path,
         result.stderr), result.output
     assert "Traceback" not in result.output
     assert csv.read_bytes() == before
+
+
+def test_commands_name_a_torn_row_in_one_warning_line(tmp_path: Path) -> None:
+    spec = quick_spec(tmp_path)
+    assert invoke("run", spec, "--device", "cpu", "--out", tmp_path / "out", "-q").exit_code == 0
+    run_dir = run_dir_of(tmp_path / "out")
+    baseline = tmp_path / "baseline"
+    shutil.copytree(run_dir, baseline)
+    csv = run_dir / RESULTS_FILE
+    csv.write_bytes(csv.read_bytes()[:-10])
+    result = invoke("gate", run_dir, "--baseline", baseline, "--metric", "ms")
+    assert result.exit_code == 0, result.output
+    text = flat(result.stderr)
+    assert text.startswith(f"warning: {csv}: its last row was cut off"), result.stderr
+    assert "TornRowWarning" not in result.stderr and "Traceback" not in result.output
