@@ -42,7 +42,3 @@ app.command("plot")(plot)
 app.command("report")(report)
 app.add_typer(cache_app, name="cache", help="Show and manage the best-config cache.")
 app.callback()(plain_warnings)
-
-
-def main() -> None:
-    app()

@@ -19,6 +19,7 @@ import multiprocessing as mp
 import os
 import re
 import signal
+import threading
 from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
@@ -179,6 +180,22 @@ def _environ(updates: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored while a worker starts: a process started with it ignored keeps it so (Python
+    installs its KeyboardInterrupt handler only where SIGINT is at its default), so a Ctrl-C while
+    the worker imports torch reaches the parent alone, which reports it, instead of printing the
+    worker's traceback too. Only the main thread may change a signal's handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def describe_exit(code: int | None) -> str:
     if code is not None and code < 0:
         with contextlib.suppress(ValueError):
@@ -223,7 +240,7 @@ class _Pool:
         # and should the parent die first, its end of the pipe closes and the worker returns.
         proc = self.mp.Process(target=_worker_main, args=(theirs, self.setup, slot),
                                name=f"dkbench-{slot.label.replace(' ', '')}", daemon=False)
-        with _environ(slot.env()):
+        with _environ(slot.env()), _sigint_ignored():
             proc.start()
         theirs.close()  # so the parent's end sees EOF when the worker dies
         self.workers.append(_Worker(slot, proc, ours))

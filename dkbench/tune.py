@@ -33,10 +33,9 @@ from kernels.select import block_density, cache_key, clear_memo
 from .cache import cache_errors
 from .check import random_inputs, run_check
 from .envinfo import command_line, environment
-from .errors import BadInputError
 from .providers.base import Prepared, Provider
 from .providers.bundled import BundledKernel
-from .results import read_meta, write_meta
+from .results import check_out_dir, read_meta, write_meta
 from .runner import make_step, new_run_dir
 from .spec import Case, Sweep
 from .timing import Interleaved, Measurement, measure, measure_interleaved
@@ -389,19 +388,6 @@ def cache_winners(results: list[KernelResult]) -> list[CacheWrite]:
 
 def _geomean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
-
-
-def check_out_dir(out: Path) -> None:
-    """Raise BadInputError naming ``out`` when a run directory cannot be made in it: it, or its
-    nearest existing parent, is a file or is not writable."""
-    probe = Path(out)
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    where = "" if probe == Path(out) else f" ({probe})"
-    if not probe.is_dir():
-        raise BadInputError(f"--out {out}: is a file{where}, not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise BadInputError(f"--out {out}: not writable{where}")
 
 
 def preflight(out: Path, cache_path: Path | None) -> ConfigCache:

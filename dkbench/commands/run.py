@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import BadInputError, DkbenchError
+from ..launch import INTERRUPTED
 from ..spec import excluded_for_provider, expand, filter_cases, load_spec
 from .errors import err_console, fail
 from .progress import progress_bar
@@ -110,7 +111,7 @@ def run(
     except DkbenchError as exc:
         raise fail(exc) from None
     except KeyboardInterrupt:
-        err_console.print("Interrupted while starting; nothing was run.")
+        err_console.print(INTERRUPTED)
         raise typer.Exit(code=130) from None
 
     count = (f"{len(cases)} cases" if part is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import re
 from pathlib import Path
 
@@ -515,3 +516,19 @@ def test_outcome_line_counts_only_unavailable_providers_as_skipped() -> None:
         "here: sdpa_flash).")
     assert outcome_line(rows[:1], skipped) is None
     assert outcome_line(rows[1:2], skipped) == "1 skipped (cannot run here: sdpa_flash)."
+
+
+def test_ctrl_c_while_importing_ends_in_one_line(monkeypatch, capsys) -> None:
+    import types
+
+    from dkbench import launch
+
+    class Importing(types.ModuleType):
+        def __getattr__(self, name):
+            raise KeyboardInterrupt
+
+    monkeypatch.setitem(sys.modules, "dkbench.cli", Importing("dkbench.cli"))
+    with pytest.raises(SystemExit) as exit_:
+        launch.main()
+    assert exit_.value.code == 130
+    assert capsys.readouterr().err == "Interrupted while starting; nothing was run.\n"

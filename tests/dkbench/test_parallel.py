@@ -351,3 +351,25 @@ def test_a_gpu_is_dropped_after_its_restarts(tmp_path: Path) -> None:
                         "the other workers carry on"]
     assert triples(plan.run_dir) == [(victim, "dkbench", "error"), (victim, "sdpa_math", "error")]
     assert "finished" not in read_meta(plan.run_dir)  # --resume finishes it
+
+
+def _report_sigint(queue) -> None:
+    import signal
+
+    queue.put(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)
+
+
+def test_a_worker_starts_with_ctrl_c_left_to_the_parent() -> None:
+    import multiprocessing as mp
+    import signal
+
+    from dkbench.parallel import _sigint_ignored
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with _sigint_ignored():
+        proc = ctx.Process(target=_report_sigint, args=(queue,))
+        proc.start()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the parent's, back
+    assert queue.get(timeout=60) is True  # a Ctrl-C while it imports is not the worker's
+    proc.join(timeout=60)

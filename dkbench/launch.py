@@ -1,0 +1,17 @@
+"""The console script's entry: the Typer app, imported inside a guard because importing torch
+and the kernels takes seconds, and a Ctrl-C then must end in one line, not a traceback."""
+
+from __future__ import annotations
+
+import sys
+
+INTERRUPTED = "Interrupted while starting; nothing was run."
+
+
+def main() -> None:
+    try:
+        from .cli import app
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr)
+        raise SystemExit(130) from None
+    app()
