@@ -3,9 +3,9 @@ against density, and (in `plot_tune`) launch-config heatmaps.
 
 Plots are views of the CSVs alone (results.csv, meta.json and tune.csv in a run directory, or
 tune.csv and meta.json in a directory `dkbench tune` wrote).
-`dkbench.runs.load_runs` reads and checks them, `build_figures` returns matplotlib Figures (tests inspect them),
-`save_figures` writes them, and `plot_path` does all three for the CLI. Only this module and
-`plot_tune` import matplotlib, so `import dkbench` stays light.
+`dkbench.runs.load_sources` reads and checks them, `build_figures` returns matplotlib Figures
+(tests inspect them), `save_figures` writes them, and `plot_path` does all three for the CLI.
+Only this module and `plot_tune` import matplotlib, so `import dkbench` stays light.
 """
 
 from __future__ import annotations
@@ -31,17 +31,15 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
 
 from dkbench.errors import BadInputError
-from dkbench.results import RESULTS_FILE, read_meta
 from dkbench.runs import (
     INTERPRETER_NOTE,
     METRICS,
-    TUNE_FILE,
     Run,
+    TuneDir,
     check_metric,
+    load_sources,
     parse_formats,
-    read_tune,
 )
-from dkbench.runs import load_runs as _load_runs
 
 FACET_COLUMNS = ("pattern", "mode", "dtype")
 # Shape columns that split a facet further when a sweep varies them (else lines would mix shapes).
@@ -61,101 +59,6 @@ class NamedFigure:
     name: str
     title: str
     figure: Figure
-
-
-# -- reading --
-
-# Provenance columns kept as the text written: pandas would read the sha 338e663124 as a float
-# (inf) and 0123456 as the integer 123456.
-TEXT_COLUMNS = ("run_id", "timestamp", "torch_version", "triton_version", "git_sha", "case_id",
-                "pattern_hash", "config", "config_source", "timer", "command")
-TUNE_TEXT_COLUMNS = ("run_id", "case_id")  # a case_id is a hex digest: 1234567890 is one too
-
-
-def read_text_columns(csv: Path, columns: Sequence[str] = TEXT_COLUMNS) -> pd.DataFrame:
-    """A CSV's `columns` (those it has) exactly as written: str, an empty cell as ""."""
-    return pd.read_csv(csv, dtype=str, keep_default_na=False, usecols=lambda c: c in columns)
-
-
-def _as_text(frame: pd.DataFrame, csv: Path, columns: Sequence[str]) -> None:
-    """Replace `frame`'s `columns` (it was read from `csv`, row for row) by their text."""
-    try:
-        text = read_text_columns(csv, columns)
-    except (pd.errors.ParserError, UnicodeDecodeError):
-        return  # a torn last row that the reader set aside: keep the values as it read them
-    if len(text) < len(frame):
-        return
-    for col in text.columns:  # whole rows come first; a torn last one is beyond len(frame)
-        frame[col] = text[col].to_numpy()[:len(frame)]
-
-
-def load_runs(path: Path) -> list[Run]:
-    """`dkbench.runs.load_runs`, with the provenance columns as text (TEXT_COLUMNS)."""
-    runs = _load_runs(path)
-    for run in runs:
-        _as_text(run.results, run.path / RESULTS_FILE, TEXT_COLUMNS)
-        if run.tune is not None:
-            _as_text(run.tune, run.path / TUNE_FILE, TUNE_TEXT_COLUMNS)
-    return runs
-
-
-@dataclass
-class TuneDir:
-    """A directory `dkbench tune` wrote: tune.csv and meta.json, no results.csv."""
-
-    path: Path
-    label: str
-    meta: dict
-    tune: pd.DataFrame
-
-    @property
-    def interpreter(self) -> bool:
-        env = self.meta.get("environment")
-        return bool(isinstance(env, dict) and env.get("interpreter"))
-
-
-def find_tune_dirs(path: Path) -> list[Path]:
-    """`path` itself when it is a tune directory, else its subdirectories that are (sorted); a
-    run directory's tune.csv belongs to its run (`Run.tune`), so it is not listed here."""
-    path = Path(path)
-    if not path.is_dir() or (path / RESULTS_FILE).is_file():
-        return []
-    if (path / TUNE_FILE).is_file():
-        return [path]
-    return sorted(p for p in path.iterdir()
-                  if (p / TUNE_FILE).is_file() and not (p / RESULTS_FILE).is_file())
-
-
-def load_tune_dir(tune_dir: Path) -> TuneDir:
-    """Read one tune directory; raises BadInputError naming the file when it cannot be drawn."""
-    tune = read_tune(tune_dir / TUNE_FILE)
-    if tune is None:
-        raise BadInputError(f"{tune_dir / TUNE_FILE}: no rows yet")
-    _as_text(tune, tune_dir / TUNE_FILE, TUNE_TEXT_COLUMNS)
-    try:
-        meta = read_meta(tune_dir)
-    except ValueError as err:  # json.JSONDecodeError
-        raise BadInputError(f"{tune_dir / 'meta.json'}: not valid JSON ({err})") from None
-    meta = meta if isinstance(meta, dict) else {}
-    env = meta.get("environment") if isinstance(meta.get("environment"), dict) else {}
-    # The directory's name (tune-NAME-TIME) tells two tunings of one sweep apart.
-    name, gpu = tune_dir.resolve().name, env.get("gpu") or meta.get("gpu")
-    return TuneDir(tune_dir, f"{name} ({gpu})" if gpu else name, meta, tune)
-
-
-def _holds_runs(path: Path) -> bool:
-    path = Path(path)
-    return path.is_file() or (path / RESULTS_FILE).is_file() or any(
-        (p / RESULTS_FILE).is_file() for p in path.iterdir())
-
-
-def load_sources(path: Path) -> tuple[list[Run], list[TuneDir]]:
-    """The run directories and the tune directories under `path`: a run directory, a tune
-    directory, or a directory of either. Raises BadInputError when there is neither."""
-    tunes = [load_tune_dir(d) for d in find_tune_dirs(path)]
-    if tunes and not _holds_runs(path):
-        return [], tunes
-    return load_runs(path), tunes
 
 
 # -- line figures --

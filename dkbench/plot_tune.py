@@ -131,7 +131,7 @@ def tune_heatmap(rows: pd.DataFrame, subtitle: str = "", interpreter: bool = Fal
 
 def build_tune_figures(tune: pd.DataFrame, prefix: str = "tune", subtitle: str = "",
                        interpreter: bool = False) -> list[NamedFigure]:
-    """One heatmap figure per (case_id, kernel) in `tune` (a tune.csv read by `plot.read_tune`)."""
+    """One heatmap figure per (case_id, kernel) in `tune` (a tune.csv read by `runs.read_tune`)."""
     figures = []
     groups = sorted(tune.groupby(["case_id", "kernel"]),
                     key=lambda kv: (str(kv[0][0]), KERNEL_ORDER.get(kv[0][1], 9), str(kv[0][1])))

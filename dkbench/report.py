@@ -13,10 +13,10 @@ from typing import Sequence
 import pandas as pd
 
 from dkbench.errors import BadInputError
-from dkbench.plot import TuneDir, build_figures, load_sources, output_root, save_figures
+from dkbench.plot import build_figures, output_root, save_figures
 from dkbench.plot_tune import KERNEL_ORDER, winner
 from dkbench.results import KEY_COLUMNS
-from dkbench.runs import INTERPRETER_NOTE, Run
+from dkbench.runs import INTERPRETER_NOTE, Run, TuneDir, load_sources
 
 REPORT_FILE = "report.md"
 WINNER = "★"

@@ -1,4 +1,6 @@
-"""Run directories read and checked for plots and reports: results.csv, meta.json and tune.csv."""
+"""Run directories read and checked for plots and reports (results.csv, meta.json and tune.csv),
+and the directories `dkbench tune` writes (tune.csv and meta.json, no results.csv).
+"""
 
 from __future__ import annotations
 
@@ -22,6 +24,11 @@ REQUIRED_COLUMNS = (
 )
 TUNE_COLUMNS = ("case_id", "kernel", "block_m", "block_n", "num_warps", "num_stages", "ms",
                 "status")
+# Provenance columns kept as the text written: pandas would read the sha 338e663124 as a float
+# (inf) and 0123456 as the integer 123456.
+TEXT_COLUMNS = ("run_id", "timestamp", "torch_version", "triton_version", "git_sha", "case_id",
+                "pattern_hash", "config", "config_source", "timer", "command")
+TUNE_TEXT_COLUMNS = ("run_id", "case_id")  # a case_id is a hex digest: 1234567890 is one too
 
 
 @dataclass
@@ -74,8 +81,26 @@ def _read_csv_checked(path: Path, required: Iterable[str], reader) -> pd.DataFra
     return df
 
 
+def read_text_columns(csv: Path, columns: Sequence[str] = TEXT_COLUMNS) -> pd.DataFrame:
+    """A CSV's `columns` (those it has) exactly as written: str, an empty cell as ""."""
+    return pd.read_csv(csv, dtype=str, keep_default_na=False, usecols=lambda c: c in columns)
+
+
+def _as_text(frame: pd.DataFrame, csv: Path, columns: Sequence[str]) -> None:
+    """Replace `frame`'s `columns` (it was read from `csv`, row for row) by their text."""
+    try:
+        text = read_text_columns(csv, columns)
+    except (pd.errors.ParserError, UnicodeDecodeError):
+        return  # a torn last row that the reader set aside: keep the values as it read them
+    if len(text) < len(frame):
+        return
+    for col in text.columns:  # whole rows come first; a torn last one is beyond len(frame)
+        frame[col] = text[col].to_numpy()[:len(frame)]
+
+
 def read_tune(path: Path) -> pd.DataFrame | None:
-    """A tune.csv as a DataFrame, or None when it is absent or has no rows yet."""
+    """A tune.csv as a DataFrame, or None when it is absent or has no rows yet; its
+    TUNE_TEXT_COLUMNS as the text written."""
     if not path.is_file() or path.stat().st_size == 0:
         return None
     df = _read_csv_checked(path, TUNE_COLUMNS, lambda p: pd.read_csv(
@@ -86,11 +111,13 @@ def read_tune(path: Path) -> pd.DataFrame | None:
     df["is_best"] = _truthy(df["is_best"]) if "is_best" in df.columns else False
     for col in ("block_m", "block_n", "num_warps", "num_stages", "ms"):
         df[col] = pd.to_numeric(df[col], errors="coerce")
+    _as_text(df, path, TUNE_TEXT_COLUMNS)
     return df
 
 
 def load_run(run_dir: Path) -> Run:
-    """Read one run directory; raises BadInputError naming the file when it cannot be plotted."""
+    """Read one run directory, its TEXT_COLUMNS as the text written; raises BadInputError naming
+    the file when it cannot be plotted."""
     csv = run_dir / RESULTS_FILE
     df = _read_csv_checked(csv, REQUIRED_COLUMNS, read_results)
     if df.empty:
@@ -107,6 +134,7 @@ def load_run(run_dir: Path) -> Run:
     except ValueError as err:  # json.JSONDecodeError
         raise BadInputError(f"{run_dir / 'meta.json'}: not valid JSON ({err})") from None
     meta = meta if isinstance(meta, dict) else {}
+    _as_text(df, csv, TEXT_COLUMNS)
     return Run(run_dir, "", df, meta, read_tune(run_dir / TUNE_FILE))
 
 
@@ -122,6 +150,64 @@ def load_runs(path: Path) -> list[Run]:
         run.label = f"{name} ({gpus})" if gpus else name
         run.results["run"] = run.label
     return runs
+
+
+@dataclass
+class TuneDir:
+    """A directory `dkbench tune` wrote: tune.csv and meta.json, no results.csv."""
+
+    path: Path
+    label: str
+    meta: dict
+    tune: pd.DataFrame
+
+    @property
+    def interpreter(self) -> bool:
+        env = self.meta.get("environment")
+        return bool(isinstance(env, dict) and env.get("interpreter"))
+
+
+def find_tune_dirs(path: Path) -> list[Path]:
+    """`path` itself when it is a tune directory, else its subdirectories that are (sorted); a
+    run directory's tune.csv belongs to its run (`Run.tune`), so it is not listed here."""
+    path = Path(path)
+    if not path.is_dir() or (path / RESULTS_FILE).is_file():
+        return []
+    if (path / TUNE_FILE).is_file():
+        return [path]
+    return sorted(p for p in path.iterdir()
+                  if (p / TUNE_FILE).is_file() and not (p / RESULTS_FILE).is_file())
+
+
+def load_tune_dir(tune_dir: Path) -> TuneDir:
+    """Read one tune directory; raises BadInputError naming the file when it cannot be drawn."""
+    tune = read_tune(tune_dir / TUNE_FILE)
+    if tune is None:
+        raise BadInputError(f"{tune_dir / TUNE_FILE}: no rows yet")
+    try:
+        meta = read_meta(tune_dir)
+    except ValueError as err:  # json.JSONDecodeError
+        raise BadInputError(f"{tune_dir / 'meta.json'}: not valid JSON ({err})") from None
+    meta = meta if isinstance(meta, dict) else {}
+    env = meta.get("environment") if isinstance(meta.get("environment"), dict) else {}
+    # The directory's name (tune-NAME-TIME) tells two tunings of one sweep apart.
+    name, gpu = tune_dir.resolve().name, env.get("gpu") or meta.get("gpu")
+    return TuneDir(tune_dir, f"{name} ({gpu})" if gpu else name, meta, tune)
+
+
+def _holds_runs(path: Path) -> bool:
+    path = Path(path)
+    return path.is_file() or (path / RESULTS_FILE).is_file() or any(
+        (p / RESULTS_FILE).is_file() for p in path.iterdir())
+
+
+def load_sources(path: Path) -> tuple[list[Run], list[TuneDir]]:
+    """The run directories and the tune directories under `path`: a run directory, a tune
+    directory, or a directory of either. Raises BadInputError when there is neither."""
+    tunes = [load_tune_dir(d) for d in find_tune_dirs(path)]
+    if tunes and not _holds_runs(path):
+        return [], tunes
+    return load_runs(path), tunes
 
 
 def check_metric(metric: str | None) -> str | None:

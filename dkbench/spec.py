@@ -1,6 +1,7 @@
 """Sweep specs: YAML in, a validated `Sweep` and its frozen `Case`s out.
 
-Every error names the file, the key path and what is allowed, before anything runs.
+Every error names the file, the key path and what is allowed, before anything runs; the wording
+of pydantic's errors and the YAML loader live in `dkbench.spec_messages`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,18 @@ from pydantic import (
 )
 
 from .errors import SpecError
-from .patterns import PATTERN_TYPES, FilePattern, PatternSpec
+from .patterns import DensePattern, FilePattern, LocalStridePattern, PatternSpec, RandomPattern
+from .spec_messages import (
+    AxisError,
+    DuplicateKey,
+    SpecLoader,
+    error_text,
+    error_where,
+    only_model,
+    show,
+    validation_message,
+    yaml_problem,
+)
 
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
           "half": "float16", "fp32": "float32", "float32": "float32"}
@@ -104,23 +116,6 @@ class LaunchConfigSpec(BaseModel):
     impl: Literal["triton", "gluon"] = "triton"
 
 
-class _AxisError(ValueError):
-    """A bad axis value; `index` is its place in the list (None when the axis is one value)."""
-
-    def __init__(self, message: str, index: int | None = None) -> None:
-        super().__init__(message)
-        self.index = index
-
-
-def _show(value: Any) -> str:
-    """A value as YAML writes it (`true`, `null`), strings quoted."""
-    if value is None or isinstance(value, bool):
-        return {None: "null", True: "true", False: "false"}[value]
-    if not isinstance(value, (str, int, float, list, dict)):
-        return str(value)  # a YAML date, say: 2024-01-01
-    return repr(value)
-
-
 def _axis_values() -> dict[str, tuple[str, Any, str]]:
     """Axis key -> (what one value is, its test, what is allowed)."""
     table = {
@@ -186,15 +181,15 @@ class Sweep(BaseModel):
         what, ok, allowed = AXIS_VALUES[key]
         given = isinstance(value, list)
         if given and not value:
-            raise _AxisError(f"an empty list; give at least one value ({allowed})")
+            raise AxisError(f"an empty list; give at least one value ({allowed})")
         seen: dict[Any, int] = {}
         for i, v in enumerate(_as_list(value)):
             if not ok(v):
-                raise _AxisError(f"{_show(v)} is not {what}; {allowed}", i if given else None)
+                raise AxisError(f"{show(v)} is not {what}; {allowed}", i if given else None)
             same = DTYPES.get(v, v) if key == "dtype" else v
             if same in seen:
-                raise _AxisError(f"{_show(v)} is given twice (also at [{seen[same]}]); each "
-                                 "value of an axis may appear once", i)
+                raise AxisError(f"{show(v)} is given twice (also at [{seen[same]}]); each "
+                                "value of an axis may appear once", i)
             seen[same] = i
         return value
 
@@ -207,7 +202,7 @@ class Sweep(BaseModel):
             label = v.label() if info.field_name == "patterns" else repr(v)
             if label in seen:
                 same = values[seen[label]] == v
-                raise _AxisError(f"{label} is given twice (also at [{seen[label]}])" + (
+                raise AxisError(f"{label} is given twice (also at [{seen[label]}])" + (
                     "" if same else "; they differ only in keys the label leaves out, so their "
                     "case ids would collide"), i)
             seen[label] = i
@@ -293,140 +288,17 @@ def _as_list(value: Any) -> list:
     return value if isinstance(value, list) else [value]
 
 
-def _format_loc(loc: tuple) -> str:
-    return ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
-
-
-def _validation_message(path: Path, err: ValidationError) -> str:
-    lines = [f"{path}: invalid sweep spec"]
-    for e in err.errors():
-        lines.append(f"  {_error_where(e) or '(top level)'}: {_error_text(e)}")
-    return "\n".join(lines)
-
-
-def _error_where(e: dict) -> str:
-    if e["type"] == "invalid_key":  # the location is the bad key itself: blame its mapping
-        return _format_loc(e["loc"][:-1])
-    error = e.get("ctx", {}).get("error")
-    index = (error.index,) if isinstance(error, _AxisError) and error.index is not None else ()
-    return _format_loc((*e["loc"], *index))
-
-
-_KINDS = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
-          float: "a number", type(None): "null"}
-_BOUNDS = {"greater_than": ("gt", "greater than"), "greater_than_equal": ("ge", "greater than or "
-           "equal to"), "less_than": ("lt", "less than"), "less_than_equal": ("le", "less than or "
-           "equal to"), "multiple_of": ("multiple_of", "a multiple of")}
-
-
-def _error_text(e: dict, root: Any = None) -> str:
-    """One pydantic error in the project's words: what was given and what is allowed there.
-
-    ``root`` is the model the error's location starts from (None: `Sweep`)."""
-    kind, ctx, loc = e["type"], e.get("ctx", {}), e["loc"]
-    given, got = _show(e.get("input")), _KINDS.get(type(e.get("input")), "something else")
-    if kind in ("value_error", "assertion_error"):
-        return str(ctx["error"])
-    if kind == "extra_forbidden":
-        allowed = _allowed_keys(loc[:-1], root)
-        return "unknown key" + (f"; allowed keys here: {', '.join(allowed)}" if allowed else "")
-    if kind == "union_tag_invalid":
-        return f"unknown pattern type {ctx['tag']!r}; pattern types: {', '.join(PATTERN_TYPES)}"
-    if kind == "union_tag_not_found":
-        return f"no 'type' key; pattern types: {', '.join(PATTERN_TYPES)}"
-    if kind == "invalid_key":
-        return f"the key {given} is not a name; keys are strings"
-    if kind == "missing":
-        return "required key is missing"
-    limits = _limits(loc, root)
-    if kind.startswith("int_"):
-        return f"{given} is not an integer; allowed: integers{limits}"
-    if kind.startswith("float_") or kind == "finite_number":
-        return f"{given} is not a finite number; allowed: numbers{limits}"
-    if kind.startswith("bool_"):
-        return f"{given} is not a boolean; allowed: true, false"
-    if kind == "string_pattern_mismatch":
-        return f"{given} is not allowed; allowed: text matching {ctx['pattern']}"
-    if kind.startswith("string_"):
-        return f"{given} is not a string"
-    if kind == "literal_error":
-        choices = re.findall(r"'([^']*)'", ctx["expected"])  # "'auto', 'cuda' or 'cpu'"
-        return f"{given} is not allowed; allowed: {', '.join(choices) or ctx['expected']}"
-    if kind in _BOUNDS:
-        bound, words = _BOUNDS[kind]
-        return f"must be {words} {ctx[bound]}, got {given}"
-    if kind in ("list_type", "tuple_type"):
-        return f"expected a list, got {got}"
-    if kind in ("dict_type", "model_type", "model_attributes_type"):
-        return f"expected a mapping of keys, got {got}"
-    if kind in ("too_short", "too_long"):
-        n, most = ctx["actual_length"], kind == "too_long"
-        want = f"at {'most' if most else 'least'} {ctx['max_length' if most else 'min_length']}"
-        return f"{'an empty list' if n == 0 else f'{n} items'}; give {want}"
-    return e["msg"]
-
-
-def _model_at(parent: tuple, root: Any = None) -> Any:
-    """The model whose fields sit at ``parent`` (a location without its last key), or None."""
-    if root is not None:
-        return root if not parent else None
+def _model_at(parent: tuple) -> Any:
+    """The model whose fields sit at ``parent`` in a spec (a location without its last key), or
+    None: what `spec_messages` lists as the allowed keys and bounds there."""
     if not parent:
         return Sweep
     if len(parent) == 1:
         return {"timing": Timing, "check": Check, "config": LaunchConfigSpec}.get(str(parent[0]))
     if parent[0] == "patterns" and len(parent) == 3:
-        from . import patterns as p
-        return {"local_stride": p.LocalStridePattern, "dense": p.DensePattern,
-                "random": p.RandomPattern, "file": p.FilePattern}.get(str(parent[2]))
+        return {"local_stride": LocalStridePattern, "dense": DensePattern,
+                "random": RandomPattern, "file": FilePattern}.get(str(parent[2]))
     return None
-
-
-def _allowed_keys(parent: tuple, root: Any = None) -> list[str]:
-    model = _model_at(parent, root)
-    return sorted(model.model_fields) if model is not None else []
-
-
-def _limits(loc: tuple, root: Any = None) -> str:
-    """The bounds of the field at ``loc``, e.g. `` > 0``, or nothing."""
-    model = _model_at(loc[:-1], root)
-    field = model.model_fields.get(str(loc[-1])) if model is not None and loc else None
-    signs = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
-    return " and".join(f" {signs[k]} {getattr(m, k)}" for m in (field.metadata if field else ())
-                       for k in signs if hasattr(m, k))
-
-
-class _DuplicateKey(yaml.YAMLError):
-    def __init__(self, key: Any, line: int, first: int) -> None:
-        super().__init__(f"duplicate key {key!r} on line {line}")
-        self.key, self.line, self.first = key, line, first
-
-
-class _SpecLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
-    """yaml's safe loader (libyaml's when there), refusing a key given twice in one mapping
-    (plain YAML keeps the last one silently, so `seqlen` twice would run only the second)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        first: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # `<<: *base` then a key of base: an override, as YAML means it
-            key = self.construct_object(key_node, deep=True)
-            line = key_node.start_mark.line + 1
-            try:
-                if key in first:
-                    raise _DuplicateKey(key, line, first[key])
-                first[key] = line
-            except TypeError:
-                pass  # an unhashable key: the base constructor says so
-        return super().construct_mapping(node, deep)
-
-
-def _yaml_problem(exc: yaml.MarkedYAMLError) -> str:
-    """`line 3, column 6: did not find ... (while parsing a flow sequence, line 2)`."""
-    mark, context = exc.problem_mark, exc.context_mark
-    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-    around = f" ({exc.context}, line {context.line + 1})" if exc.context and context else ""
-    return f"{where}{exc.problem or exc.context}{around}"
 
 
 def load_spec(path: str | Path) -> Sweep:
@@ -444,12 +316,12 @@ def load_spec(path: str | Path) -> Sweep:
     except OSError as exc:
         raise SpecError(f"{path}: cannot be read: {exc.strerror or exc}") from None
     try:
-        raw = yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader
-    except _DuplicateKey as exc:
+        raw = yaml.load(text, Loader=SpecLoader)  # noqa: S506 - a SafeLoader
+    except DuplicateKey as exc:
         raise SpecError(f"{path}: line {exc.line}: duplicate key {exc.key!r} (first given on "
                         f"line {exc.first}); each key may appear once in a mapping") from None
     except yaml.MarkedYAMLError as exc:
-        raise SpecError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
+        raise SpecError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
     except yaml.YAMLError as exc:
         problem = str(exc).replace(' in "<unicode string>"', "")
         raise SpecError(f"{path}: not valid YAML: {problem}") from None
@@ -460,7 +332,7 @@ def load_spec(path: str | Path) -> Sweep:
     try:
         sweep = Sweep.model_validate(raw)
     except ValidationError as exc:
-        raise SpecError(_validation_message(path, exc)) from None
+        raise SpecError(validation_message(path, exc, _model_at)) from None
     sweep = _resolve_files(sweep, path.parent)
     check_sweep(sweep, path)
     return sweep
@@ -551,8 +423,8 @@ def _check_provider_options(sweep: Sweep, fail) -> None:
             model.model_validate(given)
         except ValidationError as exc:
             err = exc.errors()[0]
-            where = _error_where(err)
-            fail(f"{key}.{where}" if where else key, _error_text(err, root=model))
+            where = error_where(err)
+            fail(f"{key}.{where}" if where else key, error_text(err, only_model(model)))
 
 
 def _check_case(case: Case, fail, layouts: dict[tuple, Any]) -> None:

@@ -60,6 +60,7 @@ def run(
     try:
         from .. import runner
         from ..parallel import execute_parallel, parent_device, parse_gpus
+        from ..resume import recorded_spec
         from ..shard import parse_shard, shard_cases
         from ..summary import cannot_run_here, outcome_line, summary_table
 
@@ -67,7 +68,7 @@ def run(
             raise BadInputError(f"--device {device!r}: allowed values are auto, cuda, cpu")
         sweep = None
         if resume is not None and spec is None:
-            sweep, spec_text = runner.recorded_spec(resume)
+            sweep, spec_text = recorded_spec(resume)
             providers, only, shard = _recorded_flags(resume, providers, only, shard)
         part = parse_shard(shard) if shard is not None else None
         slots = parse_gpus(gpus) if gpus is not None else None

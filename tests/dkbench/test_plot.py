@@ -12,8 +12,9 @@ from typer.testing import CliRunner
 
 from dkbench.commands.plot import plot, report
 from dkbench.errors import BadInputError
-from dkbench.plot import INTERPRETER_NOTE, build_figures, load_runs, plot_path
+from dkbench.plot import build_figures, plot_path
 from dkbench.results import RESULTS_FILE, read_results
+from dkbench.runs import INTERPRETER_NOTE, load_runs, load_sources
 from tests.dkbench.fixtures_plot import (A100, BASELINE, H100, JUNK, META, PATTERN, multi_run,
                                          sample_rows, single_run, write_run)
 
@@ -347,8 +348,6 @@ def test_plot_draws_a_tune_directorys_heatmaps(tmp_path):
 
 
 def test_a_tune_directorys_heatmaps_name_it_and_the_interpreter(tmp_path):
-    from dkbench.plot import load_sources
-
     runs, tunes = load_sources(tune_dir(tmp_path, interpreter=True))
     assert runs == [] and [t.label for t in tunes] == [f"tune-ls-20261124 ({H100})"]
     figs = {nf.name: nf.figure for nf in build_figures(runs, tunes=tunes)}
@@ -359,8 +358,6 @@ def test_a_tune_directorys_heatmaps_name_it_and_the_interpreter(tmp_path):
 
 
 def test_a_directory_of_runs_and_tunings_draws_both(tmp_path):
-    from dkbench.plot import load_sources
-
     write_run(tmp_path / "all" / "run", sample_rows(), META)
     tune_dir(tmp_path / "all")
     runs, tunes = load_sources(tmp_path / "all")

@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 
 from dkbench.commands.plot import plot, report
 from dkbench.errors import BadInputError
-from dkbench.plot import INTERPRETER_NOTE, load_runs
 from dkbench.report import render_report, write_report
 from dkbench.results import read_results
+from dkbench.runs import INTERPRETER_NOTE, load_runs
 from tests.dkbench.fixtures_plot import (A100, FAILURES, H100, JUNK, META, multi_run, sample_rows,
                                          single_run, write_run)
 
