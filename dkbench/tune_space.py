@@ -19,16 +19,19 @@ import torch
 import triton
 from pydantic import ValidationError
 
-from kernels import BlockLayout
+from kernels import KERNELS, BlockLayout
 from kernels.configs import IMPLS, LaunchConfig, config_problems, default_config, gluon_unavailable
+from kernels.registry import TUNABLE
 
 from .errors import BadInputError
 from .spec import Case, Sweep, check_sweep, expand
 
 AXES = ("block_m", "block_n", "num_warps", "num_stages", "impl")
-# Tuned in this order, each behind the winners before it: the backward's dk/dv kernel ("bwd")
-# with the dq kernel's looked-up config, then the dq kernel ("dq") behind the dk/dv winner.
-MODE_KERNELS = {"fwd": ("fwd",), "bwd": ("bwd", "dq"), "fwd_bwd": ("fwd", "bwd", "dq")}
+# The registry's tunable kernels, tuned in its order, each behind the winners before it: the
+# forward, then the backward's dk/dv kernel ("bwd") with the dq kernel's looked-up config, then
+# the dq kernel ("dq") behind the dk/dv winner. The backward modes tune all but the forward.
+MODE_KERNELS = {"fwd": ("fwd",), "bwd": tuple(k for k in TUNABLE if k != "fwd"),
+                "fwd_bwd": TUNABLE}
 
 # The shape tuned when no SPEC is given: phi-3-small's attention on a GPU; a tiny one on the CPU,
 # where every kernel call goes through Triton's interpreter.
@@ -42,15 +45,18 @@ CPU_SHAPE = {"seqlen": 256, "heads": 2, "kv_heads": 1, "head_dim": 32, "dtype": 
 # steps); the forward's Gluon kernel (impl "gluon", Hopper only) gathers two 64-key blocks into
 # its 128-wide tiles, so the forward also tries block_n 128, which only it can use. In the interpreter only
 # correctness and the pipeline mean anything, so the CPU space is tiny; warps and stages do
-# nothing there.
+# nothing there. Each tunable kernel's implementations are its record's.
+_GPU_TILES = {
+    "fwd": {"block_m": (64, 128), "block_n": (32, 64, 128), "num_warps": (4, 8),
+            "num_stages": (2, 3, 4)},
+    "bwd": {"block_m": (32, 64), "block_n": (32, 64), "num_warps": (4, 8),
+            "num_stages": (1, 2, 3)},
+    "dq": {"block_m": (64, 128), "block_n": (32, 64), "num_warps": (4, 8),
+           "num_stages": (2, 3, 4)},
+}
 GPU_SPACES: Mapping[str, Mapping[str, tuple]] = MappingProxyType({
-    "fwd": MappingProxyType({"block_m": (64, 128), "block_n": (32, 64, 128), "num_warps": (4, 8),
-                             "num_stages": (2, 3, 4), "impl": IMPLS}),
-    "bwd": MappingProxyType({"block_m": (32, 64), "block_n": (32, 64), "num_warps": (4, 8),
-                             "num_stages": (1, 2, 3), "impl": ("triton",)}),
-    "dq": MappingProxyType({"block_m": (64, 128), "block_n": (32, 64), "num_warps": (4, 8),
-                            "num_stages": (2, 3, 4), "impl": ("triton",)}),
-})
+    name: MappingProxyType({**_GPU_TILES[name], "impl": KERNELS[name].impls})
+    for name in TUNABLE})
 CPU_SPACE: Mapping[str, tuple] = MappingProxyType(
     {"block_m": (16, 32), "block_n": (16, 32), "num_warps": (4,), "num_stages": (1,),
      "impl": ("triton",)})

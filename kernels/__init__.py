@@ -14,12 +14,15 @@ from .layout import (
     token_mask,
 )
 from .reference import reference_attention
+from .registry import KERNELS, KernelRecord
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "KERNELS",
     "BlockLayout",
     "KVCacheUnfriendlyWarning",
+    "KernelRecord",
     "LaunchConfig",
     "LocalStrideSparseAttention",
     "SparseAttention",

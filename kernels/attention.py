@@ -17,9 +17,13 @@ from .checks import check_heads, check_scale, check_tensors
 from .configs import LaunchConfig, check_config
 from .fwd import sparse_attention_fwd
 from .layout import BlockLayout, local_stride_layout
+from .registry import KERNELS
 
-# The argument of :func:`sparse_attention` that pins each kernel's launch config.
-CONFIG_ARGUMENTS = {"fwd": "config", "bwd": "bwd_config", "dq": "dq_config"}
+# The argument of :func:`sparse_attention` that pins each kernel's launch config (kernel name ->
+# keyword), for the kernels whose record has one.
+CONFIG_ARGUMENTS = {name: record.config_argument for name, record in KERNELS.items()
+                    if record.config_argument is not None}
+
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
                   seq_dim: int, sm_scale: float | None) -> None:

@@ -11,13 +11,12 @@ from dataclasses import asdict, dataclass
 import torch
 import triton
 
-# The kernels a launch config is for: the forward, and the backward's two kernels (the dk/dv
-# kernel, "bwd", and the dq kernel, "dq"), which have different best tiles.
-KERNELS = ("fwd", "bwd", "dq")
+from . import registry
 
-# Implementations of a kernel: "triton" everywhere; "gluon", the forward's warp-specialised Gluon
-# kernel (kernels/fwd_ws.py), on Hopper only.
-IMPLS = ("triton", "gluon")
+# Implementations of a kernel, every record's in registry order: "triton" everywhere; "gluon", the
+# forward's warp-specialised Gluon kernel (kernels/fwd_ws.py), on Hopper only.
+IMPLS = tuple(dict.fromkeys(impl for record in registry.KERNELS.values()
+                            for impl in record.impls))
 
 
 @dataclass(frozen=True)

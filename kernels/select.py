@@ -16,6 +16,7 @@ import triton
 from . import config_cache
 from .configs import LaunchConfig, config_problems, default_config
 from .layout import BlockLayout
+from .registry import KERNELS
 
 SHIPPED_DIR = Path(__file__).parent / "tuned"
 
@@ -45,11 +46,9 @@ def _shipped() -> dict[str, dict]:
 def kernel_hash(kernel: str) -> str:
     """Hash of the kernel's source: an edited kernel never reuses a config tuned for the old one.
 
-    The forward's configs choose between two modules (Triton and Gluon), so it hashes both,
-    and the schedule the Gluon one walks.
+    It covers the modules of the kernel's record, ``KERNELS[kernel].sources``, in their order.
     """
-    modules = {"fwd": ("kernels.fwd", "kernels.fwd_ws", "kernels.schedule"),
-               "bwd": ("kernels.bwd",), "dq": ("kernels.bwd",)}[kernel]
+    modules = KERNELS[kernel].sources
     for module in modules:
         __import__(module)
     return config_cache.source_hash(*(sys.modules[module] for module in modules))

@@ -14,8 +14,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from kernels import KERNELS
+from kernels.registry import TUNABLE
+
 from ..errors import BadInputError, DkbenchError
-from ..tune_space import CPU_SHAPE, GPU_SHAPE, TuneJob
+from ..tune_space import AXES, CPU_SHAPE, CPU_SPACE, GPU_SHAPE, GPU_SPACES, TuneJob
 from .cache import show_cache_warnings
 from .errors import err_console, fail
 from .progress import progress_bar
@@ -106,14 +109,10 @@ def tune(
     Each search-space flag replaces one axis; the others keep the default space (impl gluon is
     the forward's warp-specialised Hopper kernel). The default config is always timed too, as the
     reference. Default spaces:
-    - fwd: block_m {64,128}, block_n {32,64,128}, num_warps {4,8}, num_stages {2,3,4},
-      impl {triton,gluon} (gluon on Hopper only; Triton block_n capped at the block size)
-    - bwd (dk/dv): block_m {32,64}, block_n {32,64}, num_warps {4,8}, num_stages {1,2,3},
-      impl {triton} (block_n and block_m capped at the block size)
-    - dq: block_m {64,128}, block_n {32,64}, num_warps {4,8}, num_stages {2,3,4},
-      impl {triton} (block_n capped at the block size)
-    - CPU interpreter: block_m {16,32}, block_n {16,32}, num_warps {4}, num_stages {1},
-      impl {triton}
+    {default_spaces}
+
+    Triton configs' block_n (and the dk/dv kernel's block_m) are capped at the block size; gluon
+    runs on Hopper only.
 
     The single-shape flags build one causal local_stride case (local blocks, vertical stride)
     with head_sliding_offset 1.
@@ -125,7 +124,6 @@ def tune(
     from ..runner import resolve_device
     from ..spec import load_spec
     from ..tune_space import (
-        AXES,
         parse_impl_list,
         parse_int_list,
         plan_tune,
@@ -183,10 +181,21 @@ def tune(
     console.print(f"Tune results: [bold]{escape(str(outcome.run_dir / tuning.TUNE_FILE))}[/bold]")
 
 
+def default_spaces_help() -> str:
+    """The help's list of default spaces: each tunable kernel of the registry, then the CPU's."""
+    def axes(values) -> str:
+        return ", ".join(f"{axis} {{{','.join(map(str, values[axis]))}}}" for axis in AXES)
+    items = [f"- {name} ({KERNELS[name].description}): {axes(GPU_SPACES[name])}"
+             for name in TUNABLE]
+    return "\n".join([*items, f"- CPU interpreter (every kernel): {axes(CPU_SPACE)}"])
+
+
 # Typer keeps a docstring's single line breaks and rich wraps each source line again, which at
 # 80 columns leaves a word or two dangling on every other line; one line per paragraph (and per
-# "- " item) lets rich wrap the prose at the terminal's width instead.
-tune.__doc__ = prose_help(tune.__doc__ or "")
+# "- " item) lets rich wrap the prose at the terminal's width instead. The default spaces are
+# listed from the registry and tune_space, so a new tunable kernel appears in the help.
+tune.__doc__ = prose_help(inspect.cleandoc(tune.__doc__ or "").replace(
+    "{default_spaces}", default_spaces_help()))
 
 
 def _check_interpreter(dev: torch.device) -> None:
