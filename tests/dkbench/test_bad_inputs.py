@@ -12,22 +12,15 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from typer.testing import CliRunner, Result
 
-from dkbench.cli import app
 
 from .specs import spec_dict, write_spec
+from .cli_helpers import flat, invoke
 
 LOCAL = {"type": "local_stride", "block_size": 16, "local_blocks": 1, "vert_stride": 2}
 LOCAL_LABEL = "local_stride(bs16,l1,s2,head,off0)"
 
 
-def invoke(*args: Any) -> Result:
-    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "400"})
-
-
-def flat(text: str) -> str:
-    return " ".join(text.split())
 
 
 @dataclass

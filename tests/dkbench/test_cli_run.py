@@ -9,38 +9,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner, Result
+from typer.testing import Result
 
 from dkbench import runner
-from dkbench.cli import app
 from dkbench.commands.run import default_spec
 from dkbench.providers.bundled import BundledKernel
 from dkbench.results import COLUMNS, RESULTS_FILE, read_meta, read_results
 
 from .specs import needs_interpreter, write_spec
+from .cli_helpers import flat, invoke, pairs, run_dir_of
 
 SWEEPS = Path(__file__).resolve().parents[2] / "sweeps"
 PREPARE_ONE = runner.prepare_one
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 
 
-def invoke(*args: str) -> Result:
-    # Wide enough that rich never folds a message or table cell the assertions look for.
-    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "400"})
 
 
-def flat(text: str) -> str:
-    return " ".join(text.split())
-
-
-def run_dir_of(out: Path) -> Path:
-    (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
-    return run_dir
-
-
-def pairs(run_dir: Path) -> list[tuple[str, str]]:
-    frame = read_results(run_dir)
-    return list(zip(frame["case_id"], frame["provider"]))
 
 
 # -- the smoke sweep end to end --

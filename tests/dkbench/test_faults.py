@@ -16,40 +16,24 @@ import warnings
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner, Result
 
 from dkbench import results, runner
-from dkbench.cli import app
 from dkbench.errors import TornRowWarning
 from dkbench.results import META_FILE, RESULTS_FILE, read_results
 from dkbench.spec import expand, load_spec
 
 from .specs import needs_interpreter, write_spec
+from .cli_helpers import flat, invoke, pairs, run_dir_of
 
 ROOT = Path(__file__).resolve().parents[2]
 AS_ROOT = os.geteuid() == 0  # chmod does not stop root: simulate the refusal instead
 
 
-def invoke(*args: object) -> Result:
-    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "400"})
 
-
-def flat(text: str) -> str:
-    return " ".join(text.split())
-
-
-def run_dir_of(out: Path) -> Path:
-    (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
-    return run_dir
 
 
 def row_lines(run_dir: Path) -> list[bytes]:
     return (run_dir / RESULTS_FILE).read_bytes().splitlines(keepends=True)[1:]
-
-
-def keys(run_dir: Path) -> list[tuple[str, str]]:
-    frame = read_results(run_dir)
-    return list(zip(frame["case_id"], frame["provider"]))
 
 
 def tiny_spec(folder: Path) -> Path:
@@ -109,7 +93,7 @@ def test_killed_run_resumes_to_the_full_set(uninterrupted, tmp_path: Path, seed:
     out = tmp_path / "out"
     # Soon after row 0-1, 2-3, 4-5 or 5 of 6 is written: the seeds cover the whole run.
     rng = random.Random(seed)
-    kill_after(spec, out, min(2 * seed + rng.randrange(2), len(keys(whole)) - 1),
+    kill_after(spec, out, min(2 * seed + rng.randrange(2), len(pairs(whole)) - 1),
                rng.uniform(0.0, 0.3))
     run_dir = run_dir_of(out)
     with warnings.catch_warnings():
@@ -123,9 +107,9 @@ def test_killed_run_resumes_to_the_full_set(uninterrupted, tmp_path: Path, seed:
     assert result.exit_code == 0, result.output
     final = row_lines(run_dir)
     assert final[:len(survived)] == survived  # every finished row kept, byte for byte
-    got = keys(run_dir)
+    got = pairs(run_dir)
     assert len(got) == len(set(got))  # no (case_id, provider) twice
-    assert set(got) == set(keys(whole))
+    assert set(got) == set(pairs(whole))
 
 
 # -- (b) torn at every byte of the last row --
@@ -138,7 +122,7 @@ def test_torn_at_every_byte_of_the_last_row(uninterrupted, tmp_path: Path,
     cases = expand(sweep)
     data = (whole / RESULTS_FILE).read_bytes()
     start = data.rstrip(b"\n").rfind(b"\n") + 1
-    last = keys(whole)[-1]
+    last = pairs(whole)[-1]
     run_dir = Path(shutil.copytree(whole, tmp_path / "run"))
     csv = run_dir / RESULTS_FILE
     for cut in range(start, len(data)):
@@ -155,7 +139,7 @@ def test_torn_at_every_byte_of_the_last_row(uninterrupted, tmp_path: Path,
                 frame = read_results(run_dir)
                 done = set(zip(frame["case_id"], frame["provider"]))
                 notes = [str(w.message) for w in caught if w.category is TornRowWarning]
-        assert done == set(keys(whole)) - {last}, cut
+        assert done == set(pairs(whole)) - {last}, cut
         assert csv.read_bytes() == data[:start], cut  # cut back to the last whole row
         aside = sorted(run_dir.glob(RESULTS_FILE + ".torn-*"))
         if cut == start:  # the row was never begun: nothing torn
@@ -212,8 +196,8 @@ def test_disk_full_midway_stops_cleanly_and_resumes(quick, tmp_path: Path,
     monkeypatch.setattr(results, "_write", real)
     result = invoke("run", "--resume", run_dir, "-q")
     assert result.exit_code == 0, result.output
-    got = keys(run_dir)
-    assert len(got) == len(set(got)) and set(got) == set(keys(whole))
+    got = pairs(run_dir)
+    assert len(got) == len(set(got)) and set(got) == set(pairs(whole))
     assert csv.read_bytes().startswith(b"".join(calls[:2]))
 
 

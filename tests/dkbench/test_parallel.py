@@ -9,10 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner, Result
 
 from dkbench import parallel, runner
-from dkbench.cli import app
 from dkbench.errors import BadInputError
 from dkbench.patterns import LocalStridePattern
 from dkbench.results import META_FILE, RESULTS_FILE, read_meta, read_results
@@ -20,21 +18,12 @@ from dkbench.shard import Shard, case_cost, largest_first, parse_shard, shard_ca
 from dkbench.spec import expand, load_spec
 
 from .specs import needs_interpreter, write_spec
+from .cli_helpers import flat, invoke, run_dir_of
 
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 
 
-def invoke(*args: object, env: dict[str, str] | None = None) -> Result:
-    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "400", **(env or {})})
 
-
-def flat(text: str) -> str:
-    return " ".join(text.split())
-
-
-def run_dir_of(out: Path) -> Path:
-    (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
-    return run_dir
 
 
 def seven_cases(folder: Path, **overrides) -> Path:

@@ -10,35 +10,20 @@ from pathlib import Path
 
 import pytest
 import yaml
-from typer.testing import CliRunner, Result
 
 from dkbench import results, runner
-from dkbench.cli import app
 from dkbench.errors import TornRowWarning
 from dkbench.merge import merge_runs
 from dkbench.results import META_FILE, RESULTS_FILE, append_row, read_meta, read_results
 
 from .specs import spec_dict, write_spec
+from .cli_helpers import flat, invoke, pairs, run_dir_of
 
 PREPARE_ONE = runner.prepare_one
 
 
-def invoke(*args: object) -> Result:
-    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "400"})
 
 
-def flat(text: str) -> str:
-    return " ".join(text.split())
-
-
-def run_dir_of(out: Path) -> Path:
-    (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
-    return run_dir
-
-
-def pairs(run_dir: Path) -> list[tuple[str, str]]:
-    frame = read_results(run_dir)
-    return list(zip(frame["case_id"], frame["provider"]))
 
 
 def four_cases(folder: Path, **overrides) -> Path:
