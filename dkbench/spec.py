@@ -26,6 +26,8 @@ from pydantic import (
     model_validator,
 )
 
+from kernels.configs import LaunchConfig, config_problems
+
 from .errors import SpecError
 from .patterns import DensePattern, FilePattern, LocalStridePattern, PatternSpec, RandomPattern
 from .spec_messages import (
@@ -380,6 +382,7 @@ def check_sweep(sweep: Sweep, path: Path) -> None:
         if bs < 16 or bs & (bs - 1) or bs > 1024:
             fail(f"patterns[{i}].block_size", f"must be a power of two >= 16, got {bs}; allowed: "
                  "16, 32, 64, 128, 256, 512, 1024")
+    _check_launch_config(sweep, fail)
     for i, rule in enumerate(sweep.exclude):
         unknown = sorted(set(rule) - set(CASE_KEYS))
         if unknown or not rule:
@@ -425,6 +428,20 @@ def _check_provider_options(sweep: Sweep, fail) -> None:
             err = exc.errors()[0]
             where = error_where(err)
             fail(f"{key}.{where}" if where else key, error_text(err, only_model(model)))
+
+
+def _check_launch_config(sweep: Sweep, fail) -> None:
+    """A pinned `config` must suit every block size and head_dim of the sweep: the kernels' own
+    validity rules, applied before anything runs."""
+    if sweep.config is None:
+        return
+    config = LaunchConfig(**sweep.config.model_dump())
+    for block_size in sorted({p.block_size for p in sweep.patterns}):
+        for head_dim in sorted(set(_as_list(sweep.head_dim))):
+            problems = config_problems(config, block_size, head_dim)
+            if problems:
+                fail("config", f"{config.short()} cannot run block_size {block_size}, head_dim "
+                     f"{head_dim}: {'; '.join(problems)}")
 
 
 def _check_case(case: Case, fail, layouts: dict[tuple, Any]) -> None:
