@@ -28,3 +28,10 @@ def pairs(run_dir: Path) -> list[tuple[str, str]]:
     """(case_id, provider) of every row, in file order."""
     frame = read_results(run_dir)
     return list(zip(frame["case_id"], frame["provider"]))
+
+
+def run_to_end(spec: Path, out: Path, *flags: object) -> Path:
+    """`dkbench run SPEC --out OUT -q FLAGS...` to completion; its run directory."""
+    result = invoke("run", spec, "--out", out, "-q", *flags)
+    assert result.exit_code == 0, result.output
+    return run_dir_of(out)

@@ -12,19 +12,8 @@ from typer.testing import CliRunner, Result
 
 from dkbench.cache import cache_rows, format_config
 from dkbench.commands.cache import cache_app
-from kernels.config_cache import ENV_VAR, CacheKey, ConfigCache
-
-CONFIG = {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 3}
-
-
-def make_key(**overrides: object) -> CacheKey:
-    fields = dict(
-        gpu="NVIDIA H100 80GB HBM3", capability="9.0", triton="3.6.0", kernel="fwd",
-        kernel_hash="ab12cd34", dtype="bfloat16", head_dim=128, block_size=64,
-        seqlen_bucket=8192, density_bucket=0.35,
-    )
-    fields.update(overrides)
-    return CacheKey(**fields)  # type: ignore[arg-type]
+from kernels.config_cache import ENV_VAR, ConfigCache
+from tests.cache_keys import CONFIG, make_key
 
 
 @pytest.fixture

@@ -29,19 +29,9 @@ from kernels.layout import local_stride_layout
 from kernels.config_cache import ENV_VAR, CacheKey, ConfigCache, ConfigCacheWarning
 from tests.dkbench import specs
 from tests.dkbench.test_tune import fake_kernel, write_spec  # noqa: F401 - fake_kernel: fixture
+from tests.cache_keys import CONFIG, make_key
 
-CONFIG = {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 3}
 CPU = torch.device("cpu")
-
-
-def make_key(**overrides: object) -> CacheKey:
-    fields = dict(
-        gpu="NVIDIA H100 80GB HBM3", capability="9.0", triton="3.6.0", kernel="fwd",
-        kernel_hash="ab12cd34", dtype="bfloat16", head_dim=128, block_size=64,
-        seqlen_bucket=8192, density_bucket=0.35,
-    )
-    fields.update(overrides)
-    return CacheKey(**fields)  # type: ignore[arg-type]
 
 
 def good_text() -> str:

@@ -23,7 +23,7 @@ from dkbench.results import META_FILE, RESULTS_FILE, read_results
 from dkbench.spec import expand, load_spec
 
 from .specs import needs_interpreter, write_spec
-from .cli_helpers import flat, invoke, pairs, run_dir_of
+from .cli_helpers import flat, invoke, pairs, run_dir_of, run_to_end
 
 ROOT = Path(__file__).resolve().parents[2]
 AS_ROOT = os.geteuid() == 0  # chmod does not stop root: simulate the refusal instead
@@ -54,9 +54,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]
     """(spec, run directory) of the tiny spec run start to finish."""
     folder = tmp_path_factory.mktemp("whole")
     spec = tiny_spec(folder)
-    result = invoke("run", spec, "--device", "cpu", "--out", folder / "out", "-q")
-    assert result.exit_code == 0, result.output
-    return spec, run_dir_of(folder / "out")
+    return spec, run_to_end(spec, folder / "out", "--device", "cpu")
 
 
 # -- (a) killed at random points, then resumed --
@@ -157,9 +155,7 @@ def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(spec, run directory) of `quick_spec` run start to finish."""
     folder = tmp_path_factory.mktemp("quick")
     spec = quick_spec(folder)
-    result = invoke("run", spec, "--out", folder / "out", "-q")
-    assert result.exit_code == 0, result.output
-    return spec, run_dir_of(folder / "out")
+    return spec, run_to_end(spec, folder / "out")
 
 
 @pytest.mark.parametrize("how", ["raises", "partial", "short"])

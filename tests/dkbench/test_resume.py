@@ -17,7 +17,7 @@ from dkbench.merge import merge_runs
 from dkbench.results import META_FILE, RESULTS_FILE, append_row, read_meta, read_results
 
 from .specs import spec_dict, write_spec
-from .cli_helpers import flat, invoke, pairs, run_dir_of
+from .cli_helpers import flat, invoke, pairs, run_dir_of, run_to_end
 
 PREPARE_ONE = runner.prepare_one
 
@@ -35,9 +35,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A finished four-row run (spec, run directory); tests copy it before changing it."""
     folder = tmp_path_factory.mktemp("finished")
     spec = four_cases(folder)
-    result = invoke("run", spec, "--out", folder / "out", "-q")
-    assert result.exit_code == 0, result.output
-    return spec, run_dir_of(folder / "out")
+    return spec, run_to_end(spec, folder / "out")
 
 
 def copy_run(finished: tuple[Path, Path], tmp_path: Path) -> Path:
