@@ -39,6 +39,7 @@ from typing import Any, Iterable, Sequence
 import pandas as pd
 
 from dkbench.errors import BadInputError
+from dkbench import markdown
 from dkbench.results import KEY_COLUMNS, RESULTS_FILE, read_results
 
 # metric name -> True when higher is better
@@ -370,12 +371,8 @@ def table_rows(result: GateResult) -> list[tuple[str, ...]]:
 
 def to_markdown(result: GateResult) -> str:
     """The gate's table, one-side-only rows and verdict as Markdown, for a CI comment."""
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
-
     out = [f"### dkbench gate: {'PASS' if result.passed else 'FAIL'}", "",
-           line(TABLE_HEADER), line(["---"] * len(TABLE_HEADER))]
-    out += [line(r) for r in table_rows(result)]
+           *markdown.table(TABLE_HEADER, table_rows(result))]
     if result.one_sided:
         out += ["", "Rows on one side only:", ""]
         out += [f"- {o.case} / {o.provider}: only in {o.side} ({o.status})"

@@ -5,7 +5,6 @@ relative path. A view of the CSVs alone."""
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Sequence
@@ -13,6 +12,7 @@ from typing import Sequence
 import pandas as pd
 
 from dkbench.errors import BadInputError
+from dkbench.markdown import cell, table
 from dkbench.plot import build_figures, output_root, save_figures
 from dkbench.plot_tune import KERNEL_ORDER, winner
 from dkbench.results import KEY_COLUMNS
@@ -34,21 +34,6 @@ CSV_PROVENANCE = ("run_id", "gpu", "torch_version", "triton_version", "git_sha",
                   "timer", "command")
 CASE_COLUMNS = tuple(c for c in KEY_COLUMNS if c != "provider")
 _MODE_ORDER = {"fwd": 0, "bwd": 1, "fwd_bwd": 2, "prefill_varlen": 3, "decode": 4}
-
-
-def _cell(value: object) -> str:
-    """A value as one Markdown table cell: pipes escaped, one line, missing as a dash."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    if isinstance(value, (list, tuple)):
-        value = " ".join(map(str, value))
-    text = " ".join(str(value).split())
-    return text.replace("|", "\\|") or "—"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
 
 
 def _num(value: float, fmt: str) -> str:
@@ -95,7 +80,7 @@ def environment_section(runs: Sequence[Run], tunes: Sequence[TuneDir] = ()) -> l
     rows += [[f"csv `{c}`", *(_provenance(s, c) for s in sources)] for c in CSV_PROVENANCE]
     rows.append(["csv timestamps", *(_csv_span(_frame(s)) for s in sources)])
     rows.append(["rows (by status)", *(_status_counts(_frame(s)) for s in sources)])
-    return ["## Environment", "", *_table(["", *(s.label for s in sources)], rows), ""]
+    return ["## Environment", "", *table(["", *(s.label for s in sources)], rows), ""]
 
 
 def _csv_span(df: pd.DataFrame) -> str:
@@ -152,7 +137,7 @@ def case_table(case: pd.DataFrame) -> list[str]:
                      r["status"]])
     header = ["provider", "median ms (p20–p80)", "TFLOP/s (computed)", "TFLOP/s (dense-eq.)",
               "speedup (p20–p80)", "status"]
-    return _table(header, rows)
+    return table(header, rows)
 
 
 def summary_section(run: Run, title: str = "## Summary") -> list[str]:
@@ -167,7 +152,7 @@ def summary_section(run: Run, title: str = "## Summary") -> list[str]:
         first = case.iloc[0]
         if (first["pattern"], first["mode"], first["dtype"]) != facet:
             facet = (first["pattern"], first["mode"], first["dtype"])
-            lines += [f"### `{_cell(facet[0])}` · {facet[1]} · {facet[2]}", ""]
+            lines += [f"### `{cell(facet[0])}` · {facet[1]} · {facet[2]}", ""]
         lines += [_case_heading(case), "", *case_table(case), ""]
     return lines
 
@@ -183,7 +168,7 @@ def failed_section(runs: Sequence[Run]) -> list[str]:
     lines = ["## Failed rows", ""]
     if not rows:
         return lines + ["None: every row has status ok.", ""]
-    return lines + _table((["run"] if len(runs) > 1 else []) + cols, rows) + [""]
+    return lines + table((["run"] if len(runs) > 1 else []) + cols, rows) + [""]
 
 
 def _config_text(row: pd.Series) -> str:
@@ -214,7 +199,7 @@ def tuning_section(sources: Sequence[Run | TuneDir]) -> list[str]:
         return []
     header = (["run"] if len(tuned) > 1 else []) + [
         "case_id", "kernel", "configs ok", "fastest config", "median ms", "vs default"]
-    return ["## Tuning", "", *_table(header, rows), ""]
+    return ["## Tuning", "", *table(header, rows), ""]
 
 
 def figures_section(figures: Sequence[tuple[str, Path]], report_dir: Path) -> list[str]:

@@ -68,16 +68,16 @@ class Interleaved:
     rounds: list[dict[str, float]]  # one per round: provider -> median ms of its turn's timed calls
 
 
-def _quantile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    pos = q * (len(ordered) - 1)
-    lo, hi = int(pos), min(int(pos) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+def p20_p80(samples: list[float]) -> tuple[float, float]:
+    """The 20th and 80th percentiles, interpolated between the sorted samples."""
+    if len(samples) == 1:  # statistics.quantiles wants two points before Python 3.13
+        return samples[0], samples[0]
+    quintiles = statistics.quantiles(samples, n=5, method="inclusive")
+    return quintiles[0], quintiles[3]
 
 
 def summarize(samples: list[float], timer: str) -> Measurement:
-    return Measurement(statistics.median(samples), _quantile(samples, 0.2), _quantile(samples, 0.8),
-                       timer, len(samples))
+    return Measurement(statistics.median(samples), *p20_p80(samples), timer, len(samples))
 
 
 def measure(fn: Callable[[], object], timing: Timing, device: torch.device) -> Measurement:
@@ -285,8 +285,7 @@ def _ratios(per_round: list[dict[str, float]], names: list[str], baseline: str |
             continue
         ratios = [s[baseline] / s[name] for s in per_round if s[name] > 0]
         if ratios:
-            out[name] = Ratio(statistics.median(ratios), _quantile(ratios, 0.2),
-                              _quantile(ratios, 0.8), len(ratios))
+            out[name] = Ratio(statistics.median(ratios), *p20_p80(ratios), len(ratios))
     return out
 
 

@@ -16,6 +16,7 @@ import csv
 import dataclasses
 import math
 import os
+import statistics
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -380,14 +381,10 @@ def cache_winners(results: list[KernelResult]) -> list[CacheWrite]:
             best = largest.best
             writes.append(CacheWrite(largest.key, best.config, best.ms, largest.default.ms))
             continue
-        chosen = max(common, key=lambda c: _geomean([o[c].speedup_vs_default for o in ok]))
-        writes.append(CacheWrite(group[0].key, chosen, _geomean([o[chosen].ms for o in ok]),
-                                 _geomean([g.default.ms for g in group])))
+        chosen = max(common, key=lambda c: statistics.geometric_mean([o[c].speedup_vs_default for o in ok]))
+        writes.append(CacheWrite(group[0].key, chosen, statistics.geometric_mean([o[chosen].ms for o in ok]),
+                                 statistics.geometric_mean([g.default.ms for g in group])))
     return writes
-
-
-def _geomean(values: list[float]) -> float:
-    return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
 def preflight(out: Path, cache_path: Path | None) -> ConfigCache:
