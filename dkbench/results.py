@@ -84,6 +84,13 @@ class ResultRow:
 
 COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(ResultRow))
 
+# Provenance columns read back as the text written: pandas would read the sha 338e663124 as a
+# float (inf) and 0123456 as the integer 123456.
+TEXT_COLUMNS: tuple[str, ...] = (
+    "run_id", "timestamp", "torch_version", "triton_version", "git_sha", "case_id",
+    "pattern_hash", "config", "config_source", "timer", "command")
+NA_VALUES = ["nan", "NaN", ""]
+
 # The columns that identify a case x provider across runs (used by resume, gate and merge).
 KEY_COLUMNS: tuple[str, ...] = (
     "provider", "mode", "dtype", "batch", "seqlen", "q_len", "heads", "kv_heads",
@@ -260,7 +267,8 @@ def read_results(path: Path) -> pd.DataFrame:
         source = io.BytesIO(data[:whole_rows_end(data)])
     if torn is not None:
         warnings.warn(torn, stacklevel=2)
-    return pd.read_csv(source, keep_default_na=False, na_values=["nan", "NaN", ""])
+    return pd.read_csv(source, dtype={c: str for c in TEXT_COLUMNS}, keep_default_na=False,
+                       na_values=NA_VALUES)
 
 
 def check_out_dir(out: Path, flag: str = "--out") -> None:

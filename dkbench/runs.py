@@ -11,7 +11,7 @@ from typing import Iterable, Sequence
 import pandas as pd
 
 from dkbench.errors import BadInputError
-from dkbench.results import RESULTS_FILE, read_meta, read_results
+from dkbench.results import NA_VALUES, RESULTS_FILE, TEXT_COLUMNS, read_meta, read_results
 
 TUNE_FILE = "tune.csv"
 METRICS = ("ms", "tflops", "speedup")
@@ -24,10 +24,6 @@ REQUIRED_COLUMNS = (
 )
 TUNE_COLUMNS = ("case_id", "kernel", "block_m", "block_n", "num_warps", "num_stages", "ms",
                 "status")
-# Provenance columns kept as the text written: pandas would read the sha 338e663124 as a float
-# (inf) and 0123456 as the integer 123456.
-TEXT_COLUMNS = ("run_id", "timestamp", "torch_version", "triton_version", "git_sha", "case_id",
-                "pattern_hash", "config", "config_source", "timer", "command")
 TUNE_TEXT_COLUMNS = ("run_id", "case_id")  # a case_id is a hex digest: 1234567890 is one too
 
 
@@ -81,37 +77,21 @@ def _read_csv_checked(path: Path, required: Iterable[str], reader) -> pd.DataFra
     return df
 
 
-def read_text_columns(csv: Path, columns: Sequence[str] = TEXT_COLUMNS) -> pd.DataFrame:
-    """A CSV's `columns` (those it has) exactly as written: str, an empty cell as ""."""
-    return pd.read_csv(csv, dtype=str, keep_default_na=False, usecols=lambda c: c in columns)
-
-
-def _as_text(frame: pd.DataFrame, csv: Path, columns: Sequence[str]) -> None:
-    """Replace `frame`'s `columns` (it was read from `csv`, row for row) by their text."""
-    try:
-        text = read_text_columns(csv, columns)
-    except (pd.errors.ParserError, UnicodeDecodeError):
-        return  # a torn last row that the reader set aside: keep the values as it read them
-    if len(text) < len(frame):
-        return
-    for col in text.columns:  # whole rows come first; a torn last one is beyond len(frame)
-        frame[col] = text[col].to_numpy()[:len(frame)]
-
-
 def read_tune(path: Path) -> pd.DataFrame | None:
     """A tune.csv as a DataFrame, or None when it is absent or has no rows yet; its
     TUNE_TEXT_COLUMNS as the text written."""
     if not path.is_file() or path.stat().st_size == 0:
         return None
     df = _read_csv_checked(path, TUNE_COLUMNS, lambda p: pd.read_csv(
-        p, keep_default_na=False, na_values=["nan", "NaN", ""]))
+        p, dtype={c: str for c in TUNE_TEXT_COLUMNS}, keep_default_na=False, na_values=NA_VALUES))
     if df.empty:
         return None
     df["status"] = df["status"].fillna("").astype(str).str.strip().str.lower()
     df["is_best"] = _truthy(df["is_best"]) if "is_best" in df.columns else False
     for col in ("block_m", "block_n", "num_warps", "num_stages", "ms"):
         df[col] = pd.to_numeric(df[col], errors="coerce")
-    _as_text(df, path, TUNE_TEXT_COLUMNS)
+    for col in TUNE_TEXT_COLUMNS:
+        df[col] = df[col].fillna("") if col in df.columns else ""
     return df
 
 
@@ -134,7 +114,9 @@ def load_run(run_dir: Path) -> Run:
     except ValueError as err:  # json.JSONDecodeError
         raise BadInputError(f"{run_dir / 'meta.json'}: not valid JSON ({err})") from None
     meta = meta if isinstance(meta, dict) else {}
-    _as_text(df, csv, TEXT_COLUMNS)
+    for col in TEXT_COLUMNS:  # read as text; an empty cell as ""
+        if col in df.columns:
+            df[col] = df[col].fillna("").astype(object)
     return Run(run_dir, "", df, meta, read_tune(run_dir / TUNE_FILE))
 
 
