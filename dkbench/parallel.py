@@ -29,6 +29,7 @@ from typing import Callable, Iterator
 import torch
 
 from . import runner
+from .calibrate import Calibration
 from .errors import BadInputError, NoWorkersLeft
 from .results import RESULTS_FILE, ResultRow, append_row
 from .shard import largest_first
@@ -103,9 +104,19 @@ class WorkerSetup:
     command: str
     baseline_ms: dict[str, float]
     cpu_threads: int
+    # The parent's measurement of this machine's GPU; a worker on a GPU of another name uses none.
+    calibration: Calibration | None = None
 
 
 # -- the worker process --
+
+def worker_calibration(calibration: Calibration | None,
+                       device: torch.device) -> Calibration | None:
+    """The parent's calibration where it describes this worker's device: a GPU of the same name."""
+    if calibration is None or device.type != "cuda":
+        return None
+    return calibration if torch.cuda.get_device_name(device) == calibration.gpu else None
+
 
 def _worker_main(conn: Connection, setup: WorkerSetup, slot: Slot) -> None:
     """Receive ``(index, case, providers)`` tasks until ``None``; send messages back on ``conn``."""
@@ -121,7 +132,7 @@ def _worker_main(conn: Connection, setup: WorkerSetup, slot: Slot) -> None:
         torch.set_num_threads(setup.cpu_threads)
     env = environment(device)
     ctx = runner.RunContext(setup.sweep, device, env, setup.run_id, setup.baseline, setup.command,
-                            dict(setup.baseline_ms))
+                            dict(setup.baseline_ms), worker_calibration(setup.calibration, device))
     crash_case, _, crash_provider = os.environ.get(CRASH_ENV, "").partition(":")
     conn.send(("ready", env))
     while True:
@@ -228,7 +239,8 @@ class _Pool:
         self.doing = "starting workers"  # what the progress bar says
         self.mp = mp.get_context("spawn")
         self.setup = WorkerSetup(ctx.sweep, ctx.run_id, ctx.baseline, ctx.command,
-                                 dict(ctx.baseline_ms), max(1, (os.cpu_count() or 1) // len(slots)))
+                                 dict(ctx.baseline_ms), max(1, (os.cpu_count() or 1) // len(slots)),
+                                 ctx.calibration)
         self.workers: list[_Worker] = []
         for slot in slots:
             self._start(slot)

@@ -80,6 +80,11 @@ class ResultRow:
     status: str = "ok"
     message: str = ""
     command: str = ""
+    # -- speed of light (last, so that files written before them resume) --
+    # The least time the row's FLOPs and bytes allow at this GPU's calibrated matrix rate and
+    # bandwidth (dkbench.sol), and 100 * sol_ms / ms; NaN where no calibration exists (the CPU).
+    sol_ms: float = float("nan")
+    sol_pct: float = float("nan")
 
 
 COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(ResultRow))

@@ -11,7 +11,8 @@ from typing import Callable
 
 import torch
 
-from . import metrics, size_guard
+from . import metrics, size_guard, sol
+from .calibrate import Calibration, load_or_calibrate, unavailable_reason
 from .check import random_inputs, run_check
 from .envinfo import command_line, environment
 from .errors import BadInputError
@@ -59,6 +60,7 @@ class RunContext:
     baseline: str | None
     command: str
     baseline_ms: dict[str, float] = field(default_factory=dict)  # case_id -> baseline's median
+    calibration: Calibration | None = None  # this GPU's measured rates: the speed-of-light columns
 
 
 def order_providers(names: list[str], baseline: str | None) -> list[str]:
@@ -239,6 +241,13 @@ def _fill_metrics(ctx: RunContext, case: Case, provider: Provider, layout, row: 
         row.status = "error"
         row.message = (f"{row.tflops:.0f} TFLOP/s is above the GPU's peak {peak:.0f}: the timing "
                        "or the FLOP count is wrong")
+    if ctx.calibration is not None:
+        nbytes = sol.row_bytes(case, layout, provider.computes, provider.pads_inputs)
+        row.sol_ms = sol.sol_ms(row.flops, nbytes, ctx.calibration, case.dtype)
+        row.sol_pct = 100.0 * row.sol_ms / row.ms
+        if row.sol_pct > 100.0:  # kept as measured: the model, not the kernel, is suspect
+            note = "faster than the speed of light: check the FLOP/byte model"
+            row.message = f"{row.message}; {note}" if row.message else note
 
 
 @dataclass
@@ -277,15 +286,30 @@ def begin_run(sweep: Sweep, spec_text: str, plan: RunPlan, device: torch.device,
     """Write meta.json and return the run's context with its pending work."""
     env = environment(device)
     baseline = sweep.baseline if sweep.baseline in plan.providers else None
+    calibration, speed_of_light = speed_of_light_for(device)
     ctx = RunContext(sweep, device, env, plan.run_dir.name, baseline, command_line(),
-                     previous_baselines(plan.run_dir, baseline))
+                     previous_baselines(plan.run_dir, baseline), calibration)
     meta = {"run_id": ctx.run_id, "spec_name": sweep.name, "name": sweep.name,
             "description": sweep.description, "command": ctx.command, "providers": plan.providers,
             "baseline": baseline, "environment": env, "spec": sweep.model_dump(mode="json"),
-            "spec_text": spec_text, "started": datetime.now(timezone.utc).isoformat(),
+            "spec_text": spec_text, "speed_of_light": speed_of_light,
+            "started": datetime.now(timezone.utc).isoformat(),
             **(extra_meta or {})}
     write_meta(plan.run_dir, {**read_meta(plan.run_dir), **meta})
     return ctx, pending_work(sweep, plan, baseline)
+
+
+def speed_of_light_for(device: torch.device) -> tuple[Calibration | None, dict]:
+    """The device's calibration (None off CUDA, or when calibrating failed) and what meta.json
+    records of it: the calibration itself, or ``{"unavailable": reason}``."""
+    try:
+        calibration = load_or_calibrate(device)
+    except Exception as exc:  # noqa: BLE001 - a failed calibration only leaves the columns empty
+        return None, {"unavailable": f"calibrating failed: {type(exc).__name__}: "
+                                     f"{_first_line(exc)}"}
+    if calibration is None:
+        return None, {"unavailable": unavailable_reason(device) or "no calibration"}
+    return calibration, calibration.as_dict()
 
 
 def finish_run(plan: RunPlan, extra_meta: dict | None = None) -> None:

@@ -24,15 +24,17 @@ def fail(exc: DkbenchError) -> typer.Exit:
 
 def plain_warnings() -> None:
     """Show the warnings the library raises on purpose (a torn results row set aside, a config
-    cache file set aside) as one ``warning:`` line on stderr, not Python's file:line form."""
+    cache or calibration file set aside) as one ``warning:`` line on stderr, not Python's
+    file:line form."""
     from kernels.config_cache import ConfigCacheWarning
 
+    from ..calibrate import CalibrationWarning
     from ..errors import TornRowWarning
 
     original = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, (TornRowWarning, ConfigCacheWarning)):
+        if issubclass(category, (TornRowWarning, ConfigCacheWarning, CalibrationWarning)):
             err_console.print(f"[yellow]warning:[/yellow] {escape(str(message))}",
                               highlight=False, soft_wrap=True)
         else:

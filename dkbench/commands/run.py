@@ -214,8 +214,14 @@ def validate(spec: Annotated[Path, typer.Argument(help="Sweep spec (YAML) to che
                   f"= {rows} rows (after exclusions)", highlight=False)
 
 
-def env(device: Annotated[str, typer.Option(help="auto, cuda or cpu.")] = "auto") -> None:
+def env(
+    device: Annotated[str, typer.Option(help="auto, cuda or cpu.")] = "auto",
+    measure: Annotated[bool, typer.Option(
+        "--calibrate", help="Measure this GPU's matrix rate and copy bandwidth (about 10 s) and "
+                            "store it beside the best-config cache.")] = False,
+) -> None:
     """GPU, versions, and which providers can run here (and why not)."""
+    from .. import calibrate
     from ..envinfo import environment
     from ..providers import PROVIDERS
     from ..runner import resolve_device
@@ -237,3 +243,22 @@ def env(device: Annotated[str, typer.Option(help="auto, cuda or cpu.")] = "auto"
         reason = cls().unavailable(dev)
         providers.add_row(name, cls.computes, "yes" if reason is None else escape(f"no: {reason}"))
     console.print(providers)
+
+    reason = calibrate.unavailable_reason(dev)
+    if reason is not None:
+        console.print(f"calibration: {escape(reason)}", highlight=False)
+        return
+    path = calibrate.calibration_path()
+    if measure:
+        console.print("Calibrating (about 10 s)...")
+        cal = calibrate.load_or_calibrate(dev, path, force=True)
+    else:
+        cal = calibrate.stored(dev, path)
+        if cal is None:
+            console.print(f"calibration: none stored for this GPU in {escape(str(path))}; "
+                          "make one with `dkbench env --calibrate`", highlight=False)
+            return
+    measured = Table(title="calibration", show_header=False)
+    for label, value in calibrate.summary_rows(cal) + [("file", str(path))]:
+        measured.add_row(label, escape(value))
+    console.print(measured)

@@ -362,3 +362,18 @@ def test_a_worker_starts_with_ctrl_c_left_to_the_parent() -> None:
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the parent's, back
     assert queue.get(timeout=60) is True  # a Ctrl-C while it imports is not the worker's
     proc.join(timeout=60)
+
+
+def test_a_worker_uses_the_parents_calibration_only_for_its_own_gpu(monkeypatch) -> None:
+    from dkbench.calibrate import Calibration
+    from dkbench.parallel import worker_calibration
+
+    cal = Calibration(gpu="NVIDIA H200", capability="9.0", torch="", triton="",
+                      matmul_tflops={"bfloat16": 700.0}, copy_gbs=4000.0, sm_clock_mhz=None,
+                      measured_at="")
+    assert worker_calibration(cal, torch.device("cpu")) is None
+    assert worker_calibration(None, torch.device("cuda", 0)) is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert worker_calibration(cal, torch.device("cuda", 1)) is cal
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100")
+    assert worker_calibration(cal, torch.device("cuda", 1)) is None
