@@ -27,11 +27,12 @@ def kept_kv_tokens(case: Case, layout: BlockLayout, seq_k: int, seq_q: int) -> i
     bs = layout.block_size
     nb = math.ceil(seq_k / bs)
     first_q_block = (seq_k - seq_q) // bs
-    head_of = layout_head_index(case.heads, case.kv_heads, layout.heads)
-    kept = layout.pattern[:, first_q_block:nb, :nb].cpu().any(dim=1)  # (pattern_heads, nb)
+    device = layout.pattern.device  # slices stay where the pattern is: no copy per row
+    head_of = layout_head_index(case.heads, case.kv_heads, layout.heads).to(device)
+    kept = layout.pattern[:, first_q_block:nb, :nb].any(dim=1)  # (pattern_heads, nb)
     # Query head h belongs to kv head h // group: a kv block is read once for the whole group.
     union = kept[head_of].view(case.kv_heads, case.heads // case.kv_heads, nb).any(dim=1)
-    tokens = torch.clamp(seq_k - torch.arange(nb) * bs, max=bs)  # keys per kv block
+    tokens = torch.clamp(seq_k - torch.arange(nb, device=device) * bs, max=bs)  # keys per block
     return int((union.to(torch.int64) * tokens).sum())
 
 
