@@ -41,15 +41,22 @@ def _lengths(name: str, t: torch.Tensor) -> list[int]:
     return [int(x) for x in t.tolist()]
 
 
+def resolve_varlen_config(probe: torch.Tensor, layout: BlockLayout,
+                          seq_k: int) -> tuple[LaunchConfig, str]:
+    """The launch config a varlen or padded call runs when none is given, and where it came from
+    (as `select.resolve_config`): the forward's, or the Triton default where the forward's is the
+    Gluon kernel, which has no varlen form. ``probe`` carries the device, dtype and head_dim."""
+    config, source = select.resolve_config("fwd", probe, layout, seq_k)
+    if config.impl == "triton":
+        return config, source
+    return default_config("fwd", probe.device, layout.block_size, probe.shape[-1], probe.dtype,
+                          allow_gluon=False), "default"
+
+
 def _config(q: torch.Tensor, layout: BlockLayout, seq_k: int, config: LaunchConfig | None,
             dim: int) -> LaunchConfig:
-    probe = q.new_empty(1, 1, 1, dim)
     if config is None:
-        config = select.resolve_config("fwd", probe, layout, seq_k)[0]
-        if config.impl != "triton":
-            # The forward's tuned config may be the Gluon kernel, which has no varlen form.
-            config = default_config("fwd", q.device, layout.block_size, dim, q.dtype,
-                                    allow_gluon=False)
+        config = resolve_varlen_config(q.new_empty(1, 1, 1, dim), layout, seq_k)[0]
     elif config.impl != "triton":
         raise ValueError(f"config {config.short()}: varlen and padded calls run the Triton "
                          "kernel; give a config with impl='triton'")

@@ -12,8 +12,8 @@ from kernels import (
     sparse_attention_varlen,
 )
 from kernels.attention import CONFIG_ARGUMENTS
-from kernels.configs import default_config
 from kernels.decode import auto_splits, group_plan
+from kernels.inference import resolve_varlen_config
 from kernels.fwd import tile_plan
 from kernels.select import resolve_config
 from kernels.varlen import varlen_plan
@@ -37,14 +37,10 @@ class BundledKernel(Provider):
             source = "explicit"
         elif sweep.config is not None:
             config, source = LaunchConfig(**sweep.config.model_dump()), "explicit"
+        elif case.mode == "prefill_varlen":
+            config, source = resolve_varlen_config(probe, layout, case.seqlen)
         else:
             config, source = resolve_config("fwd", probe, layout, case.seqlen)
-            if case.mode == "prefill_varlen" and config.impl != "triton":
-                # The forward's pick may be the Gluon kernel, which has no varlen form: the
-                # varlen call then runs the Triton default, as sparse_attention_varlen does.
-                config = default_config("fwd", device, layout.block_size, case.head_dim,
-                                        probe.dtype, allow_gluon=False)
-                source = "default"
         # Index forms are built here, outside the timed region.
         if case.mode == "prefill_varlen":
             varlen_plan(layout, config.block_m, case.seqlen)

@@ -113,3 +113,21 @@ def test_inference_forms_refuse_gradients_and_bidirectional_decode(device):
     cache = torch.randn(1, 64, 2, 32, device=device)
     with pytest.raises(ValueError, match="causal layout"):
         sparse_attention_decode(cache[:, 0], cache, cache, torch.tensor([10]), bidir)
+
+
+def test_varlen_calls_take_the_triton_default_where_the_forward_picks_gluon(monkeypatch) -> None:
+    from kernels import inference, select
+    from kernels.configs import GLUON_DEFAULT, LaunchConfig, default_config
+
+    from kernels import local_stride_layout
+
+    layout = local_stride_layout(2, 256, 64, 2, 2)
+    probe = torch.empty(1, 1, 1, 64)
+    tuned = LaunchConfig(64, 32, 4, 2)
+    monkeypatch.setattr(select, "resolve_config", lambda *args, **kw: (tuned, "cache"))
+    assert inference.resolve_varlen_config(probe, layout, 256) == (tuned, "cache")
+    monkeypatch.setattr(select, "resolve_config", lambda *args, **kw: (GLUON_DEFAULT, "shipped"))
+    config, source = inference.resolve_varlen_config(probe, layout, 256)
+    assert (config, source) == (default_config("fwd", probe.device, 64, 64, probe.dtype,
+                                               allow_gluon=False), "default")
+    assert config.impl == "triton"
