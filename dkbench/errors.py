@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# Printed when Ctrl-C arrives while the CLI is still starting (importing torch, spawning workers).
+INTERRUPTED = "Interrupted while starting; nothing was run."
+
 
 class DkbenchError(Exception):
     """Base of all harness errors; `exit_code` is what the CLI exits with."""

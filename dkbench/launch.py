@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-INTERRUPTED = "Interrupted while starting; nothing was run."
+from .errors import INTERRUPTED
 
 
 def main() -> None:

@@ -14,9 +14,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from dkbench.cache import CacheRow, cache_errors, cache_rows, cache_warnings
 from kernels.config_cache import ENV_VAR, ConfigCache
 
+from ..tune.cache import CacheRow, cache_errors, cache_rows, cache_warnings
 from .errors import cli_errors
 
 cache_app = typer.Typer(

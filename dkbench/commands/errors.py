@@ -28,8 +28,8 @@ def plain_warnings() -> None:
     file:line form."""
     from kernels.config_cache import ConfigCacheWarning
 
-    from ..calibrate import CalibrationWarning
     from ..errors import TornRowWarning
+    from ..measure.calibrate import CalibrationWarning
 
     original = warnings.showwarning
 

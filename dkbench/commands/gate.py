@@ -9,8 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from dkbench.errors import BadInputError, DkbenchError, RegressionError
-from dkbench.gate import (
+from ..errors import BadInputError, DkbenchError, RegressionError
+from ..gate.compare import (
     FAILED,
     IMPROVED,
     REGRESSION,
@@ -22,7 +22,6 @@ from dkbench.gate import (
     table_rows,
     to_markdown,
 )
-
 from .errors import fail
 
 _STYLES = {FAILED: "bold red", REGRESSION: "bold red", IMPROVED: "green", SKIPPED: "yellow"}

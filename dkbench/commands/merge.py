@@ -25,7 +25,7 @@ def merge(
                         "duplicate rows, and overwrite --out.")] = False,
 ) -> None:
     """Combine run directories of one spec into one; exit 0 ok, 2 bad input."""
-    from ..merge import merge_runs
+    from ..results.merge import merge_runs
 
     console, err_console = Console(), Console(stderr=True)
     try:

@@ -6,8 +6,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from dkbench.errors import DkbenchError
-
+from ..errors import DkbenchError
 from .errors import fail
 
 _PATH_HELP = ("A run directory (results.csv + meta.json, maybe tune.csv), a tune directory "
@@ -26,7 +25,7 @@ def plot(
 ) -> None:
     """Draw latency, speedup, TFLOP/s and speedup-vs-density figures, and tuning heatmaps."""
     # Imported here so that `dkbench --help` and the other commands never load matplotlib.
-    from dkbench.plot import plot_path
+    from ..report.plots import plot_path
 
     try:
         written = plot_path(path, metric=metric, formats=formats, out=out)
@@ -45,7 +44,7 @@ def report(
                       "(default: PATH/report.md).", show_default=False)] = None,
 ) -> None:
     """Write a Markdown report: environment, summary tables, failed rows and figures."""
-    from dkbench.report import write_report
+    from ..report.page import write_report
 
     try:
         written = write_report(path, out=out)

@@ -11,9 +11,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..errors import BadInputError, DkbenchError
-from ..launch import INTERRUPTED
-from ..spec import excluded_for_provider, expand, filter_cases, load_spec
+from ..errors import INTERRUPTED, BadInputError, DkbenchError
+from ..spec.load import load_spec
+from ..spec.sweep import excluded_for_provider, expand, filter_cases
 from .errors import err_console, fail
 from .progress import progress_bar
 
@@ -58,11 +58,11 @@ def run(
 ) -> None:
     """Run a sweep: every case x provider checked, timed and appended to results.csv."""
     try:
-        from .. import runner
-        from ..parallel import execute_parallel, parent_device, parse_gpus
-        from ..resume import recorded_spec
-        from ..shard import parse_shard, shard_cases
-        from ..summary import cannot_run_here, outcome_line, summary_table
+        from ..measure import runner
+        from ..measure.parallel import execute_parallel, parent_device, parse_gpus
+        from ..measure.resume import recorded_spec
+        from ..measure.shard import parse_shard, shard_cases
+        from ..report.summary import cannot_run_here, outcome_line, summary_table
 
         if device not in ("auto", "cuda", "cpu"):
             raise BadInputError(f"--device {device!r}: allowed values are auto, cuda, cpu")
@@ -88,7 +88,7 @@ def run(
             dev = runner.resolve_device(sweep.device)
         chosen = sweep.providers
         if providers is not None:
-            from ..providers import PROVIDERS
+            from ..measure.providers import PROVIDERS
             chosen = [p.strip() for p in providers.split(",") if p.strip()]
             if not chosen:
                 raise BadInputError(f"--providers {providers!r}: name at least one provider; "
@@ -129,7 +129,7 @@ def run(
     for note in plan.warnings:
         warn(note)
     if dev.type == "cpu":
-        from ..size_guard import cpu_warning
+        from ..measure.size_guard import cpu_warning
 
         slow = cpu_warning(cases, chosen)
         if slow:
@@ -183,7 +183,7 @@ def _recorded_flags(resume: Path, providers: str | None, only: list[str] | None,
                     shard: str | None) -> tuple[str | None, list[str] | None, str | None]:
     """--providers, --only and --shard as recorded in a resumed run's meta.json, where not given,
     so that `--resume DIR` alone finishes the run it names."""
-    from ..results import read_meta
+    from ..results.schema import read_meta
 
     meta = read_meta(resume)
     if providers is None and meta.get("providers"):
@@ -192,7 +192,7 @@ def _recorded_flags(resume: Path, providers: str | None, only: list[str] | None,
 
 
 def _check_resumed_shard(resume: Path, part) -> None:
-    from ..results import read_meta
+    from ..results.schema import read_meta
 
     recorded = read_meta(resume).get("shard")
     given = str(part) if part is not None else None
@@ -221,10 +221,10 @@ def env(
                             "store it beside the best-config cache.")] = False,
 ) -> None:
     """GPU, versions, and which providers can run here (and why not)."""
-    from .. import calibrate
-    from ..envinfo import environment
-    from ..providers import PROVIDERS
-    from ..runner import resolve_device
+    from ..measure import calibrate
+    from ..measure.envinfo import environment
+    from ..measure.providers import PROVIDERS
+    from ..measure.runner import resolve_device
 
     try:
         dev = resolve_device(device)

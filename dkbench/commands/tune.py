@@ -18,7 +18,7 @@ from kernels import KERNELS
 from kernels.registry import TUNABLE
 
 from ..errors import BadInputError, DkbenchError
-from ..tune_space import AXES, CPU_SHAPE, CPU_SPACE, GPU_SHAPE, GPU_SPACES, TuneJob
+from ..tune.space import AXES, CPU_SHAPE, CPU_SPACE, GPU_SHAPE, GPU_SPACES, TuneJob
 from .cache import show_cache_warnings
 from .errors import err_console, fail
 from .progress import progress_bar
@@ -120,10 +120,10 @@ def tune(
     Winners go to the cache (on the CPU under the "cpu (triton interpreter)" key), every config
     to tune.csv in OUT/tune-NAME-TIME/. Both are checked writable before anything is timed.
     """
-    from .. import tune as tuning
-    from ..runner import resolve_device
-    from ..spec import load_spec
-    from ..tune_space import (
+    from ..measure.runner import resolve_device
+    from ..spec.load import load_spec
+    from ..tune import tuner as tuning
+    from ..tune.space import (
         parse_impl_list,
         parse_int_list,
         plan_tune,

@@ -7,7 +7,7 @@ from pathlib import Path
 from typer.testing import CliRunner, Result
 
 from dkbench.cli import app
-from dkbench.results import read_results
+from dkbench.results.schema import read_results
 
 
 def invoke(*args: object, env: dict[str, str] | None = None) -> Result:

@@ -1,4 +1,4 @@
-"""A clock for `dkbench.timing.measure_interleaved` that reports scripted times, so tests can put
+"""A clock for `dkbench.measure.timing.measure_interleaved` that reports scripted times, so tests can put
 drift, failures and exact numbers where they want them."""
 
 from __future__ import annotations

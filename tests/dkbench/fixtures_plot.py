@@ -13,7 +13,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from dkbench.results import RESULTS_FILE, ResultRow, append_row
+from dkbench.results.schema import RESULTS_FILE, ResultRow, append_row
 
 BASELINE = "sdpa_flash"
 PROVIDERS = ("dkernel", "flex", "sdpa_flash")

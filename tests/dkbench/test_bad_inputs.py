@@ -13,9 +13,8 @@ import pytest
 import torch
 import yaml
 
-
-from .specs import spec_dict, write_spec
 from .cli_helpers import flat, invoke
+from .specs import spec_dict, write_spec
 
 LOCAL = {"type": "local_stride", "block_size": 16, "local_blocks": 1, "vert_stride": 2}
 LOCAL_LABEL = "local_stride(bs16,l1,s2,head,off0)"

@@ -10,8 +10,8 @@ import pytest
 import typer
 from typer.testing import CliRunner, Result
 
-from dkbench.cache import cache_rows, format_config
 from dkbench.commands.cache import cache_app
+from dkbench.tune.cache import cache_rows, format_config
 from kernels.config_cache import ENV_VAR, ConfigCache
 from tests.cache_keys import CONFIG, make_key
 

@@ -18,18 +18,19 @@ import torch
 import typer
 from typer.testing import CliRunner, Result
 
-import dkbench.tune as tuning
 import kernels.select as select
-from dkbench import runner
 from dkbench.commands.cache import cache_app
 from dkbench.commands.tune import prose_help, tune
-from dkbench.spec import expand, load_spec
+from dkbench.measure import runner
+from dkbench.spec.load import load_spec
+from dkbench.spec.sweep import expand
+from dkbench.tune import tuner as tuning
 from kernels import BlockLayout
-from kernels.layout import local_stride_layout
 from kernels.config_cache import ENV_VAR, CacheKey, ConfigCache, ConfigCacheWarning
+from kernels.layout import local_stride_layout
+from tests.cache_keys import CONFIG, make_key
 from tests.dkbench import specs
 from tests.dkbench.test_tune import fake_kernel, write_spec  # noqa: F401 - fake_kernel: fixture
-from tests.cache_keys import CONFIG, make_key
 
 CPU = torch.device("cpu")
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dkbench import calibrate as cal_mod
-from dkbench.calibrate import Calibration, CalibrationWarning
+from dkbench.measure import calibrate as cal_mod
+from dkbench.measure.calibrate import Calibration, CalibrationWarning
 from kernels.config_cache import ENV_VAR
 
 from .cli_helpers import flat, invoke

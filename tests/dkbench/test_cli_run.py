@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import math
-import sys
 import re
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import Result
 
-from dkbench import runner
 from dkbench.commands.run import default_spec
-from dkbench.providers.bundled import BundledKernel
-from dkbench.results import COLUMNS, RESULTS_FILE, read_meta, read_results
+from dkbench.measure import runner
+from dkbench.measure.providers.bundled import BundledKernel
+from dkbench.results.schema import COLUMNS, RESULTS_FILE, read_meta, read_results
 
-from .specs import needs_interpreter, write_spec
 from .cli_helpers import flat, invoke, pairs, run_dir_of
+from .specs import needs_interpreter, write_spec
 
 SWEEPS = Path(__file__).resolve().parents[2] / "sweeps"
 PREPARE_ONE = runner.prepare_one
@@ -441,8 +441,8 @@ def test_merge_out_not_writable_exits_2(a_run: Path, read_only_dir: Path) -> Non
 
 # -- Ctrl-C while starting --
 
-@pytest.mark.parametrize("where", ["dkbench.commands.run.load_spec", "dkbench.runner.plan_run",
-                                   "dkbench.runner.resolve_device"])
+@pytest.mark.parametrize("where", ["dkbench.commands.run.load_spec", "dkbench.measure.runner.plan_run",
+                                   "dkbench.measure.runner.resolve_device"])
 def test_interrupt_while_starting_exits_130(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                             where: str) -> None:
     def interrupted(*args, **kwargs):
@@ -482,8 +482,8 @@ def test_failures_are_counted_apart_from_skipped_rows(tmp_path: Path,
 
 
 def test_outcome_line_counts_only_unavailable_providers_as_skipped() -> None:
-    from dkbench.results import ResultRow
-    from dkbench.summary import cannot_run_here, outcome_line
+    from dkbench.report.summary import cannot_run_here, outcome_line
+    from dkbench.results.schema import ResultRow
 
     def row(provider: str, status: str) -> ResultRow:
         return ResultRow(run_id="r", timestamp="", gpu="cpu", torch_version="", triton_version="",

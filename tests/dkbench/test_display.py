@@ -5,10 +5,17 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from dkbench.plot import build_figures
-from dkbench.report import render_report, write_report
-from dkbench.runs import load_runs
-from tests.dkbench.fixtures_plot import A100, META, multi_run, sample_rows, tune_rows, write_run
+from dkbench.report.page import render_report, write_report
+from dkbench.report.plots import build_figures
+from dkbench.results.runs import load_runs
+from tests.dkbench.fixtures_plot import (
+    A100,
+    META,
+    multi_run,
+    sample_rows,
+    tune_rows,
+    write_run,
+)
 
 SHA = "338e663124"  # a float to pandas (338 x 10^663124: inf)
 

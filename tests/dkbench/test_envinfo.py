@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from dkbench.envinfo import git_sha
+from dkbench.measure.envinfo import git_sha
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 

@@ -17,13 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from dkbench import results, runner
 from dkbench.errors import TornRowWarning
-from dkbench.results import META_FILE, RESULTS_FILE, read_results
-from dkbench.spec import expand, load_spec
+from dkbench.measure import runner
+from dkbench.results import schema as results
+from dkbench.results.schema import META_FILE, RESULTS_FILE, read_results
+from dkbench.spec.load import load_spec
+from dkbench.spec.sweep import expand
 
-from .specs import needs_interpreter, write_spec
 from .cli_helpers import flat, invoke, pairs, run_dir_of, run_to_end
+from .specs import needs_interpreter, write_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 AS_ROOT = os.geteuid() == 0  # chmod does not stop root: simulate the refusal instead

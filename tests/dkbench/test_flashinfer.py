@@ -8,9 +8,10 @@ import sys
 import pytest
 import torch
 
-from dkbench.providers import flashinfer as fi
-from dkbench.providers.base import Unsupported
-from dkbench.spec import expand, load_spec
+from dkbench.measure.providers import flashinfer as fi
+from dkbench.measure.providers.base import Unsupported
+from dkbench.spec.load import load_spec
+from dkbench.spec.sweep import expand
 from kernels import BlockLayout, local_stride_layout, random_layout, token_mask
 from kernels.reference import layout_head_index
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dkbench.providers.forms import (
+from dkbench.measure.providers.forms import (
     block_index,
     coarse_blocks,
     expand_blocks,
@@ -126,7 +126,7 @@ def test_flex_block_mask_with_its_mask_mod_is_the_token_mask(name: str, q_len: i
                                                              block: tuple[int, int]) -> None:
     from torch.nn.attention.flex_attention import create_mask
 
-    from dkbench.providers.flex import build_block_mask
+    from dkbench.measure.providers.flex import build_block_mask
 
     layout = layouts()[name]
     mask = build_block_mask(layout, HEADS, KV_HEADS, q_len, seq_k, torch.device("cpu"), block)

@@ -14,8 +14,16 @@ from typer.testing import CliRunner
 
 from dkbench.commands.gate import gate
 from dkbench.errors import BadInputError
-from dkbench.gate import FAILED, IMPROVED, PASS, REGRESSION, SKIPPED, parse_tolerance, run_gate
-from dkbench.results import RESULTS_FILE, ResultRow, append_row
+from dkbench.gate.compare import (
+    FAILED,
+    IMPROVED,
+    PASS,
+    REGRESSION,
+    SKIPPED,
+    parse_tolerance,
+    run_gate,
+)
+from dkbench.results.schema import RESULTS_FILE, ResultRow, append_row
 
 # -- fixtures: rows built from ResultRow --
 

@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dkbench import metrics, runner
 from dkbench.errors import SpecError
-from dkbench.modes import make_inputs, sequence_lengths, unpad
-from dkbench.spec import expand, load_spec
+from dkbench.measure import metrics, runner
+from dkbench.measure.modes import make_inputs, sequence_lengths, unpad
+from dkbench.spec.load import load_spec
+from dkbench.spec.sweep import expand
 from kernels.layout import causal_pairs, kept_pairs
 
 from .specs import needs_interpreter, write_spec

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dkbench.commands.tune import tune
-from dkbench.tune_space import GPU_SPACES, MODE_KERNELS
+from dkbench.tune.space import GPU_SPACES, MODE_KERNELS
 from kernels import KERNELS
 from kernels.registry import TUNABLE
 

@@ -8,10 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from dkbench import metrics
-from dkbench.patterns import DensePattern, LocalStridePattern
-from dkbench.spec import Case
-from kernels import BlockLayout, dense_layout, local_stride_layout, random_layout, token_mask
+from dkbench.measure import metrics
+from dkbench.spec.patterns import DensePattern, LocalStridePattern
+from dkbench.spec.sweep import Case
+from kernels import (
+    BlockLayout,
+    dense_layout,
+    local_stride_layout,
+    random_layout,
+    token_mask,
+)
 from kernels.layout import causal_pairs, kept_pairs
 
 from .specs import needs_interpreter, write_spec
@@ -138,8 +144,9 @@ def test_peak_tflops(gpu: str, dtype: str, want: float | None) -> None:
 @needs_interpreter
 def test_rows_credit_sparse_and_dense_providers(tmp_path: Path) -> None:
     """Through a run: the bundled kernel is credited with kept pairs, sdpa_math with all."""
-    from dkbench import runner
-    from dkbench.spec import expand, load_spec
+    from dkbench.measure import runner
+    from dkbench.spec.load import load_spec
+    from dkbench.spec.sweep import expand
 
     path = write_spec(tmp_path, providers=["sdpa_math", "dkbench"], baseline="sdpa_math")
     sweep = load_spec(path)

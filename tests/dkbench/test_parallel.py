@@ -10,15 +10,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from dkbench import parallel, runner
 from dkbench.errors import BadInputError
-from dkbench.patterns import LocalStridePattern
-from dkbench.results import META_FILE, RESULTS_FILE, read_meta, read_results
-from dkbench.shard import Shard, case_cost, largest_first, parse_shard, shard_cases
-from dkbench.spec import expand, load_spec
+from dkbench.measure import parallel, runner
+from dkbench.measure.shard import (
+    Shard,
+    case_cost,
+    largest_first,
+    parse_shard,
+    shard_cases,
+)
+from dkbench.results.schema import META_FILE, RESULTS_FILE, read_meta, read_results
+from dkbench.spec.load import load_spec
+from dkbench.spec.patterns import LocalStridePattern
+from dkbench.spec.sweep import expand
 
-from .specs import needs_interpreter, write_spec
 from .cli_helpers import flat, invoke, run_dir_of
+from .specs import needs_interpreter, write_spec
 
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 
@@ -352,7 +359,7 @@ def test_a_worker_starts_with_ctrl_c_left_to_the_parent() -> None:
     import multiprocessing as mp
     import signal
 
-    from dkbench.parallel import _sigint_ignored
+    from dkbench.measure.parallel import _sigint_ignored
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -365,8 +372,8 @@ def test_a_worker_starts_with_ctrl_c_left_to_the_parent() -> None:
 
 
 def test_a_worker_uses_the_parents_calibration_only_for_its_own_gpu(monkeypatch) -> None:
-    from dkbench.calibrate import Calibration
-    from dkbench.parallel import worker_calibration
+    from dkbench.measure.calibrate import Calibration
+    from dkbench.measure.parallel import worker_calibration
 
     cal = Calibration(gpu="NVIDIA H200", capability="9.0", torch="", triton="",
                       matmul_tflops={"bfloat16": 700.0}, copy_gbs=4000.0, sm_clock_mhz=None,

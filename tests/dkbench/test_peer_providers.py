@@ -7,15 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from dkbench import runner
 from dkbench.errors import SpecError
-from dkbench.providers import PROVIDERS, Prepared, Provider, Unsupported
-from dkbench.providers.base import MaskBlocks
-from dkbench.providers.fa4 import Fa4, Fa4Sparse
-from dkbench.providers.flex import Flex, FlexFlash
-from dkbench.providers.sdpa import SdpaEfficient, _repeat_kv
-from dkbench.results import ResultRow
-from dkbench.spec import expand, load_spec
+from dkbench.measure import runner
+from dkbench.measure.providers import PROVIDERS, Prepared, Provider, Unsupported
+from dkbench.measure.providers.base import MaskBlocks
+from dkbench.measure.providers.fa4 import Fa4, Fa4Sparse
+from dkbench.measure.providers.flex import Flex, FlexFlash
+from dkbench.measure.providers.sdpa import SdpaEfficient, _repeat_kv
+from dkbench.results.schema import ResultRow
+from dkbench.spec.load import load_spec
+from dkbench.spec.sweep import expand
 
 from .specs import write_spec
 

@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from dkbench.spec import Timing
-from dkbench.timing import measure_interleaved, summarize
+from dkbench.measure.timing import measure_interleaved, summarize
+from dkbench.spec.sweep import Timing
 
 from .clocks import ScriptedClock
 

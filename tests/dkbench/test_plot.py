@@ -12,11 +12,21 @@ from typer.testing import CliRunner
 
 from dkbench.commands.plot import plot, report
 from dkbench.errors import BadInputError
-from dkbench.plot import build_figures, plot_path
-from dkbench.results import RESULTS_FILE, read_results
-from dkbench.runs import INTERPRETER_NOTE, load_runs, load_sources
-from tests.dkbench.fixtures_plot import (A100, BASELINE, H100, JUNK, META, PATTERN, multi_run,
-                                         sample_rows, single_run, write_run)
+from dkbench.report.plots import build_figures, plot_path
+from dkbench.results.runs import INTERPRETER_NOTE, load_runs, load_sources
+from dkbench.results.schema import RESULTS_FILE, read_results
+from tests.dkbench.fixtures_plot import (
+    A100,
+    BASELINE,
+    H100,
+    JUNK,
+    META,
+    PATTERN,
+    multi_run,
+    sample_rows,
+    single_run,
+    write_run,
+)
 
 LABEL = f"{META['name']} ({H100})"
 FAILED_LEGEND = {"failed (oom)", "failed (wrong)", "failed (unsupported)", "failed (error)"}

@@ -11,11 +11,20 @@ from typer.testing import CliRunner
 
 from dkbench.commands.plot import plot, report
 from dkbench.errors import BadInputError
-from dkbench.report import render_report, write_report
-from dkbench.results import read_results
-from dkbench.runs import INTERPRETER_NOTE, load_runs
-from tests.dkbench.fixtures_plot import (A100, FAILURES, H100, JUNK, META, multi_run, sample_rows,
-                                         single_run, write_run)
+from dkbench.report.page import render_report, write_report
+from dkbench.results.runs import INTERPRETER_NOTE, load_runs
+from dkbench.results.schema import read_results
+from tests.dkbench.fixtures_plot import (
+    A100,
+    FAILURES,
+    H100,
+    JUNK,
+    META,
+    multi_run,
+    sample_rows,
+    single_run,
+    write_run,
+)
 
 IMAGE = re.compile(r"!\[[^\]]*\]\(([^)]+)\)")
 
@@ -142,7 +151,7 @@ def test_cli_report_bad_input_exits_2(tmp_path):
 
 def test_environment_comes_from_the_runners_meta(tmp_path):
     # The runner nests versions under meta.json's "environment".
-    from dkbench.report import render_report
+    from dkbench.report.page import render_report
 
     meta = {"name": "nested", "environment": {"gpu": "GPU-X", "torch": "9.9", "triton": "8.8",
                                               "python": "3.99"}}
@@ -157,7 +166,7 @@ def test_a_paired_speedup_shows_the_band_of_its_ratios():
     (no such columns filled) shows the speedup alone."""
     import pandas as pd
 
-    from dkbench.report import case_table
+    from dkbench.report.page import case_table
 
     common = dict(status="ok", baseline="sdpa_cudnn", ms_p20=1.0, ms_p80=1.2, tflops=1.0,
                   dense_tflops=1.0)

@@ -11,13 +11,20 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dkbench import results, runner
 from dkbench.errors import TornRowWarning
-from dkbench.merge import merge_runs
-from dkbench.results import META_FILE, RESULTS_FILE, append_row, read_meta, read_results
+from dkbench.measure import runner
+from dkbench.results import schema as results
+from dkbench.results.merge import merge_runs
+from dkbench.results.schema import (
+    META_FILE,
+    RESULTS_FILE,
+    append_row,
+    read_meta,
+    read_results,
+)
 
-from .specs import spec_dict, write_spec
 from .cli_helpers import flat, invoke, pairs, run_dir_of, run_to_end
+from .specs import spec_dict, write_spec
 
 PREPARE_ONE = runner.prepare_one
 

@@ -10,14 +10,15 @@ from typing import Any
 import pytest
 import torch
 
-from dkbench import runner, timing
-from dkbench.check import check_case
 from dkbench.errors import BadInputError
-from dkbench.providers import PROVIDERS
-from dkbench.providers.bundled import BundledKernel, _describe
-from dkbench.providers.sdpa import SdpaMath
-from dkbench.results import COLUMNS, ResultRow, read_results
-from dkbench.spec import expand, load_spec
+from dkbench.measure import runner, timing
+from dkbench.measure.check import check_case
+from dkbench.measure.providers import PROVIDERS
+from dkbench.measure.providers.bundled import BundledKernel, _describe
+from dkbench.measure.providers.sdpa import SdpaMath
+from dkbench.results.schema import COLUMNS, ResultRow, read_results
+from dkbench.spec.load import load_spec
+from dkbench.spec.sweep import expand
 
 from .clocks import ScriptedClock, drift_once
 from .specs import needs_interpreter, write_spec

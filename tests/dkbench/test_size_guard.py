@@ -1,4 +1,4 @@
-"""`dkbench.size_guard`: memory and interpreter-time estimates against hand-computed cases; the CPU
+"""`dkbench.measure.size_guard`: memory and interpreter-time estimates against hand-computed cases; the CPU
 default sweep runs clean and quick."""
 
 from __future__ import annotations
@@ -11,13 +11,21 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from dkbench import size_guard
 from dkbench.cli import app
-from dkbench.patterns import LocalStridePattern
-from dkbench.results import read_results
-from dkbench.size_guard import (GIB, REFERENCE, cpu_warning, device_capacity_bytes,
-                                estimate_case_bytes, interpreter_estimate_s, too_big)
-from dkbench.spec import Case, expand, load_spec
+from dkbench.measure import size_guard
+from dkbench.measure.size_guard import (
+    GIB,
+    REFERENCE,
+    cpu_warning,
+    device_capacity_bytes,
+    estimate_case_bytes,
+    interpreter_estimate_s,
+    too_big,
+)
+from dkbench.results.schema import read_results
+from dkbench.spec.load import load_spec
+from dkbench.spec.patterns import LocalStridePattern
+from dkbench.spec.sweep import Case, expand
 
 from .specs import needs_interpreter
 

@@ -1,4 +1,4 @@
-"""The speed-of-light model (dkbench.sol) against hand-computed bytes, and its two result columns."""
+"""The speed-of-light model (dkbench.measure.sol) against hand-computed bytes, and its two result columns."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from dkbench import runner, sol
-from dkbench.calibrate import Calibration, unavailable_reason
-from dkbench.patterns import DensePattern
-from dkbench.providers import PROVIDERS
-from dkbench.results import read_meta
-from dkbench.spec import Case, expand, load_spec
+from dkbench.measure import runner, sol
+from dkbench.measure.calibrate import Calibration, unavailable_reason
+from dkbench.measure.providers import PROVIDERS
+from dkbench.results.schema import read_meta
+from dkbench.spec.load import load_spec
+from dkbench.spec.patterns import DensePattern
+from dkbench.spec.sweep import Case, expand
 from kernels import BlockLayout
 from kernels.layout import dense_layout
 

@@ -13,7 +13,14 @@ import pytest
 import torch
 
 from dkbench.errors import SpecError
-from dkbench.spec import CASE_KEYS, Case, excluded_for_provider, expand, filter_cases, load_spec
+from dkbench.spec.load import load_spec
+from dkbench.spec.sweep import (
+    CASE_KEYS,
+    Case,
+    excluded_for_provider,
+    expand,
+    filter_cases,
+)
 
 from .specs import spec_dict, write_pattern, write_spec
 

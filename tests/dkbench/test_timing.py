@@ -9,9 +9,8 @@ import statistics
 import pytest
 import torch
 
-from dkbench import timing
-from dkbench.spec import Timing
-from dkbench.timing import (
+from dkbench.measure import timing
+from dkbench.measure.timing import (
     ESTIMATE_CALLS,
     INTERPRETER_REPS,
     MAX_ROUNDS,
@@ -23,6 +22,7 @@ from dkbench.timing import (
     plan_turn,
     warmup_calls,
 )
+from dkbench.spec.sweep import Timing
 
 from .clocks import ScriptedClock, drift_once
 

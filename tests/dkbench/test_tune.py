@@ -14,20 +14,33 @@ import typer
 import yaml
 from typer.testing import CliRunner, Result
 
-import dkbench.providers.bundled as bundled
-import dkbench.tune as tuning
 import kernels.configs
 import kernels.select as select
-from dkbench import runner
-from dkbench.check import CheckResult
 from dkbench.commands.tune import tune
 from dkbench.errors import BadInputError
-from dkbench.spec import expand, load_spec
-from dkbench.timing import Interleaved, Measurement, Ratio
-from dkbench.tune_space import (
-    CPU_SHAPE, GPU_SHAPE, Problem, build_space, fits_shared_memory, fits_sparse_block,
-    kernel_accepts, parse_impl_list, parse_int_list, plan_candidates, plan_tune, prune_reason,
-    shared_memory_bytes, sweep_from_flags)
+from dkbench.measure import runner
+from dkbench.measure.check import CheckResult
+from dkbench.measure.providers import bundled as bundled
+from dkbench.measure.timing import Interleaved, Measurement, Ratio
+from dkbench.spec.load import load_spec
+from dkbench.spec.sweep import expand
+from dkbench.tune import tuner as tuning
+from dkbench.tune.space import (
+    CPU_SHAPE,
+    GPU_SHAPE,
+    Problem,
+    build_space,
+    fits_shared_memory,
+    fits_sparse_block,
+    kernel_accepts,
+    parse_impl_list,
+    parse_int_list,
+    plan_candidates,
+    plan_tune,
+    prune_reason,
+    shared_memory_bytes,
+    sweep_from_flags,
+)
 from kernels import LaunchConfig, reference_attention
 from kernels.config_cache import ENV_VAR, ConfigCache
 from tests.dkbench.specs import needs_interpreter

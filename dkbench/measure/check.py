@@ -1,0 +1,80 @@
+"""Is a provider's output right? Compared with the dense reference on a bounded problem.
+
+A case larger than `check.max_tokens` is checked on a cut-down copy (batch 1, shorter sequence,
+same pattern, heads and launch config): the reference materialises the token mask.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from kernels import BlockLayout
+
+from ..spec.sweep import TRAINING_MODES, Case, Sweep
+from .modes import make_inputs, reference
+from .providers import Prepared, Provider
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    max_abs_err: float
+    rel_err: float
+    ok: bool
+    what: str  # which tensor had the worst relative error
+
+
+def random_inputs(case: Case, device: torch.device, requires_grad: bool,
+                  generator_seed: int) -> tuple:
+    """Fresh random inputs for the case's mode (see `dkbench.measure.modes`), reproducible from the seed;
+    training inputs track gradients when ``requires_grad``."""
+    inputs = make_inputs(case, device, generator_seed)
+    if case.mode in TRAINING_MODES:
+        return tuple(t.detach().requires_grad_(requires_grad) for t in inputs)
+    return inputs
+
+
+def check_case(case: Case, max_tokens: int) -> Case:
+    """The problem a check runs: the case itself, or a cut-down copy when it is large."""
+    if case.batch * case.seqlen <= max_tokens:
+        return case
+    seqlen = min(case.seqlen, max_tokens)
+    q_len = max(1, min(case.q_len, seqlen - (case.seqlen - case.q_len)))
+    if case.seqlen - case.q_len >= seqlen:
+        q_len = min(case.q_len, seqlen)
+    # Inference modes keep two sequences, so different lengths are still checked.
+    batch = 1 if case.mode in TRAINING_MODES else min(case.batch, 2)
+    return dataclasses.replace(case, batch=batch, seqlen=seqlen, q_len=q_len)
+
+
+def run_check(provider: Provider, prepared: Prepared, case: Case, layout: BlockLayout,
+              sweep: Sweep, device: torch.device, scale: float, seed: int) -> CheckResult:
+    small = check_case(case, sweep.check.max_tokens)
+    if small is not case:
+        layout = case.pattern.layout(small.heads, small.kv_heads, small.seqlen, small.causal)
+        prepared = provider.prepare(small, layout, sweep, device, scale, prepared.launch_config)
+    grads = small.mode in ("bwd", "fwd_bwd")
+    inputs = random_inputs(small, device, grads, seed)
+    out = prepared.attn(*inputs)
+    ref = reference(small, inputs, layout, scale, provider.computes, grad=grads)
+    pairs = [("out", prepared.canonical(out), ref)]
+    if grads:
+        q, k, v = inputs
+        dout = torch.randn_like(out)
+        got = torch.autograd.grad(out, (q, k, v), dout)
+        want = torch.autograd.grad(ref, (q, k, v), dout.to(ref.dtype))
+        pairs += [(n, g, w) for n, g, w in zip(("dq", "dk", "dv"), got, want)]
+    tol = sweep.check.rtol[case.dtype]
+    worst = CheckResult(0.0, 0.0, True, "out")
+    for name, got_t, want_t in pairs:
+        diff = (got_t.detach().double() - want_t.detach().double())
+        finite = bool(torch.isfinite(got_t).all())
+        rel = float(diff.norm() / want_t.detach().double().norm().clamp_min(1e-30)) if finite else float("inf")
+        max_abs = float(diff.abs().max()) if finite else float("inf")
+        if rel >= worst.rel_err:
+            worst = CheckResult(max(max_abs, worst.max_abs_err), rel, rel <= tol, name)
+        else:
+            worst = dataclasses.replace(worst, max_abs_err=max(max_abs, worst.max_abs_err))
+    return worst

@@ -1,0 +1,101 @@
+"""What every provider adapter looks like."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Callable, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from kernels import BlockLayout
+
+from ...spec.sweep import Case, Sweep
+
+
+def import_failure(module: str, package: str, extra: str) -> str | None:
+    """Why the optional ``module`` cannot be imported here, in its own words, with the hint to
+    install the project's ``extra``; None when it imports."""
+    try:
+        __import__(module)
+    except Exception as exc:  # noqa: BLE001 - a broken install raises more than ImportError
+        return (f"{package} is not usable here ({type(exc).__name__}: {exc}); "
+                f'pip install -e ".[{extra}]"')
+    return None
+
+
+class Unsupported(Exception):
+    """This provider cannot run this case here; the message says why (becomes status=unsupported)."""
+
+
+def _same(out: torch.Tensor) -> torch.Tensor:
+    return out
+
+
+@dataclass
+class Prepared:
+    """A provider ready to run one case: ``attn(*inputs)`` on the mode's inputs (`dkbench.measure.modes`):
+    ``(q, k, v)`` as ``(batch, heads, seq, dim)`` in training modes."""
+
+    attn: Callable[..., torch.Tensor]
+    config: str = ""
+    config_source: str = ""
+    launch_config: object = None  # the bundled kernel's LaunchConfig, reused by the check
+    # Turns attn's output into the mode's canonical form, for the check only (never timed).
+    canonical: Callable[[torch.Tensor], torch.Tensor] = _same
+
+
+BlockSide = Annotated[int, Field(ge=16, le=1024, multiple_of=16)]
+
+
+class MaskBlocks(BaseModel):
+    """Options of a provider that takes the pattern as a block mask: its (q, kv) block shape in
+    tokens. `bwd_block` is the backward's; a provider whose forward and backward share one mask
+    uses it for both in the training modes (bwd, fwd_bwd). None picks the provider's default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    fwd_block: tuple[BlockSide, BlockSide] | None = None
+    bwd_block: tuple[BlockSide, BlockSide] | None = None
+
+
+class Provider:
+    """One attention implementation. Subclasses set the class attributes and `prepare`."""
+
+    name: ClassVar[str]
+    # "pattern": computes the case's block pattern; "dense": computes the dense (causal) problem.
+    computes: ClassVar[str] = "dense"
+    supports_grad: ClassVar[bool] = True
+    modes: ClassVar[tuple[str, ...]] = ("fwd", "bwd", "fwd_bwd")
+    # A dense provider that runs inference modes on right-padded inputs computes the padding too.
+    pads_inputs: ClassVar[bool] = False
+    # What a spec may set for this provider under `provider_options.<name>` (a pydantic model
+    # with extra="forbid"), or None when it takes nothing.
+    Options: ClassVar[type[BaseModel] | None] = None
+    # Exceptions by which the wrapped library refuses a case it cannot run (its argument checks);
+    # they make the row `unsupported` with the library's own words instead of `error`.
+    refusals: ClassVar[tuple[type[BaseException], ...]] = ()
+
+    def unavailable(self, device: torch.device) -> str | None:
+        """Why this provider cannot run on this device at all, or None when it can."""
+        return None
+
+    def options(self, sweep: Sweep) -> BaseModel | None:
+        """This provider's options from the spec (validated when it was loaded), or defaults."""
+        if self.Options is None:
+            return None
+        return self.Options.model_validate(sweep.provider_options.get(self.name, {}))
+
+    def refused(self, exc: BaseException) -> str | None:
+        """The reason to report when ``exc`` is the library refusing the case, else None."""
+        if isinstance(exc, self.refusals) and not isinstance(exc, Unsupported):
+            return f"{self.name} refused this case: {type(exc).__name__}: {exc}".strip()
+        return None
+
+    def prepare(self, case: Case, layout: BlockLayout, sweep: Sweep, device: torch.device,
+                scale: float, config: object = None) -> Prepared:
+        """Everything done once per case before timing (layout index forms, block masks).
+
+        ``config`` pins a launch config (the check reuses the timed one). Raise `Unsupported`
+        when this provider cannot run this case.
+        """
+        raise NotImplementedError

@@ -1,0 +1,121 @@
+"""FlexAttention (torch.compile'd) with a block mask built from the case's own pattern, on its
+Triton backend (`flex`) and on its FLASH backend, FlashAttention-4 (`flex_flash`).
+
+The block mask comes from the pattern compiler (`forms.coarse_blocks`) through
+`BlockMask.from_kv_blocks`, never from a token-level mask, so building it costs O(blocks) memory
+at any sequence length. Its (q, kv) block shape is the provider's default or the spec's
+`provider_options`; a block is "full" when every token pair in it is kept, and "partial"
+(checked per token by `mask_mod`) otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from kernels import BlockLayout
+
+from ...spec.sweep import Case, Sweep
+from .base import MaskBlocks, Prepared, Provider
+from .fa4 import fa4_unavailable
+from .forms import block_index, coarse_blocks, per_head_table
+
+FLEX_BLOCK = 128
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def build_block_mask(layout: BlockLayout, heads: int, kv_heads: int, q_len: int, seq_k: int,
+                     device: torch.device, block: tuple[int, int] = (FLEX_BLOCK, FLEX_BLOCK)):
+    """A FlexAttention BlockMask for this layout at ``block`` = (q, kv) tokens; queries are the
+    last q_len positions. Full blocks skip ``mask_mod``; partial ones apply it per token."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    block_q, block_kv = block
+    offset = seq_k - q_len
+    blocks = coarse_blocks(layout, heads, kv_heads, q_len, seq_k, block_q, block_kv, device)
+    kv_num, kv_idx = block_index(blocks.partial)
+    full_num, full_idx = block_index(blocks.full)
+    # The pattern per query head, flattened: mask_mod then indexes one buffer with arithmetic on
+    # its own int32 indices. FLASH's CuTe lowering rejected a gather through an int64 head map.
+    table = per_head_table(layout, heads, kv_heads, device)
+    q_blocks, k_blocks = table.shape[1], table.shape[2]
+    table = table.reshape(-1)
+    bs, causal = layout.block_size, layout.causal
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        q_abs = q_idx + offset if offset else q_idx
+        keep = table[(h * q_blocks + q_abs // bs) * k_blocks + kv_idx // bs]
+        return keep & (kv_idx <= q_abs) if causal else keep
+
+    return BlockMask.from_kv_blocks(kv_num[None], kv_idx[None], full_num[None], full_idx[None],
+                                    BLOCK_SIZE=block, mask_mod=mask_mod,
+                                    seq_lengths=(q_len, seq_k))
+
+
+class Flex(Provider):
+    name = "flex"
+    computes = "pattern"
+    Options = MaskBlocks
+    # kernel_options for flex_attention; the Triton backend when None.
+    kernel_options: dict | None = None
+
+    def unavailable(self, device: torch.device) -> str | None:
+        try:
+            import torch.nn.attention.flex_attention  # noqa: F401
+        except ImportError as exc:
+            return f"FlexAttention is not in this torch: {exc}"
+        if device.type != "cuda":
+            return "FlexAttention is timed on CUDA GPUs only (its CPU path compiles for minutes)"
+        return None
+
+    def mask_block(self, case: Case, layout: BlockLayout, options: MaskBlocks) -> tuple[int, int]:
+        """The (q, kv) block of the case's mask: one mask serves forward and backward."""
+        if case.mode == "fwd":
+            return options.fwd_block or self.default_block(case, layout)
+        return options.bwd_block or self.default_block(case, layout)
+
+    def default_block(self, case: Case, layout: BlockLayout) -> tuple[int, int]:
+        # The Triton backend fails to compile blocks under 128 on Hopper.
+        side = max(FLEX_BLOCK, layout.block_size)
+        return side, side
+
+    def prepare(self, case: Case, layout: BlockLayout, sweep: Sweep, device: torch.device,
+                scale: float, config: object = None) -> Prepared:
+        block = self.mask_block(case, layout, self.options(sweep))
+        block_mask = build_block_mask(layout, case.heads, case.kv_heads, case.q_len, case.seqlen,
+                                      device, block)
+        # Each case's mask_mod closes over new tensors and recompiles; past dynamo's recompile
+        # limit it would fall back to eager flex, which materialises the scores. Start afresh.
+        torch._dynamo.reset()
+        _compiled_flex.cache_clear()
+        flex = _compiled_flex()
+        gqa = case.heads != case.kv_heads
+        extra = {"kernel_options": self.kernel_options} if self.kernel_options else {}
+
+        def attn(q, k, v):
+            return flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa, **extra)
+
+        return Prepared(attn, f"block{block[0]}x{block[1]}", "")
+
+
+class FlexFlash(Flex):
+    """FlexAttention on its FLASH backend: the same BlockMask, run by FlashAttention-4's kernels
+    (flash-attn-4 installed)."""
+
+    name = "flex_flash"
+    kernel_options = {"BACKEND": "FLASH"}
+    # FA4's refusals of a mask shape or head size reach us as these.
+    refusals = (ValueError, AssertionError, NotImplementedError)
+
+    def unavailable(self, device: torch.device) -> str | None:
+        return super().unavailable(device) or fa4_unavailable()
+
+    def default_block(self, case: Case, layout: BlockLayout) -> tuple[int, int]:
+        # On Hopper FA4's forward takes kv blocks of 64; its backward only 128-wide kv blocks.
+        return (128, 64) if case.mode == "fwd" else (128, 128)

@@ -1,0 +1,432 @@
+"""Run a sweep: for each case and provider, prepare, check, warm up, time, and append one row."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import BadInputError
+from ..results.schema import (
+    RESULTS_FILE,
+    ResultRow,
+    append_row,
+    check_out_dir,
+    read_meta,
+    write_meta,
+)
+from ..spec.sweep import Case, Sweep, excluded_for_provider
+from . import metrics, size_guard, sol
+from .calibrate import Calibration, load_or_calibrate, unavailable_reason
+from .check import random_inputs, run_check
+from .envinfo import command_line, environment
+from .providers import PROVIDERS, Provider, Unsupported
+from .resume import previous_baselines, resumed_rows
+from .timing import Ratio, measure, measure_interleaved, peak_memory_mb
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if choice == "cuda":
+        raise BadInputError("--device cuda: no CUDA GPU is visible (torch.cuda.is_available() is False)")
+    return torch.device("cpu")
+
+
+def new_run_dir(out: Path, name: str) -> Path:
+    check_out_dir(out)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = out / f"{name}-{stamp}"
+    suffix = 1
+    while run_dir.exists():
+        suffix += 1
+        run_dir = out / f"{name}-{stamp}-{suffix}"
+    try:
+        run_dir.mkdir(parents=True)
+    except OSError as exc:
+        raise BadInputError(f"--out {out}: cannot make the run directory {run_dir.name} there "
+                            f"({exc.strerror or exc})") from None
+    return run_dir
+
+
+@dataclass
+class RunContext:
+    """What every row of one run shares."""
+
+    sweep: Sweep
+    device: torch.device
+    env: dict
+    run_id: str
+    baseline: str | None
+    command: str
+    baseline_ms: dict[str, float] = field(default_factory=dict)  # case_id -> baseline's median
+    calibration: Calibration | None = None  # this GPU's measured rates: the speed-of-light columns
+
+
+def order_providers(names: list[str], baseline: str | None) -> list[str]:
+    """The baseline first, so every other row of a case can carry its speedup when written."""
+    return sorted(names, key=lambda n: n != baseline)
+
+
+def make_step(mode: str, attn, *inputs) -> Callable[[], object]:
+    """The timed callable: forward (any mode), backward alone (graph kept) or both."""
+    if mode not in ("bwd", "fwd_bwd"):
+        return lambda: attn(*inputs)
+    q, k, v = inputs
+    dout = torch.randn_like(q)
+    if mode == "bwd":
+        out = attn(q, k, v)
+        return lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+    return lambda: torch.autograd.grad(attn(q, k, v), (q, k, v), dout)
+
+
+def _base_row(ctx: RunContext, case: Case, provider: str, pattern_hash: str,
+              density: float) -> ResultRow:
+    env = ctx.env
+    return ResultRow(
+        run_id=ctx.run_id, timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        gpu=env["gpu"], torch_version=env["torch"], triton_version=env["triton"],
+        git_sha=env["git_sha"], interpreter=env["interpreter"], case_id=case.case_id,
+        provider=provider, mode=case.mode, dtype=case.dtype, batch=case.batch, seqlen=case.seqlen,
+        q_len=case.q_len, heads=case.heads, kv_heads=case.kv_heads, head_dim=case.head_dim,
+        causal=case.causal, pattern=case.pattern.label(), pattern_hash=pattern_hash,
+        block_size=case.block_size, density=density, seed=ctx.sweep.seed,
+        baseline=ctx.baseline or "", command=ctx.command)
+
+
+@dataclass
+class ReadyStep:
+    """A case x provider prepared, checked and warmed up, waiting to be timed."""
+
+    row: ResultRow
+    provider: Provider
+    step: Callable[[], object]
+
+
+def prepare_one(ctx: RunContext, case: Case, name: str, layout, density: float, inputs,
+                seed: int, case_bytes: int = 0) -> ResultRow | ReadyStep:
+    """Everything before timing one case x provider: availability, prepare, check, the timed step,
+    one warm-up call and peak memory. A failure comes back as a finished row, never an exception.
+
+    ``case_bytes`` is the device memory allocated once the case's inputs existed, before any
+    provider was prepared.
+    """
+    row = _base_row(ctx, case, name, layout.hash(), density)
+    provider: Provider = PROVIDERS[name]()
+    device, sweep = ctx.device, ctx.sweep
+    scale = case.sm_scale if case.sm_scale is not None else 1.0 / math.sqrt(case.head_dim)
+    try:
+        reason = provider.unavailable(device)
+        if reason:
+            raise Unsupported(reason)
+        if case.mode not in provider.modes:
+            raise Unsupported(f"{name} has no {case.mode} mode (it runs: "
+                              f"{', '.join(provider.modes)})")
+        if case.mode in ("bwd", "fwd_bwd") and not provider.supports_grad:
+            raise Unsupported(f"{name} has no backward pass")
+        # Refuse what cannot fit rather than swap the machine or die of it mid-sweep.
+        too_big = size_guard.too_big(case, name, device,
+                                     sweep.check.max_tokens if sweep.check.enabled else None)
+        if too_big:
+            row.status, row.message = "oom", too_big
+            return row
+        before = _allocated(device)
+        start = time.perf_counter()
+        prepared = provider.prepare(case, layout, sweep, device, scale)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        row.build_ms = (time.perf_counter() - start) * 1e3
+        row.config, row.config_source = prepared.config, prepared.config_source
+        if sweep.check.enabled:
+            checked = run_check(provider, prepared, case, layout, sweep, device, scale, seed)
+            row.max_abs_err, row.rel_err = checked.max_abs_err, checked.rel_err
+            if not checked.ok:
+                row.status = "wrong"
+                row.message = (f"{checked.what}: relative error {checked.rel_err:.3g} above "
+                               f"{sweep.check.rtol[case.dtype]}")
+                return row
+        step = make_step(case.mode, prepared.attn, *inputs)
+        step()  # warm-up: compilation and autotuning stay outside the timed region
+        # Providers prepared before this one are still alive (they are timed together); what they
+        # hold is not this step's. With one provider alive, before == case_bytes and this is all
+        # memory allocated while the call runs, inputs and outputs included.
+        row.peak_mem_mb = peak_memory_mb(step, device, before - case_bytes)
+        return ReadyStep(row, provider, step)
+    except Exception as exc:  # noqa: BLE001 - one failing row never stops a sweep
+        _record_failure(row, exc, provider.refused(exc))
+    return row
+
+
+def run_one(ctx: RunContext, case: Case, name: str, layout, density: float, inputs,
+            seed: int, case_bytes: int = 0) -> ResultRow:
+    """Measure one case x provider alone (sequential timing); every failure becomes a row."""
+    try:
+        ready = prepare_one(ctx, case, name, layout, density, inputs, seed, case_bytes)
+        if isinstance(ready, ResultRow):
+            return ready
+        try:
+            timed = measure(ready.step, ctx.sweep.timing, ctx.device)
+            ready.row.timer, ready.row.ms = timed.timer, timed.ms
+            ready.row.ms_p20, ready.row.ms_p80 = timed.p20, timed.p80
+            _fill_metrics(ctx, case, ready.provider, layout, ready.row)
+        except Exception as exc:  # noqa: BLE001 - one failing row never stops a sweep
+            _record_failure(ready.row, exc)
+        return ready.row
+    finally:
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def time_together(ctx: RunContext, case: Case, layout, ready: list[ReadyStep]) -> None:
+    """Time the ready steps of one case interleaved and fill their rows (given baseline first, so
+    the others find its median); a step that failed while timed gets its error row."""
+    steps = {r.row.provider: r.step for r in ready}
+    baseline = ctx.baseline if ctx.baseline in steps else None
+    try:
+        timed = measure_interleaved(steps, ctx.sweep.timing, ctx.device, baseline)
+    except Exception as exc:  # noqa: BLE001 - e.g. no memory for the L2 flush buffer
+        for r in ready:
+            _record_failure(r.row, exc)
+        return
+    for r in ready:
+        name, row = r.row.provider, r.row
+        if name in timed.errors:
+            _record_failure(row, timed.errors[name])
+            continue
+        got = timed.times[name]
+        row.timer, row.ms, row.ms_p20, row.ms_p80 = got.timer, got.ms, got.p20, got.p80
+        _fill_metrics(ctx, case, r.provider, layout, row, timed.ratios.get(name))
+
+
+def _allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def _record_failure(row: ResultRow, exc: BaseException, refusal: str | None = None) -> None:
+    if isinstance(exc, Unsupported) or refusal:
+        row.status, row.message = "unsupported", (refusal or str(exc)).splitlines()[0][:500]
+    elif isinstance(exc, torch.cuda.OutOfMemoryError):
+        row.status, row.message = "oom", _first_line(exc)
+    else:
+        row.status = "oom" if "out of memory" in str(exc).lower() else "error"
+        row.message = f"{type(exc).__name__}: {_first_line(exc)}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:500]
+
+
+def _fill_metrics(ctx: RunContext, case: Case, provider: Provider, layout, row: ResultRow,
+                  paired: Ratio | None = None) -> None:
+    """FLOPs, rates and the speedup of a timed row: the median of its per-round ratios to the
+    baseline when the two were timed interleaved (`paired`), else the ratio of their medians."""
+    pairs = metrics.computed_pairs(case, layout, provider.computes, provider.pads_inputs)
+    row.flops = metrics.flops(case, pairs)
+    row.tflops = metrics.tflops(row.flops, row.ms)
+    row.dense_tflops = metrics.tflops(metrics.flops(case, metrics.dense_pairs(case)), row.ms)
+    if row.provider == ctx.baseline:
+        ctx.baseline_ms[case.case_id] = row.ms
+    base = ctx.baseline_ms.get(case.case_id)
+    if base is not None:
+        row.speedup = base / row.ms
+        if paired is not None:
+            row.speedup, row.speedup_p20, row.speedup_p80 = paired.median, paired.p20, paired.p80
+        base_computes = PROVIDERS[ctx.baseline].computes if ctx.baseline else ""
+        if provider.computes == "pattern" and base_computes == "dense":
+            # Measured speedup over the ideal 1/density a perfectly sparse kernel would reach.
+            row.sparsity_efficiency = row.speedup * row.density
+    peak = metrics.peak_tflops(row.gpu, case.dtype) if ctx.device.type == "cuda" else None
+    if peak is not None and row.tflops > peak:
+        row.status = "error"
+        row.message = (f"{row.tflops:.0f} TFLOP/s is above the GPU's peak {peak:.0f}: the timing "
+                       "or the FLOP count is wrong")
+    if ctx.calibration is not None:
+        nbytes = sol.row_bytes(case, layout, provider.computes, provider.pads_inputs)
+        row.sol_ms = sol.sol_ms(row.flops, nbytes, ctx.calibration, case.dtype)
+        row.sol_pct = 100.0 * row.sol_ms / row.ms
+        if row.sol_pct > 100.0:  # kept as measured: the model, not the kernel, is suspect
+            note = "faster than the speed of light: check the FLOP/byte model"
+            row.message = f"{row.message}; {note}" if row.message else note
+
+
+@dataclass
+class RunPlan:
+    run_dir: Path
+    cases: list[Case]
+    providers: list[str]
+    done: set[tuple[str, str]]
+    warnings: list[str] = field(default_factory=list)  # for the user, e.g. a torn row set aside
+
+
+def plan_run(sweep: Sweep, cases: list[Case], providers: list[str], out: Path,
+             resume: Path | None) -> RunPlan:
+    """A new run directory under ``out``, or the resumed run ``resume`` with its done rows: checked
+    writable, of the same spec, and with a torn last row set aside (its case runs again)."""
+    if resume is None:
+        return RunPlan(new_run_dir(out, sweep.name), cases, providers, set())
+    done, notes = resumed_rows(sweep, resume)
+    return RunPlan(resume, cases, providers, done, notes)
+
+
+def pending_work(sweep: Sweep, plan: RunPlan, baseline: str | None) -> list[tuple[Case, list[str]]]:
+    """Each case with its providers still to run (baseline first), in the plan's case order."""
+    order = order_providers(plan.providers, baseline)
+    work = []
+    for case in plan.cases:
+        names = [n for n in order if (case.case_id, n) not in plan.done
+                 and not excluded_for_provider(sweep, case, n)]
+        if names:
+            work.append((case, names))
+    return work
+
+
+def begin_run(sweep: Sweep, spec_text: str, plan: RunPlan, device: torch.device,
+              extra_meta: dict | None = None) -> tuple[RunContext, list[tuple[Case, list[str]]]]:
+    """Write meta.json and return the run's context with its pending work."""
+    env = environment(device)
+    baseline = sweep.baseline if sweep.baseline in plan.providers else None
+    calibration, speed_of_light = speed_of_light_for(device)
+    ctx = RunContext(sweep, device, env, plan.run_dir.name, baseline, command_line(),
+                     previous_baselines(plan.run_dir, baseline), calibration)
+    meta = {"run_id": ctx.run_id, "spec_name": sweep.name, "name": sweep.name,
+            "description": sweep.description, "command": ctx.command, "providers": plan.providers,
+            "baseline": baseline, "environment": env, "spec": sweep.model_dump(mode="json"),
+            "spec_text": spec_text, "speed_of_light": speed_of_light,
+            "started": datetime.now(timezone.utc).isoformat(),
+            **(extra_meta or {})}
+    write_meta(plan.run_dir, {**read_meta(plan.run_dir), **meta})
+    return ctx, pending_work(sweep, plan, baseline)
+
+
+def speed_of_light_for(device: torch.device) -> tuple[Calibration | None, dict]:
+    """The device's calibration (None off CUDA, or when calibrating failed) and what meta.json
+    records of it: the calibration itself, or ``{"unavailable": reason}``."""
+    try:
+        calibration = load_or_calibrate(device)
+    except Exception as exc:  # noqa: BLE001 - a failed calibration only leaves the columns empty
+        return None, {"unavailable": f"calibrating failed: {type(exc).__name__}: "
+                                     f"{_first_line(exc)}"}
+    if calibration is None:
+        return None, {"unavailable": unavailable_reason(device) or "no calibration"}
+    return calibration, calibration.as_dict()
+
+
+def finish_run(plan: RunPlan, extra_meta: dict | None = None) -> None:
+    write_meta(plan.run_dir, {**read_meta(plan.run_dir), **(extra_meta or {}),
+                              "finished": datetime.now(timezone.utc).isoformat()})
+
+
+def case_seed(sweep: Sweep, case: Case) -> int:
+    return (sweep.seed * 1_000_003 + int(case.case_id, 16)) % 2**31
+
+
+def failed_row(ctx: RunContext, case: Case, provider: str, status: str,
+               message: str) -> ResultRow:
+    """A row for a case x provider that was never measured (its case failed to build, its worker
+    died): no layout, so no pattern hash or density."""
+    row = _base_row(ctx, case, provider, "", float("nan"))
+    row.status, row.message = status, message[:500]
+    return row
+
+
+def run_case(ctx: RunContext, case: Case, providers: list[str],
+             on_start: Callable[[str], None] | None = None,
+             on_row: Callable[[ResultRow], None] | None = None) -> list[ResultRow]:
+    """Build the case's layout and inputs once, then measure its providers; one row each, in the
+    order given.
+
+    The serial runner and the GPU workers of `dkbench.measure.parallel` both call this; give the baseline
+    first so the other rows carry its speedup. With `timing.interleave` (the default) every
+    provider is prepared and warmed up first, then all are timed together and the case's rows come
+    at the end; otherwise each is prepared and timed alone, its row coming as soon as it is
+    measured. `on_start` hears what is being done (a provider's name, "preparing NAME",
+    "timing N providers interleaved"); `on_row` sees each row.
+    """
+    rows: list[ResultRow] = []
+
+    def emit(row: ResultRow) -> None:
+        rows.append(row)
+        if on_row:
+            on_row(row)
+
+    try:
+        layout = case.pattern.layout(case.heads, case.kv_heads, case.seqlen, case.causal)
+        density = metrics.pattern_pairs(case, layout) / metrics.dense_pairs(case)
+        seed = case_seed(ctx.sweep, case)
+        too_big = size_guard.too_big(case, None, ctx.device)
+        if too_big:  # the case's own tensors cannot fit: no provider is tried
+            for name in providers:
+                emit(failed_row(ctx, case, name, "oom", too_big))
+            return rows
+        inputs = random_inputs(case, ctx.device, case.mode in ("bwd", "fwd_bwd"), seed)
+    except Exception as exc:  # noqa: BLE001 - one failing case never stops a sweep
+        oom = isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+        message = f"building the case failed: {type(exc).__name__}: {_first_line(exc)}"
+        for name in providers:
+            emit(failed_row(ctx, case, name, "oom" if oom else "error", message))
+        return rows
+    case_bytes = _allocated(ctx.device)
+    if ctx.sweep.timing.interleave:
+        for row in _interleaved_rows(ctx, case, providers, layout, density, inputs, seed,
+                                     case_bytes, on_start):
+            emit(row)
+    else:
+        for name in providers:
+            if on_start:
+                on_start(name)
+            emit(run_one(ctx, case, name, layout, density, inputs, seed + 1, case_bytes))
+    del inputs
+    if ctx.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _interleaved_rows(ctx: RunContext, case: Case, providers: list[str], layout, density: float,
+                      inputs, seed: int, case_bytes: int,
+                      on_start: Callable[[str], None] | None) -> list[ResultRow]:
+    """Prepare every provider, then time the ready ones together; rows in provider order. The
+    prepared state of all of them lives until this returns."""
+    prepared: list[ResultRow | ReadyStep] = []
+    for name in providers:
+        if on_start:
+            on_start(f"preparing {name}")
+        prepared.append(prepare_one(ctx, case, name, layout, density, inputs, seed + 1,
+                                    case_bytes))
+    ready = [p for p in prepared if isinstance(p, ReadyStep)]
+    if ready:
+        if on_start:
+            on_start(f"timing {len(ready)} provider{'s' * (len(ready) > 1)} interleaved")
+        time_together(ctx, case, layout, ready)
+    return [p.row if isinstance(p, ReadyStep) else p for p in prepared]
+
+
+def execute(sweep: Sweep, spec_text: str, plan: RunPlan, device: torch.device,
+            on_progress: Callable[[str, int, int], None] | None = None, *,
+            extra_meta: dict | None = None) -> list[ResultRow]:
+    """Run every pending case x provider of the plan, appending rows as they are measured."""
+    ctx, work = begin_run(sweep, spec_text, plan, device, extra_meta)
+    rows: list[ResultRow] = []
+    total = sum(len(names) for _, names in work)
+
+    def on_row(row: ResultRow) -> None:
+        append_row(plan.run_dir / RESULTS_FILE, row)
+        rows.append(row)
+
+    for case, names in work:
+        def on_start(what: str, case: Case = case) -> None:
+            if on_progress:
+                on_progress(f"{what}: {case.label()}", len(rows), total)
+
+        run_case(ctx, case, names, on_start, on_row)
+    if on_progress:
+        on_progress("done", total, total)
+    finish_run(plan)
+    return rows

@@ -1,0 +1,303 @@
+"""Timing steps: device events on a GPU, wall clock in the interpreter.
+
+`measure` times one step alone through triton.testing: `do_bench`'s warmup and rep are
+milliseconds, and it flushes L2 before each call; `do_bench_cudagraph` replays a captured graph and
+does not flush. `measure_interleaved` times a case's providers together, in rounds of turns, so a
+step change of the GPU's clock (seen over seconds) lands on every provider alike, and pairs each
+round's turns into ratios. The row records which timer was used.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+
+from ..spec.sweep import Timing
+
+# In the interpreter a step takes seconds; a few repetitions check the pipeline, nothing more.
+INTERPRETER_REPS = 3
+# Interleaved timing runs in rounds; each round gives every step one turn of about TURN_MS and
+# times only the second half of it. A power-capped GPU sets its clock by what runs: on an H100,
+# cuDNN's attention alone ran at 1.50-1.58 GHz and SDPA's flash backend alone at 1.71-1.73 GHz,
+# while alternating the two call by call ran both at one shared clock and moved their ratio by
+# 13%. Turns of 60 ms or more, second half timed, gave the ratio measured apart within 2%.
+TURN_MS = 100.0
+# At least enough rounds (paired samples) for a median and p20/p80 when steps are slow; at most
+# so many calls a turn that microsecond steps, whose calls cost more in launches, L2 flushes and
+# events than in the step, do not run for seconds.
+MIN_ROUNDS = 10
+MAX_ROUNDS = 1000
+MAX_TURN_CALLS = 500
+# Calls per step that estimate its time before the turns are planned (do_bench uses five too).
+ESTIMATE_CALLS = 5
+# Zeroed before each call, as do_bench does, so no call finds its inputs in L2 (50 MB on an H100).
+L2_FLUSH_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class Measurement:
+    ms: float
+    p20: float
+    p80: float
+    timer: str
+    samples: int
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """Median, p20 and p80 of per-round ratios (baseline's ms / this provider's ms)."""
+
+    median: float
+    p20: float
+    p80: float
+    samples: int
+
+
+@dataclass(frozen=True)
+class Interleaved:
+    """What `measure_interleaved` found. A step that raised is in `errors` and nowhere else."""
+
+    times: dict[str, Measurement]  # over every timed call
+    ratios: dict[str, Ratio]  # non-baseline providers, when the baseline was timed too
+    errors: dict[str, BaseException]
+    rounds: list[dict[str, float]]  # one per round: provider -> median ms of its turn's timed calls
+
+
+def p20_p80(samples: list[float]) -> tuple[float, float]:
+    """The 20th and 80th percentiles, interpolated between the sorted samples."""
+    if len(samples) == 1:  # statistics.quantiles wants two points before Python 3.13
+        return samples[0], samples[0]
+    quintiles = statistics.quantiles(samples, n=5, method="inclusive")
+    return quintiles[0], quintiles[3]
+
+
+def summarize(samples: list[float], timer: str) -> Measurement:
+    return Measurement(statistics.median(samples), *p20_p80(samples), timer, len(samples))
+
+
+def measure(fn: Callable[[], object], timing: Timing, device: torch.device) -> Measurement:
+    """Median, p20 and p80 milliseconds of ``fn`` (already warmed up: compiled and tuned)."""
+    if device.type != "cuda":
+        samples = []
+        for _ in range(INTERPRETER_REPS):
+            start = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - start) * 1e3)
+        return summarize(samples, "interpreter-wallclock")
+    import triton.testing
+
+    if timing.cuda_graph:
+        with torch.cuda.stream(torch.cuda.Stream()):
+            samples = triton.testing.do_bench_cudagraph(fn, rep=timing.rep_ms, return_mode="all")
+        return summarize(list(samples), "do_bench_cudagraph")
+    samples = triton.testing.do_bench(fn, warmup=timing.warmup_ms, rep=timing.rep_ms,
+                                      return_mode="all")
+    return summarize(list(samples), "do_bench")
+
+
+# -- interleaved timing --
+
+class Clock(Protocol):
+    """Times single calls for `measure_interleaved`.
+
+    `call` runs the step once and returns a handle; `read` turns handles into milliseconds (waiting
+    for the device first). `fixed_rounds` set skips the estimate and runs that many rounds of
+    `fixed_turn` (settling calls, timed calls) turns; None plans both from the estimate and `Timing`.
+    """
+
+    label: str
+    fixed_rounds: int | None
+    fixed_turn: tuple[int, int]
+
+    def call(self, fn: Callable[[], object]) -> object: ...
+
+    def read(self, handles: list[object]) -> list[float]: ...
+
+
+class CudaClock:
+    """CUDA events around each call only, with L2 flushed just before it."""
+
+    label = "interleaved"
+    fixed_rounds = None
+    fixed_turn = (0, 1)  # unused: turns are planned
+
+    def __init__(self, device: torch.device) -> None:
+        # Allocated once per measurement and dropped with the clock, so it never counts in a later
+        # provider's peak memory.
+        self.flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device)
+
+    def call(self, fn: Callable[[], object]) -> object:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        self.flush.zero_()
+        start.record()
+        fn()
+        end.record()
+        return start, end
+
+    def read(self, handles: list[object]) -> list[float]:
+        torch.cuda.synchronize(self.flush.device)
+        return [start.elapsed_time(end) for start, end in handles]
+
+
+class WallClock:
+    """`time.perf_counter` around each call: the interpreter on the CPU, where timings mean
+    nothing beyond that the pipeline runs."""
+
+    label = "interpreter-wallclock"
+    fixed_rounds = INTERPRETER_REPS
+    fixed_turn = (0, 1)
+
+    def call(self, fn: Callable[[], object]) -> object:
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+
+    def read(self, handles: list[object]) -> list[float]:
+        return [float(h) for h in handles]
+
+
+def default_clock(device: torch.device) -> Clock:
+    return CudaClock(device) if device.type == "cuda" else WallClock()
+
+
+def plan_turn(estimate_ms: float) -> tuple[int, int]:
+    """(settling calls, timed calls) for one turn of a step of this estimated time: about TURN_MS
+    in all, at least one of each, at most MAX_TURN_CALLS."""
+    calls = min(max(2, round(TURN_MS / max(estimate_ms, 1e-6))), MAX_TURN_CALLS)
+    return calls // 2, calls - calls // 2
+
+
+def warmup_calls(estimate_ms: float, timing: Timing) -> int:
+    """Untimed calls before the rounds: about warmup_ms, at least one, at most MAX_TURN_CALLS."""
+    return min(max(1, math.ceil(timing.warmup_ms / max(estimate_ms, 1e-6))), MAX_TURN_CALLS)
+
+
+def plan_rounds(timing: Timing) -> int:
+    """Rounds enough that each step's timed calls add up to about rep_ms (half of each turn is
+    timed), within [MIN_ROUNDS, MAX_ROUNDS]."""
+    return min(max(math.ceil(timing.rep_ms / (TURN_MS / 2)), MIN_ROUNDS), MAX_ROUNDS)
+
+
+def _calls(clock: Clock, steps: dict[str, Callable[[], object]], name: str, n: int,
+           errors: dict[str, BaseException]) -> list[object] | None:
+    """``n`` calls of step ``name``; None, with the error recorded, when one raises (the other
+    steps carry on)."""
+    try:
+        return [clock.call(steps[name]) for _ in range(n)]
+    except Exception as exc:  # noqa: BLE001 - one failing step never stops the others
+        errors[name] = exc
+        return None
+
+
+def _read(clock: Clock, handles: list[object], active: list[str],
+          errors: dict[str, BaseException]) -> list[float] | None:
+    try:
+        return clock.read(handles)
+    except Exception as exc:  # noqa: BLE001 - an asynchronous device error: no step is to blame
+        for name in active:
+            errors.setdefault(name, exc)
+        return None
+
+
+def measure_interleaved(steps: dict[str, Callable[[], object]], timing: Timing,
+                        device: torch.device, baseline: str | None = None, *,
+                        clock: Clock | None = None) -> Interleaved:
+    """Time ``steps`` (already warmed up) in rounds that give each a turn, and pair their times.
+
+    Each step is first timed ESTIMATE_CALLS times (to plan its turn) and called for about
+    ``timing.warmup_ms``. A turn calls the step for about TURN_MS and times its second half, so
+    each step runs at the clock it sets itself. Round r starts at step r mod n, so no step always
+    follows the same neighbour. Each step gets the median, p20 and p80 of its timed calls; with ``baseline`` among
+    the steps, every other step also gets those of the per-round ratios (baseline's turn median /
+    this step's), which a drift of the device's speed between rounds leaves alone. A step that
+    raises is reported in ``errors`` and left out of the later rounds, its samples dropped; the
+    others carry on.
+    """
+    if not steps:
+        return Interleaved({}, {}, {}, [])
+    clock = clock if clock is not None else default_clock(device)
+    names = list(steps)
+    errors: dict[str, BaseException] = {}
+    if clock.fixed_rounds is None:
+        estimates = _estimates(clock, steps, errors)
+        turns = {name: plan_turn(ms) for name, ms in estimates.items()}
+        rounds = plan_rounds(timing)
+        for name, ms in estimates.items():  # about warmup_ms of untimed calls each, as do_bench
+            _calls(clock, steps, name, warmup_calls(ms, timing), errors)
+    else:
+        turns = {name: clock.fixed_turn for name in names}
+        rounds = clock.fixed_rounds
+    timed: list[list[tuple[str, list[object]]]] = []
+    for r in range(rounds):
+        this_round = []
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            if name in errors:
+                continue
+            settle, count = turns[name]
+            if _calls(clock, steps, name, settle, errors) is None:
+                continue
+            handles = _calls(clock, steps, name, count, errors)
+            if handles is not None:
+                this_round.append((name, handles))
+        timed.append(this_round)
+    flat = [h for this_round in timed for _, handles in this_round for h in handles]
+    times = _read(clock, flat, [n for n in names if n not in errors], errors)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    per_round: list[dict[str, float]] = []
+    it = iter(times or [])
+    for this_round in timed if times is not None else []:
+        turn_ms = {}
+        for name, handles in this_round:
+            got = [next(it) for _ in handles]
+            samples[name].extend(got)
+            turn_ms[name] = statistics.median(got)
+        # A step that failed takes its earlier samples with it.
+        per_round.append({n: ms for n, ms in turn_ms.items() if n not in errors})
+    return Interleaved(
+        times={name: summarize(samples[name], clock.label)
+               for name in names if name not in errors and samples[name]},
+        ratios=_ratios(per_round, names, baseline, errors),
+        errors=errors, rounds=per_round)
+
+
+def _estimates(clock: Clock, steps: dict[str, Callable[[], object]],
+               errors: dict[str, BaseException]) -> dict[str, float]:
+    """Each step's time: the median of ESTIMATE_CALLS timed calls."""
+    handles = {name: _calls(clock, steps, name, ESTIMATE_CALLS, errors) for name in steps}
+    ok = [n for n in steps if handles[n] is not None]
+    times = _read(clock, [h for n in ok for h in handles[n]], ok, errors) or []
+    return {name: statistics.median(times[i * ESTIMATE_CALLS:(i + 1) * ESTIMATE_CALLS])
+            for i, name in enumerate(ok) if name not in errors}
+
+
+def _ratios(per_round: list[dict[str, float]], names: list[str], baseline: str | None,
+            errors: dict[str, BaseException]) -> dict[str, Ratio]:
+    if baseline is None or baseline not in names or baseline in errors:
+        return {}
+    out = {}
+    for name in names:
+        if name == baseline or name in errors:
+            continue
+        ratios = [s[baseline] / s[name] for s in per_round if s[name] > 0]
+        if ratios:
+            out[name] = Ratio(statistics.median(ratios), *p20_p80(ratios), len(ratios))
+    return out
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device,
+                   exclude_bytes: int = 0) -> float:
+    """Peak device memory (MB) while ``fn`` runs once, inputs and outputs included, less
+    ``exclude_bytes`` (memory held meanwhile that is not this step's, such as other providers'
+    prepared state)."""
+    if device.type != "cuda":
+        return float("nan")
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - exclude_bytes) / 2**20

@@ -1,0 +1,1 @@
+"""Views of the results: figures, the Markdown report, the end-of-run summary."""

@@ -1,0 +1,254 @@
+"""`dkbench report`: a Markdown page for a run directory, a tune directory (`dkbench tune`'s), or a
+directory of them: the environment, a summary table per case with the fastest provider marked, the
+failed rows with their messages, the tuned configs, and the figures from `dkbench.report.plots`, linked by
+relative path. A view of the CSVs alone."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from ..errors import BadInputError
+from ..results.runs import INTERPRETER_NOTE, Run, TuneDir, load_sources
+from ..results.schema import KEY_COLUMNS
+from .markdown import cell, table
+from .plots import build_figures, output_root, save_figures
+from .tune_plots import KERNEL_ORDER, winner
+
+REPORT_FILE = "report.md"
+WINNER = "★"
+# (row label, meta.json keys tried in order, at the top level and then under "environment").
+META_FIELDS = (
+    ("run name", ("name",)),
+    ("GPU", ("gpu", "gpu_name", "device")),
+    ("torch", ("torch", "torch_version")),
+    ("triton", ("triton", "triton_version")),
+    ("python", ("python", "python_version")),
+    ("spec", ("spec_name", "spec", "sweep", "spec_path")),
+    ("command", ("command", "argv", "cmd")),
+)
+CSV_PROVENANCE = ("run_id", "gpu", "torch_version", "triton_version", "git_sha", "interpreter",
+                  "timer", "command")
+CASE_COLUMNS = tuple(c for c in KEY_COLUMNS if c != "provider")
+_MODE_ORDER = {"fwd": 0, "bwd": 1, "fwd_bwd": 2, "prefill_varlen": 3, "decode": 4}
+
+
+def _num(value: float, fmt: str) -> str:
+    return "—" if pd.isna(value) else format(value, fmt)
+
+
+def _meta_value(meta: dict, keys: Sequence[str]) -> object:
+    environment = meta.get("environment") if isinstance(meta.get("environment"), dict) else {}
+    for key in keys:
+        value = meta.get(key, environment.get(key))
+        if isinstance(value, dict):  # e.g. {"spec": {"name": ..., "path": ...}}
+            value = value.get("name") or value.get("path")
+        if value not in (None, ""):
+            return value
+    return None
+
+
+def _csv_values(df: pd.DataFrame, column: str) -> str:
+    if column not in df.columns:
+        return "—"
+    values = sorted({str(v) for v in df[column].dropna() if str(v) != ""})
+    return ", ".join(values) if values else "—"
+
+
+def _frame(source: Run | TuneDir) -> pd.DataFrame:
+    return source.tune if isinstance(source, TuneDir) else source.results
+
+
+def _provenance(source: Run | TuneDir, column: str) -> str:
+    """A provenance column's values; tune.csv has few of them, so meta.json's environment
+    fills in for a tune directory (torch_version is its "torch")."""
+    value = _csv_values(_frame(source), column)
+    if value == "—" and isinstance(source, TuneDir):
+        meta = _meta_value(source.meta, (column, column.removesuffix("_version")))
+        value = "—" if meta is None else str(meta)
+    return value
+
+
+def environment_section(runs: Sequence[Run], tunes: Sequence[TuneDir] = ()) -> list[str]:
+    """One column per run (then per tune directory): meta.json's environment, then the CSV's
+    provenance columns."""
+    sources = [*runs, *tunes]
+    rows = [[label, *(_meta_value(s.meta, keys) for s in sources)] for label, keys in META_FIELDS]
+    rows += [[f"csv `{c}`", *(_provenance(s, c) for s in sources)] for c in CSV_PROVENANCE]
+    rows.append(["csv timestamps", *(_csv_span(_frame(s)) for s in sources)])
+    rows.append(["rows (by status)", *(_status_counts(_frame(s)) for s in sources)])
+    return ["## Environment", "", *table(["", *(s.label for s in sources)], rows), ""]
+
+
+def _csv_span(df: pd.DataFrame) -> str:
+    stamps = sorted(str(t) for t in df.get("timestamp", pd.Series(dtype=str)).dropna())
+    return f"{stamps[0]} to {stamps[-1]}" if stamps else "—"
+
+
+def _status_counts(df: pd.DataFrame) -> str:
+    counts = df["status"].value_counts()
+    return f"{len(df)} (" + ", ".join(f"{s} {n}" for s, n in counts.items()) + ")"
+
+
+def _case_order(case: pd.DataFrame) -> tuple:
+    first = case.iloc[0]
+    return (str(first["pattern"]), _MODE_ORDER.get(first["mode"], 9), str(first["mode"]),
+            str(first["dtype"]), float(first["seqlen"]))
+
+
+def _case_heading(case: pd.DataFrame) -> str:
+    first = case.iloc[0]
+    parts = [f"seqlen {first['seqlen']:g}"]
+    for col, name in (("q_len", "q_len"), ("batch", "batch"), ("heads", "heads"),
+                      ("kv_heads", "kv_heads"), ("head_dim", "head_dim"), ("block_size", "block"),
+                      ("causal", "causal"), ("density", "density")):
+        if col in case.columns and pd.notna(first[col]):
+            parts.append(f"{name} {first[col]:.4g}" if col == "density" else f"{name} {first[col]}")
+    baselines = sorted({b for b in case["baseline"] if b})
+    if baselines:
+        parts.append("baseline " + ", ".join(baselines))
+    case_id = f"`{first['case_id']}`: " if "case_id" in case.columns else ""
+    return case_id + ", ".join(parts)
+
+
+def case_table(case: pd.DataFrame) -> list[str]:
+    """One case's providers: median ms (p20-p80), TFLOP/s, speedup (with the p20-p80 of its
+    paired ratios when timed interleaved), status; the fastest ok row starred. A failed row shows no numbers: a failed measurement is not a measurement."""
+    ok = case[(case["status"] == "ok") & case["ms"].notna()]
+    winner = ok["ms"].idxmin() if len(ok) else None
+    rows = []
+    for idx, r in case.sort_values("provider").iterrows():
+        if r["status"] != "ok":
+            rows.append([r["provider"], "—", "—", "—", "—", r["status"]])
+            continue
+        name = f"**{r['provider']}** {WINNER}" if idx == winner else r["provider"]
+        ms = f"{_num(r['ms'], '.4g')} ({_num(r['ms_p20'], '.4g')}–{_num(r['ms_p80'], '.4g')})"
+        if r["provider"] == r["baseline"]:
+            speed = "baseline"
+        else:
+            speed = "—" if pd.isna(r["speedup"]) else f"{r['speedup']:.2f}×"
+            p20, p80 = r.get("speedup_p20", float("nan")), r.get("speedup_p80", float("nan"))
+            if not (pd.isna(r["speedup"]) or pd.isna(p20) or pd.isna(p80)):
+                speed += f" ({p20:.2f}–{p80:.2f})"  # p20-p80 of its paired ratios
+        rows.append([name, ms, _num(r["tflops"], ".1f"), _num(r["dense_tflops"], ".1f"), speed,
+                     r["status"]])
+    header = ["provider", "median ms (p20–p80)", "TFLOP/s (computed)", "TFLOP/s (dense-eq.)",
+              "speedup (p20–p80)", "status"]
+    return table(header, rows)
+
+
+def summary_section(run: Run, title: str = "## Summary") -> list[str]:
+    """Per (pattern, mode, dtype) a heading, and under it a table per case."""
+    df = run.results
+    keys = [c for c in CASE_COLUMNS if c in df.columns]
+    cases = sorted((g for _, g in df.groupby(keys, dropna=False)), key=_case_order)
+    lines = [title, "", f"{WINNER} marks the fastest provider of a case (median ms, status ok).",
+             ""]
+    facet = None
+    for case in cases:
+        first = case.iloc[0]
+        if (first["pattern"], first["mode"], first["dtype"]) != facet:
+            facet = (first["pattern"], first["mode"], first["dtype"])
+            lines += [f"### `{cell(facet[0])}` · {facet[1]} · {facet[2]}", ""]
+        lines += [_case_heading(case), "", *case_table(case), ""]
+    return lines
+
+
+def failed_section(runs: Sequence[Run]) -> list[str]:
+    """Every row whose status is not ok, with its message."""
+    cols = ["case_id", "provider", "mode", "dtype", "seqlen", "status", "message"]
+    rows = []
+    for run in runs:
+        bad = run.results[run.results["status"] != "ok"]
+        for _, r in bad.iterrows():
+            rows.append(([run.label] if len(runs) > 1 else []) + [r.get(c) for c in cols])
+    lines = ["## Failed rows", ""]
+    if not rows:
+        return lines + ["None: every row has status ok.", ""]
+    return lines + table((["run"] if len(runs) > 1 else []) + cols, rows) + [""]
+
+
+def _config_text(row: pd.Series) -> str:
+    text = (f"BLOCK_M={row['block_m']:g}, BLOCK_N={row['block_n']:g}, "
+            f"num_warps={row['num_warps']:g}, num_stages={row['num_stages']:g}")
+    impl = row.get("impl", "triton")
+    return text + (f", impl={impl}" if isinstance(impl, str) and impl not in ("", "triton") else "")
+
+
+def tuning_section(sources: Sequence[Run | TuneDir]) -> list[str]:
+    """Per tuned (case, kernel): how many configs ran ok, the fastest and its gain over the
+    default config; nothing when no source has a tune.csv."""
+    tuned = [s for s in sources if s.tune is not None]
+    rows = []
+    for source in tuned:
+        groups = sorted(source.tune.groupby(["case_id", "kernel"]), key=lambda kv: (
+            str(kv[0][0]), KERNEL_ORDER.get(kv[0][1], 9), str(kv[0][1])))
+        for (case_id, kernel), g in groups:
+            best = winner(g)
+            ok = int(((g["status"] == "ok") & g["ms"].notna()).sum())
+            gain = best.get("speedup_vs_default") if best is not None else None
+            rows.append(([source.label] if len(tuned) > 1 else []) + [
+                case_id, kernel, f"{ok} of {len(g)}",
+                "—" if best is None else _config_text(best),
+                "—" if best is None else _num(best["ms"], ".4g"),
+                "—" if gain is None or pd.isna(gain) else f"{float(gain):.2f}×"])
+    if not rows:
+        return []
+    header = (["run"] if len(tuned) > 1 else []) + [
+        "case_id", "kernel", "configs ok", "fastest config", "median ms", "vs default"]
+    return ["## Tuning", "", *table(header, rows), ""]
+
+
+def figures_section(figures: Sequence[tuple[str, Path]], report_dir: Path) -> list[str]:
+    """Image links relative to the report, so the directory can be moved or published as is."""
+    lines = ["## Figures", ""]
+    for title, path in figures:
+        rel = Path(os.path.relpath(path, report_dir)).as_posix()
+        lines += [f"### {title}", "", f"![{title}]({rel})", ""]
+    return lines if figures else lines + ["No figures.", ""]
+
+
+def render_report(runs: Sequence[Run], figures: Sequence[tuple[str, Path]] = (),
+                  report_dir: Path = Path("."), tunes: Sequence[TuneDir] = ()) -> str:
+    """The report's Markdown text; `figures` are (title, file) pairs to link; `tunes` are
+    directories `dkbench tune` wrote, reported beside (or instead of) the runs."""
+    sources = [*runs, *tunes]
+    title = sources[0].label if len(sources) == 1 else f"{len(sources)} runs compared"
+    lines = [f"# dkbench report: {title}", ""]
+    interpreted = [s.label for s in sources if s.interpreter]
+    if interpreted:
+        lines += [f"> **Note:** {INTERPRETER_NOTE}: {', '.join(interpreted)}.", ""]
+    lines += environment_section(runs, tunes)
+    for run in runs:
+        heading = "## Summary" if len(runs) == 1 else f"## Summary: {run.label}"
+        lines += summary_section(run, heading)
+    if runs:
+        lines += failed_section(runs)
+    lines += tuning_section(sources)
+    lines += figures_section(figures, report_dir)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def report_file(path: Path, out: Path | None = None) -> Path:
+    """Where the report goes: `out` (a file, or a directory for report.md), else PATH/report.md."""
+    if out is None:
+        return output_root(path) / REPORT_FILE
+    out = Path(out)
+    return out / REPORT_FILE if out.is_dir() else out
+
+
+def write_report(path: Path, out: Path | None = None) -> Path:
+    """`dkbench report`: draw the figures as PNG beside the report, write it, return its path."""
+    runs, tunes = load_sources(path)
+    target = report_file(path, out)
+    figures = build_figures(runs, tunes=tunes)
+    written = save_figures(figures, target.parent, ("png",))
+    links = [(nf.title, file) for nf, file in zip(figures, written)]
+    try:
+        target.write_text(render_report(runs, links, target.parent, tunes), encoding="utf-8")
+    except OSError as err:
+        raise BadInputError(f"{target}: cannot write the report ({err})") from None
+    return target

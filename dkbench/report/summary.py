@@ -1,0 +1,69 @@
+"""The end-of-run summary: per case, each provider's time and speedup, the winner marked."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from rich.table import Table
+
+from ..results.schema import ResultRow
+
+
+def summary_table(rows: list[ResultRow], baseline: str | None) -> Table:
+    providers = list(dict.fromkeys(r.provider for r in rows))
+    by_case: dict[str, dict[str, ResultRow]] = defaultdict(dict)
+    labels: dict[str, str] = {}
+    for r in rows:
+        by_case[r.case_id][r.provider] = r
+        q = f"q{r.q_len}/" if r.q_len != r.seqlen else ""
+        labels[r.case_id] = (f"{r.mode} {r.dtype} b{r.batch} {q}s{r.seqlen} h{r.heads}/{r.kv_heads} "
+                             f"d{r.head_dim} {r.pattern} (density {r.density:.3f})")
+    title = "ms (speedup vs " + (baseline or "no baseline") + "); * = fastest"
+    table = Table(title=title, show_lines=False)
+    table.add_column("case", overflow="fold", max_width=60)
+    for p in providers:
+        table.add_column(p, justify="right")
+    for case_id, cells in by_case.items():
+        ok = {p: r for p, r in cells.items() if r.status == "ok"}
+        winner = min(ok, key=lambda p: ok[p].ms) if ok else None
+        row = [labels[case_id]]
+        for p in providers:
+            r = cells.get(p)
+            if r is None:
+                row.append("")
+            elif r.status != "ok":
+                row.append(f"[dim]{r.status}[/dim]")
+            else:
+                text = f"{r.ms:.3f}"
+                if r.speedup == r.speedup and p != baseline:
+                    text += f" ({r.speedup:.2f}x)"
+                row.append(f"[bold green]*{text}[/bold green]" if p == winner else text)
+        table.add_row(*row)
+    return table
+
+
+def cannot_run_here(rows: list[ResultRow], device: torch.device) -> set[str]:
+    """Providers of these rows that are unavailable on this device at all (e.g. a CUDA backend on
+    a CPU): their `unsupported` rows are expected here, not failures."""
+    from ..measure.providers import PROVIDERS
+
+    names = {r.provider for r in rows if r.status == "unsupported" and r.provider in PROVIDERS}
+    return {n for n in names if PROVIDERS[n]().unavailable(device) is not None}
+
+
+def outcome_line(rows: list[ResultRow], cannot_run: set[str]) -> str | None:
+    """The run's last word on its rows: how many did not run ok, apart from those skipped because
+    their provider cannot run on this device; None when every row ran ok."""
+    skipped = [r for r in rows if r.status == "unsupported" and r.provider in cannot_run]
+    ran = len(rows) - len(skipped)
+    failed = sum(r.status != "ok" for r in rows) - len(skipped)
+    parts = []
+    if failed:
+        parts.append(f"{failed} of {ran} rows did not run ok (see status/message in results.csv)")
+    elif skipped and ran:
+        parts.append(f"{ran} of {ran} rows ran ok")
+    if skipped:
+        names = ", ".join(sorted({r.provider for r in skipped}))
+        parts.append(f"{len(skipped)} skipped (cannot run here: {names})")
+    return "; ".join(parts) + "." if parts else None

@@ -1,0 +1,226 @@
+"""Combine the run directories of one sweep's shards (`dkbench merge`) into one run directory.
+
+Rows are copied as text (never re-parsed and re-formatted), keyed by (case_id, provider). Inputs
+must come from the same spec and the same environment (GPU, torch, triton) and hold no row twice;
+`force` merges anyway, the last input's row winning a duplicate. Cases of the spec with no row
+(a shard not run yet) are reported, not refused: `dkbench run SPEC --resume OUT` fills them in.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ..errors import BadInputError, ResultsWriteError
+from ..spec.sweep import Sweep, expand, filter_cases
+from .schema import (
+    META_FILE,
+    RESULTS_FILE,
+    check_out_dir,
+    heal_results,
+    read_meta,
+    whole_rows_end,
+    write_meta,
+)
+
+ENV_KEYS = ("gpu", "torch", "triton")
+# meta.json keys that describe one process's run, not the merged whole.
+PER_RUN_KEYS = ("workers", "worker_environments", "worker_warnings", "gpus", "finished")
+
+
+@dataclass
+class Source:
+    run_dir: Path
+    meta: dict
+    header: list[str]
+    rows: list[dict[str, str]]
+    notes: list[str] = field(default_factory=list)  # e.g. a torn last row set aside
+
+
+@dataclass
+class MergeResult:
+    out: Path
+    rows: int
+    sources: int
+    shards: list[str]
+    replaced: int = 0  # duplicate rows dropped in favour of a later input (--force)
+    expected_cases: int | None = None
+    missing_cases: int = 0
+    notes: list[str] = field(default_factory=list)  # warnings for the user
+
+
+def _load(run_dir: Path) -> Source:
+    meta_path, csv_path = run_dir / META_FILE, run_dir / RESULTS_FILE
+    if not meta_path.is_file() or not csv_path.is_file():
+        raise BadInputError(f"{run_dir}: not a run directory (needs {META_FILE} and "
+                            f"{RESULTS_FILE})")
+    try:
+        meta = read_meta(run_dir)
+    except ValueError as exc:
+        raise BadInputError(f"{meta_path}: not valid JSON ({exc})") from None
+    if meta.get("kind", "run") != "run" or "spec" not in meta:
+        raise BadInputError(f"{run_dir}: not a `dkbench run` directory (its meta.json is of kind "
+                            f"{meta.get('kind')!r}{'' if 'spec' in meta else ', with no spec'})")
+    data, notes = csv_path.read_bytes(), []
+    end = whole_rows_end(data)
+    if end < len(data):  # a run stopped mid-row: never copy half a row
+        try:
+            notes.append(str(heal_results(csv_path)))
+        except ResultsWriteError as exc:
+            notes.append(f"{exc}; merging its whole rows only")
+        data = data[:end]
+    try:
+        reader = csv.DictReader(io.StringIO(data.decode("utf-8"), newline=""))
+    except UnicodeDecodeError as exc:
+        raise BadInputError(f"{csv_path}: not a UTF-8 CSV ({exc})") from None
+    header = list(reader.fieldnames or [])
+    rows = list(reader)
+    if rows and not {"case_id", "provider"} <= set(header):
+        raise BadInputError(f"{csv_path}: no case_id/provider columns")
+    for line, row in enumerate(rows, start=2):
+        if None in row:
+            raise BadInputError(f"{csv_path}: line {line} has more fields than the header")
+    return Source(run_dir, meta, header, rows, notes)
+
+
+def _spec_key(meta: dict) -> object:
+    """The spec as compared across machines: file patterns by file name, not absolute path."""
+    spec = dict(meta.get("spec") or {})
+    spec["patterns"] = [{**p, "path": Path(p["path"]).name} if isinstance(p, dict) and "path" in p
+                        else p for p in spec.get("patterns", [])]
+    return (meta.get("spec_name"), spec)
+
+
+def _differences(sources: list[Source]) -> list[str]:
+    first = sources[0]
+    problems = []
+    for src in sources[1:]:
+        if _spec_key(src.meta) != _spec_key(first.meta):
+            problems.append(f"{src.run_dir} is a run of a different spec than {first.run_dir} "
+                            f"({src.meta.get('spec_name')!r} vs {first.meta.get('spec_name')!r})")
+        env, env0 = src.meta.get("environment", {}), first.meta.get("environment", {})
+        for key in ENV_KEYS:
+            if env.get(key) != env0.get(key):
+                problems.append(f"{src.run_dir} ran with {key} {env.get(key)!r}, {first.run_dir} "
+                                f"with {env0.get(key)!r}")
+        if src.header and first.header and src.header != first.header:
+            problems.append(f"{src.run_dir} has other results.csv columns than {first.run_dir}")
+    return problems
+
+
+def _expected_cases(sources: list[Source]) -> set[str]:
+    """case_ids the spec (after the inputs' shared --only) expands to."""
+    sweep = Sweep.model_validate(sources[0].meta["spec"])
+    onlys = {tuple(s.meta.get("only") or ()) for s in sources}
+    cases = expand(sweep)
+    if len(onlys) == 1:
+        cases = filter_cases(cases, list(onlys.pop()))
+    return {c.case_id for c in cases}
+
+
+def _shard_notes(shards: list[str | None]) -> list[str]:
+    given = [s for s in shards if s]
+    counts = {int(s.split("/")[1]) for s in given}
+    if not given or len(counts) != 1:
+        return []
+    count = counts.pop()
+    absent = [f"{i}/{count}" for i in range(1, count + 1) if f"{i}/{count}" not in given]
+    return [f"shards not among the inputs: {', '.join(absent)}"] if absent else []
+
+
+def merge_runs(run_dirs: list[Path], out: Path, force: bool = False) -> MergeResult:
+    """Write ``out/results.csv`` (every input row) and ``out/meta.json`` (sources and shards)."""
+    if not run_dirs:
+        raise BadInputError("give at least one RUN_DIR to merge")
+    run_dirs = [Path(d) for d in run_dirs]
+    if len({d.resolve() for d in run_dirs}) != len(run_dirs):
+        raise BadInputError("a RUN_DIR is given twice")
+    if out.resolve() in {d.resolve() for d in run_dirs}:
+        raise BadInputError(f"--out {out}: is one of the inputs; pick a new directory")
+    check_out_dir(out)
+    sources = [_load(d) for d in run_dirs]
+    notes: list[str] = [note for s in sources for note in s.notes]
+    if (out / RESULTS_FILE).exists() or (out / META_FILE).exists():
+        if not force:
+            raise BadInputError(f"--out {out}: already holds a run (--force overwrites it)")
+        notes.append(f"--out {out} held a run: overwritten (--force)")
+    problems = _differences(sources)
+    if problems and not force:
+        raise BadInputError("refusing to merge: " + "; ".join(problems)
+                            + " (--force merges anyway)")
+    notes += [f"{p} (merged anyway: --force)" for p in problems]
+
+    header = list(dict.fromkeys(col for s in sources for col in s.header))
+    merged: dict[tuple[str, str], dict[str, str]] = {}
+    origin: dict[tuple[str, str], Path] = {}
+    duplicates: list[str] = []
+    for src in sources:
+        for row in src.rows:
+            key = (row["case_id"], row["provider"])
+            if key in merged:
+                duplicates.append(f"{key[0]}/{key[1]} in {origin[key]} and {src.run_dir}")
+                del merged[key]  # the last one wins, and takes the last position
+            merged[key], origin[key] = row, src.run_dir
+    if duplicates and not force:
+        raise BadInputError(f"{len(duplicates)} (case_id, provider) rows appear in more than one "
+                            f"place, e.g. {duplicates[0]} (--force keeps the last one)")
+    if duplicates:
+        notes.append(f"{len(duplicates)} duplicate rows: kept the one from the last input given "
+                     f"(e.g. {duplicates[0]})")
+
+    shards = [s.meta.get("shard") for s in sources]
+    result = MergeResult(out, len(merged), len(sources), sorted({s for s in shards if s}),
+                         replaced=len(duplicates), notes=notes)
+    try:
+        expected = _expected_cases(sources)
+    except Exception as exc:  # noqa: BLE001 - the check is advisory; the merge still stands
+        notes.append(f"could not expand the spec to look for missing cases: {exc}")
+    else:
+        present = {case_id for case_id, _ in merged}
+        result.expected_cases, result.missing_cases = len(expected), len(expected - present)
+        if result.missing_cases:
+            notes.append(f"{result.missing_cases} of {len(expected)} cases of the spec have no row "
+                         f"(finish with: dkbench run SPEC --resume {out})")
+            notes += _shard_notes(shards)
+
+    _write(out, header, list(merged.values()), _merged_meta(sources, out, result, problems))
+    return result
+
+
+def _merged_meta(sources: list[Source], out: Path, result: MergeResult, forced: list[str]) -> dict:
+    meta = {k: v for k, v in sources[0].meta.items() if k not in PER_RUN_KEYS}
+    finished = [s.meta.get("finished") for s in sources]
+    starts = [s.meta["started"] for s in sources if s.meta.get("started")]
+    meta.update(
+        run_id=out.name, shard=None, shards=result.shards,
+        merged=datetime.now(timezone.utc).isoformat(),
+        merged_from=[{"run_dir": str(s.run_dir), "run_id": s.meta.get("run_id"),
+                      "shard": s.meta.get("shard"), "rows": len(s.rows),
+                      "gpu": s.meta.get("environment", {}).get("gpu"),
+                      "finished": s.meta.get("finished")} for s in sources],
+        missing_cases=result.missing_cases, duplicates_replaced=result.replaced,
+        forced=forced)
+    if starts:
+        meta["started"] = min(starts)
+    if all(finished):
+        meta["finished"] = max(finished)
+    return meta
+
+
+def _write(out: Path, header: list[str], rows: list[dict[str, str]], meta: dict) -> None:
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=header, restval="", lineterminator="\r\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    tmp = out / (RESULTS_FILE + ".tmp")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text.getvalue(), newline="")
+        tmp.replace(out / RESULTS_FILE)
+    except OSError as exc:
+        raise BadInputError(f"--out {out}: cannot write the merged run there "
+                            f"({exc.strerror or exc})") from None
+    write_meta(out, meta)

@@ -1,0 +1,312 @@
+"""The results schema: one `ResultRow` per case x provider, appended to `results.csv` as measured."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import errno
+import io
+import json
+import os
+import warnings
+from dataclasses import dataclass, fields
+from datetime import datetime
+from pathlib import Path
+from typing import Iterable
+
+import pandas as pd
+
+from ..errors import BadInputError, ResultsWriteError, TornRowWarning
+
+RESULTS_FILE = "results.csv"
+META_FILE = "meta.json"
+
+STATUSES = ("ok", "oom", "unsupported", "error", "wrong")
+
+
+@dataclass
+class ResultRow:
+    """One measured (or failed) case x provider. Field order is the CSV's column order."""
+
+    # -- provenance --
+    run_id: str
+    timestamp: str
+    gpu: str
+    torch_version: str
+    triton_version: str
+    git_sha: str
+    interpreter: bool  # True when Triton kernels ran through TRITON_INTERPRET (timings meaningless)
+    # -- case key --
+    case_id: str
+    provider: str
+    mode: str
+    dtype: str
+    batch: int
+    seqlen: int
+    q_len: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    causal: bool
+    pattern: str
+    pattern_hash: str
+    block_size: int
+    density: float
+    seed: int
+    # -- launch config --
+    config: str = ""
+    config_source: str = ""
+    # -- timing --
+    timer: str = ""
+    ms: float = float("nan")
+    ms_p20: float = float("nan")
+    ms_p80: float = float("nan")
+    build_ms: float = float("nan")
+    # -- metrics --
+    flops: float = float("nan")
+    tflops: float = float("nan")
+    dense_tflops: float = float("nan")
+    baseline: str = ""
+    speedup: float = float("nan")
+    # p20/p80 of the per-round ratios when the providers were timed interleaved (else NaN)
+    speedup_p20: float = float("nan")
+    speedup_p80: float = float("nan")
+    sparsity_efficiency: float = float("nan")
+    peak_mem_mb: float = float("nan")
+    max_abs_err: float = float("nan")
+    rel_err: float = float("nan")
+    # -- outcome --
+    status: str = "ok"
+    message: str = ""
+    command: str = ""
+    # -- speed of light (last, so that files written before them resume) --
+    # The least time the row's FLOPs and bytes allow at this GPU's calibrated matrix rate and
+    # bandwidth (dkbench.measure.sol), and 100 * sol_ms / ms; NaN where no calibration exists (the CPU).
+    sol_ms: float = float("nan")
+    sol_pct: float = float("nan")
+
+
+COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(ResultRow))
+
+# Provenance columns read back as the text written: pandas would read the sha 338e663124 as a
+# float (inf) and 0123456 as the integer 123456.
+TEXT_COLUMNS: tuple[str, ...] = (
+    "run_id", "timestamp", "torch_version", "triton_version", "git_sha", "case_id",
+    "pattern_hash", "config", "config_source", "timer", "command")
+NA_VALUES = ["nan", "NaN", ""]
+
+# The columns that identify a case x provider across runs (used by resume, gate and merge).
+KEY_COLUMNS: tuple[str, ...] = (
+    "provider", "mode", "dtype", "batch", "seqlen", "q_len", "heads", "kv_heads",
+    "head_dim", "causal", "pattern", "block_size",
+)
+
+
+def append_row(path: Path, row: ResultRow) -> None:
+    """Append one row to a CSV (writing the header first if the file is new), fsynced to disk.
+
+    The row (with the header, for a new file) goes out in one write call, so a run killed mid-row
+    leaves at most one torn last line, which the next read sets aside (`heal_results`); a failed
+    write is cut back off, so nothing is ever appended onto a partial line. A file written by an
+    older version keeps its own columns (a resumed run): the row fills those, so no value ever
+    lands under another column's name. Raises ResultsWriteError naming the file.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size if path.exists() else 0
+        if size and _last_byte(path) != b"\n":
+            torn = heal_results(path)
+            if torn is not None:
+                warnings.warn(torn, stacklevel=2)
+            size = path.stat().st_size
+            if size and _last_byte(path) != b"\n":
+                raise ResultsWriteError(f"{path}: does not end in a whole line and is not a "
+                                        "results CSV; refusing to append to it")
+        header = list(COLUMNS) if size == 0 else _header(path)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=header, restval="", extrasaction="ignore")
+        if size == 0:
+            writer.writeheader()
+        writer.writerow(dataclasses.asdict(row))
+        _append_whole(path, text.getvalue().encode())
+    except OSError as exc:
+        raise ResultsWriteError(f"{path}: cannot write a row: {_reason(exc)} (the rows before it "
+                                "are intact)") from None
+
+
+def _write(fd: int, data: bytes) -> int:
+    # The one write call of a row; a seam for the fault-injection tests (disk full midway).
+    return os.write(fd, data)
+
+
+def _append_whole(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        before = os.fstat(fd).st_size
+        try:
+            written = _write(fd, data)
+            if written != len(data):
+                raise OSError(errno.EIO, f"short write ({written} of {len(data)} bytes; "
+                                         "disk full?)")
+            os.fsync(fd)
+        except OSError:
+            with contextlib.suppress(OSError):  # take back a partial row
+                os.ftruncate(fd, before)
+            raise
+    finally:
+        os.close(fd)
+
+
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as fh:
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1)
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+def _header(path: Path) -> list[str]:
+    with open(path, newline="") as fh:
+        return next(csv.reader(fh), None) or list(COLUMNS)
+
+
+def whole_rows_end(data: bytes) -> int:
+    """Byte offset where the whole rows of a results CSV's bytes end: past the last record that
+    is complete (a newline outside quotes ends it) and not shorter than the header.
+
+    A write cut off midway leaves a prefix of a row: no final newline, or, after a newline inside
+    a quoted field, an open quote; either way fewer fields than the header. A row with more
+    fields is not a torn write and stays for the reader to report, and so does a file that is not
+    a results CSV (its header names no case_id and provider): ``len(data)`` then.
+    """
+    first = data.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", errors="replace")
+    if not first or not ({"case_id", "provider"} <= set(first.split(","))
+                         or (b"\n" not in data and ",".join(COLUMNS).startswith(first))):
+        return len(data)  # not ours to cut (a torn header is a prefix of ours)
+    ends = [0]
+    quotes = pos = 0
+    while (newline := data.find(b"\n", pos)) >= 0:
+        quotes += data.count(b'"', pos, newline + 1)
+        pos = newline + 1
+        if quotes % 2 == 0:
+            ends.append(pos)
+    if len(ends) < 2:
+        return 0
+    header = _field_count(data[:ends[1]])
+    if len(ends) > 2 and _field_count(data[ends[-2]:ends[-1]]) < header:
+        return ends[-2]
+    return ends[-1]
+
+
+def _field_count(record: bytes) -> int:
+    try:
+        parsed = list(csv.reader(io.StringIO(record.decode("utf-8"), newline="")))
+    except (UnicodeDecodeError, csv.Error):
+        return -1
+    return len(parsed[0]) if len(parsed) == 1 else -1
+
+
+def heal_results(path: Path) -> TornRowWarning | None:
+    """Set aside a torn last row of a results CSV: its bytes move to ``<name>.torn-<time>`` beside
+    it, and the file is truncated back to its last whole row. Returns the warning to show (naming
+    both files), or None when the file ends in a whole row. Raises ResultsWriteError when the file
+    cannot be changed."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise BadInputError(f"{path}: cannot be read: {_reason(exc)}") from None
+    end = whole_rows_end(data)
+    if end == len(data):
+        return None
+    aside = None
+    try:  # the torn bytes are safe in their own file before the original is cut
+        aside = _set_aside(path, data[end:])
+        with open(path, "r+b") as fh:
+            fh.truncate(end)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        if aside is not None:  # the file was not cut: one copy of its torn row is enough
+            aside.unlink(missing_ok=True)
+        raise ResultsWriteError(f"{path}: its last row is cut off ({len(data) - end} bytes) and "
+                                f"cannot be set aside: {_reason(exc)}") from None
+    return TornRowWarning(f"{path}: its last row was cut off (a run stopped while writing it); "
+                          f"its {len(data) - end} bytes were moved to {aside} and the file cut "
+                          "back to its last whole row (a resumed run measures that case again)")
+
+
+def _set_aside(path: Path, torn: bytes) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    aside, suffix = path.with_name(f"{path.name}.torn-{stamp}"), 1
+    while True:
+        try:
+            with open(aside, "xb") as fh:  # never overwrite an earlier torn row
+                fh.write(torn)
+                fh.flush()
+                os.fsync(fh.fileno())
+            return aside
+        except FileExistsError:
+            suffix += 1
+            aside = path.with_name(f"{path.name}.torn-{stamp}-{suffix}")
+
+
+def read_results(path: Path) -> pd.DataFrame:
+    """Read a results CSV (or the one inside a run directory) into a DataFrame.
+
+    A torn last row is set aside first (`heal_results`, with a TornRowWarning); when the file
+    cannot be changed, its whole rows are read and the file is left as it is.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULTS_FILE
+    source: Path | io.BytesIO = path
+    try:
+        torn = heal_results(path) if path.is_file() else None
+    except ResultsWriteError as exc:
+        torn = TornRowWarning(f"{exc}; reading its whole rows only")
+        data = path.read_bytes()
+        source = io.BytesIO(data[:whole_rows_end(data)])
+    if torn is not None:
+        warnings.warn(torn, stacklevel=2)
+    return pd.read_csv(source, dtype={c: str for c in TEXT_COLUMNS}, keep_default_na=False,
+                       na_values=NA_VALUES)
+
+
+def check_out_dir(out: Path, flag: str = "--out") -> None:
+    """Raise BadInputError naming ``out`` when a directory cannot be made or written there: it, or
+    its nearest existing parent, is a file or not writable."""
+    probe = Path(out)
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    what = "" if probe == Path(out) else f"{probe} "
+    if probe.exists() and not probe.is_dir():
+        raise BadInputError(f"{flag} {out}: {what}is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise BadInputError(f"{flag} {out}: {what}is not writable")
+
+
+def write_meta(run_dir: Path, meta: dict) -> None:
+    """Replace meta.json atomically (a temporary file renamed over it); ResultsWriteError names
+    the file when it cannot be written."""
+    tmp = run_dir / (META_FILE + ".tmp")
+    try:
+        tmp.write_text(json.dumps(meta, indent=2, default=str))
+        tmp.replace(run_dir / META_FILE)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise ResultsWriteError(f"{run_dir / META_FILE}: cannot write: {_reason(exc)}") from None
+
+
+def read_meta(run_dir: Path) -> dict:
+    path = Path(run_dir) / META_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def done_keys(rows: Iterable[dict]) -> set[tuple[str, str]]:
+    """(case_id, provider) pairs already present, for --resume."""
+    return {(str(r["case_id"]), str(r["provider"])) for r in rows}

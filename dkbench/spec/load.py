@@ -1,0 +1,245 @@
+"""Loading a sweep spec: the YAML read safely, validated field by field, then checked across
+fields (names, ranges, impossible combinations) before anything runs.
+
+Every error names the file, the key path and what is allowed; the wording of pydantic's errors
+and the YAML loader live in `dkbench.spec.messages`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from kernels.configs import LaunchConfig, config_problems
+
+from ..errors import SpecError
+from ..measure.providers import PROVIDERS
+from .messages import (
+    DuplicateKey,
+    SpecLoader,
+    error_text,
+    error_where,
+    only_model,
+    validation_message,
+    yaml_problem,
+)
+from .patterns import DensePattern, FilePattern, LocalStridePattern, RandomPattern
+from .sweep import (
+    AXIS_RANGES,
+    CASE_KEYS,
+    DTYPES,
+    MAX_CASES,
+    MAX_LAYOUT_BLOCKS,
+    Case,
+    Check,
+    LaunchConfigSpec,
+    Sweep,
+    Timing,
+    as_list,
+    expand,
+)
+
+
+def _model_at(parent: tuple) -> Any:
+    """The model whose fields sit at ``parent`` in a spec (a location without its last key), or
+    None: what `spec_messages` lists as the allowed keys and bounds there."""
+    if not parent:
+        return Sweep
+    if len(parent) == 1:
+        return {"timing": Timing, "check": Check, "config": LaunchConfigSpec}.get(str(parent[0]))
+    if parent[0] == "patterns" and len(parent) == 3:
+        return {"local_stride": LocalStridePattern, "dense": DensePattern,
+                "random": RandomPattern, "file": FilePattern}.get(str(parent[2]))
+    return None
+
+
+def load_spec(path: str | Path) -> Sweep:
+    """Read and validate a YAML spec (``yaml.safe_load`` only); raise SpecError on any problem."""
+    path = Path(path)
+    if path.is_dir():
+        raise SpecError(f"{path}: is a directory; give a spec file (YAML)")
+    if not path.is_file():
+        raise SpecError(f"{path}: no such spec file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path}: not a text file (byte {exc.object[exc.start]:#04x} at offset "
+                        f"{exc.start} is not UTF-8); a sweep spec is YAML text") from None
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot be read: {exc.strerror or exc}") from None
+    try:
+        raw = yaml.load(text, Loader=SpecLoader)  # noqa: S506 - a SafeLoader
+    except DuplicateKey as exc:
+        raise SpecError(f"{path}: line {exc.line}: duplicate key {exc.key!r} (first given on "
+                        f"line {exc.first}); each key may appear once in a mapping") from None
+    except yaml.MarkedYAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
+    except yaml.YAMLError as exc:
+        problem = str(exc).replace(' in "<unicode string>"', "")
+        raise SpecError(f"{path}: not valid YAML: {problem}") from None
+    except ValueError as exc:  # an integer of more digits than Python converts
+        raise SpecError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: a sweep spec is a YAML mapping of keys, got {type(raw).__name__}")
+    try:
+        sweep = Sweep.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(validation_message(path, exc, _model_at)) from None
+    sweep = _resolve_files(sweep, path.parent)
+    check_sweep(sweep, path)
+    return sweep
+
+
+def _resolve_files(sweep: Sweep, base: Path) -> Sweep:
+    patterns = [p.model_copy(update={"path": str((base / p.path).resolve())})
+                if isinstance(p, FilePattern) and not Path(p.path).is_absolute() else p
+                for p in sweep.patterns]
+    return sweep.model_copy(update={"patterns": patterns})
+
+
+def check_sweep(sweep: Sweep, path: Path) -> None:
+    """Cross-field rules pydantic cannot express: names, ranges and impossible combinations."""
+    def fail(key: str, msg: str) -> None:
+        raise SpecError(f"{path}: {key}: {msg}")
+
+    for i, d in enumerate(as_list(sweep.dtype)):
+        if d not in DTYPES:
+            fail(f"dtype[{i}]" if isinstance(sweep.dtype, list) else "dtype",
+                 f"unknown dtype {d!r}; allowed: {', '.join(DTYPES)}")
+    for i, name in enumerate(sweep.providers):
+        if name not in PROVIDERS:
+            fail(f"providers[{i}]", f"unknown provider {name!r}; allowed: {', '.join(PROVIDERS)}")
+    _check_provider_options(sweep, fail)
+    if sweep.baseline is not None and sweep.baseline not in sweep.providers:
+        fail("baseline", f"{sweep.baseline!r} is not in providers ({', '.join(sweep.providers)})")
+    for key in ("seqlen", "heads", "head_dim", "batch", "batch_tokens", "q_len", "kv_heads"):
+        for v in [x for x in as_list(getattr(sweep, key)) if x is not None]:  # 0 is checked too
+            if v < 1:
+                fail(key, f"must be a positive integer, got {v}")
+            lo, hi = AXIS_RANGES[key]
+            if v > hi and key != "head_dim":
+                fail(key, f"{v} is too large; allowed: {lo} to {hi} (2**{hi.bit_length() - 1})")
+    for d in as_list(sweep.head_dim):
+        if not 16 <= d <= 256:
+            fail("head_dim", f"{d} is not supported; allowed: 16 to 256")
+    if sweep.lengths and len(sweep.lengths) > AXIS_RANGES["batch"][1]:
+        fail("lengths", f"{len(sweep.lengths)} sequences; allowed: at most "
+             f"{AXIS_RANGES['batch'][1]} (the batch)")
+    for i, p in enumerate(sweep.patterns):
+        bs = p.block_size
+        if bs < 16 or bs & (bs - 1) or bs > 1024:
+            fail(f"patterns[{i}].block_size", f"must be a power of two >= 16, got {bs}; allowed: "
+                 "16, 32, 64, 128, 256, 512, 1024")
+    _check_launch_config(sweep, fail)
+    for i, rule in enumerate(sweep.exclude):
+        unknown = sorted(set(rule) - set(CASE_KEYS))
+        if unknown or not rule:
+            fail(f"exclude[{i}]", f"unknown key(s) {unknown or '(empty rule)'}; allowed: "
+                 f"{', '.join(CASE_KEYS)}")
+    _check_case_count(sweep, fail)
+    cases = expand(sweep)
+    if not cases:
+        fail("exclude", "the exclusion rules remove every case")
+    layouts: dict[tuple, Any] = {}
+    for case in cases:
+        _check_case(case, fail, layouts)
+
+
+def _check_case_count(sweep: Sweep, fail) -> None:
+    """Refuse, before expanding, axes that multiply to more than MAX_CASES cases."""
+    axes = {key: len(as_list(getattr(sweep, key))) for key in (
+        "mode", "dtype", "seqlen", "q_len", "heads", "kv_heads", "head_dim", "causal", "patterns",
+        "batch", "batch_tokens") if getattr(sweep, key) is not None}
+    total = math.prod(axes.values())
+    if total > MAX_CASES:
+        longest = max(axes, key=axes.__getitem__)
+        product = " x ".join(f"{n} {key}" for key, n in axes.items() if n > 1)
+        fail(longest, f"the axes multiply to {total} cases ({product}); allowed: at most "
+             f"{MAX_CASES} in one spec (shorten {longest} or split the sweep)")
+
+
+def _check_provider_options(sweep: Sweep, fail) -> None:
+    for name, given in sweep.provider_options.items():
+        key = f"provider_options.{name}"
+        if name not in sweep.providers:
+            fail(key, f"{name!r} is not in providers ({', '.join(sweep.providers)})")
+        model = PROVIDERS[name].Options
+        if model is None:
+            fail(key, f"{name} takes no options")
+        if not isinstance(given, dict):
+            fail(key, f"expected a mapping of option: value, got {type(given).__name__}")
+        try:
+            model.model_validate(given)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = error_where(err)
+            fail(f"{key}.{where}" if where else key, error_text(err, only_model(model)))
+
+
+def _check_launch_config(sweep: Sweep, fail) -> None:
+    """A pinned `config` must suit every block size and head_dim of the sweep: the kernels' own
+    validity rules, applied before anything runs."""
+    if sweep.config is None:
+        return
+    config = LaunchConfig(**sweep.config.model_dump())
+    for block_size in sorted({p.block_size for p in sweep.patterns}):
+        for head_dim in sorted(set(as_list(sweep.head_dim))):
+            problems = config_problems(config, block_size, head_dim)
+            if problems:
+                fail("config", f"{config.short()} cannot run block_size {block_size}, head_dim "
+                     f"{head_dim}: {'; '.join(problems)}")
+
+
+def _check_case(case: Case, fail, layouts: dict[tuple, Any]) -> None:
+    """One case's cross-field rules; ``layouts`` holds the pattern files read so far, so a long
+    axis of lengths reads each file once (generated patterns are built at one block, cached)."""
+    if case.mode == "decode" and not case.causal:
+        fail("causal", "mode decode needs causal: true (a new token sees only the past)")
+    if case.heads % case.kv_heads:
+        fail("kv_heads", f"heads={case.heads} is not divisible by kv_heads={case.kv_heads}")
+    if case.batch < 1:
+        fail("batch_tokens", f"fewer tokens than seqlen={case.seqlen} gives a batch of 0")
+    if case.batch > AXIS_RANGES["batch"][1]:
+        fail("batch_tokens", f"seqlen={case.seqlen} gives a batch of {case.batch}; allowed: at "
+             f"most {AXIS_RANGES['batch'][1]}")
+    if case.lengths and max(case.lengths) > case.seqlen:
+        fail("lengths", f"the longest sequence ({max(case.lengths)}) exceeds seqlen={case.seqlen}, "
+             "the padded length")
+    if case.q_len > case.seqlen:
+        fail("q_len", f"q_len={case.q_len} exceeds seqlen={case.seqlen}; queries are the last "
+             "positions of the key sequence")
+    label, file = case.pattern.label(), isinstance(case.pattern, FilePattern)
+    try:
+        if file:  # read once per check, not per length
+            key = (case.pattern, case.causal)
+            if key not in layouts:
+                layouts[key] = case.pattern.layout(case.heads, case.kv_heads, case.seqlen,
+                                                   case.causal)
+            layout = layouts[key]
+            layout.check_seqlen(case.seqlen, case.q_len)
+        else:
+            layout = _generated_layout(case.pattern, case.heads, case.kv_heads, case.causal)
+    except (ValueError, TypeError, OverflowError) as exc:
+        fail("patterns", f"{label}: {exc}")
+    if layout.heads not in (1, case.kv_heads, case.heads):
+        fail("patterns", f"{label} has {layout.heads} heads; expected 1, "
+             f"kv_heads={case.kv_heads} or heads={case.heads}")
+    blocks = -(-case.seqlen // case.block_size)
+    if not file and layout.heads * blocks * blocks > MAX_LAYOUT_BLOCKS:
+        fail("patterns", f"{label} at seqlen={case.seqlen} is {layout.heads} x {blocks} x "
+             f"{blocks} blocks; allowed: at most 2**{MAX_LAYOUT_BLOCKS.bit_length() - 1} (a "
+             "larger block_size, fewer pattern heads or a shorter seqlen)")
+
+
+@functools.lru_cache(maxsize=256)
+def _generated_layout(pattern: Any, heads: int, kv_heads: int, causal: bool):
+    """A generated pattern as validation needs it: one block long.
+
+    A generator checks its own arguments and picks its head count whatever the length, and its
+    layout at a long seqlen can take gigabytes (the run builds that one)."""
+    return pattern.layout(heads, kv_heads, pattern.block_size, causal)

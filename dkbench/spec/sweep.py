@@ -1,0 +1,337 @@
+"""The sweep spec's model: a validated `Sweep`, its frozen `Case`s, and the expansion of list
+axes into cases (`expand`), with the exclusion and `--only` filters.
+
+`dkbench.spec.load` reads a YAML file into a `Sweep` and checks it across fields.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import re
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from ..errors import SpecError
+from .messages import (
+    AxisError,
+    show,
+)
+from .patterns import PatternSpec
+
+DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+          "half": "float16", "fp32": "float32", "float32": "float32"}
+MODES = ("fwd", "bwd", "fwd_bwd", "prefill_varlen", "decode")
+TRAINING_MODES = ("fwd", "bwd", "fwd_bwd")
+INFERENCE_MODES = ("prefill_varlen", "decode")
+Mode = Literal["fwd", "bwd", "fwd_bwd", "prefill_varlen", "decode"]
+DEVICES = ("auto", "cuda", "cpu")
+
+IntList = Union[int, list[int]]
+DEFAULT_RTOL = {"bfloat16": 2e-2, "float16": 5e-3, "float32": 5e-3}
+
+# What each integer axis allows, checked before anything is built: far beyond any GPU's reach,
+# close enough that a typo (an extra 0, a byte count for a length) is refused at once.
+MAX_SEQLEN = 2**24
+AXIS_RANGES = {"batch": (1, 2**20), "batch_tokens": (1, 2**32), "seqlen": (1, MAX_SEQLEN),
+               "q_len": (1, MAX_SEQLEN), "heads": (1, 1024), "kv_heads": (1, 1024),
+               "head_dim": (16, 256)}
+# A spec's axes may multiply to this many cases; past it, expanding and checking them is what
+# would take minutes (and no GPU runs them all).
+MAX_CASES = 100_000
+# Block entries of one generated layout (pattern heads x blocks x blocks, a bool each).
+MAX_LAYOUT_BLOCKS = 2**32
+# Strict: a YAML `true` is not the integer 1, and `64.5` or `"64"` are not integers.
+_STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+class Timing(BaseModel):
+    model_config = _STRICT
+    warmup_ms: float = Field(25.0, gt=0, allow_inf_nan=False)
+    rep_ms: float = Field(100.0, gt=0, allow_inf_nan=False)
+    cuda_graph: bool = False
+    # Time a case's providers together, in rounds of one turn each (dkbench.measure.timing), so a drift of
+    # the GPU's speed lands on all of them alike; `speedup` is then the median of per-round ratios.
+    # Graph replay
+    # times one provider at a time, so cuda_graph turns this off unless it is given too (an error).
+    interleave: bool = True
+
+    @model_validator(mode="after")
+    def _graph_or_interleave(self) -> Timing:
+        if self.cuda_graph and self.interleave:
+            if "interleave" in self.model_fields_set:
+                raise ValueError("timing.interleave and timing.cuda_graph are both true; pick one "
+                                 "(graphs are replayed one provider at a time, so they cannot be "
+                                 "interleaved)")
+            self.interleave = False
+        return self
+
+
+class Check(BaseModel):
+    model_config = _STRICT
+    enabled: bool = True
+    # Cases larger than this many tokens (batch * seqlen) are checked on a cut-down copy: batch 1,
+    # seqlen clipped to it, same pattern and heads. The reference materialises the token mask.
+    max_tokens: int = Field(2048, ge=16)
+    # Relative error allowed per dtype; given keys (aliases like bf16 allowed) override these.
+    rtol: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(
+        default_factory=lambda: dict(DEFAULT_RTOL))
+
+    @field_validator("rtol")
+    @classmethod
+    def _canonical_rtol(cls, given: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(k for k in given if k not in DTYPES)
+        if unknown:
+            raise ValueError(f"unknown dtype(s) {unknown}; allowed: {', '.join(DTYPES)}")
+        return {**DEFAULT_RTOL, **{DTYPES[k]: v for k, v in given.items()}}
+
+
+class LaunchConfigSpec(BaseModel):
+    model_config = _STRICT
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+    impl: Literal["triton", "gluon"] = "triton"
+
+
+def _axis_values() -> dict[str, tuple[str, Any, str]]:
+    """Axis key -> (what one value is, its test, what is allowed)."""
+    table = {
+        "mode": ("a mode", lambda v: isinstance(v, str) and v in MODES,
+                 f"allowed: {', '.join(MODES)}"),
+        "dtype": ("a dtype", lambda v: isinstance(v, str), f"allowed: {', '.join(DTYPES)}"),
+        "causal": ("a boolean", lambda v: isinstance(v, bool), "allowed: true, false"),
+    }
+    for key, (lo, hi) in AXIS_RANGES.items():
+        table[key] = ("an integer", lambda v: type(v) is int, f"allowed: integers {lo} to {hi}")
+    return table
+
+
+# A union of a value and a list reports one error per branch in pydantic's words; these axes
+# are checked first, in ours.
+AXIS_VALUES = _axis_values()
+_NULLABLE_AXES = ("batch", "batch_tokens", "q_len", "kv_heads")
+
+
+class Sweep(BaseModel):
+    """A sweep spec as written in YAML (lists are the axes of a cartesian product)."""
+
+    model_config = _STRICT
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    dtype: Union[str, list[str]] = "bf16"
+    mode: Union[Mode, list[Mode]] = "fwd"
+    batch: IntList | None = None
+    batch_tokens: IntList | None = None
+    seqlen: IntList
+    q_len: IntList | None = None
+    heads: IntList
+    kv_heads: IntList | None = None
+    head_dim: IntList
+    causal: Union[bool, list[bool]] = True
+    sm_scale: float | None = Field(None, gt=0, allow_inf_nan=False)
+    patterns: list[PatternSpec] = Field(min_length=1)
+    providers: list[str] = Field(min_length=1)
+    baseline: str | None = None
+    seed: int = 0
+    # prefill_varlen and decode: each sequence's length is drawn from
+    # [seqlen * (1 - length_spread), seqlen] (seeded); 0 makes them all seqlen.
+    length_spread: float = Field(0.0, ge=0.0, lt=1.0, allow_inf_nan=False)
+    # prefill_varlen and decode: the exact per-sequence lengths (for decode, the cache lengths);
+    # the batch is their count and every one must be <= seqlen (the padded length).
+    lengths: list[int] | None = Field(None, min_length=1)
+    timing: Timing = Field(default_factory=Timing)
+    check: Check = Field(default_factory=Check)
+    config: LaunchConfigSpec | None = None
+    # Per-provider settings, e.g. {fa4_sparse: {fwd_block: [128, 64]}}; each provider's own model
+    # (`Provider.Options`) checks its entry when the spec is loaded.
+    provider_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    exclude: list[dict[str, Any]] = Field(default_factory=list)
+
+    @field_validator(*AXIS_VALUES, mode="before")
+    @classmethod
+    def _axis(cls, value: Any, info: ValidationInfo) -> Any:
+        """Each value of an axis: its type, no empty list, no value twice."""
+        key = info.field_name
+        if value is None and key in _NULLABLE_AXES:
+            return value
+        what, ok, allowed = AXIS_VALUES[key]
+        given = isinstance(value, list)
+        if given and not value:
+            raise AxisError(f"an empty list; give at least one value ({allowed})")
+        seen: dict[Any, int] = {}
+        for i, v in enumerate(as_list(value)):
+            if not ok(v):
+                raise AxisError(f"{show(v)} is not {what}; {allowed}", i if given else None)
+            same = DTYPES.get(v, v) if key == "dtype" else v
+            if same in seen:
+                raise AxisError(f"{show(v)} is given twice (also at [{seen[same]}]); each "
+                                "value of an axis may appear once", i)
+            seen[same] = i
+        return value
+
+    @field_validator("patterns", "providers")
+    @classmethod
+    def _distinct(cls, values: list, info: ValidationInfo) -> list:
+        """No entry twice: patterns by label (what case ids hash), providers by name."""
+        seen: dict[str, int] = {}
+        for i, v in enumerate(values):
+            label = v.label() if info.field_name == "patterns" else repr(v)
+            if label in seen:
+                same = values[seen[label]] == v
+                raise AxisError(f"{label} is given twice (also at [{seen[label]}])" + (
+                    "" if same else "; they differ only in keys the label leaves out, so their "
+                    "case ids would collide"), i)
+            seen[label] = i
+        return values
+
+    @model_validator(mode="after")
+    def _one_batch_key(self) -> "Sweep":
+        if self.lengths is not None:
+            if any(m not in INFERENCE_MODES for m in as_list(self.mode)):
+                raise ValueError("lengths applies to the prefill_varlen and decode modes only")
+            if self.batch_tokens is not None or (self.batch is not None and
+                                                  as_list(self.batch) != [len(self.lengths)]):
+                raise ValueError(f"with lengths the batch is their count ({len(self.lengths)}); "
+                                 "leave out batch and batch_tokens")
+            if min(self.lengths) < 1:
+                raise ValueError("lengths must be positive (zero-length sequences are not allowed)")
+            return self
+        if (self.batch is None) == (self.batch_tokens is None):
+            raise ValueError("give exactly one of 'batch' and 'batch_tokens'")
+        if self.q_len is not None and any(m in INFERENCE_MODES for m in as_list(self.mode)):
+            raise ValueError("q_len applies to fwd/bwd/fwd_bwd; prefill_varlen and decode draw "
+                             "their own lengths (see length_spread)")
+        return self
+
+
+@dataclass(frozen=True)
+class Case:
+    """One point of the sweep: everything a provider needs to build and time a problem."""
+
+    mode: str
+    dtype: str
+    batch: int
+    seqlen: int
+    q_len: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    causal: bool
+    pattern: Any  # one of the pattern models (frozen, hashable)
+    sm_scale: float | None
+    seed: int
+    length_spread: float = 0.0
+    lengths: tuple[int, ...] | None = None
+
+    @property
+    def block_size(self) -> int:
+        return self.pattern.block_size
+
+    @property
+    def case_id(self) -> str:
+        fields = (self.mode, self.dtype, self.batch, self.seqlen, self.q_len, self.heads,
+                  self.kv_heads, self.head_dim, self.causal, self.pattern.label(), self.sm_scale,
+                  self.seed)
+        if self.length_spread:
+            fields += (self.length_spread,)
+        if self.lengths:
+            fields += (self.lengths,)
+        text = repr(fields)
+        return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+    def field(self, key: str) -> Any:
+        """A case attribute by spec key (`pattern` is its label, `pattern_type` its type)."""
+        if key == "pattern":
+            return self.pattern.label()
+        if key == "pattern_type":
+            return self.pattern.type
+        if key == "block_size":
+            return self.block_size
+        return getattr(self, key)
+
+    def label(self) -> str:
+        q = f"q{self.q_len}/" if self.q_len != self.seqlen else ""
+        return (f"{self.mode} {self.dtype} b{self.batch} {q}s{self.seqlen} h{self.heads}/"
+                f"{self.kv_heads} d{self.head_dim} {'causal' if self.causal else 'bidir'} "
+                f"{self.pattern.label()}")
+
+
+CASE_KEYS = ("mode", "dtype", "batch", "seqlen", "q_len", "heads", "kv_heads", "head_dim",
+             "causal", "pattern", "pattern_type", "block_size", "provider")
+
+
+def as_list(value: Any) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def expand(sweep: Sweep) -> list[Case]:
+    """The cartesian product of every list axis, minus excluded cases, in a stable order."""
+    kv_heads = as_list(sweep.kv_heads) if sweep.kv_heads is not None else [None]
+    batches = (as_list(sweep.batch) if sweep.batch is not None
+               else [len(sweep.lengths)] if sweep.lengths else [None])
+    tokens = as_list(sweep.batch_tokens) if sweep.batch_tokens is not None else [None]
+    q_lens = as_list(sweep.q_len) if sweep.q_len is not None else [None]
+    cases = []
+    for (mode, dtype, seqlen, heads, kvh, dim, causal, pattern, batch, tok, q_len) in itertools.product(
+            as_list(sweep.mode), as_list(sweep.dtype), as_list(sweep.seqlen),
+            as_list(sweep.heads), kv_heads, as_list(sweep.head_dim), as_list(sweep.causal),
+            sweep.patterns, batches, tokens, q_lens):
+        if mode == "decode":
+            q_len = 1  # one new token per sequence
+        case = Case(mode=mode, dtype=DTYPES.get(dtype, dtype),
+                    batch=batch if batch is not None else tok // seqlen, seqlen=seqlen,
+                    q_len=q_len if q_len is not None else seqlen, heads=heads,
+                    kv_heads=kvh if kvh is not None else heads, head_dim=dim, causal=causal,
+                    pattern=pattern, sm_scale=sweep.sm_scale, seed=sweep.seed,
+                    length_spread=sweep.length_spread if mode in INFERENCE_MODES else 0.0,
+                    lengths=tuple(sweep.lengths) if sweep.lengths else None)
+        if not any(_matches(case, rule) for rule in sweep.exclude):
+            cases.append(case)
+    return cases
+
+
+def _matches(case: Case, rule: dict[str, Any], provider: str | None = None) -> bool:
+    for key, wanted in rule.items():
+        if key == "provider":
+            if provider is None:
+                return False  # a rule naming a provider excludes rows, not whole cases
+            value = provider
+        else:
+            value = case.field(key)
+        if key == "dtype":
+            wanted = [DTYPES.get(w, w) for w in as_list(wanted)]
+        if value not in as_list(wanted) and str(value) not in [str(w) for w in as_list(wanted)]:
+            return False
+    return True
+
+
+def excluded_for_provider(sweep: Sweep, case: Case, provider: str) -> bool:
+    """True when an exclusion rule that names a provider removes this case x provider."""
+    return any("provider" in rule and _matches(case, rule, provider) for rule in sweep.exclude)
+
+
+def filter_cases(cases: list[Case], only: list[str]) -> list[Case]:
+    """Keep cases matching every ``KEY=VALUE`` (comma-separated values allowed) of ``--only``."""
+    for item in only:
+        key, sep, value = item.partition("=")
+        if not sep or key not in CASE_KEYS or key == "provider":
+            raise SpecError(f"--only {item!r}: expected KEY=VALUE with KEY one of "
+                            f"{', '.join(k for k in CASE_KEYS if k != 'provider')}")
+        # Pattern labels hold commas inside parentheses: split only on the others.
+        values = [v.strip().lower() for v in re.split(r",(?![^()]*\))", value)]
+        if key == "dtype":
+            values = [DTYPES.get(v, v) for v in values]
+        cases = [c for c in cases if str(c.field(key)).lower() in values]
+    return cases
