@@ -2,9 +2,10 @@
 # Reproduce the shipped measurements on a GPU: tune the phi-3 kernels, run the phi-3 sweep with
 # the tuned configs, and check the CI gate (a rerun passes, a forced bad config fails).
 # Usage: benchmarks/reproduce.sh OUTDIR [tune] [phi3] [gate]
-# With no step named, all three run in that order. Each step takes minutes on an H100 (the tune
-# most), so they can also run one at a time into the same OUTDIR: phi3 reads the configs tune
-# wrote to OUTDIR/cache.json (or to DKBENCH_CACHE when that is set).
+# With no step named, all three run in that order. Each step takes minutes on an H100, so they
+# can also run one at a time into the same OUTDIR: phi3 reads the configs tune wrote to
+# OUTDIR/cache.json (or to DKBENCH_CACHE when that is set). Each step prints its wall time
+# ("step tune took N s").
 set -uo pipefail
 out=${1:?usage: benchmarks/reproduce.sh OUTDIR [tune] [phi3] [gate]}
 shift
@@ -18,9 +19,8 @@ dk="${PYTHON:-python3} cli.py"
 export DKBENCH_CACHE="${DKBENCH_CACHE:-$out/cache.json}"
 
 tune() {
-    # Each shape once: the forward, then the backward behind the forward's winner.
-    sed 's/^mode: .*/mode: fwd_bwd/' sweeps/phi3.yaml > "$out/phi3-tune.yaml"
-    $dk tune "$out/phi3-tune.yaml" --mode fwd_bwd --block-m 64,128 --block-n 32,64,128 \
+    # sweeps/phi3.yaml's shapes, each once: the forward, then the backward behind its winner.
+    $dk tune sweeps/phi3-tune.yaml --block-m 64,128 --block-n 32,64,128 \
         --num-warps 4,8 --num-stages 2,3 --impl triton,gluon --out "$out/tune" --top 3 2>&1 \
         | tee "$out/tune.log"
 }

@@ -8,17 +8,34 @@ Usage: python benchmarks/tile_ceiling.py [--seqlen 8192] [--configs 64:m128n64w4
 from __future__ import annotations
 
 import argparse
+import re
 
 import torch
 import torch.nn.functional as F
 import triton
-import triton.testing
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernels import sparse_attention
-from kernels.layout import dense_layout, kept_pairs
+from dkbench.measure.timing import measure
+from dkbench.spec.sweep import Timing
+from kernels import LaunchConfig, sparse_attention
+from kernels import dense_layout, kept_pairs
 
-from phi3_scan import bench, parse_config
+TIMING = Timing(warmup_ms=50, rep_ms=200)
+
+
+def parse_config(text: str) -> LaunchConfig:
+    """``m128n64w4s2`` (Triton) or ``gluon-m128n128w4s3`` (the Gluon forward): LaunchConfig.short."""
+    match = re.fullmatch(r"(gluon-)?m(\d+)n(\d+)w(\d+)s(\d+)", text)
+    if not match:
+        raise SystemExit(f"--configs: {text!r} is not of the form m128n64w4s2 or "
+                         "gluon-m128n128w4s3")
+    impl = "gluon" if match.group(1) else "triton"
+    return LaunchConfig(*(int(g) for g in match.groups()[1:]), impl)
+
+
+def bench(fn) -> float:
+    """Median ms, timed as `dkbench run` times one provider alone (do_bench, L2 flushed)."""
+    return measure(fn, TIMING, torch.device("cuda", torch.cuda.current_device())).ms
 
 
 def main() -> None:

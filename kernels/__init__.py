@@ -1,40 +1,108 @@
-"""Block-sparse attention in Triton: layouts, kernels, the autograd/nn.Module API, a reference."""
+"""Block-sparse attention in Triton: layouts, kernels, the autograd/nn.Module API, a reference,
+the kernel registry and the lookup of tuned launch configs."""
 
-from .attention import LocalStrideSparseAttention, SparseAttention, sparse_attention
-from .configs import LaunchConfig
-from .inference import sparse_attention_decode, sparse_attention_padded, sparse_attention_varlen
-from .layout import (
-    BlockLayout,
-    KVCacheUnfriendlyWarning,
-    csc,
-    csr,
-    dense_layout,
-    local_stride_layout,
-    random_layout,
-    token_mask,
+from .attention import (
+                        CONFIG_ARGUMENTS,
+                        LocalStrideSparseAttention,
+                        SparseAttention,
+                        sparse_attention,
 )
-from .reference import reference_attention
-from .registry import KERNELS, KernelRecord
+from .common import TilePlan, tile_plan
+from .config_cache import (
+                        CONFIG_FIELDS,
+                        ENV_VAR,
+                        CacheKey,
+                        ConfigCache,
+                        ConfigCacheWarning,
+                        default_cache_path,
+                        load_shipped,
+)
+from .configs import (
+                        LaunchConfig,
+                        check_config,
+                        config_problems,
+                        default_config,
+                        gluon_unavailable,
+)
+from .decode import auto_splits, group_plan
+from .dispatch import Choice, choose_impl
+from .inference import (
+                        resolve_varlen_config,
+                        sparse_attention_decode,
+                        sparse_attention_padded,
+                        sparse_attention_varlen,
+)
+from .keys import density_bucket, seqlen_bucket, source_hash
+from .layout import (
+                        BlockLayout,
+                        KVCacheUnfriendlyWarning,
+                        causal_pairs,
+                        csc,
+                        csr,
+                        dense_layout,
+                        kept_pairs,
+                        local_stride_layout,
+                        random_layout,
+                        token_mask,
+)
+from .reference import layout_head_index, reference_attention
+from .registry import AXES, IMPLS, KERNELS, TUNABLE, KernelRecord
+from .select import block_density, cache_key, clear_memo, kernel_hash, resolve_config
+from .varlen import varlen_plan
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AXES",
+    "CONFIG_ARGUMENTS",
+    "CONFIG_FIELDS",
+    "ENV_VAR",
+    "IMPLS",
     "KERNELS",
+    "TUNABLE",
     "BlockLayout",
+    "CacheKey",
+    "Choice",
+    "ConfigCache",
+    "ConfigCacheWarning",
     "KVCacheUnfriendlyWarning",
     "KernelRecord",
     "LaunchConfig",
     "LocalStrideSparseAttention",
     "SparseAttention",
+    "TilePlan",
+    "auto_splits",
+    "block_density",
+    "cache_key",
+    "causal_pairs",
+    "check_config",
+    "choose_impl",
+    "clear_memo",
+    "config_problems",
     "csc",
     "csr",
+    "default_cache_path",
+    "default_config",
     "dense_layout",
+    "density_bucket",
+    "gluon_unavailable",
+    "group_plan",
+    "kept_pairs",
+    "kernel_hash",
+    "layout_head_index",
+    "load_shipped",
     "local_stride_layout",
     "random_layout",
     "reference_attention",
+    "resolve_config",
+    "resolve_varlen_config",
+    "seqlen_bucket",
+    "source_hash",
     "sparse_attention",
     "sparse_attention_decode",
     "sparse_attention_padded",
     "sparse_attention_varlen",
+    "tile_plan",
     "token_mask",
+    "varlen_plan",
 ]

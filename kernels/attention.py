@@ -20,9 +20,9 @@ from .layout import BlockLayout, local_stride_layout
 from .registry import KERNELS
 
 # The argument of :func:`sparse_attention` that pins each kernel's launch config (kernel name ->
-# keyword), for the kernels whose record has one.
+# keyword), for the kernels it runs (their record's entry).
 CONFIG_ARGUMENTS = {name: record.config_argument for name, record in KERNELS.items()
-                    if record.config_argument is not None}
+                    if record.entry == "sparse_attention"}
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,

@@ -23,8 +23,21 @@ import triton
 import triton.language as tl
 
 from . import buffers
+from .common import (
+    LOG2E,
+    _kv_step,
+    _plan_row,
+    _score_mask,
+    _tile_program,
+    _tile_rows,
+    dot_fp32,
+    index_table,
+    padded_dim,
+    qk_scale,
+    tile_descriptors,
+    tile_plan,
+)
 from .configs import LaunchConfig
-from .fwd import interpreting, tile_descriptors, tile_plan
 from .layout import BlockLayout
 
 
@@ -47,7 +60,7 @@ def build_column_plan(layout: BlockLayout, seq_q: int, seq_k: int) -> ColumnPlan
     nb = math.ceil(seq_k / bs)
     offset = seq_k - seq_q
     pattern = layout.pattern[:, :nb, :nb]
-    heads, device = pattern.shape[0], pattern.device
+    device = pattern.device
     qb = torch.arange(nb, device=device)
     has_queries = (qb + 1) * bs > offset
     kept = pattern.transpose(1, 2) & has_queries[None, None, :]  # (heads, kv block, q block)
@@ -55,15 +68,8 @@ def build_column_plan(layout: BlockLayout, seq_q: int, seq_k: int) -> ColumnPlan
     masked = partial_q[None, None, :].expand_as(kept)
     if layout.causal:
         masked = masked | torch.eye(nb, dtype=torch.bool, device=device)[None]
-    hh, jj, ii = kept.nonzero(as_tuple=True)
-    entry_masked = masked[hh, jj, ii]
-    row = hh * nb + jj
-    order = torch.argsort(row * 2 + entry_masked.to(row.dtype), stable=True)
-    counts = torch.bincount(row, minlength=heads * nb)
-    full = torch.bincount(row[~entry_masked], minlength=heads * nb)
-    col_ptr = torch.zeros(heads * nb + 1, dtype=torch.int32, device=device)
-    col_ptr[1:] = counts.cumsum(0)
-    return ColumnPlan(col_ptr, full.to(torch.int32), ii[order].to(torch.int32), nb)
+    table = index_table(kept, masked)
+    return ColumnPlan(table.row_ptr, table.n_full, table.col.to(torch.int32), nb)
 
 
 def column_plan(layout: BlockLayout, seq_q: int, seq_k: int) -> ColumnPlan:
@@ -117,7 +123,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
             do = do.to(tl.float32)
         # -- recompute P^T from the forward's log-sum-exp (log2 units) --
         qkt = tl.dot(k, tl.trans(q))
-        pt = tl.math.exp2(qkt * qk_scale - lse[None, :] * 1.4426950408889634)
+        pt = tl.math.exp2(qkt * qk_scale - lse[None, :] * LOG2E)
         if MASKED:
             keep = m_ok[None, :]
             if IS_CAUSAL:
@@ -180,20 +186,16 @@ def _bwd_dkdv(Q, K, V, DO, QDesc, DODesc, DK, DV, Lse, Delta,
         entry_start = tl.load(ColPtr + row)
         entry_mid = entry_start + tl.load(NFull + row)
         entry_end = tl.load(ColPtr + row + 1)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                             stride_qm, stride_qk, stride_dom, stride_dok,
-                             QDesc, DODesc, off_z.to(tl.int32), off_h.to(tl.int32),
-                             QBlock, entry_start, entry_mid,
-                             offs_n, q_offset, seq_q, qk_scale,
-                             BLOCK_M, BLOCK_D, HEAD_DIM, BLOCK_SIZE, False, IS_CAUSAL, DOT_FP32,
-                             USE_TMA)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                             stride_qm, stride_qk, stride_dom, stride_dok,
-                             QDesc, DODesc, off_z.to(tl.int32), off_h.to(tl.int32),
-                             QBlock, entry_mid, entry_end,
-                             offs_n, q_offset, seq_q, qk_scale,
-                             BLOCK_M, BLOCK_D, HEAD_DIM, BLOCK_SIZE, True, IS_CAUSAL, DOT_FP32,
-                             USE_TMA)
+        # The entries that need no mask, then those that do: the loop is compiled once for each.
+        for masked in tl.static_range(2):
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                 stride_qm, stride_qk, stride_dom, stride_dok,
+                                 QDesc, DODesc, off_z.to(tl.int32), off_h.to(tl.int32), QBlock,
+                                 entry_mid if masked else entry_start,
+                                 entry_end if masked else entry_mid,
+                                 offs_n, q_offset, seq_q, qk_scale,
+                                 BLOCK_M, BLOCK_D, HEAD_DIM, BLOCK_SIZE, masked == 1, IS_CAUSAL,
+                                 DOT_FP32, USE_TMA)
 
     # -- epilogue: dS was taken w.r.t. the scaled scores --
     dk = dk * sm_scale
@@ -216,11 +218,7 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base,
     N_SUB: tl.constexpr = BLOCK_SIZE // BLOCK_N
     # One flat loop over (entry, kv sub-tile), as in the forward.
     for t in range(entry_start * N_SUB, entry_end * N_SUB):
-        e = t // N_SUB
-        start_n = tl.load(KvBlock + e) * BLOCK_SIZE + (t % N_SUB) * BLOCK_N
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        if MASKED:
-            n_ok = (offs_n < seq_k) & (offs_n < row_end)
+        e, _, offs_n, n_ok = _kv_step(KvBlock, t, seq_k, row_end, BLOCK_SIZE, BLOCK_N)
         k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kk
         v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vk
         if MASKED:
@@ -236,13 +234,8 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base,
         qk = tl.dot(q, tl.trans(k))
         p = tl.math.exp2(qk * qk_scale - lse[:, None])
         if MASKED:
-            keep = n_ok[None, :]
-            if IS_CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m_abs[:, None])
-            if SUB_BLOCKS > 1:
-                bits = tl.load(RowBits + e)
-                row_keeps = ((bits >> (offs_m_abs // BLOCK_SIZE - tile_first_block)) & 1) != 0
-                keep = keep & row_keeps[:, None]
+            keep = _score_mask(n_ok, offs_n, offs_m_abs, RowBits, e, tile_first_block,
+                               BLOCK_SIZE, SUB_BLOCKS, IS_CAUSAL)
             p = tl.where(keep, p, 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
@@ -266,18 +259,11 @@ def _bwd_dq(Q, K, V, Out, DO, DQ, Lse, Delta,
             DOT_FP32: tl.constexpr):
     tl.static_assert(BLOCK_SIZE % BLOCK_N == 0)
     SUB_BLOCKS: tl.constexpr = BLOCK_M // BLOCK_SIZE if BLOCK_M > BLOCK_SIZE else 1
-    tile = tl.program_id(0) + first_tile
-    off_zh = tl.program_id(1)
-    off_z = (off_zh // num_heads).to(tl.int64)
-    off_h = off_zh % num_heads
-    off_kvh = (off_h // q_per_kv).to(tl.int64)
-    row = (off_h // heads_per_pattern) * tiles + tile
-    q_offset = seq_k - seq_q
-    offs_m_abs = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_m = offs_m_abs - q_offset
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = (offs_m >= 0) & (offs_m < seq_q)
-    mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    tile, off_zh, off_z, off_h, off_kvh, row = _tile_program(first_tile, num_heads, q_per_kv,
+                                                             heads_per_pattern, tiles)
+    offs_m_abs, offs_m, offs_d, row_ok, d_ok = _tile_rows(tile, seq_k - seq_q, seq_q,
+                                                          BLOCK_M, BLOCK_D, HEAD_DIM)
+    mask = row_ok[:, None] & d_ok[None, :]
 
     off_h64 = off_h.to(tl.int64)
     q = tl.load(Q + off_z * stride_qz + off_h64 * stride_qh + offs_m[:, None] * stride_qm
@@ -293,27 +279,20 @@ def _bwd_dq(Q, K, V, Out, DO, DQ, Lse, Delta,
         q = q.to(tl.float32)
         do = do.to(tl.float32)
     lse = tl.load(Lse + off_zh.to(tl.int64) * seq_q + offs_m, mask=row_ok, other=0.0)
-    lse = lse * 1.4426950408889634
+    lse = lse * LOG2E
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     k_base = K + off_z * stride_kz + off_kvh * stride_kh
     v_base = V + off_z * stride_vz + off_kvh * stride_vh
-    entry_start = tl.load(RowPtr + row)
-    entry_mid = entry_start + tl.load(NFull + row)
-    entry_end = tl.load(RowPtr + row + 1)
-    tile_first_block = tile * BLOCK_M // BLOCK_SIZE
-    if IS_CAUSAL:
-        row_end = tl.minimum((tile + 1) * BLOCK_M, seq_k)
-    else:
-        row_end = seq_k
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kk, stride_vn,
-                   stride_vk, KvBlock, RowBits, entry_start, entry_mid, offs_m_abs,
-                   tile_first_block, row_end, seq_k, qk_scale,
-                   BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_SIZE, SUB_BLOCKS, False, IS_CAUSAL, DOT_FP32)
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kk, stride_vn,
-                   stride_vk, KvBlock, RowBits, entry_mid, entry_end, offs_m_abs,
-                   tile_first_block, row_end, seq_k, qk_scale,
-                   BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_SIZE, SUB_BLOCKS, True, IS_CAUSAL, DOT_FP32)
+    entry_start, entry_mid, entry_end, tile_first_block, row_end = _plan_row(
+        RowPtr, NFull, row, tile, seq_k, BLOCK_M, BLOCK_SIZE, IS_CAUSAL)
+    # The entries that need no mask, then those that do: the loop is compiled once for each.
+    for masked in tl.static_range(2):
+        dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kk, stride_vn,
+                       stride_vk, KvBlock, RowBits, entry_mid if masked else entry_start,
+                       entry_end if masked else entry_mid, offs_m_abs, tile_first_block,
+                       row_end, seq_k, qk_scale, BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_SIZE,
+                       SUB_BLOCKS, masked == 1, IS_CAUSAL, DOT_FP32)
     dq = dq * sm_scale
     tl.store(DQ + off_z * stride_dqz + off_h64 * stride_dqh + offs_m[:, None] * stride_dqm
              + offs_d[None, :] * stride_dqk, dq.to(DQ.dtype.element_ty), mask=mask)
@@ -327,17 +306,17 @@ def _grad_like(t: torch.Tensor) -> torch.Tensor:
 
 def sparse_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          out: torch.Tensor, lse: torch.Tensor, layout: BlockLayout, sm_scale: float,
-                         config: LaunchConfig, dq_config: LaunchConfig
+                         config: LaunchConfig, dq_config: LaunchConfig, tma: bool = True
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients dq, dk, dv for ``(batch, heads, seq, dim)`` views (any strides); ``config``
-    launches the dk/dv kernel, ``dq_config`` the dq kernel."""
+    launches the dk/dv kernel, ``dq_config`` the dq kernel. ``tma=False`` loads the dk/dv
+    kernel's q and dO tiles through pointers even where tensor-memory copies could."""
     batch, heads, seq_q, head_dim = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    qk_scale = sm_scale * 1.4426950408889634
-    dot_fp32 = interpreting() and q.dtype == torch.bfloat16
+    block_d = padded_dim(head_dim)
+    scale = qk_scale(sm_scale)
     common = dict(BLOCK_D=block_d, HEAD_DIM=head_dim, BLOCK_SIZE=layout.block_size,
-                  IS_CAUSAL=layout.causal, DOT_FP32=dot_fp32)
+                  IS_CAUSAL=layout.causal, DOT_FP32=dot_fp32(q.dtype))
     dq, dk, dv = _grad_like(q), _grad_like(k), _grad_like(v)
     delta = buffers.new_output((batch, heads, seq_q), q, torch.float32)
 
@@ -348,19 +327,19 @@ def sparse_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         q, k, v, out, do, dq, lse, delta, plan.row_ptr, plan.n_full, plan.kv_block, plan.row_bits,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *do.stride(), *dq.stride(),
         heads, heads // kv_heads, heads // layout.heads, seq_q, seq_k, plan.tiles, first_tile,
-        qk_scale, sm_scale, BLOCK_M=dq_config.block_m, BLOCK_N=dq_config.block_n,
+        scale, sm_scale, BLOCK_M=dq_config.block_m, BLOCK_N=dq_config.block_n,
         num_warps=dq_config.num_warps, num_stages=dq_config.num_stages, **common)
 
     cols = column_plan(layout, seq_q, seq_k)
     # The dk/dv kernel reads q and dO tiles of block_n rows through descriptors where it can.
     # The dq kernel keeps pointer loads: descriptors for its k/v tiles measured no faster.
-    q_descs = tile_descriptors(config.block_n, block_d, q, do)
+    q_descs = tile_descriptors(config.block_n, block_d, q, do, tma=tma)
     _bwd_dkdv[(triton.cdiv(seq_k, config.block_m), batch * kv_heads)](
         q, k, v, do, *(q_descs or (q, do)), dk, dv, lse, delta,
         cols.col_ptr, cols.n_full, cols.q_block,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         heads, kv_heads, heads // kv_heads, heads // layout.heads, seq_q, seq_k, cols.kv_blocks,
-        qk_scale, sm_scale, BLOCK_M=config.block_n, BLOCK_N=config.block_m,
+        scale, sm_scale, BLOCK_M=config.block_n, BLOCK_N=config.block_m,
         USE_TMA=q_descs is not None, num_warps=config.num_warps, num_stages=config.num_stages,
         **common)
     return dq, dk, dv

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from .fwd import interpreting
+from .common import interpreting
 from .layout import BlockLayout
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -45,8 +45,8 @@ from typing import Any
 import filelock
 import platformdirs
 
-from .cache_key import CacheKey, density_bucket, seqlen_bucket, source_hash
-from .configs import IMPLS
+from .keys import CacheKey, density_bucket, seqlen_bucket, source_hash
+from .registry import IMPLS
 
 __all__ = ["CONFIG_FIELDS", "ENV_VAR", "FORMAT_VERSION", "CacheFormatError", "CacheKey",
            "ConfigCache", "ConfigCacheWarning", "default_cache_path", "density_bucket",

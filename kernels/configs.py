@@ -1,7 +1,9 @@
-"""Launch configs: the config type, its validity rules, and defaults per device and shape.
+"""Launch configs: the config type, its validity rules and defaults per kernel, device and shape.
 
-The lookup order at launch is: an explicit config, then the user's tuned cache, then the configs
-shipped for GPUs we have tuned on, then the defaults below (see :func:`select_config`).
+Every name of the registry (:data:`kernels.KERNELS`) is a ``kernel`` here. The lookup order at
+launch is: an explicit config, then the user's tuned cache, then the configs shipped for GPUs we
+have tuned on, then the defaults below (see :func:`kernels.select.resolve_config`). Which
+implementation a config runs is :func:`kernels.dispatch.choose_impl`'s to say.
 """
 
 from __future__ import annotations
@@ -9,19 +11,28 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-import triton
 
-from . import registry
+from .dispatch import choose_impl, gluon_unavailable
+from .registry import IMPLS, KERNELS
 
-# Implementations of a kernel, every record's in registry order: "triton" everywhere; "gluon", the
-# forward's warp-specialised Gluon kernel (kernels/fwd_ws.py), on Hopper only.
-IMPLS = tuple(dict.fromkeys(impl for record in registry.KERNELS.values()
-                            for impl in record.impls))
+__all__ = ["DECODE_BLOCK_M", "GLUON_DEFAULT", "IMPLS", "LaunchConfig", "check_config",
+           "config_problems", "default_config", "gluon_default_applies", "gluon_unavailable"]
+
+# A decode config's block_m: the kernel's query tile is the GQA group's heads, padded to a power
+# of two of at least 16 per call, so block_m sets nothing and takes this one value.
+DECODE_BLOCK_M = 16
 
 
 @dataclass(frozen=True)
 class LaunchConfig:
     """Tile sizes and launch parameters for one kernel, and which implementation runs it.
+
+    ``block_m`` is the outer tile and ``block_n`` the inner one, per kernel (its record's
+    ``config_meaning``): the forward, varlen and dq kernels take ``block_m`` query rows per
+    program and ``block_n`` keys per step; the dk/dv kernel ``block_m`` kv rows and ``block_n``
+    query rows; decoding ``block_n`` cached keys per step, with ``block_m`` always
+    :data:`DECODE_BLOCK_M` (its split count is chosen per call, not here). ``num_warps`` and
+    ``num_stages`` are Triton's.
 
     For ``impl="gluon"``: ``block_m`` is the query tile (128: two 64-row consumer warp groups),
     ``block_n`` the kv tile (64 or 128 keys, gathered from 64-key copies, so two kept blocks of
@@ -53,9 +64,15 @@ def _pow2(x: int) -> bool:
     return x > 0 and not x & (x - 1)
 
 
+def _check_kernel(kernel: str) -> None:
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; the kernels are {', '.join(KERNELS)}")
+
+
 def config_problems(config: LaunchConfig, block_size: int, head_dim: int,
                     kernel: str = "fwd") -> list[str]:
     """Why a config cannot run this kernel for this sparse block size and head_dim (empty if ok)."""
+    _check_kernel(kernel)
     if config.impl not in IMPLS:
         return [f"impl={config.impl!r} must be one of {', '.join(IMPLS)}"]
     if config.impl == "gluon":
@@ -65,7 +82,11 @@ def config_problems(config: LaunchConfig, block_size: int, head_dim: int,
         # The dk/dv kernel's kv tile (block_m) must stay inside one sparse block.
         problems.append(f"block_m={config.block_m} must not exceed the sparse block size "
                         f"{block_size} for the backward's dk/dv kernel")
-    if not (_pow2(config.block_m) and config.block_m >= 16):
+    if kernel == "decode":
+        if config.block_m != DECODE_BLOCK_M:
+            problems.append(f"block_m={config.block_m} must be {DECODE_BLOCK_M} for decoding (its "
+                            "query tile is the GQA group's heads, not a config's)")
+    elif not (_pow2(config.block_m) and config.block_m >= 16):
         problems.append(f"block_m={config.block_m} must be a power of two >= 16")
     elif config.block_m > block_size and config.block_m // block_size > 32:
         problems.append(f"block_m={config.block_m} spans more than 32 sparse blocks of {block_size}")
@@ -85,7 +106,7 @@ def config_problems(config: LaunchConfig, block_size: int, head_dim: int,
 def _gluon_problems(config: LaunchConfig, block_size: int, head_dim: int,
                     kernel: str) -> list[str]:
     problems = []
-    if kernel != "fwd":
+    if "gluon" not in KERNELS[kernel].impls:
         problems.append("impl='gluon' is a forward kernel only")
     if config.block_m != 128:
         problems.append(f"block_m={config.block_m} must be 128 for impl='gluon'")
@@ -114,32 +135,26 @@ def check_config(config: LaunchConfig, block_size: int, head_dim: int, kernel: s
 GLUON_DEFAULT = LaunchConfig(128, 128, 4, 3, "gluon")
 
 
-def gluon_unavailable(capability: tuple[int, int] | None, dtype: torch.dtype) -> str | None:
-    """Why the Gluon forward cannot run on a device of this compute capability (None: not a
-    CUDA device) for this dtype, or None when it can."""
-    from . import fwd_ws  # imported late: it imports Gluon, which configs does not need
-    if capability is None or capability[0] != 9:
-        return "impl='gluon' runs on Hopper (compute capability 9.x) only"
-    if dtype not in (torch.float16, torch.bfloat16):
-        return f"impl='gluon' runs float16 and bfloat16 only, not {dtype}"
-    if not fwd_ws.GLUON:
-        return f"impl='gluon' needs Gluon, which triton {triton.__version__} does not have"
-    return None
-
-
 def gluon_default_applies(device: torch.device, block_size: int, head_dim: int,
                           dtype: torch.dtype) -> bool:
-    """Whether the forward defaults to the Gluon kernel here: Hopper, 16-bit, shapes it takes."""
+    """Whether the forward defaults to the Gluon kernel here: the dispatcher would run it on this
+    device and dtype (Hopper, 16-bit), and the shape fits :data:`GLUON_DEFAULT`."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return False
-    return (gluon_unavailable(torch.cuda.get_device_capability(device), dtype) is None
+    return (choose_impl("fwd", "gluon", device, dtype).impl == "gluon"
             and not _gluon_problems(GLUON_DEFAULT, block_size, head_dim, "fwd"))
 
 
 def default_config(kernel: str, device: torch.device, block_size: int, head_dim: int,
                    dtype: torch.dtype, allow_gluon: bool = True) -> LaunchConfig:
-    """A config that runs everywhere and is reasonable on recent GPUs (``allow_gluon=False``:
-    a Triton one even where the Gluon forward would be the default)."""
+    """A config of ``kernel`` that runs everywhere and is reasonable on recent GPUs
+    (``allow_gluon=False``: a Triton one even where the Gluon forward would be the default)."""
+    _check_kernel(kernel)
+    if kernel == "decode":
+        # 64-key steps at 4 warps, and Triton's default 3 stages on a GPU: what decoding
+        # launched with before it took configs.
+        stages = 3 if device.type == "cuda" else 1
+        return LaunchConfig(DECODE_BLOCK_M, min(block_size, 64), 4, stages)
     if device.type != "cuda":
         # Interpreter: small tiles keep numpy's temporaries small; stages mean nothing there.
         tile = min(32, block_size)
@@ -150,7 +165,8 @@ def default_config(kernel: str, device: torch.device, block_size: int, head_dim:
     if kernel == "fwd" and allow_gluon and gluon_default_applies(device, block_size, head_dim,
                                                                  dtype):
         return GLUON_DEFAULT
-    if kernel == "fwd":
+    if kernel in ("fwd", "varlen"):
+        # The varlen kernel runs the forward's tile loop: the forward's Triton default.
         block_m = 64 if big else 128
         return LaunchConfig(block_m, min(block_size, 32 if big else 64), 4, 2)
     if kernel == "dq":

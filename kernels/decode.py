@@ -6,6 +6,11 @@
 - Split-K (flash-decoding): a sequence's kept blocks are split across ``num_splits`` programs, each
   writing a partial output and its log-sum-exp; a second kernel merges them. A single long
   sequence, or few heads, still fill the GPU.
+
+Its launch config (kernel "decode" of :mod:`kernels.registry`) sets ``block_n`` (cached keys per
+step), ``num_warps`` and ``num_stages``; ``block_m`` is always 16, since the query tile is the
+GQA group's heads padded to a power of two (at least 16). The split count is not a config field:
+``num_splits`` pins it, else :func:`auto_splits` chooses it per call.
 """
 
 from __future__ import annotations
@@ -18,7 +23,15 @@ import triton
 import triton.language as tl
 
 from . import buffers
-from .fwd import interpreting
+from .common import (
+    _kv_step,
+    _online_softmax,
+    dot_fp32,
+    index_table,
+    padded_dim,
+    qk_scale,
+)
+from .configs import LaunchConfig
 from .layout import BlockLayout
 from .reference import layout_head_index
 
@@ -50,12 +63,10 @@ def build_group_plan(layout: BlockLayout, num_heads: int, kv_heads: int) -> Grou
     kept = per_head.any(dim=1)
     weights = 1 << torch.arange(group, device=device, dtype=torch.int32)
     bits = (per_head.to(torch.int32) * weights[None, :, None, None]).sum(dim=1, dtype=torch.int32)
-    gg, ii, jj = kept.nonzero(as_tuple=True)  # row-major: rows in order, blocks ascending
-    counts = torch.bincount(gg * qb + ii, minlength=kv_heads * qb)
-    row_ptr = torch.zeros(kv_heads * qb + 1, dtype=torch.int32, device=device)
-    row_ptr[1:] = counts.cumsum(0)
-    return GroupPlan(row_ptr, jj.to(torch.int32), bits[gg, ii, jj].to(torch.int32), qb,
-                     int(counts.max()) if counts.numel() else 0)
+    table = index_table(kept)
+    return GroupPlan(table.row_ptr, table.col.to(torch.int32),
+                     bits[table.head, table.row, table.col].to(torch.int32), qb,
+                     int(table.counts.max()) if table.counts.numel() else 0)
 
 
 def group_plan(layout: BlockLayout, num_heads: int, kv_heads: int) -> GroupPlan:
@@ -104,9 +115,8 @@ def _decode_split(Q, K, V, Out, PartOut, PartLse, CacheLens,
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
     N_SUB: tl.constexpr = BLOCK_SIZE // BLOCK_N
     for t in range(entry_start * N_SUB, entry_end * N_SUB):
-        e = t // N_SUB
-        offs_n = tl.load(KvBlock + e) * BLOCK_SIZE + (t % N_SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < cache_len
+        # The new token sees every cached key: both bounds are the cache length.
+        e, _, offs_n, n_ok = _kv_step(KvBlock, t, cache_len, cache_len, BLOCK_SIZE, BLOCK_N)
         kt = tl.load(k_base + offs_d[:, None] * stride_kk + offs_n[None, :].to(tl.int64) * stride_kn,
                      mask=d_ok[:, None] & n_ok[None, :], other=0.0)
         v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :] * stride_vk,
@@ -117,12 +127,8 @@ def _decode_split(Q, K, V, Out, PartOut, PartLse, CacheLens,
         head_keeps = ((tl.load(HeadBits + e) >> offs_h) & 1) != 0
         qk = tl.dot(q, kt)
         qk = tl.where(head_keeps[:, None] & n_ok[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_i, l_i = _online_softmax(qk, m_i, l_i, qk_scale)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     if SPLIT:
@@ -168,14 +174,17 @@ def auto_splits(batch: int, kv_heads: int, max_entries: int, device: torch.devic
 
 def sparse_attention_decode_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                 cache_seqlens: torch.Tensor, layout: BlockLayout, sm_scale: float,
-                                num_splits: int | None, block_n: int = 64,
-                                num_warps: int = 4) -> torch.Tensor:
-    """Launch on checked tensors: q (batch, heads, dim), caches (batch, max_len, kv_heads, dim)."""
+                                num_splits: int | None, config: LaunchConfig) -> torch.Tensor:
+    """Launch on checked tensors: q (batch, heads, dim), caches (batch, max_len, kv_heads, dim).
+
+    ``config`` is a checked decode config (``block_n`` keys per step, ``num_warps``,
+    ``num_stages``); ``num_splits`` None splits to fill the GPU (:func:`auto_splits`).
+    """
     batch, heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
     plan = group_plan(layout, heads, kv_heads)
     splits = num_splits or auto_splits(batch, kv_heads, plan.max_entries, q.device)
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = padded_dim(head_dim)
     out = buffers.new_output((batch, heads, head_dim), q, q.dtype)
     part_out = buffers.new_output((batch * heads * splits, block_d), q, torch.float32)
     part_lse = buffers.new_output((batch * heads * splits,), q, torch.float32)
@@ -184,10 +193,10 @@ def sparse_attention_decode_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
         q, k_cache, v_cache, out, part_out, part_lse, cache_seqlens,
         plan.row_ptr, plan.kv_block, plan.head_bits,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
-        kv_heads, group, plan.q_blocks, splits, sm_scale * 1.4426950408889634,
-        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=min(block_n, layout.block_size),
+        kv_heads, group, plan.q_blocks, splits, qk_scale(sm_scale),
+        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=config.block_n,
         BLOCK_D=block_d, HEAD_DIM=head_dim, BLOCK_SIZE=layout.block_size, SPLIT=splits > 1,
-        DOT_FP32=interpreting() and q.dtype == torch.bfloat16, num_warps=num_warps)
+        DOT_FP32=dot_fp32(q.dtype), num_warps=config.num_warps, num_stages=config.num_stages)
     if splits > 1:
         _decode_merge[(batch * heads,)](
             out, part_out, part_lse, *out.stride(), heads, splits,

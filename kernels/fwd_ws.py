@@ -21,19 +21,32 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from . import buffers, fwd
-from .fwd import TilePlan, tile_plan
+from . import buffers
+from .common import (
+    LN2,
+    TilePlan,
+    _online_softmax,
+    qk_scale,
+    tile_plan,
+    tma_compatible,
+)
 from .layout import BlockLayout
 from .schedule import balanced_schedule
 
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier,
-                                                                  tma, warpgroup_mma,
-                                                                  warpgroup_mma_wait)
     from triton.experimental.gluon.language._core import _unwrap_if_constexpr, builtin
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import (
+        TensorDescriptor as GluonDescriptor,
+    )
     # The copy is tma.async_load from triton 3.7 on; 3.6 names it async_copy_global_to_shared.
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
@@ -206,6 +219,9 @@ if GLUON:
             b = j * (TILE_N // BOX_N) + cols // BOX_N
             offs_n = _box_start(KvBlock, first_box, b, n_boxes, BLOCK_SIZE, BOX_N) + cols % BOX_N
             n_ok = (b < n_boxes) & (offs_n < seq_k) & (offs_n < row_end)
+            # common._score_mask with row bits per key (a step's keys may come from two
+            # entries). Written here: called from Gluon, that helper compiled to the same
+            # instructions but, for 64-key blocks on triton 3.6, to other machine code.
             keep = gl.expand_dims(n_ok, 0)
             if IS_CAUSAL:
                 keep = keep & (gl.expand_dims(offs_n, 0) <= gl.expand_dims(offs_m_abs, 1))
@@ -214,11 +230,7 @@ if GLUON:
                 shift = offs_m_abs // BLOCK_SIZE - tile_first_block
                 keep = keep & (((gl.expand_dims(bits, 0) >> gl.expand_dims(shift, 1)) & 1) != 0)
             qk = gl.where(keep, qk, float("-inf"))
-        # In log2 units; the scale rides in the max and one FMA.
-        m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
-        p = gl.exp2(qk * qk_scale - gl.expand_dims(m_new, 1))
-        alpha = gl.exp2(m_i - m_new)
-        l_i = l_i * alpha + gl.sum(p, 1)
+        p, alpha, m_new, l_i = _online_softmax(qk, m_i, l_i, qk_scale)
         return gl.convert_layout(p.to(P_DTYPE), p_layout), m_new, l_i, alpha
 
     @gluon.jit
@@ -399,7 +411,7 @@ if GLUON:
             i += 1
             if RETURN_LSE:
                 # Natural-log log-sum-exp; m_i is in log2 units.
-                lse = (m_i + gl.log2(l_safe)) * 0.6931471805599453
+                lse = (m_i + gl.log2(l_safe)) * LN2
                 offs_m_s = offs_m_abs - q_offset
                 gl.store(Lse + off_zh.to(gl.int64) * seq_q + offs_m_s, lse,
                          mask=(offs_m_s >= 0) & (offs_m_s < seq_q))
@@ -564,18 +576,43 @@ def _descriptor(x: torch.Tensor, rows: int, cols: int) -> "GluonDescriptor":
     return GluonDescriptor(x, list(x.shape), list(x.stride()), block, layout)
 
 
-def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout) -> bool:
-    """Whether the warp-specialised kernel can take this call (else :mod:`kernels.fwd` does)."""
-    if not (GLUON and fwd.TMA_LOADS) or not q.is_cuda:
-        return False  # TMA_LOADS off (measuring the pointer path): no tensor-memory copies
-    if torch.cuda.get_device_capability(q.device)[0] != 9:
-        return False
-    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[3] not in (64, 128):
-        return False
+def unavailable(capability: tuple[int, int] | None, dtype: torch.dtype) -> str | None:
+    """Why this kernel cannot run on a device of this compute capability (None: not a CUDA
+    device) for this dtype, or None when it can."""
+    if capability is None or capability[0] != 9:
+        return "impl='gluon' runs on Hopper (compute capability 9.x) only"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"impl='gluon' runs float16 and bfloat16 only, not {dtype}"
+    if not GLUON:
+        return f"impl='gluon' needs Gluon, which triton {triton.__version__} does not have"
+    return None
+
+
+def refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
+            tma: bool = True) -> str | None:
+    """Why this kernel cannot take the call (None: it can); :mod:`kernels.fwd` takes the rest.
+    ``tma=False`` (measuring the pointer path) refuses: this kernel reads through tensor-memory
+    copies only."""
+    if not tma:
+        return "impl='gluon' reads through tensor-memory copies, and the call has tma=False"
+    why = unavailable(torch.cuda.get_device_capability(q.device) if q.is_cuda else None, q.dtype)
+    if why:
+        return why
+    if q.shape[3] not in (64, 128):
+        return f"impl='gluon' needs head_dim 64 or 128, got {q.shape[3]}"
     if layout.block_size % BOX_N or not (layout.block_size % BLOCK_M == 0
                                            or BLOCK_M % layout.block_size == 0):
-        return False
-    return all(fwd.tma_compatible(x) for x in (q, k, v))
+        return (f"impl='gluon' needs a sparse block size that is a multiple of {BOX_N} and "
+                f"divides or is a multiple of {BLOCK_M}, got {layout.block_size}")
+    if not all(tma_compatible(x) for x in (q, k, v)):
+        return "impl='gluon' needs q, k and v in strides tensor-memory copies can read"
+    return None
+
+
+def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
+             tma: bool = True) -> bool:
+    """Whether the warp-specialised kernel can take this call (else :mod:`kernels.fwd` does)."""
+    return refusal(q, k, v, layout, tma) is None
 
 
 def sparse_attention_fwd_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -599,13 +636,13 @@ def sparse_attention_fwd_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     # past the end; rows before the first query only come with a first tile that starts before
     # it, which the pointer stores take.
     tma_store = (boxes == 2 and (seq_k - seq_q) % BLOCK_M == 0 and out.dtype == q.dtype
-                 and fwd.tma_compatible(out))
+                 and tma_compatible(out))
     _sparse_attn_fwd_ws[grid](
         _descriptor(q, BLOCK_M, head_dim), _descriptor(k, BOX_N, box_d),
         _descriptor(v, BOX_N, box_d), _descriptor(out if tma_store else k, BOX_N, box_d), out, lse,
         work.items, work.starts, work.kv_block, work.row_bits, *out.stride(),
         heads, heads // kv_heads, seq_q, seq_k, plan.tiles - first_tile, first_tile,
-        sm_scale * 1.4426950408889634,
+        qk_scale(sm_scale),
         BLOCK_M=BLOCK_M, HEAD_DIM=head_dim, BLOCK_SIZE=layout.block_size,
         IS_CAUSAL=layout.causal, RETURN_LSE=return_lse, BOXES=boxes, STAGES=stages,
         TMA_STORE=tma_store, num_warps=4, maxnreg=MAX_REGS,

@@ -1,7 +1,8 @@
 """Inference API: variable-length and left-padded prefill, chunked prefill, KV-cache decoding.
 
 These forms are forward-only (no gradients). Every sequence's block pattern starts at its own
-first token. Checks happen here, once, before any launch.
+first token. Checks happen here, once, before any launch. Each form has its own kernel record and
+config-cache entries: "varlen" (the varlen and padded calls) and "decode".
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 
 from . import select
 from .checks import check_heads, check_scale, check_tensors
-from .configs import LaunchConfig, check_config, default_config
+from .configs import LaunchConfig, check_config
 from .decode import MAX_SPLITS, sparse_attention_decode_fwd
 from .layout import BlockLayout
 from .varlen import new_varlen_output, sequences, sparse_attention_fwd_varlen
@@ -43,14 +44,10 @@ def _lengths(name: str, t: torch.Tensor) -> list[int]:
 
 def resolve_varlen_config(probe: torch.Tensor, layout: BlockLayout,
                           seq_k: int) -> tuple[LaunchConfig, str]:
-    """The launch config a varlen or padded call runs when none is given, and where it came from
-    (as `select.resolve_config`): the forward's, or the Triton default where the forward's is the
-    Gluon kernel, which has no varlen form. ``probe`` carries the device, dtype and head_dim."""
-    config, source = select.resolve_config("fwd", probe, layout, seq_k)
-    if config.impl == "triton":
-        return config, source
-    return default_config("fwd", probe.device, layout.block_size, probe.shape[-1], probe.dtype,
-                          allow_gluon=False), "default"
+    """The launch config a varlen or padded call runs when none is given, and where it came from:
+    :func:`kernels.select.resolve_config` for the "varlen" kernel (its own cache entries, its
+    own Triton default). ``probe`` carries the device, dtype and head_dim."""
+    return select.resolve_config("varlen", probe, layout, seq_k)
 
 
 def _config(q: torch.Tensor, layout: BlockLayout, seq_k: int, config: LaunchConfig | None,
@@ -60,7 +57,7 @@ def _config(q: torch.Tensor, layout: BlockLayout, seq_k: int, config: LaunchConf
     elif config.impl != "triton":
         raise ValueError(f"config {config.short()}: varlen and padded calls run the Triton "
                          "kernel; give a config with impl='triton'")
-    check_config(config, layout.block_size, dim)
+    check_config(config, layout.block_size, dim, "varlen")
     return config
 
 
@@ -141,8 +138,8 @@ def sparse_attention_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def sparse_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             cache_seqlens: torch.Tensor, layout: BlockLayout,
-                            sm_scale: float | None = None,
-                            num_splits: int | None = None) -> torch.Tensor:
+                            sm_scale: float | None = None, num_splits: int | None = None,
+                            config: LaunchConfig | None = None) -> torch.Tensor:
     """One decoding step with a KV cache.
 
     q: ``(batch, heads, dim)``, the newest token of each sequence; k_cache, v_cache:
@@ -151,6 +148,8 @@ def sparse_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     ``cache_seqlens`` is on the CPU; on the GPU they are not read back, to avoid a sync per step).
     The pattern must cover ``max_len``. The pattern row of the new token's position decides which
     cached blocks are read. ``num_splits`` (split-K over kept blocks) is chosen to fill the GPU unless given.
+    ``config`` overrides the launch config the lookup would pick for the "decode" kernel
+    (``block_n`` keys per step, ``num_warps``, ``num_stages``; ``block_m`` is always 16).
     Returns ``(batch, heads, dim)``.
     """
     if not all(isinstance(t, torch.Tensor) for t in (q, k_cache, v_cache)):
@@ -184,5 +183,12 @@ def sparse_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     layout = layout.to(q.device)
     dim = q.shape[-1]
     scale = 1.0 / math.sqrt(dim) if sm_scale is None else float(sm_scale)
+    if config is None:
+        # Checked by the lookup (a cached config that cannot run here is skipped): a decoding
+        # step pays two dict lookups for its config.
+        config = select.resolve_config("decode", q, layout, max_len)[0]
+    else:
+        check_config(config, layout.block_size, dim, "decode")
     lens_dev = cache_seqlens.to(device=q.device, dtype=torch.int32)
-    return sparse_attention_decode_fwd(q, k_cache, v_cache, lens_dev, layout, scale, num_splits)
+    return sparse_attention_decode_fwd(q, k_cache, v_cache, lens_dev, layout, scale, num_splits,
+                                       config)

@@ -1,14 +1,22 @@
-"""One record per kernel: what the config cache hashes, which implementations run it, how a call
-pins its launch config, and whether `dkbench tune` tunes it.
+"""One record per kernel: what the config cache hashes, which implementations run it, which
+public function runs it and how a call pins its launch config, whether it is tuned, and where.
 
 Everything that needs to know about a kernel (the cache key's source hash, the config arguments
-of :func:`kernels.sparse_attention`, the tuner's kernels, the CLI's help) reads it from here.
-Standard library only, and no import of the other kernels modules: they import this one.
+of :func:`kernels.sparse_attention`, the tuner's kernels and spaces, the CLI's help) reads it
+from here. The rules that need torch live beside the code they describe, keyed by these names:
+``kernels.configs.default_config(kernel, ...)`` and ``config_problems(..., kernel)`` (defaults and
+validity), ``kernels.dispatch.choose_impl`` (which implementation runs). Standard library only,
+and no import of the other kernels modules: they import this one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+# The axes of a launch config (kernels.configs.LaunchConfig), in order.
+AXES = ("block_m", "block_n", "num_warps", "num_stages", "impl")
 
 
 @dataclass(frozen=True)
@@ -19,35 +27,76 @@ class KernelRecord:
     description: str  # one line, shown in help
     # The modules whose source keys the kernel's cached configs (``select.kernel_hash``), in
     # hashing order: the module that defines the kernel and every module it takes jit helpers
-    # from. Reordering or adding one changes the hash, so shipped configs stop applying.
+    # or index tables from. Reordering or adding one changes the hash, so shipped configs stop
+    # applying.
     sources: tuple[str, ...]
-    impls: tuple[str, ...]  # LaunchConfig.impl values that can run it
-    # The keyword of ``sparse_attention`` that pins its launch config; None where the kernel is
-    # reached through another function (varlen and decode).
-    config_argument: str | None
-    tunable: bool  # `dkbench tune` searches its launch configs
+    impls: tuple[str, ...]  # LaunchConfig.impl values that can run it; the first is the fallback
+    entry: str  # the public function of kernels that runs it
+    config_argument: str  # the keyword of ``entry`` that pins its launch config
+    tunable: bool  # its launch configs are worth searching
+    # What the config's fields mean for this kernel (help text).
+    config_meaning: str
+    # The values a GPU tune searches per axis of :data:`AXES` (``impl``: its ``impls``); the
+    # tuner caps block_n, and the dk/dv kernel's block_m, at the sparse block size.
+    search_space: Mapping[str, tuple] = field(hash=False)
 
+
+def _space(impls: tuple[str, ...], **tiles: tuple[int, ...]) -> Mapping[str, tuple]:
+    return MappingProxyType({**tiles, "impl": impls})
+
+
+_FWD_IMPLS = ("triton", "gluon")
+_TRITON = ("triton",)
+_FWD_TILES = "block_m query rows per program, block_n keys per step"
 
 _RECORDS = (
     # The forward's configs choose between two modules (Triton and Gluon), so it hashes both,
-    # and the schedule the Gluon one walks.
+    # and the schedule the Gluon one walks. Its block_n reaches 128, which only the Gluon kernel
+    # can use (it pairs 64-key blocks in one tile).
     KernelRecord("fwd", "the forward in Triton, or warp-specialised Gluon on Hopper",
-                 ("kernels.fwd", "kernels.fwd_ws", "kernels.schedule"), ("triton", "gluon"),
-                 "config", True),
+                 ("kernels.fwd", "kernels.fwd_tile", "kernels.common", "kernels.fwd_ws",
+                  "kernels.schedule"),
+                 _FWD_IMPLS, "sparse_attention", "config", True, _FWD_TILES,
+                 _space(_FWD_IMPLS, block_m=(64, 128), block_n=(32, 64, 128), num_warps=(4, 8),
+                        num_stages=(2, 3, 4))),
     # The backward's two kernels live in one module and have different best tiles.
-    KernelRecord("bwd", "the backward's dk/dv kernel", ("kernels.bwd",), ("triton",),
-                 "bwd_config", True),
-    KernelRecord("dq", "the backward's dq kernel", ("kernels.bwd",), ("triton",),
-                 "dq_config", True),
-    # Its loop is the forward's _attn_fwd_inner; it launches with the forward's configs.
+    KernelRecord("bwd", "the backward's dk/dv kernel", ("kernels.bwd", "kernels.common"), _TRITON,
+                 "sparse_attention", "bwd_config", True,
+                 "block_m kv rows per program (within one sparse block), block_n query rows per "
+                 "step",
+                 _space(_TRITON, block_m=(32, 64), block_n=(32, 64), num_warps=(4, 8),
+                        num_stages=(1, 2, 3))),
+    KernelRecord("dq", "the backward's dq kernel", ("kernels.bwd", "kernels.common"), _TRITON,
+                 "sparse_attention", "dq_config", True, _FWD_TILES,
+                 _space(_TRITON, block_m=(64, 128), block_n=(32, 64), num_warps=(4, 8),
+                        num_stages=(2, 3, 4))),
+    # The forward's tile loop over each sequence of a packed or padded batch (sparse_attention_
+    # padded takes the same configs); Triton only.
     KernelRecord("varlen", "the forward over packed or left-padded sequences (chunked prefill)",
-                 ("kernels.varlen", "kernels.fwd"), ("triton",), None, False),
-    # Its split count is chosen per call: no tile config to tune.
+                 ("kernels.varlen", "kernels.fwd_tile", "kernels.common"), _TRITON,
+                 "sparse_attention_varlen", "config", True, _FWD_TILES,
+                 _space(_TRITON, block_m=(64, 128), block_n=(32, 64), num_warps=(4, 8),
+                        num_stages=(2, 3, 4))),
+    # One program per (split, batch x kv head) reads the GQA group's query heads as one tile
+    # (their count, padded): block_m is not a tile of this kernel and is always 16. Its split
+    # count is chosen per call (or pinned by num_splits), not by the config.
     KernelRecord("decode", "decoding, one new token per sequence against its KV cache",
-                 ("kernels.decode",), ("triton",), None, False),
+                 ("kernels.decode", "kernels.common"), _TRITON,
+                 "sparse_attention_decode", "config", True,
+                 "block_n cached keys per step; block_m is always 16 (the query-head tile is the "
+                 "GQA group, padded)",
+                 _space(_TRITON, block_m=(16,), block_n=(32, 64, 128), num_warps=(2, 4, 8),
+                        num_stages=(1, 2, 3))),
 )
 
 KERNELS: dict[str, KernelRecord] = {record.name: record for record in _RECORDS}
 
-# The kernels `dkbench tune` tunes, in registry order.
-TUNABLE: tuple[str, ...] = tuple(name for name, record in KERNELS.items() if record.tunable)
+# Implementations of a kernel, every record's in registry order: "triton" everywhere; "gluon", the
+# forward's warp-specialised Gluon kernel (kernels/fwd_ws.py), on Hopper only.
+IMPLS: tuple[str, ...] = tuple(dict.fromkeys(impl for record in _RECORDS for impl in record.impls))
+
+# The tunable kernels reached through ``sparse_attention``, in registry order: what
+# `dkbench tune` tunes today. varlen and decode are tunable too (``KernelRecord.tunable``),
+# through their own entry functions.
+TUNABLE: tuple[str, ...] = tuple(name for name, record in KERNELS.items()
+                                 if record.tunable and record.entry == "sparse_attention")

@@ -1,13 +1,16 @@
-"""Pick the launch config for a call: user cache, then shipped tuned configs, then defaults.
+"""Pick the launch config for a call: user cache, then shipped tuned configs (this GPU's, else
+those of another GPU of its compute capability), then defaults.
 
-Resolution is memoised per (kernel, device, dtype, head_dim, block size, shape bucket), so a
-training loop pays for the lookup once, not per call.
+Resolution is memoised per (kernel, device, dtype, head_dim, block size, shape bucket), and per
+layout and call shape in front of that, so a training loop or a decoding loop pays for the lookup
+once, not per call (until :func:`clear_memo`).
 """
 
 from __future__ import annotations
 
 import functools
 import sys
+import weakref
 from pathlib import Path
 
 import torch
@@ -21,11 +24,15 @@ from .registry import KERNELS
 SHIPPED_DIR = Path(__file__).parent / "tuned"
 
 _memo: dict[tuple, tuple[LaunchConfig, str]] = {}
+# The same resolutions by layout and call (kernel, device, dtype, head_dim, seq_k, density, cache
+# path): a repeated call costs two dict lookups, not a cache key. Weak, so layouts can go.
+_by_layout: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def clear_memo() -> None:
     """Forget resolved configs (after the cache was written, or to pick up a new cache path)."""
     _memo.clear()
+    _by_layout.clear()
     _user_cache.cache_clear()
 
 
@@ -91,7 +98,18 @@ def cache_key(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: i
 def resolve_config(kernel: str, q: torch.Tensor, layout: BlockLayout, seq_k: int,
                    density: float | None = None, cache_path: str | None = None
                    ) -> tuple[LaunchConfig, str]:
-    """The config to launch ``kernel`` with and where it came from: cache, shipped or default."""
+    """The config to launch ``kernel`` (a name of :data:`kernels.KERNELS`) with and where it came
+    from: ``cache``, ``shipped``, ``shipped:<gpu>`` (another GPU of this architecture) or
+    ``default``. ``q`` carries the device, dtype and head_dim (its last dimension)."""
+    calls = _by_layout.setdefault(layout, {})
+    call = (kernel, q.device, q.dtype, q.shape[-1], seq_k, density, cache_path)
+    if call not in calls:
+        calls[call] = _resolve(kernel, q, layout, seq_k, density, cache_path)
+    return calls[call]
+
+
+def _resolve(kernel: str, q: torch.Tensor, layout: BlockLayout, seq_k: int,
+             density: float | None, cache_path: str | None) -> tuple[LaunchConfig, str]:
     head_dim, block_size = q.shape[-1], layout.block_size
     fallback = default_config(kernel, q.device, block_size, head_dim, q.dtype)
     # A non-CUDA device (the interpreter) is looked up too, under CPU_IDENTITY: a CPU tune writes
@@ -105,23 +123,33 @@ def resolve_config(kernel: str, q: torch.Tensor, layout: BlockLayout, seq_k: int
     return _memo[memo_key]
 
 
-def _shipped_config(key: config_cache.CacheKey) -> dict | None:
-    entry = _shipped().get(key.as_str())
-    return entry["config"] if entry else None
+def _candidates(key: config_cache.CacheKey, cache_path: str | None):
+    """(source, config dict or None) in lookup order: the user cache, this GPU's shipped entry,
+    then the shipped entries of other GPUs of the same compute capability (the same
+    architecture runs the same code: an H100's configs serve an H200), by GPU name."""
+    yield "cache", _user_cache(cache_path).get(key)
+    shipped = _shipped()
+    entry = shipped.get(key.as_str())
+    yield "shipped", entry["config"] if entry else None
+    if not key.capability:
+        return  # not a GPU: no architecture to share
+    wanted = key.to_dict()
+    same_arch = [(e["key"]["gpu"], e["config"]) for e in shipped.values()
+                 if e["key"]["gpu"] != key.gpu and {**e["key"], "gpu": key.gpu} == wanted]
+    for gpu, config in sorted(same_arch, key=lambda found: found[0]):
+        yield f"shipped:{gpu}", config
 
 
 def _lookup(key: config_cache.CacheKey, cache_path: str | None, block_size: int,
             head_dim: int) -> tuple[LaunchConfig, str] | None:
-    """The first usable config: the user cache, then the shipped configs; None means the default.
+    """The first usable config and its source (``cache``, ``shipped``, or ``shipped:<gpu>``
+    for another GPU's entry); None means the default.
 
     An unreadable user cache reads as empty (ConfigCache warns, naming it, and sets it aside), and
     a config that this block size cannot use (hand-edited file) is skipped: either way the next
     source answers, never an error in the launch.
     """
-    sources = (("cache", lambda: _user_cache(cache_path).get(key)),
-               ("shipped", lambda: _shipped_config(key)))
-    for source, find in sources:
-        found = find()
+    for source, found in _candidates(key, cache_path):
         if found is None:
             continue
         config = LaunchConfig.from_dict(found)

@@ -2,8 +2,8 @@
 batches, and chunked prefill (a chunk of queries at the end of a longer key sequence).
 
 Each sequence's pattern starts at its own first token. The program grid is (query tiles of the
-longest sequence, sequences * heads); programs past their sequence's tiles exit at once. The inner
-loop is the forward kernel's (`_attn_fwd_inner`); only the sequence bookkeeping differs.
+longest sequence, sequences * heads); programs past their sequence's tiles exit at once. A tile's
+work is the forward kernel's (:mod:`kernels.fwd_tile`); only the sequence bookkeeping differs.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import triton
 import triton.language as tl
 
 from . import buffers
+from .common import _tile_rows, build_tile_plan, dot_fp32, padded_dim, qk_scale
 from .configs import LaunchConfig
-from .fwd import _attn_fwd_inner, build_tile_plan, interpreting
+from .fwd_tile import _attn_fwd_tile, _normalise, _store_rows
 from .layout import BlockLayout
 
 # Columns of the per-sequence metadata table the kernel reads.
@@ -68,7 +69,6 @@ def _sparse_attn_fwd_varlen(Q, K, V, Out, SeqMeta,
                             IS_CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr):
     tl.static_assert(BLOCK_SIZE % BLOCK_N == 0)
     tl.static_assert((BLOCK_SIZE % BLOCK_M == 0) or (BLOCK_M % BLOCK_SIZE == 0))
-    SUB_BLOCKS: tl.constexpr = BLOCK_M // BLOCK_SIZE if BLOCK_M > BLOCK_SIZE else 1
     seq = tl.program_id(1) // num_heads
     off_h = tl.program_id(1) % num_heads
     # -- this program's sequence --
@@ -83,49 +83,21 @@ def _sparse_attn_fwd_varlen(Q, K, V, Out, SeqMeta,
     if tile * BLOCK_M < seq_k:
         off_kvh = (off_h // q_per_kv).to(tl.int64)
         row = (off_h // heads_per_pattern) * tiles + tile
-        offs_m_abs = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_m = offs_m_abs - q_offset
-        offs_d = tl.arange(0, BLOCK_D)
-        row_ok = (offs_m >= 0) & (offs_m < seq_q)
-        d_ok = offs_d < HEAD_DIM
-
+        offs_m_abs, offs_m, offs_d, row_ok, d_ok = _tile_rows(tile, q_offset, seq_q,
+                                                              BLOCK_M, BLOCK_D, HEAD_DIM)
         q_base = Q + off_z * stride_qz + q_start * stride_qm + off_h.to(tl.int64) * stride_qh
         k_base = K + off_z * stride_kz + k_start * stride_kn + off_kvh * stride_kh
         v_base = V + off_z * stride_vz + k_start * stride_vn + off_kvh * stride_vh
-        q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk,
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        if DOT_FP32:
-            q = q.to(tl.float32)
-        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-
-        entry_start = tl.load(RowPtr + row)
-        entry_end = tl.load(RowPtr + row + 1)
-        entry_mid = entry_start + tl.load(NFull + row)
-        tile_first_block = tile * BLOCK_M // BLOCK_SIZE
-        if IS_CAUSAL:
-            row_end = tl.minimum((tile + 1) * BLOCK_M, seq_k)
-        else:
-            row_end = seq_k
-        acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base,
-                                        stride_kn, stride_kk, stride_vn, stride_vk,
-                                        K, V, 0, 0,
-                                        KvBlock, RowBits, entry_start, entry_mid,
-                                        offs_m_abs, tile_first_block, row_end, seq_k, qk_scale,
-                                        BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_SIZE, SUB_BLOCKS,
-                                        False, IS_CAUSAL, DOT_FP32, False)
-        acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base,
-                                        stride_kn, stride_kk, stride_vn, stride_vk,
-                                        K, V, 0, 0,
-                                        KvBlock, RowBits, entry_mid, entry_end,
-                                        offs_m_abs, tile_first_block, row_end, seq_k, qk_scale,
-                                        BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_SIZE, SUB_BLOCKS,
-                                        True, IS_CAUSAL, DOT_FP32, False)
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        # Pointer loads (USE_TMA False): the descriptor arguments K, V, 0, 0 are never read.
+        acc, _, l_i = _attn_fwd_tile(q_base, k_base, v_base, stride_qm, stride_qk,
+                                       stride_kn, stride_kk, stride_vn, stride_vk, K, V, 0, 0,
+                                       RowPtr, NFull, KvBlock, RowBits, row, tile,
+                                       offs_m_abs, offs_m, offs_d, row_ok, d_ok, seq_k, qk_scale,
+                                       BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_SIZE, IS_CAUSAL,
+                                       DOT_FP32, False)
+        out, _ = _normalise(acc, l_i)
         o_base = Out + off_z * stride_oz + q_start * stride_om + off_h.to(tl.int64) * stride_oh
-        tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_ok,
-                 out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        _store_rows(out, o_base, offs_m, offs_d, row_ok, d_ok, stride_om, stride_ok)
 
 
 def sparse_attention_fwd_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -149,11 +121,11 @@ def sparse_attention_fwd_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         plan.row_ptr, plan.n_full, plan.kv_block, plan.row_bits,
         *bhsd(q), *bhsd(k), *bhsd(v), *bhsd(out),
         heads, heads // kv_heads, heads // layout.heads, plan.tiles,
-        sm_scale * 1.4426950408889634,
+        qk_scale(sm_scale),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), HEAD_DIM=head_dim,
+        BLOCK_D=padded_dim(head_dim), HEAD_DIM=head_dim,
         BLOCK_SIZE=layout.block_size, IS_CAUSAL=layout.causal,
-        DOT_FP32=interpreting() and q.dtype == torch.bfloat16,
+        DOT_FP32=dot_fp32(q.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out

@@ -29,13 +29,3 @@ def poison_outputs(monkeypatch):
         return torch.full(shape, float("nan"), device=like.device, dtype=dtype)
 
     monkeypatch.setattr(kernels.buffers, "new_output", poisoned)
-
-
-@pytest.fixture(params=["tma", "pointers"])
-def tile_loads(request, monkeypatch) -> str:
-    """Run a kernel test through both load paths: tensor descriptors (where the strides allow
-    them) and plain pointer tiles."""
-    import kernels.fwd
-
-    monkeypatch.setattr(kernels.fwd, "TMA_LOADS", request.param == "tma")
-    return request.param

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from kernels.config_cache import ENV_VAR, ConfigCache
+from kernels import ENV_VAR, ConfigCache
 
 from ..tune.cache import CacheRow, cache_errors, cache_rows, cache_warnings
 from .errors import cli_errors

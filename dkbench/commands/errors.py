@@ -26,7 +26,7 @@ def plain_warnings() -> None:
     """Show the warnings the library raises on purpose (a torn results row set aside, a config
     cache or calibration file set aside) as one ``warning:`` line on stderr, not Python's
     file:line form."""
-    from kernels.config_cache import ConfigCacheWarning
+    from kernels import ConfigCacheWarning
 
     from ..errors import TornRowWarning
     from ..measure.calibrate import CalibrationWarning

@@ -71,7 +71,10 @@ def gate(
         help="Also write the table as Markdown to this file (for a CI comment).",
         show_default=False)] = None,
 ) -> None:
-    """Compare CURRENT against --baseline; exit 0 pass, 1 regression, 2 bad input."""
+    """Compare CURRENT against --baseline; exit 0 pass, 1 regression, 2 bad input.
+
+    A row timed while its GPU was throttled (median SM clock more than 10% below its run's) is
+    skipped on either side, never failed: rerun it."""
     try:
         result = run_gate(
             current, baseline, metric=metric, against=against,

@@ -23,18 +23,23 @@ def plot(
     out: Annotated[Optional[Path], typer.Option(
         "--out", help="Directory for the figures (default: PATH).", show_default=False)] = None,
 ) -> None:
-    """Draw latency, speedup, TFLOP/s and speedup-vs-density figures, and tuning heatmaps."""
+    """Draw latency, speedup, TFLOP/s and speedup-vs-density figures, a roofline per run, the
+    break-even density of a density sweep, and tuning heatmaps."""
     # Imported here so that `dkbench --help` and the other commands never load matplotlib.
-    from ..report.plots import plot_path
+    from ..report.plots import SkippedFigure, plot_path
 
+    skipped: list[SkippedFigure] = []
     try:
-        written = plot_path(path, metric=metric, formats=formats, out=out)
+        written = plot_path(path, metric=metric, formats=formats, out=out, skipped=skipped)
     except DkbenchError as err:
         raise fail(err) from None
     console = Console()
     console.print(f"wrote {len(written)} figure files:", markup=False)
     for file in written:
         console.print(f"  {file}", markup=False, highlight=False, soft_wrap=True)
+    for figure in skipped:
+        console.print(f"skipped {figure.name}: {figure.reason}", markup=False, highlight=False,
+                      soft_wrap=True)
 
 
 def report(

@@ -135,7 +135,7 @@ def run(
         if slow:
             warn(slow)
     # A cache file that cannot be read is set aside once, here, with one warning naming it.
-    from kernels.config_cache import ConfigCache
+    from kernels import ConfigCache
 
     from .cache import show_cache_warnings
 

@@ -4,24 +4,26 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
 import torch
 import typer
 import yaml
+from rich import progress
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from kernels import KERNELS
-from kernels.registry import TUNABLE
+from kernels import AXES, KERNELS
 
 from ..errors import BadInputError, DkbenchError
-from ..tune.space import AXES, CPU_SHAPE, CPU_SPACE, GPU_SHAPE, GPU_SPACES, TuneJob
+from ..tune.plan import CPU_SHAPE, GPU_SHAPE, MODE_KERNELS, TuneJob
+from ..tune.space import CPU_SPACE, GPU_SPACES, TUNED
 from .cache import show_cache_warnings
 from .errors import err_console, fail
-from .progress import progress_bar
 
 console = Console()
 
@@ -69,7 +71,7 @@ def tune(
         help="Implementations, comma-separated: triton, gluon.", show_default=False,
         rich_help_panel=_SPACE_PANEL)] = None,
     mode: Annotated[Optional[str], typer.Option(
-        help="fwd, bwd or fwd_bwd (see Modes). Default: the spec's mode, else fwd.",
+        help=f"{', '.join(MODE_KERNELS)} (see Modes). Default: the spec's, else fwd.",
         show_default=False)] = None,
     device: Annotated[str, typer.Option(
         help="auto, cuda or cpu (Triton's interpreter).")] = "auto",
@@ -96,15 +98,19 @@ def tune(
 ) -> None:
     """Search launch configs of the bundled kernel per case; cache the fastest one that is right.
 
-    Every candidate is checked against the reference before it may win, and timed as `run` times:
-    with the spec's timing.interleave (the default) all of a kernel's candidates together, in
-    rounds against the default config. A config replaces the default only when it is faster in
-    four rounds of five (timed one by one: beyond the p20-p80 bands); the best median per-round
-    speedup among those wins.
+    Every candidate is measured as `run` measures a provider: checked against the reference
+    before it may win, and timed with the spec's timing.interleave (the default) together with
+    the kernel's other candidates, in rounds against the default config. A config replaces the
+    default only when it is faster in four rounds of five (timed one by one: beyond the p20-p80
+    bands); the best median per-round speedup among those wins. Before a kernel's candidates
+    are timed, each runs once to compile it: on a GPU in worker processes, one per core (at
+    most 8), so that the timing loop finds every kernel compiled.
 
     Modes: fwd tunes the forward kernel; bwd the backward's dk/dv kernel, then its dq kernel
     behind the dk/dv winner (the forward's config from the lookup); fwd_bwd the forward first,
-    then both backward kernels behind it.
+    then both backward kernels behind it. prefill_varlen tunes the varlen kernel and decode the
+    decoding kernel, each on the spec's cases of that mode. Without --mode, the spec's training
+    modes tune as one (fwd_bwd when they are several) and each inference mode as itself.
 
     Each search-space flag replaces one axis; the others keep the default space (impl gluon is
     the forward's warp-specialised Hopper kernel). The default config is always timed too, as the
@@ -123,13 +129,9 @@ def tune(
     from ..measure.runner import resolve_device
     from ..spec.load import load_spec
     from ..tune import tuner as tuning
-    from ..tune.space import (
-        parse_impl_list,
-        parse_int_list,
-        plan_tune,
-        resolve_mode,
-        sweep_from_flags,
-    )
+    from ..tune.plan import plan_tune, resolve_modes, sweep_from_flags
+    from ..tune.rows import TUNE_FILE
+    from ..tune.space import parse_impl_list, parse_int_list
 
     shape = {"seqlen": seqlen, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
              "dtype": dtype, "batch": batch, "block_size": block_size,
@@ -156,15 +158,15 @@ def tune(
             sweep = sweep_from_flags(dev, mode or "fwd", **shape)
             spec_text = yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False)
         _check_interpreter(dev)
-        chosen_mode = resolve_mode(sweep, mode)
-        jobs = plan_tune(sweep, chosen_mode, dev, overrides)
+        modes = resolve_modes(sweep, mode)
+        jobs = plan_tune(sweep, modes, dev, overrides)
     except DkbenchError as exc:
         raise fail(exc) from None
 
     if dry_run:
         console.print(_dry_run_table(jobs, dev))
         return
-    console.print(f"Tuning {len(jobs)} case(s), mode {chosen_mode}, on {dev}"
+    console.print(f"Tuning {len(jobs)} case(s), mode {', '.join(modes)}, on {dev}"
                   + (" (Triton interpreter: timings exercise the pipeline only)"
                      if dev.type != "cuda" else ""))
     try:
@@ -175,10 +177,12 @@ def tune(
         err_console.print("Interrupted: rows of finished cases are in the tune directory; the "
                           "cache was not written.")
         raise typer.Exit(code=130) from None
+    for warning in outcome.warnings:
+        err_console.print(f"warning: {escape(warning)}")
     for table in _top_tables(outcome, top):
         console.print(table)
     _print_cache(outcome, cache)
-    console.print(f"Tune results: [bold]{escape(str(outcome.run_dir / tuning.TUNE_FILE))}[/bold]")
+    console.print(f"Tune results: [bold]{escape(str(outcome.run_dir / TUNE_FILE))}[/bold]")
 
 
 def default_spaces_help() -> str:
@@ -186,7 +190,7 @@ def default_spaces_help() -> str:
     def axes(values) -> str:
         return ", ".join(f"{axis} {{{','.join(map(str, values[axis]))}}}" for axis in AXES)
     items = [f"- {name} ({KERNELS[name].description}): {axes(GPU_SPACES[name])}"
-             for name in TUNABLE]
+             for name in TUNED]
     return "\n".join([*items, f"- CPU interpreter (every kernel): {axes(CPU_SPACE)}"])
 
 
@@ -207,8 +211,29 @@ def _check_interpreter(dev: torch.device) -> None:
 def _execute(tuning, sweep, spec_text: str, jobs: list[TuneJob], dev: torch.device, out: Path,
              cache: Path | None):
     # A bad cache file (ours, or the one the kernels' lookup reads) is named once, not per config.
-    with show_cache_warnings(), progress_bar(console) as on_progress:
+    with show_cache_warnings(), _phase_bars(console) as on_progress:
         return tuning.execute_tune(sweep, spec_text, jobs, dev, out, cache, on_progress)
+
+
+_PHASES = {"compile": "compiling", "time": "measuring"}
+
+
+@contextmanager
+def _phase_bars(console: Console) -> Iterator:
+    """``on_progress(phase, text, done, total)`` driving one rich bar per phase of the tune."""
+    columns = (progress.TextColumn("{task.description}"), progress.BarColumn(),
+               progress.MofNCompleteColumn(), progress.TimeElapsedColumn(),
+               progress.TextColumn("eta"), progress.TimeRemainingColumn())
+    with progress.Progress(*columns, console=console, transient=False) as shown:
+        bars: dict[str, progress.TaskID] = {}
+
+        def on_progress(phase: str, text: str, done: int, total: int) -> None:
+            if phase not in bars:
+                bars[phase] = shown.add_task(_PHASES[phase], total=total)
+            shown.update(bars[phase], description=f"{_PHASES[phase]}: {text}"[:90],
+                         completed=done, total=total)
+
+        yield on_progress
 
 
 def _dry_run_table(jobs: list[TuneJob], dev: torch.device) -> Table:
@@ -273,7 +298,7 @@ def _print_cache(outcome, cache: Path | None) -> None:
         console.print(f"cached {w.config.short()} for {escape(w.key.as_str())}")
     console.print(f"Cache: [bold]{escape(str(outcome.cache_path))}[/bold]")
     if cache is not None:
-        from kernels.config_cache import ENV_VAR, default_cache_path
+        from kernels import ENV_VAR, default_cache_path
 
         if Path(cache).expanduser() != default_cache_path():
             console.print(f"The kernels read ${ENV_VAR} (else the platform cache directory): "

@@ -27,6 +27,12 @@ recorded spread have a band of 0. A row regresses only when its worsening exceed
 ``max(tolerance, band(current) + band(baseline))``: the drop must be larger than the tolerance *and*
 large enough that the two p20-p80 intervals no longer overlap. An improvement beyond the same
 threshold is reported as such and never fails.
+
+Throttled rows: a row whose median SM clock (the `clock_mhz_median` column, read through NVML while
+it was timed) fell more than 10% below the median of its table's rows on the same GPU
+(`dkbench.measure.telemetry.throttle_notes`) measured a slowed GPU, not its kernel. Such a row, on
+either side, is skipped (`throttled`) and never fails the gate; rerun it. Files without the column
+have no throttled rows.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from typing import Any, Iterable, Sequence
 import pandas as pd
 
 from ..errors import BadInputError
+from ..measure.telemetry import THROTTLE_FRACTION, throttle_notes
 from ..report import markdown
 from ..results.schema import KEY_COLUMNS, RESULTS_FILE, read_results
 
@@ -67,6 +74,7 @@ class Comparison:
     threshold: float
     verdict: str
     note: str = ""
+    throttled: bool = False  # skipped because a side's GPU was throttled while the row ran
 
 
 @dataclass(frozen=True)
@@ -152,6 +160,7 @@ class _Table:
     label: str  # "current" or "baseline"
     path: Path
     rows: dict[Key, dict[str, Any]]
+    throttled: dict[Key, str] = field(default_factory=dict)  # key -> its throttle note
 
 
 def load_table(path: Path, label: str, required: Sequence[str]) -> _Table:
@@ -179,7 +188,9 @@ def load_table(path: Path, label: str, required: Sequence[str]) -> _Table:
                                 "gate one run at a time")
         record["status"] = _key_text(record["status"]).lower()
         rows[key] = record
-    return _Table(label, csv_path, rows)
+    notes = throttle_notes(list(rows.values()))
+    throttled = {key: note for key, note in zip(rows, notes) if note is not None}
+    return _Table(label, csv_path, rows, throttled)
 
 
 def case_label(key: Key) -> str:
@@ -246,6 +257,10 @@ def _compare_one(key: Key, base: _Table, cur: _Table, metric: str, against: str 
                           SKIPPED, note)
     if metric == "speedup" and provider == against:
         return None  # its ratio to itself is 1 by construction
+    throttled = [f"{t.label} {t.throttled[key]}" for t in (base, cur) if key in t.throttled]
+    if throttled:
+        return Comparison(case, provider, math.nan, math.nan, math.nan, math.nan, math.nan,
+                          SKIPPED, "; ".join(throttled), throttled=True)
     b_val, b_band = _value(base, key, metric, against)
     c_val, c_band = _value(cur, key, metric, against)
     noise = b_band + c_band
@@ -338,8 +353,13 @@ def run_gate(current: Path, baseline: Path, *, metric: str = "speedup",
     one_sided = [OneSided(case_label(k), k[_PROVIDER_AT], t.label, t.rows[k]["status"])
                  for t, other in ((base, cur), (cur, base))
                  for k in t.rows if k not in other.rows and k[_PROVIDER_AT] in gated]
-    return GateResult(metric, ref, tolerance, comparisons, one_sided, fail_on_missing,
-                      _notes(base, cur, metric))
+    notes = _notes(base, cur, metric)
+    throttled = sum(c.throttled for c in comparisons)
+    if throttled:
+        notes.append(f"{throttled} row{'s' * (throttled > 1)} skipped as throttled (median SM "
+                     f"clock more than {THROTTLE_FRACTION:.0%} below its run's median): they do "
+                     "not fail the gate; rerun them on a steady GPU")
+    return GateResult(metric, ref, tolerance, comparisons, one_sided, fail_on_missing, notes)
 
 
 def format_value(value: float) -> str:

@@ -219,7 +219,7 @@ def calibrate(device: torch.device, seconds: float = 10.0) -> Calibration:
 
 def calibration_path() -> Path:
     """``calibration.json`` in the directory of the best-config cache (``$DKBENCH_CACHE``'s)."""
-    from kernels.config_cache import default_cache_path
+    from kernels import default_cache_path
 
     return default_cache_path().parent / "calibration.json"
 

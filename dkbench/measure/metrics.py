@@ -7,8 +7,7 @@ by the same time, the rate a dense kernel would need to match.
 
 from __future__ import annotations
 
-from kernels import BlockLayout
-from kernels.layout import causal_pairs, kept_pairs
+from kernels import BlockLayout, causal_pairs, kept_pairs
 
 from ..spec.sweep import TRAINING_MODES, Case
 from .modes import sequence_lengths

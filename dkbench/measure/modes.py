@@ -17,8 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from kernels import BlockLayout, reference_attention
-from kernels.layout import dense_layout
+from kernels import BlockLayout, dense_layout, reference_attention
 
 from ..spec.sweep import TRAINING_MODES, Case
 

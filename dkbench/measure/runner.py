@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from triton.runtime.errors import OutOfResources
 
 from ..errors import BadInputError
 from ..results.schema import (
@@ -21,13 +22,13 @@ from ..results.schema import (
     write_meta,
 )
 from ..spec.sweep import Case, Sweep, excluded_for_provider
-from . import metrics, size_guard, sol
+from . import metrics, size_guard, sol, telemetry
 from .calibrate import Calibration, load_or_calibrate, unavailable_reason
 from .check import random_inputs, run_check
 from .envinfo import command_line, environment
 from .providers import PROVIDERS, Provider, Unsupported
 from .resume import previous_baselines, resumed_rows
-from .timing import Ratio, measure, measure_interleaved, peak_memory_mb
+from .timing import Ratio, measure, measure_interleaved, peak_memory_mb, step_stream
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -68,6 +69,9 @@ class RunContext:
     command: str
     baseline_ms: dict[str, float] = field(default_factory=dict)  # case_id -> baseline's median
     calibration: Calibration | None = None  # this GPU's measured rates: the speed-of-light columns
+    # Providers measured under a name of their own instead of PROVIDERS[name]: name -> (provider,
+    # the config its prepare pins). The tuner's candidates: the bundled kernel, one config pinned.
+    pinned: dict[str, tuple[Provider, object]] = field(default_factory=dict)
 
 
 def order_providers(names: list[str], baseline: str | None) -> list[str]:
@@ -119,7 +123,7 @@ def prepare_one(ctx: RunContext, case: Case, name: str, layout, density: float, 
     provider was prepared.
     """
     row = _base_row(ctx, case, name, layout.hash(), density)
-    provider: Provider = PROVIDERS[name]()
+    provider, config = provider_for(ctx, name)
     device, sweep = ctx.device, ctx.sweep
     scale = case.sm_scale if case.sm_scale is not None else 1.0 / math.sqrt(case.head_dim)
     try:
@@ -139,7 +143,7 @@ def prepare_one(ctx: RunContext, case: Case, name: str, layout, density: float, 
             return row
         before = _allocated(device)
         start = time.perf_counter()
-        prepared = provider.prepare(case, layout, sweep, device, scale)
+        prepared = provider.prepare(case, layout, sweep, device, scale, config)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         row.build_ms = (time.perf_counter() - start) * 1e3
@@ -175,6 +179,7 @@ def run_one(ctx: RunContext, case: Case, name: str, layout, density: float, inpu
             timed = measure(ready.step, ctx.sweep.timing, ctx.device)
             ready.row.timer, ready.row.ms = timed.timer, timed.ms
             ready.row.ms_p20, ready.row.ms_p80 = timed.p20, timed.p80
+            telemetry.record(ready.row, timed.telemetry)
             _fill_metrics(ctx, case, ready.provider, layout, ready.row)
         except Exception as exc:  # noqa: BLE001 - one failing row never stops a sweep
             _record_failure(ready.row, exc)
@@ -202,7 +207,13 @@ def time_together(ctx: RunContext, case: Case, layout, ready: list[ReadyStep]) -
             continue
         got = timed.times[name]
         row.timer, row.ms, row.ms_p20, row.ms_p80 = got.timer, got.ms, got.p20, got.p80
+        telemetry.record(row, got.telemetry)
         _fill_metrics(ctx, case, r.provider, layout, row, timed.ratios.get(name))
+
+
+def provider_for(ctx: RunContext, name: str) -> tuple[Provider, object]:
+    """The provider measured under ``name`` and the config it pins (None: its own choice)."""
+    return ctx.pinned[name] if name in ctx.pinned else (PROVIDERS[name](), None)
 
 
 def _allocated(device: torch.device) -> int:
@@ -215,7 +226,9 @@ def _record_failure(row: ResultRow, exc: BaseException, refusal: str | None = No
     elif isinstance(exc, torch.cuda.OutOfMemoryError):
         row.status, row.message = "oom", _first_line(exc)
     else:
-        row.status = "oom" if "out of memory" in str(exc).lower() else "error"
+        # Triton's OutOfResources: the config needs more shared memory or registers than exist.
+        oom = isinstance(exc, OutOfResources) or "out of memory" in str(exc).lower()
+        row.status = "oom" if oom else "error"
         row.message = f"{type(exc).__name__}: {_first_line(exc)}"
 
 
@@ -239,7 +252,7 @@ def _fill_metrics(ctx: RunContext, case: Case, provider: Provider, layout, row: 
         row.speedup = base / row.ms
         if paired is not None:
             row.speedup, row.speedup_p20, row.speedup_p80 = paired.median, paired.p20, paired.p80
-        base_computes = PROVIDERS[ctx.baseline].computes if ctx.baseline else ""
+        base_computes = provider_for(ctx, ctx.baseline)[0].computes if ctx.baseline else ""
         if provider.computes == "pattern" and base_computes == "dense":
             # Measured speedup over the ideal 1/density a perfectly sparse kernel would reach.
             row.sparsity_efficiency = row.speedup * row.density
@@ -248,8 +261,9 @@ def _fill_metrics(ctx: RunContext, case: Case, provider: Provider, layout, row: 
         row.status = "error"
         row.message = (f"{row.tflops:.0f} TFLOP/s is above the GPU's peak {peak:.0f}: the timing "
                        "or the FLOP count is wrong")
+    nbytes = sol.row_bytes(case, layout, provider.computes, provider.pads_inputs)
+    row.row_bytes = nbytes
     if ctx.calibration is not None:
-        nbytes = sol.row_bytes(case, layout, provider.computes, provider.pads_inputs)
         row.sol_ms = sol.sol_ms(row.flops, nbytes, ctx.calibration, case.dtype)
         row.sol_pct = 100.0 * row.sol_ms / row.ms
         if row.sol_pct > 100.0:  # kept as measured: the model, not the kernel, is suspect
@@ -300,6 +314,7 @@ def begin_run(sweep: Sweep, spec_text: str, plan: RunPlan, device: torch.device,
             "description": sweep.description, "command": ctx.command, "providers": plan.providers,
             "baseline": baseline, "environment": env, "spec": sweep.model_dump(mode="json"),
             "spec_text": spec_text, "speed_of_light": speed_of_light,
+            "telemetry": telemetry.describe(device),
             "started": datetime.now(timezone.utc).isoformat(),
             **(extra_meta or {})}
     write_meta(plan.run_dir, {**read_meta(plan.run_dir), **meta})
@@ -320,6 +335,8 @@ def speed_of_light_for(device: torch.device) -> tuple[Calibration | None, dict]:
 
 
 def finish_run(plan: RunPlan, extra_meta: dict | None = None) -> None:
+    # Throttling is judged against the whole run's median clock, known only now.
+    telemetry.flag_throttled(plan.run_dir / RESULTS_FILE)
     write_meta(plan.run_dir, {**read_meta(plan.run_dir), **(extra_meta or {}),
                               "finished": datetime.now(timezone.utc).isoformat()})
 
@@ -382,7 +399,9 @@ def run_case(ctx: RunContext, case: Case, providers: list[str],
         for name in providers:
             if on_start:
                 on_start(name)
-            emit(run_one(ctx, case, name, layout, density, inputs, seed + 1, case_bytes))
+            with step_stream(ctx.sweep.timing, ctx.device):
+                row = run_one(ctx, case, name, layout, density, inputs, seed + 1, case_bytes)
+            emit(row)
     del inputs
     if ctx.device.type == "cuda":
         torch.cuda.empty_cache()

@@ -12,8 +12,7 @@ import math
 
 import torch
 
-from kernels import BlockLayout
-from kernels.reference import layout_head_index
+from kernels import BlockLayout, layout_head_index
 
 from ..spec.sweep import TRAINING_MODES, Case
 from .modes import sequence_lengths

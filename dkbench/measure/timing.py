@@ -1,23 +1,29 @@
 """Timing steps: device events on a GPU, wall clock in the interpreter.
 
-`measure` times one step alone through triton.testing: `do_bench`'s warmup and rep are
-milliseconds, and it flushes L2 before each call; `do_bench_cudagraph` replays a captured graph and
-does not flush. `measure_interleaved` times a case's providers together, in rounds of turns, so a
-step change of the GPU's clock (seen over seconds) lands on every provider alike, and pairs each
-round's turns into ratios. The row records which timer was used.
+`measure` times one step alone: through `triton.testing.do_bench` (its warmup and rep are
+milliseconds, and it flushes L2 before each call), or with `timing.cuda_graph` by replaying a CUDA
+graph of the step captured here (no L2 flush, no launch overhead). `measure_interleaved` times a
+case's providers together, in rounds of turns, so a step change of the GPU's clock (seen over
+seconds) lands on every provider alike, and pairs each round's turns into ratios. The row records
+which timer was used, and what NVML read of the GPU while its calls ran (`telemetry`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from typing import Callable, Protocol
 
 import torch
 
 from ..spec.sweep import Timing
+from . import telemetry
+from .graphs import graph_samples
+from .telemetry import Sampler, Telemetry
 
 # In the interpreter a step takes seconds; a few repetitions check the pipeline, nothing more.
 INTERPRETER_REPS = 3
@@ -37,6 +43,7 @@ MAX_TURN_CALLS = 500
 ESTIMATE_CALLS = 5
 # Zeroed before each call, as do_bench does, so no call finds its inputs in L2 (50 MB on an H100).
 L2_FLUSH_BYTES = 256 * 2**20
+WALLCLOCK, DO_BENCH, CUDA_GRAPH = "interpreter-wallclock", "do_bench", "cuda_graph"
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,7 @@ class Measurement:
     p80: float
     timer: str
     samples: int
+    telemetry: Telemetry | None = None  # the GPU's clock and power while the timed calls ran
 
 
 @dataclass(frozen=True)
@@ -80,24 +88,55 @@ def summarize(samples: list[float], timer: str) -> Measurement:
     return Measurement(statistics.median(samples), *p20_p80(samples), timer, len(samples))
 
 
-def measure(fn: Callable[[], object], timing: Timing, device: torch.device) -> Measurement:
-    """Median, p20 and p80 milliseconds of ``fn`` (already warmed up: compiled and tuned)."""
+def timer_for(timing: Timing, device: torch.device) -> str:
+    """The timer `measure` uses: wall clock off CUDA (the interpreter), graph replay when the spec
+    asks for `timing.cuda_graph`, else do_bench."""
     if device.type != "cuda":
+        return WALLCLOCK
+    return CUDA_GRAPH if timing.cuda_graph else DO_BENCH
+
+
+def measure(fn: Callable[[], object], timing: Timing, device: torch.device) -> Measurement:
+    """Median, p20 and p80 milliseconds of ``fn`` (already warmed up: compiled and tuned), with
+    the GPU's telemetry over the whole measurement. Raises `graphs.CaptureError` when graph
+    timing was asked for and ``fn`` cannot be captured."""
+    timer = timer_for(timing, device)
+    if timer == WALLCLOCK:
         samples = []
         for _ in range(INTERPRETER_REPS):
             start = time.perf_counter()
             fn()
             samples.append((time.perf_counter() - start) * 1e3)
-        return summarize(samples, "interpreter-wallclock")
+        return summarize(samples, timer)
     import triton.testing
 
-    if timing.cuda_graph:
-        with torch.cuda.stream(torch.cuda.Stream()):
-            samples = triton.testing.do_bench_cudagraph(fn, rep=timing.rep_ms, return_mode="all")
-        return summarize(list(samples), "do_bench_cudagraph")
-    samples = triton.testing.do_bench(fn, warmup=timing.warmup_ms, rep=timing.rep_ms,
-                                      return_mode="all")
-    return summarize(list(samples), "do_bench")
+    sampler = telemetry.sampler(device)
+    with sampler or contextlib.nullcontext():
+        if timer == CUDA_GRAPH:
+            timed = summarize(graph_samples(fn, timing, device), timer)
+        else:
+            timed = summarize(list(triton.testing.do_bench(
+                fn, warmup=timing.warmup_ms, rep=timing.rep_ms, return_mode="all")), timer)
+    return replace(timed, telemetry=sampler and telemetry.summarize(sampler.readings))
+
+
+@contextlib.contextmanager
+def step_stream(timing: Timing, device: torch.device) -> Iterator[None]:
+    """The stream on which a step to be captured is made, warmed up and captured: one side
+    stream for all three (no graph is captured on the default stream), because autograd runs a
+    backward on the stream of its forward, and a `bwd` step's forward runs when the step is
+    made. Off graph timing (or off CUDA), the current stream."""
+    if timer_for(timing, device) != CUDA_GRAPH:
+        yield
+        return
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(current)  # the case's inputs were made on the current stream
+    try:
+        with torch.cuda.stream(side):
+            yield
+    finally:
+        current.wait_stream(side)
 
 
 # -- interleaved timing --
@@ -108,15 +147,21 @@ class Clock(Protocol):
     `call` runs the step once and returns a handle; `read` turns handles into milliseconds (waiting
     for the device first). `fixed_rounds` set skips the estimate and runs that many rounds of
     `fixed_turn` (settling calls, timed calls) turns; None plans both from the estimate and `Timing`.
+    `sampler`, when set, reads the device throughout; `span` (asked only then, after `read`) says
+    when a turn's timed calls ran on the device, on the sampler's time line, so each step gets the
+    readings of its own calls.
     """
 
     label: str
     fixed_rounds: int | None
     fixed_turn: tuple[int, int]
+    sampler: Sampler | None
 
     def call(self, fn: Callable[[], object]) -> object: ...
 
     def read(self, handles: list[object]) -> list[float]: ...
+
+    def span(self, handles: list[object]) -> tuple[float, float] | None: ...
 
 
 class CudaClock:
@@ -130,6 +175,15 @@ class CudaClock:
         # Allocated once per measurement and dropped with the clock, so it never counts in a later
         # provider's peak memory.
         self.flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device)
+        self.sampler = telemetry.sampler(device)
+        # The host queues calls far ahead of the device, so a turn's calls run on the device
+        # later than the host made them: events give their device time, and this event, recorded
+        # on an idle device, places that time on the host's perf_counter line.
+        torch.cuda.synchronize(device)
+        self.origin = torch.cuda.Event(enable_timing=True)
+        self.origin.record()
+        self.origin_s = time.perf_counter()
+        self.origin.synchronize()
 
     def call(self, fn: Callable[[], object]) -> object:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -143,14 +197,20 @@ class CudaClock:
         torch.cuda.synchronize(self.flush.device)
         return [start.elapsed_time(end) for start, end in handles]
 
+    def span(self, handles: list[object]) -> tuple[float, float] | None:
+        (first, _), (_, last) = handles[0], handles[-1]
+        return (self.origin_s + self.origin.elapsed_time(first) / 1e3,
+                self.origin_s + self.origin.elapsed_time(last) / 1e3)
+
 
 class WallClock:
     """`time.perf_counter` around each call: the interpreter on the CPU, where timings mean
     nothing beyond that the pipeline runs."""
 
-    label = "interpreter-wallclock"
+    label = WALLCLOCK
     fixed_rounds = INTERPRETER_REPS
     fixed_turn = (0, 1)
+    sampler = None  # no GPU to read
 
     def call(self, fn: Callable[[], object]) -> object:
         start = time.perf_counter()
@@ -159,6 +219,9 @@ class WallClock:
 
     def read(self, handles: list[object]) -> list[float]:
         return [float(h) for h in handles]
+
+    def span(self, handles: list[object]) -> tuple[float, float] | None:
+        return None
 
 
 def default_clock(device: torch.device) -> Clock:
@@ -223,6 +286,34 @@ def measure_interleaved(steps: dict[str, Callable[[], object]], timing: Timing,
     clock = clock if clock is not None else default_clock(device)
     names = list(steps)
     errors: dict[str, BaseException] = {}
+    with clock.sampler or contextlib.nullcontext():
+        timed = _rounds(clock, steps, timing, errors)
+        flat = [h for this_round in timed for _, handles in this_round for h in handles]
+        times = _read(clock, flat, [n for n in names if n not in errors], errors)
+    readings = _telemetry(clock, timed if times is not None else [], errors)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    per_round: list[dict[str, float]] = []
+    it = iter(times or [])
+    for this_round in timed if times is not None else []:
+        turn_ms = {}
+        for name, handles in this_round:
+            got = [next(it) for _ in handles]
+            samples[name].extend(got)
+            turn_ms[name] = statistics.median(got)
+        # A step that failed takes its earlier samples with it.
+        per_round.append({n: ms for n, ms in turn_ms.items() if n not in errors})
+    return Interleaved(
+        times={name: replace(summarize(samples[name], clock.label), telemetry=readings.get(name))
+               for name in names if name not in errors and samples[name]},
+        ratios=_ratios(per_round, names, baseline, errors),
+        errors=errors, rounds=per_round)
+
+
+def _rounds(clock: Clock, steps: dict[str, Callable[[], object]], timing: Timing,
+            errors: dict[str, BaseException]) -> list[list[tuple[str, list[object]]]]:
+    """Estimate and warm up each step (unless the clock fixes its turns), then run the rounds;
+    per round, each step's timed handles in the order the step ran."""
+    names = list(steps)
     if clock.fixed_rounds is None:
         estimates = _estimates(clock, steps, errors)
         turns = {name: plan_turn(ms) for name, ms in estimates.items()}
@@ -245,24 +336,23 @@ def measure_interleaved(steps: dict[str, Callable[[], object]], timing: Timing,
             if handles is not None:
                 this_round.append((name, handles))
         timed.append(this_round)
-    flat = [h for this_round in timed for _, handles in this_round for h in handles]
-    times = _read(clock, flat, [n for n in names if n not in errors], errors)
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    per_round: list[dict[str, float]] = []
-    it = iter(times or [])
-    for this_round in timed if times is not None else []:
-        turn_ms = {}
+    return timed
+
+
+def _telemetry(clock: Clock, timed: list[list[tuple[str, list[object]]]],
+               errors: dict[str, BaseException]) -> dict[str, Telemetry]:
+    """Per step that did not fail, what the clock's sampler read during its timed calls."""
+    if clock.sampler is None:
+        return {}
+    spans: dict[str, list[tuple[float, float]]] = {}
+    for this_round in timed:
         for name, handles in this_round:
-            got = [next(it) for _ in handles]
-            samples[name].extend(got)
-            turn_ms[name] = statistics.median(got)
-        # A step that failed takes its earlier samples with it.
-        per_round.append({n: ms for n, ms in turn_ms.items() if n not in errors})
-    return Interleaved(
-        times={name: summarize(samples[name], clock.label)
-               for name in names if name not in errors and samples[name]},
-        ratios=_ratios(per_round, names, baseline, errors),
-        errors=errors, rounds=per_round)
+            span = clock.span(handles)
+            if span is not None and name not in errors:
+                spans.setdefault(name, []).append(span)
+    found = {name: telemetry.summarize(telemetry.within(clock.sampler.readings, s))
+             for name, s in spans.items()}
+    return {name: t for name, t in found.items() if t is not None}
 
 
 def _estimates(clock: Clock, steps: dict[str, Callable[[], object]],

@@ -1,7 +1,8 @@
 """`dkbench report`: a Markdown page for a run directory, a tune directory (`dkbench tune`'s), or a
 directory of them: the environment, a summary table per case with the fastest provider marked, the
-failed rows with their messages, the tuned configs, and the figures from `dkbench.report.plots`, linked by
-relative path. A view of the CSVs alone."""
+break-even densities of a density sweep, the failed rows with their messages, the tuned configs,
+and the figures from `dkbench.report.plots`, linked by relative path (with those not drawn and
+why). A view of the CSVs alone."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ import pandas as pd
 from ..errors import BadInputError
 from ..results.runs import INTERPRETER_NOTE, Run, TuneDir, load_sources
 from ..results.schema import KEY_COLUMNS
+from .density import OURS, density_facets
 from .markdown import cell, table
-from .plots import build_figures, output_root, save_figures
+from .plots import SkippedFigure, build_figures, output_root, save_figures
 from .tune_plots import KERNEL_ORDER, winner
 
 REPORT_FILE = "report.md"
@@ -157,6 +159,30 @@ def summary_section(run: Run, title: str = "## Summary") -> list[str]:
     return lines
 
 
+def breakeven_section(runs: Sequence[Run]) -> list[str]:
+    """Per shape of a density sweep, the density below which the bundled kernel beats the
+    fastest dense provider (`dkbench.report.density`); nothing when the runs hold no such sweep."""
+    facets = density_facets(pd.concat([r.results for r in runs], ignore_index=True))
+    if not facets:
+        return []
+    many = len({f.run for f in facets}) > 1
+    rows = []
+    for f in facets:
+        result = f.result
+        rows.append(([f.run] if many else []) + [
+            f.key.get("seqlen"), f.key.get("mode"), f.key.get("dtype"),
+            "no dense provider ran ok" if result is None else result.text(),
+            f.dense_provider or "—", "—" if f.dense_ms is None else f"{f.dense_ms:.4g}",
+            ", ".join(f"{d:.3g}" for d, _ in f.ours)])
+    header = (["run"] if many else []) + [
+        "seqlen", "mode", "dtype", "break-even density", "fastest dense provider",
+        "its median ms", "densities measured"]
+    return ["## Break-even density", "",
+            f"Below the break-even density `{OURS}` is faster than the fastest dense provider "
+            "(interpolated linearly between the two measured densities around the crossing).", "",
+            *table(header, rows), ""]
+
+
 def failed_section(runs: Sequence[Run]) -> list[str]:
     """Every row whose status is not ok, with its message."""
     cols = ["case_id", "provider", "mode", "dtype", "seqlen", "status", "message"]
@@ -202,19 +228,27 @@ def tuning_section(sources: Sequence[Run | TuneDir]) -> list[str]:
     return ["## Tuning", "", *table(header, rows), ""]
 
 
-def figures_section(figures: Sequence[tuple[str, Path]], report_dir: Path) -> list[str]:
-    """Image links relative to the report, so the directory can be moved or published as is."""
+def figures_section(figures: Sequence[tuple[str, Path]], report_dir: Path,
+                    skipped: Sequence[SkippedFigure] = ()) -> list[str]:
+    """Image links relative to the report, so the directory can be moved or published as is;
+    then the figures not drawn, with why."""
     lines = ["## Figures", ""]
     for title, path in figures:
         rel = Path(os.path.relpath(path, report_dir)).as_posix()
         lines += [f"### {title}", "", f"![{title}]({rel})", ""]
-    return lines if figures else lines + ["No figures.", ""]
+    if not figures:
+        lines += ["No figures.", ""]
+    if skipped:
+        lines += ["Not drawn:", "", *(f"- {s.title}: {s.reason}" for s in skipped), ""]
+    return lines
 
 
 def render_report(runs: Sequence[Run], figures: Sequence[tuple[str, Path]] = (),
-                  report_dir: Path = Path("."), tunes: Sequence[TuneDir] = ()) -> str:
-    """The report's Markdown text; `figures` are (title, file) pairs to link; `tunes` are
-    directories `dkbench tune` wrote, reported beside (or instead of) the runs."""
+                  report_dir: Path = Path("."), tunes: Sequence[TuneDir] = (),
+                  skipped: Sequence[SkippedFigure] = ()) -> str:
+    """The report's Markdown text; `figures` are (title, file) pairs to link, `skipped` the
+    figures not drawn; `tunes` are directories `dkbench tune` wrote, reported beside (or instead
+    of) the runs."""
     sources = [*runs, *tunes]
     title = sources[0].label if len(sources) == 1 else f"{len(sources)} runs compared"
     lines = [f"# dkbench report: {title}", ""]
@@ -226,9 +260,10 @@ def render_report(runs: Sequence[Run], figures: Sequence[tuple[str, Path]] = (),
         heading = "## Summary" if len(runs) == 1 else f"## Summary: {run.label}"
         lines += summary_section(run, heading)
     if runs:
+        lines += breakeven_section(runs)
         lines += failed_section(runs)
     lines += tuning_section(sources)
-    lines += figures_section(figures, report_dir)
+    lines += figures_section(figures, report_dir, skipped)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -244,11 +279,13 @@ def write_report(path: Path, out: Path | None = None) -> Path:
     """`dkbench report`: draw the figures as PNG beside the report, write it, return its path."""
     runs, tunes = load_sources(path)
     target = report_file(path, out)
-    figures = build_figures(runs, tunes=tunes)
+    skipped: list[SkippedFigure] = []
+    figures = build_figures(runs, tunes=tunes, skipped=skipped)
     written = save_figures(figures, target.parent, ("png",))
     links = [(nf.title, file) for nf, file in zip(figures, written)]
     try:
-        target.write_text(render_report(runs, links, target.parent, tunes), encoding="utf-8")
+        target.write_text(render_report(runs, links, target.parent, tunes, skipped),
+                          encoding="utf-8")
     except OSError as err:
         raise BadInputError(f"{target}: cannot write the report ({err})") from None
     return target

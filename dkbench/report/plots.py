@@ -1,5 +1,6 @@
 """Figures drawn from run directories: latency, speedup and TFLOP/s against sequence length, speedup
-against density, and (in `tune_plots`) launch-config heatmaps.
+against density, a roofline per run (`roofline`), the break-even density of a density sweep
+(`breakeven_plot`), and (in `tune_plots`) launch-config heatmaps.
 
 Plots are views of the CSVs alone (results.csv, meta.json and tune.csv in a run directory, or
 tune.csv and meta.json in a directory `dkbench tune` wrote).
@@ -39,6 +40,7 @@ from ..results.runs import (
     parse_formats,
 )
 from .figure import NamedFigure, save_figures, slug
+from .sol_figures import SkippedFigure, speed_of_light_figures
 from .tune_plots import build_tune_figures
 
 FACET_COLUMNS = ("pattern", "mode", "dtype")
@@ -337,16 +339,20 @@ def build_view_figure(frame: pd.DataFrame, view: _View, runs: Sequence[Run]) -> 
 
 
 def build_figures(runs: Sequence[Run], metric: str | None = None,
-                  tunes: Sequence[TuneDir] = ()) -> list[NamedFigure]:
+                  tunes: Sequence[TuneDir] = (),
+                  skipped: list[SkippedFigure] | None = None) -> list[NamedFigure]:
     """The figures for `runs`: per-seqlen figures (all three, or only `metric`), speedup against
-    density, and a heatmap per tuned case and kernel where a run has a tune.csv and for each of
-    `tunes` (directories written by `dkbench tune`)."""
+    density, a roofline per run, the break-even density of a density sweep, and a heatmap per
+    tuned case and kernel where a run has a tune.csv and for each of `tunes` (directories written
+    by `dkbench tune`). A figure that cannot be drawn (a roofline without a calibration) is
+    appended to `skipped`, when given, with the reason."""
     figures = []
     if runs:
         frame = pd.concat([r.results for r in runs], ignore_index=True)
         metrics = METRICS if metric is None else (check_metric(metric),)
         views = [*(VIEWS[m] for m in metrics), DENSITY_VIEW]
         figures = [NamedFigure(v.name, v.title, build_view_figure(frame, v, runs)) for v in views]
+        figures += speed_of_light_figures(runs, frame, [] if skipped is None else skipped)
     many = len(runs) + len(tunes) > 1
     for source in [*runs, *tunes]:
         if source.tune is not None:
@@ -366,11 +372,12 @@ def output_root(path: Path) -> Path:
 
 
 def plot_path(path: Path, metric: str | None = None, formats: str | Sequence[str] = "png",
-              out: Path | None = None) -> list[Path]:
+              out: Path | None = None,
+              skipped: list[SkippedFigure] | None = None) -> list[Path]:
     """`dkbench plot`: read the run and tune directories under `path`, draw, save under `out`
-    (default: `path`)."""
+    (default: `path`); figures not drawn go to `skipped` (see `build_figures`)."""
     metric = check_metric(metric)
     formats = parse_formats(formats)
     runs, tunes = load_sources(path)
     out_dir = Path(out) if out else output_root(path)
-    return save_figures(build_figures(runs, metric, tunes), out_dir, formats)
+    return save_figures(build_figures(runs, metric, tunes, skipped), out_dir, formats)

@@ -13,7 +13,7 @@ import warnings
 from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import pandas as pd
 
@@ -85,15 +85,25 @@ class ResultRow:
     # bandwidth (dkbench.measure.sol), and 100 * sol_ms / ms; NaN where no calibration exists (the CPU).
     sol_ms: float = float("nan")
     sol_pct: float = float("nan")
+    # The bytes of device memory the row's work moves in that model (sol.row_bytes): with flops,
+    # its arithmetic intensity on the roofline.
+    row_bytes: float = float("nan")
+    # -- telemetry (dkbench.measure.telemetry): NVML readings taken while the row's calls ran;
+    # NaN without NVML or a GPU. --
+    clock_mhz_median: float = float("nan")
+    clock_mhz_min: float = float("nan")
+    power_w_median: float = float("nan")
+    temp_c_max: float = float("nan")
 
 
 COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(ResultRow))
 
 # Provenance columns read back as the text written: pandas would read the sha 338e663124 as a
-# float (inf) and 0123456 as the integer 123456.
+# float (inf) and 0123456 as the integer 123456; a message column left empty on every row would
+# read as floats.
 TEXT_COLUMNS: tuple[str, ...] = (
     "run_id", "timestamp", "torch_version", "triton_version", "git_sha", "case_id",
-    "pattern_hash", "config", "config_source", "timer", "command")
+    "pattern_hash", "config", "config_source", "timer", "command", "message")
 NA_VALUES = ["nan", "NaN", ""]
 
 # The columns that identify a case x provider across runs (used by resume, gate and merge).
@@ -287,6 +297,41 @@ def check_out_dir(out: Path, flag: str = "--out") -> None:
         raise BadInputError(f"{flag} {out}: {what}is a file, not a directory")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise BadInputError(f"{flag} {out}: {what}is not writable")
+
+
+def rewrite_results(path: Path, update: Callable[[list[dict[str, str]]], bool]) -> bool:
+    """Let ``update`` change the rows of a results CSV in place (cells as the text written, the
+    file's own columns kept); when it returns True, the file is replaced atomically by the new
+    rows (a temporary file beside it, fsynced, renamed over it), so a crash leaves the old file or
+    the new one, whole. A file whose last row is torn is left alone (its next reader heals it).
+    Returns whether the file was replaced; ResultsWriteError names the file when it cannot be."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".rewrite")
+    if not path.is_file():
+        return False  # a run that wrote no row yet
+    try:
+        data = path.read_bytes()
+        if whole_rows_end(data) != len(data):
+            return False
+        reader = csv.DictReader(io.StringIO(data.decode("utf-8"), newline=""))
+        rows = list(reader)
+        if not update(rows):
+            return False
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=reader.fieldnames or list(COLUMNS))
+            writer.writeheader()
+            writer.writerows(rows)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(path)
+    except UnicodeDecodeError:
+        return False  # not a results CSV this module wrote: not ours to rewrite
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise ResultsWriteError(f"{path}: cannot rewrite: {_reason(exc)} (the file is as it "
+                                "was)") from None
+    return True
 
 
 def write_meta(run_dir: Path, meta: dict) -> None:

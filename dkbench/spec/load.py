@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from kernels.configs import LaunchConfig, config_problems
+from kernels import LaunchConfig, config_problems
 
 from ..errors import SpecError
 from ..measure.providers import PROVIDERS

@@ -10,8 +10,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from kernels import BlockLayout, local_stride_layout
-from kernels.layout import dense_layout, random_layout
+from kernels import BlockLayout, dense_layout, local_stride_layout, random_layout
 
 MAX_BLOCKS = 2**24  # the longest seqlen a spec allows, in blocks of one token
 

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from kernels.config_cache import CONFIG_FIELDS, CacheKey, ConfigCacheWarning
+from kernels import CONFIG_FIELDS, CacheKey, ConfigCacheWarning
 
 from ..errors import CacheError
 

@@ -16,6 +16,7 @@ class ScriptedClock:
     """
 
     label = "scripted"
+    sampler = None  # no device to read (see test_telemetry for a clock that has one)
 
     def __init__(self, duration: Callable[[int, int], float], fixed_rounds: int | None = None,
                  fixed_turn: tuple[int, int] = (0, 1)) -> None:

@@ -20,17 +20,21 @@ from typer.testing import CliRunner, Result
 
 import kernels.select as select
 from dkbench.commands.cache import cache_app
-from dkbench.commands.tune import prose_help, tune
+from dkbench.commands.tune import prose_help
 from dkbench.measure import runner
 from dkbench.spec.load import load_spec
 from dkbench.spec.sweep import expand
-from dkbench.tune import tuner as tuning
+from dkbench.tune import precompile
 from kernels import BlockLayout
 from kernels.config_cache import ENV_VAR, CacheKey, ConfigCache, ConfigCacheWarning
 from kernels.layout import local_stride_layout
 from tests.cache_keys import CONFIG, make_key
 from tests.dkbench import specs
-from tests.dkbench.test_tune import fake_kernel, write_spec  # noqa: F401 - fake_kernel: fixture
+from tests.dkbench.test_tune import (  # noqa: F401 - fake_kernel: fixture
+    fake_kernel,
+    tune_app,
+    write_spec,
+)
 
 CPU = torch.device("cpu")
 
@@ -278,10 +282,7 @@ def test_cache_import_of_a_random_bytes_file_names_it(cache_cli: typer.Typer,
 
 @pytest.fixture
 def tune_cli() -> typer.Typer:
-    app = typer.Typer()
-    app.command("tune")(tune)
-    app.command("noop")(lambda: None)  # two commands, so "tune" stays a subcommand
-    return app
+    return tune_app()
 
 
 def invoke_tune(app: typer.Typer, *args: str) -> Result:
@@ -293,8 +294,9 @@ def nothing_timed(monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(*args, **kwargs):
         raise AssertionError("tune prepared or timed a candidate before its checks")
 
-    for name in ("prepare_candidate", "measure_candidate", "time_together", "time_alone"):
-        monkeypatch.setattr(tuning, name, boom)
+    for name in ("prepare_one", "run_one", "measure_interleaved", "measure"):
+        monkeypatch.setattr(runner, name, boom)
+    monkeypatch.setattr(precompile.Compiler, "run", boom)
 
 
 def deny_writes(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
@@ -315,14 +317,14 @@ def test_tune_sets_a_bad_cache_aside_before_timing_and_writes_it(
         fake_kernel) -> None:  # noqa: F811
     cache = tmp_path / "configs.json"
     make_bad(cache, "random-bytes")
-    real_together = tuning.time_together
+    real_together = runner.measure_interleaved  # the fake_kernel's
     seen = []
 
-    def together(ready, *args):
+    def together(steps, *args, **kwargs):
         seen.append(cache.exists())  # the bad file must already be out of the way
-        return real_together(ready, *args)
+        return real_together(steps, *args, **kwargs)
 
-    monkeypatch.setattr(tuning, "time_together", together)
+    monkeypatch.setattr(runner, "measure_interleaved", together)
     r = invoke_tune(tune_cli, str(write_spec(tmp_path)), "--device", "cpu", "--block-m", "16,32",
                     "--block-n", "32", "--cache", str(cache), "--out", str(tmp_path / "out"))
     assert r.exit_code == 0, r.output

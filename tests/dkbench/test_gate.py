@@ -388,3 +388,41 @@ def test_parse_tolerance_rejects():
     for text in ("-1", "", "five", "inf", "101"):
         with pytest.raises(BadInputError):
             parse_tolerance(text)
+
+
+# -- throttled rows --
+
+def clocked(rows: list[ResultRow], slow: tuple[str, int] | None = None,
+            mhz: float = 1400.0) -> list[ResultRow]:
+    """Every row at 1800 MHz, the (provider, seqlen) ``slow`` one at ``mhz``."""
+    return [replace(r, clock_mhz_median=mhz if (r.provider, r.seqlen) == slow else 1800.0)
+            for r in rows]
+
+
+@pytest.mark.parametrize("side", ["current", "baseline"])
+def test_a_throttled_row_on_either_side_is_skipped_not_failed(tmp_path, side):
+    slow = ("dkernel", 1024)
+    base_rows, cur_rows = clocked(make_run()), clocked(make_run(ms={"dkernel": 1.3}))
+    if side == "current":
+        cur_rows = clocked(make_run(ms={"dkernel": 1.3}), slow)
+    else:
+        base_rows = clocked(make_run(), slow)
+    base, cur = write_run(tmp_path / "base", base_rows), write_run(tmp_path / "cur", cur_rows)
+    res = run_gate(cur, base)
+    got = verdicts(res)
+    assert got[("s1024", "dkernel")] == SKIPPED
+    assert got[("s2048", "dkernel")] == REGRESSION  # the same slowdown, not throttled
+    (skip,) = [c for c in res.comparisons if c.throttled]
+    assert skip.note == f"{side} throttled (clock 1400 MHz, run median 1800 MHz)"
+    assert any("1 row skipped as throttled" in n for n in res.notes)
+    out = check(invoke(cur, "--baseline", base), 1)  # s2048 still regresses
+    assert "SKIPPED" in out and "throttled (clock 1400 MHz" in out, out
+    assert "1 row skipped as throttled (median SM clock more than 10% below its run's" in out
+
+
+def test_only_throttled_slowdowns_pass(tmp_path, base_dir):
+    rows = clocked(make_run(ms={"dkernel": 1.3}), ("dkernel", 1024))
+    rows = [replace(r, clock_mhz_median=1400.0) if r.provider == "dkernel" else r for r in rows]
+    cur = write_run(tmp_path / "cur", rows)
+    out = check(invoke(cur, "--baseline", base_dir), 0)
+    assert "PASS: 2 compared, 2 skipped" in out, out

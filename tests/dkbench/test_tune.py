@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -24,10 +25,10 @@ from dkbench.measure.providers import bundled as bundled
 from dkbench.measure.timing import Interleaved, Measurement, Ratio
 from dkbench.spec.load import load_spec
 from dkbench.spec.sweep import expand
+from dkbench.tune import precompile
 from dkbench.tune import tuner as tuning
+from dkbench.tune.plan import CPU_SHAPE, GPU_SHAPE, plan_tune, sweep_from_flags
 from dkbench.tune.space import (
-    CPU_SHAPE,
-    GPU_SHAPE,
     Problem,
     build_space,
     fits_shared_memory,
@@ -36,10 +37,8 @@ from dkbench.tune.space import (
     parse_impl_list,
     parse_int_list,
     plan_candidates,
-    plan_tune,
     prune_reason,
     shared_memory_bytes,
-    sweep_from_flags,
 )
 from kernels import LaunchConfig, reference_attention
 from kernels.config_cache import ENV_VAR, ConfigCache
@@ -66,12 +65,16 @@ def write_spec(folder: Path, **overrides) -> Path:
     return path
 
 
-@pytest.fixture
-def app() -> typer.Typer:
+def tune_app() -> typer.Typer:
     app = typer.Typer()
     app.command("tune")(tune)
     app.command("noop")(lambda: None)  # two commands, so "tune" stays a subcommand
     return app
+
+
+@pytest.fixture
+def app() -> typer.Typer:
+    return tune_app()
 
 
 @pytest.fixture
@@ -242,8 +245,8 @@ def test_dry_run_lists_candidates_and_pruned_without_running(
     def boom(*a, **k):
         raise AssertionError("a dry run must not prepare or run anything")
 
-    monkeypatch.setattr(tuning, "measure_candidate", boom)
-    monkeypatch.setattr(tuning, "prepare_candidate", boom)
+    monkeypatch.setattr(runner, "prepare_one", boom)
+    monkeypatch.setattr(precompile.Compiler, "run", boom)
     monkeypatch.setattr(bundled, "sparse_attention", boom)
     result = invoke(app, "--dry-run", "--device", "cpu", "--seqlen", "128", "--heads", "1",
                     "--kv-heads", "1", "--block-m", "16,32", "--block-n", "32,64",
@@ -280,6 +283,28 @@ def test_backward_modes_need_the_backward_kernel(app: typer.Typer, tmp_path: Pat
 FAKE_MS = {16: 0.5, 32: 2.0, 64: 1.0}
 
 
+class Timed:
+    """A step as the fake timers see it: the candidate's name (its config), and its block_m."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.block_m = int(re.match(r"m(\d+)n", name)[1])
+
+
+def fake_timers(monkeypatch: pytest.MonkeyPatch, calls: list[dict], alone, together) -> None:
+    """The runner's timers replaced: ``together(steps, baseline)`` with a `Timed` per step, and
+    ``alone(step)``, the step named by the config of the kernel call it makes."""
+    def measure(fn, timing, device):
+        fn()
+        return alone(Timed(calls[-1]["config"].short()))
+
+    def measure_interleaved(steps, timing, device, baseline=None, **kw):
+        return together([Timed(name) for name in steps], baseline)
+
+    monkeypatch.setattr(runner, "measure", measure)
+    monkeypatch.setattr(runner, "measure_interleaved", measure_interleaved)
+
+
 @pytest.fixture
 def fake_kernel(monkeypatch: pytest.MonkeyPatch):
     """The bundled kernel replaced by the reference; the timer by FAKE_MS; records the calls."""
@@ -293,19 +318,17 @@ def fake_kernel(monkeypatch: pytest.MonkeyPatch):
         return out.to(q.dtype)
 
     def fake(ready):
-        ms = FAKE_MS[ready.row.block_m]
+        ms = FAKE_MS[ready.block_m]
         return Measurement(ms, ms * 0.9, ms * 1.1, "fake", 3)
 
-    def together(ready, baseline, sweep, device):
+    def together(ready, baseline):
         times = {r.name: fake(r) for r in ready}
         ratios = {name: Ratio(*[times[baseline].ms / t.ms] * 3, 3) for name, t in times.items()
                   if baseline is not None and name != baseline}
         return Interleaved(times, ratios, {}, [])
 
     monkeypatch.setattr(bundled, "sparse_attention", attention)
-    monkeypatch.setattr(tuning, "sparse_attention", attention)
-    monkeypatch.setattr(tuning, "time_alone", lambda ready, sweep, device: fake(ready))
-    monkeypatch.setattr(tuning, "time_together", together)
+    fake_timers(monkeypatch, calls, fake, together)
     return calls
 
 
@@ -314,7 +337,7 @@ def tune_spec(tmp_path: Path, mode: str = "fwd", cache: Path | None = None,
     path = write_spec(tmp_path, timing={**TINY["timing"], "interleave": interleave})
     sweep = load_spec(path)
     overrides = {"block_m": (16, 32, 64), "block_n": (32,), "num_warps": (4,), "num_stages": (1,)}
-    jobs = plan_tune(sweep, mode, CPU, overrides)
+    jobs = plan_tune(sweep, (mode,), CPU, overrides)
     return tuning.execute_tune(sweep, path.read_text(), jobs, CPU, tmp_path / "out",
                                cache or tmp_path / "cache.json")
 
@@ -346,14 +369,14 @@ def test_failing_candidate_is_recorded_and_does_not_win(
 @pytest.mark.parametrize("interleave", [True, False])
 def test_wrong_candidate_cannot_win(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                     fake_kernel, interleave: bool) -> None:
-    real_check = tuning.run_check
+    real_check = runner.run_check
 
     def check(provider, prepared, *args):
         if prepared.launch_config.block_m == 16:
             return CheckResult(1.0, 0.5, False, "out")
         return real_check(provider, prepared, *args)
 
-    monkeypatch.setattr(tuning, "run_check", check)
+    monkeypatch.setattr(runner, "run_check", check)
     outcome = tune_spec(tmp_path, interleave=interleave)
     rows = {int(r["block_m"]): r for r in read_rows(outcome.run_dir)}
     assert rows[16]["status"] == "wrong" and "relative error 0.5" in rows[16]["message"]
@@ -371,7 +394,7 @@ def test_interleaved_tune_picks_by_the_paired_ratio_and_times_all_together(
     # a drift that slowed m16's rounds moved its median, not its ratios.
     seen = []
 
-    def together(ready, baseline, sweep, device):
+    def together(ready, baseline):
         seen.append(([r.name for r in ready], baseline))
         times = {"m32n32w4s1": Measurement(2.0, 1.9, 2.1, "fake", 9),
                  "m16n32w4s1": Measurement(1.5, 1.0, 3.0, "fake", 9),
@@ -379,8 +402,7 @@ def test_interleaved_tune_picks_by_the_paired_ratio_and_times_all_together(
         ratios = {"m16n32w4s1": Ratio(1.9, 1.8, 2.0, 3), "m64n32w4s1": Ratio(1.6, 1.5, 1.7, 3)}
         return Interleaved(times, ratios, {}, [])
 
-    monkeypatch.setattr(tuning, "time_together", together)
-    monkeypatch.setattr(tuning, "time_alone", None)  # nothing is timed on its own
+    fake_timers(monkeypatch, fake_kernel, None, together)  # nothing is timed on its own
     outcome = tune_spec(tmp_path)
     assert seen == [(["m32n32w4s1", "m16n32w4s1", "m64n32w4s1"], "m32n32w4s1")]
     rows = {int(r["block_m"]): r for r in read_rows(outcome.run_dir)}
@@ -399,10 +421,9 @@ def test_a_config_within_the_noise_does_not_replace_the_default(
              "m16n32w4s1": Measurement(2.500, 2.40, 2.60, "fake", 9),
              "m64n32w4s1": Measurement(1.996, 1.97, 2.03, "fake", 9)}
     ratios = {"m16n32w4s1": Ratio(0.80, 0.78, 0.82, 3), "m64n32w4s1": Ratio(1.002, 0.99, 1.01, 3)}
-    monkeypatch.setattr(tuning, "time_together",
-                        lambda ready, *a: Interleaved({r.name: times[r.name] for r in ready},
-                                                      ratios, {}, []))
-    monkeypatch.setattr(tuning, "time_alone", lambda ready, *a: times[ready.name])
+    fake_timers(monkeypatch, fake_kernel, lambda ready: times[ready.name],
+                lambda ready, baseline: Interleaved({r.name: times[r.name] for r in ready},
+                                                    ratios, {}, []))
     outcome = tune_spec(tmp_path, interleave=interleave)
     (result,) = outcome.results
     assert result.best is result.default and result.default_kept
@@ -416,13 +437,13 @@ def test_a_config_within_the_noise_does_not_replace_the_default(
 
 def test_interleaved_tune_records_a_failure_while_timed(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_kernel) -> None:
-    def together(ready, baseline, sweep, device):
+    def together(ready, baseline):
         times = {r.name: Measurement(2.0, 1.9, 2.1, "fake", 9) for r in ready
                  if r.name != "m16n32w4s1"}
         return Interleaved(times, {"m64n32w4s1": Ratio(1.1, 1.05, 1.2, 3)},
                            {"m16n32w4s1": torch.cuda.OutOfMemoryError("out of memory")}, [])
 
-    monkeypatch.setattr(tuning, "time_together", together)
+    fake_timers(monkeypatch, fake_kernel, None, together)
     rows = {int(r["block_m"]): r for r in read_rows(tune_spec(tmp_path).run_dir)}
     assert rows[16]["status"] == "oom" and rows[16]["ms"] == "nan"
     assert rows[64]["is_best"] == "True" and rows[32]["message"] == "default config (reference)"
@@ -494,7 +515,7 @@ def test_tiny_fwd_bwd_tune_caches_every_kernel(tmp_path: Path, cache_env: Path) 
     spec = write_spec(tmp_path, mode="fwd_bwd")
     sweep = load_spec(spec)
     overrides = {"block_m": (32,), "block_n": (16, 32), "num_warps": (4,), "num_stages": (1,)}
-    jobs = plan_tune(sweep, "fwd_bwd", CPU, overrides)
+    jobs = plan_tune(sweep, ("fwd_bwd",), CPU, overrides)
     outcome = tuning.execute_tune(sweep, spec.read_text(), jobs, CPU, tmp_path / "out", cache_env)
     rows = read_rows(outcome.run_dir)
     for kernel in ("fwd", "bwd", "dq"):

@@ -79,19 +79,19 @@ def test_tile_plan_orders_full_blocks_first():
                 assert not needs_mask, (row, e)
 
 
-def test_tile_descriptors_only_where_strides_allow(device, monkeypatch):
-    import kernels.fwd as fwd
+def test_tile_descriptors_only_where_strides_allow(device):
+    from kernels import common
 
     if device == "cuda" and torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("tensor descriptors need Hopper or newer")
-    monkeypatch.setattr(fwd, "TMA_LOADS", True)
     packed = torch.randn(1, 40, 3, 4, 64, device=device)  # (batch, seq, qkv, heads, dim)
     k = packed[:, :, 1].transpose(1, 2)  # a strided (batch, heads, seq, dim) view
-    desc = fwd.tile_descriptor(k, 16, 64)
+    desc = common.tile_descriptor(k, 16, 64)
     assert desc is not None and list(desc.strides) == list(k.stride())
     # fp16 rows of 20 elements are 40 bytes: not 16-byte aligned, so the pointer path.
-    assert fwd.tile_descriptor(torch.randn(1, 2, 40, 20, device=device).half(), 16, 32) is None
-    assert fwd.tile_descriptor(k.expand(2, -1, -1, -1), 16, 64) is None  # a zero batch stride
-    assert fwd.tile_descriptors(16, 64, k, k.transpose(2, 3)) is None  # last stride not 1
-    monkeypatch.setattr(fwd, "TMA_LOADS", False)
-    assert fwd.tile_descriptor(k, 16, 64) is None
+    assert common.tile_descriptor(torch.randn(1, 2, 40, 20, device=device).half(), 16, 32) is None
+    assert common.tile_descriptor(k.expand(2, -1, -1, -1), 16, 64) is None  # a zero batch stride
+    assert common.tile_descriptors(16, 64, k, k.transpose(2, 3)) is None  # last stride not 1
+    assert common.tile_descriptor(k, 16, 64, tma=False) is None
+    assert common.tile_descriptors(16, 64, k, k, tma=False) is None
+    assert common.tile_descriptors(16, 64, k, k) is not None

@@ -115,19 +115,28 @@ def test_inference_forms_refuse_gradients_and_bidirectional_decode(device):
         sparse_attention_decode(cache[:, 0], cache, cache, torch.tensor([10]), bidir)
 
 
-def test_varlen_calls_take_the_triton_default_where_the_forward_picks_gluon(monkeypatch) -> None:
-    from kernels import inference, select
-    from kernels.configs import GLUON_DEFAULT, LaunchConfig, default_config
+def test_varlen_defaults_to_triton_where_the_forward_defaults_to_gluon(monkeypatch) -> None:
+    """The varlen kernel has a Triton implementation only: where the forward's default is the
+    Gluon kernel (Hopper), varlen's is the forward's Triton default; resolve_varlen_config looks
+    up the varlen kernel's own configs (a Gluon one found there is skipped: test_select.py)."""
+    from kernels import configs, inference, local_stride_layout, select
 
-    from kernels import local_stride_layout
-
-    layout = local_stride_layout(2, 256, 64, 2, 2)
-    probe = torch.empty(1, 1, 1, 64)
+    monkeypatch.setattr(configs, "gluon_default_applies", lambda *args: True)
+    cuda = torch.device("cuda")
+    assert configs.default_config("fwd", cuda, 64, 128, torch.bfloat16) == configs.GLUON_DEFAULT
+    varlen = configs.default_config("varlen", cuda, 64, 128, torch.bfloat16)
+    assert varlen == configs.default_config("fwd", cuda, 64, 128, torch.bfloat16,
+                                            allow_gluon=False)
+    assert varlen.impl == "triton"
+    asked = []
     tuned = LaunchConfig(64, 32, 4, 2)
-    monkeypatch.setattr(select, "resolve_config", lambda *args, **kw: (tuned, "cache"))
-    assert inference.resolve_varlen_config(probe, layout, 256) == (tuned, "cache")
-    monkeypatch.setattr(select, "resolve_config", lambda *args, **kw: (GLUON_DEFAULT, "shipped"))
-    config, source = inference.resolve_varlen_config(probe, layout, 256)
-    assert (config, source) == (default_config("fwd", probe.device, 64, 64, probe.dtype,
-                                               allow_gluon=False), "default")
-    assert config.impl == "triton"
+
+    def resolve(kernel, *args, **kwargs):
+        asked.append(kernel)
+        return tuned, "cache"
+
+    monkeypatch.setattr(select, "resolve_config", resolve)
+    layout = local_stride_layout(2, 256, 64, 2, 2)
+    assert inference.resolve_varlen_config(torch.empty(1, 1, 1, 64), layout, 256) == (tuned,
+                                                                                       "cache")
+    assert asked == ["varlen"]

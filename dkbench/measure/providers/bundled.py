@@ -2,24 +2,32 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from kernels import (
+    KERNELS,
     BlockLayout,
     LaunchConfig,
+    auto_splits,
+    group_plan,
+    resolve_config,
+    resolve_varlen_config,
     sparse_attention,
     sparse_attention_decode,
     sparse_attention_varlen,
+    tile_plan,
+    varlen_plan,
 )
-from kernels.attention import CONFIG_ARGUMENTS
-from kernels.decode import auto_splits, group_plan
-from kernels.fwd import tile_plan
-from kernels.inference import resolve_varlen_config
-from kernels.select import resolve_config
-from kernels.varlen import varlen_plan
 
 from ...spec.sweep import Case, Sweep
 from .base import Prepared, Provider
+
+# The kernel a mode's call runs first, the one a plain LaunchConfig pins; the training modes run
+# the forward, and those with a backward its dk/dv ("bwd") and dq kernels after it.
+_MODE_KERNEL = {"prefill_varlen": "varlen", "decode": "decode"}
+_BACKWARD = ("bwd", "dq")
 
 
 class BundledKernel(Provider):
@@ -29,62 +37,72 @@ class BundledKernel(Provider):
 
     def prepare(self, case: Case, layout: BlockLayout, sweep: Sweep, device: torch.device,
                 scale: float, config: object = None) -> Prepared:
+        """``config`` pins launch configs: a LaunchConfig for the mode's first kernel (the
+        forward in the training modes), or a dict of kernel name -> LaunchConfig (the tuner's
+        candidate of one kernel behind the winners of those tuned before it). What is not
+        pinned comes from the spec's ``config`` (the forward's) or the lookup."""
         layout = layout.to(device)
-        if case.mode == "decode":
-            return self._decode(case, layout, device, scale)
+        kernel = _MODE_KERNEL.get(case.mode, "fwd")
+        pins = dict(config) if isinstance(config, Mapping) else (
+            {} if config is None else {kernel: config})
         probe = torch.empty(1, 1, 1, case.head_dim, device=device, dtype=getattr(torch, case.dtype))
-        if config is not None:
-            source = "explicit"
-        elif sweep.config is not None:
-            config, source = LaunchConfig(**sweep.config.model_dump()), "explicit"
-        elif case.mode == "prefill_varlen":
-            config, source = resolve_varlen_config(probe, layout, case.seqlen)
+        if kernel in pins:
+            main, source = pins[kernel], "explicit"
+        elif sweep.config is not None and kernel != "decode":
+            main, source = LaunchConfig(**sweep.config.model_dump()), "explicit"
+        elif kernel == "varlen":
+            main, source = resolve_varlen_config(probe, layout, case.seqlen)
         else:
-            config, source = resolve_config("fwd", probe, layout, case.seqlen)
+            main, source = resolve_config(kernel, probe, layout, case.seqlen)
+        # What the check's cut-down copy pins: the same configs (a dict when more than the first
+        # kernel's are pinned).
+        pinned = main if pins.keys() <= {kernel} else {**pins, kernel: main}
+        if kernel == "decode":
+            return self._decode(case, layout, device, scale, main, source)
         # Index forms are built here, outside the timed region.
-        if case.mode == "prefill_varlen":
-            varlen_plan(layout, config.block_m, case.seqlen)
+        if kernel == "varlen":
+            varlen_plan(layout, main.block_m, case.seqlen)
 
             def attn(q, k, v, cu_seqlens, *_):
                 return sparse_attention_varlen(q, k, v, cu_seqlens, cu_seqlens, layout,
-                                               sm_scale=scale, config=config)
-        else:
-            tile_plan(layout, config.block_m, case.seqlen)
-            backward = _backward_configs(case, probe, layout)
+                                               sm_scale=scale, config=main)
 
-            def attn(q, k, v):
-                return sparse_attention(q, k, v, layout, sm_scale=scale, seq_dim=2, config=config,
-                                        **{arg: cfg for arg, (_, cfg, _) in backward.items()})
+            return Prepared(attn, main.short(), source, launch_config=pinned)
+        tile_plan(layout, main.block_m, case.seqlen)
+        # The backward's kernels that are not pinned are looked up at launch, by the lookup
+        # that names them for the row here.
+        given = {KERNELS[k].config_argument: pins[k] for k in _BACKWARD if k in pins}
 
-            if backward:
-                label, source = _describe([("", config, source), *backward.values()])
-                return Prepared(attn, label, source, launch_config=config)
+        def attn(q, k, v):
+            return sparse_attention(q, k, v, layout, sm_scale=scale, seq_dim=2, config=main,
+                                    **given)
 
-        return Prepared(attn, config.short(), source, launch_config=config)
+        if case.mode in ("bwd", "fwd_bwd"):
+            backward = [(k, *_backward_config(k, pins, probe, layout, case.seqlen))
+                        for k in _BACKWARD]
+            label, source = _describe([("", main, source), *backward])
+            return Prepared(attn, label, source, launch_config=pinned)
+        return Prepared(attn, main.short(), source, launch_config=pinned)
 
     @staticmethod
-    def _decode(case: Case, layout: BlockLayout, device: torch.device, scale: float) -> Prepared:
+    def _decode(case: Case, layout: BlockLayout, device: torch.device, scale: float,
+                config: LaunchConfig, source: str) -> Prepared:
         plan = group_plan(layout, case.heads, case.kv_heads)
         splits = auto_splits(case.batch, case.kv_heads, plan.max_entries, device)
 
         def attn(q, k_cache, v_cache, cache_seqlens, *_):
             return sparse_attention_decode(q, k_cache, v_cache, cache_seqlens, layout,
-                                           sm_scale=scale, num_splits=splits)
+                                           sm_scale=scale, num_splits=splits, config=config)
 
-        return Prepared(attn, f"splits{splits}", "auto")
+        return Prepared(attn, f"splits{splits} {config.short()}", source, launch_config=config)
 
 
-def _backward_configs(case: Case, probe: torch.Tensor, layout: BlockLayout
-                      ) -> dict[str, tuple[str, LaunchConfig, str]]:
-    """For the modes with a backward: ``sparse_attention`` argument -> (kernel, config, source)
-    of the dk/dv and dq kernels, looked up once here so that the row can name them."""
-    if case.mode not in ("bwd", "fwd_bwd"):
-        return {}
-    looked_up = {}
-    for kernel in ("bwd", "dq"):
-        config, source = resolve_config(kernel, probe, layout, case.seqlen)
-        looked_up[CONFIG_ARGUMENTS[kernel]] = (kernel, config, source)
-    return looked_up
+def _backward_config(kernel: str, pins: Mapping[str, LaunchConfig], probe: torch.Tensor,
+                     layout: BlockLayout, seq_k: int) -> tuple[LaunchConfig, str]:
+    """A backward kernel's config and its source: pinned, else what the launch will look up."""
+    if kernel in pins:
+        return pins[kernel], "explicit"
+    return resolve_config(kernel, probe, layout, seq_k)
 
 
 def _describe(parts: list[tuple[str, LaunchConfig, str]]) -> tuple[str, str]:

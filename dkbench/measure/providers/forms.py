@@ -22,8 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import BlockLayout
-from kernels.reference import layout_head_index
+from kernels import BlockLayout, layout_head_index
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,278 @@
+"""Compile a kernel's candidates before they are timed, several at once in worker processes.
+
+Triton compiles a kernel at its first launch, a second or more per config, and a tune measures
+dozens of configs. Before the candidates of a (case, kernel) are timed, each worker prepares,
+checks and runs some of them once with the same pins as the timing loop (`runner.prepare_one`),
+which compiles their kernels into Triton's on-disk cache: the workers inherit this process's
+environment, TRITON_CACHE_DIR included, so the timing loop loads each kernel instead of compiling
+it. A candidate that fails in a worker keeps that failure and is not timed, except for want of
+memory (the workers share the GPU, so it is tried again alone). A worker that dies costs the
+candidate it was on (recorded as an error) and is replaced; workers that cannot start leave their
+candidates to the timing loop. The workers live for the whole tune, so each starts once.
+
+In Triton's interpreter there is nothing to compile: the phase runs in this process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import signal
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+
+import torch
+
+from ..measure import runner
+from ..measure.check import random_inputs
+from ..measure.parallel import (
+    CONTEXT_LOST_EXIT,
+    _context_lost,
+    _sigint_ignored,
+    describe_exit,
+)
+from ..measure.providers.bundled import BundledKernel
+from ..spec.sweep import Case, Sweep
+
+MAX_WORKERS = 8
+POLL_S = 1.0  # how often the parent checks on its workers while no message arrives
+
+
+@dataclass(frozen=True)
+class CompileTask:
+    """One candidate of a kernel: the case in the mode that runs it, and what it pins."""
+
+    kernel: str
+    case: Case
+    name: str
+    pin: object  # the config argument of BundledKernel.prepare
+
+
+@dataclass(frozen=True)
+class Failure:
+    """How a candidate failed, as the runner writes it in a row."""
+
+    status: str
+    message: str
+
+
+def worker_count(device: torch.device, batch: int) -> int:
+    """Workers for batches of up to ``batch`` candidates: one per core, at most MAX_WORKERS and
+    one per candidate; 0 (this process) in the interpreter, or where one worker would only add
+    its start-up."""
+    if device.type != "cuda":
+        return 0
+    count = min(os.cpu_count() or 1, MAX_WORKERS, batch)
+    return count if count > 1 else 0
+
+
+class Compiler:
+    """Runs candidates once on one device, keeping the last case's layout and inputs."""
+
+    def __init__(self, sweep: Sweep, env: dict, device: torch.device) -> None:
+        self.sweep, self.env, self.device = sweep, env, device
+        self._case: Case | None = None
+        self._built: tuple | None = None
+
+    def release(self) -> None:
+        """Drop the case's inputs, so that the GPU's memory is the timing loop's."""
+        self._case = self._built = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def run(self, task: CompileTask) -> Failure | None:
+        """The candidate's failure, or None when it ran (or its case could not be built here:
+        the timing loop builds it again and records why)."""
+        case = task.case
+        if case != self._case:
+            self._case, self._built = case, None  # the last case's inputs go before new ones come
+            try:
+                layout = case.pattern.layout(case.heads, case.kv_heads, case.seqlen, case.causal)
+                seed = runner.case_seed(self.sweep, case)
+                training = case.mode in ("bwd", "fwd_bwd")
+                self._built = layout, seed, random_inputs(case, self.device, training, seed)
+            except Exception:  # noqa: BLE001 - the timing loop reports it
+                return None
+        if self._built is None:
+            return None
+        layout, seed, inputs = self._built
+        ctx = runner.RunContext(self.sweep, self.device, self.env, "", None, "",
+                                pinned={task.name: (BundledKernel(), task.pin)})
+        got = runner.prepare_one(ctx, case, task.name, layout, float("nan"), inputs, seed + 1)
+        if isinstance(got, runner.ReadyStep):
+            return None
+        return Failure(got.status, got.message)
+
+
+@dataclass
+class Compiled:
+    """What one batch found: the candidates not to time (by name), and notes for the user."""
+
+    failures: dict[str, Failure] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def record(self, task: CompileTask, failure: Failure | None) -> None:
+        # Out of memory among workers sharing the GPU says little about the candidate alone.
+        if failure is not None and failure.status != "oom":
+            self.failures[task.name] = failure
+
+
+OnDone = Callable[[CompileTask], None]
+
+
+class InProcess:
+    """The compile phase in this process, one candidate after another."""
+
+    def __init__(self, sweep: Sweep, env: dict, device: torch.device) -> None:
+        self.compiler = Compiler(sweep, env, device)
+
+    def compile(self, tasks: list[CompileTask], on_done: OnDone) -> Compiled:
+        compiled = Compiled()
+        for task in tasks:
+            compiled.record(task, self.compiler.run(task))
+            on_done(task)
+        self.compiler.release()
+        return compiled
+
+    def close(self, graceful: bool) -> None:
+        self.compiler.release()
+
+
+@contextmanager
+def compile_pool(sweep: Sweep, env: dict, device: torch.device,
+                 workers: int) -> Iterator[InProcess | WorkerPool]:
+    """The compile phase of a tune: ``workers`` processes (0: this process), ended on exit,
+    at once when the block raised (Ctrl-C)."""
+    pool = WorkerPool((sweep, env, device), workers) if workers else InProcess(sweep, env, device)
+    graceful = False
+    try:
+        yield pool
+        graceful = True
+    finally:
+        pool.close(graceful)
+
+
+def _worker_main(conn: Connection, setup: tuple[Sweep, dict, torch.device]) -> None:
+    """Receive tasks until ``None`` (``"release"`` drops the case's inputs); send
+    ``("done", failure, lost)`` for each, ``lost`` when the worker exits after it (its CUDA
+    context broken)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    sweep, env, device = setup
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    compiler = Compiler(sweep, env, device)
+    conn.send(("ready",))
+    with contextlib.suppress(EOFError):  # the parent is gone
+        for task in iter(conn.recv, None):
+            if task == "release":
+                compiler.release()
+                continue
+            failure = compiler.run(task)
+            lost = failure is not None and _context_lost(device)
+            conn.send(("done", failure, lost))
+            if lost:
+                conn.close()
+                os._exit(CONTEXT_LOST_EXIT)  # a fresh process gets a fresh CUDA context
+
+
+@dataclass
+class _Worker:
+    proc: mp.process.BaseProcess
+    conn: Connection
+    ready: bool = False  # it started
+    retiring: bool = False  # it exits after its task (its CUDA context broke)
+    task: CompileTask | None = None
+
+
+class WorkerPool:
+    """Spawned worker processes that compile batches of candidates."""
+
+    def __init__(self, setup: tuple[Sweep, dict, torch.device], workers: int) -> None:
+        self.setup = setup
+        self.mp = mp.get_context("spawn")
+        self.workers: list[_Worker] = []
+        self.pending: deque[CompileTask] = deque()
+        self.gave_up = False  # no worker could start: the timing loop compiles
+        for _ in range(workers):
+            self._start()
+
+    def _start(self) -> None:
+        ours, theirs = self.mp.Pipe(duplex=True)
+        proc = self.mp.Process(target=_worker_main, args=(theirs, self.setup),
+                               name="dkbench-compile", daemon=True)
+        with _sigint_ignored():  # a Ctrl-C while it starts is the parent's alone
+            proc.start()
+        theirs.close()  # so that our end sees EOF when the worker dies
+        self.workers.append(_Worker(proc, ours))
+
+    def compile(self, tasks: list[CompileTask], on_done: OnDone) -> Compiled:
+        """Run every task once across the workers; back when all are done."""
+        self.compiled, self.on_done = Compiled(), on_done
+        self.pending.extend(tasks)
+        for w in self.workers:
+            self._dispatch(w)
+        while self.workers and (self.pending or any(w.task for w in self.workers)):
+            wait([w.conn for w in self.workers] + [w.proc.sentinel for w in self.workers],
+                 timeout=POLL_S)
+            for w in list(self.workers):
+                self._drain(w)
+                if not w.proc.is_alive():
+                    self._died(w)
+        if self.pending and not self.gave_up:
+            self.gave_up = True
+            self.compiled.warnings.append("no compile worker could start; the candidates "
+                                          "compile as they are timed")
+        while self.pending:  # left to the timing loop
+            on_done(self.pending.popleft())
+        for w in self.workers:
+            with contextlib.suppress(OSError):
+                w.conn.send("release")
+        return self.compiled
+
+    def _dispatch(self, w: _Worker) -> None:
+        """The next task to ``w`` when it started, is free and is staying."""
+        if w.ready and not w.retiring and w.task is None and self.pending and w.proc.is_alive():
+            w.task = self.pending.popleft()
+            with contextlib.suppress(OSError):  # it died: _died records the task
+                w.conn.send(w.task)
+
+    def _drain(self, w: _Worker) -> None:
+        with contextlib.suppress(EOFError, OSError):  # its end closed: _died handles it
+            while w.conn.poll():
+                message = w.conn.recv()
+                w.ready = True
+                if message[0] == "done":
+                    task, w.task = w.task, None
+                    self.compiled.record(task, message[1])
+                    self.on_done(task)
+                    w.retiring = message[2]  # a replacement takes the next task
+                self._dispatch(w)
+
+    def _died(self, w: _Worker) -> None:
+        w.proc.join()
+        self._drain(w)  # what it sent before it died
+        w.conn.close()
+        self.workers.remove(w)
+        if w.task is not None:
+            self.compiled.record(w.task, Failure(
+                "error", f"the compile worker died (exit code {describe_exit(w.proc.exitcode)}) "
+                         "while running this config"))
+            self.on_done(w.task)
+        if w.ready:  # one that never started would not start again
+            self._start()
+
+    def close(self, graceful: bool) -> None:
+        for w in self.workers:
+            with contextlib.suppress(OSError):
+                w.conn.send(None)
+        for w in self.workers:
+            w.proc.join(timeout=5 if graceful else 0)
+            if w.proc.is_alive():
+                w.proc.kill()
+                w.proc.join()
+            w.conn.close()
+        self.workers.clear()

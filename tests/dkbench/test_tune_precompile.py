@@ -1,0 +1,106 @@
+"""The tune's compile phase: how many workers, which failures are final, and the spawned workers
+(here on the CPU, through the interpreter): each candidate runs once, a failure comes back as the
+runner records it, a worker that dies costs only its candidate, and workers that cannot start
+leave the candidates to the timing loop."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from dkbench.measure.envinfo import environment
+from dkbench.spec.load import load_spec
+from dkbench.spec.sweep import expand
+from dkbench.tune import precompile
+from dkbench.tune.precompile import (
+    Compiled,
+    CompileTask,
+    Failure,
+    WorkerPool,
+    worker_count,
+)
+from kernels import LaunchConfig
+from tests.dkbench.specs import needs_interpreter
+from tests.dkbench.test_tune import write_spec
+
+CPU = torch.device("cpu")
+
+
+class Crash:
+    """Unpickled in a worker, it ends the worker's process, as a segfault would."""
+
+    def __reduce__(self):
+        return (os._exit, (3,))
+
+
+def test_worker_count_is_one_per_core_capped_and_none_in_the_interpreter(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    cuda = torch.device("cuda", 0)  # only its type is read
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert worker_count(cuda, 48) == precompile.MAX_WORKERS == 8
+    assert worker_count(cuda, 3) == 3
+    assert worker_count(cuda, 1) == 0  # one worker would only add its start-up
+    assert worker_count(CPU, 48) == 0
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert worker_count(cuda, 48) == 2
+
+
+def test_only_failures_that_are_not_for_want_of_memory_are_final() -> None:
+    task = CompileTask("fwd", None, "m32n32w4s1", None)
+    compiled = Compiled()
+    compiled.record(task, Failure("oom", "OutOfMemoryError: CUDA out of memory"))
+    compiled.record(task, None)
+    assert compiled.failures == {}
+    compiled.record(task, Failure("error", "RuntimeError: PassManager::run failed"))
+    assert compiled.failures == {"m32n32w4s1": Failure("error",
+                                                       "RuntimeError: PassManager::run failed")}
+
+
+def tasks_of(tmp_path: Path, *pins: object) -> tuple[object, list[CompileTask]]:
+    sweep = load_spec(write_spec(tmp_path))
+    (case,) = expand(sweep)
+    return sweep, [CompileTask("fwd", case, f"c{i}", pin) for i, pin in enumerate(pins)]
+
+
+GOOD = {"fwd": LaunchConfig(32, 32, 4, 1)}
+BAD = {"fwd": LaunchConfig(32, 48, 4, 1)}  # block_n 48 is no power of two: refused at launch
+
+
+@needs_interpreter
+def test_workers_run_each_candidate_and_a_dead_worker_costs_only_its_own(tmp_path: Path) -> None:
+    sweep, tasks = tasks_of(tmp_path, GOOD, BAD, Crash(), GOOD)
+    heard = []
+    pool = WorkerPool((sweep, environment(CPU), CPU), 1)
+    try:
+        first = pool.workers[0].proc
+        compiled = pool.compile(tasks, lambda task: heard.append(task.name))
+        replacement = pool.workers[0].proc
+    finally:
+        pool.close(graceful=True)
+    assert heard == ["c0", "c1", "c2", "c3"]
+    assert set(compiled.failures) == {"c1", "c2"}
+    assert compiled.failures["c1"].status == "error"
+    assert compiled.failures["c1"].message.startswith("ValueError: invalid launch config m32n48")
+    assert compiled.failures["c2"] == Failure(
+        "error", "the compile worker died (exit code 3) while running this config")
+    assert replacement is not first and first.exitcode == 3  # c3 ran on the replacement
+    assert compiled.warnings == [] and not replacement.is_alive()
+
+
+@needs_interpreter
+def test_workers_that_cannot_start_leave_the_candidates_to_the_timing_loop(
+        tmp_path: Path) -> None:
+    sweep, tasks = tasks_of(tmp_path, GOOD, BAD)
+    heard = []
+    pool = WorkerPool((sweep, {"broken": Crash()}, CPU), 2)  # each dies as it starts
+    try:
+        compiled = pool.compile(tasks, lambda task: heard.append(task.name))
+    finally:
+        pool.close(graceful=True)
+    assert compiled.failures == {} and pool.workers == []
+    assert heard == ["c0", "c1"]  # passed on, not run
+    (warning,) = compiled.warnings
+    assert warning == "no compile worker could start; the candidates compile as they are timed"

@@ -1,0 +1,30 @@
+"""Fixtures of the kernel tests (the root conftest sets up the interpreter and the devices)."""
+
+import functools
+
+import pytest
+
+
+@pytest.fixture(params=["tma", "pointers"])
+def tile_loads(request, monkeypatch):
+    """Run a kernel test through both load paths: tensor descriptors (where the strides allow
+    them) and plain pointer tiles, which the launchers take with ``tma=False``. Checks that the
+    pointer runs really asked every launch for pointers."""
+    import kernels.attention
+    from kernels import bwd, common, fwd
+
+    asked = []
+
+    def recorded(rows, cols, *tensors, tma=True):
+        asked.append(tma)
+        return common.tile_descriptors(rows, cols, *tensors, tma=tma)
+
+    for module in (fwd, bwd):
+        monkeypatch.setattr(module, "tile_descriptors", recorded)
+    if request.param == "pointers":
+        for name in ("sparse_attention_fwd", "sparse_attention_bwd"):
+            launcher = getattr(kernels.attention, name)
+            monkeypatch.setattr(kernels.attention, name, functools.partial(launcher, tma=False))
+    yield request.param
+    assert asked, "no launch asked for tile descriptors"
+    assert set(asked) == {request.param == "tma"}, asked
