@@ -24,9 +24,10 @@ from .configs import (
                         default_config,
                         gluon_unavailable,
 )
-from .decode import auto_splits, group_plan
+from .decode import PAGE_SIZES, DecodeWorkspace, auto_splits, group_plan
 from .dispatch import Choice, choose_impl
 from .inference import (
+                        decode_workspace,
                         resolve_varlen_config,
                         sparse_attention_decode,
                         sparse_attention_padded,
@@ -45,6 +46,7 @@ from .layout import (
                         random_layout,
                         token_mask,
 )
+from .partitions import combine_attn_partitions, sparse_attention_partition
 from .reference import layout_head_index, reference_attention
 from .registry import AXES, IMPLS, KERNELS, TUNABLE, KernelRecord
 from .select import block_density, cache_key, clear_memo, kernel_hash, resolve_config
@@ -59,12 +61,14 @@ __all__ = [
     "ENV_VAR",
     "IMPLS",
     "KERNELS",
+    "PAGE_SIZES",
     "TUNABLE",
     "BlockLayout",
     "CacheKey",
     "Choice",
     "ConfigCache",
     "ConfigCacheWarning",
+    "DecodeWorkspace",
     "KVCacheUnfriendlyWarning",
     "KernelRecord",
     "LaunchConfig",
@@ -78,9 +82,11 @@ __all__ = [
     "check_config",
     "choose_impl",
     "clear_memo",
+    "combine_attn_partitions",
     "config_problems",
     "csc",
     "csr",
+    "decode_workspace",
     "default_cache_path",
     "default_config",
     "dense_layout",
@@ -101,6 +107,7 @@ __all__ = [
     "sparse_attention",
     "sparse_attention_decode",
     "sparse_attention_padded",
+    "sparse_attention_partition",
     "sparse_attention_varlen",
     "tile_plan",
     "token_mask",

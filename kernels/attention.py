@@ -13,8 +13,10 @@ from torch import nn
 
 from . import select
 from .bwd import sparse_attention_bwd
+from .bwd_fused import sparse_attention_bwd_fused
 from .checks import check_heads, check_scale, check_tensors
 from .configs import LaunchConfig, check_config
+from .dispatch import choose_impl
 from .fwd import sparse_attention_fwd
 from .layout import BlockLayout, local_stride_layout
 from .registry import KERNELS
@@ -64,9 +66,15 @@ class _SparseAttentionFn(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         dkdv_given, dq_given = ctx.bwd_configs
         dkdv_config = dkdv_given or _looked_up("bwd", q, ctx.layout, k.shape[2])
-        dq_config = dq_given or _looked_up("dq", q, ctx.layout, k.shape[2])
-        dq, dk, dv = sparse_attention_bwd(grad_out, q, k, v, out, lse, ctx.layout, ctx.sm_scale,
-                                          dkdv_config, dq_config)
+        if choose_impl("bwd", dkdv_config.impl, q.device, q.dtype).impl == "fused":
+            # One kernel takes dq too: there is no dq kernel, so no dq config is looked up and
+            # a given one is unused.
+            dq, dk, dv = sparse_attention_bwd_fused(grad_out, q, k, v, out, lse, ctx.layout,
+                                                    ctx.sm_scale, dkdv_config)
+        else:
+            dq_config = dq_given or _looked_up("dq", q, ctx.layout, k.shape[2])
+            dq, dk, dv = sparse_attention_bwd(grad_out, q, k, v, out, lse, ctx.layout,
+                                              ctx.sm_scale, dkdv_config, dq_config)
         return dq, dk, dv, None, None, None, None, None
 
 
@@ -88,8 +96,10 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
     float32. ``sm_scale`` defaults to ``1/sqrt(dim)``. Returns the output in q's layout, and with
     ``return_lse`` also the natural-log log-sum-exp ``(batch, heads, seq_q)`` in float32.
     ``config``/``bwd_config``/``dq_config`` override the launch configs the lookup would pick
-    for the forward, the backward's dk/dv kernel and its dq kernel. Differentiable
-    in q, k and v (once: double backward raises).
+    for the forward, the backward's dk/dv kernel and its dq kernel. A ``bwd_config`` with
+    ``impl="fused"`` (or a tuned one) runs the fused backward, whose dk/dv kernel takes dq too:
+    ``dq_config`` is then unused (still checked). Differentiable in q, k and v (once: double
+    backward raises).
     """
     _check_inputs(q, k, v, layout, seq_dim, sm_scale)
     layout = layout.to(q.device)

@@ -5,7 +5,9 @@
   dk/dv kernel reads (no separate pass over O and dO).
 - ``_bwd_dkdv``: one program per (kv tile, batch, kv head); it walks, for each query head of its
   GQA group, the query blocks that keep its kv block (the pattern's column form), so dk/dv are
-  summed over the group without atomics.
+  summed over the group without atomics. Compiled with ``ATOMIC_DQ`` it is the fused backward
+  (:mod:`kernels.bwd_fused`, impl "fused"): it also adds each step's dS K into an fp32 dq
+  buffer with atomics, so no dq kernel recomputes the scores (5 matrix products per pair, not 7).
 
 Each kernel has its own ``LaunchConfig`` (kernel names "dq" and "bwd"): ``block_m`` is the outer
 tile (query rows for dq, kv rows for dk/dv) and ``block_n`` the inner one (kv rows for dq, query
@@ -78,14 +80,14 @@ def column_plan(layout: BlockLayout, seq_q: int, seq_k: int) -> ColumnPlan:
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                stride_qm, stride_qk, stride_dom, stride_dok,
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
+                stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
                 q_desc, do_desc, desc_z, desc_h,
                 QBlock, entry_start, entry_end,
                 offs_n, q_offset, seq_q, qk_scale,
                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                 BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                DOT_FP32: tl.constexpr, USE_TMA: tl.constexpr):
+                DOT_FP32: tl.constexpr, USE_TMA: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     N_SUB: tl.constexpr = BLOCK_SIZE // BLOCK_M
@@ -132,13 +134,22 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
         dv = tl.dot(pt.to(do.dtype), do, dv)
         # -- dS^T = P^T * (dP^T - delta) --
         dpt = tl.dot(v, tl.trans(do))
-        dst = pt * (dpt - delta[None, :])
-        dk = tl.dot(dst.to(q.dtype), q, dk)
+        dst = (pt * (dpt - delta[None, :])).to(q.dtype)
+        dk = tl.dot(dst, q, dk)
+        if ATOMIC_DQ:
+            # -- dQ += dS K: the kv tiles of every kept block add into the same query rows, so
+            # they meet in the fp32 buffer (relaxed: nothing reads it before the kernel ends) --
+            dq = tl.dot(tl.trans(dst), k)
+            dq_ptrs = dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqk
+            if MASKED:
+                tl.atomic_add(dq_ptrs, dq, mask=m_ok[:, None] & d_ok[None, :], sem="relaxed")
+            else:
+                tl.atomic_add(dq_ptrs, dq, mask=d_ok[None, :], sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, DO, QDesc, DODesc, DK, DV, Lse, Delta,
+def _bwd_dkdv(Q, K, V, DO, QDesc, DODesc, DK, DV, DQ, Lse, Delta,
               ColPtr, NFull, QBlock,
               stride_qz, stride_qh, stride_qm, stride_qk,
               stride_kz, stride_kh, stride_kn, stride_kk,
@@ -146,13 +157,17 @@ def _bwd_dkdv(Q, K, V, DO, QDesc, DODesc, DK, DV, Lse, Delta,
               stride_doz, stride_doh, stride_dom, stride_dok,
               stride_dkz, stride_dkh, stride_dkn, stride_dkk,
               stride_dvz, stride_dvh, stride_dvn, stride_dvk,
+              stride_dqz, stride_dqh, stride_dqm, stride_dqk,
               num_heads, kv_heads, q_per_kv, heads_per_pattern, seq_q, seq_k, kv_blocks,
               qk_scale, sm_scale,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, IS_CAUSAL: tl.constexpr,
-              DOT_FP32: tl.constexpr, USE_TMA: tl.constexpr):
+              DOT_FP32: tl.constexpr, USE_TMA: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     tl.static_assert(BLOCK_SIZE % BLOCK_N == 0)
     tl.static_assert(BLOCK_SIZE % BLOCK_M == 0)
+    # DQ (fp32, unscaled dS K) and its strides are given exactly when ATOMIC_DQ; otherwise they
+    # are None, compile-time constants, and this compiles as the dk/dv kernel alone.
+    tl.static_assert(ATOMIC_DQ == (DQ is not None))
     kv_tile_start = tl.program_id(0) * BLOCK_N
     off_zkv = tl.program_id(1)
     off_z = (off_zkv // kv_heads).to(tl.int64)
@@ -183,19 +198,23 @@ def _bwd_dkdv(Q, K, V, DO, QDesc, DODesc, DK, DV, Lse, Delta,
         do_base = DO + off_z * stride_doz + off_h * stride_doh
         lse_base = Lse + off_zh * seq_q
         delta_base = Delta + off_zh * seq_q
+        dq_base = DQ
+        if ATOMIC_DQ:
+            dq_base = DQ + off_z * stride_dqz + off_h * stride_dqh
         entry_start = tl.load(ColPtr + row)
         entry_mid = entry_start + tl.load(NFull + row)
         entry_end = tl.load(ColPtr + row + 1)
         # The entries that need no mask, then those that do: the loop is compiled once for each.
         for masked in tl.static_range(2):
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
                                  stride_qm, stride_qk, stride_dom, stride_dok,
+                                 stride_dqm, stride_dqk,
                                  QDesc, DODesc, off_z.to(tl.int32), off_h.to(tl.int32), QBlock,
                                  entry_mid if masked else entry_start,
                                  entry_end if masked else entry_mid,
                                  offs_n, q_offset, seq_q, qk_scale,
                                  BLOCK_M, BLOCK_D, HEAD_DIM, BLOCK_SIZE, masked == 1, IS_CAUSAL,
-                                 DOT_FP32, USE_TMA)
+                                 DOT_FP32, USE_TMA, ATOMIC_DQ)
 
     # -- epilogue: dS was taken w.r.t. the scaled scores --
     dk = dk * sm_scale
@@ -244,6 +263,22 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base,
 
 
 @triton.jit
+def _row_delta(Out, DO, Delta, off_z, off_h64, off_zh, offs_m, offs_d, mask, row_ok, seq_q,
+               stride_oz, stride_oh, stride_om, stride_ok,
+               stride_doz, stride_doh, stride_dom, stride_dok):
+    """A query tile's dO, and its rows' ``delta = rowsum(dO * O)`` (fp32), written to Delta:
+    the rows belong to the calling program alone. The dq kernel writes delta on its way; the
+    fused backward's pre-pass (:mod:`kernels.bwd_fused`) before its one kernel."""
+    do = tl.load(DO + off_z * stride_doz + off_h64 * stride_doh + offs_m[:, None] * stride_dom
+                 + offs_d[None, :] * stride_dok, mask=mask, other=0.0)
+    o = tl.load(Out + off_z * stride_oz + off_h64 * stride_oh + offs_m[:, None] * stride_om
+                + offs_d[None, :] * stride_ok, mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(Delta + off_zh.to(tl.int64) * seq_q + offs_m, delta, mask=row_ok)
+    return do, delta
+
+
+@triton.jit
 def _bwd_dq(Q, K, V, Out, DO, DQ, Lse, Delta,
             RowPtr, NFull, KvBlock, RowBits,
             stride_qz, stride_qh, stride_qm, stride_qk,
@@ -268,13 +303,9 @@ def _bwd_dq(Q, K, V, Out, DO, DQ, Lse, Delta,
     off_h64 = off_h.to(tl.int64)
     q = tl.load(Q + off_z * stride_qz + off_h64 * stride_qh + offs_m[:, None] * stride_qm
                 + offs_d[None, :] * stride_qk, mask=mask, other=0.0)
-    do = tl.load(DO + off_z * stride_doz + off_h64 * stride_doh + offs_m[:, None] * stride_dom
-                 + offs_d[None, :] * stride_dok, mask=mask, other=0.0)
-    o = tl.load(Out + off_z * stride_oz + off_h64 * stride_oh + offs_m[:, None] * stride_om
-                + offs_d[None, :] * stride_ok, mask=mask, other=0.0)
-    # delta = rowsum(dO * O): this tile's rows belong to this program alone.
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    tl.store(Delta + off_zh.to(tl.int64) * seq_q + offs_m, delta, mask=row_ok)
+    do, delta = _row_delta(Out, DO, Delta, off_z, off_h64, off_zh, offs_m, offs_d, mask, row_ok,
+                           seq_q, stride_oz, stride_oh, stride_om, stride_ok,
+                           stride_doz, stride_doh, stride_dom, stride_dok)
     if DOT_FP32:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
@@ -298,10 +329,17 @@ def _bwd_dq(Q, K, V, Out, DO, DQ, Lse, Delta,
              + offs_d[None, :] * stride_dqk, dq.to(DQ.dtype.element_ty), mask=mask)
 
 
-def _grad_like(t: torch.Tensor) -> torch.Tensor:
+def grad_like(t: torch.Tensor) -> torch.Tensor:
     """A gradient buffer in (batch, seq, heads, dim) memory order, viewed as (b, h, s, d)."""
     b, h, s, d = t.shape
     return buffers.new_output((b, s, h, d), t, t.dtype).transpose(1, 2)
+
+
+def kernel_constants(q: torch.Tensor, layout: BlockLayout) -> dict:
+    """The constexprs every backward kernel takes from the call: tile width over the head dim,
+    the head dim, the sparse block, causality, and whether dots run in fp32."""
+    return dict(BLOCK_D=padded_dim(q.shape[3]), HEAD_DIM=q.shape[3], BLOCK_SIZE=layout.block_size,
+                IS_CAUSAL=layout.causal, DOT_FP32=dot_fp32(q.dtype))
 
 
 def sparse_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -311,13 +349,9 @@ def sparse_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     """Gradients dq, dk, dv for ``(batch, heads, seq, dim)`` views (any strides); ``config``
     launches the dk/dv kernel, ``dq_config`` the dq kernel. ``tma=False`` loads the dk/dv
     kernel's q and dO tiles through pointers even where tensor-memory copies could."""
-    batch, heads, seq_q, head_dim = q.shape
+    batch, heads, seq_q, _ = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
-    block_d = padded_dim(head_dim)
-    scale = qk_scale(sm_scale)
-    common = dict(BLOCK_D=block_d, HEAD_DIM=head_dim, BLOCK_SIZE=layout.block_size,
-                  IS_CAUSAL=layout.causal, DOT_FP32=dot_fp32(q.dtype))
-    dq, dk, dv = _grad_like(q), _grad_like(k), _grad_like(v)
+    dq, dk, dv = grad_like(q), grad_like(k), grad_like(v)
     delta = buffers.new_output((batch, heads, seq_q), q, torch.float32)
 
     # -- dq first: it writes delta, which the dk/dv kernel reads --
@@ -327,19 +361,36 @@ def sparse_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         q, k, v, out, do, dq, lse, delta, plan.row_ptr, plan.n_full, plan.kv_block, plan.row_bits,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *do.stride(), *dq.stride(),
         heads, heads // kv_heads, heads // layout.heads, seq_q, seq_k, plan.tiles, first_tile,
-        scale, sm_scale, BLOCK_M=dq_config.block_m, BLOCK_N=dq_config.block_n,
-        num_warps=dq_config.num_warps, num_stages=dq_config.num_stages, **common)
+        qk_scale(sm_scale), sm_scale, BLOCK_M=dq_config.block_m, BLOCK_N=dq_config.block_n,
+        num_warps=dq_config.num_warps, num_stages=dq_config.num_stages,
+        **kernel_constants(q, layout))
+    launch_dkdv(do, q, k, v, lse, delta, dk, dv, layout, sm_scale, config, tma)
+    return dq, dk, dv
 
+
+def launch_dkdv(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                lse: torch.Tensor, delta: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
+                layout: BlockLayout, sm_scale: float, config: LaunchConfig, tma: bool = True,
+                dq_acc: torch.Tensor | None = None) -> None:
+    """Launch the dk/dv kernel with ``config`` into ``dk`` and ``dv``, reading ``delta``.
+
+    With ``dq_acc`` (float32, q's shape, zeroed) it runs as the fused backward: each step's
+    dS K (not yet multiplied by ``sm_scale``) is added into ``dq_acc`` with atomics.
+    """
+    batch, heads, seq_q, _ = q.shape
+    kv_heads, seq_k = k.shape[1], k.shape[2]
+    constants = kernel_constants(q, layout)
     cols = column_plan(layout, seq_q, seq_k)
     # The dk/dv kernel reads q and dO tiles of block_n rows through descriptors where it can.
     # The dq kernel keeps pointer loads: descriptors for its k/v tiles measured no faster.
-    q_descs = tile_descriptors(config.block_n, block_d, q, do, tma=tma)
+    q_descs = tile_descriptors(config.block_n, constants["BLOCK_D"], q, do, tma=tma)
+    dq_strides = dq_acc.stride() if dq_acc is not None else (None,) * 4
     _bwd_dkdv[(triton.cdiv(seq_k, config.block_m), batch * kv_heads)](
-        q, k, v, do, *(q_descs or (q, do)), dk, dv, lse, delta,
+        q, k, v, do, *(q_descs or (q, do)), dk, dv, dq_acc, lse, delta,
         cols.col_ptr, cols.n_full, cols.q_block,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        *dq_strides,
         heads, kv_heads, heads // kv_heads, heads // layout.heads, seq_q, seq_k, cols.kv_blocks,
-        scale, sm_scale, BLOCK_M=config.block_n, BLOCK_N=config.block_m,
-        USE_TMA=q_descs is not None, num_warps=config.num_warps, num_stages=config.num_stages,
-        **common)
-    return dq, dk, dv
+        qk_scale(sm_scale), sm_scale, BLOCK_M=config.block_n, BLOCK_N=config.block_m,
+        USE_TMA=q_descs is not None, ATOMIC_DQ=dq_acc is not None, num_warps=config.num_warps,
+        num_stages=config.num_stages, **constants)

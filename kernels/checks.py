@@ -53,3 +53,18 @@ def check_heads(heads: int, kv_heads: int, dim: int, layout: BlockLayout) -> Non
 def check_scale(sm_scale: float | None) -> None:
     if sm_scale is not None and not (math.isfinite(sm_scale) and sm_scale > 0):
         raise ValueError(f"sm_scale must be a positive finite number, got {sm_scale}")
+
+
+def check_inference_only(names: tuple[str, ...], tensors: tuple, form: str) -> None:
+    """Refuse inputs that ask for gradients: ``form`` (e.g. "the decode form") has no backward."""
+    for name, t in zip(names, tensors):
+        if t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{name} requires grad: {form} inference-only; use sparse_attention "
+                             "for training")
+
+
+def check_same_shape(names: tuple[str, str], a: torch.Tensor, b: torch.Tensor) -> None:
+    """Keys and values come in one shape."""
+    if a.shape != b.shape:
+        raise ValueError(f"{names[0]} and {names[1]} must have one shape, got {tuple(a.shape)} "
+                         f"and {tuple(b.shape)}")

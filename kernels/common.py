@@ -135,27 +135,35 @@ class TilePlan:
     tiles: int
 
 
-def build_tile_plan(layout: BlockLayout, block_m: int, seq_k: int) -> TilePlan:
-    """Group the pattern's rows into query tiles of ``block_m`` and sort each row's kv blocks."""
+def build_tile_plan(layout: BlockLayout, block_m: int, seq_k: int, q_end: int | None = None,
+                    k_start: int = 0) -> TilePlan:
+    """Group the pattern's rows into query tiles of ``block_m`` and sort each row's kv blocks.
+
+    The queries are the positions before ``q_end`` (default ``seq_k``) and the keys those in
+    ``[k_start, seq_k)``: one whole sequence by default; a partition of its keys
+    (:func:`kernels.sparse_attention_partition`) keeps only the kv blocks from ``k_start`` (a
+    multiple of the block size), and masks its last block where it ends inside one.
+    """
     bs = layout.block_size
-    nb = math.ceil(seq_k / bs)
-    pattern = layout.pattern[:, :nb, :nb]
+    q_end = seq_k if q_end is None else q_end
+    nq, nb, kb0 = math.ceil(q_end / bs), math.ceil(seq_k / bs), k_start // bs
+    pattern = layout.pattern[:, :nq, kb0:nb]
     heads, device = pattern.shape[0], pattern.device
-    tiles = math.ceil(seq_k / block_m)
-    kb = torch.arange(nb, device=device)
+    tiles = math.ceil(q_end / block_m)
+    kb = torch.arange(kb0, nb, device=device)
     tile_start = torch.arange(tiles, device=device) * block_m
 
     if block_m > bs:
         sub = block_m // bs
-        padded = torch.zeros(heads, tiles * sub, nb, dtype=torch.bool, device=device)
-        padded[:, :nb] = pattern
-        per_block = padded.view(heads, tiles, sub, nb)
+        padded = torch.zeros(heads, tiles * sub, nb - kb0, dtype=torch.bool, device=device)
+        padded[:, :nq] = pattern
+        per_block = padded.view(heads, tiles, sub, nb - kb0)
         kept = per_block.any(dim=2)
         weights = (1 << torch.arange(sub, device=device, dtype=torch.int32))
         bits = (per_block.to(torch.int32) * weights[None, None, :, None]).sum(dim=2, dtype=torch.int32)
-        # A tile's query blocks past the sequence end never store rows, so they need no bit.
+        # A tile's query blocks past the last query never store rows, so they need no bit.
         q_block = torch.arange(tiles * sub, device=device).view(tiles, sub)
-        real_bits = ((q_block < nb).to(torch.int32) * weights).sum(dim=1, dtype=torch.int32)
+        real_bits = ((q_block < nq).to(torch.int32) * weights).sum(dim=1, dtype=torch.int32)
         partial = bits != real_bits[None, :, None]
     else:
         kept = pattern.repeat_interleave(bs // block_m, dim=1)[:, :tiles]
@@ -166,14 +174,17 @@ def build_tile_plan(layout: BlockLayout, block_m: int, seq_k: int) -> TilePlan:
     if layout.causal:
         masked = masked | ((kb + 1) * bs > tile_start[:, None])[None]
     table = index_table(kept, masked)
-    return TilePlan(table.row_ptr, table.n_full, table.col.to(torch.int32),
+    return TilePlan(table.row_ptr, table.n_full, (table.col + kb0).to(torch.int32),
                     bits[table.head, table.row, table.col].to(torch.int32), tiles)
 
 
-def tile_plan(layout: BlockLayout, block_m: int, seq_k: int) -> TilePlan:
-    """The cached :func:`build_tile_plan` (built once per layout, tile height and key length)."""
-    return layout.cached(("fwd_plan", block_m, seq_k, layout.pattern.device),
-                         lambda: build_tile_plan(layout, block_m, seq_k))
+def tile_plan(layout: BlockLayout, block_m: int, seq_k: int, q_end: int | None = None,
+              k_start: int = 0) -> TilePlan:
+    """The cached :func:`build_tile_plan` (built once per layout, tile height, query end and key
+    range)."""
+    q_end = seq_k if q_end is None else q_end
+    return layout.cached(("fwd_plan", block_m, seq_k, q_end, k_start, layout.pattern.device),
+                         lambda: build_tile_plan(layout, block_m, seq_k, q_end, k_start))
 
 
 # -- jit helpers -----------------------------------------------------------------------------------

@@ -38,6 +38,10 @@ class LaunchConfig:
     ``block_n`` the kv tile (64 or 128 keys, gathered from 64-key copies, so two kept blocks of
     64 share one tile), ``num_warps`` the warps of each consumer group (4) and ``num_stages`` the
     kv tiles in flight.
+
+    For ``impl="fused"`` (the dk/dv kernel's, "bwd", only): the tiles of its Triton one, the same
+    kernel that then also accumulates dq (:mod:`kernels.bwd_fused`); no dq kernel runs, so the
+    call's dq config is unused.
     """
 
     block_m: int
@@ -77,6 +81,10 @@ def config_problems(config: LaunchConfig, block_size: int, head_dim: int,
         return [f"impl={config.impl!r} must be one of {', '.join(IMPLS)}"]
     if config.impl == "gluon":
         return _gluon_problems(config, block_size, head_dim, kernel)
+    if config.impl == "fused" and "fused" not in KERNELS[kernel].impls:
+        return [("impl='fused' is the backward's dk/dv kernel only (it takes dq too: no dq "
+                 "kernel runs)")]
+    # impl "fused" runs the Triton dk/dv kernel with dq added in: its tile rules are these.
     problems = []
     if kernel == "bwd" and config.block_m > block_size:
         # The dk/dv kernel's kv tile (block_m) must stay inside one sparse block.

@@ -6,11 +6,18 @@
 - Split-K (flash-decoding): a sequence's kept blocks are split across ``num_splits`` programs, each
   writing a partial output and its log-sum-exp; a second kernel merges them. A single long
   sequence, or few heads, still fill the GPU.
+- Paged (a ``block_table``): the caches are ``(num_pages, page_size, kv_heads, dim)`` pages, as
+  vLLM, FlashAttention and FlashInfer keep them, and each key's page is looked up per step; the
+  pattern still applies by absolute position. The unpaged kernel compiles as it did before
+  paging existed (``PAGED`` is a constexpr, the table's arguments specialise away).
+- No host work per step once a batch shape has been seen: the group plan and the split count are
+  built once and kept on the layout, and a :class:`DecodeWorkspace` holds the outputs, so a step
+  with one can be captured in a CUDA graph.
 
 Its launch config (kernel "decode" of :mod:`kernels.registry`) sets ``block_n`` (cached keys per
 step), ``num_warps`` and ``num_stages``; ``block_m`` is always 16, since the query tile is the
 GQA group's heads padded to a power of two (at least 16). The split count is not a config field:
-``num_splits`` pins it, else :func:`auto_splits` chooses it per call.
+``num_splits`` pins it, else :func:`auto_splits` chooses it once per batch shape.
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ from .layout import BlockLayout
 from .reference import layout_head_index
 
 MAX_SPLITS = 64
+# Page sizes of a paged cache (tokens per page): powers of two, as vLLM and FlashInfer use them.
+PAGE_SIZES = (16, 32, 64, 128, 256)
 
 
 @dataclass(frozen=True)
@@ -75,16 +84,34 @@ def group_plan(layout: BlockLayout, num_heads: int, kv_heads: int) -> GroupPlan:
 
 
 @triton.jit
-def _decode_split(Q, K, V, Out, PartOut, PartLse, CacheLens,
+def _cache_rows(pages, offs, ok, stride_tp, stride_page, stride_row,
+                PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    """Offsets of the cache rows that hold absolute positions ``offs`` of one sequence: its rows
+    ``offs``, or, paged, row ``offs % PAGE_SIZE`` of page ``pages[offs // PAGE_SIZE]`` (``pages``:
+    the sequence's block-table row; positions not ``ok`` read page 0). A step of keys may span
+    several pages or part of one."""
+    if PAGED:
+        page = tl.load(pages + (offs // PAGE_SIZE) * stride_tp, mask=ok, other=0)
+        return page.to(tl.int64) * stride_page + (offs % PAGE_SIZE).to(tl.int64) * stride_row
+    else:
+        return offs.to(tl.int64) * stride_row
+
+
+@triton.jit
+def _decode_split(Q, K, V, Out, PartOut, PartLse, CacheLens, BlockTable,
                   RowPtr, KvBlock, HeadBits,
                   stride_qz, stride_qh, stride_qk,
                   stride_kz, stride_kn, stride_kh, stride_kk,
                   stride_vz, stride_vn, stride_vh, stride_vk,
                   stride_oz, stride_oh, stride_ok,
+                  stride_tz, stride_tp,
                   kv_heads, group, q_blocks, num_splits, qk_scale,
                   BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                   HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, SPLIT: tl.constexpr,
-                  DOT_FP32: tl.constexpr):
+                  DOT_FP32: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    # PAGED: the caches are (num_pages, PAGE_SIZE, kv_heads, dim) pages, stride_kz/vz a page's
+    # stride, and row b of BlockTable lists sequence b's pages in order. Unpaged, BlockTable is
+    # None and its strides 1, so they specialise away and the kernel compiles as before paging.
     split = tl.program_id(0)
     off_z = tl.program_id(1) // kv_heads
     off_g = tl.program_id(1) % kv_heads
@@ -107,8 +134,14 @@ def _decode_split(Q, K, V, Out, PartOut, PartLse, CacheLens,
                 + offs_d[None, :] * stride_qk, mask=h_ok[:, None] & d_ok[None, :], other=0.0)
     if DOT_FP32:
         q = q.to(tl.float32)
-    k_base = K + z64 * stride_kz + off_g.to(tl.int64) * stride_kh
-    v_base = V + z64 * stride_vz + off_g.to(tl.int64) * stride_vh
+    if PAGED:
+        k_base = K + off_g.to(tl.int64) * stride_kh
+        v_base = V + off_g.to(tl.int64) * stride_vh
+        pages = BlockTable + z64 * stride_tz  # the sequence's row of the block table
+    else:
+        k_base = K + z64 * stride_kz + off_g.to(tl.int64) * stride_kh
+        v_base = V + z64 * stride_vz + off_g.to(tl.int64) * stride_vh
+        pages = BlockTable
 
     m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -117,9 +150,13 @@ def _decode_split(Q, K, V, Out, PartOut, PartLse, CacheLens,
     for t in range(entry_start * N_SUB, entry_end * N_SUB):
         # The new token sees every cached key: both bounds are the cache length.
         e, _, offs_n, n_ok = _kv_step(KvBlock, t, cache_len, cache_len, BLOCK_SIZE, BLOCK_N)
-        kt = tl.load(k_base + offs_d[:, None] * stride_kk + offs_n[None, :].to(tl.int64) * stride_kn,
+        kt = tl.load(k_base + offs_d[:, None] * stride_kk
+                     + _cache_rows(pages, offs_n[None, :], n_ok[None, :], stride_tp, stride_kz,
+                                   stride_kn, PAGED, PAGE_SIZE),
                      mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :] * stride_vk,
+        v = tl.load(v_base + _cache_rows(pages, offs_n[:, None], n_ok[:, None], stride_tp,
+                                         stride_vz, stride_vn, PAGED, PAGE_SIZE)
+                    + offs_d[None, :] * stride_vk,
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         if DOT_FP32:
             kt = kt.to(tl.float32)
@@ -172,33 +209,72 @@ def auto_splits(batch: int, kv_heads: int, max_entries: int, device: torch.devic
     return max(1, min(want, max(1, max_entries // 4), MAX_SPLITS))
 
 
+def decode_splits(layout: BlockLayout, batch: int, heads: int, kv_heads: int,
+                  device: torch.device) -> int:
+    """:func:`auto_splits` for one batch shape, worked out once and kept on the layout (with its
+    group plan), so a decoding loop asks the device nothing per step."""
+    return layout.cached(("decode_splits", batch, heads, kv_heads, device), lambda: auto_splits(
+        batch, kv_heads, group_plan(layout, heads, kv_heads).max_entries, device))
+
+
+@dataclass(frozen=True)
+class DecodeWorkspace:
+    """Everything a decoding step writes, allocated once per batch shape: the output, and the
+    partial outputs and log2-sum-exps of its ``splits`` split-K programs. A call given one
+    allocates nothing (so it can be captured in a CUDA graph) and overwrites ``out``."""
+
+    out: torch.Tensor  # (batch, heads, dim), q's dtype
+    part_out: torch.Tensor  # float32 (batch * heads * splits, BLOCK_D)
+    part_lse: torch.Tensor  # float32 (batch * heads * splits,)
+    splits: int
+
+
+def new_workspace(q: torch.Tensor, splits: int) -> DecodeWorkspace:
+    """Fresh buffers for decoding ``q`` (batch, heads, dim) in ``splits`` splits."""
+    batch, heads, head_dim = q.shape
+    rows = batch * heads * splits
+    return DecodeWorkspace(buffers.new_output((batch, heads, head_dim), q, q.dtype),
+                           buffers.new_output((rows, padded_dim(head_dim)), q, torch.float32),
+                           buffers.new_output((rows,), q, torch.float32), splits)
+
+
 def sparse_attention_decode_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                 cache_seqlens: torch.Tensor, layout: BlockLayout, sm_scale: float,
-                                num_splits: int | None, config: LaunchConfig) -> torch.Tensor:
-    """Launch on checked tensors: q (batch, heads, dim), caches (batch, max_len, kv_heads, dim).
+                                num_splits: int | None, config: LaunchConfig,
+                                block_table: torch.Tensor | None = None,
+                                workspace: DecodeWorkspace | None = None) -> torch.Tensor:
+    """Launch on checked tensors: q (batch, heads, dim), caches (batch, max_len, kv_heads, dim),
+    or with ``block_table`` (int32 (batch, max_pages)) pages (num_pages, page_size, kv_heads,
+    dim).
 
     ``config`` is a checked decode config (``block_n`` keys per step, ``num_warps``,
-    ``num_stages``); ``num_splits`` None splits to fill the GPU (:func:`auto_splits`).
+    ``num_stages``); ``num_splits`` None splits to fill the GPU (:func:`decode_splits`), and a
+    ``workspace`` (its splits checked against ``num_splits`` by the caller) is written instead
+    of new buffers.
     """
     batch, heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
     plan = group_plan(layout, heads, kv_heads)
-    splits = num_splits or auto_splits(batch, kv_heads, plan.max_entries, q.device)
-    block_d = padded_dim(head_dim)
-    out = buffers.new_output((batch, heads, head_dim), q, q.dtype)
-    part_out = buffers.new_output((batch * heads * splits, block_d), q, torch.float32)
-    part_lse = buffers.new_output((batch * heads * splits,), q, torch.float32)
+    if workspace is None:
+        splits = num_splits or decode_splits(layout, batch, heads, kv_heads, q.device)
+        workspace = new_workspace(q, splits)
+    splits, out = workspace.splits, workspace.out
+    paged = block_table is not None
+    # Unpaged, the table's pointer and strides are None and 1: constants, not kernel arguments.
+    table_strides = block_table.stride() if paged else (1, 1)
     group = heads // kv_heads
+    block_d = padded_dim(head_dim)
     _decode_split[(splits, batch * kv_heads)](
-        q, k_cache, v_cache, out, part_out, part_lse, cache_seqlens,
-        plan.row_ptr, plan.kv_block, plan.head_bits,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
+        q, k_cache, v_cache, out, workspace.part_out, workspace.part_lse, cache_seqlens,
+        block_table, plan.row_ptr, plan.kv_block, plan.head_bits,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(), *table_strides,
         kv_heads, group, plan.q_blocks, splits, qk_scale(sm_scale),
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=config.block_n,
         BLOCK_D=block_d, HEAD_DIM=head_dim, BLOCK_SIZE=layout.block_size, SPLIT=splits > 1,
-        DOT_FP32=dot_fp32(q.dtype), num_warps=config.num_warps, num_stages=config.num_stages)
+        DOT_FP32=dot_fp32(q.dtype), PAGED=paged, PAGE_SIZE=k_cache.shape[1] if paged else 1,
+        num_warps=config.num_warps, num_stages=config.num_stages)
     if splits > 1:
         _decode_merge[(batch * heads,)](
-            out, part_out, part_lse, *out.stride(), heads, splits,
+            out, workspace.part_out, workspace.part_lse, *out.stride(), heads, splits,
             BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d, HEAD_DIM=head_dim)
     return out

@@ -7,6 +7,14 @@ Hopper, 16-bit inputs, a triton with Gluon, and tensors that tensor-memory copie
 it cannot take runs the record's first implementation, the Triton kernel. The forward's default
 (:func:`kernels.configs.default_config`) and its launcher (:func:`kernels.fwd.sparse_attention_fwd`)
 both ask :func:`choose_impl`; the varlen and decode kernels have the Triton one only.
+
+The backward's dk/dv kernel ("bwd") has a second implementation, "fused"
+(:mod:`kernels.bwd_fused`): the same Triton kernel taking dq too, with fp32 atomics, and no dq
+kernel. It runs wherever the Triton one does (float32 atomic adds exist on every CUDA GPU and in
+the interpreter), so a config asking for it always gets it; but it is only ever asked for (an
+explicit ``bwd_config``, or a tuned entry), never the default, until the GPU measures it against
+the two kernels (kernels/PERF.md). The backward of :mod:`kernels.attention` asks
+:func:`choose_impl` which of the two to launch.
 """
 
 from __future__ import annotations
@@ -42,6 +50,9 @@ def choose_impl(kernel: str, impl: str, device: torch.device, dtype: torch.dtype
     fallback = record.impls[0]
     if impl not in record.impls:
         return Choice(fallback, f"the {kernel} kernel has no impl={impl!r}; impl={fallback!r} runs")
+    if impl == "fused":
+        return Choice("fused", "impl='fused', as the config asks: dq accumulates in the dk/dv "
+                               "kernel (fp32 atomics) and the dq config is unused")
     if impl != "gluon":
         return Choice(impl, f"impl={impl!r}, as the config asks")
     if call is not None:

@@ -1,4 +1,5 @@
-"""Inference API: variable-length and left-padded prefill, chunked prefill, KV-cache decoding.
+"""Inference API: variable-length and left-padded prefill, chunked prefill, KV-cache decoding
+(contiguous or paged caches).
 
 These forms are forward-only (no gradients). Every sequence's block pattern starts at its own
 first token. Checks happen here, once, before any launch. Each form has its own kernel record and
@@ -12,9 +13,22 @@ import math
 import torch
 
 from . import select
-from .checks import check_heads, check_scale, check_tensors
+from .checks import (
+    check_heads,
+    check_inference_only,
+    check_same_shape,
+    check_scale,
+    check_tensors,
+)
 from .configs import LaunchConfig, check_config
-from .decode import MAX_SPLITS, sparse_attention_decode_fwd
+from .decode import (
+    MAX_SPLITS,
+    PAGE_SIZES,
+    DecodeWorkspace,
+    decode_splits,
+    new_workspace,
+    sparse_attention_decode_fwd,
+)
 from .layout import BlockLayout
 from .varlen import new_varlen_output, sequences, sparse_attention_fwd_varlen
 
@@ -23,13 +37,8 @@ def _check_common(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Blo
                   ranks: int, sm_scale: float | None, names: tuple[str, str, str] = ("q", "k", "v"),
                   shape_hint: str = "") -> None:
     check_tensors(names, (q, k, v), ranks, shape_hint)
-    for name, t in zip(names, (q, k, v)):
-        if t.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"{name} requires grad: the varlen, padded and decode forms are "
-                             "inference-only; use sparse_attention for training")
-    if k.shape != v.shape:
-        raise ValueError(f"{names[1]} and {names[2]} must have one shape, got {tuple(k.shape)} "
-                         f"and {tuple(v.shape)}")
+    check_inference_only(names, (q, k, v), "the varlen, padded and decode forms are")
+    check_same_shape(names[1:], k, v)
     if k.shape[-1] != q.shape[-1]:
         raise ValueError(f"q and k must have one head_dim, got {q.shape[-1]} and {k.shape[-1]}")
     check_heads(q.shape[-2], k.shape[-2], q.shape[-1], layout)
@@ -139,40 +148,62 @@ def sparse_attention_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def sparse_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             cache_seqlens: torch.Tensor, layout: BlockLayout,
                             sm_scale: float | None = None, num_splits: int | None = None,
-                            config: LaunchConfig | None = None) -> torch.Tensor:
+                            config: LaunchConfig | None = None, *,
+                            block_table: torch.Tensor | None = None,
+                            max_cache_len: int | None = None,
+                            workspace: DecodeWorkspace | None = None) -> torch.Tensor:
     """One decoding step with a KV cache.
 
     q: ``(batch, heads, dim)``, the newest token of each sequence; k_cache, v_cache:
     ``(batch, max_len, kv_heads, dim)``, already holding that token's k/v at position
-    ``cache_seqlens[b] - 1``; lengths must lie in ``[1, max_len]`` (checked when
-    ``cache_seqlens`` is on the CPU; on the GPU they are not read back, to avoid a sync per step).
-    The pattern must cover ``max_len``. The pattern row of the new token's position decides which
-    cached blocks are read. ``num_splits`` (split-K over kept blocks) is chosen to fill the GPU unless given.
-    ``config`` overrides the launch config the lookup would pick for the "decode" kernel
-    (``block_n`` keys per step, ``num_warps``, ``num_stages``; ``block_m`` is always 16).
+    ``cache_seqlens[b] - 1``. Paged, with ``block_table`` (int32 ``(batch, max_pages)``, as
+    FlashAttention's ``block_table`` and FA4's ``page_table``): the caches are
+    ``(num_pages, page_size, kv_heads, dim)`` pages (vLLM's, FlashInfer's NHD layout), page size a
+    power of two from 16 to 256, and position ``p`` of sequence ``b`` is row ``p % page_size``
+    of page ``block_table[b, p // page_size]``; entries past a sequence's last page are not read.
+    The pattern applies by absolute position in either form.
+
+    Lengths must lie in ``[1, max_cache_len]``; ``max_cache_len`` (a Python int, the longest a
+    cache may grow) defaults to the caches' capacity, ``max_len`` or ``max_pages * page_size``,
+    and the pattern must cover it. Lengths, and the block table's pages, are checked when they
+    are on the CPU; on the GPU they are not read back, to avoid a sync per step. The pattern row
+    of the new token's position decides which cached blocks are read. ``num_splits`` (split-K
+    over kept blocks) is chosen once per batch shape to fill the GPU unless given. ``config``
+    overrides the launch config the lookup would pick for the "decode" kernel (``block_n`` keys
+    per step, ``num_warps``, ``num_stages``; ``block_m`` is always 16).
+
+    ``workspace`` (:func:`decode_workspace`) holds the output and the splits' partials: the call
+    allocates nothing, reads nothing back and returns ``workspace.out`` (overwritten by each
+    call), so with int32 ``cache_seqlens`` on q's device it can be captured in a CUDA graph.
     Returns ``(batch, heads, dim)``.
     """
+    paged = block_table is not None
+    cache_shape = (f"({'num_pages, page_size' if paged else 'batch, max_len'}, kv_heads, dim)")
     if not all(isinstance(t, torch.Tensor) for t in (q, k_cache, v_cache)):
         raise TypeError("q, k_cache and v_cache must be torch.Tensors")
     if q.dim() != 3 or k_cache.dim() != 4 or v_cache.dim() != 4:
-        raise ValueError(f"q must be (batch, heads, dim) and the caches (batch, max_len, kv_heads, "
-                         f"dim), got {tuple(q.shape)} and {tuple(k_cache.shape)}")
+        raise ValueError(f"q must be (batch, heads, dim) and the caches {cache_shape}, got "
+                         f"{tuple(q.shape)} and {tuple(k_cache.shape)}")
     _check_common(q[:, None], k_cache, v_cache, layout, 4, sm_scale,
-                  ("q", "k_cache", "v_cache"), "(batch, max_len, kv_heads, dim)")
+                  ("q", "k_cache", "v_cache"), cache_shape)
     if not layout.causal:
         raise ValueError("decoding needs a causal layout (a new token sees only the past)")
     if (not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dim() != 1
             or cache_seqlens.dtype.is_floating_point):
         raise TypeError("cache_seqlens must be a 1-D integer tensor")
-    batch, max_len = k_cache.shape[0], k_cache.shape[1]
+    batch, capacity = _check_block_table(block_table, q, k_cache) if paged else k_cache.shape[:2]
     if q.shape[0] != batch or cache_seqlens.shape[0] != batch:
-        raise ValueError(f"q has batch {q.shape[0]}, the caches {batch}, cache_seqlens "
+        what = "the block table" if paged else "the caches"
+        raise ValueError(f"q has batch {q.shape[0]}, {what} {batch}, cache_seqlens "
                          f"{cache_seqlens.shape[0]}")
+    max_len = _max_cache_len(max_cache_len, capacity, paged)
     if cache_seqlens.device.type == "cpu":
         lens = cache_seqlens.tolist()
         if min(lens) < 1 or max(lens) > max_len:
             raise ValueError(f"cache_seqlens must be in [1, {max_len}] (the new token is already "
                              f"in the cache), got {min(lens)}..{max(lens)}")
+        if paged and block_table.device.type == "cpu":
+            _check_pages(block_table, lens, k_cache.shape[1], k_cache.shape[0])
     # Lengths on the GPU are not read back: a host sync per decoding step would cost more than
     # the step (the caller keeps them in [1, max_len], as with FlashAttention's kvcache API).
     layout.check_seqlen(max_len, 1)
@@ -180,6 +211,8 @@ def sparse_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
     if q.shape[1] // k_cache.shape[2] > 31:
         raise ValueError("decoding supports at most 31 query heads per kv head")
+    if workspace is not None:
+        _check_workspace(workspace, q, num_splits)
     layout = layout.to(q.device)
     dim = q.shape[-1]
     scale = 1.0 / math.sqrt(dim) if sm_scale is None else float(sm_scale)
@@ -189,6 +222,86 @@ def sparse_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         config = select.resolve_config("decode", q, layout, max_len)[0]
     else:
         check_config(config, layout.block_size, dim, "decode")
+    # A no-op (no copy) for int32 lengths already on q's device.
     lens_dev = cache_seqlens.to(device=q.device, dtype=torch.int32)
     return sparse_attention_decode_fwd(q, k_cache, v_cache, lens_dev, layout, scale, num_splits,
-                                       config)
+                                       config, block_table=block_table, workspace=workspace)
+
+
+def decode_workspace(q: torch.Tensor, kv_heads: int, layout: BlockLayout,
+                     num_splits: int | None = None) -> DecodeWorkspace:
+    """The buffers of decoding steps shaped like ``q`` ``(batch, heads, dim)`` (its dtype and
+    device) against caches of ``kv_heads`` heads, allocated once: the output and the partial
+    outputs of ``num_splits`` splits (None: the count :func:`sparse_attention_decode` would
+    choose for this batch shape). Pass it as ``workspace=`` to every step of that shape."""
+    if not isinstance(q, torch.Tensor) or q.dim() != 3:
+        raise ValueError("q must be a (batch, heads, dim) tensor")
+    check_heads(q.shape[1], kv_heads, q.shape[2], layout)
+    if num_splits is not None and not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
+    if num_splits is None:
+        num_splits = decode_splits(layout.to(q.device), q.shape[0], q.shape[1], kv_heads,
+                                   q.device)
+    return new_workspace(q, num_splits)
+
+
+def _check_block_table(block_table: torch.Tensor, q: torch.Tensor,
+                       k_cache: torch.Tensor) -> tuple[int, int]:
+    """A paged call's block table and page size; returns (batch, capacity in tokens)."""
+    if not isinstance(block_table, torch.Tensor):
+        raise TypeError(f"block_table must be a torch.Tensor, got {type(block_table).__name__}")
+    if block_table.dtype != torch.int32:
+        raise TypeError(f"block_table must be int32 (batch, max_pages), got {block_table.dtype}")
+    if block_table.dim() != 2 or block_table.shape[1] < 1:
+        raise ValueError(f"block_table must be (batch, max_pages) with max_pages >= 1, got shape "
+                         f"{tuple(block_table.shape)}")
+    if block_table.device != q.device:
+        raise ValueError(f"block_table is on {block_table.device}, q on {q.device}; they must "
+                         "share a device")
+    page_size = k_cache.shape[1]
+    if page_size not in PAGE_SIZES:
+        raise ValueError(f"the page size (k_cache.shape[1] with block_table) must be one of "
+                         f"{', '.join(map(str, PAGE_SIZES))}, got {page_size}")
+    return block_table.shape[0], block_table.shape[1] * page_size
+
+
+def _max_cache_len(max_cache_len: int | None, capacity: int, paged: bool) -> int:
+    if max_cache_len is None:
+        return capacity
+    if not isinstance(max_cache_len, int) or isinstance(max_cache_len, bool):
+        raise TypeError(f"max_cache_len must be a Python int, got {type(max_cache_len).__name__}")
+    if not 1 <= max_cache_len <= capacity:
+        what = "max_pages * page_size" if paged else "max_len"
+        raise ValueError(f"max_cache_len must be in [1, {capacity}] (the caches' capacity, "
+                         f"{what}), got {max_cache_len}")
+    return max_cache_len
+
+
+def _check_pages(block_table: torch.Tensor, lens: list[int], page_size: int,
+                 num_pages: int) -> None:
+    """Every page a sequence's length reaches must be a page of the caches."""
+    used = (torch.tensor(lens) + page_size - 1) // page_size
+    live = torch.arange(block_table.shape[1])[None, :] < used[:, None]
+    bad = live & ((block_table < 0) | (block_table >= num_pages))
+    if bool(bad.any()):
+        b, j = bad.nonzero()[0].tolist()
+        raise ValueError(f"block_table[{b}, {j}] = {int(block_table[b, j])} is not a page of "
+                         f"k_cache (pages 0..{num_pages - 1}); sequence {b} of length {lens[b]} "
+                         f"reads its first {int(used[b])} pages")
+
+
+def _check_workspace(workspace: DecodeWorkspace, q: torch.Tensor, num_splits: int | None) -> None:
+    if not isinstance(workspace, DecodeWorkspace):
+        raise TypeError(f"workspace must be a DecodeWorkspace (kernels.decode_workspace), got "
+                        f"{type(workspace).__name__}")
+    out = workspace.out
+    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(f"workspace was made for q {tuple(out.shape)} {out.dtype} on "
+                         f"{out.device}, not this call's {tuple(q.shape)} {q.dtype} on {q.device}")
+    if num_splits is not None and num_splits != workspace.splits:
+        raise ValueError(f"num_splits={num_splits}, but the workspace holds {workspace.splits} "
+                         "splits' partials; make it with the same num_splits")
+    rows = q.shape[0] * q.shape[1] * workspace.splits
+    if workspace.part_out.shape[0] != rows or workspace.part_lse.shape != (rows,):
+        raise ValueError(f"workspace's partial buffers hold {workspace.part_out.shape[0]} rows, "
+                         f"not batch * heads * splits = {rows}; make it with decode_workspace")

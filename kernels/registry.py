@@ -46,6 +46,8 @@ def _space(impls: tuple[str, ...], **tiles: tuple[int, ...]) -> Mapping[str, tup
 
 
 _FWD_IMPLS = ("triton", "gluon")
+# The backward's dk/dv kernel alone (with the dq kernel), or fused, taking dq too (with atomics).
+_BWD_IMPLS = ("triton", "fused")
 _TRITON = ("triton",)
 _FWD_TILES = "block_m query rows per program, block_n keys per step"
 
@@ -59,12 +61,15 @@ _RECORDS = (
                  _FWD_IMPLS, "sparse_attention", "config", True, _FWD_TILES,
                  _space(_FWD_IMPLS, block_m=(64, 128), block_n=(32, 64, 128), num_warps=(4, 8),
                         num_stages=(2, 3, 4))),
-    # The backward's two kernels live in one module and have different best tiles.
-    KernelRecord("bwd", "the backward's dk/dv kernel", ("kernels.bwd", "kernels.common"), _TRITON,
+    # The backward's two kernels live in one module and have different best tiles. The dk/dv
+    # kernel's "fused" implementation (kernels/bwd_fused.py, its pre-pass and launcher) runs the
+    # same kernel with dq accumulated in it, and no dq kernel: never the default until measured.
+    KernelRecord("bwd", "the backward's dk/dv kernel; impl fused takes dq too",
+                 ("kernels.bwd", "kernels.common", "kernels.bwd_fused"), _BWD_IMPLS,
                  "sparse_attention", "bwd_config", True,
                  "block_m kv rows per program (within one sparse block), block_n query rows per "
-                 "step",
-                 _space(_TRITON, block_m=(32, 64), block_n=(32, 64), num_warps=(4, 8),
+                 "step; impl fused also accumulates dq (fp32 atomics), and the dq config is unused",
+                 _space(_BWD_IMPLS, block_m=(32, 64), block_n=(32, 64), num_warps=(4, 8),
                         num_stages=(1, 2, 3))),
     KernelRecord("dq", "the backward's dq kernel", ("kernels.bwd", "kernels.common"), _TRITON,
                  "sparse_attention", "dq_config", True, _FWD_TILES,
@@ -92,7 +97,8 @@ _RECORDS = (
 KERNELS: dict[str, KernelRecord] = {record.name: record for record in _RECORDS}
 
 # Implementations of a kernel, every record's in registry order: "triton" everywhere; "gluon", the
-# forward's warp-specialised Gluon kernel (kernels/fwd_ws.py), on Hopper only.
+# forward's warp-specialised Gluon kernel (kernels/fwd_ws.py), on Hopper only; "fused", the
+# backward's dk/dv kernel taking dq too (kernels/bwd_fused.py).
 IMPLS: tuple[str, ...] = tuple(dict.fromkeys(impl for record in _RECORDS for impl in record.impls))
 
 # The tunable kernels reached through ``sparse_attention``, in registry order: what

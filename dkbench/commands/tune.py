@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,10 +18,20 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from kernels import AXES, KERNELS
+from kernels import AXES, IMPLS, KERNELS
 
 from ..errors import BadInputError, DkbenchError
+from ..spec.sweep import Sweep
 from ..tune.plan import CPU_SHAPE, GPU_SHAPE, MODE_KERNELS, TuneJob
+from ..tune.rows import SCREENED
+from ..tune.screen import (
+    FINALISTS,
+    SCREEN_MARGIN,
+    SCREEN_ROUNDS,
+    SCREEN_TURN_MS,
+    Screen,
+    screens,
+)
 from ..tune.space import CPU_SPACE, GPU_SPACES, TUNED
 from .cache import show_cache_warnings
 from .errors import err_console, fail
@@ -31,6 +42,7 @@ console = Console()
 # paragraphs, which rich wraps as prose.
 _SHAPE_PANEL = "Single shape (instead of SPEC)"
 _SPACE_PANEL = "Search space (each flag replaces one axis)"
+_SCREEN_PANEL = "Screen (a brief timing of all, then the best in full)"
 
 
 def prose_help(doc: str) -> str:
@@ -68,7 +80,8 @@ def tune(
     num_warps: Annotated[Optional[str], _list_option("num_warps", "4,8")] = None,
     num_stages: Annotated[Optional[str], _list_option("num_stages", "2,3,4")] = None,
     impl: Annotated[Optional[str], typer.Option(
-        help="Implementations, comma-separated: triton, gluon.", show_default=False,
+        help=f"Implementations: {', '.join(IMPLS)}.",
+        show_default=False,
         rich_help_panel=_SPACE_PANEL)] = None,
     mode: Annotated[Optional[str], typer.Option(
         help=f"{', '.join(MODE_KERNELS)} (see Modes). Default: the spec's, else fwd.",
@@ -80,6 +93,12 @@ def tune(
         dir_okay=False, show_default=False)] = None,
     top: Annotated[int, typer.Option(
         min=1, metavar="N", help="Candidates shown per case and kernel.")] = 5,
+    no_screen: Annotated[bool, typer.Option(
+        "--no-screen", help="Time every candidate in full: no screen first (see Screen).",
+        rich_help_panel=_SCREEN_PANEL)] = False,
+    finalists: Annotated[int, typer.Option(
+        min=1, metavar="N", help="Candidates per kernel the screen keeps (and those near the "
+                                 "best).", rich_help_panel=_SCREEN_PANEL)] = FINALISTS,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="List candidates and pruned configs (with why); run nothing.")] = False,
     out: Annotated[Path, typer.Option(
@@ -106,6 +125,13 @@ def tune(
     are timed, each runs once to compile it: on a GPU in worker processes, one per core (at
     most 8), so that the timing loop finds every kernel compiled.
 
+    Screen: timed interleaved, a kernel with more than --finalists candidates besides the
+    default first has all of them and the default timed together in {screen_rounds} rounds of
+    {screen_turn} ms turns. The --finalists best by median per-round speedup over the default,
+    and every one within {screen_margin}% of the best, go on to the full timing with the
+    default, and only they may win; the others stay in tune.csv with their screen numbers and
+    status screened. --no-screen times every candidate in full.
+
     Modes: fwd tunes the forward kernel; bwd the backward's dk/dv kernel, then its dq kernel
     behind the dk/dv winner (the forward's config from the lookup); fwd_bwd the forward first,
     then both backward kernels behind it. prefill_varlen tunes the varlen kernel and decode the
@@ -113,7 +139,8 @@ def tune(
     modes tune as one (fwd_bwd when they are several) and each inference mode as itself.
 
     Each search-space flag replaces one axis; the others keep the default space (impl gluon is
-    the forward's warp-specialised Hopper kernel). The default config is always timed too, as the
+    the forward's warp-specialised Hopper kernel; impl fused the backward's one-kernel dk/dv, which
+    adds dq by atomics, so no dq kernel runs behind it). The default config is always timed too, as the
     reference. Default spaces:
     {default_spaces}
 
@@ -163,14 +190,15 @@ def tune(
     except DkbenchError as exc:
         raise fail(exc) from None
 
+    screening = None if no_screen else Screen(finalists=finalists)
     if dry_run:
-        console.print(_dry_run_table(jobs, dev))
+        console.print(_dry_run_table(jobs, dev, sweep, screening))
         return
     console.print(f"Tuning {len(jobs)} case(s), mode {', '.join(modes)}, on {dev}"
                   + (" (Triton interpreter: timings exercise the pipeline only)"
                      if dev.type != "cuda" else ""))
     try:
-        outcome = _execute(tuning, sweep, spec_text, jobs, dev, out, cache)
+        outcome = _execute(tuning, sweep, spec_text, jobs, dev, out, cache, screening)
     except DkbenchError as exc:
         raise fail(exc) from None
     except KeyboardInterrupt:
@@ -199,7 +227,9 @@ def default_spaces_help() -> str:
 # "- " item) lets rich wrap the prose at the terminal's width instead. The default spaces are
 # listed from the registry and tune_space, so a new tunable kernel appears in the help.
 tune.__doc__ = prose_help(inspect.cleandoc(tune.__doc__ or "").replace(
-    "{default_spaces}", default_spaces_help()))
+    "{default_spaces}", default_spaces_help()).replace(
+    "{screen_rounds}", str(SCREEN_ROUNDS)).replace("{screen_turn}", f"{SCREEN_TURN_MS:g}").replace(
+    "{screen_margin}", f"{SCREEN_MARGIN * 100:g}"))
 
 
 def _check_interpreter(dev: torch.device) -> None:
@@ -209,13 +239,13 @@ def _check_interpreter(dev: torch.device) -> None:
 
 
 def _execute(tuning, sweep, spec_text: str, jobs: list[TuneJob], dev: torch.device, out: Path,
-             cache: Path | None):
+             cache: Path | None, screen: Screen | None):
     # A bad cache file (ours, or the one the kernels' lookup reads) is named once, not per config.
     with show_cache_warnings(), _phase_bars(console) as on_progress:
-        return tuning.execute_tune(sweep, spec_text, jobs, dev, out, cache, on_progress)
+        return tuning.execute_tune(sweep, spec_text, jobs, dev, out, cache, on_progress, screen)
 
 
-_PHASES = {"compile": "compiling", "time": "measuring"}
+_PHASES = {"compile": "compiling", "screen": "screening", "time": "measuring"}
 
 
 @contextmanager
@@ -236,7 +266,8 @@ def _phase_bars(console: Console) -> Iterator:
         yield on_progress
 
 
-def _dry_run_table(jobs: list[TuneJob], dev: torch.device) -> Table:
+def _dry_run_table(jobs: list[TuneJob], dev: torch.device, sweep: Sweep,
+                   screen: Screen | None) -> Table:
     table = Table(title=f"dry run on {dev}: candidates that would run, and pruned configs")
     for name in ("case", "kernel", "config", "would"):
         table.add_column(name, overflow="fold")
@@ -254,6 +285,10 @@ def _dry_run_table(jobs: list[TuneJob], dev: torch.device) -> Table:
     n_run = sum(len(c.run) for j in jobs for c in j.candidates)
     n_pruned = sum(len(c.pruned) for j in jobs for c in j.candidates)
     table.caption = f"{n_run} to run, {n_pruned} pruned; nothing was compiled"
+    n_screened = sum(screens(c, sweep, screen) for j in jobs for c in j.candidates)
+    if n_screened:
+        table.caption += (f"; {n_screened} kernel(s) screened: the best {screen.finalists} and "
+                          f"those within {screen.margin * 100:g}% of the best timed in full")
     return table
 
 
@@ -274,9 +309,14 @@ def _top_tables(outcome, top: int) -> list[Table]:
             if row.is_best:
                 cells = [f"[bold green]{c}[/bold green]" for c in cells]
             table.add_row(*cells)
-        failed = [r for r in result.rows if r.status not in ("ok", "unsupported")]
+        failed = [r for r in result.rows if r.status not in ("ok", "unsupported", SCREENED)]
         pruned = [r for r in result.rows if r.status == "unsupported"]
+        screened = [r for r in result.rows if r.status == SCREENED]
         notes = [f"{len(pruned)} pruned"] if pruned else []
+        if screened:
+            gains = [r.speedup_vs_default for r in screened if math.isfinite(r.speedup_vs_default)]
+            notes.append(f"{len(screened)} screened out" + (
+                f" (at most {max(gains):.2f}x the default in the screen)" if gains else ""))
         if failed:
             notes.append(f"{len(failed)} failed ({', '.join(sorted({r.status for r in failed}))})")
         if result.default_kept:

@@ -199,7 +199,12 @@ def case_label(key: Key) -> str:
     causal = " causal" if v["causal"].lower() == "true" else ""
     return (f"{v['mode']} {v['dtype']} b{v['batch']} s{v['seqlen']} q{v['q_len']} "
             f"h{v['heads']}/{v['kv_heads']} d{v['head_dim']}{causal} {v['pattern']} "
-            f"bs{v['block_size']}")
+            f"bs{v['block_size']}{_page_label(v.get('page_size', '0'))}")
+
+
+def _page_label(page_size: str) -> str:
+    """" page16" for a paged decode case; nothing for a contiguous cache (0)."""
+    return "" if page_size in ("0", "") else f" page{page_size}"
 
 
 def _with_provider(key: Key, provider: str) -> Key:

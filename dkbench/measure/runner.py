@@ -102,7 +102,7 @@ def _base_row(ctx: RunContext, case: Case, provider: str, pattern_hash: str,
         q_len=case.q_len, heads=case.heads, kv_heads=case.kv_heads, head_dim=case.head_dim,
         causal=case.causal, pattern=case.pattern.label(), pattern_hash=pattern_hash,
         block_size=case.block_size, density=density, seed=ctx.sweep.seed,
-        baseline=ctx.baseline or "", command=ctx.command)
+        baseline=ctx.baseline or "", command=ctx.command, page_size=case.page_size)
 
 
 @dataclass

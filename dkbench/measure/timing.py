@@ -228,10 +228,10 @@ def default_clock(device: torch.device) -> Clock:
     return CudaClock(device) if device.type == "cuda" else WallClock()
 
 
-def plan_turn(estimate_ms: float) -> tuple[int, int]:
-    """(settling calls, timed calls) for one turn of a step of this estimated time: about TURN_MS
-    in all, at least one of each, at most MAX_TURN_CALLS."""
-    calls = min(max(2, round(TURN_MS / max(estimate_ms, 1e-6))), MAX_TURN_CALLS)
+def plan_turn(estimate_ms: float, turn_ms: float = TURN_MS) -> tuple[int, int]:
+    """(settling calls, timed calls) for one turn of a step of this estimated time: about
+    ``turn_ms`` in all, at least one of each, at most MAX_TURN_CALLS."""
+    calls = min(max(2, round(turn_ms / max(estimate_ms, 1e-6))), MAX_TURN_CALLS)
     return calls // 2, calls - calls // 2
 
 
@@ -269,7 +269,8 @@ def _read(clock: Clock, handles: list[object], active: list[str],
 
 def measure_interleaved(steps: dict[str, Callable[[], object]], timing: Timing,
                         device: torch.device, baseline: str | None = None, *,
-                        clock: Clock | None = None) -> Interleaved:
+                        clock: Clock | None = None, turn_ms: float = TURN_MS,
+                        rounds: int | None = None) -> Interleaved:
     """Time ``steps`` (already warmed up) in rounds that give each a turn, and pair their times.
 
     Each step is first timed ESTIMATE_CALLS times (to plan its turn) and called for about
@@ -280,6 +281,9 @@ def measure_interleaved(steps: dict[str, Callable[[], object]], timing: Timing,
     this step's), which a drift of the device's speed between rounds leaves alone. A step that
     raises is reported in ``errors`` and left out of the later rounds, its samples dropped; the
     others carry on.
+
+    ``turn_ms`` and ``rounds`` (None: :func:`plan_rounds`) plan a shorter measurement, such as
+    the tuner's screen; a clock with ``fixed_rounds`` keeps its own turns and rounds.
     """
     if not steps:
         return Interleaved({}, {}, {}, [])
@@ -287,7 +291,7 @@ def measure_interleaved(steps: dict[str, Callable[[], object]], timing: Timing,
     names = list(steps)
     errors: dict[str, BaseException] = {}
     with clock.sampler or contextlib.nullcontext():
-        timed = _rounds(clock, steps, timing, errors)
+        timed = _rounds(clock, steps, timing, errors, turn_ms, rounds)
         flat = [h for this_round in timed for _, handles in this_round for h in handles]
         times = _read(clock, flat, [n for n in names if n not in errors], errors)
     readings = _telemetry(clock, timed if times is not None else [], errors)
@@ -310,14 +314,15 @@ def measure_interleaved(steps: dict[str, Callable[[], object]], timing: Timing,
 
 
 def _rounds(clock: Clock, steps: dict[str, Callable[[], object]], timing: Timing,
-            errors: dict[str, BaseException]) -> list[list[tuple[str, list[object]]]]:
+            errors: dict[str, BaseException], turn_ms: float,
+            rounds: int | None) -> list[list[tuple[str, list[object]]]]:
     """Estimate and warm up each step (unless the clock fixes its turns), then run the rounds;
     per round, each step's timed handles in the order the step ran."""
     names = list(steps)
     if clock.fixed_rounds is None:
         estimates = _estimates(clock, steps, errors)
-        turns = {name: plan_turn(ms) for name, ms in estimates.items()}
-        rounds = plan_rounds(timing)
+        turns = {name: plan_turn(ms, turn_ms) for name, ms in estimates.items()}
+        rounds = plan_rounds(timing) if rounds is None else rounds
         for name, ms in estimates.items():  # about warmup_ms of untimed calls each, as do_bench
             _calls(clock, steps, name, warmup_calls(ms, timing), errors)
     else:

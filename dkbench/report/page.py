@@ -106,7 +106,9 @@ def _case_heading(case: pd.DataFrame) -> str:
     parts = [f"seqlen {first['seqlen']:g}"]
     for col, name in (("q_len", "q_len"), ("batch", "batch"), ("heads", "heads"),
                       ("kv_heads", "kv_heads"), ("head_dim", "head_dim"), ("block_size", "block"),
-                      ("causal", "causal"), ("density", "density")):
+                      ("causal", "causal"), ("density", "density"), ("page_size", "page")):
+        if col == "page_size" and col in case.columns and not first[col]:
+            continue  # a contiguous cache: nothing to say
         if col in case.columns and pd.notna(first[col]):
             parts.append(f"{name} {first[col]:.4g}" if col == "density" else f"{name} {first[col]}")
     baselines = sorted({b for b in case["baseline"] if b})

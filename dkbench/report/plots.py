@@ -46,7 +46,8 @@ from .tune_plots import build_tune_figures
 FACET_COLUMNS = ("pattern", "mode", "dtype")
 # Shape columns that split a facet further when a sweep varies them (else lines would mix shapes).
 SHAPE_COLUMNS = {"batch": "b", "heads": "h", "kv_heads": "kv", "head_dim": "d",
-                 "block_size": "block", "causal": "causal", "tokens": "tokens"}
+                 "block_size": "block", "causal": "causal", "tokens": "tokens",
+                 "page_size": "page"}
 FAILED_MARKERS = {"oom": "x", "error": "X", "unsupported": "1", "wrong": "v"}
 FAILURE_BAND = 0.16  # axes fraction at the bottom of each subplot kept for failure markers
 _COLORS = matplotlib.colormaps["tab10"].colors

@@ -124,7 +124,7 @@ def tune_heatmap(rows: pd.DataFrame, subtitle: str = "", interpreter: bool = Fal
     lines += [INTERPRETER_NOTE] if interpreter else []
     width = int(fig.get_figwidth() * 11)  # characters that fit across at this font size
     fig.suptitle("\n".join(textwrap.fill(line, width) for line in lines if line), fontsize="medium")
-    fig.supxlabel("red outline: fastest config; grey: not run or failed (status shown)",
+    fig.supxlabel("red outline: fastest config; grey: not run, screened out or failed (status shown)",
                   fontsize="small")
     return fig
 

@@ -94,6 +94,9 @@ class ResultRow:
     clock_mhz_min: float = float("nan")
     power_w_median: float = float("nan")
     temp_c_max: float = float("nan")
+    # -- the KV cache's layout (decode; last, so that files written before it resume) --
+    # Tokens per page of a paged KV cache; 0 for a contiguous one, and in every other mode.
+    page_size: int = 0
 
 
 COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(ResultRow))
@@ -109,8 +112,11 @@ NA_VALUES = ["nan", "NaN", ""]
 # The columns that identify a case x provider across runs (used by resume, gate and merge).
 KEY_COLUMNS: tuple[str, ...] = (
     "provider", "mode", "dtype", "batch", "seqlen", "q_len", "heads", "kv_heads",
-    "head_dim", "causal", "pattern", "block_size",
+    "head_dim", "causal", "pattern", "block_size", "page_size",
 )
+# Columns added after files were committed, with the value every older row means: read_results
+# fills them in, so an old file still keys, gates and plots against a new one.
+LATER_COLUMNS: dict[str, object] = {"page_size": 0}
 
 
 def append_row(path: Path, row: ResultRow) -> None:
@@ -282,8 +288,11 @@ def read_results(path: Path) -> pd.DataFrame:
         source = io.BytesIO(data[:whole_rows_end(data)])
     if torn is not None:
         warnings.warn(torn, stacklevel=2)
-    return pd.read_csv(source, dtype={c: str for c in TEXT_COLUMNS}, keep_default_na=False,
-                       na_values=NA_VALUES)
+    frame = pd.read_csv(source, dtype={c: str for c in TEXT_COLUMNS}, keep_default_na=False,
+                        na_values=NA_VALUES)
+    for column, value in LATER_COLUMNS.items():
+        frame[column] = frame[column].fillna(value) if column in frame.columns else value
+    return frame
 
 
 def check_out_dir(out: Path, flag: str = "--out") -> None:

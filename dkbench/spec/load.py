@@ -127,6 +127,11 @@ def check_sweep(sweep: Sweep, path: Path) -> None:
     for d in as_list(sweep.head_dim):
         if not 16 <= d <= 256:
             fail("head_dim", f"{d} is not supported; allowed: 16 to 256")
+    modes = as_list(sweep.mode)
+    if any(p is not None for p in as_list(sweep.page_size)) and set(modes) != {"decode"}:
+        fail("page_size", f"a paged KV cache applies to mode decode only, and the spec's modes are "
+             f"{', '.join(modes)}; allowed: page_size null (or left out) with other modes, or "
+             "mode: decode")
     if sweep.lengths and len(sweep.lengths) > AXIS_RANGES["batch"][1]:
         fail("lengths", f"{len(sweep.lengths)} sequences; allowed: at most "
              f"{AXIS_RANGES['batch'][1]} (the batch)")
@@ -154,7 +159,7 @@ def _check_case_count(sweep: Sweep, fail) -> None:
     """Refuse, before expanding, axes that multiply to more than MAX_CASES cases."""
     axes = {key: len(as_list(getattr(sweep, key))) for key in (
         "mode", "dtype", "seqlen", "q_len", "heads", "kv_heads", "head_dim", "causal", "patterns",
-        "batch", "batch_tokens") if getattr(sweep, key) is not None}
+        "batch", "batch_tokens", "page_size") if getattr(sweep, key) is not None}
     total = math.prod(axes.values())
     if total > MAX_CASES:
         longest = max(axes, key=axes.__getitem__)

@@ -10,7 +10,7 @@ import hashlib
 import itertools
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import (
     BaseModel,
@@ -20,6 +20,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from kernels import PAGE_SIZES
 
 from ..errors import SpecError
 from .messages import (
@@ -114,13 +116,17 @@ def _axis_values() -> dict[str, tuple[str, Any, str]]:
     }
     for key, (lo, hi) in AXIS_RANGES.items():
         table[key] = ("an integer", lambda v: type(v) is int, f"allowed: integers {lo} to {hi}")
+    # decode's KV cache: null is contiguous, a number the tokens per page of a paged one.
+    table["page_size"] = ("a page size",
+                          lambda v: v is None or (type(v) is int and v in PAGE_SIZES),
+                          f"allowed: null (a contiguous cache), {', '.join(map(str, PAGE_SIZES))}")
     return table
 
 
 # A union of a value and a list reports one error per branch in pydantic's words; these axes
 # are checked first, in ours.
 AXIS_VALUES = _axis_values()
-_NULLABLE_AXES = ("batch", "batch_tokens", "q_len", "kv_heads")
+_NULLABLE_AXES = ("batch", "batch_tokens", "q_len", "kv_heads", "page_size")
 
 
 class Sweep(BaseModel):
@@ -151,6 +157,9 @@ class Sweep(BaseModel):
     # prefill_varlen and decode: the exact per-sequence lengths (for decode, the cache lengths);
     # the batch is their count and every one must be <= seqlen (the padded length).
     lengths: list[int] | None = Field(None, min_length=1)
+    # decode: an axis of KV-cache layouts, null a contiguous cache, a number pages of that many
+    # tokens in a random order (one block table per case, seeded).
+    page_size: Union[int, None, list[Optional[int]]] = None
     timing: Timing = Field(default_factory=Timing)
     check: Check = Field(default_factory=Check)
     config: LaunchConfigSpec | None = None
@@ -234,6 +243,7 @@ class Case:
     seed: int
     length_spread: float = 0.0
     lengths: tuple[int, ...] | None = None
+    page_size: int = 0  # decode: tokens per page of a paged cache; 0 for a contiguous one
 
     @property
     def block_size(self) -> int:
@@ -248,6 +258,8 @@ class Case:
             fields += (self.length_spread,)
         if self.lengths:
             fields += (self.lengths,)
+        if self.page_size:
+            fields += (("page_size", self.page_size),)
         text = repr(fields)
         return hashlib.sha1(text.encode()).hexdigest()[:10]
 
@@ -265,11 +277,11 @@ class Case:
         q = f"q{self.q_len}/" if self.q_len != self.seqlen else ""
         return (f"{self.mode} {self.dtype} b{self.batch} {q}s{self.seqlen} h{self.heads}/"
                 f"{self.kv_heads} d{self.head_dim} {'causal' if self.causal else 'bidir'} "
-                f"{self.pattern.label()}")
+                f"{self.pattern.label()}" + (f" page{self.page_size}" if self.page_size else ""))
 
 
 CASE_KEYS = ("mode", "dtype", "batch", "seqlen", "q_len", "heads", "kv_heads", "head_dim",
-             "causal", "pattern", "pattern_type", "block_size", "provider")
+             "causal", "pattern", "pattern_type", "block_size", "page_size", "provider")
 
 
 def as_list(value: Any) -> list:
@@ -284,10 +296,13 @@ def expand(sweep: Sweep) -> list[Case]:
     tokens = as_list(sweep.batch_tokens) if sweep.batch_tokens is not None else [None]
     q_lens = as_list(sweep.q_len) if sweep.q_len is not None else [None]
     cases = []
-    for (mode, dtype, seqlen, heads, kvh, dim, causal, pattern, batch, tok, q_len) in itertools.product(
+    for (mode, dtype, seqlen, heads, kvh, dim, causal, pattern, batch, tok, q_len,
+         page) in itertools.product(
             as_list(sweep.mode), as_list(sweep.dtype), as_list(sweep.seqlen),
             as_list(sweep.heads), kv_heads, as_list(sweep.head_dim), as_list(sweep.causal),
-            sweep.patterns, batches, tokens, q_lens):
+            sweep.patterns, batches, tokens, q_lens, as_list(sweep.page_size)):
+        if page is not None and mode != "decode":
+            continue  # only decode reads a KV cache (the spec's check says so)
         if mode == "decode":
             q_len = 1  # one new token per sequence
         case = Case(mode=mode, dtype=DTYPES.get(dtype, dtype),
@@ -296,7 +311,8 @@ def expand(sweep: Sweep) -> list[Case]:
                     kv_heads=kvh if kvh is not None else heads, head_dim=dim, causal=causal,
                     pattern=pattern, sm_scale=sweep.sm_scale, seed=sweep.seed,
                     length_spread=sweep.length_spread if mode in INFERENCE_MODES else 0.0,
-                    lengths=tuple(sweep.lengths) if sweep.lengths else None)
+                    lengths=tuple(sweep.lengths) if sweep.lengths else None,
+                    page_size=page or 0)
         if not any(_matches(case, rule) for rule in sweep.exclude):
             cases.append(case)
     return cases
@@ -312,6 +328,8 @@ def _matches(case: Case, rule: dict[str, Any], provider: str | None = None) -> b
             value = case.field(key)
         if key == "dtype":
             wanted = [DTYPES.get(w, w) for w in as_list(wanted)]
+        if key == "page_size":
+            wanted = [0 if w is None else w for w in as_list(wanted)]  # null: contiguous
         if value not in as_list(wanted) and str(value) not in [str(w) for w in as_list(wanted)]:
             return False
     return True

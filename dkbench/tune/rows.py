@@ -1,4 +1,5 @@
-"""tune.csv: one `TuneRow` per candidate config (measured, failed or pruned), appended per kernel."""
+"""tune.csv: one `TuneRow` per candidate config (measured, screened out, failed or pruned),
+appended per kernel."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ from ..results.schema import ResultRow
 from ..spec.sweep import Case
 
 TUNE_FILE = "tune.csv"
+# The status of a candidate that the screen (`tune.screen`) timed and left out of the final: its
+# ms and speedups are the screen's.
+SCREENED = "screened"
 
 
 @dataclass
@@ -45,6 +49,9 @@ class TuneRow:
     # The p20/p80 of the per-round speedups when timed interleaved with the default, else NaN.
     speedup_p20: float = float("nan")
     speedup_p80: float = float("nan")
+    # The median per-round speedup over the default in the screen, finalists' too (so the final
+    # shows how well the screen ranked); NaN where no screen timed the candidate.
+    screen_speedup: float = float("nan")
 
     @property
     def config(self) -> LaunchConfig:

@@ -7,7 +7,8 @@ baseline. So each candidate is prepared, checked against the reference, warmed u
 the others: with ``timing.interleave`` (the default) all together in rounds, each speedup over the
 default the median of per-round ratios; otherwise one after another with ``do_bench``. Before a
 kernel's candidates are timed, each runs once to compile it (`precompile`), several at once on a
-GPU.
+GPU. Timed interleaved, more candidates than the screen keeps are first screened (`screen`): all
+of them briefly, then only the best and those near them in full.
 
 A config replaces the default only when it is clearly faster (`winners.clearly_faster`). Every
 config becomes a row of ``tune.csv``; a failure is a row with its status, never an exception. The
@@ -35,11 +36,13 @@ from .cache import cache_errors
 from .plan import TuneJob
 from .precompile import CompileTask, Failure, compile_pool, worker_count
 from .rows import TUNE_FILE, append_tune_rows, take_measurement, tune_row
+from .screen import DEFAULT_SCREEN, Screen, Screened, run_screened, screens, take_screen
 from .space import Candidates
 from .winners import CacheWrite, KernelResult, cache_winners, mark_best
 
 # on_progress(phase, text, done, total): phase "compile" (a candidate run once before it is
-# timed) or "time" (a candidate prepared, or one kernel's candidates timed together).
+# timed), "screen" (one kernel's candidates screened, counted by candidate) or "time" (a
+# candidate prepared, or one kernel's candidates timed together).
 Progress = Callable[[str, str, int, int], None]
 
 
@@ -80,10 +83,12 @@ def compile_tasks(job: TuneJob, cands: Candidates,
 
 def tune_kernel(job: TuneJob, cands: Candidates, sweep: Sweep, device: torch.device, env: dict,
                 run_id: str, winners: dict[str, LaunchConfig], failed: dict[str, Failure],
-                on_step: Callable[[str], None]) -> KernelResult:
+                on_step: Callable[[str], None], screen: Screen | None = None,
+                on_screen: Callable[[str], None] = lambda text: None) -> KernelResult:
     """Measure the candidates of one kernel of one case behind the ``winners`` of the kernels
     tuned before it; those in ``failed`` (by name) keep that failure and are not measured.
-    Pruned configs become rows too. ``on_step`` hears each step of the timing phase."""
+    Pruned configs become rows too. ``on_step`` hears each step of the timing phase; where
+    ``screen`` applies (:func:`screens`), ``on_screen`` hears once what it did."""
     kernel = cands.kernel
     tasks = compile_tasks(job, cands, winners)  # the default first: the baseline
     case, default = tasks[0].case, tasks[0].name
@@ -95,7 +100,17 @@ def tune_kernel(job: TuneJob, cands: Candidates, sweep: Sweep, device: torch.dev
     def on_start(what: str) -> None:  # "preparing NAME" (or NAME), "timing N providers ..."
         on_step(f"{kernel} {what}: {job.case.label()}")
 
-    measured = iter(runner.run_case(ctx, case, todo, on_start) if todo else [])
+    def screened(what: str) -> None:
+        on_screen(f"{kernel} {what}: {job.case.label()}")
+
+    found: Screened | None = None
+    if screens(cands, sweep, screen) and screen.could_drop(len(todo)):
+        measured, found = run_screened(ctx, case, todo, screen, on_start, screened)
+    else:
+        if screens(cands, sweep, screen):  # too many failed to compile
+            screened(f"not screened ({len(todo)} compiled)")
+        measured = runner.run_case(ctx, case, todo, on_start) if todo else []
+    measured = iter(measured)
     rows = []
     for name, config in names.items():
         row = tune_row(run_id, job.case, kernel, config)
@@ -103,6 +118,8 @@ def tune_kernel(job: TuneJob, cands: Candidates, sweep: Sweep, device: torch.dev
             row.status, row.message = failed[name].status, failed[name].message
         else:
             take_measurement(row, next(measured))
+            if found is not None:
+                take_screen(row, name, found)
         rows.append(row)
     default_row = rows[0]
     if default_row.status == "ok":
@@ -131,10 +148,12 @@ def preflight(out: Path, cache_path: Path | None) -> ConfigCache:
 
 
 def execute_tune(sweep: Sweep, spec_text: str, jobs: list[TuneJob], device: torch.device,
-                 out: Path, cache_path: Path | None,
-                 on_progress: Progress | None = None) -> TuneOutcome:
-    """Tune every job into a new ``<out>/tune-<name>-<stamp>/`` and write the winners' cache.
-    Raises BadInputError / CacheError before timing when ``out`` or the cache is not writable."""
+                 out: Path, cache_path: Path | None, on_progress: Progress | None = None,
+                 screen: Screen | None = DEFAULT_SCREEN) -> TuneOutcome:
+    """Tune every job into a new ``<out>/tune-<name>-<stamp>/`` and write the winners' cache,
+    each kernel's candidates screened by ``screen`` where it applies (None: every candidate
+    timed in full). Raises BadInputError / CacheError before timing when ``out`` or the cache
+    is not writable."""
     cache = preflight(out, cache_path)
     run_dir = runner.new_run_dir(out, f"tune-{sweep.name}")
     env = environment(device)
@@ -146,6 +165,7 @@ def execute_tune(sweep: Sweep, spec_text: str, jobs: list[TuneJob], device: torc
         "spec_text": spec_text, "cache": str(cache.path),
         "spaces": {f"{j.case.case_id}/{c.kernel}": [x.short() for x in c.run] for j in jobs
                    for c in j.candidates},
+        "screen": screen.as_dict() if screen is not None and sweep.timing.interleave else None,
         "started": datetime.now(timezone.utc).isoformat()})
     report = on_progress or (lambda *args: None)
     sweep = checked(sweep)
@@ -155,7 +175,8 @@ def execute_tune(sweep: Sweep, spec_text: str, jobs: list[TuneJob], device: torc
     count = sum(len(c.run) for j in jobs for c in j.candidates)
     together = 1 if sweep.timing.interleave else 0
     total = count + together * sum(len(j.candidates) for j in jobs)
-    compiled = done = 0
+    to_screen = sum(len(c.run) for j in jobs for c in j.candidates if screens(c, sweep, screen))
+    compiled = done = screened = 0
 
     def on_compiled(task: CompileTask) -> None:
         nonlocal compiled
@@ -166,6 +187,13 @@ def execute_tune(sweep: Sweep, spec_text: str, jobs: list[TuneJob], device: torc
         nonlocal done
         report("time", text, done, total)
         done += 1
+
+    def on_screen(cands: Candidates) -> Callable[[str], None]:  # counted by candidate
+        def heard(text: str) -> None:
+            nonlocal screened
+            screened += len(cands.run)
+            report("screen", text, screened, to_screen)
+        return heard
 
     results: list[KernelResult] = []
     warnings: list[str] = []
@@ -179,12 +207,14 @@ def execute_tune(sweep: Sweep, spec_text: str, jobs: list[TuneJob], device: torc
                 warnings += found.warnings
                 done += len(found.failures)  # not prepared again
                 result = tune_kernel(job, cands, sweep, device, env, run_dir.name, winners,
-                                     found.failures, on_step)
+                                     found.failures, on_step, screen, on_screen(cands))
                 append_tune_rows(run_dir / TUNE_FILE, result.rows)
                 results.append(result)
                 if result.best is not None:
                     winners[cands.kernel] = result.best.config
     report("time", "done", total, total)
+    if to_screen:
+        report("screen", "done", to_screen, to_screen)
     writes = cache_winners(results)
     with cache_errors():
         for w in writes:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from kernels import CacheKey, LaunchConfig
 
 from ..spec.sweep import Case
-from .rows import TuneRow
+from .rows import SCREENED, TuneRow
 
 
 @dataclass
@@ -64,14 +64,15 @@ def clearly_faster(row: TuneRow, default: TuneRow) -> bool:
 
 
 def mark_best(rows: list[TuneRow], default: TuneRow) -> None:
-    """Flag the winner among the ok rows (only checked rows are ok): the fastest config that is
-    clearly faster than the default (:func:`clearly_faster`), else the default, so noise never
-    moves a cache entry; with the default failed, the fastest median. Speedups over the default
-    that timing did not pair are the ratio of medians."""
+    """Flag the winner among the ok rows (only checked rows are ok, and only those timed in full:
+    a screened-out row is not): the fastest config that is clearly faster than the default
+    (:func:`clearly_faster`), else the default, so noise never moves a cache entry; with the
+    default failed, the fastest median. Speedups over the default that timing did not pair are
+    the ratio of medians; a screened-out row keeps its screen's."""
     ok = [r for r in rows if r.status == "ok" and math.isfinite(r.ms)]
     for r in rows:
         r.is_best = False
-        if r.status != "ok" or default.status != "ok":
+        if r.status not in ("ok", SCREENED) or default.status != "ok":
             r.speedup_vs_default = r.speedup_p20 = r.speedup_p80 = float("nan")
         elif not math.isfinite(r.speedup_vs_default) and r.ms > 0:
             r.speedup_vs_default = default.ms / r.ms

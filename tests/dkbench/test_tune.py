@@ -49,7 +49,7 @@ CUDA = torch.device("cuda", 0)  # only its .type is read by the code under test 
 COLUMNS = ["run_id", "case_id", "kernel", "dtype", "seqlen", "heads", "kv_heads", "head_dim",
            "block_size", "pattern", "block_m", "block_n", "num_warps", "num_stages", "impl", "ms",
            "ms_p20", "ms_p80", "status", "message", "is_best", "speedup_vs_default",
-           "speedup_p20", "speedup_p80"]
+           "speedup_p20", "speedup_p80", "screen_speedup"]
 # 128 tokens, one head, head_dim 32, four sparse blocks of 32: a kernel call takes ~0.1 s.
 TINY = {"name": "tinytune", "dtype": "fp32", "mode": "fwd", "batch": 1, "seqlen": 128,
         "heads": 1, "kv_heads": 1, "head_dim": 32, "causal": True,
@@ -125,7 +125,9 @@ def test_space_from_flags_replaces_only_the_given_axes() -> None:
 def test_impl_axis_narrows_to_the_given_kernels() -> None:
     space = build_space("fwd", CUDA, 64, {"impl": ("triton",)})
     assert {c.impl for c in space.configs()} == {"triton"}
-    assert build_space("bwd", CUDA, 64, {}).values["impl"] == ("triton",)
+    # The dk/dv kernel's fused implementation is searched on a GPU by default; dq has one.
+    assert build_space("bwd", CUDA, 64, {}).values["impl"] == ("triton", "fused")
+    assert build_space("dq", CUDA, 64, {}).values["impl"] == ("triton",)
     assert parse_impl_list("gluon, triton") == ("gluon", "triton")
     with pytest.raises(BadInputError, match="allowed values are triton, gluon"):
         parse_impl_list("cuda")

@@ -22,7 +22,7 @@ def tile_loads(request, monkeypatch):
     for module in (fwd, bwd):
         monkeypatch.setattr(module, "tile_descriptors", recorded)
     if request.param == "pointers":
-        for name in ("sparse_attention_fwd", "sparse_attention_bwd"):
+        for name in ("sparse_attention_fwd", "sparse_attention_bwd", "sparse_attention_bwd_fused"):
             launcher = getattr(kernels.attention, name)
             monkeypatch.setattr(kernels.attention, name, functools.partial(launcher, tma=False))
     yield request.param

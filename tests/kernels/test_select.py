@@ -58,9 +58,9 @@ def launches(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[LaunchConfig]]:
         seen["varlen"].append(config)
         return varlen(q, k, v, seqs, layout, scale, config, out)
 
-    def decode_spy(q, k, v, lens, layout, scale, splits, config):
+    def decode_spy(q, k, v, lens, layout, scale, splits, config, **paged):
         seen["decode"].append(config)
-        return decode(q, k, v, lens, layout, scale, splits, config)
+        return decode(q, k, v, lens, layout, scale, splits, config, **paged)
 
     monkeypatch.setattr(kernels.inference, "sparse_attention_fwd_varlen", varlen_spy)
     monkeypatch.setattr(kernels.inference, "sparse_attention_decode_fwd", decode_spy)

@@ -1,4 +1,5 @@
-"""The bundled Triton block-sparse kernels: training forward/backward, varlen prefill, decoding."""
+"""The bundled Triton block-sparse kernels: training forward/backward, varlen prefill, decoding
+(from a contiguous or a paged KV cache)."""
 
 from __future__ import annotations
 
@@ -90,11 +91,18 @@ class BundledKernel(Provider):
         plan = group_plan(layout, case.heads, case.kv_heads)
         splits = auto_splits(case.batch, case.kv_heads, plan.max_entries, device)
 
-        def attn(q, k_cache, v_cache, cache_seqlens, *_):
+        def attn(q, k_cache, v_cache, cache_seqlens, lengths, paged=None):
+            table = None
+            if paged is not None:  # a paged case: the pages, through its block table
+                k_cache, v_cache, table = paged
             return sparse_attention_decode(q, k_cache, v_cache, cache_seqlens, layout,
-                                           sm_scale=scale, num_splits=splits, config=config)
+                                           sm_scale=scale, num_splits=splits, config=config,
+                                           block_table=table, max_cache_len=case.seqlen)
 
-        return Prepared(attn, f"splits{splits} {config.short()}", source, launch_config=config)
+        label = f"splits{splits} {config.short()}"
+        if case.page_size:
+            label += f" page{case.page_size}"
+        return Prepared(attn, label, source, launch_config=config)
 
 
 def _backward_config(kernel: str, pins: Mapping[str, LaunchConfig], probe: torch.Tensor,

@@ -1,6 +1,7 @@
 """FlashAttention-4 (the CuTe-DSL package ``flash-attn-4``, imported as ``flash_attn.cute``),
-called directly: `fa4` on the dense (causal) problem in every mode, `fa4_sparse` with the case's
-own pattern as FA4's block-sparse tensors, forward and backward.
+called directly: `fa4` on the dense (causal) problem in every mode (decode through its varlen
+entry, a paged case with its `page_table`), `fa4_sparse` with the case's own pattern as FA4's
+block-sparse tensors, forward and backward.
 
 FA4 takes ``(batch, seq, heads, dim)``; the training inputs are ``(batch, heads, seq, dim)``, so
 they go in as transposed views (no copy). Its causal mask aligns bottom-right, as ours does.
@@ -75,15 +76,22 @@ class Fa4(Provider):
             # on Hopper it refuses split-KV ("SplitKV not supported on SM 9.0").
             splits = 0 if torch.cuda.get_device_capability(device)[0] >= 10 else 1
 
-            def decode(q, k_cache, v_cache, cache_seqlens, *_):
+            def decode(q, k_cache, v_cache, cache_seqlens, lengths, paged=None):
                 # One query per sequence against its first cache_seqlens keys: the new token's
                 # k/v are already in the cache and it sees all of them, so no causal mask.
+                pages = {}
+                if paged is not None:  # FA4's paged entry: its page_table is our block table
+                    k_cache, v_cache, table = paged
+                    pages = {"page_table": table}
                 out, _lse = flash_attn_varlen_func(q[:, None], k_cache, v_cache,
                                                    seqused_k=cache_seqlens, softmax_scale=scale,
-                                                   causal=False, num_splits=splits)
+                                                   causal=False, num_splits=splits, **pages)
                 return out[:, 0]
 
-            return Prepared(decode, "splits auto" if splits == 0 else "splits 1", "fa4")
+            label = "splits auto" if splits == 0 else "splits 1"
+            if case.page_size:
+                label += f", page_table page{case.page_size}"
+            return Prepared(decode, label, "fa4")
 
         def attn(q, k, v):
             out, _lse = flash_attn_func(_bshd(q), _bshd(k), _bshd(v), softmax_scale=scale,

@@ -1,5 +1,6 @@
 """FlashInfer (the ``flashinfer-python`` package), called directly, forward only: `flashinfer` with
-the case's own block pattern, `flashinfer_decode` on the dense decode problem over a paged cache.
+the case's own block pattern, `flashinfer_decode` on the dense decode problem over a paged cache
+(the contiguous cache viewed as pages, or a paged case's own pages and block table).
 
 `flashinfer` uses `VariableBlockSparseAttentionWrapper`, not `BlockSparseAttentionWrapper`:
 the latter plans one BSR matrix for every head of one sequence (``indptr`` ``(MB + 1,)``) and
@@ -34,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from kernels import BlockLayout
 
 from ...spec.sweep import Case, Sweep
-from ..modes import sequence_lengths
+from ..modes import block_table, sequence_lengths
 from .base import MaskBlocks, Prepared, Provider, Unsupported, import_failure
 from .forms import coarse_blocks, per_kv_head
 
@@ -180,8 +181,9 @@ class FlashInferSparse(Provider):
 # -- decode: the padded cache as pages --
 
 class DecodePages(BaseModel):
-    """Options of `flashinfer_decode`: the page size the cache is viewed in (it must divide the
-    cache length; None takes the largest divisor of it up to 16) and FlashInfer's
+    """Options of `flashinfer_decode`: the page size a contiguous cache is viewed in (it must
+    divide the cache length; None takes the largest divisor of it up to 16; a paged case runs on
+    its own pages, so another size pinned there is unsupported) and FlashInfer's
     ``use_tensor_cores`` (its prefill kernels for decode, faster for large GQA groups)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -202,17 +204,24 @@ def decode_page_size(max_len: int, pinned: int | None = None) -> int:
 def page_table(lengths: torch.Tensor, max_len: int, page_size: int
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """FlashInfer's page table for a right-padded cache ``(batch, max_len, ...)`` viewed as
-    ``(batch * max_len / page_size)`` pages: ``kv_indptr`` ``(batch + 1,)``, ``kv_indices``
-    (each sequence's first ``ceil(len / page_size)`` pages, in order) and ``last_page_len``
-    (entries in the last page, 1..page_size), int32."""
-    lengths = lengths.to(torch.int64)
+    ``(batch * max_len / page_size)`` pages, sequence b owning pages ``b * max_len / page_size``
+    on, in order: `paged_kv_plan` of that block table."""
     per_seq = max_len // page_size
+    owned = torch.arange(lengths.numel() * per_seq, device=lengths.device).view(-1, per_seq)
+    return paged_kv_plan(owned, lengths, page_size)
+
+
+def paged_kv_plan(block_table: torch.Tensor, lengths: torch.Tensor, page_size: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A block table ``(batch, max_pages)`` as FlashInfer's paged-KV plan: ``kv_indptr``
+    ``(batch + 1,)``, ``kv_indices`` (each sequence's first ``ceil(len / page_size)`` table
+    entries, in order) and ``last_page_len`` (entries in the last page, 1..page_size), int32."""
+    lengths = lengths.to(torch.int64)
     pages = (lengths + page_size - 1) // page_size
     indptr = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=lengths.device)
     indptr[1:] = pages.cumsum(0)
-    seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), pages)
-    within = torch.arange(int(indptr[-1]), device=lengths.device) - indptr[:-1][seq]
-    indices = seq * per_seq + within
+    live = torch.arange(block_table.shape[1], device=lengths.device)[None, :] < pages[:, None]
+    indices = block_table.to(lengths.device)[live]  # row-major: sequence by sequence, in order
     last = lengths - (pages - 1) * page_size
     return indptr.to(torch.int32), indices.to(torch.int32), last.to(torch.int32)
 
@@ -234,11 +243,20 @@ class FlashInferDecode(Provider):
     def prepare(self, case: Case, layout: BlockLayout, sweep: Sweep, device: torch.device,
                 scale: float, config: object = None) -> Prepared:
         options: DecodePages = self.options(sweep)
-        page = decode_page_size(case.seqlen, options.page_size)
+        lengths = torch.tensor(sequence_lengths(case), dtype=torch.int32)
+        if case.page_size:  # a paged case: the case's own pages, with its block table
+            if options.page_size not in (None, case.page_size):
+                raise Unsupported(f"provider_options.flashinfer_decode.page_size "
+                                  f"{options.page_size} is not this case's page_size "
+                                  f"{case.page_size}: a paged case runs on its own pages")
+            page = case.page_size
+            plan = paged_kv_plan(block_table(case), lengths, page)
+        else:
+            page = decode_page_size(case.seqlen, options.page_size)
+            plan = page_table(lengths, case.seqlen, page)
         from flashinfer import BatchDecodeWithPagedKVCacheWrapper
 
-        lengths = torch.tensor(sequence_lengths(case), dtype=torch.int32)
-        indptr, indices, last = (t.to(device) for t in page_table(lengths, case.seqlen, page))
+        indptr, indices, last = (t.to(device) for t in plan)
         dtype = getattr(torch, case.dtype)
         wrapper = BatchDecodeWithPagedKVCacheWrapper(_workspace(device), "NHD",
                                                      use_tensor_cores=options.use_tensor_cores)
@@ -247,9 +265,12 @@ class FlashInferDecode(Provider):
         pages = case.batch * case.seqlen // page
         shape = (pages, page, case.kv_heads, case.head_dim)
 
-        def decode(q, k_cache, v_cache, *_):
+        def decode(q, k_cache, v_cache, cache_seqlens, lengths, paged=None):
+            if paged is not None:
+                return wrapper.run(q, (paged.k_pages, paged.v_pages))
             # The contiguous (batch, max_len, kv_heads, dim) cache is already NHD pages: a view.
             return wrapper.run(q, (k_cache.view(shape), v_cache.view(shape)))
 
-        label = f"page {page}" + (", tensor cores" if options.use_tensor_cores else "")
+        label = (f"page {page}" + (" (the case's pages)" if case.page_size else "")
+                 + (", tensor cores" if options.use_tensor_cores else ""))
         return Prepared(decode, label, "default" if options == DecodePages() else "explicit")

@@ -89,7 +89,12 @@ class _Sdpa(Provider):
                                                      scale=scale, enable_gqa=gqa)
             return out[:, :, 0]
 
-        return Prepared(attn, _expanded_label(expand))
+        label = _expanded_label(expand)
+        if case.page_size:
+            # The inputs hold the case's pages gathered into a contiguous cache, outside timing.
+            label = ", ".join(filter(None, (label, f"pages of {case.page_size} gathered into a "
+                                                   "contiguous cache outside timing")))
+        return Prepared(attn, label)
 
 
 def _repeat_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
