@@ -80,7 +80,7 @@ def tune(
     num_warps: Annotated[Optional[str], _list_option("num_warps", "4,8")] = None,
     num_stages: Annotated[Optional[str], _list_option("num_stages", "2,3,4")] = None,
     impl: Annotated[Optional[str], typer.Option(
-        help=f"Implementations: {', '.join(IMPLS)}.",
+        help=f"Implementations, comma-separated, of: {', '.join(IMPLS)}.",
         show_default=False,
         rich_help_panel=_SPACE_PANEL)] = None,
     mode: Annotated[Optional[str], typer.Option(
