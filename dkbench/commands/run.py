@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -62,7 +63,7 @@ def run(
         from ..measure.parallel import execute_parallel, parent_device, parse_gpus
         from ..measure.resume import recorded_spec
         from ..measure.shard import parse_shard, shard_cases
-        from ..report.summary import cannot_run_here, outcome_line, summary_table
+        from ..report.summary import cannot_run_here, outcome_line, setup_line, summary_table
 
         if device not in ("auto", "cuda", "cpu"):
             raise BadInputError(f"--device {device!r}: allowed values are auto, cuda, cpu")
@@ -148,6 +149,7 @@ def run(
                                     extra_meta=meta)
         return runner.execute(sweep, spec_text, plan, dev, on_progress, extra_meta=meta)
 
+    started = time.perf_counter()
     try:
         if quiet:
             rows = run_sweep()
@@ -169,6 +171,9 @@ def run(
     outcome = outcome_line(rows, cannot_run_here(rows, dev))
     if outcome:
         console.print(outcome)
+    spent = setup_line(rows, time.perf_counter() - started)
+    if spent and not quiet:
+        console.print(spent, highlight=False)
     console.print(f"Results: [bold]{escape(str(plan.run_dir / 'results.csv'))}[/bold]")
 
 

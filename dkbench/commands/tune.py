@@ -211,6 +211,8 @@ def tune(
         console.print(table)
     _print_cache(outcome, cache)
     console.print(f"Tune results: [bold]{escape(str(outcome.run_dir / TUNE_FILE))}[/bold]")
+    if outcome.took:
+        console.print(outcome.took, highlight=False)
 
 
 def default_spaces_help() -> str:

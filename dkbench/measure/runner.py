@@ -24,7 +24,7 @@ from ..results.schema import (
 from ..spec.sweep import Case, Sweep, excluded_for_provider
 from . import metrics, size_guard, sol, telemetry
 from .calibrate import Calibration, load_or_calibrate, unavailable_reason
-from .check import random_inputs, run_check
+from .check import CheckResult, random_inputs, run_check
 from .envinfo import command_line, environment
 from .providers import PROVIDERS, Provider, Unsupported
 from .resume import previous_baselines, resumed_rows
@@ -72,6 +72,9 @@ class RunContext:
     # Providers measured under a name of their own instead of PROVIDERS[name]: name -> (provider,
     # the config its prepare pins). The tuner's candidates: the bundled kernel, one config pinned.
     pinned: dict[str, tuple[Provider, object]] = field(default_factory=dict)
+    # Checks already run, by provider name: the same check on the same device and seeded inputs,
+    # run by a tune's compile worker, so it is not run again here.
+    prechecked: dict[str, CheckResult] = field(default_factory=dict)
 
 
 def order_providers(names: list[str], baseline: str | None) -> list[str]:
@@ -149,7 +152,8 @@ def prepare_one(ctx: RunContext, case: Case, name: str, layout, density: float, 
         row.build_ms = (time.perf_counter() - start) * 1e3
         row.config, row.config_source = prepared.config, prepared.config_source
         if sweep.check.enabled:
-            checked = run_check(provider, prepared, case, layout, sweep, device, scale, seed)
+            checked = ctx.prechecked.get(name) or run_check(provider, prepared, case, layout,
+                                                            sweep, device, scale, seed)
             row.max_abs_err, row.rel_err = checked.max_abs_err, checked.rel_err
             if not checked.ok:
                 row.status = "wrong"
@@ -162,6 +166,7 @@ def prepare_one(ctx: RunContext, case: Case, name: str, layout, density: float, 
         # hold is not this step's. With one provider alive, before == case_bytes and this is all
         # memory allocated while the call runs, inputs and outputs included.
         row.peak_mem_mb = peak_memory_mb(step, device, before - case_bytes)
+        row.setup_ms = (time.perf_counter() - start) * 1e3
         return ReadyStep(row, provider, step)
     except Exception as exc:  # noqa: BLE001 - one failing row never stops a sweep
         _record_failure(row, exc, provider.refused(exc))

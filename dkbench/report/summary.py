@@ -67,3 +67,20 @@ def outcome_line(rows: list[ResultRow], cannot_run: set[str]) -> str | None:
         names = ", ".join(sorted({r.provider for r in skipped}))
         parts.append(f"{len(skipped)} skipped (cannot run here: {names})")
     return "; ".join(parts) + "." if parts else None
+
+
+def setup_line(rows: list[ResultRow], wall_s: float, slowest: int = 3) -> str | None:
+    """Where the run's wall time went: the rows' set-up (prepare, check, warm-up: where providers
+    compile) against the rest (timing, building cases), with the providers whose set-up took
+    longest. None when no row got as far as its set-up."""
+    per_provider: dict[str, float] = defaultdict(float)
+    for row in rows:
+        if row.setup_ms == row.setup_ms:  # not NaN
+            per_provider[row.provider] += row.setup_ms / 1e3
+    if not per_provider:
+        return None
+    total = sum(per_provider.values())
+    top = sorted(per_provider.items(), key=lambda item: item[1], reverse=True)[:slowest]
+    names = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in top)
+    return (f"Wall time {wall_s:.0f} s: set-up (prepare, check, warm-up) {total:.0f} s, "
+            f"most in {names}; timing and the rest {max(wall_s - total, 0.0):.0f} s.")

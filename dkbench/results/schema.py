@@ -97,6 +97,11 @@ class ResultRow:
     # -- the KV cache's layout (decode; last, so that files written before it resume) --
     # Tokens per page of a paged KV cache; 0 for a contiguous one, and in every other mode.
     page_size: int = 0
+    # -- where a run's time goes (last, so that files written before it resume) --
+    # Wall time from the start of the row's preparation until its step was ready to time: the
+    # provider's prepare (build_ms), the check, the warm-up call (where most providers compile) and
+    # the peak-memory call. NaN where the row never got that far.
+    setup_ms: float = float("nan")
 
 
 COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(ResultRow))

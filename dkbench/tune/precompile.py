@@ -5,8 +5,10 @@ dozens of configs. Before the candidates of a (case, kernel) are timed, each wor
 checks and runs some of them once with the same pins as the timing loop (`runner.prepare_one`),
 which compiles their kernels into Triton's on-disk cache: the workers inherit this process's
 environment, TRITON_CACHE_DIR included, so the timing loop loads each kernel instead of compiling
-it. A candidate that fails in a worker keeps that failure and is not timed, except for want of
-memory (the workers share the GPU, so it is tried again alone). A worker that dies costs the
+it. A candidate's check is not run twice: the worker ran it on the same device with the same
+seeded inputs, so the timing loop takes its result (`RunContext.prechecked`). A candidate that
+fails in a worker keeps that failure and is not timed, except for want of memory (the workers
+share the GPU, so it is tried again alone). A worker that dies costs the
 candidate it was on (recorded as an error) and is replaced; workers that cannot start leave their
 candidates to the timing loop. The workers live for the whole tune, so each starts once.
 
@@ -28,7 +30,7 @@ from multiprocessing.connection import Connection, wait
 import torch
 
 from ..measure import runner
-from ..measure.check import random_inputs
+from ..measure.check import CheckResult, random_inputs
 from ..measure.parallel import (
     CONTEXT_LOST_EXIT,
     _context_lost,
@@ -84,9 +86,10 @@ class Compiler:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def run(self, task: CompileTask) -> Failure | None:
-        """The candidate's failure, or None when it ran (or its case could not be built here:
-        the timing loop builds it again and records why)."""
+    def run(self, task: CompileTask) -> Failure | CheckResult | None:
+        """The candidate's failure, or its check when it ran and was right (None when the sweep
+        checks nothing, or its case could not be built here: the timing loop builds it again and
+        records why)."""
         case = task.case
         if case != self._case:
             self._case, self._built = case, None  # the last case's inputs go before new ones come
@@ -104,21 +107,27 @@ class Compiler:
                                 pinned={task.name: (BundledKernel(), task.pin)})
         got = runner.prepare_one(ctx, case, task.name, layout, float("nan"), inputs, seed + 1)
         if isinstance(got, runner.ReadyStep):
-            return None
+            row = got.row
+            return (CheckResult(row.max_abs_err, row.rel_err, True, "out")
+                    if self.sweep.check.enabled else None)
         return Failure(got.status, got.message)
 
 
 @dataclass
 class Compiled:
-    """What one batch found: the candidates not to time (by name), and notes for the user."""
+    """What one batch found: the candidates not to time (by name), the checks of those that ran
+    right (by name), and notes for the user."""
 
     failures: dict[str, Failure] = field(default_factory=dict)
+    checks: dict[str, CheckResult] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
-    def record(self, task: CompileTask, failure: Failure | None) -> None:
+    def record(self, task: CompileTask, outcome: Failure | CheckResult | None) -> None:
+        if isinstance(outcome, CheckResult):
+            self.checks[task.name] = outcome
         # Out of memory among workers sharing the GPU says little about the candidate alone.
-        if failure is not None and failure.status != "oom":
-            self.failures[task.name] = failure
+        elif outcome is not None and outcome.status != "oom":
+            self.failures[task.name] = outcome
 
 
 OnDone = Callable[[CompileTask], None]
@@ -158,8 +167,8 @@ def compile_pool(sweep: Sweep, env: dict, device: torch.device,
 
 def _worker_main(conn: Connection, setup: tuple[Sweep, dict, torch.device]) -> None:
     """Receive tasks until ``None`` (``"release"`` drops the case's inputs); send
-    ``("done", failure, lost)`` for each, ``lost`` when the worker exits after it (its CUDA
-    context broken)."""
+    ``("done", outcome, lost)`` for each (a Failure, a CheckResult or None), ``lost`` when the
+    worker exits after it (its CUDA context broken)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     sweep, env, device = setup
     if device.type == "cuda":
@@ -171,9 +180,9 @@ def _worker_main(conn: Connection, setup: tuple[Sweep, dict, torch.device]) -> N
             if task == "release":
                 compiler.release()
                 continue
-            failure = compiler.run(task)
-            lost = failure is not None and _context_lost(device)
-            conn.send(("done", failure, lost))
+            outcome = compiler.run(task)
+            lost = isinstance(outcome, Failure) and _context_lost(device)
+            conn.send(("done", outcome, lost))
             if lost:
                 conn.close()
                 os._exit(CONTEXT_LOST_EXIT)  # a fresh process gets a fresh CUDA context

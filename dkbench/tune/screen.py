@@ -26,6 +26,7 @@ from ..measure.check import random_inputs
 from ..measure.timing import Measurement, Ratio, measure_interleaved
 from ..results.schema import ResultRow
 from ..spec.sweep import Case, Sweep
+from .phases import Stopwatch
 from .rows import SCREENED, TuneRow
 from .space import Candidates
 
@@ -113,38 +114,48 @@ def screen_steps(ctx: runner.RunContext, ready: list[runner.ReadyStep],
                     frozenset(speedups) - frozenset(kept), max(speedups.values()))
 
 
-def run_screened(ctx: runner.RunContext, case: Case, names: list[str], screen: Screen,
-                 on_start: Callable[[str], None],
-                 on_screen: Callable[[str], None]) -> tuple[list[ResultRow], Screened | None]:
-    """`runner.run_case` with the screen between preparing the candidates (``names``, the
-    default first) and timing them interleaved: one row per name in order, and what the screen
-    found (None: it dropped none). A row the screen dropped is as prepared, never timed again: its
-    numbers are in the Screened. ``on_screen`` hears once what the screen did."""
+def run_screened(ctx: runner.RunContext, case: Case, names: list[str], screen: Screen | None,
+                 on_start: Callable[[str], None], on_screen: Callable[[str], None],
+                 clock: Stopwatch | None = None) -> tuple[list[ResultRow], Screened | None]:
+    """`runner.run_case` timed interleaved, with the screen (unless ``screen`` is None) between
+    preparing the candidates (``names``, the default first) and timing them: one row per name in
+    order, and what the screen found (None: it dropped none). A row the screen dropped is as
+    prepared, never timed again: its numbers are in the Screened. ``on_screen`` hears once what
+    the screen did; ``clock`` adds up the seconds of each phase."""
+    clock = clock or Stopwatch()
     try:
         layout = case.pattern.layout(case.heads, case.kv_heads, case.seqlen, case.causal)
         built = size_guard.too_big(case, None, ctx.device) is None
     except Exception:  # noqa: BLE001 - run_case builds it again and records why
         built = False
     if not built:
-        on_screen("not screened (the case could not be built)")
-        return runner.run_case(ctx, case, names, on_start), None
+        if screen is not None:
+            on_screen("not screened (the case could not be built)")
+        with clock.phase("final"):
+            return runner.run_case(ctx, case, names, on_start), None
     density = metrics.pattern_pairs(case, layout) / metrics.dense_pairs(case)
     seed = runner.case_seed(ctx.sweep, case)
     try:
         inputs = random_inputs(case, ctx.device, case.mode in ("bwd", "fwd_bwd"), seed)
     except Exception:  # noqa: BLE001 - as above
-        on_screen("not screened (the case's inputs could not be made)")
-        return runner.run_case(ctx, case, names, on_start), None
+        if screen is not None:
+            on_screen("not screened (the case's inputs could not be made)")
+        with clock.phase("final"):
+            return runner.run_case(ctx, case, names, on_start), None
     case_bytes = torch.cuda.memory_allocated(ctx.device) if ctx.device.type == "cuda" else 0
     prepared: list[ResultRow | runner.ReadyStep] = []
-    for name in names:
-        on_start(f"preparing {name}")
-        prepared.append(runner.prepare_one(ctx, case, name, layout, density, inputs, seed + 1,
-                                           case_bytes))
+    with clock.phase("prepare"):
+        for name in names:
+            on_start(f"preparing {name}")
+            prepared.append(runner.prepare_one(ctx, case, name, layout, density, inputs,
+                                               seed + 1, case_bytes))
     ready = [p for p in prepared if isinstance(p, runner.ReadyStep)]
-    found = screen_steps(ctx, ready, screen)
-    on_screen(f"kept {len(ready) - len(found.dropped)} of {len(ready)}" if found is not None
-              else f"not screened ({len(ready)} ready)")
+    found = None
+    if screen is not None:
+        with clock.phase("screen"):
+            found = screen_steps(ctx, ready, screen)
+        on_screen(f"kept {len(ready) - len(found.dropped)} of {len(ready)}" if found is not None
+                  else f"not screened ({len(ready)} ready)")
     if found is not None:  # what the dropped ones hold is not the final's
         prepared = [p.row if isinstance(p, runner.ReadyStep) and p.row.provider in found.dropped
                     else p for p in prepared]
@@ -152,7 +163,8 @@ def run_screened(ctx: runner.RunContext, case: Case, names: list[str], screen: S
     del ready
     if final:
         on_start(f"timing {len(final)} provider{'s' * (len(final) > 1)} interleaved")
-        runner.time_together(ctx, case, layout, final)
+        with clock.phase("final"):
+            runner.time_together(ctx, case, layout, final)
     rows = [p.row if isinstance(p, runner.ReadyStep) else p for p in prepared]
     del inputs, prepared, final
     if ctx.device.type == "cuda":

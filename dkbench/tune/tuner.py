@@ -18,6 +18,7 @@ winner per cache key goes to the best-config cache, which the kernels read at la
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -32,7 +33,9 @@ from ..measure.envinfo import command_line, environment
 from ..measure.providers.bundled import BundledKernel
 from ..results.schema import check_out_dir, read_meta, write_meta
 from ..spec.sweep import INFERENCE_MODES, Case, Sweep
+from ..measure.check import CheckResult
 from .cache import cache_errors
+from .phases import Stopwatch
 from .plan import TuneJob
 from .precompile import CompileTask, Failure, compile_pool, worker_count
 from .rows import TUNE_FILE, append_tune_rows, take_measurement, tune_row
@@ -53,6 +56,7 @@ class TuneOutcome:
     cache_path: Path
     writes: list[CacheWrite]
     warnings: list[str] = field(default_factory=list)  # for the user, from the compile phase
+    took: str = ""  # where the wall time went, per phase (phases.Stopwatch.line)
 
 
 def measured_case(case: Case, kernel: str) -> Case:
@@ -84,17 +88,21 @@ def compile_tasks(job: TuneJob, cands: Candidates,
 def tune_kernel(job: TuneJob, cands: Candidates, sweep: Sweep, device: torch.device, env: dict,
                 run_id: str, winners: dict[str, LaunchConfig], failed: dict[str, Failure],
                 on_step: Callable[[str], None], screen: Screen | None = None,
-                on_screen: Callable[[str], None] = lambda text: None) -> KernelResult:
+                on_screen: Callable[[str], None] = lambda text: None,
+                checks: dict[str, CheckResult] | None = None,
+                clock: Stopwatch | None = None) -> KernelResult:
     """Measure the candidates of one kernel of one case behind the ``winners`` of the kernels
-    tuned before it; those in ``failed`` (by name) keep that failure and are not measured.
-    Pruned configs become rows too. ``on_step`` hears each step of the timing phase; where
-    ``screen`` applies (:func:`screens`), ``on_screen`` hears once what it did."""
+    tuned before it; those in ``failed`` (by name) keep that failure and are not measured, and
+    those in ``checks`` were checked already (by a compile worker). Pruned configs become rows
+    too. ``on_step`` hears each step of the timing phase; where ``screen`` applies
+    (:func:`screens`), ``on_screen`` hears once what it did; ``clock`` adds up each phase."""
+    clock = clock or Stopwatch()
     kernel = cands.kernel
     tasks = compile_tasks(job, cands, winners)  # the default first: the baseline
     case, default = tasks[0].case, tasks[0].name
     names = {task.name: config for task, config in zip(tasks, cands.run)}
     ctx = runner.RunContext(sweep, device, env, run_id, default, command_line(), pinned={
-        task.name: (BundledKernel(), task.pin) for task in tasks})
+        task.name: (BundledKernel(), task.pin) for task in tasks}, prechecked=dict(checks or {}))
     todo = [name for name in names if name not in failed]
 
     def on_start(what: str) -> None:  # "preparing NAME" (or NAME), "timing N providers ..."
@@ -104,12 +112,18 @@ def tune_kernel(job: TuneJob, cands: Candidates, sweep: Sweep, device: torch.dev
         on_screen(f"{kernel} {what}: {job.case.label()}")
 
     found: Screened | None = None
-    if screens(cands, sweep, screen) and screen.could_drop(len(todo)):
-        measured, found = run_screened(ctx, case, todo, screen, on_start, screened)
+    if not todo:
+        measured = []
+    elif screens(cands, sweep, screen) and screen.could_drop(len(todo)):
+        measured, found = run_screened(ctx, case, todo, screen, on_start, screened, clock)
     else:
         if screens(cands, sweep, screen):  # too many failed to compile
             screened(f"not screened ({len(todo)} compiled)")
-        measured = runner.run_case(ctx, case, todo, on_start) if todo else []
+        if sweep.timing.interleave:
+            measured, _ = run_screened(ctx, case, todo, None, on_start, screened, clock)
+        else:
+            with clock.phase("final"):  # each one prepared and timed alone
+                measured = runner.run_case(ctx, case, todo, on_start)
     measured = iter(measured)
     rows = []
     for name, config in names.items():
@@ -197,17 +211,21 @@ def execute_tune(sweep: Sweep, spec_text: str, jobs: list[TuneJob], device: torc
 
     results: list[KernelResult] = []
     warnings: list[str] = []
+    clock = Stopwatch()
+    started = time.perf_counter()
     batch = max((len(c.run) for j in jobs for c in j.candidates), default=0)
     report("compile", "starting", 0, count)
     with compile_pool(sweep, env, device, worker_count(device, batch)) as pool:
         for job in jobs:
             winners: dict[str, LaunchConfig] = {}  # each kernel is tuned behind those before it
             for cands in job.candidates:
-                found = pool.compile(compile_tasks(job, cands, winners), on_compiled)
+                with clock.phase("compile"):
+                    found = pool.compile(compile_tasks(job, cands, winners), on_compiled)
                 warnings += found.warnings
                 done += len(found.failures)  # not prepared again
                 result = tune_kernel(job, cands, sweep, device, env, run_dir.name, winners,
-                                     found.failures, on_step, screen, on_screen(cands))
+                                     found.failures, on_step, screen, on_screen(cands),
+                                     found.checks, clock)
                 append_tune_rows(run_dir / TUNE_FILE, result.rows)
                 results.append(result)
                 if result.best is not None:
@@ -220,7 +238,9 @@ def execute_tune(sweep: Sweep, spec_text: str, jobs: list[TuneJob], device: torc
         for w in writes:
             cache.put(w.key, w.config.as_dict(), ms=w.ms, default_ms=w.default_ms)
     clear_memo()
+    wall_s = time.perf_counter() - started
     write_meta(run_dir, {**read_meta(run_dir), "finished": datetime.now(timezone.utc).isoformat(),
                          "cache_writes": [w.key.as_str() for w in writes],
-                         "compile_warnings": warnings})
-    return TuneOutcome(run_dir, results, cache.path, writes, warnings)
+                         "compile_warnings": warnings,
+                         "seconds": {**clock.as_dict(), "wall": round(wall_s, 2)}})
+    return TuneOutcome(run_dir, results, cache.path, writes, warnings, clock.line(wall_s))

@@ -60,8 +60,8 @@ def test_smoke_ok_rows_have_finite_numbers(smoke: tuple[Result, Path]) -> None:
     ok = frame[frame["status"] == "ok"]
     assert len(ok) == 4
     assert set(ok["timer"]) == {"interpreter-wallclock"}
-    for col in ("ms", "ms_p20", "ms_p80", "build_ms", "flops", "tflops", "dense_tflops",
-                "speedup", "max_abs_err", "rel_err", "density"):
+    for col in ("ms", "ms_p20", "ms_p80", "build_ms", "setup_ms", "flops", "tflops",
+                "dense_tflops", "speedup", "max_abs_err", "rel_err", "density"):
         assert all(math.isfinite(v) and v >= 0 for v in ok[col]), (col, ok[col].tolist())
     assert (ok["ms_p20"] <= ok["ms"]).all() and (ok["ms"] <= ok["ms_p80"]).all()
     assert (ok["rel_err"] < 5e-3).all()
@@ -90,6 +90,10 @@ def test_smoke_output_and_meta(smoke: tuple[Result, Path]) -> None:
     assert "did not run ok" not in out and "skipped" not in out, result.output
     assert "ms (speedup vs sdpa_math); * = fastest" in out, result.output
     assert f"Results: {run_dir / RESULTS_FILE}" in out, result.output
+    spent = re.search(r"Wall time (\d+) s: set-up \(prepare, check, warm-up\) (\d+) s, most in "
+                      r"(\w+) \d+ s, (\w+) \d+ s; timing and the rest (\d+) s\.", out)
+    assert spent, result.output
+    assert int(spent[2]) <= int(spent[1]) and {spent[3], spent[4]} == {"dkbench", "sdpa_math"}
     meta = read_meta(run_dir)
     assert meta["spec_name"] == "smoke" and meta["baseline"] == "sdpa_math"
     assert meta["providers"] == ["dkbench", "sdpa_math"]
@@ -501,6 +505,25 @@ def test_outcome_line_counts_only_unavailable_providers_as_skipped() -> None:
         "here: sdpa_flash).")
     assert outcome_line(rows[:1], skipped) is None
     assert outcome_line(rows[1:2], skipped) == "1 skipped (cannot run here: sdpa_flash)."
+
+
+def test_setup_line_sums_each_providers_set_up() -> None:
+    from dkbench.report.summary import setup_line
+    from dkbench.results.schema import ResultRow
+
+    def row(provider: str, setup_ms: float) -> ResultRow:
+        return ResultRow(run_id="r", timestamp="", gpu="cpu", torch_version="", triton_version="",
+                         git_sha="", interpreter=True, case_id="c", provider=provider, mode="fwd",
+                         dtype="float32", batch=1, seqlen=32, q_len=32, heads=2, kv_heads=1,
+                         head_dim=16, causal=True, pattern="dense", pattern_hash="",
+                         block_size=16, density=1.0, seed=0, setup_ms=setup_ms)
+
+    rows = [row("fa4", 12_000), row("fa4", 5_000), row("flex", 3_000), row("dkbench", 1_000),
+            row("sdpa_math", float("nan"))]  # never got past its size guard
+    assert setup_line(rows, 40.0, slowest=2) == (
+        "Wall time 40 s: set-up (prepare, check, warm-up) 21 s, most in fa4 17 s, flex 3 s; "
+        "timing and the rest 19 s.")
+    assert setup_line(rows[-1:], 40.0) is None
 
 
 def test_ctrl_c_while_importing_ends_in_one_line(monkeypatch, capsys) -> None:

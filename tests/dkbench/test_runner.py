@@ -156,6 +156,32 @@ def test_disabled_check_times_anyway(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert unchecked.status == "ok" and math.isnan(unchecked.rel_err) and unchecked.ms > 0
 
 
+def test_a_check_run_already_is_taken_not_run_again(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from dkbench.measure.check import CheckResult, random_inputs
+    from dkbench.measure.envinfo import environment
+
+    sweep = load_spec(write_spec(tmp_path))
+    (case,) = expand(sweep)
+    layout = case.pattern.layout(case.heads, case.kv_heads, case.seqlen, case.causal)
+    known = CheckResult(0.25, 0.125, True, "out")
+    ctx = runner.RunContext(sweep, CPU, environment(CPU), "r", None, "",
+                            prechecked={"sdpa_math": known})
+
+    def no_second_check(*args, **kwargs):
+        raise AssertionError("checked again")
+
+    monkeypatch.setattr(runner, "run_check", no_second_check)
+    got = runner.prepare_one(ctx, case, "sdpa_math", layout, 1.0,
+                             random_inputs(case, CPU, False, 0), 1)
+    assert isinstance(got, runner.ReadyStep)
+    assert (got.row.max_abs_err, got.row.rel_err) == (0.25, 0.125)
+    # Another provider of the same context has no check on record: its own runs.
+    got = runner.prepare_one(ctx, case, "dkbench", layout, 1.0,
+                             random_inputs(case, CPU, False, 0), 1)
+    assert got.status == "error" and "checked again" in got.message
+
+
 @needs_interpreter
 def test_bundled_backward_is_checked_and_credited(tmp_path: Path) -> None:
     fwd, bwd = run_rows(tmp_path, providers=["dkbench"], mode=["fwd", "bwd"])
@@ -300,6 +326,8 @@ def test_ok_row_fields(tmp_path: Path) -> None:
     assert row.timer == "interpreter-wallclock" and row.interpreter is True
     assert row.ms_p20 <= row.ms <= row.ms_p80
     assert row.build_ms >= 0 and row.max_abs_err < 1e-5
+    # The set-up covers the prepare and more: the check and the warm-up ran a kernel each.
+    assert row.setup_ms > row.build_ms
     assert row.pattern == "local_stride(bs16,l1,s2,head,off0)" and len(row.pattern_hash) == 12
 
 

@@ -4,6 +4,7 @@ tune on the CPU interpreter whose cache a following `run` uses."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 import re
 import sys
@@ -487,7 +488,14 @@ def test_tiny_tune_writes_csv_and_cache_that_run_uses(app: typer.Typer, tmp_path
     assert result.exit_code == 0, result.output
     run_dir = only_run_dir(out)
     assert run_dir.name.startswith("tune-tinytune-")
-    assert (run_dir / "meta.json").is_file()
+    # Where the time went, per phase: in meta.json and the command's last line. In the
+    # interpreter the candidates "compile" in this process, one candidate at a time.
+    seconds = json.loads((run_dir / "meta.json").read_text())["seconds"]
+    assert set(seconds) == {"compile", "prepare", "final", "wall"}  # two candidates: no screen
+    assert all(value >= 0 for value in seconds.values())
+    assert sum(seconds.values()) - seconds["wall"] <= seconds["wall"] + 0.03  # each to 0.01 s
+    assert re.search(r"Took \d+ s: compile \d+ s, prepare and check \d+ s, final timing \d+ s, "
+                     r"the rest \d+ s\.", " ".join(result.stdout.split())), result.output
     with open(run_dir / "tune.csv", newline="") as fh:
         assert next(csv.reader(fh)) == COLUMNS
     rows = read_rows(run_dir)

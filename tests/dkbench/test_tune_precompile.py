@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from dkbench.measure import runner
+from dkbench.measure.check import CheckResult
 from dkbench.measure.envinfo import environment
 from dkbench.spec.load import load_spec
 from dkbench.spec.sweep import expand
@@ -57,6 +59,14 @@ def test_only_failures_that_are_not_for_want_of_memory_are_final() -> None:
     compiled.record(task, Failure("error", "RuntimeError: PassManager::run failed"))
     assert compiled.failures == {"m32n32w4s1": Failure("error",
                                                        "RuntimeError: PassManager::run failed")}
+    assert compiled.checks == {}
+
+
+def test_a_candidate_that_ran_right_keeps_its_check() -> None:
+    compiled = Compiled()
+    checked = CheckResult(1e-3, 2e-4, True, "out")
+    compiled.record(CompileTask("fwd", None, "m32n32w4s1", None), checked)
+    assert compiled.checks == {"m32n32w4s1": checked} and compiled.failures == {}
 
 
 def tasks_of(tmp_path: Path, *pins: object) -> tuple[object, list[CompileTask]]:
@@ -82,6 +92,22 @@ def test_workers_run_each_candidate_and_a_dead_worker_costs_only_its_own(tmp_pat
         pool.close(graceful=True)
     assert heard == ["c0", "c1", "c2", "c3"]
     assert set(compiled.failures) == {"c1", "c2"}
+    # The two right ones bring their checks back: the same numbers the timing loop's own check
+    # of that config finds on the same seeded inputs.
+    assert set(compiled.checks) == {"c0", "c3"} and compiled.checks["c0"] == compiled.checks["c3"]
+    assert compiled.checks["c0"].ok and 0 < compiled.checks["c0"].rel_err < 1e-5
+    (case,) = {task.case for task in tasks}
+    layout = case.pattern.layout(case.heads, case.kv_heads, case.seqlen, case.causal)
+    seed = runner.case_seed(sweep, case)
+    from dkbench.measure.check import random_inputs
+    from dkbench.measure.providers.bundled import BundledKernel
+
+    ctx = runner.RunContext(sweep, CPU, environment(CPU), "", None, "",
+                            pinned={"c0": (BundledKernel(), GOOD)})
+    own = runner.prepare_one(ctx, case, "c0", layout, float("nan"),
+                             random_inputs(case, CPU, False, seed), seed + 1)
+    assert (own.row.max_abs_err, own.row.rel_err) == (compiled.checks["c0"].max_abs_err,
+                                                      compiled.checks["c0"].rel_err)
     assert compiled.failures["c1"].status == "error"
     assert compiled.failures["c1"].message.startswith("ValueError: invalid launch config m32n48")
     assert compiled.failures["c2"] == Failure(
