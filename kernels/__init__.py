@@ -26,12 +26,20 @@ from .configs import (
 )
 from .decode import PAGE_SIZES, DecodeWorkspace, auto_splits, group_plan
 from .dispatch import Choice, choose_impl
+from .fp8 import (
+                        FP8_DTYPE,
+                        fp8_config_problems,
+                        fp8_default_config,
+                        resolve_fp8_config,
+                        sparse_attention_fp8,
+)
 from .inference import (
                         decode_workspace,
                         resolve_varlen_config,
                         sparse_attention_decode,
                         sparse_attention_padded,
                         sparse_attention_varlen,
+                        varlen_sequences,
 )
 from .keys import density_bucket, seqlen_bucket, source_hash
 from .layout import (
@@ -47,10 +55,11 @@ from .layout import (
                         token_mask,
 )
 from .partitions import combine_attn_partitions, sparse_attention_partition
+from .quant import Fp8Inputs, dequantize_fp8, quantize_fp8
 from .reference import layout_head_index, reference_attention
 from .registry import AXES, IMPLS, KERNELS, TUNABLE, KernelRecord
 from .select import block_density, cache_key, clear_memo, kernel_hash, resolve_config
-from .varlen import varlen_plan
+from .varlen import VarlenSequences, varlen_plan
 
 __version__ = "0.1.0"
 
@@ -59,6 +68,7 @@ __all__ = [
     "CONFIG_ARGUMENTS",
     "CONFIG_FIELDS",
     "ENV_VAR",
+    "FP8_DTYPE",
     "IMPLS",
     "KERNELS",
     "PAGE_SIZES",
@@ -69,12 +79,14 @@ __all__ = [
     "ConfigCache",
     "ConfigCacheWarning",
     "DecodeWorkspace",
+    "Fp8Inputs",
     "KVCacheUnfriendlyWarning",
     "KernelRecord",
     "LaunchConfig",
     "LocalStrideSparseAttention",
     "SparseAttention",
     "TilePlan",
+    "VarlenSequences",
     "auto_splits",
     "block_density",
     "cache_key",
@@ -91,6 +103,9 @@ __all__ = [
     "default_config",
     "dense_layout",
     "density_bucket",
+    "dequantize_fp8",
+    "fp8_config_problems",
+    "fp8_default_config",
     "gluon_unavailable",
     "group_plan",
     "kept_pairs",
@@ -98,18 +113,22 @@ __all__ = [
     "layout_head_index",
     "load_shipped",
     "local_stride_layout",
+    "quantize_fp8",
     "random_layout",
     "reference_attention",
     "resolve_config",
+    "resolve_fp8_config",
     "resolve_varlen_config",
     "seqlen_bucket",
     "source_hash",
     "sparse_attention",
     "sparse_attention_decode",
+    "sparse_attention_fp8",
     "sparse_attention_padded",
     "sparse_attention_partition",
     "sparse_attention_varlen",
     "tile_plan",
     "token_mask",
     "varlen_plan",
+    "varlen_sequences",
 ]

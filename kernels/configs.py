@@ -94,14 +94,28 @@ def config_problems(config: LaunchConfig, block_size: int, head_dim: int,
         if config.block_m != DECODE_BLOCK_M:
             problems.append(f"block_m={config.block_m} must be {DECODE_BLOCK_M} for decoding (its "
                             "query tile is the GQA group's heads, not a config's)")
-    elif not (_pow2(config.block_m) and config.block_m >= 16):
-        problems.append(f"block_m={config.block_m} must be a power of two >= 16")
-    elif config.block_m > block_size and config.block_m // block_size > 32:
-        problems.append(f"block_m={config.block_m} spans more than 32 sparse blocks of {block_size}")
+    else:
+        problems += query_tile_problems(config, block_size)
     if not (_pow2(config.block_n) and config.block_n >= 16):
         problems.append(f"block_n={config.block_n} must be a power of two >= 16")
     elif config.block_n > block_size:
         problems.append(f"block_n={config.block_n} must not exceed the sparse block size {block_size}")
+    return problems + launch_problems(config, head_dim)
+
+
+def query_tile_problems(config: LaunchConfig, block_size: int) -> list[str]:
+    """The query tile's rules in a Triton kernel: ``block_m`` a power of two >= 16, spanning at
+    most 32 sparse blocks (a tile's row bits are one int32 per block)."""
+    if not (_pow2(config.block_m) and config.block_m >= 16):
+        return [f"block_m={config.block_m} must be a power of two >= 16"]
+    if config.block_m > block_size and config.block_m // block_size > 32:
+        return [f"block_m={config.block_m} spans more than 32 sparse blocks of {block_size}"]
+    return []
+
+
+def launch_problems(config: LaunchConfig, head_dim: int) -> list[str]:
+    """The rules every Triton kernel's launch shares: its warps, its stages, the head_dim."""
+    problems = []
     if config.num_warps not in (1, 2, 4, 8, 16):
         problems.append(f"num_warps={config.num_warps} must be one of 1, 2, 4, 8, 16")
     if config.num_stages < 1:

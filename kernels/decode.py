@@ -10,6 +10,8 @@
   vLLM, FlashAttention and FlashInfer keep them, and each key's page is looked up per step; the
   pattern still applies by absolute position. The unpaged kernel compiles as it did before
   paging existed (``PAGED`` is a constexpr, the table's arguments specialise away).
+- One launch when one split fills the GPU (many sequences, or short contexts): the split kernel
+  writes the output itself, with no partial buffers and no merge kernel.
 - No host work per step once a batch shape has been seen: the group plan and the split count are
   built once and kept on the layout, and a :class:`DecodeWorkspace` holds the outputs, so a step
   with one can be captured in a CUDA graph.
@@ -219,22 +221,26 @@ def decode_splits(layout: BlockLayout, batch: int, heads: int, kv_heads: int,
 
 @dataclass(frozen=True)
 class DecodeWorkspace:
-    """Everything a decoding step writes, allocated once per batch shape: the output, and the
-    partial outputs and log2-sum-exps of its ``splits`` split-K programs. A call given one
-    allocates nothing (so it can be captured in a CUDA graph) and overwrites ``out``."""
+    """Everything a decoding step writes, allocated once per batch shape: the output and, when
+    the step runs ``splits`` > 1 split-K programs per sequence, their partial outputs and
+    log2-sum-exps. A call given one allocates nothing (so it can be captured in a CUDA graph) and
+    overwrites ``out``. With one split the step is one kernel writing ``out`` directly: there
+    are no partials (None) and no merge."""
 
     out: torch.Tensor  # (batch, heads, dim), q's dtype
-    part_out: torch.Tensor  # float32 (batch * heads * splits, BLOCK_D)
-    part_lse: torch.Tensor  # float32 (batch * heads * splits,)
+    part_out: torch.Tensor | None  # float32 (batch * heads * splits, BLOCK_D); None for 1 split
+    part_lse: torch.Tensor | None  # float32 (batch * heads * splits,); None for 1 split
     splits: int
 
 
 def new_workspace(q: torch.Tensor, splits: int) -> DecodeWorkspace:
     """Fresh buffers for decoding ``q`` (batch, heads, dim) in ``splits`` splits."""
     batch, heads, head_dim = q.shape
+    out = buffers.new_output((batch, heads, head_dim), q, q.dtype)
+    if splits == 1:
+        return DecodeWorkspace(out, None, None, 1)
     rows = batch * heads * splits
-    return DecodeWorkspace(buffers.new_output((batch, heads, head_dim), q, q.dtype),
-                           buffers.new_output((rows, padded_dim(head_dim)), q, torch.float32),
+    return DecodeWorkspace(out, buffers.new_output((rows, padded_dim(head_dim)), q, torch.float32),
                            buffers.new_output((rows,), q, torch.float32), splits)
 
 
@@ -250,7 +256,8 @@ def sparse_attention_decode_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
     ``config`` is a checked decode config (``block_n`` keys per step, ``num_warps``,
     ``num_stages``); ``num_splits`` None splits to fill the GPU (:func:`decode_splits`), and a
     ``workspace`` (its splits checked against ``num_splits`` by the caller) is written instead
-    of new buffers.
+    of new buffers. One split launches one kernel that writes the output itself (``SPLIT``
+    False: no partials, no merge); more launch the split kernel, then the merge.
     """
     batch, heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
@@ -260,7 +267,9 @@ def sparse_attention_decode_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
         workspace = new_workspace(q, splits)
     splits, out = workspace.splits, workspace.out
     paged = block_table is not None
-    # Unpaged, the table's pointer and strides are None and 1: constants, not kernel arguments.
+    # Unpaged, the table's pointer and strides are None and 1: constants, not kernel arguments;
+    # so are the partials' pointers with one split (None: that branch of the kernel never reads
+    # them).
     table_strides = block_table.stride() if paged else (1, 1)
     group = heads // kv_heads
     block_d = padded_dim(head_dim)

@@ -4,10 +4,17 @@
 These forms are forward-only (no gradients). Every sequence's block pattern starts at its own
 first token. Checks happen here, once, before any launch. Each form has its own kernel record and
 config-cache entries: "varlen" (the varlen and padded calls) and "decode".
+
+Engines capture their steps in CUDA graphs, so the varlen and decode calls have a graph-ready
+form: what depends only on the batch's shape is built once (:func:`varlen_sequences`, the
+sequence table; :func:`decode_workspace`, the outputs and the split count) and passed to every
+call, which then reads no tensor back, allocates nothing (varlen: nothing but its output) and
+checks only shapes.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -30,7 +37,12 @@ from .decode import (
     sparse_attention_decode_fwd,
 )
 from .layout import BlockLayout
-from .varlen import new_varlen_output, sequences, sparse_attention_fwd_varlen
+from .varlen import (
+    VarlenSequences,
+    new_varlen_output,
+    sequence_table,
+    sparse_attention_fwd_varlen,
+)
 
 
 def _check_common(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
@@ -62,7 +74,8 @@ def resolve_varlen_config(probe: torch.Tensor, layout: BlockLayout,
 def _config(q: torch.Tensor, layout: BlockLayout, seq_k: int, config: LaunchConfig | None,
             dim: int) -> LaunchConfig:
     if config is None:
-        config = resolve_varlen_config(q.new_empty(1, 1, 1, dim), layout, seq_k)[0]
+        # q itself carries what the lookup reads (device, dtype, head_dim): no probe allocated.
+        config = resolve_varlen_config(q, layout, seq_k)[0]
     elif config.impl != "triton":
         raise ValueError(f"config {config.short()}: varlen and padded calls run the Triton "
                          "kernel; give a config with impl='triton'")
@@ -70,7 +83,7 @@ def _config(q: torch.Tensor, layout: BlockLayout, seq_k: int, config: LaunchConf
     return config
 
 
-def _check_lengths(layout: BlockLayout, q_lens: list[int], k_lens: list[int]) -> None:
+def _check_lengths(q_lens: list[int], k_lens: list[int]) -> None:
     for i, (ql, kl) in enumerate(zip(q_lens, k_lens)):
         if ql < 1 or kl < 1:
             raise ValueError(f"sequence {i} has length {ql} (queries) / {kl} (keys); zero-length "
@@ -78,34 +91,51 @@ def _check_lengths(layout: BlockLayout, q_lens: list[int], k_lens: list[int]) ->
         if ql > kl:
             raise ValueError(f"sequence {i}: {ql} queries but {kl} keys; queries are the last "
                              "positions of their sequence (chunked prefill), so q_len <= k_len")
-        layout.check_seqlen(kl, ql)
+
+
+def varlen_sequences(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                     device: torch.device | str | None = None) -> VarlenSequences:
+    """The sequence table of a packed batch, built once per batch shape: ``cu_seqlens_q/k`` (int
+    ``(num_seqs + 1,)``, cumulative lengths from 0) read back and checked, and the table copied
+    to ``device`` (None: cu_seqlens_q's), where q, k and v must live.
+
+    Pass it as ``sequences=`` to every :func:`sparse_attention_varlen` call of that batch: such a
+    call reads nothing back from the device and allocates only its output, so it can be
+    captured in a CUDA graph (and replayed on new q, k, v of the same lengths).
+    """
+    cq, ck = _lengths("cu_seqlens_q", cu_seqlens_q), _lengths("cu_seqlens_k", cu_seqlens_k)
+    if len(cq) != len(ck) or len(cq) < 2:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must both have num_seqs + 1 >= 2 entries, "
+                         f"got {len(cq)} and {len(ck)}")
+    if cq[0] != 0 or ck[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0 and end at the packed lengths, got q: "
+                         f"{cq[0]}..{cq[-1]}, k: {ck[0]}..{ck[-1]}")
+    q_lens = [b - a for a, b in itertools.pairwise(cq)]
+    k_lens = [b - a for a, b in itertools.pairwise(ck)]
+    _check_lengths(q_lens, k_lens)
+    device = cu_seqlens_q.device if device is None else torch.device(device)
+    return sequence_table([0] * len(q_lens), cq[:-1], q_lens, ck[:-1], k_lens, device)
 
 
 def sparse_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                             layout: BlockLayout, sm_scale: float | None = None,
-                            config: LaunchConfig | None = None) -> torch.Tensor:
+                            config: LaunchConfig | None = None, *,
+                            sequences: VarlenSequences | None = None) -> torch.Tensor:
     """Packed variable-length sequences, as FlashAttention's varlen API takes them.
 
     q: ``(total_q, heads, dim)``; k, v: ``(total_k, kv_heads, dim)``; ``cu_seqlens_q/k``: int
     ``(num_seqs + 1,)`` cumulative lengths starting at 0. Sequence ``i``'s queries are the last
     ``q_len_i`` of its ``k_len_i`` positions, so chunked prefill of several sequences is one call.
     Returns ``(total_q, heads, dim)``.
+
+    ``sequences`` (:func:`varlen_sequences` of these cu_seqlens, made once per batch shape)
+    spares the call reading cu_seqlens back (a sync) and building the table: it is then not
+    checked against them, so it must come from the same lengths.
     """
     _check_common(q, k, v, layout, 3, sm_scale, shape_hint="(total, heads, dim)")
-    cq, ck = _lengths("cu_seqlens_q", cu_seqlens_q), _lengths("cu_seqlens_k", cu_seqlens_k)
-    if len(cq) != len(ck) or len(cq) < 2:
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must both have num_seqs + 1 >= 2 entries, "
-                         f"got {len(cq)} and {len(ck)}")
-    if cq[0] != 0 or ck[0] != 0 or cq[-1] != q.shape[0] or ck[-1] != k.shape[0]:
-        raise ValueError(f"cu_seqlens must start at 0 and end at the packed lengths "
-                         f"(q: {q.shape[0]}, k: {k.shape[0]}), got q: {cq[0]}..{cq[-1]}, "
-                         f"k: {ck[0]}..{ck[-1]}")
-    q_lens = [b - a for a, b in zip(cq, cq[1:])]
-    k_lens = [b - a for a, b in zip(ck, ck[1:])]
-    _check_lengths(layout, q_lens, k_lens)
-    n = len(q_lens)
-    seqs = sequences([0] * n, cq[:-1], q_lens, ck[:-1], k_lens, q.device)
+    seqs = _packed_sequences(q, k, cu_seqlens_q, cu_seqlens_k, sequences)
+    layout.check_seqlen(seqs.max_k)
     layout = layout.to(q.device)
     dim = q.shape[-1]
     scale = 1.0 / math.sqrt(dim) if sm_scale is None else float(sm_scale)
@@ -113,6 +143,25 @@ def sparse_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q4, k4, v4 = q[None], k[None], v[None]
     out = new_varlen_output(q4, padded=False)
     return sparse_attention_fwd_varlen(q4, k4, v4, seqs, layout, scale, cfg, out)[0]
+
+
+def _packed_sequences(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                      cu_seqlens_k: torch.Tensor,
+                      sequences: VarlenSequences | None) -> VarlenSequences:
+    """The call's sequence table, given or built, checked against the packed tensors."""
+    if sequences is None:
+        sequences = varlen_sequences(cu_seqlens_q, cu_seqlens_k, q.device)
+    elif not isinstance(sequences, VarlenSequences):
+        raise TypeError(f"sequences must be a VarlenSequences (kernels.varlen_sequences), got "
+                        f"{type(sequences).__name__}")
+    elif sequences.meta.device != q.device:
+        raise ValueError(f"sequences' table is on {sequences.meta.device}, q on {q.device}; make "
+                         "it with varlen_sequences(..., device=q.device)")
+    if sequences.rows_q != q.shape[0] or sequences.rows_k != k.shape[0]:
+        raise ValueError(f"cu_seqlens must start at 0 and end at the packed lengths "
+                         f"(q: {q.shape[0]}, k: {k.shape[0]}), got q: 0..{sequences.rows_q}, "
+                         f"k: 0..{sequences.rows_k}")
+    return sequences
 
 
 def sparse_attention_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -134,9 +183,10 @@ def sparse_attention_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise ValueError(f"seq_lens has {len(lens)} entries for a batch of {batch}")
     if max(lens) > seq:
         raise ValueError(f"seq_lens has {max(lens)}, longer than the padded length {seq}")
-    _check_lengths(layout, lens, lens)
+    _check_lengths(lens, lens)
+    layout.check_seqlen(max(lens))
     pads = [seq - n for n in lens]
-    seqs = sequences(list(range(batch)), pads, lens, pads, lens, q.device)
+    seqs = sequence_table(list(range(batch)), pads, lens, pads, lens, q.device)
     layout = layout.to(q.device)
     dim = q.shape[-1]
     scale = 1.0 / math.sqrt(dim) if sm_scale is None else float(sm_scale)
@@ -165,18 +215,54 @@ def sparse_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
     Lengths must lie in ``[1, max_cache_len]``; ``max_cache_len`` (a Python int, the longest a
     cache may grow) defaults to the caches' capacity, ``max_len`` or ``max_pages * page_size``,
-    and the pattern must cover it. Lengths, and the block table's pages, are checked when they
-    are on the CPU; on the GPU they are not read back, to avoid a sync per step. The pattern row
-    of the new token's position decides which cached blocks are read. ``num_splits`` (split-K
-    over kept blocks) is chosen once per batch shape to fill the GPU unless given. ``config``
-    overrides the launch config the lookup would pick for the "decode" kernel (``block_n`` keys
-    per step, ``num_warps``, ``num_stages``; ``block_m`` is always 16).
+    and the pattern must cover it. The pattern row of the new token's position decides which
+    cached blocks are read. ``num_splits`` (split-K over kept blocks) is chosen once per batch
+    shape to fill the GPU unless given; one split runs one kernel that writes the output itself
+    (no partials, no merge). ``config`` overrides the launch config the lookup would pick for
+    the "decode" kernel (``block_n`` keys per step, ``num_warps``, ``num_stages``; ``block_m``
+    is always 16).
 
-    ``workspace`` (:func:`decode_workspace`) holds the output and the splits' partials: the call
-    allocates nothing, reads nothing back and returns ``workspace.out`` (overwritten by each
-    call), so with int32 ``cache_seqlens`` on q's device it can be captured in a CUDA graph.
-    Returns ``(batch, heads, dim)``.
+    ``workspace`` (:func:`decode_workspace`, made once per batch shape) makes the step
+    graph-ready: the call allocates nothing, converts nothing (``cache_seqlens`` must be int32 on
+    q's device) and reads no tensor's values, so it can be captured in a CUDA graph and replayed
+    with new queries, cache contents, lengths and pages. It returns ``workspace.out``, overwritten
+    by each call. Lengths and pages are then the caller's to keep in range (as FlashAttention's
+    kvcache API leaves them), even on the CPU. Without a workspace, lengths and pages held on the
+    CPU are checked; on the GPU they are never read back (a sync per step would cost more than
+    the step). Returns ``(batch, heads, dim)``.
     """
+    max_len = _check_decode(q, k_cache, v_cache, cache_seqlens, layout, block_table,
+                            max_cache_len, sm_scale, num_splits)
+    if workspace is not None:
+        _check_workspace(workspace, q, num_splits)
+        if cache_seqlens.dtype != torch.int32 or cache_seqlens.device != q.device:
+            raise TypeError(f"with a workspace, cache_seqlens must be int32 on q's device "
+                            f"({q.device}), got {cache_seqlens.dtype} on {cache_seqlens.device}: "
+                            "a graph-ready step converts nothing")
+        lens = cache_seqlens
+    else:
+        _check_values(cache_seqlens, block_table, k_cache, max_len)
+        # A no-op (no copy) for int32 lengths already on q's device.
+        lens = cache_seqlens.to(device=q.device, dtype=torch.int32)
+    layout = layout.to(q.device)
+    dim = q.shape[-1]
+    scale = 1.0 / math.sqrt(dim) if sm_scale is None else float(sm_scale)
+    if config is None:
+        # Checked by the lookup (a cached config that cannot run here is skipped): a decoding
+        # step pays two dict lookups for its config.
+        config = select.resolve_config("decode", q, layout, max_len)[0]
+    else:
+        check_config(config, layout.block_size, dim, "decode")
+    return sparse_attention_decode_fwd(q, k_cache, v_cache, lens, layout, scale, num_splits,
+                                       config, block_table=block_table, workspace=workspace)
+
+
+def _check_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  cache_seqlens: torch.Tensor, layout: BlockLayout,
+                  block_table: torch.Tensor | None, max_cache_len: int | None,
+                  sm_scale: float | None, num_splits: int | None) -> int:
+    """A decoding step's shapes, types and sizes, read from the tensors' metadata only (no
+    values, so no sync); returns the longest cache length the step may see."""
     paged = block_table is not None
     cache_shape = (f"({'num_pages, page_size' if paged else 'batch, max_len'}, kv_heads, dim)")
     if not all(isinstance(t, torch.Tensor) for t in (q, k_cache, v_cache)):
@@ -197,43 +283,36 @@ def sparse_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         raise ValueError(f"q has batch {q.shape[0]}, {what} {batch}, cache_seqlens "
                          f"{cache_seqlens.shape[0]}")
     max_len = _max_cache_len(max_cache_len, capacity, paged)
-    if cache_seqlens.device.type == "cpu":
-        lens = cache_seqlens.tolist()
-        if min(lens) < 1 or max(lens) > max_len:
-            raise ValueError(f"cache_seqlens must be in [1, {max_len}] (the new token is already "
-                             f"in the cache), got {min(lens)}..{max(lens)}")
-        if paged and block_table.device.type == "cpu":
-            _check_pages(block_table, lens, k_cache.shape[1], k_cache.shape[0])
-    # Lengths on the GPU are not read back: a host sync per decoding step would cost more than
-    # the step (the caller keeps them in [1, max_len], as with FlashAttention's kvcache API).
     layout.check_seqlen(max_len, 1)
     if num_splits is not None and not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
     if q.shape[1] // k_cache.shape[2] > 31:
         raise ValueError("decoding supports at most 31 query heads per kv head")
-    if workspace is not None:
-        _check_workspace(workspace, q, num_splits)
-    layout = layout.to(q.device)
-    dim = q.shape[-1]
-    scale = 1.0 / math.sqrt(dim) if sm_scale is None else float(sm_scale)
-    if config is None:
-        # Checked by the lookup (a cached config that cannot run here is skipped): a decoding
-        # step pays two dict lookups for its config.
-        config = select.resolve_config("decode", q, layout, max_len)[0]
-    else:
-        check_config(config, layout.block_size, dim, "decode")
-    # A no-op (no copy) for int32 lengths already on q's device.
-    lens_dev = cache_seqlens.to(device=q.device, dtype=torch.int32)
-    return sparse_attention_decode_fwd(q, k_cache, v_cache, lens_dev, layout, scale, num_splits,
-                                       config, block_table=block_table, workspace=workspace)
+    return max_len
+
+
+def _check_values(cache_seqlens: torch.Tensor, block_table: torch.Tensor | None,
+                  k_cache: torch.Tensor, max_len: int) -> None:
+    """Lengths in [1, max_len] and every page they reach a page of the caches, where reading
+    them costs no sync: tensors on the CPU. A step with a workspace never comes here."""
+    if cache_seqlens.device.type != "cpu":
+        return
+    lens = cache_seqlens.tolist()
+    if min(lens) < 1 or max(lens) > max_len:
+        raise ValueError(f"cache_seqlens must be in [1, {max_len}] (the new token is already "
+                         f"in the cache), got {min(lens)}..{max(lens)}")
+    if block_table is not None and block_table.device.type == "cpu":
+        _check_pages(block_table, lens, k_cache.shape[1], k_cache.shape[0])
 
 
 def decode_workspace(q: torch.Tensor, kv_heads: int, layout: BlockLayout,
                      num_splits: int | None = None) -> DecodeWorkspace:
     """The buffers of decoding steps shaped like ``q`` ``(batch, heads, dim)`` (its dtype and
-    device) against caches of ``kv_heads`` heads, allocated once: the output and the partial
-    outputs of ``num_splits`` splits (None: the count :func:`sparse_attention_decode` would
-    choose for this batch shape). Pass it as ``workspace=`` to every step of that shape."""
+    device) against caches of ``kv_heads`` heads, allocated once: the output and, for more than
+    one split, the partial outputs of ``num_splits`` splits (None: the count
+    :func:`sparse_attention_decode` would choose for this batch shape, worked out here with the
+    layout's group plan, so no step builds either). Pass it as ``workspace=`` to every step of
+    that shape."""
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
         raise ValueError("q must be a (batch, heads, dim) tensor")
     check_heads(q.shape[1], kv_heads, q.shape[2], layout)
@@ -301,7 +380,13 @@ def _check_workspace(workspace: DecodeWorkspace, q: torch.Tensor, num_splits: in
     if num_splits is not None and num_splits != workspace.splits:
         raise ValueError(f"num_splits={num_splits}, but the workspace holds {workspace.splits} "
                          "splits' partials; make it with the same num_splits")
+    if workspace.splits == 1:
+        return  # one split writes the output itself: no partials to check
+    part_out, part_lse = workspace.part_out, workspace.part_lse
+    if part_out is None or part_lse is None:
+        raise ValueError(f"workspace holds no partial buffers for its {workspace.splits} splits; "
+                         "make it with decode_workspace")
     rows = q.shape[0] * q.shape[1] * workspace.splits
-    if workspace.part_out.shape[0] != rows or workspace.part_lse.shape != (rows,):
-        raise ValueError(f"workspace's partial buffers hold {workspace.part_out.shape[0]} rows, "
-                         f"not batch * heads * splits = {rows}; make it with decode_workspace")
+    if part_out.shape[0] != rows or part_lse.shape != (rows,):
+        raise ValueError(f"workspace's partial buffers hold {part_out.shape[0]} rows, not batch * "
+                         f"heads * splits = {rows}; make it with decode_workspace")

@@ -92,6 +92,16 @@ _RECORDS = (
                  "GQA group, padded)",
                  _space(_TRITON, block_m=(16,), block_n=(32, 64, 128), num_warps=(2, 4, 8),
                         num_stages=(1, 2, 3))),
+    # The forward on float8 e4m3 inputs (kernels/fp8.py): the forward's tile plan, masks and
+    # normalisation around its own tile loop; its rules are kernels.fp8.fp8_config_problems and
+    # fp8_default_config. Not tuned yet: no `dkbench tune` mode reaches it.
+    KernelRecord("fp8", "the forward on float8 e4m3 q, k, v with descales, bf16 out",
+                 ("kernels.fp8", "kernels.fwd_tile", "kernels.common"), _TRITON,
+                 "sparse_attention_fp8", "config", False,
+                 "block_m query rows per program, block_n keys per step (a multiple of the sparse "
+                 "block gathers that many kept blocks into one step)",
+                 _space(_TRITON, block_m=(64, 128), block_n=(64, 128), num_warps=(4, 8),
+                        num_stages=(2, 3, 4))),
 )
 
 KERNELS: dict[str, KernelRecord] = {record.name: record for record in _RECORDS}

@@ -4,11 +4,13 @@ batches, and chunked prefill (a chunk of queries at the end of a longer key sequ
 Each sequence's pattern starts at its own first token. The program grid is (query tiles of the
 longest sequence, sequences * heads); programs past their sequence's tiles exit at once. A tile's
 work is the forward kernel's (:mod:`kernels.fwd_tile`); only the sequence bookkeeping differs.
+The sequence table (:class:`VarlenSequences`) is built once per batch shape and sizes the grid
+from host numbers, so a launch with one reads nothing back and can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -20,28 +22,44 @@ from .configs import LaunchConfig
 from .fwd_tile import _attn_fwd_tile, _normalise, _store_rows
 from .layout import BlockLayout
 
-# Columns of the per-sequence metadata table the kernel reads.
-META_BATCH, META_Q_START, META_Q_LEN, META_K_START, META_K_LEN = range(5)
-
 
 @dataclass(frozen=True)
-class Sequences:
-    """Where each sequence lives: batch index, first row and length, for queries and keys."""
+class VarlenSequences:
+    """Where each sequence of a batch lives: batch index, first row and length, for queries and
+    keys; once as the int32 table the kernel reads (on the inputs' device), once as host numbers
+    that size the grid. Built once per batch shape, it lets a launch read nothing back.
+    """
 
     meta: torch.Tensor  # int32 (num_seqs, 5): batch, q_start, q_len, k_start, k_len
+    q_lens: tuple[int, ...]
+    k_lens: tuple[int, ...]
     max_q: int
     max_k: int
+    rows_q: int  # rows the queries reach (a packed batch's total_q)
+    rows_k: int
+    # Query tiles per BLOCK_M, worked out on first use (the grid of every later launch).
+    _tiles: dict[int, int] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def count(self) -> int:
-        return self.meta.shape[0]
+        return len(self.q_lens)
+
+    def tiles(self, block_m: int) -> int:
+        """Query tiles of the sequence that needs the most: its queries end at its keys' end."""
+        if block_m not in self._tiles:
+            self._tiles[block_m] = max(-(-k // block_m) - (k - q) // block_m
+                                       for q, k in zip(self.q_lens, self.k_lens))
+        return self._tiles[block_m]
 
 
-def sequences(batch: list[int], q_start: list[int], q_len: list[int], k_start: list[int],
-              k_len: list[int], device: torch.device) -> Sequences:
+def sequence_table(batch: list[int], q_start: list[int], q_len: list[int], k_start: list[int],
+                   k_len: list[int], device: torch.device) -> VarlenSequences:
+    """The table of checked per-sequence numbers, its tensor on ``device`` (one copy)."""
     meta = torch.tensor(list(zip(batch, q_start, q_len, k_start, k_len)), dtype=torch.int32,
                         device=device).reshape(-1, 5)
-    return Sequences(meta, max(q_len), max(k_len))
+    return VarlenSequences(meta, tuple(q_len), tuple(k_len), max(q_len), max(k_len),
+                           max(s + n for s, n in zip(q_start, q_len)),
+                           max(s + n for s, n in zip(k_start, k_len)))
 
 
 def varlen_plan(layout: BlockLayout, block_m: int, max_k: int):
@@ -101,21 +119,15 @@ def _sparse_attn_fwd_varlen(Q, K, V, Out, SeqMeta,
 
 
 def sparse_attention_fwd_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                seqs: Sequences, layout: BlockLayout, sm_scale: float,
+                                seqs: VarlenSequences, layout: BlockLayout, sm_scale: float,
                                 config: LaunchConfig, out: torch.Tensor) -> torch.Tensor:
     """Launch on checked ``(batch, seq, heads, dim)`` tensors (packed inputs have batch 1);
-    writes the rows of every sequence into ``out`` (same shape as q) and returns it."""
+    writes the rows of every sequence into ``out`` (same shape as q) and returns it. Reads
+    nothing back from the device: the grid comes from the table's host numbers."""
     heads, head_dim = q.shape[2], q.shape[3]
     kv_heads = k.shape[2]
     plan = varlen_plan(layout, config.block_m, seqs.max_k)
-    # Enough tiles for the sequence that needs the most: its queries end at its keys' end.
-    meta = seqs.meta.cpu()
-    first = (meta[:, META_K_LEN] - meta[:, META_Q_LEN]) // config.block_m
-    tiles_needed = int((torch.div(meta[:, META_K_LEN] + config.block_m - 1, config.block_m,
-                                  rounding_mode="floor") - first).max())
-    grid = (tiles_needed, seqs.count * heads)
-    # Kernels index (batch, heads, seq, dim): hand them the strides in that order.
-    bhsd = lambda t: (t.stride(0), t.stride(2), t.stride(1), t.stride(3))  # noqa: E731
+    grid = (seqs.tiles(config.block_m), seqs.count * heads)
     _sparse_attn_fwd_varlen[grid](
         q, k, v, out, seqs.meta,
         plan.row_ptr, plan.n_full, plan.kv_block, plan.row_bits,
@@ -129,6 +141,12 @@ def sparse_attention_fwd_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
+
+
+def bhsd(t: torch.Tensor) -> tuple[int, int, int, int]:
+    """Strides of a ``(batch, seq, heads, dim)`` tensor in the (batch, heads, seq, dim) order the
+    kernel indexes."""
+    return t.stride(0), t.stride(2), t.stride(1), t.stride(3)
 
 
 def new_varlen_output(q: torch.Tensor, padded: bool) -> torch.Tensor:

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from ..errors import INTERRUPTED, BadInputError, DkbenchError
 from ..spec.load import load_spec
-from ..spec.sweep import excluded_for_provider, expand, filter_cases
+from ..spec.sweep import excluded_for_provider, expand, filter_cases, graph_row_name
 from .errors import err_console, fail
 from .progress import progress_bar
 
@@ -214,9 +214,13 @@ def validate(spec: Annotated[Path, typer.Argument(help="Sweep spec (YAML) to che
     except DkbenchError as exc:
         raise fail(exc) from None
     cases = expand(sweep)
-    rows = sum(not excluded_for_provider(sweep, case, p) for case in cases for p in sweep.providers)
-    console.print(f"{escape(str(spec))}: ok, {len(cases)} cases x {len(sweep.providers)} providers "
-                  f"= {rows} rows (after exclusions)", highlight=False)
+    names = list(sweep.providers)
+    if sweep.timing.graph_rows:  # every provider's CUDA-graph rows beside its eager ones
+        names += [graph_row_name(name) for name in sweep.providers]
+    rows = sum(not excluded_for_provider(sweep, case, p) for case in cases for p in names)
+    timed = " (each timed eagerly and by CUDA-graph replay)" if sweep.timing.graph_rows else ""
+    console.print(f"{escape(str(spec))}: ok, {len(cases)} cases x {len(sweep.providers)} providers"
+                  f"{timed} = {rows} rows (after exclusions)", highlight=False)
 
 
 def env(

@@ -48,6 +48,7 @@ from ..errors import BadInputError
 from ..measure.telemetry import THROTTLE_FRACTION, throttle_notes
 from ..report import markdown
 from ..results.schema import KEY_COLUMNS, RESULTS_FILE, read_results
+from ..spec.sweep import graph_row_name, row_provider
 
 # metric name -> True when higher is better
 METRICS: dict[str, bool] = {"speedup": True, "tflops": True, "ms": False}
@@ -260,6 +261,8 @@ def _compare_one(key: Key, base: _Table, cur: _Table, metric: str, against: str 
         note = f"baseline {b_row['status']}, current {c_row['status']}"
         return Comparison(case, provider, math.nan, math.nan, math.nan, math.nan, math.nan,
                           SKIPPED, note)
+    if against is not None:
+        against = reference_for(provider, against)
     if metric == "speedup" and provider == against:
         return None  # its ratio to itself is 1 by construction
     throttled = [f"{t.label} {t.throttled[key]}" for t in (base, cur) if key in t.throttled]
@@ -290,8 +293,15 @@ def _providers(*tables: _Table) -> set[str]:
     return {k[_PROVIDER_AT] for t in tables for k in t.rows}
 
 
+def reference_for(provider: str, against: str) -> str:
+    """The row a speedup of ``provider`` is over: ``against``'s, or, for a CUDA-graph row
+    (``NAME+graph``), ``against``'s graph row, as the run measured it."""
+    return graph_row_name(row_provider(against)[0]) if row_provider(provider)[1] else against
+
+
 def resolve_against(base: _Table, cur: _Table, against: str | None) -> str:
-    """The provider speedups are measured against: --against, else the rows' `baseline` column."""
+    """The provider speedups are measured against: --against, else the rows' `baseline` column
+    (where graph rows name their graph twin of the baseline, the baseline itself)."""
     if against:
         for table in (cur, base):
             if against not in _providers(table):
@@ -299,7 +309,8 @@ def resolve_against(base: _Table, cur: _Table, against: str | None) -> str:
                     f"--against {against}: no such provider in {table.label} {table.path} "
                     f"(providers: {', '.join(sorted(_providers(table)))})")
         return against
-    names = {_key_text(r.get("baseline", "")) for t in (cur, base) for r in t.rows.values()} - {""}
+    names = {row_provider(_key_text(r.get("baseline", "")))[0]
+             for t in (cur, base) for r in t.rows.values()} - {""}
     if not names:
         raise BadInputError(f"{cur.path} and {base.path}: the 'baseline' column is empty; "
                             "pass --against PROVIDER or use --metric tflops|ms")

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import BlockLayout
+from kernels import BlockLayout, sparse_attention
 
-from ..spec.sweep import TRAINING_MODES, Case, Sweep
+from ..spec.sweep import FP8, TRAINING_MODES, Case, Sweep
 from .modes import make_inputs, reference
 from .providers import Prepared, Provider
 
@@ -24,13 +24,19 @@ class CheckResult:
     rel_err: float
     ok: bool
     what: str  # which tensor had the worst relative error
+    # fp8 rows: the output's relative error against our bf16 kernel on the same bf16 inputs,
+    # the quantisation's cost end to end (reported beside rel_err, which is the kernel's own).
+    # None for every other row.
+    vs_bf16: float | None = None
 
 
 def random_inputs(case: Case, device: torch.device, requires_grad: bool,
                   generator_seed: int) -> tuple:
     """Fresh random inputs for the case's mode (see `dkbench.measure.modes`), reproducible from the seed;
     training inputs track gradients when ``requires_grad``."""
-    inputs = make_inputs(case, device, generator_seed)
+    # An fp8 case's inputs are bf16: the provider that computes in fp8 quantises them itself.
+    made = dataclasses.replace(case, dtype="bfloat16") if case.dtype == FP8 else case
+    inputs = make_inputs(made, device, generator_seed)
     if case.mode in TRAINING_MODES:
         return tuple(t.detach().requires_grad_(requires_grad) for t in inputs)
     return inputs
@@ -58,7 +64,8 @@ def run_check(provider: Provider, prepared: Prepared, case: Case, layout: BlockL
     grads = small.mode in ("bwd", "fwd_bwd")
     inputs = random_inputs(small, device, grads, seed)
     out = prepared.attn(*inputs)
-    ref = reference(small, inputs, layout, scale, provider.computes, grad=grads)
+    ref = reference(small, prepared.reference_inputs(inputs), layout, scale, provider.computes,
+                    grad=grads)
     pairs = [("out", prepared.canonical(out), ref)]
     if grads:
         q, k, v = inputs
@@ -77,4 +84,12 @@ def run_check(provider: Provider, prepared: Prepared, case: Case, layout: BlockL
             worst = CheckResult(max(max_abs, worst.max_abs_err), rel, rel <= tol, name)
         else:
             worst = dataclasses.replace(worst, max_abs_err=max(max_abs, worst.max_abs_err))
+    if small.dtype == FP8 and small.mode == "fwd":
+        bf16 = sparse_attention(*inputs, layout, sm_scale=scale, seq_dim=2)
+        worst = dataclasses.replace(worst, vs_bf16=_rel(out, bf16))
     return worst
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    diff = got.detach().double() - want.detach().double()
+    return float(diff.norm() / want.detach().double().norm().clamp_min(1e-30))

@@ -1,5 +1,6 @@
-"""Timing by CUDA-graph replay (`timing.cuda_graph: true`): a step captured once, many calls to a
-graph, replayed, so no launch overhead is timed. Replays do not flush L2 between calls.
+"""Timing by CUDA-graph replay (`timing.cuda_graph: true`, or the `NAME+graph` rows of
+`[false, true]`): a step captured once, many calls to a graph, replayed, so no launch overhead is
+timed. Replays do not flush L2 between calls.
 
 A step that cannot be captured (it syncs with the host, or its library refuses capture) raises
 `CaptureError`, an `Unsupported`: its row says why, and no eager time stands in for the graph

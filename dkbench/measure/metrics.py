@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from kernels import BlockLayout, causal_pairs, kept_pairs
 
-from ..spec.sweep import TRAINING_MODES, Case
+from ..spec.sweep import FP8, TRAINING_MODES, Case
 from .modes import sequence_lengths
 
 MODE_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5, "prefill_varlen": 1.0, "decode": 1.0}
@@ -66,8 +66,9 @@ def tflops(flop: float, ms: float) -> float:
 
 
 def peak_tflops(gpu: str, dtype: str) -> float | None:
-    """The GPU's dense peak for this dtype, or None for a GPU not in the table."""
+    """The GPU's dense peak for this dtype, or None for a GPU not in the table (fp8 runs at
+    twice the 16-bit rate)."""
     for name, peak in PEAK_TFLOPS.items():
         if name in gpu:
-            return peak / 2 if dtype == "float32" else peak
+            return peak / 2 if dtype == "float32" else peak * 2 if dtype == FP8 else peak
     return None

@@ -21,7 +21,14 @@ from ..results.schema import (
     read_meta,
     write_meta,
 )
-from ..spec.sweep import Case, Sweep, excluded_for_provider
+from ..spec.sweep import (
+    Case,
+    Sweep,
+    Timing,
+    excluded_for_provider,
+    graph_row_name,
+    row_provider,
+)
 from . import metrics, size_guard, sol, telemetry
 from .calibrate import Calibration, load_or_calibrate, unavailable_reason
 from .check import CheckResult, random_inputs, run_check
@@ -67,7 +74,9 @@ class RunContext:
     run_id: str
     baseline: str | None
     command: str
-    baseline_ms: dict[str, float] = field(default_factory=dict)  # case_id -> baseline's median
+    # case_id -> the baseline's median; with graph rows beside eager ones, that of the baseline's
+    # graph row too, under `baseline_key` (a graph row's speedup is over the baseline's graph row).
+    baseline_ms: dict[str, float] = field(default_factory=dict)
     calibration: Calibration | None = None  # this GPU's measured rates: the speed-of-light columns
     # Providers measured under a name of their own instead of PROVIDERS[name]: name -> (provider,
     # the config its prepare pins). The tuner's candidates: the bundled kernel, one config pinned.
@@ -105,7 +114,26 @@ def _base_row(ctx: RunContext, case: Case, provider: str, pattern_hash: str,
         q_len=case.q_len, heads=case.heads, kv_heads=case.kv_heads, head_dim=case.head_dim,
         causal=case.causal, pattern=case.pattern.label(), pattern_hash=pattern_hash,
         block_size=case.block_size, density=density, seed=ctx.sweep.seed,
-        baseline=ctx.baseline or "", command=ctx.command, page_size=case.page_size)
+        baseline=row_baseline(ctx, provider), command=ctx.command, page_size=case.page_size)
+
+
+def row_baseline(ctx: RunContext, provider: str) -> str:
+    """The provider a row's speedup is over: the run's baseline; for a graph row, its graph row."""
+    if not ctx.baseline:
+        return ""
+    return graph_row_name(ctx.baseline) if row_provider(provider)[1] else ctx.baseline
+
+
+def baseline_key(case_id: str, provider: str) -> str:
+    """Where `RunContext.baseline_ms` keeps the median that a row of ``provider`` is compared with:
+    its case id, with the graph suffix for a graph row."""
+    return graph_row_name(case_id) if row_provider(provider)[1] else case_id
+
+
+def row_timing(sweep: Sweep, name: str) -> Timing:
+    """How the row of ``name`` is timed: a graph row by replay; the others by the spec's timing
+    (its eager half when graph rows come beside them)."""
+    return sweep.timing.graph_pass() if row_provider(name)[1] else sweep.timing.eager_pass()
 
 
 @dataclass
@@ -139,7 +167,7 @@ def prepare_one(ctx: RunContext, case: Case, name: str, layout, density: float, 
         if case.mode in ("bwd", "fwd_bwd") and not provider.supports_grad:
             raise Unsupported(f"{name} has no backward pass")
         # Refuse what cannot fit rather than swap the machine or die of it mid-sweep.
-        too_big = size_guard.too_big(case, name, device,
+        too_big = size_guard.too_big(case, row_provider(name)[0], device,
                                      sweep.check.max_tokens if sweep.check.enabled else None)
         if too_big:
             row.status, row.message = "oom", too_big
@@ -160,6 +188,9 @@ def prepare_one(ctx: RunContext, case: Case, name: str, layout, density: float, 
                 row.message = (f"{checked.what}: relative error {checked.rel_err:.3g} above "
                                f"{sweep.check.rtol[case.dtype]}")
                 return row
+            if checked.vs_bf16 is not None:  # an fp8 row: how far quantising moved the output
+                row.message = (f"relative error {checked.vs_bf16:.3g} against the bf16 kernel "
+                               "on the same inputs (rel_err: against the dequantised reference)")
         step = make_step(case.mode, prepared.attn, *inputs)
         step()  # warm-up: compilation and autotuning stay outside the timed region
         # Providers prepared before this one are still alive (they are timed together); what they
@@ -181,7 +212,7 @@ def run_one(ctx: RunContext, case: Case, name: str, layout, density: float, inpu
         if isinstance(ready, ResultRow):
             return ready
         try:
-            timed = measure(ready.step, ctx.sweep.timing, ctx.device)
+            timed = measure(ready.step, row_timing(ctx.sweep, name), ctx.device)
             ready.row.timer, ready.row.ms = timed.timer, timed.ms
             ready.row.ms_p20, ready.row.ms_p80 = timed.p20, timed.p80
             telemetry.record(ready.row, timed.telemetry)
@@ -200,7 +231,7 @@ def time_together(ctx: RunContext, case: Case, layout, ready: list[ReadyStep]) -
     steps = {r.row.provider: r.step for r in ready}
     baseline = ctx.baseline if ctx.baseline in steps else None
     try:
-        timed = measure_interleaved(steps, ctx.sweep.timing, ctx.device, baseline)
+        timed = measure_interleaved(steps, ctx.sweep.timing.eager_pass(), ctx.device, baseline)
     except Exception as exc:  # noqa: BLE001 - e.g. no memory for the L2 flush buffer
         for r in ready:
             _record_failure(r.row, exc)
@@ -218,7 +249,8 @@ def time_together(ctx: RunContext, case: Case, layout, ready: list[ReadyStep]) -
 
 def provider_for(ctx: RunContext, name: str) -> tuple[Provider, object]:
     """The provider measured under ``name`` and the config it pins (None: its own choice)."""
-    return ctx.pinned[name] if name in ctx.pinned else (PROVIDERS[name](), None)
+    base = row_provider(name)[0]  # a graph row runs its provider
+    return ctx.pinned[base] if base in ctx.pinned else (PROVIDERS[base](), None)
 
 
 def _allocated(device: torch.device) -> int:
@@ -250,9 +282,10 @@ def _fill_metrics(ctx: RunContext, case: Case, provider: Provider, layout, row: 
     row.flops = metrics.flops(case, pairs)
     row.tflops = metrics.tflops(row.flops, row.ms)
     row.dense_tflops = metrics.tflops(metrics.flops(case, metrics.dense_pairs(case)), row.ms)
-    if row.provider == ctx.baseline:
-        ctx.baseline_ms[case.case_id] = row.ms
-    base = ctx.baseline_ms.get(case.case_id)
+    key = baseline_key(case.case_id, row.provider)
+    if ctx.baseline and row.provider == row.baseline:
+        ctx.baseline_ms[key] = row.ms
+    base = ctx.baseline_ms.get(key)
     if base is not None:
         row.speedup = base / row.ms
         if paired is not None:
@@ -296,8 +329,11 @@ def plan_run(sweep: Sweep, cases: list[Case], providers: list[str], out: Path,
 
 
 def pending_work(sweep: Sweep, plan: RunPlan, baseline: str | None) -> list[tuple[Case, list[str]]]:
-    """Each case with its providers still to run (baseline first), in the plan's case order."""
+    """Each case with its providers still to run (baseline first), in the plan's case order; with
+    `timing.cuda_graph: [false, true]`, every provider's graph row after the eager ones."""
     order = order_providers(plan.providers, baseline)
+    if sweep.timing.graph_rows:
+        order += [graph_row_name(name) for name in order]
     work = []
     for case in plan.cases:
         names = [n for n in order if (case.case_id, n) not in plan.done
@@ -313,8 +349,13 @@ def begin_run(sweep: Sweep, spec_text: str, plan: RunPlan, device: torch.device,
     env = environment(device)
     baseline = sweep.baseline if sweep.baseline in plan.providers else None
     calibration, speed_of_light = speed_of_light_for(device)
-    ctx = RunContext(sweep, device, env, plan.run_dir.name, baseline, command_line(),
-                     previous_baselines(plan.run_dir, baseline), calibration)
+    measured = previous_baselines(plan.run_dir, baseline)
+    if baseline and sweep.timing.graph_rows:  # and the medians of its graph rows, in their keys
+        twin = graph_row_name(baseline)
+        measured.update({baseline_key(case_id, twin): ms
+                         for case_id, ms in previous_baselines(plan.run_dir, twin).items()})
+    ctx = RunContext(sweep, device, env, plan.run_dir.name, baseline, command_line(), measured,
+                     calibration)
     meta = {"run_id": ctx.run_id, "spec_name": sweep.name, "name": sweep.name,
             "description": sweep.description, "command": ctx.command, "providers": plan.providers,
             "baseline": baseline, "environment": env, "spec": sweep.model_dump(mode="json"),
@@ -369,8 +410,9 @@ def run_case(ctx: RunContext, case: Case, providers: list[str],
     first so the other rows carry its speedup. With `timing.interleave` (the default) every
     provider is prepared and warmed up first, then all are timed together and the case's rows come
     at the end; otherwise each is prepared and timed alone, its row coming as soon as it is
-    measured. `on_start` hears what is being done (a provider's name, "preparing NAME",
-    "timing N providers interleaved"); `on_row` sees each row.
+    measured. Graph rows (``NAME+graph``, from `timing.cuda_graph: [false, true]`) come after,
+    each prepared and timed alone by graph replay. `on_start` hears what is being done (a
+    provider's name, "preparing NAME", "timing N providers interleaved"); `on_row` sees each row.
     """
     rows: list[ResultRow] = []
 
@@ -396,17 +438,20 @@ def run_case(ctx: RunContext, case: Case, providers: list[str],
             emit(failed_row(ctx, case, name, "oom" if oom else "error", message))
         return rows
     case_bytes = _allocated(ctx.device)
+    eager = [name for name in providers if not row_provider(name)[1]]
+    alone = [name for name in providers if row_provider(name)[1]]  # graph rows: one at a time
     if ctx.sweep.timing.interleave:
-        for row in _interleaved_rows(ctx, case, providers, layout, density, inputs, seed,
+        for row in _interleaved_rows(ctx, case, eager, layout, density, inputs, seed,
                                      case_bytes, on_start):
             emit(row)
     else:
-        for name in providers:
-            if on_start:
-                on_start(name)
-            with step_stream(ctx.sweep.timing, ctx.device):
-                row = run_one(ctx, case, name, layout, density, inputs, seed + 1, case_bytes)
-            emit(row)
+        alone = eager + alone
+    for name in alone:
+        if on_start:
+            on_start(name)
+        with step_stream(row_timing(ctx.sweep, name), ctx.device):
+            row = run_one(ctx, case, name, layout, density, inputs, seed + 1, case_bytes)
+        emit(row)
     del inputs
     if ctx.device.type == "cuda":
         torch.cuda.empty_cache()

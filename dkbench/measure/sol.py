@@ -14,7 +14,7 @@ import torch
 
 from kernels import BlockLayout, layout_head_index
 
-from ..spec.sweep import TRAINING_MODES, Case
+from ..spec.sweep import FP8, TRAINING_MODES, Case
 from .modes import sequence_lengths
 
 
@@ -44,8 +44,9 @@ def _kv_tokens(case: Case, layout: BlockLayout, computes: str, seq_k: int, seq_q
 def row_bytes(case: Case, layout: BlockLayout, computes: str, padded: bool = False) -> float:
     """The fewest bytes of device memory the row's work moves, at the case's dtype size.
 
-    The rule: every input is read once and every output written once, at the case's dtype; the
-    softmax statistics (one float32 per query and head) are left out, as small.
+    The rule: every input is read once and every output written once, at the case's dtype (fp8:
+    e4m3 inputs, 1 byte, and a bf16 output, 2); the softmax statistics (one float32 per query
+    and head) are left out, as small.
 
     - fwd, prefill_varlen: q, k, v read, o written. prefill_varlen counts each sequence on its own
       length (`sequence_lengths`), as a training fwd of that length.
@@ -64,6 +65,8 @@ def row_bytes(case: Case, layout: BlockLayout, computes: str, padded: bool = Fal
     inputs moves every sequence at the padded length ``case.seqlen``.
     """
     itemsize = getattr(torch, case.dtype).itemsize
+    # An fp8 row reads e4m3 q, k, v (1 byte each) and writes its output in bf16 (2 bytes).
+    out_extra = 1 if case.dtype == FP8 else 0
     h, hkv, d = case.heads, case.kv_heads, case.head_dim
     if case.mode in TRAINING_MODES:
         q_tokens = case.batch * case.q_len * h  # q, o, dO and dq each
@@ -71,7 +74,7 @@ def row_bytes(case: Case, layout: BlockLayout, computes: str, padded: bool = Fal
         elements = 2 * q_tokens + 2 * kv_read  # q, o; k, v
         if case.mode != "fwd":
             elements += 2 * q_tokens + 2 * case.batch * case.seqlen * hkv  # dO, dq; dk, dv
-        return float(elements * d * itemsize)
+        return float((elements * itemsize + out_extra * q_tokens) * d)
     pad = padded and computes == "dense"
     lengths = [case.seqlen if pad else n for n in sequence_lengths(case)]
     if case.mode == "decode":

@@ -5,7 +5,9 @@ milliseconds, and it flushes L2 before each call), or with `timing.cuda_graph` b
 graph of the step captured here (no L2 flush, no launch overhead). `measure_interleaved` times a
 case's providers together, in rounds of turns, so a step change of the GPU's clock (seen over
 seconds) lands on every provider alike, and pairs each round's turns into ratios. The row records
-which timer was used, and what NVML read of the GPU while its calls ran (`telemetry`).
+which timer was used, and what NVML read of the GPU while its calls ran (`telemetry`). With
+`timing.cuda_graph: [false, true]` the runner times every provider twice, its eager rows as above
+and its graph rows (`NAME+graph`) by replay, each with one pass of the timing.
 """
 
 from __future__ import annotations
@@ -90,7 +92,11 @@ def summarize(samples: list[float], timer: str) -> Measurement:
 
 def timer_for(timing: Timing, device: torch.device) -> str:
     """The timer `measure` uses: wall clock off CUDA (the interpreter), graph replay when the spec
-    asks for `timing.cuda_graph`, else do_bench."""
+    asks for `timing.cuda_graph`, else do_bench. A timing of both (``[false, true]``) times each
+    row one way: give its `eager_pass()` or `graph_pass()`."""
+    if timing.graph_rows:
+        raise ValueError("timing.cuda_graph [false, true] times each row one way; time with "
+                         "timing.eager_pass() or timing.graph_pass()")
     if device.type != "cuda":
         return WALLCLOCK
     return CUDA_GRAPH if timing.cuda_graph else DO_BENCH

@@ -30,8 +30,11 @@ from .messages import (
 )
 from .patterns import PatternSpec
 
+# fp8 cases make bf16 inputs; the providers that compute in fp8 quantise them (e4m3, descaled),
+# the others refuse the case.
+FP8 = "float8_e4m3fn"
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
-          "half": "float16", "fp32": "float32", "float32": "float32"}
+          "half": "float16", "fp32": "float32", "float32": "float32", "fp8": FP8, FP8: FP8}
 MODES = ("fwd", "bwd", "fwd_bwd", "prefill_varlen", "decode")
 TRAINING_MODES = ("fwd", "bwd", "fwd_bwd")
 INFERENCE_MODES = ("prefill_varlen", "decode")
@@ -39,7 +42,10 @@ Mode = Literal["fwd", "bwd", "fwd_bwd", "prefill_varlen", "decode"]
 DEVICES = ("auto", "cuda", "cpu")
 
 IntList = Union[int, list[int]]
-DEFAULT_RTOL = {"bfloat16": 2e-2, "float16": 5e-3, "float32": 5e-3}
+# fp8 is checked against the reference of its dequantised inputs (so it measures the kernel, not
+# the quantisation): its error is the rounding of the probabilities to e4m3 for p v, 3 mantissa
+# bits, at most 2^-4 relative per element and about 2% RMS in the output (tests/tolerances.py).
+DEFAULT_RTOL = {"bfloat16": 2e-2, "float16": 5e-3, "float32": 5e-3, FP8: 5e-2}
 
 # What each integer axis allows, checked before anything is built: far beyond any GPU's reach,
 # close enough that a typo (an extra 0, a byte count for a length) is refused at once.
@@ -56,26 +62,79 @@ MAX_LAYOUT_BLOCKS = 2**32
 _STRICT = ConfigDict(extra="forbid", strict=True)
 
 
+# A provider's rows timed by CUDA-graph replay beside its eager ones (`timing.cuda_graph:
+# [false, true]`) go under its name and this suffix, so the two key apart in resume, gate and
+# plots (the results' key columns name the provider, not the timer).
+GRAPH_SUFFIX = "+graph"
+_GRAPH_VALUES = ("allowed: false (eager), true (graph replay), or [false, true] (both, in rows "
+                 f"of their own: provider NAME{GRAPH_SUFFIX})")
+
+
+def graph_row_name(provider: str) -> str:
+    """The name a provider's graph-timed rows take beside its eager ones."""
+    return provider + GRAPH_SUFFIX
+
+
+def row_provider(name: str) -> tuple[str, bool]:
+    """A row's provider name split into the provider and whether it is a graph-timed twin."""
+    if name.endswith(GRAPH_SUFFIX):
+        return name[:-len(GRAPH_SUFFIX)], True
+    return name, False
+
+
 class Timing(BaseModel):
     model_config = _STRICT
     warmup_ms: float = Field(25.0, gt=0, allow_inf_nan=False)
     rep_ms: float = Field(100.0, gt=0, allow_inf_nan=False)
-    cuda_graph: bool = False
+    # false: each step timed eagerly; true: by CUDA-graph replay (dkbench.measure.graphs); [false,
+    # true]: both, every provider's graph rows beside its eager ones under `graph_row_name`.
+    cuda_graph: bool | list[bool] = False
     # Time a case's providers together, in rounds of one turn each (dkbench.measure.timing), so a drift of
     # the GPU's speed lands on all of them alike; `speedup` is then the median of per-round ratios.
-    # Graph replay
-    # times one provider at a time, so cuda_graph turns this off unless it is given too (an error).
+    # Graph replay times one provider at a time, so cuda_graph: true turns this off unless it is
+    # given too (an error); with [false, true] it applies to the eager rows.
     interleave: bool = True
+
+    @field_validator("cuda_graph", mode="before")
+    @classmethod
+    def _graph_values(cls, value: Any) -> Any:
+        """A boolean, or a list of distinct booleans; one value stands for itself."""
+        if isinstance(value, bool):
+            return value
+        if not isinstance(value, list):
+            raise AxisError(f"{show(value)} is not a boolean; {_GRAPH_VALUES}")
+        if not value:
+            raise AxisError(f"an empty list; {_GRAPH_VALUES}")
+        for i, v in enumerate(value):
+            if not isinstance(v, bool):
+                raise AxisError(f"{show(v)} is not a boolean; {_GRAPH_VALUES}", i)
+            if v in value[:i]:
+                raise AxisError(f"{show(v)} is given twice; {_GRAPH_VALUES}", i)
+        return value[0] if len(value) == 1 else [False, True]
 
     @model_validator(mode="after")
     def _graph_or_interleave(self) -> Timing:
-        if self.cuda_graph and self.interleave:
+        if self.cuda_graph is True and self.interleave:
             if "interleave" in self.model_fields_set:
                 raise ValueError("timing.interleave and timing.cuda_graph are both true; pick one "
                                  "(graphs are replayed one provider at a time, so they cannot be "
-                                 "interleaved)")
+                                 "interleaved), or time both ways with cuda_graph: [false, true]")
             self.interleave = False
         return self
+
+    @property
+    def graph_rows(self) -> bool:
+        """Whether graph-timed rows come beside the eager ones (``cuda_graph: [false, true]``)."""
+        return isinstance(self.cuda_graph, list)
+
+    def eager_pass(self) -> Timing:
+        """How the rows named after their provider are timed: this timing, with [false, true]
+        its eager half."""
+        return self.model_copy(update={"cuda_graph": False}) if self.graph_rows else self
+
+    def graph_pass(self) -> Timing:
+        """How graph-timed rows are timed: by replay, one provider at a time."""
+        return self.model_copy(update={"cuda_graph": True, "interleave": False})
 
 
 class Check(BaseModel):
@@ -323,6 +382,9 @@ def _matches(case: Case, rule: dict[str, Any], provider: str | None = None) -> b
         if key == "provider":
             if provider is None:
                 return False  # a rule naming a provider excludes rows, not whole cases
+            # A rule naming a provider takes its graph rows too; one naming NAME+graph only them.
+            if row_provider(provider)[0] in as_list(wanted):
+                continue
             value = provider
         else:
             value = case.field(key)

@@ -323,8 +323,13 @@ def test_validate_prints_the_count(tmp_path: Path) -> None:
     assert flat(result.stdout) == f"{spec}: ok, 4 cases x 2 providers = 8 rows (after exclusions)"
 
 
-@pytest.mark.parametrize(("name", "count"), [("smoke.yaml", "2 cases x 2 providers = 4 rows"),
-                                             ("phi3.yaml", "8 cases x 11 providers")])
+@pytest.mark.parametrize(("name", "count"), [
+    ("smoke.yaml", "2 cases x 2 providers = 4 rows"),
+    ("phi3.yaml", "8 cases x 11 providers"),
+    # Graph rows beside the eager ones: 87 eager rows, 69 graph rows (none for the slow dense
+    # references, as the run makes them).
+    ("decode.yaml", "15 cases x 7 providers (each timed eagerly and by CUDA-graph replay) = 156 "
+                    "rows")])
 def test_validate_shipped_sweeps(name: str, count: str) -> None:
     result = invoke("validate", SWEEPS / name)
     assert result.exit_code == 0, result.output

@@ -74,8 +74,8 @@ ERRORS: list[tuple[str, dict[str, Any], str, str]] = [
     ("neither batch nor batch_tokens", {"batch": None}, "(top level)",
      "exactly one of 'batch' and 'batch_tokens'"),
     # names and values checked after parsing
-    ("bad dtype", {"dtype": "fp8"}, "dtype: unknown dtype 'fp8'",
-     "allowed: bf16, bfloat16, fp16, float16, half, fp32, float32"),
+    ("bad dtype", {"dtype": "fp4"}, "dtype: unknown dtype 'fp4'",
+     "allowed: bf16, bfloat16, fp16, float16, half, fp32, float32, fp8, float8_e4m3fn"),
     ("bad dtype in a list", {"dtype": ["fp32", "int8"]}, "dtype[1]: unknown dtype 'int8'",
      "allowed: bf16"),
     ("unknown provider", {"providers": ["sdpa_math", "cutlass"]},

@@ -35,7 +35,7 @@ MODULES = sorted(f"kernels.{p.stem}" for p in KERNELS_DIR.glob("*.py") if p.stem
 
 
 def test_records_are_keyed_by_name_in_a_fixed_order() -> None:
-    assert list(KERNELS) == ["fwd", "bwd", "dq", "varlen", "decode"]
+    assert list(KERNELS) == ["fwd", "bwd", "dq", "varlen", "decode", "fp8"]
     for name, record in KERNELS.items():
         assert isinstance(record, KernelRecord) and record.name == name
         assert record.description and "\n" not in record.description, name
@@ -124,7 +124,8 @@ def test_implementations_entries_config_arguments_and_tunable() -> None:
         assert record.config_meaning, name
     assert KERNELS["fwd"].impls == ("triton", "gluon")
     assert CONFIG_ARGUMENTS == {"fwd": "config", "bwd": "bwd_config", "dq": "dq_config"}
-    assert {name for name, r in KERNELS.items() if r.tunable} == set(KERNELS)
+    # The fp8 forward is not tuned yet: no `dkbench tune` mode reaches it.
+    assert {name for name, r in KERNELS.items() if r.tunable} == set(KERNELS) - {"fp8"}
     # What `dkbench tune` reaches through sparse_attention today.
     assert TUNABLE == ("fwd", "bwd", "dq")
     assert inspect.signature(kernels.sparse_attention_padded).parameters["config"].default is None

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kernels import BlockLayout
 
-from ...spec.sweep import Case, Sweep
+from ...spec.sweep import FP8, Case, Sweep
 
 
 def import_failure(module: str, package: str, extra: str) -> str | None:
@@ -28,8 +28,20 @@ class Unsupported(Exception):
     """This provider cannot run this case here; the message says why (becomes status=unsupported)."""
 
 
+def refuse_fp8(case: Case, why: str) -> None:
+    """`Unsupported` with ``why`` (what this provider lacks) when ``case`` is an fp8 one: its
+    inputs are bf16, to be quantised by a provider that computes in fp8, and a provider that
+    would run them in bf16 must not pass for an fp8 row."""
+    if case.dtype == FP8:
+        raise Unsupported(why)
+
+
 def _same(out: torch.Tensor) -> torch.Tensor:
     return out
+
+
+def _same_inputs(inputs: tuple) -> tuple:
+    return inputs
 
 
 @dataclass
@@ -43,6 +55,10 @@ class Prepared:
     launch_config: object = None  # the bundled kernel's LaunchConfig, reused by the check
     # Turns attn's output into the mode's canonical form, for the check only (never timed).
     canonical: Callable[[torch.Tensor], torch.Tensor] = _same
+    # The inputs the reference computes on, given the mode's inputs (check only): themselves, or
+    # for a provider that quantises them (fp8) the values it really computes on, dequantised, so
+    # that the error measures the kernel rather than the quantisation.
+    reference_inputs: Callable[[tuple], tuple] = _same_inputs
 
 
 BlockSide = Annotated[int, Field(ge=16, le=1024, multiple_of=16)]

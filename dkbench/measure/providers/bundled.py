@@ -1,8 +1,14 @@
 """The bundled Triton block-sparse kernels: training forward/backward, varlen prefill, decoding
-(from a contiguous or a paged KV cache)."""
+(from a contiguous or a paged KV cache).
+
+The inference steps are made as an engine runs them, graph-ready: what depends only on the batch's
+shape (varlen's sequence table, decode's workspace, split count and group plan) is built in
+`prepare`, so a timed call reads nothing back and allocates nothing but varlen's output, and
+`timing.cuda_graph` can capture it."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 
 import torch
@@ -11,8 +17,7 @@ from kernels import (
     KERNELS,
     BlockLayout,
     LaunchConfig,
-    auto_splits,
-    group_plan,
+    decode_workspace,
     resolve_config,
     resolve_varlen_config,
     sparse_attention,
@@ -20,10 +25,13 @@ from kernels import (
     sparse_attention_varlen,
     tile_plan,
     varlen_plan,
+    varlen_sequences,
 )
 
-from ...spec.sweep import Case, Sweep
+from ...spec.sweep import FP8, Case, Sweep
+from ..modes import sequence_lengths
 from .base import Prepared, Provider
+from .bundled_fp8 import prepare_fp8
 
 # The kernel a mode's call runs first, the one a plain LaunchConfig pins; the training modes run
 # the forward, and those with a backward its dk/dv ("bwd") and dq kernels after it.
@@ -42,6 +50,8 @@ class BundledKernel(Provider):
         forward in the training modes), or a dict of kernel name -> LaunchConfig (the tuner's
         candidate of one kernel behind the winners of those tuned before it). What is not
         pinned comes from the spec's ``config`` (the forward's) or the lookup."""
+        if case.dtype == FP8:  # the fp8 forward, on the case's bf16 inputs quantised
+            return prepare_fp8(case, layout, sweep, device, scale, config)
         layout = layout.to(device)
         kernel = _MODE_KERNEL.get(case.mode, "fwd")
         pins = dict(config) if isinstance(config, Mapping) else (
@@ -62,13 +72,7 @@ class BundledKernel(Provider):
             return self._decode(case, layout, device, scale, main, source)
         # Index forms are built here, outside the timed region.
         if kernel == "varlen":
-            varlen_plan(layout, main.block_m, case.seqlen)
-
-            def attn(q, k, v, cu_seqlens, *_):
-                return sparse_attention_varlen(q, k, v, cu_seqlens, cu_seqlens, layout,
-                                               sm_scale=scale, config=main)
-
-            return Prepared(attn, main.short(), source, launch_config=pinned)
+            return self._varlen(case, layout, device, scale, main, source, pinned)
         tile_plan(layout, main.block_m, case.seqlen)
         # The backward's kernels that are not pinned are looked up at launch, by the lookup
         # that names them for the row here.
@@ -86,20 +90,38 @@ class BundledKernel(Provider):
         return Prepared(attn, main.short(), source, launch_config=pinned)
 
     @staticmethod
+    def _varlen(case: Case, layout: BlockLayout, device: torch.device, scale: float,
+                config: LaunchConfig, source: str, pinned: object) -> Prepared:
+        """Packed prefill: the sequence table of the case's lengths (those its inputs are drawn
+        with) and the tile plan built once, so a call reads no cu_seqlens back."""
+        cu = torch.tensor([0, *itertools.accumulate(sequence_lengths(case))], dtype=torch.int32)
+        sequences = varlen_sequences(cu, cu, device)
+        varlen_plan(layout, config.block_m, sequences.max_k)
+
+        def attn(q, k, v, cu_seqlens, *_):
+            return sparse_attention_varlen(q, k, v, cu_seqlens, cu_seqlens, layout,
+                                           sm_scale=scale, config=config, sequences=sequences)
+
+        return Prepared(attn, config.short(), source, launch_config=pinned)
+
+    @staticmethod
     def _decode(case: Case, layout: BlockLayout, device: torch.device, scale: float,
                 config: LaunchConfig, source: str) -> Prepared:
-        plan = group_plan(layout, case.heads, case.kv_heads)
-        splits = auto_splits(case.batch, case.kv_heads, plan.max_entries, device)
+        """A decoding step with a workspace made once: the output, the split count (the group
+        plan built with it) and the splits' partials, so a call allocates nothing."""
+        shape = torch.empty(case.batch, case.heads, case.head_dim, device=device,
+                            dtype=getattr(torch, case.dtype))
+        workspace = decode_workspace(shape, case.kv_heads, layout)
 
         def attn(q, k_cache, v_cache, cache_seqlens, lengths, paged=None):
             table = None
             if paged is not None:  # a paged case: the pages, through its block table
                 k_cache, v_cache, table = paged
             return sparse_attention_decode(q, k_cache, v_cache, cache_seqlens, layout,
-                                           sm_scale=scale, num_splits=splits, config=config,
-                                           block_table=table, max_cache_len=case.seqlen)
+                                           sm_scale=scale, config=config, block_table=table,
+                                           max_cache_len=case.seqlen, workspace=workspace)
 
-        label = f"splits{splits} {config.short()}"
+        label = f"splits{workspace.splits} {config.short()}"
         if case.page_size:
             label += f" page{case.page_size}"
         return Prepared(attn, label, source, launch_config=config)

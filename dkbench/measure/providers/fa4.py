@@ -15,8 +15,8 @@ import torch
 
 from kernels import BlockLayout
 
-from ...spec.sweep import Case, Sweep
-from .base import MaskBlocks, Prepared, Provider, import_failure
+from ...spec.sweep import FP8, Case, Sweep
+from .base import MaskBlocks, Prepared, Provider, import_failure, refuse_fp8
 from .forms import BlockSparseIndex, coarse_blocks, per_head_table, sparse_index
 
 # FA4 checks its arguments with asserts and ValueErrors: a case it cannot run (a head size, a
@@ -42,6 +42,16 @@ def _unavailable(device: torch.device) -> str | None:
     return None
 
 
+def _fp8_refusal(device: torch.device) -> str:
+    """Why an fp8 case gets no FA4 row here: FA4's fp8 forward (e4m3 q, k, v, bf16 out,
+    descales per batch and kv head) is Blackwell's only."""
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 10:
+        return (f"FlashAttention-4's fp8 forward runs on Blackwell (sm100) only; this GPU is "
+                f"sm{major}{minor}; see the bf16 rows")
+    return "FlashAttention-4's fp8 forward is not wired into dkbench yet; see the bf16 rows"
+
+
 def _bshd(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2)
 
@@ -57,6 +67,8 @@ class Fa4(Provider):
 
     def prepare(self, case: Case, layout: BlockLayout, sweep: Sweep, device: torch.device,
                 scale: float, config: object = None) -> Prepared:
+        if case.dtype == FP8:
+            refuse_fp8(case, _fp8_refusal(device))
         from flash_attn.cute import flash_attn_func, flash_attn_varlen_func
 
         causal = case.causal
@@ -119,6 +131,8 @@ class Fa4Sparse(Provider):
 
     def prepare(self, case: Case, layout: BlockLayout, sweep: Sweep, device: torch.device,
                 scale: float, config: object = None) -> Prepared:
+        if case.dtype == FP8:
+            refuse_fp8(case, _fp8_refusal(device))
         from flash_attn.cute import flash_attn_func
 
         options: MaskBlocks = self.options(sweep)

@@ -8,7 +8,7 @@ import torch
 from kernels import BlockLayout
 
 from ...spec.sweep import Case, Sweep
-from .base import Prepared, Provider
+from .base import Prepared, Provider, refuse_fp8
 
 
 class FlashAttn(Provider):
@@ -29,6 +29,8 @@ class FlashAttn(Provider):
 
     def prepare(self, case: Case, layout: BlockLayout, sweep: Sweep, device: torch.device,
                 scale: float, config: object = None) -> Prepared:
+        refuse_fp8(case, "the flash_attn package's fp8 forward (FlashAttention-3's Hopper build) "
+                         "is not wired into dkbench; see the bf16 rows")
         import flash_attn
 
         causal = case.causal

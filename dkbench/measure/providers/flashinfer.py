@@ -36,7 +36,14 @@ from kernels import BlockLayout
 
 from ...spec.sweep import Case, Sweep
 from ..modes import block_table, sequence_lengths
-from .base import MaskBlocks, Prepared, Provider, Unsupported, import_failure
+from .base import (
+    MaskBlocks,
+    Prepared,
+    Provider,
+    Unsupported,
+    import_failure,
+    refuse_fp8,
+)
 from .forms import coarse_blocks, per_kv_head
 
 # FlashInfer's plan() checks arguments with ValueError and NotImplementedError; its RuntimeErrors
@@ -152,6 +159,8 @@ class FlashInferSparse(Provider):
 
     def prepare(self, case: Case, layout: BlockLayout, sweep: Sweep, device: torch.device,
                 scale: float, config: object = None) -> Prepared:
+        refuse_fp8(case, "FlashInfer's variable block-sparse wrapper is measured in bf16 only: "
+                         "its fp8 path is not wired into dkbench; see the bf16 rows")
         options: MaskBlocks = self.options(sweep)
         block = options.fwd_block or (layout.block_size, layout.block_size)
         # The block maps refuse what FlashInfer cannot express, before it is even imported.
@@ -242,6 +251,8 @@ class FlashInferDecode(Provider):
 
     def prepare(self, case: Case, layout: BlockLayout, sweep: Sweep, device: torch.device,
                 scale: float, config: object = None) -> Prepared:
+        refuse_fp8(case, "fp8 cases run mode fwd only; FlashInfer's fp8 KV-cache decode is not "
+                         "wired into dkbench")
         options: DecodePages = self.options(sweep)
         lengths = torch.tensor(sequence_lengths(case), dtype=torch.int32)
         if case.page_size:  # a paged case: the case's own pages, with its block table

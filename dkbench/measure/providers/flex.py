@@ -17,7 +17,7 @@ import torch
 from kernels import BlockLayout
 
 from ...spec.sweep import Case, Sweep
-from .base import MaskBlocks, Prepared, Provider
+from .base import MaskBlocks, Prepared, Provider, refuse_fp8
 from .fa4 import fa4_unavailable
 from .forms import block_index, coarse_blocks, per_head_table
 
@@ -64,6 +64,8 @@ class Flex(Provider):
     Options = MaskBlocks
     # kernel_options for flex_attention; the Triton backend when None.
     kernel_options: dict | None = None
+    fp8_refusal = ("FlexAttention in fp8 (e4m3 q, k, v, their descales in a score_mod) is not "
+                   "wired into dkbench; see the bf16 rows")
 
     def unavailable(self, device: torch.device) -> str | None:
         try:
@@ -87,6 +89,7 @@ class Flex(Provider):
 
     def prepare(self, case: Case, layout: BlockLayout, sweep: Sweep, device: torch.device,
                 scale: float, config: object = None) -> Prepared:
+        refuse_fp8(case, self.fp8_refusal)
         block = self.mask_block(case, layout, self.options(sweep))
         block_mask = build_block_mask(layout, case.heads, case.kv_heads, case.q_len, case.seqlen,
                                       device, block)
@@ -110,6 +113,8 @@ class FlexFlash(Flex):
 
     name = "flex_flash"
     kernel_options = {"BACKEND": "FLASH"}
+    fp8_refusal = ("FlexAttention's FLASH backend is FlashAttention-4, whose fp8 forward runs on "
+                   "Blackwell (sm100) only; not wired into dkbench; see the bf16 rows")
     # FA4's refusals of a mask shape or head size reach us as these.
     refusals = (ValueError, AssertionError, NotImplementedError)
 

@@ -13,7 +13,7 @@ from kernels import BlockLayout
 
 from ...spec.sweep import Case, Sweep
 from ..modes import sequence_lengths, unpad
-from .base import Prepared, Provider, Unsupported
+from .base import Prepared, Provider, Unsupported, refuse_fp8
 
 
 class _Sdpa(Provider):
@@ -36,6 +36,8 @@ class _Sdpa(Provider):
 
     def prepare(self, case: Case, layout: BlockLayout, sweep: Sweep, device: torch.device,
                 scale: float, config: object = None) -> Prepared:
+        refuse_fp8(case, f"torch's scaled_dot_product_attention takes no float8 inputs (SDPA "
+                         f"{self.backend.name} has no fp8 path); see the bf16 rows")
         gqa = case.heads != case.kv_heads
         expand = self.expands_gqa and gqa
         if expand:
