@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from ..spec.sweep import TRAINING_MODES, Case
+from ..spec.sweep import FP8, TRAINING_MODES, Case
 
 GIB = 2**30
 REFERENCE = "reference"  # the check's dense reference, estimated as if it were a provider
@@ -35,9 +35,20 @@ CPU_WARN_S = 180.0
 
 
 def _itemsize(dtype: str) -> int:
+    if dtype == FP8:  # an fp8 case's tensors are made in bf16 (the quantised copies: _fp8_copies)
+        return _ITEMSIZE["bfloat16"]
     if dtype in _ITEMSIZE:
         return _ITEMSIZE[dtype]
     return torch.empty((), dtype=getattr(torch, dtype)).element_size()
+
+
+def _fp8_copies(case: Case) -> int:
+    """Bytes of the e4m3 copies of q, k and v that an fp8 case's provider quantises, one byte an
+    element beside the bf16 inputs (0 for any other dtype)."""
+    if case.dtype != FP8 or case.mode not in TRAINING_MODES:
+        return 0
+    return (case.batch * case.heads * case.q_len * case.head_dim
+            + 2 * case.batch * case.kv_heads * case.seqlen * case.head_dim)
 
 
 def _lengths(case: Case) -> tuple[int, ...]:
@@ -73,7 +84,7 @@ def estimate_case_bytes(case: Case, provider_name: str | None) -> int:
     (and their gradients in bwd/fwd_bwd), plus the fp32 (batch, heads, q_len, seqlen) score
     matrix for `sdpa_math` and the check's dense reference (`REFERENCE`). `provider_name` None
     counts the case's tensors alone."""
-    return (_tensor_elements(case) * _itemsize(case.dtype)
+    return (_tensor_elements(case) * _itemsize(case.dtype) + _fp8_copies(case)
             + _score_elements(case, provider_name) * SCORE_BYTES)
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FuncFormatter, NullFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from ..results.runs import Run
 from ..spec.sweep import DTYPES
@@ -97,7 +97,10 @@ def build_roofline(run: Run) -> Figure:
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlim(lo, hi)
-    for axis in (ax.xaxis, ax.yaxis):  # plain numbers (600, not 6x10^2), no minor labels
+    # Plain numbers (600, not 6x10^2) at 1, 2 and 5 per decade: the rows' TFLOP/s often span
+    # less than a decade (100 to 700), where powers of ten alone would leave the axis unlabelled.
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         axis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("arithmetic intensity (FLOP per byte moved)")

@@ -36,7 +36,8 @@ def summary_table(rows: list[ResultRow], baseline: str | None) -> Table:
                 row.append(f"[dim]{r.status}[/dim]")
             else:
                 text = f"{r.ms:.3f}"
-                if r.speedup == r.speedup and p != baseline:
+                # No ratio on a baseline's own rows (its graph rows are their own baseline).
+                if r.speedup == r.speedup and p not in (baseline, r.baseline):
                     text += f" ({r.speedup:.2f}x)"
                 row.append(f"[bold green]*{text}[/bold green]" if p == winner else text)
         table.add_row(*row)

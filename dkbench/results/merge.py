@@ -94,13 +94,24 @@ def _spec_key(meta: dict) -> object:
     return (meta.get("spec_name"), spec)
 
 
+def _spec_difference(meta: dict, other: dict) -> str:
+    """What tells two runs' specs apart: their names, or the keys whose values differ (a spec
+    loaded by another version of dkbench may differ in a default, such as check.rtol)."""
+    name, spec = _spec_key(meta)
+    other_name, other_spec = _spec_key(other)
+    if name != other_name:
+        return f"{name!r} vs {other_name!r}"
+    keys = sorted(k for k in set(spec) | set(other_spec) if spec.get(k) != other_spec.get(k))
+    return f"both {name!r}; they differ in {', '.join(keys)}"
+
+
 def _differences(sources: list[Source]) -> list[str]:
     first = sources[0]
     problems = []
     for src in sources[1:]:
         if _spec_key(src.meta) != _spec_key(first.meta):
             problems.append(f"{src.run_dir} is a run of a different spec than {first.run_dir} "
-                            f"({src.meta.get('spec_name')!r} vs {first.meta.get('spec_name')!r})")
+                            f"({_spec_difference(src.meta, first.meta)})")
         env, env0 = src.meta.get("environment", {}), first.meta.get("environment", {})
         for key in ENV_KEYS:
             if env.get(key) != env0.get(key):

@@ -545,3 +545,27 @@ def test_ctrl_c_while_importing_ends_in_one_line(monkeypatch, capsys) -> None:
         launch.main()
     assert exit_.value.code == 130
     assert capsys.readouterr().err == "Interrupted while starting; nothing was run.\n"
+
+
+def test_summary_table_gives_no_ratio_to_a_baselines_graph_row() -> None:
+    from rich.console import Console
+
+    from dkbench.report.summary import summary_table
+    from dkbench.results.schema import ResultRow
+
+    def row(provider: str, ms: float, speedup: float, baseline: str) -> ResultRow:
+        return ResultRow(run_id="r", timestamp="", gpu="cpu", torch_version="", triton_version="",
+                         git_sha="", interpreter=True, case_id="c", provider=provider,
+                         mode="decode", dtype="bfloat16", batch=1, seqlen=32, q_len=1, heads=2,
+                         kv_heads=1, head_dim=16, causal=True, pattern="dense", pattern_hash="",
+                         block_size=16, density=1.0, seed=0, ms=ms, speedup=speedup,
+                         baseline=baseline)
+
+    rows = [row("sdpa_math", 2.0, 1.0, "sdpa_math"), row("dkbench", 1.0, 2.0, "sdpa_math"),
+            row("sdpa_math+graph", 0.5, 1.0, "sdpa_math+graph"),
+            row("dkbench+graph", 0.25, 2.0, "sdpa_math+graph")]
+    console = Console(width=200, record=True)
+    console.print(summary_table(rows, "sdpa_math"))
+    text = console.export_text()
+    assert "2.000 " in text and "0.500 " in text and "(1.00x)" not in text
+    assert "1.000 (2.00x)" in text and "*0.250 (2.00x)" in text

@@ -171,10 +171,27 @@ def test_merge_refuses_another_spec(shard_runs: tuple[Path, list[Path]], tmp_pat
     result = invoke("merge", dirs[0], other_dir, "--out", tmp_path / "merged")
     assert result.exit_code == 2, result.output
     assert f"{other_dir} is a run of a different spec" in flat(result.stderr), result.output
+    assert "('other' vs " in flat(result.stderr), result.output
     assert not (tmp_path / "merged").exists()
     result = invoke("merge", dirs[0], other_dir, "--out", tmp_path / "merged", "--force")
     assert result.exit_code == 0, result.output
     assert "(merged anyway: --force)" in flat(result.stderr), result.output
+
+
+def test_merge_names_what_differs_between_specs_of_one_name(
+        shard_runs: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    _, shared = shard_runs
+    dirs = [shared[0], tmp_path / "copy" / shared[1].name]  # the fixture's runs stay as they are
+    shutil.copytree(shared[1], dirs[1])
+    meta_path = dirs[1] / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["spec"]["check"]["rtol"]["float64"] = 1e-9  # as a later version's default might add
+    meta_path.write_text(json.dumps(meta))
+    result = invoke("merge", dirs[0], dirs[1], "--out", tmp_path / "merged")
+    assert result.exit_code == 2, result.output
+    name = meta["spec_name"]
+    assert (f"{dirs[1]} is a run of a different spec than {dirs[0]} (both {name!r}; they "
+            "differ in check)") in flat(result.stderr), result.output
 
 
 def test_merge_refuses_another_environment(shard_runs: tuple[Path, list[Path]],

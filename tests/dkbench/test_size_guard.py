@@ -55,6 +55,14 @@ def test_training_tensors_and_their_gradients():
     assert estimate_case_bytes(fwd, None) == estimate_case_bytes(fwd, "flex")
 
 
+def test_an_fp8_case_counts_its_bf16_inputs_and_their_e4m3_copies():
+    fwd = case()
+    fp8 = replace(fwd, dtype="float8_e4m3fn")
+    # The bf16 tensors of the bf16 case, and one byte an element of q, k and v beside them.
+    assert estimate_case_bytes(fp8, "dkbench") == (estimate_case_bytes(fwd, "dkbench")
+                                                   + 2**28 + 2 * 2**26)
+
+
 def test_sdpa_math_and_the_reference_add_the_fp32_score_matrix():
     c = case(batch=8, seqlen=8192, q_len=8192)  # phi3's 8k case: 65,536 tokens
     tensors = (2 * 8 * 32 * 8192 * 128 + 2 * 8 * 8 * 8192 * 128) * 2
