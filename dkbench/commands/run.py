@@ -14,7 +14,13 @@ from rich.table import Table
 
 from ..errors import INTERRUPTED, BadInputError, DkbenchError
 from ..spec.load import load_spec
-from ..spec.sweep import excluded_for_provider, expand, filter_cases, graph_row_name
+from ..spec.sweep import (
+    excluded_for_provider,
+    expand,
+    filter_cases,
+    graph_row_name,
+    row_provider,
+)
 from .errors import err_console, fail
 from .progress import progress_bar
 
@@ -96,8 +102,13 @@ def run(
                                     f"allowed: {', '.join(PROVIDERS)}")
             unknown = [p for p in chosen if p not in PROVIDERS]
             if unknown:
+                graphs = [p for p in unknown
+                          if row_provider(p)[1] and row_provider(p)[0] in PROVIDERS]
+                hint = (f" ({', '.join(graphs)}: CUDA-graph rows come from the spec's "
+                        "timing.cuda_graph: [false, true], beside the provider's eager ones; name "
+                        "the provider)" if graphs else "")
                 raise BadInputError(f"--providers: unknown {', '.join(unknown)}; allowed: "
-                                    f"{', '.join(PROVIDERS)}")
+                                    f"{', '.join(PROVIDERS)}{hint}")
         cases = filter_cases(expand(sweep), only or [])
         if not cases:
             raise BadInputError(f"--only {' '.join(only or [])}: no case of "

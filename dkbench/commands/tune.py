@@ -156,7 +156,7 @@ def tune(
     from ..measure.runner import resolve_device
     from ..spec.load import load_spec
     from ..tune import tuner as tuning
-    from ..tune.plan import plan_tune, resolve_modes, sweep_from_flags
+    from ..tune.plan import check_tunable, plan_tune, resolve_modes, sweep_from_flags
     from ..tune.rows import TUNE_FILE
     from ..tune.space import parse_impl_list, parse_int_list
 
@@ -184,6 +184,7 @@ def tune(
         else:
             sweep = sweep_from_flags(dev, mode or "fwd", **shape)
             spec_text = yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False)
+        check_tunable(sweep, str(spec) if spec is not None else "shape flags")
         _check_interpreter(dev)
         modes = resolve_modes(sweep, mode)
         jobs = plan_tune(sweep, modes, dev, overrides)

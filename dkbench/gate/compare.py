@@ -48,7 +48,7 @@ from ..errors import BadInputError
 from ..measure.telemetry import THROTTLE_FRACTION, throttle_notes
 from ..report import markdown
 from ..results.schema import KEY_COLUMNS, RESULTS_FILE, read_results
-from ..spec.sweep import graph_row_name, row_provider
+from ..spec.sweep import GRAPH_SUFFIX, graph_row_name, row_provider
 
 # metric name -> True when higher is better
 METRICS: dict[str, bool] = {"speedup": True, "tflops": True, "ms": False}
@@ -293,6 +293,19 @@ def _providers(*tables: _Table) -> set[str]:
     return {k[_PROVIDER_AT] for t in tables for k in t.rows}
 
 
+def _apart(cur: _Table, base: _Table, gated: set[str]) -> str:
+    """What keeps two tables' rows apart: the key columns with no value in common (an fp8 run
+    against a bf16 one differs in dtype alone), else their providers."""
+    columns = []
+    for i, column in enumerate(KEY_COLUMNS):
+        values = [sorted({k[i] for k in t.rows if k[_PROVIDER_AT] in gated}) for t in (cur, base)]
+        if values[0] and values[1] and not set(values[0]) & set(values[1]):
+            columns.append(f"{column} {values[0]} vs {values[1]}")
+    if columns:
+        return "no value in common in " + "; ".join(columns)
+    return f"providers {sorted(_providers(cur))} vs {sorted(_providers(base))}"
+
+
 def reference_for(provider: str, against: str) -> str:
     """The row a speedup of ``provider`` is over: ``against``'s, or, for a CUDA-graph row
     (``NAME+graph``), ``against``'s graph row, as the run measured it."""
@@ -303,6 +316,11 @@ def resolve_against(base: _Table, cur: _Table, against: str | None) -> str:
     """The provider speedups are measured against: --against, else the rows' `baseline` column
     (where graph rows name their graph twin of the baseline, the baseline itself)."""
     if against:
+        if row_provider(against)[1]:  # else eager rows would be gated over a graph replay
+            raise BadInputError(
+                f"--against {against}: name the provider, {row_provider(against)[0]}; each "
+                f"{GRAPH_SUFFIX} row is measured against its {GRAPH_SUFFIX} row, every other "
+                "row against the eager one")
         for table in (cur, base):
             if against not in _providers(table):
                 raise BadInputError(
@@ -362,8 +380,7 @@ def run_gate(current: Path, baseline: Path, *, metric: str = "speedup",
     if not shared:
         raise BadInputError(
             f"no rows in common between current {cur.path} and baseline {base.path} "
-            f"(matched on {', '.join(KEY_COLUMNS)}; providers {sorted(_providers(cur))} vs "
-            f"{sorted(_providers(base))})")
+            f"(matched on {', '.join(KEY_COLUMNS)}; {_apart(cur, base, gated)})")
     comparisons = [c for k in shared
                    if (c := _compare_one(k, base, cur, metric, ref, tolerance)) is not None]
     one_sided = [OneSided(case_label(k), k[_PROVIDER_AT], t.label, t.rows[k]["status"])

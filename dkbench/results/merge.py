@@ -118,7 +118,13 @@ def _differences(sources: list[Source]) -> list[str]:
                 problems.append(f"{src.run_dir} ran with {key} {env.get(key)!r}, {first.run_dir} "
                                 f"with {env0.get(key)!r}")
         if src.header and first.header and src.header != first.header:
-            problems.append(f"{src.run_dir} has other results.csv columns than {first.run_dir}")
+            lacks = [c for c in first.header if c not in src.header]
+            adds = [c for c in src.header if c not in first.header]
+            what = "; ".join(part for part in (
+                f"without {', '.join(lacks)}" if lacks else "",
+                f"with {', '.join(adds)} besides" if adds else "") if part) or "in another order"
+            problems.append(f"{src.run_dir} has other results.csv columns than {first.run_dir} "
+                            f"({what}: written by another version of dkbench?)")
     return problems
 
 

@@ -33,6 +33,7 @@ from .sweep import (
     AXIS_RANGES,
     CASE_KEYS,
     DTYPES,
+    GRAPH_SUFFIX,
     MAX_CASES,
     MAX_LAYOUT_BLOCKS,
     Case,
@@ -42,6 +43,7 @@ from .sweep import (
     Timing,
     as_list,
     expand,
+    row_provider,
 )
 
 
@@ -146,6 +148,12 @@ def check_sweep(sweep: Sweep, path: Path) -> None:
         if unknown or not rule:
             fail(f"exclude[{i}]", f"unknown key(s) {unknown or '(empty rule)'}; allowed: "
                  f"{', '.join(CASE_KEYS)}")
+        # A misspelt provider (or graph suffix) would exclude nothing, silently.
+        for name in as_list(rule.get("provider", [])):
+            if not isinstance(name, str) or row_provider(name)[0] not in PROVIDERS:
+                fail(f"exclude[{i}].provider", f"unknown provider {name!r}; allowed: a provider "
+                     f"({', '.join(PROVIDERS)}), or one with {GRAPH_SUFFIX} for its CUDA-graph "
+                     "rows (timing.cuda_graph: [false, true])")
     _check_case_count(sweep, fail)
     cases = expand(sweep)
     if not cases:

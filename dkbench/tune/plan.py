@@ -21,7 +21,16 @@ from kernels import KERNELS, TUNABLE, BlockLayout
 
 from ..errors import BadInputError
 from ..spec.load import check_sweep
-from ..spec.sweep import INFERENCE_MODES, TRAINING_MODES, Case, Sweep, as_list, expand
+from ..spec.sweep import (
+    DTYPES,
+    FP8,
+    INFERENCE_MODES,
+    TRAINING_MODES,
+    Case,
+    Sweep,
+    as_list,
+    expand,
+)
 from .space import Candidates, Problem, build_space, plan_candidates, smem_limit
 
 # The kernels each tune mode tunes, in tuning order, each behind the winners before it. The
@@ -90,6 +99,23 @@ def tune_mode(case_mode: str, modes: tuple[str, ...]) -> str | None:
     if case_mode in TRAINING_MODES:
         return next((m for m in modes if m in TRAINING_MODES), None)
     return case_mode if case_mode in modes else None
+
+
+def check_tunable(sweep: Sweep, where: str) -> None:
+    """BadInputError, naming ``where`` (the spec file, or the flags) and the key, for what a tune
+    cannot honour: fp8 cases (no tune mode reaches the fp8 forward; its candidates would only be
+    planned and compiled to end unsupported) and rows timed both ways (a tune picks one config
+    per case, by one timing)."""
+    fp8 = [d for d in as_list(sweep.dtype) if DTYPES.get(d) == FP8]
+    if fp8:
+        allowed = ", ".join(d for d in DTYPES if DTYPES[d] != FP8)
+        raise BadInputError(f"{where}: dtype: {fp8[0]} is not tuned by `dkbench tune` yet (no "
+                            f"tune mode reaches the fp8 forward; pin its config in the spec's "
+                            f"config instead); allowed: {allowed}")
+    if sweep.timing.graph_rows:
+        raise BadInputError(f"{where}: timing.cuda_graph: [false, true] times every row both "
+                            "ways, but a tune picks one config per case by one timing; allowed: "
+                            "false (eager, interleaved) or true (CUDA-graph replay)")
 
 
 def require_backward() -> None:
