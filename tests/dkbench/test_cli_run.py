@@ -14,7 +14,7 @@ from typer.testing import Result
 from dkbench.commands.run import default_spec
 from dkbench.measure import runner
 from dkbench.measure.providers.bundled import BundledKernel
-from dkbench.results.schema import COLUMNS, RESULTS_FILE, read_meta, read_results
+from dkbench.results.schema import COLUMNS, RESULTS_FILE, ResultRow, read_meta, read_results
 
 from .cli_helpers import flat, invoke, pairs, run_dir_of
 from .specs import needs_interpreter, write_spec
@@ -490,16 +490,20 @@ def test_failures_are_counted_apart_from_skipped_rows(tmp_path: Path,
             "run here: sdpa_flash).") in flat(result.stdout), result.output
 
 
+def summary_row(provider: str, **fields) -> ResultRow:
+    """A row of one made-up case for the end-of-run summaries, with ``fields`` set."""
+    return ResultRow(run_id="r", timestamp="", gpu="cpu", torch_version="", triton_version="",
+                     git_sha="", interpreter=True, case_id="c", provider=provider, mode="fwd",
+                     dtype="float32", batch=1, seqlen=32, q_len=32, heads=2, kv_heads=1,
+                     head_dim=16, causal=True, pattern="dense", pattern_hash="", block_size=16,
+                     density=1.0, seed=0, **fields)
+
+
 def test_outcome_line_counts_only_unavailable_providers_as_skipped() -> None:
     from dkbench.report.summary import cannot_run_here, outcome_line
-    from dkbench.results.schema import ResultRow
 
     def row(provider: str, status: str) -> ResultRow:
-        return ResultRow(run_id="r", timestamp="", gpu="cpu", torch_version="", triton_version="",
-                         git_sha="", interpreter=True, case_id="c", provider=provider, mode="fwd",
-                         dtype="float32", batch=1, seqlen=32, q_len=32, heads=2, kv_heads=1,
-                         head_dim=16, causal=True, pattern="dense", pattern_hash="",
-                         block_size=16, density=1.0, seed=0, status=status)
+        return summary_row(provider, status=status)
 
     rows = [row("sdpa_math", "ok"), row("sdpa_flash", "unsupported"),
             row("dkbench", "unsupported")]  # dkbench runs here: its refusal is a failure
@@ -514,14 +518,9 @@ def test_outcome_line_counts_only_unavailable_providers_as_skipped() -> None:
 
 def test_setup_line_sums_each_providers_set_up() -> None:
     from dkbench.report.summary import setup_line
-    from dkbench.results.schema import ResultRow
 
     def row(provider: str, setup_ms: float) -> ResultRow:
-        return ResultRow(run_id="r", timestamp="", gpu="cpu", torch_version="", triton_version="",
-                         git_sha="", interpreter=True, case_id="c", provider=provider, mode="fwd",
-                         dtype="float32", batch=1, seqlen=32, q_len=32, heads=2, kv_heads=1,
-                         head_dim=16, causal=True, pattern="dense", pattern_hash="",
-                         block_size=16, density=1.0, seed=0, setup_ms=setup_ms)
+        return summary_row(provider, setup_ms=setup_ms)
 
     rows = [row("fa4", 12_000), row("fa4", 5_000), row("flex", 3_000), row("dkbench", 1_000),
             row("sdpa_math", float("nan"))]  # never got past its size guard
@@ -551,15 +550,9 @@ def test_summary_table_gives_no_ratio_to_a_baselines_graph_row() -> None:
     from rich.console import Console
 
     from dkbench.report.summary import summary_table
-    from dkbench.results.schema import ResultRow
 
     def row(provider: str, ms: float, speedup: float, baseline: str) -> ResultRow:
-        return ResultRow(run_id="r", timestamp="", gpu="cpu", torch_version="", triton_version="",
-                         git_sha="", interpreter=True, case_id="c", provider=provider,
-                         mode="decode", dtype="bfloat16", batch=1, seqlen=32, q_len=1, heads=2,
-                         kv_heads=1, head_dim=16, causal=True, pattern="dense", pattern_hash="",
-                         block_size=16, density=1.0, seed=0, ms=ms, speedup=speedup,
-                         baseline=baseline)
+        return summary_row(provider, ms=ms, speedup=speedup, baseline=baseline)
 
     rows = [row("sdpa_math", 2.0, 1.0, "sdpa_math"), row("dkbench", 1.0, 2.0, "sdpa_math"),
             row("sdpa_math+graph", 0.5, 1.0, "sdpa_math+graph"),
