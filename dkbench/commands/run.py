@@ -131,8 +131,9 @@ def run(
              else f"shard {part}: {len(cases)} of {spec_cases} cases")
     where = (f"{len(slots)} worker{'s' * (len(slots) > 1)} ({', '.join(s.label for s in slots)})"
              if slots else str(dev))
+    both = ", each timed eagerly and by CUDA-graph replay" if sweep.timing.graph_rows else ""
     console.print(f"Run directory: [bold]{escape(str(plan.run_dir))}[/bold] ({count} x "
-                  f"{len(chosen)} providers on {where})")
+                  f"{len(chosen)} providers{both} on {where})")
     meta = {"shard": str(part) if part else None, "only": list(only or []), "gpus": gpus}
 
     def warn(text: str) -> None:

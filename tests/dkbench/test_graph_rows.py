@@ -228,3 +228,15 @@ def test_the_bundled_inference_steps_are_captured_beside_eager_ones(tmp_path: Pa
         assert by[name].status in ("ok", "unsupported"), by[name].message
     if by["sdpa_cudnn+graph"].status == "ok":
         assert graph.speedup == pytest.approx(by["sdpa_cudnn+graph"].ms / graph.ms)
+
+
+@needs_interpreter
+def test_the_run_header_says_each_provider_is_timed_both_ways(tmp_path: Path) -> None:
+    from .cli_helpers import flat, invoke
+
+    spec = write_spec(tmp_path, **{**DECODE, "providers": ["sdpa_math", "dkbench"],
+                                   "baseline": "sdpa_math", "timing": BOTH})
+    result = invoke("run", spec, "--device", "cpu", "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert ("(1 cases x 2 providers, each timed eagerly and by CUDA-graph replay on cpu)"
+            in flat(result.stdout)), result.output
