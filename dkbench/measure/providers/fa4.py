@@ -56,19 +56,28 @@ def _bshd(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2)
 
 
-class Fa4(Provider):
-    name = "fa4"
-    computes = "dense"
-    modes = ("fwd", "bwd", "fwd_bwd", "prefill_varlen", "decode")
+class _Fa4Provider(Provider):
+    """What FA4's providers share: its availability, its refusals, and its fp8 path's."""
+
     refusals = FA4_REFUSALS
 
     def unavailable(self, device: torch.device) -> str | None:
         return _unavailable(device)
 
-    def prepare(self, case: Case, layout: BlockLayout, sweep: Sweep, device: torch.device,
-                scale: float, config: object = None) -> Prepared:
+    @staticmethod
+    def refuse_fp8(case: Case, device: torch.device) -> None:
         if case.dtype == FP8:
             refuse_fp8(case, _fp8_refusal(device))
+
+
+class Fa4(_Fa4Provider):
+    name = "fa4"
+    computes = "dense"
+    modes = ("fwd", "bwd", "fwd_bwd", "prefill_varlen", "decode")
+
+    def prepare(self, case: Case, layout: BlockLayout, sweep: Sweep, device: torch.device,
+                scale: float, config: object = None) -> Prepared:
+        self.refuse_fp8(case, device)
         from flash_attn.cute import flash_attn_func, flash_attn_varlen_func
 
         causal = case.causal
@@ -113,26 +122,21 @@ class Fa4(Provider):
         return Prepared(attn)
 
 
-class Fa4Sparse(Provider):
+class Fa4Sparse(_Fa4Provider):
     """FA4's block-sparse path with the case's pattern: full blocks run unmasked, partial blocks
     through a `mask_mod` that reads the pattern per token (causal diagonal included)."""
 
     name = "fa4_sparse"
     computes = "pattern"
-    refusals = FA4_REFUSALS
     Options = MaskBlocks
     # The finest (q, kv) blocks FA4 takes on Hopper at head_dim 128: its forward's kv tile
     # shrinks to a 64-wide sparse block; its backward iterates 128-wide kv tiles and 64-row q.
     DEFAULT_FWD = (128, 64)
     DEFAULT_BWD = (64, 128)
 
-    def unavailable(self, device: torch.device) -> str | None:
-        return _unavailable(device)
-
     def prepare(self, case: Case, layout: BlockLayout, sweep: Sweep, device: torch.device,
                 scale: float, config: object = None) -> Prepared:
-        if case.dtype == FP8:
-            refuse_fp8(case, _fp8_refusal(device))
+        self.refuse_fp8(case, device)
         from flash_attn.cute import flash_attn_func
 
         options: MaskBlocks = self.options(sweep)
