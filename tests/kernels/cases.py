@@ -7,6 +7,10 @@ import torch
 from kernels import BlockLayout, local_stride_layout, random_layout
 from kernels.layout import dense_layout
 
+# phi-3-small's pattern arguments (local_stride_layout), for the tests at its real sizes.
+PHI3 = {"num_heads": 32, "block_size": 64, "local_blocks": 16, "vert_stride": 8,
+        "head_sliding_offset": 1}
+
 
 def make_layout(family: str, heads: int, kv_heads: int, seqlen: int, block: int,
                 causal: bool = True) -> BlockLayout:

@@ -28,3 +28,19 @@ def tile_loads(request, monkeypatch):
     yield request.param
     assert asked, "no launch asked for tile descriptors"
     assert set(asked) == {request.param == "tma"}, asked
+
+
+@pytest.fixture
+def allocations(monkeypatch):
+    """The shapes of every output buffer a launcher asks for (kernels.buffers.new_output)."""
+    import kernels.buffers
+
+    shapes = []
+    new_output = kernels.buffers.new_output
+
+    def recorded(shape, like, dtype):
+        shapes.append(tuple(shape))
+        return new_output(shape, like, dtype)
+
+    monkeypatch.setattr(kernels.buffers, "new_output", recorded)
+    return shapes

@@ -90,19 +90,6 @@ def launches(monkeypatch):
     return split, merge
 
 
-@pytest.fixture
-def allocations(monkeypatch):
-    """The shapes of every output buffer a launcher asks for."""
-    shapes = []
-    new_output = kernels.buffers.new_output
-
-    def recorded(shape, like, dtype):
-        shapes.append(tuple(shape))
-        return new_output(shape, like, dtype)
-
-    monkeypatch.setattr(kernels.buffers, "new_output", recorded)
-    return shapes
-
 
 @pytest.mark.parametrize("workspace", [False, True])
 def test_one_split_is_one_kernel_writing_the_output(workspace, device, launches, allocations):

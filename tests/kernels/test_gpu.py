@@ -4,12 +4,11 @@ import pytest
 import torch
 
 from kernels import LaunchConfig, local_stride_layout, reference_attention, sparse_attention
-from tests.kernels.cases import make_layout, make_qkv
+from tests.kernels.cases import PHI3, make_layout, make_qkv
 from tests.tolerances import assert_verbose_close
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-PHI3 = dict(num_heads=32, block_size=64, local_blocks=16, vert_stride=8, head_sliding_offset=1)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -10,8 +10,7 @@ from kernels import (
     reference_attention,
     sparse_attention,
 )
-from tests.kernels.cases import make_qkv
-from tests.kernels.test_gpu import PHI3
+from tests.kernels.cases import PHI3, make_qkv
 from tests.tolerances import assert_verbose_close
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -15,7 +15,7 @@ from kernels import (
     sparse_attention,
     sparse_attention_fp8,
 )
-from tests.kernels.cases import make_layout, make_qkv
+from tests.kernels.cases import PHI3, make_layout, make_qkv
 from tests.tolerances import (
     FP8_END_TO_END_TOL,
     FP8_LSE_TOL,
@@ -25,8 +25,6 @@ from tests.tolerances import (
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-PHI3 = {"num_heads": 32, "block_size": 64, "local_blocks": 16, "vert_stride": 8,
-        "head_sliding_offset": 1}
 
 
 def _rel(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -5,12 +5,12 @@ import torch
 
 from kernels import (decode_workspace, local_stride_layout, reference_attention,
                      sparse_attention_decode, sparse_attention_varlen)
+from tests.kernels.cases import PHI3
 from tests.kernels.test_paged_decode import paginate
 from tests.tolerances import assert_verbose_close
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-PHI3 = dict(num_heads=32, block_size=64, local_blocks=16, vert_stride=8, head_sliding_offset=1)
 
 
 def test_varlen_prefill_and_chunks_phi3(poison_outputs):

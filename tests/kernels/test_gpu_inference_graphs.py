@@ -12,12 +12,11 @@ from kernels import (
     sparse_attention_varlen,
     varlen_sequences,
 )
+from tests.kernels.cases import PHI3
 from tests.kernels.test_paged_decode import paginate
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-PHI3 = {"num_heads": 32, "block_size": 64, "local_blocks": 16, "vert_stride": 8,
-        "head_sliding_offset": 1}
 
 
 def captured(step):

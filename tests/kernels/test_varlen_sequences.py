@@ -48,7 +48,8 @@ def test_a_prebuilt_table_gives_the_plain_call_and_the_reference(batch, device, 
 
 
 def test_a_call_with_a_table_reads_nothing_back_and_allocates_only_its_output(device,
-                                                                             monkeypatch):
+                                                                             monkeypatch,
+                                                                             allocations):
     lens = [100, 28]
     layout = make_layout("hetero", 2, 1, 100, 32)
     q = torch.randn(sum(lens), 2, 32, device=device)
@@ -60,19 +61,12 @@ def test_a_call_with_a_table_reads_nothing_back_and_allocates_only_its_output(de
     def reads(*args):
         raise AssertionError("a call with a sequence table read cu_seqlens back")
 
-    allocated = []
-    new_output = kernels.buffers.new_output
-
-    def recorded(shape, like, dtype):
-        allocated.append(tuple(shape))
-        return new_output(shape, like, dtype)
-
+    allocations.clear()  # the first call's
     monkeypatch.setattr(kernels.inference, "_lengths", reads)
-    monkeypatch.setattr(kernels.buffers, "new_output", recorded)
     monkeypatch.setattr(torch.Tensor, "cpu", reads)  # the grid no longer comes from the device
     out = sparse_attention_varlen(q, k, k, cu, cu, layout, sequences=sequences)
     assert out.shape == q.shape
-    assert allocated == [(1, *q.shape)]
+    assert allocations == [(1, *q.shape)]
 
 
 def test_the_grid_covers_the_sequence_needing_most_tiles() -> None:
