@@ -4,17 +4,19 @@
   loaded once for the group. With one pattern per query head, the group reads the union of its
   heads' kept blocks, and a per-entry head mask drops the rows whose head did not keep it.
 - Split-K (flash-decoding): a sequence's kept blocks are split across ``num_splits`` programs, each
-  writing a partial output and its log-sum-exp; a second kernel merges them. A single long
-  sequence, or few heads, still fill the GPU.
+  writing a partial output and its log-sum-exp. The last of a kv group's splits to finish (an
+  atomic ticket per group says which) merges them, so a step is one launch however it splits: a
+  single long sequence, or few heads, still fill the GPU, and an eager step pays one launch.
 - Paged (a ``block_table``): the caches are ``(num_pages, page_size, kv_heads, dim)`` pages, as
   vLLM, FlashAttention and FlashInfer keep them, and each key's page is looked up per step; the
   pattern still applies by absolute position. The unpaged kernel compiles as it did before
   paging existed (``PAGED`` is a constexpr, the table's arguments specialise away).
-- One launch when one split fills the GPU (many sequences, or short contexts): the split kernel
-  writes the output itself, with no partial buffers and no merge kernel.
+- With one split (many sequences, or short contexts) the program writes the output itself: no
+  partial buffers, no ticket.
 - No host work per step once a batch shape has been seen: the group plan and the split count are
-  built once and kept on the layout, and a :class:`DecodeWorkspace` holds the outputs, so a step
-  with one can be captured in a CUDA graph.
+  built once and kept on the layout, and a :class:`DecodeWorkspace` holds the outputs and the
+  launches of the calls it has checked, so a step with one is checked once, launches one kernel
+  and can be captured in a CUDA graph.
 
 Its launch config (kernel "decode" of :mod:`kernels.registry`) sets ``block_n`` (cached keys per
 step), ``num_warps`` and ``num_stages``; ``block_m`` is always 16, since the query tile is the
@@ -25,7 +27,7 @@ GQA group's heads padded to a power of two (at least 16). The split count is not
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -100,7 +102,7 @@ def _cache_rows(pages, offs, ok, stride_tp, stride_page, stride_row,
 
 
 @triton.jit
-def _decode_split(Q, K, V, Out, PartOut, PartLse, CacheLens, BlockTable,
+def _decode_split(Q, K, V, Out, PartOut, PartLse, Tickets, CacheLens, BlockTable,
                   RowPtr, KvBlock, HeadBits,
                   stride_qz, stride_qh, stride_qk,
                   stride_kz, stride_kn, stride_kh, stride_kk,
@@ -110,7 +112,8 @@ def _decode_split(Q, K, V, Out, PartOut, PartLse, CacheLens, BlockTable,
                   kv_heads, group, q_blocks, num_splits, qk_scale,
                   BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                   HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, SPLIT: tl.constexpr,
-                  DOT_FP32: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr):
+                  BLOCK_S: tl.constexpr, DOT_FP32: tl.constexpr, PAGED: tl.constexpr,
+                  PAGE_SIZE: tl.constexpr):
     # PAGED: the caches are (num_pages, PAGE_SIZE, kv_heads, dim) pages, stride_kz/vz a page's
     # stride, and row b of BlockTable lists sequence b's pages in order. Unpaged, BlockTable is
     # None and its strides 1, so they specialise away and the kernel compiles as before paging.
@@ -170,36 +173,52 @@ def _decode_split(Q, K, V, Out, PartOut, PartLse, CacheLens, BlockTable,
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    group_out = Out + z64 * stride_oz + (off_g * group).to(tl.int64) * stride_oh
     if SPLIT:
         # Partial output and its log2-sum-exp; a split that kept nothing weighs zero.
         lse = tl.where(l_i > 0.0, m_i + tl.math.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
-        part = (z64 * (kv_heads * group) + heads.to(tl.int64)) * num_splits + split
-        tl.store(PartOut + part[:, None] * BLOCK_D + offs_d[None, :], out,
+        first_part = (z64 * (kv_heads * group) + heads.to(tl.int64)) * num_splits
+        tl.store(PartOut + (first_part + split)[:, None] * BLOCK_D + offs_d[None, :], out,
                  mask=h_ok[:, None] & d_ok[None, :])
-        tl.store(PartLse + part, lse, mask=h_ok)
+        tl.store(PartLse + first_part + split, lse, mask=h_ok)
+        # The group's last split to finish merges them all: one launch, no merge kernel. The
+        # barrier orders every thread's stores before the release of the ticket; the acquire
+        # orders the merge's loads after the other splits' releases.
+        tl.debug_barrier()
+        ticket = tl.atomic_add(Tickets + tl.program_id(1), 1, sem="acq_rel", scope="gpu")
+        if ticket == num_splits - 1:
+            _merge_splits(group_out, PartOut, PartLse, z64 * (kv_heads * group) + off_g * group,
+                          group, num_splits, stride_oh, stride_ok, BLOCK_S, BLOCK_D, HEAD_DIM)
+            tl.store(Tickets + tl.program_id(1), 0)  # ready for the next step (or graph replay)
     else:
-        tl.store(Out + z64 * stride_oz + heads[:, None].to(tl.int64) * stride_oh
-                 + offs_d[None, :] * stride_ok, out.to(Out.dtype.element_ty),
+        tl.store(group_out + offs_h[:, None] * stride_oh + offs_d[None, :] * stride_ok,
+                 out.to(Out.dtype.element_ty),
                  mask=h_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
-def _decode_merge(Out, PartOut, PartLse,
-                  stride_oz, stride_oh, stride_ok,
-                  num_heads, num_splits,
-                  BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
-    zh = tl.program_id(0).to(tl.int64)
+def _merge_splits(group_out, PartOut, PartLse, first_head, group, num_splits, stride_oh,
+                  stride_ok, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                  HEAD_DIM: tl.constexpr):
+    """Write the output of one kv group's heads (``group_out`` the first one's output row,
+    ``first_head`` its row among the partials) from their splits' partial outputs, weighted by
+    their log2-sum-exps; a head no split kept gets zeros, as one split would write. One head at
+    a time, its splits in one tile: a head's loads are all in flight together. The partials are
+    read from L2 (``.cg``), where the other programs' stores went."""
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     s_ok = offs_s < num_splits
-    lse = tl.load(PartLse + zh * num_splits + offs_s, mask=s_ok, other=float("-inf"))
-    top = tl.max(lse, 0)
-    weight = tl.math.exp2(lse - top)
-    parts = tl.load(PartOut + (zh * num_splits + offs_s)[:, None] * BLOCK_D + offs_d[None, :],
-                    mask=s_ok[:, None], other=0.0)
-    out = tl.sum(parts * weight[:, None], 0) / tl.sum(weight, 0)
-    tl.store(Out + (zh // num_heads) * stride_oz + (zh % num_heads) * stride_oh + offs_d * stride_ok,
-             out.to(Out.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    for h in range(group):
+        parts = (first_head + h) * num_splits + offs_s
+        lse = tl.load(PartLse + parts, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
+        tile = tl.load(PartOut + parts[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None],
+                       other=0.0, cache_modifier=".cg")
+        top = tl.max(lse, 0)
+        weight = tl.math.exp2(lse - tl.where(top == float("-inf"), 0.0, top))
+        total = tl.sum(weight, 0)
+        out = tl.sum(tile * weight[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+        tl.store(group_out + h * stride_oh + offs_d * stride_ok,
+                 out.to(group_out.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
 def auto_splits(batch: int, kv_heads: int, max_entries: int, device: torch.device) -> int:
@@ -223,25 +242,85 @@ def decode_splits(layout: BlockLayout, batch: int, heads: int, kv_heads: int,
 class DecodeWorkspace:
     """Everything a decoding step writes, allocated once per batch shape: the output and, when
     the step runs ``splits`` > 1 split-K programs per sequence, their partial outputs and
-    log2-sum-exps. A call given one allocates nothing (so it can be captured in a CUDA graph) and
-    overwrites ``out``. With one split the step is one kernel writing ``out`` directly: there
-    are no partials (None) and no merge."""
+    log2-sum-exps, and one ticket per (sequence, kv head) that tells the group's last split to
+    finish that it merges (back to zero after, ready for the next step). A call given one
+    allocates nothing (so it can be captured in a CUDA graph) and overwrites ``out``. With one
+    split the step writes ``out`` directly: there are no partials or tickets (None).
+
+    ``launches`` remembers the launches of calls already checked, by what the checks read (the
+    tensors' shapes, strides, dtypes and devices, and the other arguments), so a decoding loop
+    checks its arguments once, not every step."""
 
     out: torch.Tensor  # (batch, heads, dim), q's dtype
     part_out: torch.Tensor | None  # float32 (batch * heads * splits, BLOCK_D); None for 1 split
     part_lse: torch.Tensor | None  # float32 (batch * heads * splits,); None for 1 split
     splits: int
+    tickets: torch.Tensor | None = None  # int32 (batch * kv_heads,), zeros; None for 1 split
+    launches: dict = field(default_factory=dict, compare=False, repr=False)
 
 
-def new_workspace(q: torch.Tensor, splits: int) -> DecodeWorkspace:
-    """Fresh buffers for decoding ``q`` (batch, heads, dim) in ``splits`` splits."""
+def new_workspace(q: torch.Tensor, splits: int, kv_heads: int) -> DecodeWorkspace:
+    """Fresh buffers for decoding ``q`` (batch, heads, dim) against ``kv_heads`` kv heads in
+    ``splits`` splits."""
     batch, heads, head_dim = q.shape
     out = buffers.new_output((batch, heads, head_dim), q, q.dtype)
     if splits == 1:
         return DecodeWorkspace(out, None, None, 1)
     rows = batch * heads * splits
     return DecodeWorkspace(out, buffers.new_output((rows, padded_dim(head_dim)), q, torch.float32),
-                           buffers.new_output((rows,), q, torch.float32), splits)
+                           buffers.new_output((rows,), q, torch.float32), splits,
+                           torch.zeros(batch * kv_heads, dtype=torch.int32, device=q.device))
+
+
+@dataclass(frozen=True)
+class DecodeLaunch:
+    """One decoding step's launch with everything but the tensors' addresses worked out: the
+    grid, the group plan, the strides and sizes, the constexprs. Calling it launches one kernel
+    on a step's tensors, which must have the shapes, strides, dtypes and devices it was made
+    for."""
+
+    grid: tuple[int, int]
+    plan: GroupPlan
+    scalars: tuple
+    constants: dict
+
+    def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 cache_seqlens: torch.Tensor, block_table: torch.Tensor | None,
+                 workspace: DecodeWorkspace) -> torch.Tensor:
+        plan = self.plan
+        _decode_split[self.grid](
+            q, k_cache, v_cache, workspace.out, workspace.part_out, workspace.part_lse,
+            workspace.tickets, cache_seqlens, block_table, plan.row_ptr, plan.kv_block,
+            plan.head_bits, *self.scalars, **self.constants)
+        return workspace.out
+
+
+def decode_launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  layout: BlockLayout, sm_scale: float, config: LaunchConfig,
+                  block_table: torch.Tensor | None, workspace: DecodeWorkspace) -> DecodeLaunch:
+    """The launch of steps shaped like these checked tensors (q (batch, heads, dim), caches
+    (batch, max_len, kv_heads, dim), or with ``block_table`` (int32 (batch, max_pages)) pages
+    (num_pages, page_size, kv_heads, dim)) into ``workspace``, with a checked decode config
+    (``block_n`` keys per step, ``num_warps``, ``num_stages``)."""
+    batch, heads, head_dim = q.shape
+    kv_heads = k_cache.shape[2]
+    group = heads // kv_heads
+    splits, out = workspace.splits, workspace.out
+    paged = block_table is not None
+    # Unpaged, the table's pointer and strides are None and 1: constants, not kernel arguments;
+    # so are the partials' and tickets' pointers with one split (None: that branch of the kernel
+    # never reads them).
+    table_strides = block_table.stride() if paged else (1, 1)
+    plan = group_plan(layout, heads, kv_heads)
+    scalars = (*q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(), *table_strides,
+               kv_heads, group, plan.q_blocks, splits, qk_scale(sm_scale))
+    constants = dict(
+        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=config.block_n,
+        BLOCK_D=padded_dim(head_dim), HEAD_DIM=head_dim, BLOCK_SIZE=layout.block_size,
+        SPLIT=splits > 1, BLOCK_S=max(2, triton.next_power_of_2(splits)),
+        DOT_FP32=dot_fp32(q.dtype), PAGED=paged, PAGE_SIZE=k_cache.shape[1] if paged else 1,
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    return DecodeLaunch((splits, batch * kv_heads), plan, scalars, constants)
 
 
 def sparse_attention_decode_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -249,41 +328,14 @@ def sparse_attention_decode_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
                                 num_splits: int | None, config: LaunchConfig,
                                 block_table: torch.Tensor | None = None,
                                 workspace: DecodeWorkspace | None = None) -> torch.Tensor:
-    """Launch on checked tensors: q (batch, heads, dim), caches (batch, max_len, kv_heads, dim),
-    or with ``block_table`` (int32 (batch, max_pages)) pages (num_pages, page_size, kv_heads,
-    dim).
-
-    ``config`` is a checked decode config (``block_n`` keys per step, ``num_warps``,
-    ``num_stages``); ``num_splits`` None splits to fill the GPU (:func:`decode_splits`), and a
-    ``workspace`` (its splits checked against ``num_splits`` by the caller) is written instead
-    of new buffers. One split launches one kernel that writes the output itself (``SPLIT``
-    False: no partials, no merge); more launch the split kernel, then the merge.
-    """
-    batch, heads, head_dim = q.shape
-    kv_heads = k_cache.shape[2]
-    plan = group_plan(layout, heads, kv_heads)
+    """Launch on checked tensors (as :func:`decode_launch` takes them) into ``workspace`` (its
+    splits checked against ``num_splits`` by the caller), or into new buffers split
+    ``num_splits`` ways (None: :func:`decode_splits`). One kernel either way: with more than
+    one split, the last split of each kv group to finish merges the group's partials."""
     if workspace is None:
+        batch, heads = q.shape[:2]
+        kv_heads = k_cache.shape[2]
         splits = num_splits or decode_splits(layout, batch, heads, kv_heads, q.device)
-        workspace = new_workspace(q, splits)
-    splits, out = workspace.splits, workspace.out
-    paged = block_table is not None
-    # Unpaged, the table's pointer and strides are None and 1: constants, not kernel arguments;
-    # so are the partials' pointers with one split (None: that branch of the kernel never reads
-    # them).
-    table_strides = block_table.stride() if paged else (1, 1)
-    group = heads // kv_heads
-    block_d = padded_dim(head_dim)
-    _decode_split[(splits, batch * kv_heads)](
-        q, k_cache, v_cache, out, workspace.part_out, workspace.part_lse, cache_seqlens,
-        block_table, plan.row_ptr, plan.kv_block, plan.head_bits,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(), *table_strides,
-        kv_heads, group, plan.q_blocks, splits, qk_scale(sm_scale),
-        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=config.block_n,
-        BLOCK_D=block_d, HEAD_DIM=head_dim, BLOCK_SIZE=layout.block_size, SPLIT=splits > 1,
-        DOT_FP32=dot_fp32(q.dtype), PAGED=paged, PAGE_SIZE=k_cache.shape[1] if paged else 1,
-        num_warps=config.num_warps, num_stages=config.num_stages)
-    if splits > 1:
-        _decode_merge[(batch * heads,)](
-            out, workspace.part_out, workspace.part_lse, *out.stride(), heads, splits,
-            BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d, HEAD_DIM=head_dim)
-    return out
+        workspace = new_workspace(q, splits, kv_heads)
+    launch = decode_launch(q, k_cache, v_cache, layout, sm_scale, config, block_table, workspace)
+    return launch(q, k_cache, v_cache, cache_seqlens, block_table, workspace)

@@ -31,7 +31,9 @@ from .configs import LaunchConfig, check_config
 from .decode import (
     MAX_SPLITS,
     PAGE_SIZES,
+    DecodeLaunch,
     DecodeWorkspace,
+    decode_launch,
     decode_splits,
     new_workspace,
     sparse_attention_decode_fwd,
@@ -231,10 +233,14 @@ def sparse_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     CPU are checked; on the GPU they are never read back (a sync per step would cost more than
     the step). Returns ``(batch, heads, dim)``.
     """
+    key = _call_key(q, k_cache, v_cache, cache_seqlens, block_table, layout, sm_scale,
+                    num_splits, config, max_cache_len, workspace)
+    if key is not None and (known := workspace.launches.get(key)) is not None:
+        return known[0](q, k_cache, v_cache, cache_seqlens, block_table, workspace)
     max_len = _check_decode(q, k_cache, v_cache, cache_seqlens, layout, block_table,
                             max_cache_len, sm_scale, num_splits)
     if workspace is not None:
-        _check_workspace(workspace, q, num_splits)
+        _check_workspace(workspace, q, k_cache.shape[2], num_splits)
         if cache_seqlens.dtype != torch.int32 or cache_seqlens.device != q.device:
             raise TypeError(f"with a workspace, cache_seqlens must be int32 on q's device "
                             f"({q.device}), got {cache_seqlens.dtype} on {cache_seqlens.device}: "
@@ -244,17 +250,56 @@ def sparse_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         _check_values(cache_seqlens, block_table, k_cache, max_len)
         # A no-op (no copy) for int32 lengths already on q's device.
         lens = cache_seqlens.to(device=q.device, dtype=torch.int32)
-    layout = layout.to(q.device)
+    given_layout, layout = layout, layout.to(q.device)
     dim = q.shape[-1]
     scale = 1.0 / math.sqrt(dim) if sm_scale is None else float(sm_scale)
     if config is None:
-        # Checked by the lookup (a cached config that cannot run here is skipped): a decoding
-        # step pays two dict lookups for its config.
+        # Checked by the lookup (a cached config that cannot run here is skipped).
         config = select.resolve_config("decode", q, layout, max_len)[0]
     else:
         check_config(config, layout.block_size, dim, "decode")
-    return sparse_attention_decode_fwd(q, k_cache, v_cache, lens, layout, scale, num_splits,
-                                       config, block_table=block_table, workspace=workspace)
+    if workspace is None:
+        return sparse_attention_decode_fwd(q, k_cache, v_cache, lens, layout, scale, num_splits,
+                                           config, block_table=block_table)
+    launch = decode_launch(q, k_cache, v_cache, layout, scale, config, block_table, workspace)
+    if key is not None:
+        _remember(workspace, key, launch, given_layout)
+    return launch(q, k_cache, v_cache, lens, block_table, workspace)
+
+
+# A workspace remembers the launches of this many differently shaped calls at most.
+REMEMBERED_LAUNCHES = 8
+
+
+def _call_key(q, k_cache, v_cache, cache_seqlens, block_table, layout, sm_scale, num_splits,
+              config, max_cache_len, workspace) -> tuple | None:
+    """Everything the checks of a call with a workspace read: the tensors' shapes, strides,
+    dtypes, devices and gradient flags, and the other arguments (the layout by identity; the
+    workspace keeps it alive with the launch). None without a workspace, or when an argument is
+    not what the checks want (they will say so)."""
+    if not isinstance(workspace, DecodeWorkspace):
+        return None
+    try:
+        table = None if block_table is None else (
+            block_table.shape, block_table.stride(), block_table.dtype, block_table.device)
+        key = (q.shape, q.stride(), q.dtype, q.device, q.requires_grad,
+               k_cache.shape, k_cache.stride(), k_cache.dtype, k_cache.device,
+               k_cache.requires_grad, v_cache.shape, v_cache.stride(), v_cache.dtype,
+               v_cache.device, v_cache.requires_grad, cache_seqlens.shape, cache_seqlens.dtype,
+               cache_seqlens.device, table, torch.is_grad_enabled(), id(layout), sm_scale,
+               num_splits, config, max_cache_len)
+        hash(key)
+    except (AttributeError, TypeError):
+        return None
+    return key
+
+
+def _remember(workspace: DecodeWorkspace, key: tuple, launch: DecodeLaunch,
+              layout: BlockLayout) -> None:
+    if len(workspace.launches) >= REMEMBERED_LAUNCHES:
+        workspace.launches.clear()
+    # The layout rides along, so its id in the key is not reused while the entry lives.
+    workspace.launches[key] = (launch, layout)
 
 
 def _check_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -321,7 +366,7 @@ def decode_workspace(q: torch.Tensor, kv_heads: int, layout: BlockLayout,
     if num_splits is None:
         num_splits = decode_splits(layout.to(q.device), q.shape[0], q.shape[1], kv_heads,
                                    q.device)
-    return new_workspace(q, num_splits)
+    return new_workspace(q, num_splits, kv_heads)
 
 
 def _check_block_table(block_table: torch.Tensor, q: torch.Tensor,
@@ -369,7 +414,8 @@ def _check_pages(block_table: torch.Tensor, lens: list[int], page_size: int,
                          f"reads its first {int(used[b])} pages")
 
 
-def _check_workspace(workspace: DecodeWorkspace, q: torch.Tensor, num_splits: int | None) -> None:
+def _check_workspace(workspace: DecodeWorkspace, q: torch.Tensor, kv_heads: int,
+                     num_splits: int | None) -> None:
     if not isinstance(workspace, DecodeWorkspace):
         raise TypeError(f"workspace must be a DecodeWorkspace (kernels.decode_workspace), got "
                         f"{type(workspace).__name__}")
@@ -382,11 +428,16 @@ def _check_workspace(workspace: DecodeWorkspace, q: torch.Tensor, num_splits: in
                          "splits' partials; make it with the same num_splits")
     if workspace.splits == 1:
         return  # one split writes the output itself: no partials to check
-    part_out, part_lse = workspace.part_out, workspace.part_lse
-    if part_out is None or part_lse is None:
-        raise ValueError(f"workspace holds no partial buffers for its {workspace.splits} splits; "
-                         "make it with decode_workspace")
+    part_out, part_lse, tickets = workspace.part_out, workspace.part_lse, workspace.tickets
+    if part_out is None or part_lse is None or tickets is None:
+        raise ValueError(f"workspace holds no partial buffers or tickets for its "
+                         f"{workspace.splits} splits; make it with decode_workspace")
     rows = q.shape[0] * q.shape[1] * workspace.splits
     if part_out.shape[0] != rows or part_lse.shape != (rows,):
         raise ValueError(f"workspace's partial buffers hold {part_out.shape[0]} rows, not batch * "
                          f"heads * splits = {rows}; make it with decode_workspace")
+    groups = q.shape[0] * kv_heads
+    if tickets.shape != (groups,) or tickets.dtype != torch.int32 or tickets.device != q.device:
+        raise ValueError(f"workspace's tickets are {tuple(tickets.shape)} {tickets.dtype}, not "
+                         f"int32 (batch * kv_heads = {groups},) on {q.device}; make it with "
+                         "decode_workspace")

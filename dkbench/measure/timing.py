@@ -279,11 +279,11 @@ def measure_interleaved(steps: dict[str, Callable[[], object]], timing: Timing,
                         rounds: int | None = None) -> Interleaved:
     """Time ``steps`` (already warmed up) in rounds that give each a turn, and pair their times.
 
-    Each step is first timed ESTIMATE_CALLS times (to plan its turn) and called for about
-    ``timing.warmup_ms``. A turn calls the step for about TURN_MS and times its second half, so
-    each step runs at the clock it sets itself. Round r starts at step r mod n, so no step always
-    follows the same neighbour. Each step gets the median, p20 and p80 of its timed calls; with ``baseline`` among
-    the steps, every other step also gets those of the per-round ratios (baseline's turn median /
+    Each step is first timed once, or ESTIMATE_CALLS times when faster than half a turn (to plan
+    its turn), and called for about ``timing.warmup_ms``. A turn calls the step for about
+    TURN_MS and times its second half, so each step runs at the clock it sets itself. Round r
+    starts at step r mod n, so no step always follows the same neighbour. Each step gets the
+    median, p20 and p80 of its timed calls; with ``baseline`` among the steps, every other step also gets those of the per-round ratios (baseline's turn median /
     this step's), which a drift of the device's speed between rounds leaves alone. A step that
     raises is reported in ``errors`` and left out of the later rounds, its samples dropped; the
     others carry on.
@@ -326,7 +326,7 @@ def _rounds(clock: Clock, steps: dict[str, Callable[[], object]], timing: Timing
     per round, each step's timed handles in the order the step ran."""
     names = list(steps)
     if clock.fixed_rounds is None:
-        estimates = _estimates(clock, steps, errors)
+        estimates = _estimates(clock, steps, errors, turn_ms)
         turns = {name: plan_turn(ms, turn_ms) for name, ms in estimates.items()}
         rounds = plan_rounds(timing) if rounds is None else rounds
         for name, ms in estimates.items():  # about warmup_ms of untimed calls each, as do_bench
@@ -367,13 +367,23 @@ def _telemetry(clock: Clock, timed: list[list[tuple[str, list[object]]]],
 
 
 def _estimates(clock: Clock, steps: dict[str, Callable[[], object]],
-               errors: dict[str, BaseException]) -> dict[str, float]:
-    """Each step's time: the median of ESTIMATE_CALLS timed calls."""
-    handles = {name: _calls(clock, steps, name, ESTIMATE_CALLS, errors) for name in steps}
-    ok = [n for n in steps if handles[n] is not None]
-    times = _read(clock, [h for n in ok for h in handles[n]], ok, errors) or []
-    return {name: statistics.median(times[i * ESTIMATE_CALLS:(i + 1) * ESTIMATE_CALLS])
-            for i, name in enumerate(ok) if name not in errors}
+               errors: dict[str, BaseException], turn_ms: float) -> dict[str, float]:
+    """Each step's time. One timed call first: a step slower than half a turn is planned from
+    it (its turn is a call or two whatever the estimate says, and a second-long step need not
+    run five times to learn that); a faster one from the median of ESTIMATE_CALLS calls."""
+    first = {name: _calls(clock, steps, name, 1, errors) for name in steps}
+    ok = [n for n in steps if first[n] is not None]
+    first_ms = dict(zip(ok, _read(clock, [first[n][0] for n in ok], ok, errors) or []))
+    estimates = {n: ms for n, ms in first_ms.items() if ms >= turn_ms / 2 and n not in errors}
+    more = [n for n in first_ms if n not in estimates and n not in errors]
+    extra = ESTIMATE_CALLS - 1
+    handles = {name: _calls(clock, steps, name, extra, errors) for name in more}
+    fine = [n for n in more if handles[n] is not None]
+    times = _read(clock, [h for n in fine for h in handles[n]], fine, errors) or []
+    for i, name in enumerate(fine):
+        if name not in errors and times:
+            estimates[name] = statistics.median([first_ms[name], *times[i * extra:(i + 1) * extra]])
+    return {name: estimates[name] for name in steps if name in estimates}  # in the steps' order
 
 
 def _ratios(per_round: list[dict[str, float]], names: list[str], baseline: str | None,

@@ -40,7 +40,8 @@ from ..measure.parallel import (
 from ..measure.providers.bundled import BundledKernel
 from ..spec.sweep import Case, Sweep
 
-MAX_WORKERS = 8
+# Compiling is CPU-bound (Triton's passes, ptxas): a worker per core, up to 16.
+MAX_WORKERS = 16
 POLL_S = 1.0  # how often the parent checks on its workers while no message arrives
 
 

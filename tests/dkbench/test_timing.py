@@ -153,7 +153,8 @@ def test_warmup_calls(estimate_ms: float, warmup_ms: float, want: int) -> None:
 
 
 def test_planned_turns_follow_the_estimate() -> None:
-    """Without fixed rounds: ESTIMATE_CALLS calls a step first, then about warmup_ms of calls
+    """Without fixed rounds: one timed call of each step first, ESTIMATE_CALLS in all for a step
+    faster than half a turn (a), one alone for a slower one (b); then about warmup_ms of calls
     each, then rounds of planned turns."""
     ms = [10.0, 150.0]
     clock = ScriptedClock(lambda s, call: ms[s])
@@ -162,10 +163,10 @@ def test_planned_turns_follow_the_estimate() -> None:
     rounds = plan_rounds(spec)
     assert len(got.rounds) == rounds == got.ratios["b"].samples
     assert got.times["a"].samples == 5 * rounds and got.times["b"].samples == rounds
-    estimate, warm_up = [0] * ESTIMATE_CALLS + [1] * ESTIMATE_CALLS, [0] * 3 + [1]
+    estimate, warm_up = [0, 1] + [0] * (ESTIMATE_CALLS - 1), [0] * 3 + [1]
     first_round = [0] * 10 + [1] * 2  # a: 5 settling + 5 timed calls; b: 1 + 1
     assert clock.order[:len(estimate) + len(warm_up) + 12] == estimate + warm_up + first_round
-    assert len(clock.order) == 2 * ESTIMATE_CALLS + 4 + rounds * (10 + 2)
+    assert len(clock.order) == ESTIMATE_CALLS + 1 + 4 + rounds * (10 + 2)
     assert got.ratios["b"].median == pytest.approx(10 / 150)
 
 

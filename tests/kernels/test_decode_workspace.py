@@ -1,6 +1,7 @@
 """A graph-ready decoding step: with a workspace it gives the answer of a plain call and of the
 reference (contiguous or paged, GQA, ragged lengths), reads no tensor's values and converts
-nothing; one split is one kernel writing the output itself, with no partials and no merge."""
+nothing; a step is one kernel: with one split writing the output itself (no partials, no
+tickets), with several the last split of each kv group merging them and resetting its ticket."""
 
 import pytest
 import torch
@@ -84,10 +85,9 @@ class Launches:
 
 @pytest.fixture
 def launches(monkeypatch):
-    split, merge = Launches(kernels.decode._decode_split), Launches(kernels.decode._decode_merge)
+    split = Launches(kernels.decode._decode_split)
     monkeypatch.setattr(kernels.decode, "_decode_split", split)
-    monkeypatch.setattr(kernels.decode, "_decode_merge", merge)
-    return split, merge
+    return split
 
 
 
@@ -99,22 +99,27 @@ def test_one_split_is_one_kernel_writing_the_output(workspace, device, launches,
     if space is not None:
         assert space.part_out is None and space.part_lse is None
     out = sparse_attention_decode(q, k, v, lens, layout, num_splits=1, workspace=space)
-    split, merge = launches
-    assert merge.seen == [], "one split must not launch the merge"
-    ((grid, constexprs),) = split.seen
+    ((grid, constexprs),) = launches.seen
     assert grid[0] == 1 and constexprs["SPLIT"] is False
     assert allocations == [tuple(q.shape)], "one split allocates the output alone"
     assert torch.isfinite(out).all()
 
 
-def test_several_splits_write_partials_then_merge(device, launches, allocations):
+@pytest.mark.parametrize("workspace", [False, True])
+def test_several_splits_are_one_kernel_that_merges_and_resets_its_tickets(workspace, device,
+                                                                          launches, allocations):
     layout = make_layout("homo", 4, 2, MAX_LEN, 32)
     q, k, v, lens, *_ = _problem(4, 2, torch.float32, device, 0, seed=2)
-    sparse_attention_decode(q, k, v, lens, layout, num_splits=3)
-    split, merge = launches
-    assert [(g[0], c["SPLIT"]) for g, c in split.seen] == [(3, True)]
-    assert len(merge.seen) == 1
+    space = decode_workspace(q, 2, layout, num_splits=3) if workspace else None
+    out = sparse_attention_decode(q, k, v, lens, layout, num_splits=3, workspace=space)
+    assert [(g, c["SPLIT"]) for g, c in launches.seen] == [((3, 5 * 2), True)]
     assert allocations == [tuple(q.shape), (5 * 4 * 3, 32), (5 * 4 * 3,)]
+    if space is not None:
+        assert space.tickets.shape == (5 * 2,) and space.tickets.dtype == torch.int32
+        assert space.tickets.tolist() == [0] * 10, "the merging split resets its group's ticket"
+    for b, n in enumerate(lens.tolist()):
+        ref = reference_attention(q[b:b + 1, None], k[b:b + 1, :n], v[b:b + 1, :n], layout)[0, 0]
+        assert_verbose_close(out[b], ref, rel_tol(torch.float32, device), f"sequence {b}")
 
 
 def test_a_step_with_a_workspace_reads_and_converts_nothing(device, monkeypatch):
@@ -139,5 +144,40 @@ def test_a_workspace_of_several_splits_needs_its_partials(device):
     q, k, v, lens, *_ = _problem(2, 2, torch.float32, device, 0, seed=4)
     workspace = decode_workspace(q, 2, layout, num_splits=2)
     broken = kernels.decode.DecodeWorkspace(workspace.out, None, None, 2)
-    with pytest.raises(ValueError, match="holds no partial buffers for its 2 splits"):
+    with pytest.raises(ValueError, match="holds no partial buffers or tickets for its 2 splits"):
         sparse_attention_decode(q, k, v, lens, layout, workspace=broken)
+
+
+def test_a_workspace_checks_a_call_once_and_every_changed_call_again(device, monkeypatch):
+    layout = make_layout("homo", 4, 2, MAX_LEN, 32)
+    q, k, v, lens, *_ = _problem(4, 2, torch.float32, device, 0, seed=5)
+    workspace = decode_workspace(q, 2, layout, num_splits=2)
+    first = sparse_attention_decode(q, k, v, lens, layout, workspace=workspace).clone()
+    checks = []
+    check_decode = kernels.inference._check_decode
+    monkeypatch.setattr(kernels.inference, "_check_decode",
+                        lambda *args: checks.append(1) or check_decode(*args))
+    # The same shapes again, new values: launched without a check, the same answer as a fresh
+    # call.
+    again = sparse_attention_decode(q, k, v, lens, layout, workspace=workspace)
+    assert checks == []
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    q2 = torch.randn_like(q)
+    stepped = sparse_attention_decode(q2, k, v, lens, layout, workspace=workspace).clone()
+    torch.testing.assert_close(stepped, sparse_attention_decode(q2, k, v, lens, layout,
+                                                                num_splits=2), rtol=0, atol=0)
+    assert checks == [1], "only the call without a workspace is checked"
+    # Whatever the checks read, changed, is checked again.
+    with pytest.raises(ValueError, match="workspace was made for q"):
+        sparse_attention_decode(q[:3], k[:3], v[:3], lens[:3], layout, workspace=workspace)
+    with pytest.raises(ValueError, match="requires grad"):
+        sparse_attention_decode(q.clone().requires_grad_(), k, v, lens, layout,
+                                workspace=workspace)
+    with pytest.raises(ValueError, match="num_splits=3"):
+        sparse_attention_decode(q, k, v, lens, layout, num_splits=3, workspace=workspace)
+    with pytest.raises(ValueError, match="sm_scale must be"):
+        sparse_attention_decode(q, k, v, lens, layout, sm_scale=-1.0, workspace=workspace)
+    other = make_layout("homo", 4, 2, MAX_LEN // 2, 32)
+    with pytest.raises(ValueError):
+        sparse_attention_decode(q, k, v, lens, other, workspace=workspace)
+    assert len(checks) == 6

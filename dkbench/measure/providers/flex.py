@@ -22,11 +22,23 @@ from .fa4 import fa4_unavailable
 from .forms import block_index, coarse_blocks, per_head_table
 
 FLEX_BLOCK = 128
+# Compiled graphs dynamo keeps for the one compiled flex_attention: every case (its shapes and
+# mask) and its check's cut-down copy add one. Past the limit dynamo would fall back to eager
+# flex, which materialises the scores.
+RECOMPILE_LIMIT = 256
 
 
 @functools.lru_cache(maxsize=None)
 def _compiled_flex():
+    """flex_attention compiled once for the run (static shapes, as users compile it): a case
+    whose shapes were compiled before (the checks' cut-down copies share theirs) reuses them,
+    instead of starting dynamo afresh for every case."""
     from torch.nn.attention.flex_attention import flex_attention
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                 "accumulated_cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
     return torch.compile(flex_attention, dynamic=False)
 
 
@@ -93,10 +105,6 @@ class Flex(Provider):
         block = self.mask_block(case, layout, self.options(sweep))
         block_mask = build_block_mask(layout, case.heads, case.kv_heads, case.q_len, case.seqlen,
                                       device, block)
-        # Each case's mask_mod closes over new tensors and recompiles; past dynamo's recompile
-        # limit it would fall back to eager flex, which materialises the scores. Start afresh.
-        torch._dynamo.reset()
-        _compiled_flex.cache_clear()
         flex = _compiled_flex()
         gqa = case.heads != case.kv_heads
         extra = {"kernel_options": self.kernel_options} if self.kernel_options else {}
