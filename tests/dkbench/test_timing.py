@@ -184,3 +184,13 @@ def test_no_steps() -> None:
 
 def test_default_clock_by_device() -> None:
     assert isinstance(timing.default_clock(CPU), timing.WallClock)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_l2_flush_reads_its_buffer_and_writes_nothing() -> None:
+    """A zero-fill would leave L2 dirty, and the timed call would pay for the write-back."""
+    clock = timing.CudaClock(torch.device("cuda"))
+    assert clock.flush.numel() * clock.flush.element_size() == timing.L2_FLUSH_BYTES
+    clock.flush.fill_(7)
+    clock.read([clock.call(lambda: None)])
+    assert bool((clock.flush == 7).all())

@@ -191,6 +191,12 @@ def test_bad_block_tables_are_refused_by_name(device):
         _bad_call(device, block_table=table[0])
     with pytest.raises(ValueError, match="q has batch 2, the block table 1"):
         _bad_call(device, block_table=table[:1])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="pages and lengths on a GPU are never read back "
+                    "(a sync per step), so their values are checked on the CPU only")
+def test_bad_pages_and_lengths_are_refused_by_value(device):
+    table = paginate([64, 20], 16, torch.zeros(2, 64, 2, 32, device=device), spare=0)[0]
     out_of_range = table.clone()
     out_of_range[1, 1] = 99
     with pytest.raises(ValueError, match=r"block_table\[1, 1\] = 99 is not a page of k_cache"):
