@@ -9,7 +9,7 @@ Engines capture their steps in CUDA graphs, so the varlen and decode calls have 
 form: what depends only on the batch's shape is built once (:func:`varlen_sequences`, the
 sequence table; :func:`decode_workspace`, the outputs and the split count) and passed to every
 call, which then reads no tensor back, allocates nothing (varlen: nothing but its output) and
-checks only shapes.
+checks only shapes (decode: once per shape, the workspace remembering the checked launch).
 """
 
 from __future__ import annotations
@@ -229,7 +229,9 @@ def sparse_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     q's device) and reads no tensor's values, so it can be captured in a CUDA graph and replayed
     with new queries, cache contents, lengths and pages. It returns ``workspace.out``, overwritten
     by each call. Lengths and pages are then the caller's to keep in range (as FlashAttention's
-    kvcache API leaves them), even on the CPU. Without a workspace, lengths and pages held on the
+    kvcache API leaves them), even on the CPU, and the workspace checks each differently shaped
+    call once: a later call whose tensors have the same shapes, strides, dtypes and devices, with
+    the same other arguments, launches at once. Without a workspace, lengths and pages held on the
     CPU are checked; on the GPU they are never read back (a sync per step would cost more than
     the step). Returns ``(batch, heads, dim)``.
     """
@@ -287,7 +289,7 @@ def _call_key(q, k_cache, v_cache, cache_seqlens, block_table, layout, sm_scale,
                k_cache.requires_grad, v_cache.shape, v_cache.stride(), v_cache.dtype,
                v_cache.device, v_cache.requires_grad, cache_seqlens.shape, cache_seqlens.dtype,
                cache_seqlens.device, table, torch.is_grad_enabled(), id(layout), sm_scale,
-               num_splits, config, max_cache_len)
+               num_splits, config, max_cache_len, type(max_cache_len))
         hash(key)
     except (AttributeError, TypeError):
         return None

@@ -287,10 +287,10 @@ def measure_interleaved(steps: dict[str, Callable[[], object]], timing: Timing,
     its turn), and called for about ``timing.warmup_ms``. A turn calls the step for about
     TURN_MS and times its second half, so each step runs at the clock it sets itself. Round r
     starts at step r mod n, so no step always follows the same neighbour. Each step gets the
-    median, p20 and p80 of its timed calls; with ``baseline`` among the steps, every other step also gets those of the per-round ratios (baseline's turn median /
-    this step's), which a drift of the device's speed between rounds leaves alone. A step that
-    raises is reported in ``errors`` and left out of the later rounds, its samples dropped; the
-    others carry on.
+    median, p20 and p80 of its timed calls; with ``baseline`` among the steps, every other step
+    also gets those of the per-round ratios (baseline's turn median / this step's), which a drift
+    of the device's speed between rounds leaves alone. A step that raises is reported in
+    ``errors`` and left out of the later rounds, its samples dropped; the others carry on.
 
     ``turn_ms`` and ``rounds`` (None: :func:`plan_rounds`) plan a shorter measurement, such as
     the tuner's screen; a clock with ``fixed_rounds`` keeps its own turns and rounds.
