@@ -39,6 +39,11 @@ TURN_MS = 100.0
 # so many calls a turn that microsecond steps, whose calls cost more in launches, L2 flushes and
 # events than in the step, do not run for seconds.
 MIN_ROUNDS = 10
+# A call at least this many turns long runs long enough at the clock it sets itself that the part
+# of it at its predecessor's clock (the tens of ms of the settling half above) weighs little, so
+# it is timed without a settling call before it, which would double the cost of the second-long
+# steps of slow dense peers.
+WHOLE_TURNS = 2.0
 MAX_ROUNDS = 1000
 MAX_TURN_CALLS = 500
 # Calls per step that estimate its time before the turns are planned (do_bench uses five too).
@@ -240,7 +245,10 @@ def default_clock(device: torch.device) -> Clock:
 
 def plan_turn(estimate_ms: float, turn_ms: float = TURN_MS) -> tuple[int, int]:
     """(settling calls, timed calls) for one turn of a step of this estimated time: about
-    ``turn_ms`` in all, at least one of each, at most MAX_TURN_CALLS."""
+    ``turn_ms`` in all, at least one of each, at most MAX_TURN_CALLS; a call of WHOLE_TURNS
+    turns or more is its turn alone, timed whole."""
+    if estimate_ms >= WHOLE_TURNS * turn_ms:
+        return 0, 1
     calls = min(max(2, round(turn_ms / max(estimate_ms, 1e-6))), MAX_TURN_CALLS)
     return calls // 2, calls - calls // 2
 

@@ -21,6 +21,7 @@ import contextlib
 import multiprocessing as mp
 import os
 import signal
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -123,8 +124,12 @@ class Compiled:
     failures: dict[str, Failure] = field(default_factory=dict)
     checks: dict[str, CheckResult] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # each run's, where it ran
 
-    def record(self, task: CompileTask, outcome: Failure | CheckResult | None) -> None:
+    def record(self, task: CompileTask, outcome: Failure | CheckResult | None,
+               seconds: float | None = None) -> None:
+        if seconds is not None:
+            self.seconds[task.name] = round(seconds, 2)
         if isinstance(outcome, CheckResult):
             self.checks[task.name] = outcome
         # Out of memory among workers sharing the GPU says little about the candidate alone.
@@ -144,7 +149,9 @@ class InProcess:
     def compile(self, tasks: list[CompileTask], on_done: OnDone) -> Compiled:
         compiled = Compiled()
         for task in tasks:
-            compiled.record(task, self.compiler.run(task))
+            started = time.perf_counter()
+            outcome = self.compiler.run(task)
+            compiled.record(task, outcome, time.perf_counter() - started)
             on_done(task)
         self.compiler.release()
         return compiled
@@ -169,8 +176,8 @@ def compile_pool(sweep: Sweep, env: dict, device: torch.device,
 
 def _worker_main(conn: Connection, setup: tuple[Sweep, dict, torch.device]) -> None:
     """Receive tasks until ``None`` (``"release"`` drops the case's inputs); send
-    ``("done", outcome, lost)`` for each (a Failure, a CheckResult or None), ``lost`` when the
-    worker exits after it (its CUDA context broken)."""
+    ``("done", outcome, lost, seconds)`` for each (a Failure, a CheckResult or None), ``lost``
+    when the worker exits after it (its CUDA context broken)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     sweep, env, device = setup
     if device.type == "cuda":
@@ -182,9 +189,11 @@ def _worker_main(conn: Connection, setup: tuple[Sweep, dict, torch.device]) -> N
             if task == "release":
                 compiler.release()
                 continue
+            started = time.perf_counter()
             outcome = compiler.run(task)
+            seconds = time.perf_counter() - started
             lost = isinstance(outcome, Failure) and _context_lost(device)
-            conn.send(("done", outcome, lost))
+            conn.send(("done", outcome, lost, seconds))
             if lost:
                 conn.close()
                 os._exit(CONTEXT_LOST_EXIT)  # a fresh process gets a fresh CUDA context
@@ -258,7 +267,7 @@ class WorkerPool:
                 w.ready = True
                 if message[0] == "done":
                     task, w.task = w.task, None
-                    self.compiled.record(task, message[1])
+                    self.compiled.record(task, message[1], message[3])
                     self.on_done(task)
                     w.retiring = message[2]  # a replacement takes the next task
                 self._dispatch(w)

@@ -211,6 +211,7 @@ def execute_tune(sweep: Sweep, spec_text: str, jobs: list[TuneJob], device: torc
 
     results: list[KernelResult] = []
     warnings: list[str] = []
+    compile_seconds: dict[str, dict[str, float]] = {}  # per case and kernel, per candidate
     clock = Stopwatch()
     started = time.perf_counter()
     batch = max((len(c.run) for j in jobs for c in j.candidates), default=0)
@@ -222,6 +223,7 @@ def execute_tune(sweep: Sweep, spec_text: str, jobs: list[TuneJob], device: torc
                 with clock.phase("compile"):
                     found = pool.compile(compile_tasks(job, cands, winners), on_compiled)
                 warnings += found.warnings
+                compile_seconds[f"{job.case.case_id}/{cands.kernel}"] = found.seconds
                 done += len(found.failures)  # not prepared again
                 result = tune_kernel(job, cands, sweep, device, env, run_dir.name, winners,
                                      found.failures, on_step, screen, on_screen(cands),
@@ -241,6 +243,6 @@ def execute_tune(sweep: Sweep, spec_text: str, jobs: list[TuneJob], device: torc
     wall_s = time.perf_counter() - started
     write_meta(run_dir, {**read_meta(run_dir), "finished": datetime.now(timezone.utc).isoformat(),
                          "cache_writes": [w.key.as_str() for w in writes],
-                         "compile_warnings": warnings,
+                         "compile_warnings": warnings, "compile_seconds": compile_seconds,
                          "seconds": {**clock.as_dict(), "wall": round(wall_s, 2)}})
     return TuneOutcome(run_dir, results, cache.path, writes, warnings, clock.line(wall_s))

@@ -137,3 +137,59 @@ def test_flex_block_mask_with_its_mask_mod_is_the_token_mask(name: str, q_len: i
     want = per_query_head_mask(layout, q_len, seq_k)
     assert torch.equal(per_token, want)  # the mask_mod alone is the pattern, token by token
     assert bool(listed[want].all())  # and no kept pair lies in a block the mask skips
+
+
+def test_a_padded_table_holds_the_pattern_in_its_corner_and_zeros_around_it() -> None:
+    from dkbench.measure.providers.forms import TABLE_SLACK_TOKENS, per_head_table
+
+    layout = layouts()["random"]
+    own = per_head_table(layout, HEADS, KV_HEADS, torch.device("cpu"))
+    slack = TABLE_SLACK_TOKENS // layout.block_size
+    assert own.shape == (HEADS, 12 + slack, 12 + slack)
+    padded = per_head_table(layout, HEADS, KV_HEADS, torch.device("cpu"), at_least=(6, 40, 33))
+    assert padded.shape == (6, 40, 33)
+    assert torch.equal(padded[:HEADS, :own.shape[1], :own.shape[2]], own)
+    assert int(padded.sum()) == int(own.sum()) > 0  # nothing kept outside the corner
+    # A smaller at_least never cuts the table.
+    assert per_head_table(layout, HEADS, KV_HEADS, torch.device("cpu"),
+                          at_least=(1, 2, 3)).shape == own.shape
+
+
+def test_every_case_of_the_phi3_sweep_shares_one_flex_table_shape() -> None:
+    from pathlib import Path
+
+    from dkbench.measure.providers import flex
+    from dkbench.spec.load import load_spec
+
+    sweep = load_spec(Path(__file__).parents[2] / "sweeps" / "phi3.yaml")
+    # 65,536 tokens in blocks of 64, plus 256 tokens of slack; 32 query heads.
+    assert flex.shared_table_shape(sweep, 64) == (32, 1024 + 4, 1024 + 4)
+    assert flex.shared_table_shape(sweep, 128) == (0, 0, 0)  # no case at that block size
+    small = sweep.model_copy(update={"seqlen": [128, 256]})
+    assert flex.shared_table_shape(small, 64) == (32, 4 + 4, 4 + 4)
+
+
+def test_a_shared_table_past_its_size_limit_leaves_each_case_its_own(monkeypatch) -> None:
+    from pathlib import Path
+
+    from dkbench.measure.providers import flex
+    from dkbench.spec.load import load_spec
+
+    sweep = load_spec(Path(__file__).parents[2] / "sweeps" / "phi3.yaml")
+    monkeypatch.setattr(flex, "SHARED_TABLE_BYTES", 32 * 1028 * 1028 - 1)
+    assert flex.shared_table_shape(sweep, 64) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("name", ["random", "local_stride", "bidirectional"])
+@pytest.mark.parametrize(("q_len", "seq_k"), [(384, 384), (200, 381)])
+def test_flex_mask_mod_on_a_padded_table_is_the_token_mask(name: str, q_len: int,
+                                                            seq_k: int) -> None:
+    from torch.nn.attention.flex_attention import create_mask
+
+    from dkbench.measure.providers.flex import build_block_mask
+
+    layout = layouts()[name]
+    mask = build_block_mask(layout, HEADS, KV_HEADS, q_len, seq_k, torch.device("cpu"),
+                            (128, 64), table_shape=(HEADS + 2, 37, 41))
+    per_token = create_mask(mask.mask_mod, 1, HEADS, q_len, seq_k, device="cpu")[0]
+    assert torch.equal(per_token, per_query_head_mask(layout, q_len, seq_k))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,26 @@ def test_repeat_kv_gives_each_query_head_its_groups_kv() -> None:
 def test_sdpa_efficient_expands_gqa_and_says_so() -> None:
     assert SdpaEfficient.expands_gqa
     assert not any(PROVIDERS[p].expands_gqa for p in ("sdpa_flash", "sdpa_cudnn", "sdpa_math"))
+
+
+def test_fa4s_compile_cache_is_turned_on_beside_the_config_cache(tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    from dkbench.measure.providers import fa4
+
+    monkeypatch.setenv("DKBENCH_CACHE", str(tmp_path / "configs.json"))
+    for name in (fa4.CACHE_ENABLED_VAR, fa4.CACHE_DIR_VAR):  # unset, and unset again after
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    fa4.keep_compiles_on_disk()
+    assert os.environ[fa4.CACHE_ENABLED_VAR] == "1"
+    assert os.environ[fa4.CACHE_DIR_VAR] == str(tmp_path / "fa4-cute")
+
+
+def test_a_users_fa4_cache_setting_is_kept(tmp_path: Path, monkeypatch) -> None:
+    from dkbench.measure.providers import fa4
+
+    monkeypatch.setenv(fa4.CACHE_ENABLED_VAR, "0")
+    monkeypatch.setenv(fa4.CACHE_DIR_VAR, str(tmp_path / "mine"))
+    fa4.keep_compiles_on_disk()
+    assert os.environ[fa4.CACHE_ENABLED_VAR] == "0"
+    assert os.environ[fa4.CACHE_DIR_VAR] == str(tmp_path / "mine")

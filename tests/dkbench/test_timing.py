@@ -17,6 +17,7 @@ from dkbench.measure.timing import (
     MAX_TURN_CALLS,
     MIN_ROUNDS,
     TURN_MS,
+    WHOLE_TURNS,
     measure_interleaved,
     plan_rounds,
     plan_turn,
@@ -133,10 +134,13 @@ def test_a_device_error_seen_on_reading_fails_every_step() -> None:
     (1.0, (50, 50)),                  # about TURN_MS of calls, half of them timed
     (30.0, (1, 2)),
     (150.0, (1, 1)),                  # a step slower than a turn still gets one of each
+    (199.0, (1, 1)),
+    (200.0, (0, 1)),                  # two turns long or more: its turn is one call, timed
+    (5000.0, (0, 1)),
     (1e-4, (MAX_TURN_CALLS // 2, MAX_TURN_CALLS // 2)),  # microsecond steps stop at the cap
 ])
 def test_plan_turn(estimate_ms: float, want: tuple[int, int]) -> None:
-    assert TURN_MS == 100.0
+    assert TURN_MS == 100.0 and WHOLE_TURNS == 2.0
     assert plan_turn(estimate_ms) == want
 
 
@@ -168,6 +172,18 @@ def test_planned_turns_follow_the_estimate() -> None:
     assert clock.order[:len(estimate) + len(warm_up) + 12] == estimate + warm_up + first_round
     assert len(clock.order) == ESTIMATE_CALLS + 1 + 4 + rounds * (10 + 2)
     assert got.ratios["b"].median == pytest.approx(10 / 150)
+
+
+def test_a_step_two_turns_long_is_timed_without_a_settling_call() -> None:
+    """b's one call is its whole turn: one estimate call, one warm-up, then one call a round."""
+    ms = [10.0, 2 * TURN_MS]
+    clock = ScriptedClock(lambda s, call: ms[s])
+    spec = Timing(warmup_ms=25, rep_ms=300)
+    got = measure_interleaved(steps_of("a", "b"), spec, CPU, "a", clock=clock)
+    rounds = plan_rounds(spec)
+    assert got.times["b"].samples == rounds and got.ratios["b"].samples == rounds
+    assert clock.order.count(1) == 1 + 1 + rounds
+    assert got.ratios["b"].median == pytest.approx(10 / (2 * TURN_MS))
 
 
 def test_cpu_uses_the_wall_clock() -> None:

@@ -490,8 +490,13 @@ def test_tiny_tune_writes_csv_and_cache_that_run_uses(app: typer.Typer, tmp_path
     assert run_dir.name.startswith("tune-tinytune-")
     # Where the time went, per phase: in meta.json and the command's last line. In the
     # interpreter the candidates "compile" in this process, one candidate at a time.
-    seconds = json.loads((run_dir / "meta.json").read_text())["seconds"]
+    meta = json.loads((run_dir / "meta.json").read_text())
+    seconds = meta["seconds"]
     assert set(seconds) == {"compile", "prepare", "final", "wall"}  # two candidates: no screen
+    # And each candidate's compile run, per case and kernel.
+    (per_kernel,) = meta["compile_seconds"].values()
+    assert set(per_kernel) == {"m32n32w4s1", "m64n32w4s1"}, per_kernel
+    assert all(0 <= s <= seconds["compile"] + 0.01 for s in per_kernel.values())
     assert all(value >= 0 for value in seconds.values())
     assert sum(seconds.values()) - seconds["wall"] <= seconds["wall"] + 0.03  # each to 0.01 s
     assert re.search(r"Took \d+ s: compile \d+ s, prepare and check \d+ s, final timing \d+ s, "

@@ -10,10 +10,11 @@ they go in as transposed views (no copy). Its causal mask aligns bottom-right, a
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
-from kernels import BlockLayout
+from kernels import BlockLayout, default_cache_path
 
 from ...spec.sweep import FP8, Case, Sweep
 from .base import MaskBlocks, Prepared, Provider, import_failure, refuse_fp8
@@ -24,9 +25,25 @@ from .forms import BlockSparseIndex, coarse_blocks, per_head_table, sparse_index
 FA4_REFUSALS = (AssertionError, ValueError, NotImplementedError, TypeError)
 
 
+# FA4's own on-disk cache of compiled kernels, which it reads when imported. Off by default in FA4;
+# dkbench turns it on unless these are set, so a kernel compiled by one run (6-15 s each on an
+# H200, a variant per mode and mask) is loaded by the next.
+CACHE_ENABLED_VAR = "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"
+CACHE_DIR_VAR = "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"
+
+
+def keep_compiles_on_disk() -> None:
+    """Turn FA4's compile cache on, in ``fa4-cute/`` beside the best-config cache, where the user
+    has not set it (``FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=0`` keeps it off)."""
+    os.environ.setdefault(CACHE_ENABLED_VAR, "1")
+    os.environ.setdefault(CACHE_DIR_VAR, str(default_cache_path().parent / "fa4-cute"))
+
+
 @functools.lru_cache(maxsize=1)
 def fa4_unavailable() -> str | None:
-    """Why FA4 cannot be imported here (its words), or None."""
+    """Why FA4 cannot be imported here (its words), or None. Before the import: its compile
+    cache on (`keep_compiles_on_disk`)."""
+    keep_compiles_on_disk()
     return import_failure("flash_attn.cute", "flash-attn-4", "fa4")
 
 

@@ -6,6 +6,12 @@ The block mask comes from the pattern compiler (`forms.coarse_blocks`) through
 at any sequence length. Its (q, kv) block shape is the provider's default or the spec's
 `provider_options`; a block is "full" when every token pair in it is kept, and "partial"
 (checked per token by `mask_mod`) otherwise.
+
+`mask_mod` reads the pattern from a per-head table. Every case of a sweep gets a table of one
+shape, the sweep's largest (`shared_table_shape`): the table's sizes are written into the code
+Inductor generates for `mask_mod`, and on the FLASH backend a new code means a new FlashAttention-4
+compile (about 6 s for a forward, 13 s for a forward and backward on an H200). With one shape
+the cases of a sweep differ only in their tensors' sizes, which FA4 takes at run time.
 """
 
 from __future__ import annotations
@@ -16,16 +22,19 @@ import torch
 
 from kernels import BlockLayout
 
-from ...spec.sweep import Case, Sweep
+from ...spec.sweep import Case, Sweep, expand
 from .base import MaskBlocks, Prepared, Provider, refuse_fp8
 from .fa4 import fa4_unavailable
-from .forms import block_index, coarse_blocks, per_head_table
+from .forms import TABLE_SLACK_TOKENS, block_index, coarse_blocks, per_head_table
 
 FLEX_BLOCK = 128
 # Compiled graphs dynamo keeps for the one compiled flex_attention: every case (its shapes and
 # mask) and its check's cut-down copy add one. Past the limit dynamo would fall back to eager
 # flex, which materialises the scores.
 RECOMPILE_LIMIT = 256
+# The largest mask table a sweep's cases share; past it each case's table has its own size (and
+# on the FLASH backend its own compile). The phi-3 sweep's is 34 MB: 32 heads, 1,028 blocks a side.
+SHARED_TABLE_BYTES = 256 * 2**20
 
 
 @functools.lru_cache(maxsize=None)
@@ -42,10 +51,26 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
+def shared_table_shape(sweep: Sweep, block_size: int) -> tuple[int, int, int]:
+    """(heads, q blocks, k blocks) of a mask table that holds the pattern of any case of
+    ``sweep`` at ``block_size`` (slack included); (0, 0, 0), each case its own size, when there
+    is none or it would take more than SHARED_TABLE_BYTES."""
+    cases = [c for c in expand(sweep) if c.block_size == block_size]
+    if not cases:
+        return 0, 0, 0
+    heads = max(c.heads for c in cases)
+    side = max(-(-c.seqlen // block_size) for c in cases) + -(-TABLE_SLACK_TOKENS // block_size)
+    if heads * side * side > SHARED_TABLE_BYTES:  # a bool table: a byte an entry
+        return 0, 0, 0
+    return heads, side, side
+
+
 def build_block_mask(layout: BlockLayout, heads: int, kv_heads: int, q_len: int, seq_k: int,
-                     device: torch.device, block: tuple[int, int] = (FLEX_BLOCK, FLEX_BLOCK)):
+                     device: torch.device, block: tuple[int, int] = (FLEX_BLOCK, FLEX_BLOCK),
+                     table_shape: tuple[int, int, int] = (0, 0, 0)):
     """A FlexAttention BlockMask for this layout at ``block`` = (q, kv) tokens; queries are the
-    last q_len positions. Full blocks skip ``mask_mod``; partial ones apply it per token."""
+    last q_len positions. Full blocks skip ``mask_mod``; partial ones apply it per token, reading
+    a pattern table padded to at least ``table_shape`` (`shared_table_shape`)."""
     from torch.nn.attention.flex_attention import BlockMask
 
     block_q, block_kv = block
@@ -55,7 +80,7 @@ def build_block_mask(layout: BlockLayout, heads: int, kv_heads: int, q_len: int,
     full_num, full_idx = block_index(blocks.full)
     # The pattern per query head, flattened: mask_mod then indexes one buffer with arithmetic on
     # its own int32 indices. FLASH's CuTe lowering rejected a gather through an int64 head map.
-    table = per_head_table(layout, heads, kv_heads, device)
+    table = per_head_table(layout, heads, kv_heads, device, at_least=table_shape)
     q_blocks, k_blocks = table.shape[1], table.shape[2]
     table = table.reshape(-1)
     bs, causal = layout.block_size, layout.causal
@@ -104,7 +129,7 @@ class Flex(Provider):
         refuse_fp8(case, self.fp8_refusal)
         block = self.mask_block(case, layout, self.options(sweep))
         block_mask = build_block_mask(layout, case.heads, case.kv_heads, case.q_len, case.seqlen,
-                                      device, block)
+                                      device, block, shared_table_shape(sweep, layout.block_size))
         flex = _compiled_flex()
         gqa = case.heads != case.kv_heads
         extra = {"kernel_options": self.kernel_options} if self.kernel_options else {}

@@ -133,16 +133,24 @@ def per_kv_head(mask: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return grouped[:, 0].contiguous()
 
 
+# Zero rows and columns past a per-head table's last block (see `per_head_table`).
+TABLE_SLACK_TOKENS = 256
+
+
 def per_head_table(layout: BlockLayout, heads: int, kv_heads: int, device: torch.device,
-                   dtype: torch.dtype = torch.bool, slack_tokens: int = 256) -> torch.Tensor:
+                   dtype: torch.dtype = torch.bool, slack_tokens: int = TABLE_SLACK_TOKENS,
+                   at_least: tuple[int, int, int] = (0, 0, 0)) -> torch.Tensor:
     """The pattern per query head, ``(heads, q_blocks + slack, k_blocks + slack)``, for a
     backend's per-token mask function to read. A tile past the last query or key still asks about
-    its padding positions before discarding them; the zero slack keeps those reads inside."""
+    its padding positions before discarding them; the zero slack keeps those reads inside.
+    ``at_least`` (heads, q blocks, k blocks, slack included) pads the table further with zeros,
+    so that tables of several cases can share one shape."""
     fine = layout.pattern.to(device)[layout_head_index(heads, kv_heads, layout.heads).to(device)]
     slack = -(-slack_tokens // layout.block_size)
-    table = torch.zeros(heads, fine.shape[1] + slack, fine.shape[2] + slack, dtype=dtype,
+    shape = (heads, fine.shape[1] + slack, fine.shape[2] + slack)
+    table = torch.zeros(*(max(n, m) for n, m in zip(shape, at_least)), dtype=dtype,
                         device=device)
-    table[:, :fine.shape[1], :fine.shape[2]] = fine
+    table[:heads, :fine.shape[1], :fine.shape[2]] = fine
     return table
 
 
