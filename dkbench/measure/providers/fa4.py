@@ -10,6 +10,8 @@ they go in as transposed views (no copy). Its causal mask aligns bottom-right, a
 from __future__ import annotations
 
 import functools
+import hashlib
+import inspect
 import os
 
 import torch
@@ -224,4 +226,9 @@ def pattern_mask_mod(block_size: int, causal: bool):
             keep, _ = kept(head, m_idx, n_idx, seqlen_info, aux_tensors)
             return keep
 
+    # FA4 keys its compiles by this hash. Left to FA4, it would hash the repr of `kept` (an
+    # address) and differ in every process, so its disk cache would never find this kernel.
+    source = inspect.getsource(pattern_mask_mod)
+    mask_mod.__cute_hash__ = hashlib.sha256(
+        f"{source}|block_size={block_size}|causal={causal}".encode()).hexdigest()
     return mask_mod
