@@ -65,6 +65,13 @@ class Failure:
     message: str
 
 
+def worker_threads(workers: int) -> int:
+    """CPU threads for each of ``workers`` processes: the cores shared out, at least one. Left
+    at torch's default, each worker's CPU ops (the layout, the plans, the check's inputs) would
+    start one thread per core, and eight workers' threads contend for the cores."""
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
 def worker_count(device: torch.device, batch: int) -> int:
     """Workers for batches of up to ``batch`` candidates: one per core, at most MAX_WORKERS and
     one per candidate; 0 (this process) in the interpreter, or where one worker would only add
@@ -174,12 +181,13 @@ def compile_pool(sweep: Sweep, env: dict, device: torch.device,
         pool.close(graceful)
 
 
-def _worker_main(conn: Connection, setup: tuple[Sweep, dict, torch.device]) -> None:
+def _worker_main(conn: Connection, setup: tuple[Sweep, dict, torch.device, int]) -> None:
     """Receive tasks until ``None`` (``"release"`` drops the case's inputs); send
     ``("done", outcome, lost, seconds)`` for each (a Failure, a CheckResult or None), ``lost``
     when the worker exits after it (its CUDA context broken)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    sweep, env, device = setup
+    sweep, env, device, threads = setup
+    torch.set_num_threads(threads)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     compiler = Compiler(sweep, env, device)
@@ -212,7 +220,7 @@ class WorkerPool:
     """Spawned worker processes that compile batches of candidates."""
 
     def __init__(self, setup: tuple[Sweep, dict, torch.device], workers: int) -> None:
-        self.setup = setup
+        self.setup = (*setup, worker_threads(workers))
         self.mp = mp.get_context("spawn")
         self.workers: list[_Worker] = []
         self.pending: deque[CompileTask] = deque()

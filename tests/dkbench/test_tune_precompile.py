@@ -130,3 +130,13 @@ def test_workers_that_cannot_start_leave_the_candidates_to_the_timing_loop(
     assert heard == ["c0", "c1"]  # passed on, not run
     (warning,) = compiled.warnings
     assert warning == "no compile worker could start; the candidates compile as they are timed"
+
+
+@pytest.mark.parametrize(("cores", "workers", "want"), [(16, 8, 2), (16, 3, 5), (2, 8, 1),
+                                                        (16, 0, 16)])
+def test_compile_workers_share_the_cores_out(monkeypatch, cores: int, workers: int,
+                                             want: int) -> None:
+    from dkbench.tune import precompile
+
+    monkeypatch.setattr(precompile.os, "cpu_count", lambda: cores)
+    assert precompile.worker_threads(workers) == want
