@@ -44,11 +44,6 @@ MIN_ROUNDS = 10
 # it is timed without a settling call before it, which would double the cost of the second-long
 # steps of slow dense peers.
 WHOLE_TURNS = 2.0
-# A step whose turn takes this long (a dense peer's second-long fwd+bwd) runs in the first
-# SLOW_ROUNDS rounds only, unless it is the baseline, whose turns pair with every other step's:
-# still a median and p20/p80 of paired ratios, at half the cost of the slowest steps.
-SLOW_TURN_MS = 200.0
-SLOW_ROUNDS = 5
 MAX_ROUNDS = 1000
 MAX_TURN_CALLS = 500
 # Calls per step that estimate its time before the turns are planned (do_bench uses five too).
@@ -165,8 +160,7 @@ class Clock(Protocol):
 
     `call` runs the step once and returns a handle; `read` turns handles into milliseconds (waiting
     for the device first). `fixed_rounds` set skips the estimate and runs that many rounds of
-    `fixed_turn` (settling calls, timed calls) turns; None plans both from the estimate and
-    `Timing`.
+    `fixed_turn` (settling calls, timed calls) turns; None plans both from the estimate and `Timing`.
     `sampler`, when set, reads the device throughout; `span` (asked only then, after `read`) says
     when a turn's timed calls ran on the device, on the sampler's time line, so each step gets the
     readings of its own calls.
@@ -264,14 +258,6 @@ def warmup_calls(estimate_ms: float, timing: Timing) -> int:
     return min(max(1, math.ceil(timing.warmup_ms / max(estimate_ms, 1e-6))), MAX_TURN_CALLS)
 
 
-def step_rounds(turn: tuple[int, int], estimate_ms: float, rounds: int, baseline: bool) -> int:
-    """Rounds in which a step of this turn and estimate takes its turn: all of them, or
-    SLOW_ROUNDS for a step other than the baseline whose turn takes SLOW_TURN_MS or more."""
-    if not baseline and sum(turn) * estimate_ms >= SLOW_TURN_MS:
-        return min(rounds, SLOW_ROUNDS)
-    return rounds
-
-
 def plan_rounds(timing: Timing) -> int:
     """Rounds enough that each step's timed calls add up to about rep_ms (half of each turn is
     timed), within [MIN_ROUNDS, MAX_ROUNDS]."""
@@ -323,7 +309,7 @@ def measure_interleaved(steps: dict[str, Callable[[], object]], timing: Timing,
     names = list(steps)
     errors: dict[str, BaseException] = {}
     with clock.sampler or contextlib.nullcontext():
-        timed = _rounds(clock, steps, timing, errors, turn_ms, rounds, baseline)
+        timed = _rounds(clock, steps, timing, errors, turn_ms, rounds)
         flat = [h for this_round in timed for _, handles in this_round for h in handles]
         times = _read(clock, flat, [n for n in names if n not in errors], errors)
     readings = _telemetry(clock, timed if times is not None else [], errors)
@@ -346,29 +332,25 @@ def measure_interleaved(steps: dict[str, Callable[[], object]], timing: Timing,
 
 
 def _rounds(clock: Clock, steps: dict[str, Callable[[], object]], timing: Timing,
-            errors: dict[str, BaseException], turn_ms: float, rounds: int | None,
-            baseline: str | None = None) -> list[list[tuple[str, list[object]]]]:
-    """Estimate and warm up each step (unless the clock fixes its turns), then run the rounds
-    (a slow step only the first of them, `step_rounds`); per round, each step's timed handles
-    in the order the step ran."""
+            errors: dict[str, BaseException], turn_ms: float,
+            rounds: int | None) -> list[list[tuple[str, list[object]]]]:
+    """Estimate and warm up each step (unless the clock fixes its turns), then run the rounds;
+    per round, each step's timed handles in the order the step ran."""
     names = list(steps)
     if clock.fixed_rounds is None:
         estimates = _estimates(clock, steps, errors, turn_ms)
         turns = {name: plan_turn(ms, turn_ms) for name, ms in estimates.items()}
         rounds = plan_rounds(timing) if rounds is None else rounds
-        runs = {name: step_rounds(turns[name], ms, rounds, name == baseline)
-                for name, ms in estimates.items()}
         for name, ms in estimates.items():  # about warmup_ms of untimed calls each, as do_bench
             _calls(clock, steps, name, warmup_calls(ms, timing), errors)
     else:
         turns = {name: clock.fixed_turn for name in names}
         rounds = clock.fixed_rounds
-        runs = {name: rounds for name in names}
     timed: list[list[tuple[str, list[object]]]] = []
     for r in range(rounds):
         this_round = []
         for name in names[r % len(names):] + names[:r % len(names)]:
-            if name in errors or r >= runs[name]:
+            if name in errors:
                 continue
             settle, count = turns[name]
             if _calls(clock, steps, name, settle, errors) is None:
@@ -424,8 +406,7 @@ def _ratios(per_round: list[dict[str, float]], names: list[str], baseline: str |
     for name in names:
         if name == baseline or name in errors:
             continue
-        ratios = [s[baseline] / s[name] for s in per_round
-                  if s.get(name, 0) > 0 and baseline in s]
+        ratios = [s[baseline] / s[name] for s in per_round if s[name] > 0]
         if ratios:
             out[name] = Ratio(statistics.median(ratios), *p20_p80(ratios), len(ratios))
     return out

@@ -16,14 +16,11 @@ from dkbench.measure.timing import (
     MAX_ROUNDS,
     MAX_TURN_CALLS,
     MIN_ROUNDS,
-    SLOW_ROUNDS,
-    SLOW_TURN_MS,
     TURN_MS,
     WHOLE_TURNS,
     measure_interleaved,
     plan_rounds,
     plan_turn,
-    step_rounds,
     warmup_calls,
 )
 from dkbench.spec.sweep import Timing
@@ -163,7 +160,7 @@ def test_planned_turns_follow_the_estimate() -> None:
     """Without fixed rounds: one timed call of each step first, ESTIMATE_CALLS in all for a step
     faster than half a turn (a), one alone for a slower one (b); then about warmup_ms of calls
     each, then rounds of planned turns."""
-    ms = [10.0, 90.0]
+    ms = [10.0, 150.0]
     clock = ScriptedClock(lambda s, call: ms[s])
     spec = Timing(warmup_ms=25, rep_ms=1000)
     got = measure_interleaved(steps_of("a", "b"), spec, CPU, "a", clock=clock)
@@ -174,47 +171,19 @@ def test_planned_turns_follow_the_estimate() -> None:
     first_round = [0] * 10 + [1] * 2  # a: 5 settling + 5 timed calls; b: 1 + 1
     assert clock.order[:len(estimate) + len(warm_up) + 12] == estimate + warm_up + first_round
     assert len(clock.order) == ESTIMATE_CALLS + 1 + 4 + rounds * (10 + 2)
-    assert got.ratios["b"].median == pytest.approx(10 / 90)
+    assert got.ratios["b"].median == pytest.approx(10 / 150)
 
 
 def test_a_step_two_turns_long_is_timed_without_a_settling_call() -> None:
-    """b's one call is its whole turn: one estimate call, one warm-up, then one call a round
-    (of SLOW_ROUNDS: a turn that long is a slow step's)."""
+    """b's one call is its whole turn: one estimate call, one warm-up, then one call a round."""
     ms = [10.0, 2 * TURN_MS]
     clock = ScriptedClock(lambda s, call: ms[s])
     spec = Timing(warmup_ms=25, rep_ms=300)
     got = measure_interleaved(steps_of("a", "b"), spec, CPU, "a", clock=clock)
-    assert got.times["b"].samples == got.ratios["b"].samples == SLOW_ROUNDS
-    assert clock.order.count(1) == 1 + 1 + SLOW_ROUNDS
-    assert got.ratios["b"].median == pytest.approx(10 / (2 * TURN_MS))
-
-
-def test_a_slow_step_takes_its_turn_in_the_first_rounds_only_unless_it_is_the_baseline() -> None:
-    """a (the baseline) and c are slow, b is fast: c runs SLOW_ROUNDS rounds, the others all;
-    c's ratios pair with the baseline in each round it ran."""
-    ms = [300.0, 10.0, 400.0]
-    clock = ScriptedClock(lambda s, call: ms[s])
-    spec = Timing(warmup_ms=25, rep_ms=300)
-    got = measure_interleaved(steps_of("a", "b", "c"), spec, CPU, "a", clock=clock)
     rounds = plan_rounds(spec)
-    assert SLOW_ROUNDS < rounds == len(got.rounds)
-    assert got.times["a"].samples == rounds and got.ratios["b"].samples == rounds
-    assert got.times["c"].samples == got.ratios["c"].samples == SLOW_ROUNDS
-    ran = [("c" in r) for r in got.rounds]
-    assert ran == [True] * SLOW_ROUNDS + [False] * (rounds - SLOW_ROUNDS)
-    assert got.ratios["c"].median == pytest.approx(300 / 400)
-
-
-@pytest.mark.parametrize(("turn", "estimate_ms", "baseline", "want"), [
-    ((1, 1), 99.0, False, MIN_ROUNDS),      # a turn under SLOW_TURN_MS
-    ((1, 1), 100.0, False, SLOW_ROUNDS),    # two calls of 100 ms
-    ((0, 1), 250.0, False, SLOW_ROUNDS),
-    ((0, 1), 250.0, True, MIN_ROUNDS),      # the baseline pairs with everyone: every round
-])
-def test_step_rounds(turn: tuple[int, int], estimate_ms: float, baseline: bool,
-                     want: int) -> None:
-    assert SLOW_TURN_MS == 200.0
-    assert step_rounds(turn, estimate_ms, MIN_ROUNDS, baseline) == want
+    assert got.times["b"].samples == rounds and got.ratios["b"].samples == rounds
+    assert clock.order.count(1) == 1 + 1 + rounds
+    assert got.ratios["b"].median == pytest.approx(10 / (2 * TURN_MS))
 
 
 def test_cpu_uses_the_wall_clock() -> None:
