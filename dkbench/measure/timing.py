@@ -39,13 +39,13 @@ TURN_MS = 100.0
 # so many calls a turn that microsecond steps, whose calls cost more in launches, L2 flushes and
 # events than in the step, do not run for seconds.
 MIN_ROUNDS = 10
+MAX_ROUNDS = 1000
+MAX_TURN_CALLS = 500
 # A call at least this many turns long runs long enough at the clock it sets itself that the part
-# of it at its predecessor's clock (the tens of ms of the settling half above) weighs little, so
+# of it at its predecessor's clock (the tens of ms of a turn's settling half) weighs little, so
 # it is timed without a settling call before it, which would double the cost of the second-long
 # steps of slow dense peers.
 WHOLE_TURNS = 2.0
-MAX_ROUNDS = 1000
-MAX_TURN_CALLS = 500
 # Calls per step that estimate its time before the turns are planned (do_bench uses five too).
 ESTIMATE_CALLS = 5
 # Read before each call, so no call finds its inputs in L2 (50 MB on an H100). Read, not zeroed

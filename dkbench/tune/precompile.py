@@ -96,6 +96,12 @@ class Compiler:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    def timed_run(self, task: CompileTask) -> tuple[Failure | CheckResult | None, float]:
+        """`run`, with its seconds."""
+        started = time.perf_counter()
+        outcome = self.run(task)
+        return outcome, time.perf_counter() - started
+
     def run(self, task: CompileTask) -> Failure | CheckResult | None:
         """The candidate's failure, or its check when it ran and was right (None when the sweep
         checks nothing, or its case could not be built here: the timing loop builds it again and
@@ -156,9 +162,7 @@ class InProcess:
     def compile(self, tasks: list[CompileTask], on_done: OnDone) -> Compiled:
         compiled = Compiled()
         for task in tasks:
-            started = time.perf_counter()
-            outcome = self.compiler.run(task)
-            compiled.record(task, outcome, time.perf_counter() - started)
+            compiled.record(task, *self.compiler.timed_run(task))
             on_done(task)
         self.compiler.release()
         return compiled
@@ -197,9 +201,7 @@ def _worker_main(conn: Connection, setup: tuple[Sweep, dict, torch.device, int])
             if task == "release":
                 compiler.release()
                 continue
-            started = time.perf_counter()
-            outcome = compiler.run(task)
-            seconds = time.perf_counter() - started
+            outcome, seconds = compiler.timed_run(task)
             lost = isinstance(outcome, Failure) and _context_lost(device)
             conn.send(("done", outcome, lost, seconds))
             if lost:

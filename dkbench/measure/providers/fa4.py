@@ -28,7 +28,7 @@ FA4_REFUSALS = (AssertionError, ValueError, NotImplementedError, TypeError)
 
 
 # FA4's own on-disk cache of compiled kernels, which it reads when imported. Off by default in FA4;
-# dkbench turns it on unless these are set, so a kernel compiled by one run (6-15 s each on an
+# dkbench turns it on unless these are set, so a kernel compiled by one run (3-21 s each on an
 # H200, a variant per mode and mask) is loaded by the next.
 CACHE_ENABLED_VAR = "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"
 CACHE_DIR_VAR = "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"
