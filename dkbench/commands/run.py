@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import INTERRUPTED, BadInputError, DkbenchError
+from ..results.schema import read_meta
 from ..spec.load import load_spec
 from ..spec.sweep import (
     excluded_for_provider,
@@ -61,6 +62,12 @@ def run(
         help="Run shard I of N (1-based, e.g. 2/4): the cases (after --only), largest first, "
              "dealt round-robin, so every machine given the same spec gets the same split. "
              "Combine the run directories with `dkbench merge`.", show_default=False)] = None,
+    compile_ahead: Annotated[Optional[bool], typer.Option(
+        "--compile-ahead/--no-compile-ahead",
+        help="Before timing, compile the providers that compile (dkbench, flex, fa4, ...) for "
+             "every pending case at once, in worker processes sharing the GPU; their caches on "
+             "disk then serve the run's own set-up. Default: on, with one GPU (not with --gpus; "
+             "Triton's interpreter on the CPU compiles nothing).", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
 ) -> None:
     """Run a sweep: every case x provider checked, timed and appended to results.csv."""
@@ -91,6 +98,9 @@ def run(
         if slots:
             _check_workers_device(gpus, slots[0].cuda, device if device != "auto" else sweep.device)
             dev = parent_device(slots)
+            if compile_ahead:
+                raise BadInputError(f"--compile-ahead runs on one GPU; with --gpus {gpus} each "
+                                    "worker compiles as it goes (drop one of the two)")
         elif device == "auto" and sweep.device != "auto":
             dev = runner.resolve_device(sweep.device)
         chosen = sweep.providers
@@ -144,6 +154,10 @@ def run(
     if dev.type == "cpu":
         from ..measure.size_guard import cpu_warning
 
+        if compile_ahead:
+            warn("--compile-ahead: Triton's interpreter on the CPU compiles nothing; the run "
+                 "goes on without that phase")
+
         slow = cpu_warning(cases, chosen)
         if slow:
             warn(slow)
@@ -159,6 +173,10 @@ def run(
         if slots:
             return execute_parallel(sweep, spec_text, plan, slots, on_progress, warn,
                                     extra_meta=meta)
+        if compile_ahead is not False:
+            from ..measure import ahead
+
+            return ahead.execute(sweep, spec_text, plan, dev, on_progress, extra_meta=meta)
         return runner.execute(sweep, spec_text, plan, dev, on_progress, extra_meta=meta)
 
     started = time.perf_counter()
@@ -183,7 +201,8 @@ def run(
     outcome = outcome_line(rows, cannot_run_here(rows, dev))
     if outcome:
         console.print(outcome)
-    spent = setup_line(rows, time.perf_counter() - started)
+    spent = setup_line(rows, time.perf_counter() - started,
+                       ahead=read_meta(plan.run_dir).get("compiled_ahead"))
     if spent and not quiet:
         console.print(spent, highlight=False)
     console.print(f"Results: [bold]{escape(str(plan.run_dir / 'results.csv'))}[/bold]")
@@ -200,8 +219,6 @@ def _recorded_flags(resume: Path, providers: str | None, only: list[str] | None,
                     shard: str | None) -> tuple[str | None, list[str] | None, str | None]:
     """--providers, --only and --shard as recorded in a resumed run's meta.json, where not given,
     so that `--resume DIR` alone finishes the run it names."""
-    from ..results.schema import read_meta
-
     meta = read_meta(resume)
     if providers is None and meta.get("providers"):
         providers = ",".join(meta["providers"])
@@ -209,8 +226,6 @@ def _recorded_flags(resume: Path, providers: str | None, only: list[str] | None,
 
 
 def _check_resumed_shard(resume: Path, part) -> None:
-    from ..results.schema import read_meta
-
     recorded = read_meta(resume).get("shard")
     given = str(part) if part is not None else None
     if recorded != given:

@@ -482,6 +482,12 @@ def execute(sweep: Sweep, spec_text: str, plan: RunPlan, device: torch.device,
             extra_meta: dict | None = None) -> list[ResultRow]:
     """Run every pending case x provider of the plan, appending rows as they are measured."""
     ctx, work = begin_run(sweep, spec_text, plan, device, extra_meta)
+    return run_work(ctx, plan, work, on_progress)
+
+
+def run_work(ctx: RunContext, plan: RunPlan, work: list[tuple[Case, list[str]]],
+             on_progress: Callable[[str, int, int], None] | None = None) -> list[ResultRow]:
+    """`execute` after `begin_run`: measure the pending ``work``, then finish the run."""
     rows: list[ResultRow] = []
     total = sum(len(names) for _, names in work)
 

@@ -33,8 +33,9 @@ INTERPRETER_REPS = 3
 # times only the second half of it. A power-capped GPU sets its clock by what runs: on an H100,
 # cuDNN's attention alone ran at 1.50-1.58 GHz and SDPA's flash backend alone at 1.71-1.73 GHz,
 # while alternating the two call by call ran both at one shared clock and moved their ratio by
-# 13%. Turns of 60 ms or more, second half timed, gave the ratio measured apart within 2%.
-TURN_MS = 100.0
+# 13%. Turns of 60 ms or more, second half timed, gave the ratio measured apart within 2%: the
+# turn is the shortest of those, since the rounds are most of a sweep's timing.
+TURN_MS = 60.0
 # At least enough rounds (paired samples) for a median and p20/p80 when steps are slow; at most
 # so many calls a turn that microsecond steps, whose calls cost more in launches, L2 flushes and
 # events than in the step, do not run for seconds.
@@ -253,9 +254,12 @@ def plan_turn(estimate_ms: float, turn_ms: float = TURN_MS) -> tuple[int, int]:
     return calls // 2, calls - calls // 2
 
 
-def warmup_calls(estimate_ms: float, timing: Timing) -> int:
-    """Untimed calls before the rounds: about warmup_ms, at least one, at most MAX_TURN_CALLS."""
-    return min(max(1, math.ceil(timing.warmup_ms / max(estimate_ms, 1e-6))), MAX_TURN_CALLS)
+def warmup_calls(estimate_ms: float, timing: Timing, ran: int = 0) -> int:
+    """Untimed calls before the rounds: about warmup_ms of calls with the ``ran`` calls that
+    estimated the step counted among them (they were untimed warm calls too), at least one in
+    all, at most MAX_TURN_CALLS."""
+    wanted = min(max(1, math.ceil(timing.warmup_ms / max(estimate_ms, 1e-6))), MAX_TURN_CALLS)
+    return max(0, wanted - ran)
 
 
 def plan_rounds(timing: Timing) -> int:
@@ -292,7 +296,8 @@ def measure_interleaved(steps: dict[str, Callable[[], object]], timing: Timing,
     """Time ``steps`` (already warmed up) in rounds that give each a turn, and pair their times.
 
     Each step is first timed once, or ESTIMATE_CALLS times when faster than half a turn (to plan
-    its turn), and called for about ``timing.warmup_ms``. A turn calls the step for about
+    its turn), and called for about ``timing.warmup_ms`` in all (those calls included). A
+    turn calls the step for about
     TURN_MS and times its second half, so each step runs at the clock it sets itself. Round r
     starts at step r mod n, so no step always follows the same neighbour. Each step gets the
     median, p20 and p80 of its timed calls; with ``baseline`` among the steps, every other step
@@ -339,10 +344,12 @@ def _rounds(clock: Clock, steps: dict[str, Callable[[], object]], timing: Timing
     names = list(steps)
     if clock.fixed_rounds is None:
         estimates = _estimates(clock, steps, errors, turn_ms)
-        turns = {name: plan_turn(ms, turn_ms) for name, ms in estimates.items()}
+        turns = {name: plan_turn(ms, turn_ms) for name, (ms, _) in estimates.items()}
         rounds = plan_rounds(timing) if rounds is None else rounds
-        for name, ms in estimates.items():  # about warmup_ms of untimed calls each, as do_bench
-            _calls(clock, steps, name, warmup_calls(ms, timing), errors)
+        # About warmup_ms of untimed calls each, as do_bench, the estimate's calls among them:
+        # a step slower than warmup_ms has run enough once it was estimated.
+        for name, (ms, ran) in estimates.items():
+            _calls(clock, steps, name, warmup_calls(ms, timing, ran), errors)
     else:
         turns = {name: clock.fixed_turn for name in names}
         rounds = clock.fixed_rounds
@@ -379,14 +386,17 @@ def _telemetry(clock: Clock, timed: list[list[tuple[str, list[object]]]],
 
 
 def _estimates(clock: Clock, steps: dict[str, Callable[[], object]],
-               errors: dict[str, BaseException], turn_ms: float) -> dict[str, float]:
-    """Each step's time. One timed call first: a step slower than half a turn is planned from
-    it (its turn is a call or two whatever the estimate says, and a second-long step need not
-    run five times to learn that); a faster one from the median of ESTIMATE_CALLS calls."""
+               errors: dict[str, BaseException],
+               turn_ms: float) -> dict[str, tuple[float, int]]:
+    """Each step's time and the calls that estimated it. One timed call first: a step slower
+    than half a turn is planned from it (its turn is a call or two whatever the estimate says,
+    and a second-long step need not run five times to learn that); a faster one from the
+    median of ESTIMATE_CALLS calls."""
     first = {name: _calls(clock, steps, name, 1, errors) for name in steps}
     ok = [n for n in steps if first[n] is not None]
     first_ms = dict(zip(ok, _read(clock, [first[n][0] for n in ok], ok, errors) or []))
-    estimates = {n: ms for n, ms in first_ms.items() if ms >= turn_ms / 2 and n not in errors}
+    estimates = {n: (ms, 1) for n, ms in first_ms.items()
+                 if ms >= turn_ms / 2 and n not in errors}
     more = [n for n in first_ms if n not in estimates and n not in errors]
     extra = ESTIMATE_CALLS - 1
     handles = {name: _calls(clock, steps, name, extra, errors) for name in more}
@@ -394,7 +404,9 @@ def _estimates(clock: Clock, steps: dict[str, Callable[[], object]],
     times = _read(clock, [h for n in fine for h in handles[n]], fine, errors) or []
     for i, name in enumerate(fine):
         if name not in errors and times:
-            estimates[name] = statistics.median([first_ms[name], *times[i * extra:(i + 1) * extra]])
+            estimates[name] = (statistics.median([first_ms[name],
+                                                  *times[i * extra:(i + 1) * extra]]),
+                               ESTIMATE_CALLS)
     return {name: estimates[name] for name in steps if name in estimates}  # in the steps' order
 
 

@@ -70,10 +70,12 @@ def outcome_line(rows: list[ResultRow], cannot_run: set[str]) -> str | None:
     return "; ".join(parts) + "." if parts else None
 
 
-def setup_line(rows: list[ResultRow], wall_s: float, slowest: int = 3) -> str | None:
-    """Where the run's wall time went: the rows' set-up (prepare, check, warm-up: where providers
-    compile) against the rest (timing, building cases), with the providers whose set-up took
-    longest. None when no row got as far as its set-up."""
+def setup_line(rows: list[ResultRow], wall_s: float, slowest: int = 3,
+               ahead: dict | None = None) -> str | None:
+    """Where the run's wall time went: compiling ahead (``ahead``, meta.json's
+    ``compiled_ahead``, when that phase ran), the rows' set-up (prepare, check, warm-up: where
+    providers compile) and the rest (timing, building cases), with the providers whose set-up
+    took longest. None when no row got as far as its set-up."""
     per_provider: dict[str, float] = defaultdict(float)
     for row in rows:
         if row.setup_ms == row.setup_ms:  # not NaN
@@ -83,5 +85,10 @@ def setup_line(rows: list[ResultRow], wall_s: float, slowest: int = 3) -> str | 
     total = sum(per_provider.values())
     top = sorted(per_provider.items(), key=lambda item: item[1], reverse=True)[:slowest]
     names = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in top)
-    return (f"Wall time {wall_s:.0f} s: set-up (prepare, check, warm-up) {total:.0f} s, "
-            f"most in {names}; timing and the rest {max(wall_s - total, 0.0):.0f} s.")
+    first, ahead_s = "", 0.0
+    if ahead:
+        ahead_s, workers = ahead["seconds"], ahead["workers"]
+        first = f"compiling ahead {ahead_s:.0f} s ({workers} worker{'s' * (workers != 1)}), "
+    rest = max(wall_s - total - ahead_s, 0.0)
+    return (f"Wall time {wall_s:.0f} s: {first}set-up (prepare, check, warm-up) {total:.0f} s, "
+            f"most in {names}; timing and the rest {rest:.0f} s.")

@@ -528,6 +528,10 @@ def test_setup_line_sums_each_providers_set_up() -> None:
         "Wall time 40 s: set-up (prepare, check, warm-up) 21 s, most in fa4 17 s, flex 3 s; "
         "timing and the rest 19 s.")
     assert setup_line(rows[-1:], 40.0) is None
+    # After compiling ahead, that phase comes first and the rest is what is left of the wall.
+    assert setup_line(rows, 60.0, slowest=1, ahead={"seconds": 30.0, "workers": 10}) == (
+        "Wall time 60 s: compiling ahead 30 s (10 workers), set-up (prepare, check, warm-up) "
+        "21 s, most in fa4 17 s; timing and the rest 9 s.")
 
 
 def test_ctrl_c_while_importing_ends_in_one_line(monkeypatch, capsys) -> None:

@@ -131,58 +131,74 @@ def test_a_device_error_seen_on_reading_fails_every_step() -> None:
 
 
 @pytest.mark.parametrize(("estimate_ms", "want"), [
-    (1.0, (50, 50)),                  # about TURN_MS of calls, half of them timed
-    (30.0, (1, 2)),
-    (150.0, (1, 1)),                  # a step slower than a turn still gets one of each
-    (199.0, (1, 1)),
-    (200.0, (0, 1)),                  # two turns long or more: its turn is one call, timed
+    (1.0, (30, 30)),                  # about TURN_MS of calls, half of them timed
+    (20.0, (1, 2)),
+    (90.0, (1, 1)),                   # a step slower than a turn still gets one of each
+    (119.0, (1, 1)),
+    (120.0, (0, 1)),                  # two turns long or more: its turn is one call, timed
     (5000.0, (0, 1)),
     (1e-4, (MAX_TURN_CALLS // 2, MAX_TURN_CALLS // 2)),  # microsecond steps stop at the cap
 ])
 def test_plan_turn(estimate_ms: float, want: tuple[int, int]) -> None:
-    assert TURN_MS == 100.0 and WHOLE_TURNS == 2.0
+    assert TURN_MS == 60.0 and WHOLE_TURNS == 2.0
     assert plan_turn(estimate_ms) == want
 
 
-@pytest.mark.parametrize(("rep_ms", "want"), [(300, MIN_ROUNDS), (1000, 20), (1e9, MAX_ROUNDS)])
+@pytest.mark.parametrize(("rep_ms", "want"), [(300, MIN_ROUNDS), (1200, 40), (1e9, MAX_ROUNDS)])
 def test_plan_rounds(rep_ms: float, want: int) -> None:
     """Timed calls add up to about rep_ms a step (half of every turn), within the bounds."""
     assert plan_rounds(Timing(rep_ms=rep_ms)) == want
 
 
-@pytest.mark.parametrize(("estimate_ms", "warmup_ms", "want"), [
-    (10.0, 25.0, 3), (30.0, 25.0, 1), (1e-4, 25.0, MAX_TURN_CALLS)])
-def test_warmup_calls(estimate_ms: float, warmup_ms: float, want: int) -> None:
-    assert warmup_calls(estimate_ms, Timing(warmup_ms=warmup_ms)) == want
+@pytest.mark.parametrize(("estimate_ms", "warmup_ms", "ran", "want"), [
+    (10.0, 25.0, 0, 3), (30.0, 25.0, 0, 1), (1e-4, 25.0, 0, MAX_TURN_CALLS),
+    (10.0, 25.0, 1, 2),     # the estimate's calls count: 3 wanted, 1 ran
+    (10.0, 25.0, 5, 0),     # five estimate calls are 50 ms of warm calls already
+    (30.0, 25.0, 1, 0),     # a step slower than warmup_ms is warm once estimated
+    (1e-4, 25.0, 5, MAX_TURN_CALLS - 5)])
+def test_warmup_calls(estimate_ms: float, warmup_ms: float, ran: int, want: int) -> None:
+    assert warmup_calls(estimate_ms, Timing(warmup_ms=warmup_ms), ran) == want
 
 
 def test_planned_turns_follow_the_estimate() -> None:
     """Without fixed rounds: one timed call of each step first, ESTIMATE_CALLS in all for a step
     faster than half a turn (a), one alone for a slower one (b); then about warmup_ms of calls
-    each, then rounds of planned turns."""
-    ms = [10.0, 150.0]
+    each with the estimate's counted, then rounds of planned turns."""
+    ms = [10.0, 90.0]
     clock = ScriptedClock(lambda s, call: ms[s])
-    spec = Timing(warmup_ms=25, rep_ms=1000)
+    spec = Timing(warmup_ms=100, rep_ms=1000)
     got = measure_interleaved(steps_of("a", "b"), spec, CPU, "a", clock=clock)
     rounds = plan_rounds(spec)
     assert len(got.rounds) == rounds == got.ratios["b"].samples
-    assert got.times["a"].samples == 5 * rounds and got.times["b"].samples == rounds
-    estimate, warm_up = [0, 1] + [0] * (ESTIMATE_CALLS - 1), [0] * 3 + [1]
-    first_round = [0] * 10 + [1] * 2  # a: 5 settling + 5 timed calls; b: 1 + 1
-    assert clock.order[:len(estimate) + len(warm_up) + 12] == estimate + warm_up + first_round
-    assert len(clock.order) == ESTIMATE_CALLS + 1 + 4 + rounds * (10 + 2)
-    assert got.ratios["b"].median == pytest.approx(10 / 150)
+    assert got.times["a"].samples == 3 * rounds and got.times["b"].samples == rounds
+    estimate = [0, 1] + [0] * (ESTIMATE_CALLS - 1)
+    warm_up = [0] * (10 - ESTIMATE_CALLS) + [1] * (2 - 1)  # 100 ms of calls, less the estimate's
+    first_round = [0] * 6 + [1] * 2  # a: 3 settling + 3 timed calls; b: 1 + 1
+    assert clock.order[:len(estimate) + len(warm_up) + 8] == estimate + warm_up + first_round
+    assert len(clock.order) == len(estimate) + len(warm_up) + rounds * (6 + 2)
+    assert got.ratios["b"].median == pytest.approx(10 / 90)
+
+
+def test_a_step_slower_than_the_warm_up_is_not_called_again_before_the_rounds() -> None:
+    """Steps whose estimate calls add up to warmup_ms run no warm-up calls of their own."""
+    ms = [10.0, 40.0]
+    clock = ScriptedClock(lambda s, call: ms[s])
+    spec = Timing(warmup_ms=25, rep_ms=300)
+    measure_interleaved(steps_of("a", "b"), spec, CPU, "a", clock=clock)
+    estimate = [0, 1] + [0] * (ESTIMATE_CALLS - 1)
+    first_round = [0] * 3 + [0] * 3 + [1] * 2  # straight into a's and b's turns
+    assert clock.order[:len(estimate) + len(first_round)] == estimate + first_round
 
 
 def test_a_step_two_turns_long_is_timed_without_a_settling_call() -> None:
-    """b's one call is its whole turn: one estimate call, one warm-up, then one call a round."""
+    """b's one call is its whole turn: one estimate call, then one call a round."""
     ms = [10.0, 2 * TURN_MS]
     clock = ScriptedClock(lambda s, call: ms[s])
     spec = Timing(warmup_ms=25, rep_ms=300)
     got = measure_interleaved(steps_of("a", "b"), spec, CPU, "a", clock=clock)
     rounds = plan_rounds(spec)
     assert got.times["b"].samples == rounds and got.ratios["b"].samples == rounds
-    assert clock.order.count(1) == 1 + 1 + rounds
+    assert clock.order.count(1) == 1 + rounds
     assert got.ratios["b"].median == pytest.approx(10 / (2 * TURN_MS))
 
 

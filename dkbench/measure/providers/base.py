@@ -90,6 +90,10 @@ class Provider:
     # Exceptions by which the wrapped library refuses a case it cannot run (its argument checks);
     # they make the row `unsupported` with the library's own words instead of `error`.
     refusals: ClassVar[tuple[type[BaseException], ...]] = ()
+    # It compiles kernels at first use into a cache on disk that a later process finds (Triton's,
+    # Inductor's, the CuTe DSL's, FlashInfer's JIT), so preparing it once in another process
+    # first takes the compiling off the run's own set-up (`dkbench.measure.ahead`).
+    compiles: ClassVar[bool] = False
 
     def unavailable(self, device: torch.device) -> str | None:
         """Why this provider cannot run on this device at all, or None when it can."""

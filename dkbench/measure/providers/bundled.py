@@ -42,6 +42,7 @@ _BACKWARD = ("bwd", "dq")
 class BundledKernel(Provider):
     name = "dkbench"
     computes = "pattern"
+    compiles = True
     modes = ("fwd", "bwd", "fwd_bwd", "prefill_varlen", "decode")
 
     def prepare(self, case: Case, layout: BlockLayout, sweep: Sweep, device: torch.device,

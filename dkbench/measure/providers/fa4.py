@@ -79,6 +79,7 @@ class _Fa4Provider(Provider):
     """What FA4's providers share: its availability, its refusals, and its fp8 path's."""
 
     refusals = FA4_REFUSALS
+    compiles = True
 
     def unavailable(self, device: torch.device) -> str | None:
         return _unavailable(device)

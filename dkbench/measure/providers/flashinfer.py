@@ -152,6 +152,7 @@ class FlashInferSparse(Provider):
     supports_grad = False
     modes = ("fwd",)
     refusals = FLASHINFER_REFUSALS
+    compiles = True
     Options = MaskBlocks
 
     def unavailable(self, device: torch.device) -> str | None:
@@ -244,6 +245,7 @@ class FlashInferDecode(Provider):
     supports_grad = False
     modes = ("decode",)
     refusals = FLASHINFER_REFUSALS
+    compiles = True
     Options = DecodePages
 
     def unavailable(self, device: torch.device) -> str | None:

@@ -98,6 +98,7 @@ def build_block_mask(layout: BlockLayout, heads: int, kv_heads: int, q_len: int,
 class Flex(Provider):
     name = "flex"
     computes = "pattern"
+    compiles = True
     Options = MaskBlocks
     # kernel_options for flex_attention; the Triton backend when None.
     kernel_options: dict | None = None

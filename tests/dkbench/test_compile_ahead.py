@@ -1,0 +1,125 @@
+"""Compiling ahead (`dkbench.measure.ahead`): which providers and cases go to the workers, what
+the workers report, and what a failing, dying or slow worker costs (only its own group). The
+workers are real spawned processes preparing tiny cases through Triton's interpreter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dkbench.measure import ahead, runner
+from dkbench.measure.ahead import Group, groups_for, run_groups
+from dkbench.measure.envinfo import environment
+from dkbench.results.schema import read_meta
+from dkbench.spec.load import load_spec
+from dkbench.spec.sweep import expand
+
+from .cli_helpers import flat, invoke, run_dir_of
+from .specs import needs_interpreter, write_spec
+
+CPU = torch.device("cpu")
+
+
+def two_modes(tmp_path: Path):
+    """A tiny sweep of one case per mode, fwd and fwd_bwd."""
+    sweep = load_spec(write_spec(tmp_path, mode=["fwd", "fwd_bwd"], providers=["dkbench"]))
+    return sweep, expand(sweep)
+
+
+def context(sweep) -> runner.RunContext:
+    return runner.RunContext(sweep, CPU, environment(CPU), "", None, "")
+
+
+def test_groups_are_the_compiling_providers_that_can_run_here_training_first(
+        tmp_path: Path) -> None:
+    _, (fwd, fwd_bwd) = two_modes(tmp_path)
+    names = ["sdpa_math", "dkbench", "dkbench+graph", "flex"]
+    got = groups_for([(fwd, names), (fwd_bwd, names)], CPU)
+    # sdpa_math compiles nothing; a graph row runs what its eager row compiled; flex cannot run
+    # on the CPU; the fwd_bwd group first, as it compiles a backward too.
+    assert got == [Group("dkbench", "fwd_bwd", (fwd_bwd,)), Group("dkbench", "fwd", (fwd,))]
+
+
+@pytest.mark.parametrize(("cores", "groups", "want"), [(16, 10, 10), (16, 20, 12), (2, 5, 1),
+                                                      (1, 3, 1), (8, 2, 2)])
+def test_a_worker_per_group_within_the_cores_but_one(monkeypatch, cores: int, groups: int,
+                                                      want: int) -> None:
+    monkeypatch.setattr(ahead.os, "cpu_count", lambda: cores)
+    assert ahead.worker_count([Group("dkbench", "fwd", ())] * groups) == want
+
+
+def test_groups_hold_every_pending_case_of_their_mode_in_order(tmp_path: Path) -> None:
+    sweep = load_spec(write_spec(tmp_path, seqlen=[32, 64, 96], providers=["dkbench"]))
+    cases = expand(sweep)
+    got = groups_for([(c, ["dkbench"]) for c in reversed(cases)], CPU)
+    assert got == [Group("dkbench", "fwd", tuple(reversed(cases)))]
+
+
+def test_nothing_compiles_ahead_off_a_gpu(tmp_path: Path) -> None:
+    sweep, cases = two_modes(tmp_path)
+    assert ahead.compile_ahead(context(sweep), [(c, ["dkbench"]) for c in cases]) is None
+
+
+@needs_interpreter
+def test_workers_prepare_each_case_and_report_what_did_not_go_right(tmp_path: Path,
+                                                                    monkeypatch) -> None:
+    monkeypatch.setattr(ahead.os, "cpu_count", lambda: 4)  # room for a worker per group
+    sweep, (fwd, fwd_bwd) = two_modes(tmp_path)
+    heard = []
+    # sdpa_flash cannot run on the CPU: its worker's preparation is a row "unsupported".
+    got = run_groups(context(sweep), [Group("dkbench", "fwd_bwd", (fwd_bwd,)),
+                                      Group("sdpa_flash", "fwd", (fwd,))],
+                     lambda text, done, total: heard.append((text, done, total)),
+                     log=tmp_path / "ahead.log")
+    assert got.workers == 2 and got.seconds > 0
+    assert (tmp_path / "ahead.log").exists()  # where the workers printed, not over the bar
+    good, bad = got.groups["dkbench fwd_bwd"], got.groups["sdpa_flash fwd"]
+    assert len(good["case_seconds"]) == 1 and good["case_seconds"][0] > 0
+    assert good["problems"] == []
+    assert len(bad["problems"]) == 1 and "unsupported" in bad["problems"][0]
+    assert "needs a CUDA GPU" in bad["problems"][0]
+    assert heard[-1] == ("compiled ahead in %.0f s" % got.seconds, 2, 2)
+    assert all(total == 2 for _, _, total in heard)
+    assert any("compiling ahead (2 workers): dkbench fwd_bwd" in text for text, _, _ in heard)
+
+
+@needs_interpreter
+def test_a_dead_worker_costs_its_own_group_only(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv(ahead.CRASH_ENV, "sdpa_math")
+    sweep, (fwd, fwd_bwd) = two_modes(tmp_path)
+    monkeypatch.setattr(ahead, "MAX_WORKERS", 1)  # one worker: its replacement takes the rest
+    got = run_groups(context(sweep), [Group("sdpa_math", "fwd", (fwd,)),
+                                      Group("dkbench", "fwd", (fwd,))])
+    (problem,) = got.groups["sdpa_math fwd"]["problems"]
+    assert f"the worker died (exit code {ahead.CRASH_EXIT}) at case 1 of 1" in problem
+    assert got.groups["dkbench fwd"]["problems"] == []
+    assert len(got.groups["dkbench fwd"]["case_seconds"]) == 1
+
+
+@needs_interpreter
+def test_the_phase_stops_at_its_time_limit(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(ahead, "LIMIT_S", 0.0)
+    monkeypatch.setattr(ahead, "MAX_WORKERS", 1)
+    sweep, (fwd, fwd_bwd) = two_modes(tmp_path)
+    got = run_groups(context(sweep), [Group("dkbench", "fwd", (fwd,)),
+                                      Group("dkbench", "fwd_bwd", (fwd_bwd,))])
+    assert got.groups["dkbench fwd_bwd"]["problems"] == ["not started within 0 s"]
+    # The first went to the worker (stopped at once) or never reached it before the limit.
+    (first,) = got.groups["dkbench fwd"]["problems"]
+    assert first in ("stopped after 0 s at case 1 of 1", "not started within 0 s")
+
+
+def test_compile_ahead_with_gpus_is_refused(tmp_path: Path) -> None:
+    result = invoke("run", write_spec(tmp_path), "--out", tmp_path / "out", "--gpus", "cpu:1",
+                    "--compile-ahead")
+    assert result.exit_code == 2
+    assert "--compile-ahead runs on one GPU; with --gpus cpu:1" in flat(result.output)
+
+
+def test_compile_ahead_on_the_cpu_says_it_has_nothing_to_do(tmp_path: Path) -> None:
+    result = invoke("run", write_spec(tmp_path), "--out", tmp_path / "out", "--compile-ahead")
+    assert result.exit_code == 0, result.output
+    assert "Triton's interpreter on the CPU compiles nothing" in flat(result.output)
+    assert "compiled_ahead" not in read_meta(run_dir_of(tmp_path / "out"))
