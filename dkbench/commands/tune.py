@@ -121,15 +121,16 @@ def tune(
     before it may win, and timed with the spec's timing.interleave (the default) together with
     the kernel's other candidates, in rounds against the default config. A config replaces the
     default only when it is faster in four rounds of five (timed one by one: beyond the p20-p80
-    bands); the best median per-round speedup among those wins. Before a kernel's candidates
-    are timed, each runs once to compile it: on a GPU in worker processes, one per core (at
-    most 8), so that the timing loop finds every kernel compiled.
+    bands); the best median per-round speedup among those wins. Before anything is timed, every
+    candidate of every case and kernel runs once to compile it, in one batch: on a GPU in worker
+    processes, one per core (at most 8), so that the timing loop finds every kernel compiled.
 
     Screen: timed interleaved, a kernel with more than --finalists candidates besides the
     default first has all of them and the default timed together in {screen_rounds} rounds of
-    {screen_turn} ms turns. The --finalists best by median per-round speedup over the default,
-    and every one within {screen_margin}% of the best, go on to the full timing with the
-    default, and only they may win; the others stay in tune.csv with their screen numbers and
+    {screen_turn} ms turns and ranked by median per-round speedup over the default (the default
+    ranked with them, at 1.0). The candidates among the --finalists best, and every one within
+    {screen_margin}% of the best (or of the default, where none beat it), go on to the full
+    timing with the default, and only they may win; the others stay in tune.csv with their screen numbers and
     status screened. --no-screen times every candidate in full.
 
     Modes: fwd tunes the forward kernel; bwd the backward's dk/dv kernel, then its dq kernel
@@ -290,8 +291,9 @@ def _dry_run_table(jobs: list[TuneJob], dev: torch.device, sweep: Sweep,
     table.caption = f"{n_run} to run, {n_pruned} pruned; nothing was compiled"
     n_screened = sum(screens(c, sweep, screen) for j in jobs for c in j.candidates)
     if n_screened:
-        table.caption += (f"; {n_screened} kernel(s) screened: the best {screen.finalists} and "
-                          f"those within {screen.margin * 100:g}% of the best timed in full")
+        table.caption += (f"; {n_screened} kernel(s) screened: those among the best "
+                          f"{screen.finalists} (the default ranked with them) and those within "
+                          f"{screen.margin * 100:g}% of the best timed in full")
     return table
 
 

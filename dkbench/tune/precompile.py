@@ -1,16 +1,24 @@
-"""Compile a kernel's candidates before they are timed, several at once in worker processes.
+"""Compile every candidate of a tune before any is timed, several at once in worker processes.
 
 Triton compiles a kernel at its first launch, a second or more per config, and a tune measures
-dozens of configs. Before the candidates of a (case, kernel) are timed, each worker prepares,
-checks and runs some of them once with the same pins as the timing loop (`runner.prepare_one`),
-which compiles their kernels into Triton's on-disk cache: the workers inherit this process's
-environment, TRITON_CACHE_DIR included, so the timing loop loads each kernel instead of compiling
-it. A candidate's check is not run twice: the worker ran it on the same device with the same
-seeded inputs, so the timing loop takes its result (`RunContext.prechecked`). A candidate that
-fails in a worker keeps that failure and is not timed, except for want of memory (the workers
-share the GPU, so it is tried again alone). A worker that dies costs the
-candidate it was on (recorded as an error) and is replaced; workers that cannot start leave their
-candidates to the timing loop. The workers live for the whole tune, so each starts once.
+dozens of configs. Before anything is timed, the workers prepare, check and run each candidate of
+every (case, kernel) once (`runner.prepare_one`), which compiles its kernels into Triton's on-disk
+cache: the workers inherit this process's environment, TRITON_CACHE_DIR included, so the timing
+loop loads each kernel instead of compiling it. It is one batch, case by case in tuning order
+(so that a worker mostly stays on one case and keeps its inputs), not one per (case, kernel):
+each of those ended in a tail where most workers idled. So a backward kernel's candidates run
+behind the defaults of the kernels tuned before it, whose winners are only known once those are
+timed; the disk cache holds a kernel whatever the other kernels' pins.
+
+What a candidate's run found is reused only where the timing loop pins what it ran behind (the
+kernels before it kept their defaults): its check (`RunContext.prechecked`: the worker ran it on
+the same device with the same seeded inputs), and its failure, which is then not timed, except for
+want of memory (the workers share the GPU, so it is tried again alone). Behind other pins the
+timing loop prepares and checks it itself. A worker that dies costs the candidate it was on
+(recorded as an error) and is replaced; that failure, and one that broke a worker's CUDA context,
+hold whatever the pins, as the same run in the timing loop's process could end the tune. Workers
+that cannot start leave their candidates to the timing loop. The workers start once, for the
+batch.
 
 In Triton's interpreter there is nothing to compile: the phase runs in this process.
 """
@@ -56,6 +64,11 @@ class CompileTask:
     name: str
     pin: object  # the config argument of BundledKernel.prepare
 
+    @property
+    def key(self) -> tuple[Case, str, str]:
+        """What tells it apart in a batch of many cases and kernels: all but its pins."""
+        return self.case, self.kernel, self.name
+
 
 @dataclass(frozen=True)
 class Failure:
@@ -73,8 +86,8 @@ def worker_threads(workers: int) -> int:
 
 
 def worker_count(device: torch.device, batch: int) -> int:
-    """Workers for batches of up to ``batch`` candidates: one per core, at most MAX_WORKERS and
-    one per candidate; 0 (this process) in the interpreter, or where one worker would only add
+    """Workers for a batch of ``batch`` candidates: one per core, at most MAX_WORKERS and one
+    per candidate; 0 (this process) in the interpreter, or where one worker would only add
     its start-up."""
     if device.type != "cuda":
         return 0
@@ -130,24 +143,57 @@ class Compiler:
 
 
 @dataclass
-class Compiled:
-    """What one batch found: the candidates not to time (by name), the checks of those that ran
-    right (by name), and notes for the user."""
+class Found:
+    """What a batch found of one kernel's candidates that the timing loop takes: those not to
+    time (by name), the checks of those that ran right (by name), and each run's seconds."""
 
     failures: dict[str, Failure] = field(default_factory=dict)
     checks: dict[str, CheckResult] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # each run's, where it ran
 
+
+@dataclass(frozen=True)
+class _Ran:
+    """A candidate's outcome in the batch, and the pins it ran behind."""
+
+    pin: object
+    outcome: Failure | CheckResult
+    any_pins: bool = False  # it holds whatever the pins (a dead worker, a broken context)
+
+
+@dataclass
+class Compiled:
+    """What one batch found, per candidate (`CompileTask.key`), and notes for the user."""
+
+    ran: dict[tuple, _Ran] = field(default_factory=dict)
+    seconds: dict[tuple, float] = field(default_factory=dict)  # each run's, where it ran
+    warnings: list[str] = field(default_factory=list)
+
     def record(self, task: CompileTask, outcome: Failure | CheckResult | None,
-               seconds: float | None = None) -> None:
+               seconds: float | None = None, any_pins: bool = False) -> None:
         if seconds is not None:
-            self.seconds[task.name] = round(seconds, 2)
-        if isinstance(outcome, CheckResult):
-            self.checks[task.name] = outcome
+            self.seconds[task.key] = round(seconds, 2)
         # Out of memory among workers sharing the GPU says little about the candidate alone.
-        elif outcome is not None and outcome.status != "oom":
-            self.failures[task.name] = outcome
+        if isinstance(outcome, CheckResult) or (outcome is not None and outcome.status != "oom"):
+            self.ran[task.key] = _Ran(task.pin, outcome, any_pins)
+
+    def found(self, tasks: list[CompileTask]) -> Found:
+        """What the batch found of ``tasks`` (one kernel's candidates, pinned as the timing loop
+        pins them) that holds for them: the outcomes of runs behind the same pins."""
+        found = Found()
+        for task in tasks:
+            if task.key in self.seconds:
+                found.seconds[task.name] = self.seconds[task.key]
+            ran = self.ran.get(task.key)
+            # Behind other pins the check ran another forward/backward pair against the
+            # reference, and a failure may have been the other kernels': neither is this one's.
+            if ran is None or not (ran.any_pins or ran.pin == task.pin):
+                continue
+            if isinstance(ran.outcome, CheckResult):
+                found.checks[task.name] = ran.outcome
+            else:
+                found.failures[task.name] = ran.outcome
+        return found
 
 
 OnDone = Callable[[CompileTask], None]
@@ -219,7 +265,7 @@ class _Worker:
 
 
 class WorkerPool:
-    """Spawned worker processes that compile batches of candidates."""
+    """Spawned worker processes that compile a batch of candidates."""
 
     def __init__(self, setup: tuple[Sweep, dict, torch.device], workers: int) -> None:
         self.setup = (*setup, worker_threads(workers))
@@ -277,7 +323,7 @@ class WorkerPool:
                 w.ready = True
                 if message[0] == "done":
                     task, w.task = w.task, None
-                    self.compiled.record(task, message[1], message[3])
+                    self.compiled.record(task, message[1], message[3], any_pins=message[2])
                     self.on_done(task)
                     w.retiring = message[2]  # a replacement takes the next task
                 self._dispatch(w)
@@ -290,7 +336,7 @@ class WorkerPool:
         if w.task is not None:
             self.compiled.record(w.task, Failure(
                 "error", f"the compile worker died (exit code {describe_exit(w.proc.exitcode)}) "
-                         "while running this config"))
+                         "while running this config"), any_pins=True)
             self.on_done(w.task)
         if w.ready:  # one that never started would not start again
             self._start()

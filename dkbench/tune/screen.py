@@ -4,9 +4,13 @@ A full interleaved timing costs each candidate about a second (at least MIN_ROUN
 TURN_MS turns, `measure.timing`), most of it spent on configs far from the best. So once a
 (case, kernel)'s candidates are prepared, the screen times all of them and the default together
 in a few rounds of short turns and ranks them by the median of their per-round speedups over the
-default. The best ``finalists`` and every candidate within ``margin`` of the best go on to the
-final with the default: the full timing and the winner rule of a tune without a screen
-(`winners.mark_best`). The others keep their screen numbers under status "screened".
+default, the default among them at 1.0. The final, the full timing and the winner rule of a tune
+without a screen (`winners.mark_best`), takes the default, the candidates among the best
+``finalists`` of that ranking (where the default ranks there, it takes one of the places), and
+every candidate within ``margin`` of the best, the default included. A winner must be clearly
+faster than the default (`winners.clearly_faster`), so where the default ranks first, a
+candidate well behind it could never win: only ``finalists - 1`` go on by rank, and those within
+the margin of the default. The others keep their screen numbers under status "screened".
 
 The screen's numbers are rougher than the final's: a median of three rounds, and turns too short
 for every step to run at the clock it sets itself (`measure.timing` on power-capped clocks). The
@@ -32,17 +36,20 @@ from .space import Candidates
 
 SCREEN_ROUNDS = 3
 SCREEN_TURN_MS = 25.0
-# Kept whatever its rank: a candidate whose screen time is at most 10% above the best's.
+# Kept whatever its rank: a candidate whose screen time is at most 10% above the best's (the
+# default's, where no candidate beat it).
 SCREEN_MARGIN = 0.10
-# The best two by rank, besides every one within the margin. Each finalist costs a full timing
-# (about a second per kernel and case); a close contender is kept by the margin, not the rank.
+# The two places by rank (the default takes one where it ranks there), besides every one within
+# the margin. Each finalist costs a full timing (about a second per kernel and case); a close
+# contender is kept by the margin, not the rank.
 FINALISTS = 2
 
 
 @dataclass(frozen=True)
 class Screen:
     """How a tune screens: rounds of ``turn_ms`` turns (their warm-up at most one turn), then
-    the best ``finalists`` and those within ``margin`` of the best go on to the final."""
+    the candidates among the best ``finalists`` (the default ranked with them) and those within
+    ``margin`` of the best, the default included, go on to the final (:func:`finalists`)."""
 
     finalists: int = FINALISTS
     margin: float = SCREEN_MARGIN
@@ -50,7 +57,10 @@ class Screen:
     turn_ms: float = SCREEN_TURN_MS
 
     def could_drop(self, candidates: int) -> bool:
-        """Whether a screen of ``candidates`` (the default among them) may leave any out."""
+        """Whether a screen of ``candidates`` (the default among them) may leave any out however
+        they rank: more of them besides the default than ``finalists``. (With exactly that many,
+        it could leave one out only where the default ranks among the best; such a kernel is
+        timed in full.)"""
         return candidates - 1 > self.finalists
 
     def as_dict(self) -> dict:
@@ -60,7 +70,8 @@ class Screen:
 @dataclass(frozen=True)
 class Screened:
     """What the screen of one (case, kernel) found: each candidate's times and speedup over the
-    default (the default's times too), those it left out of the final, the best speedup."""
+    default (the default's times too), those it left out of the final, the best candidate's
+    speedup."""
 
     default: str
     times: dict[str, Measurement]
@@ -79,15 +90,17 @@ def screens(cands: Candidates, sweep: Sweep, screen: Screen | None) -> bool:
 
 
 def finalists(speedups: dict[str, float], screen: Screen) -> list[str]:
-    """The candidates that go on to the final, in the given order, from their screen speedups
-    over the default: the best ``screen.finalists``, and every one whose time is at most
-    ``1 + screen.margin`` times the best's."""
-    if not speedups:
-        return []
-    ranked = sorted(speedups, key=speedups.__getitem__, reverse=True)  # stable: ties by order
-    best = speedups[ranked[0]]
+    """The candidates that go on to the final with the default, in the given order, from their
+    screen speedups over the default: those among the best ``screen.finalists`` of a ranking in
+    which the default stands at 1.0 (ahead of those tied with it, as in the plan's order), and
+    every one whose time is at most ``1 + screen.margin`` times the best's, the default's
+    included."""
+    # None stands for the default: no candidate's name.
+    ranked = sorted([None, *speedups], key=lambda name: 1.0 if name is None else speedups[name],
+                    reverse=True)  # stable: ties by order
+    best = max([1.0, *speedups.values()])
     kept = set(ranked[:screen.finalists])
-    kept |= {name for name in ranked if speedups[name] * (1 + screen.margin) >= best}
+    kept |= {name for name in speedups if speedups[name] * (1 + screen.margin) >= best}
     return [name for name in speedups if name in kept]
 
 
@@ -190,5 +203,7 @@ def take_screen(row: TuneRow, name: str, found: Screened) -> None:
     row.ms, row.ms_p20, row.ms_p80 = timed.ms, timed.p20, timed.p80
     row.speedup_vs_default, row.speedup_p20, row.speedup_p80 = ratio.median, ratio.p20, ratio.p80
     row.status = SCREENED
-    row.message = (f"screened out ({ratio.median:.2f}x the default in the screen; the best had "
-                   f"{found.best:.2f}x)")
+    # What it was measured against: the best, or the default where none beat it.
+    best = (f"the best had {found.best:.2f}x" if found.best > 1.0
+            else "none was faster than the default")
+    row.message = f"screened out ({ratio.median:.2f}x the default in the screen; {best})"

@@ -5,10 +5,14 @@ candidate config is a provider of its own name (``m64n32w4s2``), the bundled ker
 config pinned behind the winners of the kernels tuned before it, and the default config is the
 baseline. So each candidate is prepared, checked against the reference, warmed up and timed with
 the others: with ``timing.interleave`` (the default) all together in rounds, each speedup over the
-default the median of per-round ratios; otherwise one after another with ``do_bench``. Before a
-kernel's candidates are timed, each runs once to compile it (`precompile`), several at once on a
-GPU. Timed interleaved, more candidates than the screen keeps are first screened (`screen`): all
-of them briefly, then only the best and those near them in full.
+default the median of per-round ratios; otherwise one after another with ``do_bench``. Before
+anything is timed, every candidate of every case and kernel runs once to compile it
+(`precompile`), in one batch, several at once on a GPU: each behind the defaults of the kernels
+before it, as their winners are not known yet. Its check and failure hold only where the timing
+loop pins the same (the kernels before it kept their defaults); elsewhere the timing loop checks
+the candidate itself, its kernels loaded from Triton's disk cache. Timed interleaved, more
+candidates than the screen keeps are first screened (`screen`): all of them briefly, then only
+the best and those near them in full.
 
 A config replaces the default only when it is clearly faster (`winners.clearly_faster`). Every
 config becomes a row of ``tune.csv``; a failure is a row with its status, never an exception. The
@@ -43,8 +47,8 @@ from .screen import DEFAULT_SCREEN, Screen, Screened, run_screened, screens, tak
 from .space import Candidates
 from .winners import CacheWrite, KernelResult, cache_winners, mark_best
 
-# on_progress(phase, text, done, total): phase "compile" (a candidate run once before it is
-# timed), "screen" (one kernel's candidates screened, counted by candidate) or "time" (a
+# on_progress(phase, text, done, total): phase "compile" (a candidate run once, every one before
+# any is timed), "screen" (one kernel's candidates screened, counted by candidate) or "time" (a
 # candidate prepared, or one kernel's candidates timed together).
 Progress = Callable[[str, str, int, int], None]
 
@@ -85,6 +89,19 @@ def compile_tasks(job: TuneJob, cands: Candidates,
             for config in cands.run]
 
 
+def compile_batch(jobs: list[TuneJob]) -> list[CompileTask]:
+    """Every candidate of every job, case by case in tuning order, each kernel's behind the
+    defaults of the kernels before it: what the compile phase runs before anything is timed, when
+    no winner is known yet."""
+    batch: list[CompileTask] = []
+    for job in jobs:
+        defaults: dict[str, LaunchConfig] = {}
+        for cands in job.candidates:
+            batch += compile_tasks(job, cands, defaults)
+            defaults[cands.kernel] = cands.default
+    return batch
+
+
 def tune_kernel(job: TuneJob, cands: Candidates, sweep: Sweep, device: torch.device, env: dict,
                 run_id: str, winners: dict[str, LaunchConfig], failed: dict[str, Failure],
                 on_step: Callable[[str], None], screen: Screen | None = None,
@@ -93,9 +110,10 @@ def tune_kernel(job: TuneJob, cands: Candidates, sweep: Sweep, device: torch.dev
                 clock: Stopwatch | None = None) -> KernelResult:
     """Measure the candidates of one kernel of one case behind the ``winners`` of the kernels
     tuned before it; those in ``failed`` (by name) keep that failure and are not measured, and
-    those in ``checks`` were checked already (by a compile worker). Pruned configs become rows
-    too. ``on_step`` hears each step of the timing phase; where ``screen`` applies
-    (:func:`screens`), ``on_screen`` hears once what it did; ``clock`` adds up each phase."""
+    those in ``checks`` were checked already (in the compile phase, behind the same pins). Pruned
+    configs become rows too. ``on_step`` hears each step of the timing phase; where ``screen``
+    applies (:func:`screens`), ``on_screen`` hears once what it did; ``clock`` adds up each
+    phase."""
     clock = clock or Stopwatch()
     kernel = cands.kernel
     tasks = compile_tasks(job, cands, winners)  # the default first: the baseline
@@ -184,8 +202,8 @@ def execute_tune(sweep: Sweep, spec_text: str, jobs: list[TuneJob], device: torc
     report = on_progress or (lambda *args: None)
     sweep = checked(sweep)
 
-    # Steps: every candidate compiled; every one prepared, and with interleaved timing one more
-    # per (case, kernel): the timing.
+    # Steps: every candidate compiled; every one prepared (or its failure in the compile phase
+    # taken), and with interleaved timing one more per (case, kernel): the timing.
     count = sum(len(c.run) for j in jobs for c in j.candidates)
     together = 1 if sweep.timing.interleave else 0
     total = count + together * sum(len(j.candidates) for j in jobs)
@@ -210,28 +228,29 @@ def execute_tune(sweep: Sweep, spec_text: str, jobs: list[TuneJob], device: torc
         return heard
 
     results: list[KernelResult] = []
-    warnings: list[str] = []
     compile_seconds: dict[str, dict[str, float]] = {}  # per case and kernel, per candidate
     clock = Stopwatch()
     started = time.perf_counter()
-    batch = max((len(c.run) for j in jobs for c in j.candidates), default=0)
+    batch = compile_batch(jobs)
     report("compile", "starting", 0, count)
-    with compile_pool(sweep, env, device, worker_count(device, batch)) as pool:
-        for job in jobs:
-            winners: dict[str, LaunchConfig] = {}  # each kernel is tuned behind those before it
-            for cands in job.candidates:
-                with clock.phase("compile"):
-                    found = pool.compile(compile_tasks(job, cands, winners), on_compiled)
-                warnings += found.warnings
-                compile_seconds[f"{job.case.case_id}/{cands.kernel}"] = found.seconds
-                done += len(found.failures)  # not prepared again
-                result = tune_kernel(job, cands, sweep, device, env, run_dir.name, winners,
-                                     found.failures, on_step, screen, on_screen(cands),
-                                     found.checks, clock)
-                append_tune_rows(run_dir / TUNE_FILE, result.rows)
-                results.append(result)
-                if result.best is not None:
-                    winners[cands.kernel] = result.best.config
+    # The workers end with the batch: nothing compiles after it, and their CUDA contexts and
+    # threads would only take from the timing loop.
+    with compile_pool(sweep, env, device, worker_count(device, len(batch))) as pool:
+        with clock.phase("compile"):
+            precompiled = pool.compile(batch, on_compiled)
+    for job in jobs:
+        winners: dict[str, LaunchConfig] = {}  # each kernel is tuned behind those before it
+        for cands in job.candidates:
+            found = precompiled.found(compile_tasks(job, cands, winners))
+            compile_seconds[f"{job.case.case_id}/{cands.kernel}"] = found.seconds
+            done += len(found.failures)  # not prepared again
+            result = tune_kernel(job, cands, sweep, device, env, run_dir.name, winners,
+                                 found.failures, on_step, screen, on_screen(cands),
+                                 found.checks, clock)
+            append_tune_rows(run_dir / TUNE_FILE, result.rows)
+            results.append(result)
+            if result.best is not None:
+                winners[cands.kernel] = result.best.config
     report("time", "done", total, total)
     if to_screen:
         report("screen", "done", to_screen, to_screen)
@@ -243,6 +262,8 @@ def execute_tune(sweep: Sweep, spec_text: str, jobs: list[TuneJob], device: torc
     wall_s = time.perf_counter() - started
     write_meta(run_dir, {**read_meta(run_dir), "finished": datetime.now(timezone.utc).isoformat(),
                          "cache_writes": [w.key.as_str() for w in writes],
-                         "compile_warnings": warnings, "compile_seconds": compile_seconds,
+                         "compile_warnings": precompiled.warnings,
+                         "compile_seconds": compile_seconds,
                          "seconds": {**clock.as_dict(), "wall": round(wall_s, 2)}})
-    return TuneOutcome(run_dir, results, cache.path, writes, warnings, clock.line(wall_s))
+    return TuneOutcome(run_dir, results, cache.path, writes, precompiled.warnings,
+                       clock.line(wall_s))

@@ -8,6 +8,7 @@ import json
 import math
 import re
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -336,13 +337,51 @@ def fake_kernel(monkeypatch: pytest.MonkeyPatch):
 
 
 def tune_spec(tmp_path: Path, mode: str = "fwd", cache: Path | None = None,
-              interleave: bool = True):
-    path = write_spec(tmp_path, timing={**TINY["timing"], "interleave": interleave})
+              interleave: bool = True, progress=None, **spec):
+    path = write_spec(tmp_path, timing={**TINY["timing"], "interleave": interleave}, **spec)
     sweep = load_spec(path)
     overrides = {"block_m": (16, 32, 64), "block_n": (32,), "num_warps": (4,), "num_stages": (1,)}
     jobs = plan_tune(sweep, (mode,), CPU, overrides)
     return tuning.execute_tune(sweep, path.read_text(), jobs, CPU, tmp_path / "out",
-                               cache or tmp_path / "cache.json")
+                               cache or tmp_path / "cache.json", progress)
+
+
+@pytest.fixture
+def phases(monkeypatch: pytest.MonkeyPatch, fake_kernel) -> list[tuple]:
+    """What a tune did, in order: ``("compile", tasks, calls, checks)`` for each batch its
+    compile pool ran, ``("time", kernel, calls, checks)`` for each (case, kernel) it timed; with
+    the kernel calls (``fake_kernel``'s records) and the checks (the configs each one pinned)
+    each made."""
+    log: list[tuple] = []
+    checks: list[object] = []
+    real_check, real_pool, real_tune_kernel = runner.run_check, tuning.compile_pool, \
+        tuning.tune_kernel
+
+    def check(provider, prepared, *args):
+        checks.append(prepared.launch_config)
+        return real_check(provider, prepared, *args)
+
+    def watched(phase: str, what: object, run):
+        calls, checked = len(fake_kernel), len(checks)
+        got = run()
+        log.append((phase, what, fake_kernel[calls:], checks[checked:]))
+        return got
+
+    @contextmanager
+    def compile_pool(*args):
+        with real_pool(*args) as pool:
+            compile = pool.compile
+            pool.compile = lambda tasks, on_done: watched(
+                "compile", list(tasks), lambda: compile(tasks, on_done))
+            yield pool
+
+    def tune_kernel(job, cands, *args):
+        return watched("time", cands.kernel, lambda: real_tune_kernel(job, cands, *args))
+
+    monkeypatch.setattr(runner, "run_check", check)
+    monkeypatch.setattr(tuning, "compile_pool", compile_pool)
+    monkeypatch.setattr(tuning, "tune_kernel", tune_kernel)
+    return log
 
 
 @pytest.mark.parametrize("interleave", [True, False])
@@ -453,7 +492,7 @@ def test_interleaved_tune_records_a_failure_while_timed(
 
 
 def test_fwd_bwd_tunes_each_kernel_behind_the_winners_before_it(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_kernel) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_kernel, phases) -> None:
     outcome = tune_spec(tmp_path, mode="fwd_bwd")
     rows = read_rows(outcome.run_dir)
     assert {r["kernel"] for r in rows} == {"fwd", "bwd", "dq"}
@@ -461,18 +500,112 @@ def test_fwd_bwd_tunes_each_kernel_behind_the_winners_before_it(
         best = [r for r in rows if r["kernel"] == kernel and r["is_best"] == "True"]
         assert len(best) == 1 and best[0]["block_m"] == "16"
     winner = LaunchConfig(16, 32, 4, 1)  # of every kernel: FAKE_MS favours block_m 16
+    timed = [call for phase, _, calls, _ in phases if phase == "time" for call in calls]
     # The dk/dv kernel behind the forward winner, the dq config looked up (None here).
-    dkdv_calls = [c for c in fake_kernel if c["bwd_config"] is not None and c["dq_config"] is None]
+    dkdv_calls = [c for c in timed if c["bwd_config"] is not None and c["dq_config"] is None]
     assert dkdv_calls and all(c["config"] == winner for c in dkdv_calls)
     assert {c["bwd_config"].block_m for c in dkdv_calls} == {16, 32}
     (pruned,) = [r for r in rows if r["kernel"] == "bwd" and r["block_m"] == "64"]
     assert pruned["status"] == "unsupported" and "for the backward" in pruned["message"]
     # The dq kernel behind both winners; its tile may span sparse blocks (64 over blocks of 32).
-    dq_calls = [c for c in fake_kernel if c["dq_config"] is not None]
+    dq_calls = [c for c in timed if c["dq_config"] is not None]
     assert dq_calls and all(c["config"] == winner and c["bwd_config"] == winner
                             for c in dq_calls)
     assert {c["dq_config"].block_m for c in dq_calls} == {16, 32, 64}
     assert sorted(w.key.kernel for w in outcome.writes) == ["bwd", "dq", "fwd"]
+
+
+# -- the compile phase: one batch before anything is timed; its outcomes where the pins match ---
+
+DEFAULT = LaunchConfig(32, 32, 4, 1)  # the CPU's default of every kernel of these cases
+
+
+def test_every_candidate_compiles_in_one_batch_before_anything_is_timed(
+        tmp_path: Path, fake_kernel, phases) -> None:
+    heard = []
+    outcome = tune_spec(tmp_path, mode="fwd_bwd", seqlen=[128, 256],
+                        progress=lambda *a: heard.append(a))
+    assert [phase for phase, *_ in phases] == ["compile"] + ["time"] * 6
+    assert [kernel for _, kernel, *_ in phases[1:]] == ["fwd", "bwd", "dq"] * 2  # two cases
+    ((_, batch, calls, _),) = [p for p in phases if p[0] == "compile"]
+    # Every candidate of every case and kernel, in the jobs' order: case by case, each kernel's
+    # candidates as planned (the default first), the pruned ones left out.
+    assert [(t.case.seqlen, t.kernel, t.name) for t in batch] == [
+        (result.case.seqlen, result.kernel, row.config.short()) for result in outcome.results
+        for row in result.rows if row.status != "unsupported"]
+    assert len(batch) == 2 * (3 + 2 + 3)
+    # Each behind the defaults of the kernels before it (the forward's winner is block_m 16).
+    for task in batch:
+        config = LaunchConfig(Timed(task.name).block_m, 32, 4, 1)
+        before = {"fwd": {}, "bwd": {"fwd": DEFAULT}, "dq": {"fwd": DEFAULT, "bwd": DEFAULT}}
+        assert task.pin == {**before[task.kernel], task.kernel: config}
+        assert task.case.mode == ("fwd" if task.kernel == "fwd" else "bwd")
+    assert calls and all(c["config"] == DEFAULT for c in calls if c["bwd_config"] is not None)
+    # The compile bar counts each candidate once; the timing's steps add up to its total.
+    compiled = [(done, total) for phase, _, done, total in heard if phase == "compile"]
+    assert compiled[-1] == (len(batch), len(batch))
+    assert [done for done, _ in compiled[1:]] == list(range(1, len(batch) + 1))
+    steps = [(done, total) for phase, text, done, total in heard if phase == "time"]
+    assert steps[-1] == (len(batch) + 6, len(batch) + 6)  # the candidates and six timings
+    assert steps[-2][0] == steps[-1][0] - 1
+
+
+def only_behind_the_default_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dk/dv candidate block_m 16 fails behind the default forward, and only there."""
+    real = bundled.sparse_attention
+
+    def attention(q, k, v, layout, config=None, bwd_config=None, dq_config=None, **kw):
+        if config == DEFAULT and bwd_config is not None and bwd_config.block_m == 16:
+            raise RuntimeError("fails behind the default forward")
+        return real(q, k, v, layout, config=config, bwd_config=bwd_config, dq_config=dq_config,
+                    **kw)
+
+    monkeypatch.setattr(bundled, "sparse_attention", attention)
+
+
+def test_a_compile_outcome_is_not_taken_behind_other_winners(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_kernel, phases) -> None:
+    # FAKE_MS makes block_m 16 the forward's winner, not its default: the backward's candidates
+    # are timed behind other pins than those they compiled behind.
+    only_behind_the_default_forward(monkeypatch)
+    heard = []
+    outcome = tune_spec(tmp_path, mode="fwd_bwd", progress=lambda *a: heard.append(a))
+    checks = {what: checked for phase, what, _, checked in phases if phase == "time"}
+    (compile_checks,) = [checked for phase, _, _, checked in phases if phase == "compile"]
+    assert len(compile_checks) == 3 + 2 + 3  # each candidate once (the failing one raised in it)
+    winner = LaunchConfig(16, 32, 4, 1)
+    assert checks["fwd"] == []  # the forward's pins are its own: its checks are taken
+    # The backward's: checked again behind the winners, each candidate once.
+    assert checks["bwd"] == [{"fwd": winner, "bwd": c} for c in (DEFAULT, winner)]
+    assert checks["dq"] == [{"fwd": winner, "bwd": winner, "dq": LaunchConfig(m, 32, 4, 1)}
+                            for m in (32, 16, 64)]
+    # The failure behind the default forward is not this candidate's behind the winner.
+    rows = {(r["kernel"], r["block_m"]): r for r in read_rows(outcome.run_dir)}
+    assert rows["bwd", "16"]["status"] == "ok" and rows["bwd", "16"]["is_best"] == "True"
+    steps = [(done, total) for phase, text, done, total in heard if phase == "time"]
+    assert steps[-2] == (steps[-1][0] - 1, steps[-1][1]) == (3 + 2 + 3 + 3 - 1, 11)
+
+
+def test_a_compile_outcome_is_taken_behind_the_default_winners(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_kernel, phases) -> None:
+    # The default (block_m 32) is now the fastest of every kernel: each kernel is timed behind
+    # the pins it compiled behind, so its checks and failures come from the compile phase.
+    monkeypatch.setitem(FAKE_MS, 32, 0.25)
+    only_behind_the_default_forward(monkeypatch)
+    heard = []
+    outcome = tune_spec(tmp_path, mode="fwd_bwd", progress=lambda *a: heard.append(a))
+    assert [checked for phase, _, _, checked in phases if phase == "time"] == [[], [], []]
+    rows = {(r["kernel"], r["block_m"]): r for r in read_rows(outcome.run_dir)}
+    assert all(rows[k, "32"]["is_best"] == "True" for k in ("fwd", "bwd", "dq"))
+    failed = rows["bwd", "16"]
+    assert failed["status"] == "error" and failed["ms"] == "nan"
+    assert failed["message"] == "RuntimeError: fails behind the default forward"
+    assert all(r["status"] in ("ok", "unsupported") for key, r in rows.items()
+               if key != ("bwd", "16"))
+    # The failure taken counts as its step: not prepared again, the steps still add up.
+    steps = [(done, total) for phase, text, done, total in heard if phase == "time"]
+    assert steps[-2] == (steps[-1][0] - 1, steps[-1][1]) == (10, 11)
+    assert sum(text != "done" for phase, text, *_ in heard if phase == "time") == 11 - 1
 
 
 # -- end to end on the CPU interpreter: tune, then run reads the cache ---------------------------

@@ -16,7 +16,7 @@ def test_phases_add_up_and_the_line_names_each(monkeypatch: pytest.MonkeyPatch) 
         pass
     with clock.phase("prepare"):
         pass
-    with clock.phase("compile"):  # a second kernel's compile adds to the first's
+    with clock.phase("compile"):  # a phase entered again adds to what it had
         pass
     with clock.phase("final"):
         pass

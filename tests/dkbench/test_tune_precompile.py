@@ -1,10 +1,11 @@
-"""The tune's compile phase: how many workers, which failures are final, and the spawned workers
-(here on the CPU, through the interpreter): each candidate runs once, a failure comes back as the
-runner records it, a worker that dies costs only its candidate, and workers that cannot start
-leave the candidates to the timing loop."""
+"""The tune's compile phase: how many workers, which failures are final, which outcomes hold
+behind which pins, and the spawned workers (here on the CPU, through the interpreter): each
+candidate runs once, a failure comes back as the runner records it, a worker that dies costs only
+its candidate, and workers that cannot start leave the candidates to the timing loop."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from dkbench.tune.precompile import (
     Compiled,
     CompileTask,
     Failure,
+    Found,
     WorkerPool,
     worker_count,
 )
@@ -55,18 +57,51 @@ def test_only_failures_that_are_not_for_want_of_memory_are_final() -> None:
     compiled = Compiled()
     compiled.record(task, Failure("oom", "OutOfMemoryError: CUDA out of memory"))
     compiled.record(task, None)
-    assert compiled.failures == {}
-    compiled.record(task, Failure("error", "RuntimeError: PassManager::run failed"))
-    assert compiled.failures == {"m32n32w4s1": Failure("error",
-                                                       "RuntimeError: PassManager::run failed")}
-    assert compiled.checks == {}
+    assert compiled.found([task]).failures == {}
+    failed = Failure("error", "RuntimeError: PassManager::run failed")
+    compiled.record(task, failed)
+    found = compiled.found([task])
+    assert found.failures == {"m32n32w4s1": failed} and found.checks == {}
 
 
 def test_a_candidate_that_ran_right_keeps_its_check() -> None:
     compiled = Compiled()
     checked = CheckResult(1e-3, 2e-4, True, "out")
-    compiled.record(CompileTask("fwd", None, "m32n32w4s1", None), checked)
-    assert compiled.checks == {"m32n32w4s1": checked} and compiled.failures == {}
+    task = CompileTask("fwd", None, "m32n32w4s1", None)
+    compiled.record(task, checked)
+    found = compiled.found([task])
+    assert found.checks == {"m32n32w4s1": checked} and found.failures == {}
+
+
+DEFAULT, OTHER = LaunchConfig(32, 32, 4, 1), LaunchConfig(16, 32, 4, 1)
+
+
+def test_an_outcome_holds_only_behind_the_pins_it_ran_behind() -> None:
+    # The batch ran the dk/dv candidates behind the default forward; the forward's winner was
+    # another config. Its checks and failures are not theirs behind that winner, its seconds are.
+    def bwd(name: str, forward: LaunchConfig) -> CompileTask:
+        return CompileTask("bwd", "case", name, {"fwd": forward, "bwd": DEFAULT})
+
+    compiled = Compiled()
+    checked = CheckResult(1e-3, 2e-4, True, "out")
+    compiled.record(bwd("right", DEFAULT), checked, 1.234)
+    compiled.record(bwd("wrong", DEFAULT), Failure("error", "RuntimeError: boom"), 0.5)
+    compiled.record(bwd("died", DEFAULT), Failure("error", "the compile worker died"),
+                    any_pins=True)
+    behind_defaults = compiled.found([bwd(n, DEFAULT) for n in ("right", "wrong", "died")])
+    assert behind_defaults.checks == {"right": checked}
+    assert set(behind_defaults.failures) == {"wrong", "died"}
+    assert behind_defaults.seconds == {"right": 1.23, "wrong": 0.5}
+    behind_winner = compiled.found([bwd(n, OTHER) for n in ("right", "wrong", "died")])
+    assert behind_winner.checks == {}
+    # A dead worker's candidate is not run again in the tune's own process, whatever the pins.
+    assert behind_winner.failures == {"died": Failure("error", "the compile worker died")}
+    assert behind_winner.seconds == behind_defaults.seconds
+    # The same name in another case or kernel is another candidate.
+    assert compiled.found([CompileTask("dq", "case", "right", {"fwd": DEFAULT, "bwd": DEFAULT})
+                           ]) == Found()
+    assert compiled.found([CompileTask("bwd", "other case", "right",
+                                       {"fwd": DEFAULT, "bwd": DEFAULT})]) == Found()
 
 
 def tasks_of(tmp_path: Path, *pins: object) -> tuple[object, list[CompileTask]]:
@@ -91,11 +126,12 @@ def test_workers_run_each_candidate_and_a_dead_worker_costs_only_its_own(tmp_pat
     finally:
         pool.close(graceful=True)
     assert heard == ["c0", "c1", "c2", "c3"]
-    assert set(compiled.failures) == {"c1", "c2"}
+    found = compiled.found(tasks)
+    assert set(found.failures) == {"c1", "c2"} and set(found.seconds) == {"c0", "c1", "c3"}
     # The two right ones bring their checks back: the same numbers the timing loop's own check
     # of that config finds on the same seeded inputs.
-    assert set(compiled.checks) == {"c0", "c3"} and compiled.checks["c0"] == compiled.checks["c3"]
-    assert compiled.checks["c0"].ok and 0 < compiled.checks["c0"].rel_err < 1e-5
+    assert set(found.checks) == {"c0", "c3"} and found.checks["c0"] == found.checks["c3"]
+    assert found.checks["c0"].ok and 0 < found.checks["c0"].rel_err < 1e-5
     (case,) = {task.case for task in tasks}
     layout = case.pattern.layout(case.heads, case.kv_heads, case.seqlen, case.causal)
     seed = runner.case_seed(sweep, case)
@@ -106,12 +142,15 @@ def test_workers_run_each_candidate_and_a_dead_worker_costs_only_its_own(tmp_pat
                             pinned={"c0": (BundledKernel(), GOOD)})
     own = runner.prepare_one(ctx, case, "c0", layout, float("nan"),
                              random_inputs(case, CPU, False, seed), seed + 1)
-    assert (own.row.max_abs_err, own.row.rel_err) == (compiled.checks["c0"].max_abs_err,
-                                                      compiled.checks["c0"].rel_err)
-    assert compiled.failures["c1"].status == "error"
-    assert compiled.failures["c1"].message.startswith("ValueError: invalid launch config m32n48")
-    assert compiled.failures["c2"] == Failure(
-        "error", "the compile worker died (exit code 3) while running this config")
+    assert (own.row.max_abs_err, own.row.rel_err) == (found.checks["c0"].max_abs_err,
+                                                      found.checks["c0"].rel_err)
+    assert found.failures["c1"].status == "error"
+    assert found.failures["c1"].message.startswith("ValueError: invalid launch config m32n48")
+    died = Failure("error", "the compile worker died (exit code 3) while running this config")
+    assert found.failures["c2"] == died
+    # Behind other pins only the death holds: the timing loop runs the others itself.
+    other = compiled.found([dataclasses.replace(t, pin={"fwd": OTHER}) for t in tasks])
+    assert other.failures == {"c2": died} and other.checks == {}
     assert replacement is not first and first.exitcode == 3  # c3 ran on the replacement
     assert compiled.warnings == [] and not replacement.is_alive()
 
@@ -126,7 +165,7 @@ def test_workers_that_cannot_start_leave_the_candidates_to_the_timing_loop(
         compiled = pool.compile(tasks, lambda task: heard.append(task.name))
     finally:
         pool.close(graceful=True)
-    assert compiled.failures == {} and pool.workers == []
+    assert compiled.found(tasks) == Found() and pool.workers == []
     assert heard == ["c0", "c1"]  # passed on, not run
     (warning,) = compiled.warnings
     assert warning == "no compile worker could start; the candidates compile as they are timed"
