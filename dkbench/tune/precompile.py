@@ -49,10 +49,10 @@ from ..measure.parallel import (
 from ..measure.providers.bundled import BundledKernel
 from ..spec.sweep import Case, Sweep
 
-# On the H200 machine's 16 cores the phi-3 tune's compile phase took 80 s with 8 workers and 93 s
-# with 16 while each worker started a thread per core; with the cores shared out
-# (`worker_threads`) and one batch, 28 s with 8 workers.
-MAX_WORKERS = 12
+# More workers did not compile faster: on the H200 machine's 16 cores the phi-3 tune's compile
+# phase took 80 s with 8 workers and 93 s with 16 (each worker starting a thread per core), and
+# with the cores shared out and one batch, 28 s with 8 and 33 s with 12.
+MAX_WORKERS = 8
 POLL_S = 1.0  # how often the parent checks on its workers while no message arrives
 
 

@@ -44,7 +44,7 @@ def test_worker_count_is_one_per_core_capped_and_none_in_the_interpreter(
         monkeypatch: pytest.MonkeyPatch) -> None:
     cuda = torch.device("cuda", 0)  # only its type is read
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
-    assert worker_count(cuda, 48) == precompile.MAX_WORKERS == 12
+    assert worker_count(cuda, 48) == precompile.MAX_WORKERS == 8
     assert worker_count(cuda, 3) == 3
     assert worker_count(cuda, 1) == 0  # one worker would only add its start-up
     assert worker_count(CPU, 48) == 0
