@@ -26,12 +26,11 @@ import os
 import signal
 import time
 from collections import deque
-from collections.abc import Callable
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
-from multiprocessing.connection import Connection, wait
 
 import torch
 
@@ -40,7 +39,7 @@ from ..spec.sweep import Case, Sweep, row_provider
 from . import runner
 from .check import random_inputs
 from .envinfo import environment
-from .parallel import _sigint_ignored, describe_exit
+from .parallel import describe_exit, poll_workers, spawn_worker
 from .providers import PROVIDERS
 
 # Workers at once: one per (provider, mode), at most one per core but one (this process waits
@@ -270,14 +269,10 @@ class _Pool:
         return self.ahead
 
     def start(self) -> None:
-        ours, theirs = self.mp.Pipe(duplex=True)
         # Not a daemon: a daemon may not start processes of its own, and a compiler may (stop()
         # ends every worker, whatever happens here).
-        proc = self.mp.Process(target=_worker_main, args=(theirs, self.setup),
-                               name="dkbench-ahead", daemon=False)
-        with _sigint_ignored():  # a Ctrl-C while it starts is the parent's alone
-            proc.start()
-        theirs.close()  # so that our end sees EOF when the worker dies
+        proc, ours = spawn_worker(self.mp, _worker_main, (self.setup,), "dkbench-ahead",
+                                  daemon=False)
         self.workers.append(_Worker(proc, ours))
 
     def wait(self, deadline: float) -> None:
@@ -291,12 +286,7 @@ class _Pool:
                     self.note(g, f"not started within {LIMIT_S:.0f} s")
                 self.pending.clear()
                 return
-            wait([w.conn for w in self.workers] + [w.proc.sentinel for w in self.workers],
-                 timeout=POLL_S)
-            for w in list(self.workers):
-                self._drain(w)
-                if not w.proc.is_alive():
-                    self._died(w)
+            poll_workers(self.workers, self._drain, self._died, POLL_S)
 
     def _dispatch(self, w: _Worker) -> None:
         if w.ready and w.group is None and self.pending:

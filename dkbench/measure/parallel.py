@@ -207,6 +207,31 @@ def _sigint_ignored() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+def spawn_worker(context, target: Callable, args: tuple, name: str, *, daemon: bool,
+                 env: dict[str, str] | None = None) -> tuple[mp.process.BaseProcess, Connection]:
+    """Start ``target(conn, *args)`` in a process of the multiprocessing ``context`` and return
+    it with this end of its duplex pipe. ``env`` is set for the child (it copies the environment
+    at exec) and SIGINT is ignored while it starts; the child's end of the pipe is closed here,
+    so that ours sees EOF when the child dies."""
+    ours, theirs = context.Pipe(duplex=True)
+    proc = context.Process(target=target, args=(theirs, *args), name=name, daemon=daemon)
+    with _environ(env or {}), _sigint_ignored():
+        proc.start()
+    theirs.close()
+    return proc, ours
+
+
+def poll_workers(workers: list, drain: Callable, died: Callable, timeout: float) -> None:
+    """Wait until one of ``workers`` (each with a ``conn`` and a ``proc``) sends a message or
+    ends, or ``timeout`` passes; then ``drain`` each one's messages, and give each that ended to
+    ``died``."""
+    wait([w.conn for w in workers] + [w.proc.sentinel for w in workers], timeout=timeout)
+    for w in list(workers):
+        drain(w)
+        if not w.proc.is_alive():
+            died(w)
+
+
 def describe_exit(code: int | None) -> str:
     if code is not None and code < 0:
         with contextlib.suppress(ValueError):
@@ -247,14 +272,11 @@ class _Pool:
         self._progress()
 
     def _start(self, slot: Slot) -> None:
-        ours, theirs = self.mp.Pipe(duplex=True)
         # Not a daemon: torch.compile may start compile workers of its own. shutdown() ends it,
         # and should the parent die first, its end of the pipe closes and the worker returns.
-        proc = self.mp.Process(target=_worker_main, args=(theirs, self.setup, slot),
-                               name=f"dkbench-{slot.label.replace(' ', '')}", daemon=False)
-        with _environ(slot.env()), _sigint_ignored():
-            proc.start()
-        theirs.close()  # so the parent's end sees EOF when the worker dies
+        proc, ours = spawn_worker(self.mp, _worker_main, (self.setup, slot),
+                                  f"dkbench-{slot.label.replace(' ', '')}", daemon=False,
+                                  env=slot.env())
         self.workers.append(_Worker(slot, proc, ours))
 
     def warn(self, text: str) -> None:

@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 
 import torch
 
@@ -43,8 +43,9 @@ from ..measure.check import CheckResult, random_inputs
 from ..measure.parallel import (
     CONTEXT_LOST_EXIT,
     _context_lost,
-    _sigint_ignored,
     describe_exit,
+    poll_workers,
+    spawn_worker,
 )
 from ..measure.providers.bundled import BundledKernel
 from ..spec.sweep import Case, Sweep
@@ -278,12 +279,8 @@ class WorkerPool:
             self._start()
 
     def _start(self) -> None:
-        ours, theirs = self.mp.Pipe(duplex=True)
-        proc = self.mp.Process(target=_worker_main, args=(theirs, self.setup),
-                               name="dkbench-compile", daemon=True)
-        with _sigint_ignored():  # a Ctrl-C while it starts is the parent's alone
-            proc.start()
-        theirs.close()  # so that our end sees EOF when the worker dies
+        proc, ours = spawn_worker(self.mp, _worker_main, (self.setup,), "dkbench-compile",
+                                  daemon=True)
         self.workers.append(_Worker(proc, ours))
 
     def compile(self, tasks: list[CompileTask], on_done: OnDone) -> Compiled:
@@ -293,12 +290,7 @@ class WorkerPool:
         for w in self.workers:
             self._dispatch(w)
         while self.workers and (self.pending or any(w.task for w in self.workers)):
-            wait([w.conn for w in self.workers] + [w.proc.sentinel for w in self.workers],
-                 timeout=POLL_S)
-            for w in list(self.workers):
-                self._drain(w)
-                if not w.proc.is_alive():
-                    self._died(w)
+            poll_workers(self.workers, self._drain, self._died, POLL_S)
         if self.pending and not self.gave_up:
             self.gave_up = True
             self.compiled.warnings.append("no compile worker could start; the candidates "
