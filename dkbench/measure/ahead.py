@@ -43,8 +43,16 @@ from .parallel import describe_exit, poll_workers, spawn_worker
 from .providers import PROVIDERS
 
 # Workers at once: one per (provider, mode), at most one per core but one (this process waits
-# on them) and at most this many.
+# on them), at most this many, and at most one per WORKER_HOST_BYTES of available host memory.
 MAX_WORKERS = 12
+# On the H200 machine (16 cores) the phase's ten workers peaked at 2.0 GB each and 42.7 GB in all,
+# most of it in Inductor's pools of compile subprocesses: min(32, cores) per process that
+# compiles FlexAttention, about 0.4 GB each, 80 processes at the peak. A FlexAttention graph
+# compiles a handful of Triton kernels, so a worker's pool is held to COMPILE_THREADS (unless
+# TORCHINDUCTOR_COMPILE_THREADS is set; Inductor's caches do not key on it), and each worker is
+# counted at WORKER_HOST_BYTES: its 2 GB and its pool.
+COMPILE_THREADS = 4
+WORKER_HOST_BYTES = 4 * 2**30
 # The phase ends here whatever is left (its workers are stopped; what they had not compiled
 # compiles in the run's own set-up).
 LIMIT_S = 600.0
@@ -81,10 +89,11 @@ class Ahead:
     seconds: float = 0.0
     workers: int = 0
     groups: dict[str, dict] = field(default_factory=dict)
+    not_started: list[str] = field(default_factory=list)  # why a worker could not be started
 
     def as_dict(self) -> dict:
         return {"seconds": round(self.seconds, 2), "workers": self.workers,
-                "groups": self.groups}
+                "groups": self.groups, "not_started": self.not_started}
 
     def longest(self) -> tuple[str, float] | None:
         """The group that took longest, with its seconds."""
@@ -116,8 +125,25 @@ def groups_for(work: list[tuple[Case, list[str]]], device: torch.device) -> list
     return sorted(found, key=lambda g: g.mode not in BACKWARD_MODES)  # stable otherwise
 
 
-def worker_count(groups: list[Group]) -> int:
-    return min(len(groups), max(1, (os.cpu_count() or 1) - 1), MAX_WORKERS)
+def worker_count(groups: list[Group], available: int | None = None) -> int:
+    """Workers for ``groups``; ``available`` host memory in bytes (None: read it, where the
+    system says)."""
+    available = host_memory_available() if available is None else available
+    by_memory = max(1, available // WORKER_HOST_BYTES) if available else MAX_WORKERS
+    return min(len(groups), max(1, (os.cpu_count() or 1) - 1), MAX_WORKERS, by_memory)
+
+
+def host_memory_available() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (what can be had without swapping); None where
+    there is no such file (not Linux) or it cannot be read."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def execute(sweep: Sweep, spec_text: str, plan: runner.RunPlan, device: torch.device,
@@ -271,8 +297,14 @@ class _Pool:
     def start(self) -> None:
         # Not a daemon: a daemon may not start processes of its own, and a compiler may (stop()
         # ends every worker, whatever happens here).
-        proc, ours = spawn_worker(self.mp, _worker_main, (self.setup,), "dkbench-ahead",
-                                  daemon=False)
+        env = ({} if "TORCHINDUCTOR_COMPILE_THREADS" in os.environ
+               else {"TORCHINDUCTOR_COMPILE_THREADS": str(COMPILE_THREADS)})
+        try:
+            proc, ours = spawn_worker(self.mp, _worker_main, (self.setup,), "dkbench-ahead",
+                                      daemon=False, env=env)
+        except Exception as exc:  # noqa: BLE001 - e.g. no memory or processes left: run without
+            self.ahead.not_started.append(f"{type(exc).__name__}: {str(exc)[:200]}")
+            return
         self.workers.append(_Worker(proc, ours))
 
     def wait(self, deadline: float) -> None:

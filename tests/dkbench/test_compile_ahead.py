@@ -47,19 +47,50 @@ def test_groups_are_the_compiling_providers_that_can_run_here_training_first(
 def test_a_worker_per_group_within_the_cores_but_one(monkeypatch, cores: int, groups: int,
                                                       want: int) -> None:
     monkeypatch.setattr(ahead.os, "cpu_count", lambda: cores)
-    assert ahead.worker_count([Group("dkbench", "fwd", ())] * groups) == want
+    plenty = 1000 * ahead.WORKER_HOST_BYTES
+    assert ahead.worker_count([Group("dkbench", "fwd", ())] * groups, plenty) == want
 
 
-def test_groups_hold_every_pending_case_of_their_mode_in_order(tmp_path: Path) -> None:
-    sweep = load_spec(write_spec(tmp_path, seqlen=[32, 64, 96], providers=["dkbench"]))
-    cases = expand(sweep)
-    got = groups_for([(c, ["dkbench"]) for c in reversed(cases)], CPU)
-    assert got == [Group("dkbench", "fwd", tuple(reversed(cases)))]
+@pytest.mark.parametrize(("available", "want"), [(10 * 4 * 2**30, 10), (9 * 2**30, 2),
+                                                 (2**30, 1), (0, 10)])
+def test_each_worker_needs_its_share_of_host_memory(monkeypatch, available: int,
+                                                    want: int) -> None:
+    """4 GiB of available memory a worker (0: unknown, no cap), at least one."""
+    monkeypatch.setattr(ahead.os, "cpu_count", lambda: 16)
+    assert ahead.WORKER_HOST_BYTES == 4 * 2**30
+    assert ahead.worker_count([Group("dkbench", "fwd", ())] * 10, available) == want
 
 
-def test_nothing_compiles_ahead_off_a_gpu(tmp_path: Path) -> None:
-    sweep, cases = two_modes(tmp_path)
-    assert ahead.compile_ahead(context(sweep), [(c, ["dkbench"]) for c in cases]) is None
+def test_host_memory_is_read_where_the_system_says() -> None:
+    got = ahead.host_memory_available()
+    assert got is None or got > 0
+
+
+@pytest.mark.parametrize(("given", "want"), [(None, str(ahead.COMPILE_THREADS)), ("7", None)])
+def test_workers_hold_inductors_compile_pool_small_unless_told(tmp_path: Path, monkeypatch,
+                                                              given: str | None,
+                                                              want: str | None) -> None:
+    """A worker starts with TORCHINDUCTOR_COMPILE_THREADS at COMPILE_THREADS, unless the user
+    set it (then it inherits theirs)."""
+    if given is None:
+        monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", given)
+    envs = []
+
+    def spawn(context, target, args, name, *, daemon, env=None):
+        envs.append(env)
+        raise OSError("no process left")  # the test only reads what it was given
+
+    monkeypatch.setattr(ahead, "spawn_worker", spawn)
+    sweep, (fwd, _) = two_modes(tmp_path)
+    with ahead.workers_for([Group("dkbench", "fwd", (fwd,))], sweep, CPU, None) as pool:
+        got = pool.run([Group("dkbench", "fwd", (fwd,))])
+    assert envs == [{"TORCHINDUCTOR_COMPILE_THREADS": want} if want else {}]
+    # A worker that cannot start leaves its group undone, and the run goes on.
+    assert got.not_started == ["OSError: no process left"]
+    assert got.groups["dkbench fwd"]["problems"] == [
+        "not compiled ahead: no worker was left to take it"]
 
 
 @needs_interpreter
