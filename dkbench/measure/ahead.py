@@ -152,8 +152,7 @@ def execute(sweep: Sweep, spec_text: str, plan: runner.RunPlan, device: torch.de
     """`runner.execute` with this phase between writing the run's meta.json and its first case;
     meta.json records what the phase did under ``compiled_ahead``."""
     baseline = sweep.baseline if sweep.baseline in plan.providers else None
-    groups = (groups_for(runner.pending_work(sweep, plan, baseline), device)
-              if device.type == "cuda" else [])
+    groups = planned_groups(runner.pending_work(sweep, plan, baseline), device)
     with workers_for(groups, sweep, device, plan.run_dir / LOG_FILE) as pool:
         # The workers import torch and the providers while this process calibrates the GPU
         # (begin_run); none is given a case before that has ended.
@@ -167,13 +166,20 @@ def execute(sweep: Sweep, spec_text: str, plan: runner.RunPlan, device: torch.de
 def compile_ahead(ctx: runner.RunContext, work: list[tuple[Case, list[str]]],
                   on_progress: Progress | None = None, log: Path | None = None) -> Ahead | None:
     """Prepare every compiling provider's pending cases in worker processes, back when all are
-    done; None when there is nothing to compile ahead (off CUDA, where Triton's interpreter
-    compiles nothing, or no pending provider compiles). What the workers print goes to ``log``
-    (appended), not over the progress bar."""
-    if ctx.device.type != "cuda":
-        return None
-    groups = groups_for(work, ctx.device)
+    done; None when there is nothing to compile ahead (`planned_groups`). What the workers
+    print goes to ``log`` (appended), not over the progress bar."""
+    groups = planned_groups(work, ctx.device)
     return run_groups(ctx, groups, on_progress, log) if groups else None
+
+
+def planned_groups(work: list[tuple[Case, list[str]]], device: torch.device) -> list[Group]:
+    """What the phase compiles: the groups of `groups_for`, or none off CUDA (Triton's
+    interpreter compiles nothing) and where there is only one (its worker would run it alone,
+    as this process would, and add its own start-up)."""
+    if device.type != "cuda":
+        return []
+    groups = groups_for(work, device)
+    return groups if len(groups) > 1 else []
 
 
 def run_groups(ctx: runner.RunContext, groups: list[Group], on_progress: Progress | None = None,

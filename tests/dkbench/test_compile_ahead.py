@@ -93,6 +93,27 @@ def test_workers_hold_inductors_compile_pool_small_unless_told(tmp_path: Path, m
         "not compiled ahead: no worker was left to take it"]
 
 
+def test_groups_hold_every_pending_case_of_their_mode_in_order(tmp_path: Path) -> None:
+    sweep = load_spec(write_spec(tmp_path, seqlen=[32, 64, 96], providers=["dkbench"]))
+    cases = expand(sweep)
+    got = groups_for([(c, ["dkbench"]) for c in reversed(cases)], CPU)
+    assert got == [Group("dkbench", "fwd", tuple(reversed(cases)))]
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 3])
+def test_the_phase_needs_two_groups_to_pay(monkeypatch, count: int) -> None:
+    found = [Group("dkbench", mode, ()) for mode in ("fwd", "fwd_bwd", "bwd")][:count]
+    monkeypatch.setattr(ahead, "groups_for", lambda work, device: found)
+    got = ahead.planned_groups([], torch.device("cuda", 0))  # only its type is read
+    assert got == (found if count > 1 else [])
+    assert ahead.planned_groups([], CPU) == []
+
+
+def test_nothing_compiles_ahead_off_a_gpu(tmp_path: Path) -> None:
+    sweep, cases = two_modes(tmp_path)
+    assert ahead.compile_ahead(context(sweep), [(c, ["dkbench"]) for c in cases]) is None
+
+
 @needs_interpreter
 def test_workers_prepare_each_case_and_report_what_did_not_go_right(tmp_path: Path,
                                                                     monkeypatch) -> None:
