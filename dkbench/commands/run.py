@@ -198,6 +198,9 @@ def run(
         if rows[0].interpreter:
             console.print("Timings above ran through Triton's interpreter on the CPU: they check "
                           "the pipeline and say nothing about GPU performance.")
+    if compile_ahead and dev.type == "cuda" and "compiled_ahead" not in read_meta(plan.run_dir):
+        warn("--compile-ahead: fewer than two providers and modes compile in this run, so none "
+             "was compiled ahead (one worker would only add its start-up)")
     outcome = outcome_line(rows, cannot_run_here(rows, dev))
     if outcome:
         console.print(outcome)

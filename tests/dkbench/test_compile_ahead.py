@@ -175,3 +175,15 @@ def test_compile_ahead_on_the_cpu_says_it_has_nothing_to_do(tmp_path: Path) -> N
     assert result.exit_code == 0, result.output
     assert "Triton's interpreter on the CPU compiles nothing" in flat(result.output)
     assert "compiled_ahead" not in read_meta(run_dir_of(tmp_path / "out"))
+
+
+def test_compile_ahead_asked_for_where_nothing_would_compile_ahead_says_so(
+        tmp_path: Path, monkeypatch) -> None:
+    """On a GPU, a run whose phase did not run (one provider and mode compile) warns about the
+    flag it was given."""
+    monkeypatch.setattr(runner, "resolve_device", lambda choice: torch.device("cuda", 0))
+    monkeypatch.setattr(ahead, "execute", lambda *args, **kwargs: [])
+    result = invoke("run", write_spec(tmp_path), "--out", tmp_path / "out", "--compile-ahead")
+    assert result.exit_code == 0, result.output
+    assert ("--compile-ahead: fewer than two providers and modes compile in this run, so none "
+            "was compiled ahead") in flat(result.output)
