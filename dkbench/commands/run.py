@@ -198,14 +198,14 @@ def run(
         if rows[0].interpreter:
             console.print("Timings above ran through Triton's interpreter on the CPU: they check "
                           "the pipeline and say nothing about GPU performance.")
-    if compile_ahead and dev.type == "cuda" and "compiled_ahead" not in read_meta(plan.run_dir):
+    compiled_ahead = read_meta(plan.run_dir).get("compiled_ahead")
+    if compile_ahead and dev.type == "cuda" and compiled_ahead is None:
         warn("--compile-ahead: fewer than two providers and modes compile in this run, so none "
              "was compiled ahead (one worker would only add its start-up)")
     outcome = outcome_line(rows, cannot_run_here(rows, dev))
     if outcome:
         console.print(outcome)
-    spent = setup_line(rows, time.perf_counter() - started,
-                       ahead=read_meta(plan.run_dir).get("compiled_ahead"))
+    spent = setup_line(rows, time.perf_counter() - started, ahead=compiled_ahead)
     if spent and not quiet:
         console.print(spent, highlight=False)
     console.print(f"Results: [bold]{escape(str(plan.run_dir / 'results.csv'))}[/bold]")

@@ -95,14 +95,6 @@ class Ahead:
         return {"seconds": round(self.seconds, 2), "workers": self.workers,
                 "groups": self.groups, "not_started": self.not_started}
 
-    def longest(self) -> tuple[str, float] | None:
-        """The group that took longest, with its seconds."""
-        spent = {label: sum(g["case_seconds"]) for label, g in self.groups.items()}
-        if not spent:
-            return None
-        label = max(spent, key=spent.__getitem__)
-        return label, spent[label]
-
 
 def groups_for(work: list[tuple[Case, list[str]]], device: torch.device) -> list[Group]:
     """The (provider, mode) groups of the pending work whose provider compiles and can run on

@@ -297,10 +297,10 @@ def measure_interleaved(steps: dict[str, Callable[[], object]], timing: Timing,
     """Time ``steps`` (already warmed up) in rounds that give each a turn, and pair their times.
 
     Each step is first timed once, or ESTIMATE_CALLS times when faster than half a turn (to plan
-    its turn), and called for about ``timing.warmup_ms`` in all (those calls included). A
-    turn calls the step for about
-    TURN_MS and times its second half, so each step runs at the clock it sets itself. Round r
-    starts at step r mod n, so no step always follows the same neighbour. Each step gets the
+    its turn), and called for about ``timing.warmup_ms`` in all (those calls included). A turn
+    calls the step for about TURN_MS and times its second half, so each step runs at the clock
+    it sets itself. Round r starts at step r mod n, so no step always follows the same
+    neighbour. Each step gets the
     median, p20 and p80 of its timed calls; with ``baseline`` among the steps, every other step
     also gets those of the per-round ratios (baseline's turn median / this step's), which a drift
     of the device's speed between rounds leaves alone. A step that raises is reported in
