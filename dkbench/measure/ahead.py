@@ -37,7 +37,7 @@ import torch
 from ..results.schema import ResultRow, read_meta, write_meta
 from ..spec.sweep import Case, Sweep, row_provider
 from . import runner
-from .check import random_inputs
+from .size_guard import GRAD_MODES
 from .envinfo import environment
 from .parallel import describe_exit, poll_workers, spawn_worker
 from .providers import PROVIDERS
@@ -64,7 +64,6 @@ CRASH_ENV = "DKBENCH_TEST_AHEAD_CRASH"
 CRASH_EXIT = 3
 
 Progress = Callable[[str, int, int], None]
-BACKWARD_MODES = ("bwd", "fwd_bwd")
 
 
 @dataclass(frozen=True)
@@ -114,7 +113,7 @@ def groups_for(work: list[tuple[Case, list[str]]], device: torch.device) -> list
             usable[name] = PROVIDERS[name]().unavailable(device) is None
         if usable[name]:
             found.append(Group(name, mode, tuple(listed)))
-    return sorted(found, key=lambda g: g.mode not in BACKWARD_MODES)  # stable otherwise
+    return sorted(found, key=lambda g: g.mode not in GRAD_MODES)  # stable otherwise
 
 
 def worker_count(groups: list[Group], available: int | None = None) -> int:
@@ -155,15 +154,6 @@ def execute(sweep: Sweep, spec_text: str, plan: runner.RunPlan, device: torch.de
     return runner.run_work(ctx, plan, work, on_progress)
 
 
-def compile_ahead(ctx: runner.RunContext, work: list[tuple[Case, list[str]]],
-                  on_progress: Progress | None = None, log: Path | None = None) -> Ahead | None:
-    """Prepare every compiling provider's pending cases in worker processes, back when all are
-    done; None when there is nothing to compile ahead (`planned_groups`). What the workers
-    print goes to ``log`` (appended), not over the progress bar."""
-    groups = planned_groups(work, ctx.device)
-    return run_groups(ctx, groups, on_progress, log) if groups else None
-
-
 def planned_groups(work: list[tuple[Case, list[str]]], device: torch.device) -> list[Group]:
     """What the phase compiles: the groups of `groups_for`, or none off CUDA (Triton's
     interpreter compiles nothing) and where there is only one (its worker would run it alone,
@@ -176,7 +166,8 @@ def planned_groups(work: list[tuple[Case, list[str]]], device: torch.device) -> 
 
 def run_groups(ctx: runner.RunContext, groups: list[Group], on_progress: Progress | None = None,
                log: Path | None = None) -> Ahead:
-    """Prepare each group's cases in worker processes, one group a worker at a time."""
+    """Prepare each group's cases in worker processes, one group a worker at a time; what the
+    workers print goes to ``log`` (appended), not over the progress bar."""
     with workers_for(groups, ctx.sweep, ctx.device, log) as pool:
         return pool.run(groups, on_progress)
 
@@ -234,9 +225,7 @@ def _prepare(ctx: runner.RunContext, case: Case, name: str) -> tuple[str, str]:
     """Prepare ``name`` for ``case`` as the run will (same layout, seed and inputs); the row's
     status and message, or what went wrong before it."""
     try:
-        layout = case.pattern.layout(case.heads, case.kv_heads, case.seqlen, case.causal)
-        seed = runner.case_seed(ctx.sweep, case)
-        inputs = random_inputs(case, ctx.device, case.mode in BACKWARD_MODES, seed)
+        layout, seed, inputs = runner.case_inputs(ctx.sweep, case, ctx.device)
         got = runner.prepare_one(ctx, case, name, layout, float("nan"), inputs, seed + 1)
         row = got.row if isinstance(got, runner.ReadyStep) else got
         return row.status, row.message

@@ -391,6 +391,15 @@ def case_seed(sweep: Sweep, case: Case) -> int:
     return (sweep.seed * 1_000_003 + int(case.case_id, 16)) % 2**31
 
 
+def case_inputs(sweep: Sweep, case: Case, device: torch.device) -> tuple[object, int, tuple]:
+    """The case's layout, its seed and its seeded inputs (with grads in the backward modes), as
+    a run builds them for its providers: what a worker preparing the same case out of the run
+    builds too."""
+    layout = case.pattern.layout(case.heads, case.kv_heads, case.seqlen, case.causal)
+    seed = case_seed(sweep, case)
+    return layout, seed, random_inputs(case, device, case.mode in size_guard.GRAD_MODES, seed)
+
+
 def failed_row(ctx: RunContext, case: Case, provider: str, status: str,
                message: str) -> ResultRow:
     """A row for a case x provider that was never measured (its case failed to build, its worker

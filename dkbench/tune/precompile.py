@@ -39,7 +39,7 @@ from multiprocessing.connection import Connection
 import torch
 
 from ..measure import runner
-from ..measure.check import CheckResult, random_inputs
+from ..measure.check import CheckResult
 from ..measure.parallel import (
     CONTEXT_LOST_EXIT,
     _context_lost,
@@ -125,10 +125,7 @@ class Compiler:
         if case != self._case:
             self._case, self._built = case, None  # the last case's inputs go before new ones come
             try:
-                layout = case.pattern.layout(case.heads, case.kv_heads, case.seqlen, case.causal)
-                seed = runner.case_seed(self.sweep, case)
-                training = case.mode in ("bwd", "fwd_bwd")
-                self._built = layout, seed, random_inputs(case, self.device, training, seed)
+                self._built = runner.case_inputs(self.sweep, case, self.device)
             except Exception:  # noqa: BLE001 - the timing loop reports it
                 return None
         if self._built is None:
