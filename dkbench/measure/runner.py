@@ -35,7 +35,7 @@ from .check import CheckResult, random_inputs, run_check
 from .envinfo import command_line, environment
 from .providers import PROVIDERS, Provider, Unsupported
 from .resume import previous_baselines, resumed_rows
-from .timing import Ratio, measure, measure_interleaved, peak_memory_mb, step_stream
+from .timing import Ratio, measure, measure_interleaved, peak_memory, step_stream
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -143,6 +143,7 @@ class ReadyStep:
     row: ResultRow
     provider: Provider
     step: Callable[[], object]
+    warm_ms: float | None = None  # the peak-memory call's device time; None off CUDA
 
 
 def prepare_one(ctx: RunContext, case: Case, name: str, layout, density: float, inputs,
@@ -196,9 +197,10 @@ def prepare_one(ctx: RunContext, case: Case, name: str, layout, density: float, 
         # Providers prepared before this one are still alive (they are timed together); what they
         # hold is not this step's. With one provider alive, before == case_bytes and this is all
         # memory allocated while the call runs, inputs and outputs included.
-        row.peak_mem_mb = peak_memory_mb(step, device, before - case_bytes)
+        peak = peak_memory(step, device, before - case_bytes)
+        row.peak_mem_mb = peak.mb
         row.setup_ms = (time.perf_counter() - start) * 1e3
-        return ReadyStep(row, provider, step)
+        return ReadyStep(row, provider, step, peak.ms)
     except Exception as exc:  # noqa: BLE001 - one failing row never stops a sweep
         _record_failure(row, exc, provider.refused(exc))
     return row
@@ -231,7 +233,8 @@ def time_together(ctx: RunContext, case: Case, layout, ready: list[ReadyStep]) -
     steps = {r.row.provider: r.step for r in ready}
     baseline = ctx.baseline if ctx.baseline in steps else None
     try:
-        timed = measure_interleaved(steps, ctx.sweep.timing.eager_pass(), ctx.device, baseline)
+        timed = measure_interleaved(steps, ctx.sweep.timing.eager_pass(), ctx.device, baseline,
+                                    known_ms={r.row.provider: r.warm_ms for r in ready})
     except Exception as exc:  # noqa: BLE001 - e.g. no memory for the L2 flush buffer
         for r in ready:
             _record_failure(r.row, exc)

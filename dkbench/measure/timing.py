@@ -16,7 +16,7 @@ import contextlib
 import math
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Callable, Protocol
 
@@ -293,7 +293,8 @@ def _read(clock: Clock, handles: list[object], active: list[str],
 def measure_interleaved(steps: dict[str, Callable[[], object]], timing: Timing,
                         device: torch.device, baseline: str | None = None, *,
                         clock: Clock | None = None, turn_ms: float = TURN_MS,
-                        rounds: int | None = None) -> Interleaved:
+                        rounds: int | None = None,
+                        known_ms: Mapping[str, float | None] | None = None) -> Interleaved:
     """Time ``steps`` (already warmed up) in rounds that give each a turn, and pair their times.
 
     Each step is first timed once, or ESTIMATE_CALLS times when faster than half a turn (to plan
@@ -308,6 +309,9 @@ def measure_interleaved(steps: dict[str, Callable[[], object]], timing: Timing,
 
     ``turn_ms`` and ``rounds`` (None: :func:`plan_rounds`) plan a shorter measurement, such as
     the tuner's screen; a clock with ``fixed_rounds`` keeps its own turns and rounds.
+    ``known_ms`` gives steps' times from a warm call made earlier (the runner's peak-memory call,
+    after the warm-up call): a step known to be slower than half a turn is planned from it and
+    runs no call to estimate it, and that call counts among its warm-up calls.
     """
     if not steps:
         return Interleaved({}, {}, {}, [])
@@ -315,7 +319,7 @@ def measure_interleaved(steps: dict[str, Callable[[], object]], timing: Timing,
     names = list(steps)
     errors: dict[str, BaseException] = {}
     with clock.sampler or contextlib.nullcontext():
-        timed = _rounds(clock, steps, timing, errors, turn_ms, rounds)
+        timed = _rounds(clock, steps, timing, errors, turn_ms, rounds, known_ms or {})
         flat = [h for this_round in timed for _, handles in this_round for h in handles]
         times = _read(clock, flat, [n for n in names if n not in errors], errors)
     readings = _telemetry(clock, timed if times is not None else [], errors)
@@ -338,13 +342,13 @@ def measure_interleaved(steps: dict[str, Callable[[], object]], timing: Timing,
 
 
 def _rounds(clock: Clock, steps: dict[str, Callable[[], object]], timing: Timing,
-            errors: dict[str, BaseException], turn_ms: float,
-            rounds: int | None) -> list[list[tuple[str, list[object]]]]:
+            errors: dict[str, BaseException], turn_ms: float, rounds: int | None,
+            known_ms: Mapping[str, float | None]) -> list[list[tuple[str, list[object]]]]:
     """Estimate and warm up each step (unless the clock fixes its turns), then run the rounds;
     per round, each step's timed handles in the order the step ran."""
     names = list(steps)
     if clock.fixed_rounds is None:
-        estimates = _estimates(clock, steps, errors, turn_ms)
+        estimates = _estimates(clock, steps, errors, turn_ms, known_ms)
         turns = {name: plan_turn(ms, turn_ms) for name, (ms, _) in estimates.items()}
         rounds = plan_rounds(timing) if rounds is None else rounds
         # About warmup_ms of untimed calls each, as do_bench, the estimate's calls among them:
@@ -387,15 +391,18 @@ def _telemetry(clock: Clock, timed: list[list[tuple[str, list[object]]]],
 
 
 def _estimates(clock: Clock, steps: dict[str, Callable[[], object]],
-               errors: dict[str, BaseException],
-               turn_ms: float) -> dict[str, tuple[float, int]]:
+               errors: dict[str, BaseException], turn_ms: float,
+               known_ms: Mapping[str, float | None]) -> dict[str, tuple[float, int]]:
     """Each step's time and the calls that estimated it. One timed call first: a step slower
     than half a turn is planned from it (its turn is a call or two whatever the estimate says,
     and a second-long step need not run five times to learn that); a faster one from the
-    median of ESTIMATE_CALLS calls."""
-    first = {name: _calls(clock, steps, name, 1, errors) for name in steps}
-    ok = [n for n in steps if first[n] is not None]
+    median of ESTIMATE_CALLS calls. A step whose ``known_ms`` is slower than half a turn makes
+    no call: the call that timed it stands for the first."""
+    slow = {n: known_ms[n] for n in steps if (known_ms.get(n) or 0.0) >= turn_ms / 2}
+    first = {name: _calls(clock, steps, name, 1, errors) for name in steps if name not in slow}
+    ok = [n for n in first if first[n] is not None]
     first_ms = dict(zip(ok, _read(clock, [first[n][0] for n in ok], ok, errors) or []))
+    first_ms.update(slow)
     estimates = {n: (ms, 1) for n, ms in first_ms.items()
                  if ms >= turn_ms / 2 and n not in errors}
     more = [n for n in first_ms if n not in estimates and n not in errors]
@@ -425,15 +432,29 @@ def _ratios(per_round: list[dict[str, float]], names: list[str], baseline: str |
     return out
 
 
-def peak_memory_mb(fn: Callable[[], object], device: torch.device,
-                   exclude_bytes: int = 0) -> float:
-    """Peak device memory (MB) while ``fn`` runs once, inputs and outputs included, less
+@dataclass(frozen=True)
+class PeakCall:
+    """One call of a warm step: the peak device memory (MB) while it ran, and its device time
+    (ms, between CUDA events, L2 not flushed), which can stand for the first estimate call of
+    `measure_interleaved` (``known_ms``). Off CUDA, NaN and None."""
+
+    mb: float
+    ms: float | None
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device,
+                exclude_bytes: int = 0) -> PeakCall:
+    """Peak device memory while ``fn`` runs once, inputs and outputs included, less
     ``exclude_bytes`` (memory held meanwhile that is not this step's, such as other providers'
-    prepared state)."""
+    prepared state), and the call's time."""
     if device.type != "cuda":
-        return float("nan")
+        return PeakCall(float("nan"), None)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
     fn()
+    end.record()
     torch.cuda.synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - exclude_bytes) / 2**20
+    return PeakCall((torch.cuda.max_memory_allocated(device) - exclude_bytes) / 2**20,
+                    start.elapsed_time(end))

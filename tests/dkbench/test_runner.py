@@ -278,6 +278,32 @@ def test_interleaved_rows_keep_provider_order_and_failures(
     assert rows[0].ms == 1.0 and rows[0].speedup == 1.0 and rows[0].timer == "scripted"
 
 
+def test_the_peak_memory_calls_time_plans_the_interleaved_timing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each provider's peak-memory call (timed on a GPU) reaches the interleaved timing as its
+    known time, so a slow step runs no extra call to be estimated."""
+    warm = {"sdpa_math": 180.0, "dkbench": 7.0}
+    prepared = iter(["sdpa_math", "dkbench"])  # the order providers are prepared in
+    calls: list[str] = []
+
+    def peak_memory(fn, device, exclude_bytes=0):
+        calls.append(next(prepared))
+        return timing.PeakCall(1.0, warm[calls[-1]])
+
+    seen: dict[str, float | None] = {}
+    real = runner.measure_interleaved
+
+    def measure_interleaved(steps, spec, device, baseline=None, **kw):
+        seen.update(kw["known_ms"])
+        return real(steps, spec, device, baseline, **kw)
+
+    monkeypatch.setattr(runner, "peak_memory", peak_memory)
+    monkeypatch.setattr(runner, "measure_interleaved", measure_interleaved)
+    rows = run_rows(tmp_path, providers=["dkbench", "sdpa_math"], baseline="sdpa_math")
+    assert seen == warm and calls == ["sdpa_math", "dkbench"]
+    assert [r.peak_mem_mb for r in rows] == [1.0, 1.0]
+
+
 def test_interleave_off_times_each_provider_alone(tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     timed: list[str] = []

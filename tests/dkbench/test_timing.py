@@ -226,3 +226,33 @@ def test_the_l2_flush_reads_its_buffer_and_writes_nothing() -> None:
     clock.flush.fill_(7)
     clock.read([clock.call(lambda: None)])
     assert bool((clock.flush == 7).all())
+
+
+def test_a_step_known_to_be_slow_runs_no_estimate_call() -> None:
+    """b's time is known from an earlier warm call (the runner's peak-memory call): it is
+    planned from that and goes straight to the rounds; a, known to be fast, and c, not known,
+    are estimated as before (a known fast time is not enough to plan ESTIMATE_CALLS' worth)."""
+    ms = [10.0, 10.0, 2 * TURN_MS]  # the clock numbers steps as first called: a, c, then b
+    clock = ScriptedClock(lambda s, call: ms[s])
+    spec = Timing(warmup_ms=25, rep_ms=300)
+    steps = steps_of("a", "b", "c")
+    got = measure_interleaved(steps, spec, CPU, "a", clock=clock,
+                              known_ms={"a": 10.0, "b": 2 * TURN_MS, "c": None})
+    rounds = plan_rounds(spec)
+    assert clock.order.count(2) == rounds  # no estimate call, no warm-up call
+    assert got.times["b"].samples == rounds and got.ratios["b"].samples == rounds
+    # a and c: one call each, then ESTIMATE_CALLS - 1 more each, before any round.
+    estimate = [0, 1] + [0] * (ESTIMATE_CALLS - 1) + [1] * (ESTIMATE_CALLS - 1)
+    assert clock.order[:len(estimate)] == estimate
+    assert got.ratios["b"].median == pytest.approx(10 / (2 * TURN_MS))
+
+
+def test_a_known_time_plans_the_turn_even_when_it_is_off() -> None:
+    """The known time plans b's turn (one settling and one timed call at 150 ms), though its
+    calls now take 250 ms; what is timed is what the clock says."""
+    ms = [10.0, 250.0]
+    clock = ScriptedClock(lambda s, call: ms[s])
+    got = measure_interleaved(steps_of("a", "b"), Timing(warmup_ms=25, rep_ms=300), CPU, "a",
+                              clock=clock, known_ms={"b": 150.0})
+    assert clock.order.count(1) == 2 * len(got.rounds)
+    assert got.times["b"].ms == 250.0
