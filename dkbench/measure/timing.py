@@ -50,6 +50,11 @@ MAX_TURN_CALLS = 500
 WHOLE_TURNS = 2.0
 # Calls per step that estimate its time before the turns are planned (do_bench uses five too).
 ESTIMATE_CALLS = 5
+# A step whose time is known from an earlier warm call (`measure_interleaved`'s known_ms) and is
+# at least this share of a turn is planned from that call alone: its turn is at most ten calls,
+# so rounding to whole calls already moves the turn's length by up to 5%, and more calls to
+# estimate it would change its plan only at the edge between two counts.
+KNOWN_TURN_SHARE = 0.1
 # Read before each call, so no call finds its inputs in L2 (50 MB on an H100). Read, not zeroed
 # as do_bench does: a zero-fill leaves L2 full of dirty lines, and the timed call paid to write
 # them back. On an H200 a batch-1, 128k-token decode step took 85.9 us after a zero-fill, 76.6
@@ -310,8 +315,9 @@ def measure_interleaved(steps: dict[str, Callable[[], object]], timing: Timing,
     ``turn_ms`` and ``rounds`` (None: :func:`plan_rounds`) plan a shorter measurement, such as
     the tuner's screen; a clock with ``fixed_rounds`` keeps its own turns and rounds.
     ``known_ms`` gives steps' times from a warm call made earlier (the runner's peak-memory call,
-    after the warm-up call): a step known to be slower than half a turn is planned from it and
-    runs no call to estimate it, and that call counts among its warm-up calls.
+    after the warm-up call): a step known to take at least KNOWN_TURN_SHARE of a turn is
+    planned from it and runs no call to estimate it, and that call counts among its warm-up
+    calls.
     """
     if not steps:
         return Interleaved({}, {}, {}, [])
@@ -396,15 +402,16 @@ def _estimates(clock: Clock, steps: dict[str, Callable[[], object]],
     """Each step's time and the calls that estimated it. One timed call first: a step slower
     than half a turn is planned from it (its turn is a call or two whatever the estimate says,
     and a second-long step need not run five times to learn that); a faster one from the
-    median of ESTIMATE_CALLS calls. A step whose ``known_ms`` is slower than half a turn makes
-    no call: the call that timed it stands for the first."""
-    slow = {n: known_ms[n] for n in steps if (known_ms.get(n) or 0.0) >= turn_ms / 2}
-    first = {name: _calls(clock, steps, name, 1, errors) for name in steps if name not in slow}
+    median of ESTIMATE_CALLS calls. A step whose ``known_ms`` is at least KNOWN_TURN_SHARE of a
+    turn makes no call: the call that timed it is its estimate."""
+    known = {n: (known_ms[n], 1) for n in steps
+             if (known_ms.get(n) or 0.0) >= KNOWN_TURN_SHARE * turn_ms}
+    first = {name: _calls(clock, steps, name, 1, errors) for name in steps if name not in known}
     ok = [n for n in first if first[n] is not None]
     first_ms = dict(zip(ok, _read(clock, [first[n][0] for n in ok], ok, errors) or []))
-    first_ms.update(slow)
     estimates = {n: (ms, 1) for n, ms in first_ms.items()
                  if ms >= turn_ms / 2 and n not in errors}
+    estimates.update(known)
     more = [n for n in first_ms if n not in estimates and n not in errors]
     extra = ESTIMATE_CALLS - 1
     handles = {name: _calls(clock, steps, name, extra, errors) for name in more}

@@ -118,7 +118,8 @@ def screen_steps(ctx: runner.RunContext, ready: list[runner.ReadyStep],
     timing = spec.model_copy(update={"warmup_ms": min(spec.warmup_ms, screen.turn_ms)})
     try:
         timed = measure_interleaved(steps, timing, ctx.device, default, turn_ms=screen.turn_ms,
-                                    rounds=screen.rounds)
+                                    rounds=screen.rounds,
+                                    known_ms={r.row.provider: r.warm_ms for r in ready})
     except Exception:  # noqa: BLE001 - e.g. no memory for the L2 flush buffer: the final sees it
         return None
     if default in timed.errors or not timed.ratios:

@@ -13,6 +13,7 @@ from dkbench.measure import timing
 from dkbench.measure.timing import (
     ESTIMATE_CALLS,
     INTERPRETER_REPS,
+    KNOWN_TURN_SHARE,
     MAX_ROUNDS,
     MAX_TURN_CALLS,
     MIN_ROUNDS,
@@ -228,23 +229,26 @@ def test_the_l2_flush_reads_its_buffer_and_writes_nothing() -> None:
     assert bool((clock.flush == 7).all())
 
 
-def test_a_step_known_to_be_slow_runs_no_estimate_call() -> None:
-    """b's time is known from an earlier warm call (the runner's peak-memory call): it is
-    planned from that and goes straight to the rounds; a, known to be fast, and c, not known,
-    are estimated as before (a known fast time is not enough to plan ESTIMATE_CALLS' worth)."""
-    ms = [10.0, 10.0, 2 * TURN_MS]  # the clock numbers steps as first called: a, c, then b
+def test_a_step_known_to_take_a_tenth_of_a_turn_runs_no_estimate_call() -> None:
+    """b's time is known from an earlier warm call (the runner's peak-memory call) and is at
+    least KNOWN_TURN_SHARE of a turn: it is planned from that and goes straight to the rounds, that
+    call counted as its warm-up. a, known to take less, and c, not known, are estimated as
+    before."""
+    assert KNOWN_TURN_SHARE * TURN_MS == 10.0
+    ms = [5.0, 5.0, 30.0]  # the clock numbers steps as first called: a, c, then b
     clock = ScriptedClock(lambda s, call: ms[s])
     spec = Timing(warmup_ms=25, rep_ms=300)
-    steps = steps_of("a", "b", "c")
-    got = measure_interleaved(steps, spec, CPU, "a", clock=clock,
-                              known_ms={"a": 10.0, "b": 2 * TURN_MS, "c": None})
+    got = measure_interleaved(steps_of("a", "b", "c"), spec, CPU, "a", clock=clock,
+                              known_ms={"a": 5.0, "b": 30.0, "c": None})
     rounds = plan_rounds(spec)
-    assert clock.order.count(2) == rounds  # no estimate call, no warm-up call
-    assert got.times["b"].samples == rounds and got.ratios["b"].samples == rounds
-    # a and c: one call each, then ESTIMATE_CALLS - 1 more each, before any round.
+    b_turn = sum(plan_turn(30.0))
+    assert clock.order.count(2) == rounds * b_turn  # no estimate call, no warm-up call
+    assert got.times["b"].samples == rounds * plan_turn(30.0)[1]
+    # a and c: one call each, then ESTIMATE_CALLS - 1 more each, then their warm-up (25 ms of
+    # calls, the estimate's 25 counted), before any round.
     estimate = [0, 1] + [0] * (ESTIMATE_CALLS - 1) + [1] * (ESTIMATE_CALLS - 1)
-    assert clock.order[:len(estimate)] == estimate
-    assert got.ratios["b"].median == pytest.approx(10 / (2 * TURN_MS))
+    assert clock.order[:len(estimate) + 1] == estimate + [0]  # round 0 starts with a
+    assert got.ratios["b"].median == pytest.approx(5.0 / 30.0)
 
 
 def test_a_known_time_plans_the_turn_even_when_it_is_off() -> None:
