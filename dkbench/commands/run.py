@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -13,19 +15,24 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import INTERRUPTED, BadInputError, DkbenchError
-from ..results.schema import read_meta
+from ..results.schema import META_FILE, RESULTS_FILE, read_meta
 from ..spec.load import load_spec
 from ..spec.sweep import (
+    DEVICES,
     excluded_for_provider,
     expand,
     filter_cases,
     graph_row_name,
+    only_mismatch,
     row_provider,
 )
 from .errors import err_console, fail
 from .progress import progress_bar
 
 SWEEPS_DIR = Path(__file__).resolve().parents[2] / "sweeps"
+DEFAULT_OUT = Path("results")
+# Providers whose kernels are Triton's: on a CPU they run only through its interpreter.
+TRITON_PROVIDERS = ("dkbench",)
 
 console = Console()
 
@@ -42,7 +49,9 @@ def run(
     spec: Annotated[Optional[Path], typer.Argument(
         help="Sweep spec (YAML). Default: sweeps/phi3.yaml on a GPU, sweeps/smoke.yaml on a CPU.",
         show_default=False)] = None,
-    out: Annotated[Path, typer.Option(help="Directory that receives the run directory.")] = Path("results"),
+    out: Annotated[Optional[Path], typer.Option(
+        help="Directory that receives the run directory. Default: results. With --resume, the "
+             "run writes into the directory it finishes.", show_default=False)] = None,
     device: Annotated[str, typer.Option(help="auto, cuda or cpu (cpu runs Triton's interpreter).")] = "auto",
     providers: Annotated[Optional[str], typer.Option(
         help="Comma-separated providers to run instead of the spec's.", show_default=False)] = None,
@@ -71,6 +80,7 @@ def run(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
 ) -> None:
     """Run a sweep: every case x provider checked, timed and appended to results.csv."""
+    plan = None
     try:
         from ..measure import runner
         from ..measure.parallel import execute_parallel, parent_device, parse_gpus
@@ -78,8 +88,9 @@ def run(
         from ..measure.shard import parse_shard, shard_cases
         from ..report.summary import cannot_run_here, outcome_line, setup_line, summary_table
 
-        if device not in ("auto", "cuda", "cpu"):
-            raise BadInputError(f"--device {device!r}: allowed values are auto, cuda, cpu")
+        _check_device_flag(device)
+        if resume is not None:
+            _check_resume_out(resume, out)
         sweep = None
         if resume is not None and spec is None:
             sweep, spec_text = recorded_spec(resume)
@@ -102,27 +113,14 @@ def run(
                 raise BadInputError(f"--compile-ahead runs on one GPU; with --gpus {gpus} each "
                                     "worker compiles as it goes (drop one of the two)")
         elif device == "auto" and sweep.device != "auto":
-            dev = runner.resolve_device(sweep.device)
-        chosen = sweep.providers
-        if providers is not None:
-            from ..measure.providers import PROVIDERS
-            chosen = [p.strip() for p in providers.split(",") if p.strip()]
-            if not chosen:
-                raise BadInputError(f"--providers {providers!r}: name at least one provider; "
-                                    f"allowed: {', '.join(PROVIDERS)}")
-            unknown = [p for p in chosen if p not in PROVIDERS]
-            if unknown:
-                graphs = [p for p in unknown
-                          if row_provider(p)[1] and row_provider(p)[0] in PROVIDERS]
-                hint = (f" ({', '.join(graphs)}: CUDA-graph rows come from the spec's "
-                        "timing.cuda_graph: [false, true], beside the provider's eager ones; name "
-                        "the provider)" if graphs else "")
-                raise BadInputError(f"--providers: unknown {', '.join(unknown)}; allowed: "
-                                    f"{', '.join(PROVIDERS)}{hint}")
-        cases = filter_cases(expand(sweep), only or [])
+            dev = _spec_device(sweep.device, spec or resume / META_FILE, runner.resolve_device)
+        chosen = _chosen_providers(sweep.providers, providers)
+        everything = expand(sweep)
+        cases = filter_cases(everything, only or [])
         if not cases:
             raise BadInputError(f"--only {' '.join(only or [])}: no case of "
-                                f"{spec or resume / 'meta.json'} matches")
+                                f"{spec or resume / META_FILE} matches"
+                                f"{only_mismatch(everything, only or [])}")
         spec_cases, cases = len(cases), shard_cases(cases, part)
         if not cases:
             console.print(f"Shard {part} has no cases (the sweep has {spec_cases}); "
@@ -130,48 +128,20 @@ def run(
             return
         if resume is not None:
             _check_resumed_shard(resume, part)
-        plan = runner.plan_run(sweep, cases, chosen, out, resume)
+        plan = runner.plan_run(sweep, cases, chosen, out or DEFAULT_OUT, resume)
+        _announce(plan, sweep, cases, part, spec_cases, chosen, slots, dev, compile_ahead)
     except DkbenchError as exc:
+        _drop_unstarted(plan, resume)
         raise fail(exc) from None
     except KeyboardInterrupt:
+        _drop_unstarted(plan, resume)
         err_console.print(INTERRUPTED)
         raise typer.Exit(code=130) from None
-
-    count = (f"{len(cases)} cases" if part is None
-             else f"shard {part}: {len(cases)} of {spec_cases} cases")
-    where = (f"{len(slots)} worker{'s' * (len(slots) > 1)} ({', '.join(s.label for s in slots)})"
-             if slots else str(dev))
-    both = ", each timed eagerly and by CUDA-graph replay" if sweep.timing.graph_rows else ""
-    console.print(f"Run directory: [bold]{escape(str(plan.run_dir))}[/bold] ({count} x "
-                  f"{len(chosen)} providers{both} on {where})")
     meta = {"shard": str(part) if part else None, "only": list(only or []), "gpus": gpus}
-
-    def warn(text: str) -> None:
-        err_console.print(f"[yellow]warning:[/yellow] {escape(text)}", highlight=False)
-
-    for note in plan.warnings:
-        warn(note)
-    if dev.type == "cpu":
-        from ..measure.size_guard import cpu_warning
-
-        if compile_ahead:
-            warn("--compile-ahead: Triton's interpreter on the CPU compiles nothing; the run "
-                 "goes on without that phase")
-
-        slow = cpu_warning(cases, chosen)
-        if slow:
-            warn(slow)
-    # A cache file that cannot be read is set aside once, here, with one warning naming it.
-    from kernels import ConfigCache
-
-    from .cache import show_cache_warnings
-
-    with show_cache_warnings():
-        ConfigCache().entries()
 
     def run_sweep(on_progress=None):
         if slots:
-            return execute_parallel(sweep, spec_text, plan, slots, on_progress, warn,
+            return execute_parallel(sweep, spec_text, plan, slots, on_progress, _warn,
                                     extra_meta=meta)
         if compile_ahead is not False:
             from ..measure import ahead
@@ -193,22 +163,124 @@ def run(
     except DkbenchError as exc:
         err_console.print(f"Rows so far are in {plan.run_dir}; finish with --resume {plan.run_dir}")
         raise fail(exc) from None
-    if not quiet and rows:
-        console.print(summary_table(rows, sweep.baseline))
-        if rows[0].interpreter:
-            console.print("Timings above ran through Triton's interpreter on the CPU: they check "
-                          "the pipeline and say nothing about GPU performance.")
-    compiled_ahead = read_meta(plan.run_dir).get("compiled_ahead")
-    if compile_ahead and dev.type == "cuda" and compiled_ahead is None:
-        warn("--compile-ahead: fewer than two providers and modes compile in this run, so none "
-             "was compiled ahead (one worker would only add its start-up)")
-    outcome = outcome_line(rows, cannot_run_here(rows, dev))
-    if outcome:
-        console.print(outcome)
-    spent = setup_line(rows, time.perf_counter() - started, ahead=compiled_ahead)
-    if spent and not quiet:
-        console.print(spent, highlight=False)
+    try:
+        if not quiet and rows:
+            console.print(summary_table(rows, sweep.baseline))
+            if rows[0].interpreter:
+                console.print("Timings above ran through Triton's interpreter on the CPU: they "
+                              "check the pipeline and say nothing about GPU performance.")
+        compiled_ahead = read_meta(plan.run_dir).get("compiled_ahead")
+        if compile_ahead and dev.type == "cuda" and compiled_ahead is None:
+            _warn("--compile-ahead: fewer than two providers and modes compile in this run, so "
+                  "none was compiled ahead (one worker would only add its start-up)")
+        outcome = outcome_line(rows, cannot_run_here(rows, dev))
+        if outcome:
+            console.print(outcome)
+        spent = setup_line(rows, time.perf_counter() - started, ahead=compiled_ahead)
+        if spent and not quiet:
+            console.print(spent, highlight=False)
+    except KeyboardInterrupt:  # every row is written by now: only the summary is cut short
+        err_console.print(f"Interrupted while summing up; every row is in {plan.run_dir}")
+        raise typer.Exit(code=130) from None
     console.print(f"Results: [bold]{escape(str(plan.run_dir / 'results.csv'))}[/bold]")
+
+
+def _warn(text: str) -> None:
+    err_console.print(f"[yellow]warning:[/yellow] {escape(text)}", highlight=False)
+
+
+def _announce(plan, sweep, cases, part, spec_cases, chosen, slots, dev, compile_ahead) -> None:
+    """The run directory and what runs where, then every warning before the first row."""
+    count = (f"{len(cases)} cases" if part is None
+             else f"shard {part}: {len(cases)} of {spec_cases} cases")
+    where = (f"{len(slots)} worker{'s' * (len(slots) > 1)} ({', '.join(s.label for s in slots)})"
+             if slots else str(dev))
+    both = ", each timed eagerly and by CUDA-graph replay" if sweep.timing.graph_rows else ""
+    console.print(f"Run directory: [bold]{escape(str(plan.run_dir))}[/bold] ({count} x "
+                  f"{len(chosen)} providers{both} on {where})")
+    for note in plan.warnings:
+        _warn(note)
+    if dev.type == "cpu":
+        from ..measure.envinfo import interpreting
+        from ..measure.size_guard import cpu_warning
+
+        if compile_ahead:
+            _warn("--compile-ahead: Triton's interpreter on the CPU compiles nothing; the run "
+                  "goes on without that phase")
+        triton = [p for p in chosen if p in TRITON_PROVIDERS]
+        if triton and not slots and not interpreting():
+            _warn(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r} turns Triton's "
+                  f"interpreter off, so {', '.join(triton)} cannot run on the CPU and its rows "
+                  "will be errors; unset it (or set TRITON_INTERPRET=1) to run them")
+        slow = cpu_warning(cases, chosen)
+        if slow:
+            _warn(slow)
+    # A cache file that cannot be read is set aside once, here, with one warning naming it.
+    from kernels import ConfigCache
+
+    from .cache import show_cache_warnings
+
+    with show_cache_warnings():
+        ConfigCache().entries()
+
+
+def _drop_unstarted(plan, resume: Path | None) -> None:
+    """A new run directory left empty by an error or Ctrl-C before its first row is removed."""
+    if plan is not None and resume is None:
+        try:
+            plan.run_dir.rmdir()  # only when empty
+        except OSError:
+            pass
+
+
+def _check_device_flag(device: str) -> None:
+    if device not in DEVICES:
+        raise BadInputError(f"--device {device!r}: allowed values are {', '.join(DEVICES)}")
+
+
+def _check_resume_out(resume: Path, out: Path | None) -> None:
+    """--out with --resume: a resumed run writes into its own directory, so an --out elsewhere
+    would do nothing; it is refused rather than ignored."""
+    if not any((resume / name).exists() for name in (META_FILE, RESULTS_FILE)):
+        return  # not a run directory: --resume's own check says so
+    if out is not None and Path(out).resolve() != Path(resume).resolve().parent:
+        raise BadInputError(f"--out {out}: a resumed run writes into the directory it finishes "
+                            f"(--resume {resume}), not under --out; drop --out")
+
+
+def _spec_device(asked: str, source: Path, resolve) -> torch.device:
+    """The device a spec's own ``device`` key asks for, the key named when it cannot be had."""
+    try:
+        return resolve(asked)
+    except BadInputError:
+        raise BadInputError(f"{source}: device: {asked}, but no CUDA GPU is visible "
+                            "(torch.cuda.is_available() is False); allowed here: auto, cpu "
+                            "(or run with --device cpu)") from None
+
+
+def _chosen_providers(spec_providers: list[str], flag: str | None) -> list[str]:
+    """The spec's providers, or those of --providers: known names, each once."""
+    if flag is None:
+        return list(spec_providers)
+    from ..measure.providers import PROVIDERS
+
+    chosen = [p.strip() for p in flag.split(",") if p.strip()]
+    if not chosen:
+        raise BadInputError(f"--providers {flag!r}: name at least one provider; "
+                            f"allowed: {', '.join(PROVIDERS)}")
+    unknown = [p for p in chosen if p not in PROVIDERS]
+    if unknown:
+        graphs = [p for p in unknown if row_provider(p)[1] and row_provider(p)[0] in PROVIDERS]
+        hint = (f" ({', '.join(graphs)}: CUDA-graph rows come from the spec's "
+                "timing.cuda_graph: [false, true], beside the provider's eager ones; name "
+                "the provider)" if graphs else "")
+        raise BadInputError(f"--providers: unknown {', '.join(unknown)}; allowed: "
+                            f"{', '.join(PROVIDERS)}{hint}")
+    twice = sorted({p for p in chosen if chosen.count(p) > 1})
+    if twice:  # each would measure the case again, into a second row of the same key
+        raise BadInputError(f"--providers {flag!r}: {', '.join(twice)} given twice; name each "
+                            "provider once")
+    return chosen
 
 
 def _check_workers_device(gpus: str, cuda: bool, asked: str) -> None:
@@ -222,14 +294,45 @@ def _recorded_flags(resume: Path, providers: str | None, only: list[str] | None,
                     shard: str | None) -> tuple[str | None, list[str] | None, str | None]:
     """--providers, --only and --shard as recorded in a resumed run's meta.json, where not given,
     so that `--resume DIR` alone finishes the run it names."""
-    meta = read_meta(resume)
-    if providers is None and meta.get("providers"):
-        providers = ",".join(meta["providers"])
-    return providers, only or list(meta.get("only") or []) or None, shard or meta.get("shard")
+    meta = _resumed_meta(resume)
+    recorded_providers = _recorded(resume, meta, "providers", list)
+    recorded_only = _recorded(resume, meta, "only", list)
+    recorded_shard = _recorded(resume, meta, "shard", str)
+    if providers is None and recorded_providers:
+        providers = ",".join(recorded_providers)
+    return providers, only or list(recorded_only or []) or None, shard or recorded_shard
+
+
+def _resumed_meta(resume: Path) -> dict:
+    """A resumed run's meta.json as a mapping; BadInputError names the file when it cannot be
+    read or is not one."""
+    path = resume / META_FILE
+    try:
+        meta = read_meta(resume)
+    except (OSError, ValueError) as exc:  # a directory, not UTF-8, not JSON
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise BadInputError(f"--resume {resume}: {path} cannot be read ({reason})") from None
+    if not isinstance(meta, dict):
+        raise BadInputError(f"--resume {resume}: {path} holds a JSON {type(meta).__name__}, not "
+                            "the mapping a run writes there")
+    return meta
+
+
+def _recorded(resume: Path, meta: dict, key: str, kind: type):
+    """``meta[key]`` (None when absent), refused naming the file and key unless it is null or a
+    ``kind`` (of strings, for a list), as a run records it."""
+    value = meta.get(key)
+    fine = value is None or (isinstance(value, kind) and (
+        kind is not list or all(isinstance(v, str) for v in value)))
+    if not fine:
+        what = "a list of strings" if kind is list else "a string"
+        raise BadInputError(f"--resume {resume}: {resume / META_FILE}: {key}: expected null or "
+                            f"{what} as a run records it, got {json.dumps(value)}")
+    return value
 
 
 def _check_resumed_shard(resume: Path, part) -> None:
-    recorded = read_meta(resume).get("shard")
+    recorded = _recorded(resume, _resumed_meta(resume), "shard", str)
     given = str(part) if part is not None else None
     if recorded != given:
         raise BadInputError(f"--resume {resume}: that run is "
@@ -266,6 +369,7 @@ def env(
     from ..measure.runner import resolve_device
 
     try:
+        _check_device_flag(device)
         dev = resolve_device(device)
     except DkbenchError as exc:
         raise fail(exc) from None
@@ -285,6 +389,8 @@ def env(
 
     reason = calibrate.unavailable_reason(dev)
     if reason is not None:
+        if measure:  # asked for, and not done: not a success
+            raise fail(BadInputError(f"--calibrate: {reason}; it measures a CUDA GPU"))
         console.print(f"calibration: {escape(reason)}", highlight=False)
         return
     path = calibrate.calibration_path()

@@ -25,10 +25,11 @@ from .messages import (
     error_text,
     error_where,
     only_model,
+    show,
     validation_message,
     yaml_problem,
 )
-from .patterns import DensePattern, FilePattern, LocalStridePattern, RandomPattern
+from .patterns import PATTERN_TYPES, DensePattern, FilePattern, LocalStridePattern, RandomPattern
 from .sweep import (
     AXIS_RANGES,
     CASE_KEYS,
@@ -36,6 +37,7 @@ from .sweep import (
     GRAPH_SUFFIX,
     MAX_CASES,
     MAX_LAYOUT_BLOCKS,
+    MODES,
     Case,
     Check,
     LaunchConfigSpec,
@@ -65,8 +67,10 @@ def load_spec(path: str | Path) -> Sweep:
     path = Path(path)
     if path.is_dir():
         raise SpecError(f"{path}: is a directory; give a spec file (YAML)")
-    if not path.is_file():
+    if not path.exists():
         raise SpecError(f"{path}: no such spec file")
+    if not path.is_file():  # a device, a FIFO or a socket: reading it could block or never end
+        raise SpecError(f"{path}: not a regular file; give a spec file (YAML)")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -88,13 +92,19 @@ def load_spec(path: str | Path) -> Sweep:
         raise SpecError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a sweep spec is a YAML mapping of keys, got {type(raw).__name__}")
-    try:
-        sweep = Sweep.model_validate(raw)
-    except ValidationError as exc:
-        raise SpecError(validation_message(path, exc, _model_at)) from None
+    sweep = sweep_from_dict(raw, path)
     sweep = _resolve_files(sweep, path.parent)
     check_sweep(sweep, path)
     return sweep
+
+
+def sweep_from_dict(raw: dict, path: str | Path) -> Sweep:
+    """A spec already parsed (a YAML file's, or one recorded in a run's meta.json) validated
+    field by field; SpecError lists each bad key under ``path``, in the project's words."""
+    try:
+        return Sweep.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(validation_message(Path(path), exc, _model_at)) from None
 
 
 def _resolve_files(sweep: Sweep, base: Path) -> Sweep:
@@ -154,6 +164,7 @@ def check_sweep(sweep: Sweep, path: Path) -> None:
                 fail(f"exclude[{i}].provider", f"unknown provider {name!r}; allowed: a provider "
                      f"({', '.join(PROVIDERS)}), or one with {GRAPH_SUFFIX} for its CUDA-graph "
                      "rows (timing.cuda_graph: [false, true])")
+        _check_exclusion_values(sweep, i, rule, fail)
     _check_case_count(sweep, fail)
     cases = expand(sweep)
     if not cases:
@@ -161,6 +172,37 @@ def check_sweep(sweep: Sweep, path: Path) -> None:
     layouts: dict[tuple, Any] = {}
     for case in cases:
         _check_case(case, fail, layouts)
+
+
+_INT_KEYS = ("batch", "seqlen", "q_len", "heads", "kv_heads", "head_dim", "block_size")
+
+
+def _check_exclusion_values(sweep: Sweep, i: int, rule: dict, fail) -> None:
+    """Each value of an exclusion rule must be one a case can have: a misspelt mode, a quoted
+    `"true"` or a pattern label the spec does not hold would exclude nothing, silently."""
+    labels = [p.label() for p in sweep.patterns]
+    allowed = {
+        "mode": (lambda v: v in MODES, f"allowed: {', '.join(MODES)}"),
+        "dtype": (lambda v: v in DTYPES, f"allowed: {', '.join(DTYPES)}"),
+        "causal": (lambda v: isinstance(v, bool), "allowed: true, false"),
+        "pattern_type": (lambda v: v in PATTERN_TYPES, f"allowed: {', '.join(PATTERN_TYPES)}"),
+        "pattern": (lambda v: v in labels, f"allowed: the spec's patterns' labels "
+                    f"({', '.join(labels)})"),
+        "page_size": (lambda v: v is None or type(v) is int, "allowed: null (a contiguous "
+                      "cache) or a page size in tokens"),
+        **{key: (lambda v: type(v) is int, "allowed: integers") for key in _INT_KEYS},
+    }
+    for key, wanted in rule.items():
+        if key not in allowed:
+            continue  # provider, checked above
+        ok, words = allowed[key]
+        values = as_list(wanted)
+        if not values:
+            fail(f"exclude[{i}].{key}", f"an empty list; give at least one value ({words})")
+        for j, v in enumerate(values):
+            if isinstance(v, (dict, list)) or not ok(v):
+                where = f"exclude[{i}].{key}" + (f"[{j}]" if isinstance(wanted, list) else "")
+                fail(where, f"{show(v)} is not a {key} a case can have; {words}")
 
 
 def _check_case_count(sweep: Sweep, fail) -> None:

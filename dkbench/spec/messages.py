@@ -58,6 +58,8 @@ def error_where(e: dict) -> str:
     """The key path a pydantic error blames, e.g. `patterns[0].local_stride.block_size`."""
     if e["type"] == "invalid_key":  # the location is the bad key itself: blame its mapping
         return _format_loc(e["loc"][:-1])
+    if e["loc"][-1:] == ("[key]",):  # a mapping's key of the wrong type (`rtol: {1: 0.1}`)
+        return _format_loc(e["loc"][:-2])
     error = e.get("ctx", {}).get("error")
     index = (error.index,) if isinstance(error, AxisError) and error.index is not None else ()
     return _format_loc((*e["loc"], *index))
@@ -85,7 +87,7 @@ def error_text(e: dict, model_at: ModelAt) -> str:
         return f"unknown pattern type {ctx['tag']!r}; pattern types: {', '.join(PATTERN_TYPES)}"
     if kind == "union_tag_not_found":
         return f"no 'type' key; pattern types: {', '.join(PATTERN_TYPES)}"
-    if kind == "invalid_key":
+    if kind == "invalid_key" or (loc[-1:] == ("[key]",) and kind.startswith("string_")):
         return f"the key {given} is not a name; keys are strings"
     if kind == "missing":
         return "required key is missing"

@@ -8,7 +8,7 @@ from typing import Annotated, Literal, Union
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kernels import BlockLayout, dense_layout, local_stride_layout, random_layout
 
@@ -39,6 +39,20 @@ class LocalStridePattern(_Pattern):
     head_sliding_step: int | None = Field(None, ge=0, le=MAX_BLOCKS)
     head_sliding_offset: int = Field(0, ge=-MAX_BLOCKS, le=MAX_BLOCKS)
     num_dense_heads: int = Field(0, ge=0, le=1024)
+
+    @model_validator(mode="after")
+    def _one_head_form(self) -> "LocalStridePattern":
+        """homo_head gives every head one pattern: a per-group or per-head setting beside it would
+        do nothing, so it is refused rather than ignored."""
+        if self.homo_head:
+            beside = [k for k in ("per_kv_group", "head_sliding_step") if k in self.model_fields_set
+                      and getattr(self, k) not in (False, None)]
+            if beside:
+                raise ValueError(f"homo_head: true (one pattern for every head) leaves "
+                                 f"{' and '.join(beside)} nothing to do; allowed: homo_head: true "
+                                 "alone, or homo_head: false with per_kv_group (one pattern per "
+                                 "GQA group) or head_sliding_step (a pattern per query head)")
+        return self
 
     def label(self) -> str:
         heads = "homo" if self.homo_head else ("group" if self.per_kv_group else "head")

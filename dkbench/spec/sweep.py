@@ -58,6 +58,8 @@ AXIS_RANGES = {"batch": (1, 2**20), "batch_tokens": (1, 2**32), "seqlen": (1, MA
 MAX_CASES = 100_000
 # Block entries of one generated layout (pattern heads x blocks x blocks, a bool each).
 MAX_LAYOUT_BLOCKS = 2**32
+# What timing.warmup_ms and timing.rep_ms may ask for, per provider and case.
+MAX_TIMING_MS = 60_000
 # Strict: a YAML `true` is not the integer 1, and `64.5` or `"64"` are not integers.
 _STRICT = ConfigDict(extra="forbid", strict=True)
 
@@ -84,8 +86,9 @@ def row_provider(name: str) -> tuple[str, bool]:
 
 class Timing(BaseModel):
     model_config = _STRICT
-    warmup_ms: float = Field(25.0, gt=0, allow_inf_nan=False)
-    rep_ms: float = Field(100.0, gt=0, allow_inf_nan=False)
+    # At most a minute each: past that a value is a typo (do_bench would call the step for days).
+    warmup_ms: float = Field(25.0, gt=0, le=MAX_TIMING_MS, allow_inf_nan=False)
+    rep_ms: float = Field(100.0, gt=0, le=MAX_TIMING_MS, allow_inf_nan=False)
     # false: each step timed eagerly; true: by CUDA-graph replay (dkbench.measure.graphs); [false,
     # true]: both, every provider's graph rows beside its eager ones under `graph_row_name`.
     cuda_graph: bool | list[bool] = False
@@ -400,6 +403,19 @@ def _matches(case: Case, rule: dict[str, Any], provider: str | None = None) -> b
 def excluded_for_provider(sweep: Sweep, case: Case, provider: str) -> bool:
     """True when an exclusion rule that names a provider removes this case x provider."""
     return any("provider" in rule and _matches(case, rule, provider) for rule in sweep.exclude)
+
+
+def only_mismatch(cases: list[Case], only: list[str]) -> str:
+    """Why ``--only`` keeps none of ``cases``: the first ``KEY=VALUE`` that leaves nothing, with
+    the values the cases have for KEY (``"; seqlen=96 matches none: the cases have seqlen 32,
+    64"``), or nothing when each matches on its own (only their combination is empty)."""
+    for item in only:
+        key = item.partition("=")[0]
+        if not filter_cases(cases, [item]):
+            have = sorted({str(c.field(key)).lower() for c in cases},
+                          key=lambda v: (len(v), v) if v.isdigit() else (0, v))
+            return f"; {item} matches none: the cases have {key} {', '.join(have)}"
+    return ""
 
 
 def filter_cases(cases: list[Case], only: list[str]) -> list[Case]:

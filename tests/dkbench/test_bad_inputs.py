@@ -253,6 +253,37 @@ SPECS = [
         ("patterns: file(p.npy,bs16)", "pattern must have shape"), "p.npy"),
     Bad("pattern file of another kind", pattern_file("p.txt", raw(b"1 0\n1 1\n")),
         ("expected a .npy or .pt file",), "p.txt"),
+    # settings that would do nothing, refused rather than ignored
+    Bad("homo_head with per_kv_group", spec(patterns=[{**LOCAL, "homo_head": True,
+                                                        "per_kv_group": True}]),
+        ("patterns[0].local_stride: homo_head: true", "leaves per_kv_group nothing to do",
+         "allowed: homo_head: true alone")),
+    Bad("homo_head with head_sliding_step", spec(patterns=[{**LOCAL, "homo_head": True,
+                                                             "head_sliding_step": 2}]),
+        ("patterns[0].local_stride: homo_head: true", "leaves head_sliding_step nothing to do")),
+    Bad("exclude a misspelt mode", spec(exclude=[{"mode": "fwdd"}]),
+        ("exclude[0].mode: 'fwdd' is not a mode a case can have; allowed: fwd, bwd",)),
+    Bad("exclude causal as text", spec(exclude=[{"causal": "true"}]),
+        ("exclude[0].causal: 'true' is not a causal a case can have; allowed: true, false",)),
+    Bad("exclude a seqlen mapping", spec(exclude=[{"seqlen": [32, {"a": 1}]}]),
+        ("exclude[0].seqlen[1]: {'a': 1} is not a seqlen a case can have; allowed: integers",)),
+    Bad("exclude an unknown dtype", spec(exclude=[{"dtype": "fp4"}]),
+        ("exclude[0].dtype: 'fp4' is not a dtype", "allowed: bf16")),
+    Bad("exclude a pattern the spec lacks", spec(exclude=[{"pattern": "local_stride(bs16)"}]),
+        ("exclude[0].pattern: 'local_stride(bs16)' is not a pattern",
+         f"allowed: the spec's patterns' labels ({LOCAL_LABEL})")),
+    Bad("exclude an empty list", spec(exclude=[{"heads": []}]),
+        ("exclude[0].heads: an empty list",)),
+    # values past any sense
+    Bad("rep_ms of 1e300", spec(timing={"warmup_ms": 1, "rep_ms": 1e300}),
+        ("timing.rep_ms: must be less than or equal to 60000", "got 1e+300")),
+    Bad("warmup_ms of a day", spec(timing={"warmup_ms": 86_400_000, "rep_ms": 1}),
+        ("timing.warmup_ms: must be less than or equal to 60000",)),
+    Bad("rtol keyed by a number", text(yaml.safe_dump(spec_dict(), sort_keys=False)
+                                       .replace("check:\n", "check:\n  rtol: {1: 0.1}\n")),
+        ("check.rtol: the key 1 is not a name; keys are strings",)),
+    Bad("a character device", lambda folder: Path("/dev/null"),
+        ("not a regular file; give a spec file (YAML)",)),
 ]
 
 

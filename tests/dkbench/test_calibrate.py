@@ -144,7 +144,9 @@ def test_path_follows_the_cache_dir_override(tmp_path: Path,
 
 
 def test_env_calibrate_on_cpu_prints_the_reason() -> None:
+    """The tables still print; the calibration asked for and not done is an error, exit 2."""
     result = invoke("env", "--calibrate", "--device", "cpu")
-    assert result.exit_code == 0, result.output
-    assert "no CUDA device (interpreter timings have no speed of light)" in flat(result.stdout)
-    assert "providers" in result.stdout
+    assert result.exit_code == 2, result.output
+    assert ("--calibrate: no CUDA device (interpreter timings have no speed of light); it "
+            "measures a CUDA GPU") in flat(result.stderr)
+    assert "providers" in result.stdout and "Traceback" not in result.output
