@@ -10,7 +10,7 @@ import typer
 
 def _use_interpreter_without_gpu(argv: list[str]) -> None:
     """Kernels run through Triton's interpreter on a CPU; the flag must precede their import."""
-    if "TRITON_INTERPRET" in os.environ:
+    if os.environ.get("TRITON_INTERPRET"):  # set to something: the user's choice
         return
     wants_cpu = "--device=cpu" in argv or any(
         a == "--device" and i + 1 < len(argv) and argv[i + 1] == "cpu" for i, a in enumerate(argv))

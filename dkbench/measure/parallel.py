@@ -71,8 +71,10 @@ def parse_gpus(text: str) -> list[Slot]:
     text = text.strip()
     cpu = re.fullmatch(r"cpu:(\d+)", text)
     if cpu:
-        if int(cpu[1]) < 1:
-            raise BadInputError(f"--gpus {text}: cpu:N needs N >= 1")
+        most = max(os.cpu_count() or 1, 2)  # a worker a core, and two anywhere
+        if not 1 <= int(cpu[1]) <= most:
+            raise BadInputError(f"--gpus {text}: cpu:N needs N from 1 to {most} (one worker "
+                                "process a core of this machine)")
         return [Slot(f"cpu {i}", i, None) for i in range(int(cpu[1]))]
     parts = [p.strip() for p in text.split(",")]
     if text != "all" and not all(p.isdigit() for p in parts):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import BadInputError, SpecError
+from ..errors import BadInputError
 from ..results.schema import (
     META_FILE,
     RESULTS_FILE,
@@ -14,7 +14,7 @@ from ..results.schema import (
     read_meta,
     read_results,
 )
-from ..spec.load import check_sweep
+from ..spec.load import check_sweep, sweep_from_dict
 from ..spec.sweep import Sweep
 
 
@@ -67,10 +67,7 @@ def recorded_spec(resume: Path) -> tuple[Sweep, str]:
     path = resume / META_FILE
     if not isinstance(meta.get("spec"), dict):
         raise BadInputError(f"--resume {resume}: {path} records no spec; give the SPEC it ran")
-    try:
-        sweep = Sweep.model_validate(meta["spec"])
-    except ValueError as exc:  # pydantic's ValidationError
-        raise SpecError(f"{path}: the recorded spec is no longer valid: {exc}") from None
+    sweep = sweep_from_dict(meta["spec"], f"{path} (its recorded spec)")
     check_sweep(sweep, path)
     return sweep, str(meta.get("spec_text") or "")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -566,3 +567,17 @@ def test_summary_table_gives_no_ratio_to_a_baselines_graph_row() -> None:
     text = console.export_text()
     assert "2.000 " in text and "0.500 " in text and "(1.00x)" not in text
     assert "1.000 (2.00x)" in text and "*0.250 (2.00x)" in text
+
+
+def test_an_empty_triton_interpret_still_gets_the_interpreter_on_the_cpu(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """TRITON_INTERPRET= (empty) is not a choice: it reads as unset, so a CPU run gets the
+    interpreter; a value the user gave is kept."""
+    from dkbench import cli
+
+    monkeypatch.setenv("TRITON_INTERPRET", "")
+    cli._use_interpreter_without_gpu(["run", "--device", "cpu"])
+    assert os.environ["TRITON_INTERPRET"] == "1"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cli._use_interpreter_without_gpu(["run", "--device", "cpu"])
+    assert os.environ["TRITON_INTERPRET"] == "0"

@@ -251,7 +251,9 @@ def test_parse_gpus() -> None:
                                                                          ("cpu 1", False)]
     assert parallel.parse_gpus("cpu:1")[0].env() == {"CUDA_VISIBLE_DEVICES": "",
                                                      "TRITON_INTERPRET": "1"}
-    for text, message in (("cpu:0", "cpu:N needs N >= 1"), ("gpu0", "expected all, GPU indices")):
+    for text, message in (("cpu:0", "cpu:N needs N from 1 to"),
+                          ("cpu:100000", "cpu:N needs N from 1 to"),  # a process a core at most
+                          ("gpu0", "expected all, GPU indices")):
         with pytest.raises(BadInputError, match=message):
             parallel.parse_gpus(text)
     assert parallel.describe_exit(-11) == "-11 (SIGSEGV)" and parallel.describe_exit(3) == "3"

@@ -270,3 +270,16 @@ def test_resume_without_spec_needs_a_recorded_one(finished, tmp_path: Path) -> N
     assert result.exit_code == 2, result.output
     assert f"{run_dir / META_FILE} records no spec; give the SPEC it ran" in flat(
         result.stderr), result.output
+
+
+def test_resume_with_a_recorded_spec_gone_bad_names_the_file_and_key(finished,
+                                                                      tmp_path: Path) -> None:
+    run_dir = copy_run(finished, tmp_path)
+    meta = read_meta(run_dir)
+    meta["spec"]["heads"] = "many"
+    results.write_meta(run_dir, meta)
+    result = invoke("run", "--resume", run_dir, "-q")
+    assert result.exit_code == 2, result.output
+    message = flat(result.stderr)
+    assert f"{run_dir / META_FILE} (its recorded spec)" in message and "heads" in message
+    assert "Traceback" not in result.output and "pydantic" not in message
