@@ -16,9 +16,10 @@ replace the file atomically (temp file in the same directory, fsync, ``os.replac
 tuners never lose each other's entries and a reader never sees half a file. Readers take no lock.
 
 Every read goes through one reader, :func:`read_entries`. A file it cannot use (not UTF-8, not
-JSON, truncated, of the wrong shape or another format version, a directory in its place) is
-reported once with a ``ConfigCacheWarning`` naming it and renamed to ``<path>.corrupt-<timestamp>``
-(bytes kept); the cache then behaves as empty. Nothing here raises on a bad cache file except
+JSON, truncated, of the wrong shape or another format version) is reported once with a
+``ConfigCacheWarning`` naming it and renamed to ``<path>.corrupt-<timestamp>`` (bytes kept); the
+cache then behaves as empty. A directory, device or fifo in its place is never read or moved: it
+is warned about on lookups and refused on writes. Nothing here raises on a bad cache file except
 ``import_`` of a bad source file; a file that cannot be opened at all (permissions) is warned about
 on lookups and raises OSError on writes. ``check_writable`` lets a tuner fail before it measures.
 
@@ -35,6 +36,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import stat
 import uuid
 import warnings
 from collections.abc import Callable, Mapping
@@ -120,18 +122,25 @@ def read_entries(path: Path) -> tuple[_Stamp | None, dict[str, dict[str, Any]]]:
     """The one reader of cache-format files: (stamp, entries), or (None, {}) when ``path`` does
     not exist.
 
-    Raises CacheFormatError naming ``path`` for anything that is not a usable cache file (bytes
+    Raises CacheFormatError naming ``path`` for a file that is not a usable cache file (bytes
     that are not UTF-8, text that is not JSON or is truncated, JSON of the wrong shape or format
-    version, a directory where the file should be), and OSError when it cannot be opened at all.
+    version), and OSError when it cannot be opened at all or is not a file: a directory, a
+    device, a fifo or a socket is never read and never moved (a directory given as the cache
+    path may be someone's home).
     """
     path = Path(path)
     try:
-        read = _read_file(path)
-    except (IsADirectoryError, PermissionError) as e:
-        # Windows reports a directory as PermissionError; only a real directory is "bad content".
-        if not path.is_dir():
-            raise
-        raise CacheFormatError(path, "a directory, not a cache file", _stamp(path.stat())) from e
+        mode: int | None = os.stat(path).st_mode
+    except OSError:
+        mode = None  # missing, or unreadable: the open below says which
+    if mode is not None and stat.S_ISDIR(mode):
+        raise IsADirectoryError(f"{path} is a directory, not a cache file; name a file, such as "
+                                f"{path / 'cache.json'}")
+    if mode is not None and not stat.S_ISREG(mode):
+        # A device or a fifo: reading one may never end, and setting it aside would move it.
+        raise OSError(f"{path} is not a regular file (a device, a fifo or a socket), so not a "
+                      "cache file")
+    read = _read_file(path)
     if read is None:
         return None, {}
     stamp, data = read
@@ -209,18 +218,54 @@ def _dump(entries: Mapping[str, Any]) -> str:
     return json.dumps(data, indent=1, sort_keys=True) + "\n"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text``: readers see the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    # os.open with 0o666 (not mkstemp's 0o600) so the file gets the user's umask like any other.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+def _target(path: Path) -> Path:
+    """Where a write of ``path`` lands: through a symlink to the file it names (replacing the
+    link itself would cut it loose from a cache kept elsewhere, e.g. in a synced folder)."""
+    return Path(os.path.realpath(path)) if os.path.islink(path) else path
+
+
+def _write_error(what: str, path: Path, e: OSError) -> OSError:
+    """``e`` (from making ``path``'s directory or writing it) as one line that names ``path``."""
+    if isinstance(e, (FileExistsError, NotADirectoryError)) and e.filename:
+        # mkdir's or open's: a file where a directory of the path should be.
+        why = f"{e.filename} is not a directory"
+    else:
+        why = e.strerror or str(e)
+    return OSError(f"cannot write {what} {path}: {why}")
+
+
+def _atomic_write(path: Path, text: str, what: str = "the config cache") -> None:
+    """Replace ``path`` with ``text``: readers see the old file or the new one, never half.
+
+    OSError naming ``path`` (as ``what``) when it cannot be written, including when something
+    other than a regular file (a device, a fifo, a socket) is in its place: renaming over it
+    would replace that, not write to it.
+    """
+    shown, path = path, _target(path)
+    try:
+        st = os.stat(path)
+    except OSError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise OSError(f"cannot write {what} {shown}: it is {kind}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # A short name: the temporary must fit where a long cache file name itself just fits.
+        tmp = path.with_name(f".dkbench-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+        # os.open with 0o666 (not mkstemp's 0o600) so the file gets the user's umask like any other.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as e:
+        raise _write_error(what, shown, e) from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _write_error(what, shown, e) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -252,13 +297,15 @@ def _report_once(path: Path, stamp: _Stamp | None, message: str) -> None:
 
 
 def _set_aside(path: Path, stamp: _Stamp | None, reason: str) -> bool:
-    """Rename a bad cache file (or directory) out of the way, bytes kept, and warn once; True if
+    """Rename a bad cache file out of the way, bytes kept, and warn once; True if
     it moved. Call under the file lock."""
     timestamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-    dest = path.with_name(f"{path.name}.corrupt-{timestamp}")
+    # Through a symlink, the bad file it names moves; the link stays for the next write.
+    real = _target(path)
+    dest = real.with_name(f"{real.name}.corrupt-{timestamp}")
     message = f"ignoring the config cache {path}: {reason}"
     try:
-        os.replace(path, dest)
+        os.replace(real, dest)
     except OSError as e:
         _report_once(path, stamp, f"{message}; could not set it aside ({e})")
         return False
@@ -299,8 +346,13 @@ class ConfigCache:
     # -- reading --
 
     def _lock(self) -> filelock.FileLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        return filelock.FileLock(f"{self.path}.lock", timeout=_LOCK_TIMEOUT_S)
+        # Beside the file a symlink names: every writer of that file takes the same lock.
+        target = _target(self.path)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise _write_error("the config cache", self.path, e) from None
+        return filelock.FileLock(f"{target}.lock", timeout=_LOCK_TIMEOUT_S)
 
     def _load_locked(self) -> tuple[_Stamp | None, dict[str, dict[str, Any]]]:
         """Read the file; a bad one is set aside (caller holds the lock) and reads as empty.
@@ -402,20 +454,23 @@ class ConfigCache:
         source: str = "tune",
     ) -> None:
         """Record ``config`` as the best for ``key``, merged into whatever the file holds now."""
-        entry = {
-            "key": key.to_dict(),
-            "config": _check_config(config),
-            "ms": float(ms),
-            "default_ms": float(default_ms),
-            "tuned_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "source": source,
-        }
+        self.put_many([(key, config, ms, default_ms)], source=source)
+
+    def put_many(self, writes: list[tuple[CacheKey, Mapping[str, Any], float, float]], *,
+                 source: str = "tune") -> int:
+        """:meth:`put` of several (key, config, ms, default_ms) under one lock, in one write;
+        returns how many."""
+        tuned_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        new = {key.as_str(): {"key": key.to_dict(), "config": _check_config(config),
+                              "ms": float(ms), "default_ms": float(default_ms),
+                              "tuned_at": tuned_at, "source": source}
+               for key, config, ms, default_ms in writes}
 
         def change(entries: dict[str, dict[str, Any]]) -> int:
-            entries[key.as_str()] = entry
-            return 1
+            entries.update(new)
+            return len(new)
 
-        self._update(change)
+        return self._update(change) if new else 0
 
     def clear(self) -> int:
         """Remove every entry; returns how many there were."""
@@ -430,7 +485,7 @@ class ConfigCache:
     def export(self, dest: Path) -> int:
         """Write the entries to ``dest`` in the cache format; returns how many."""
         entries = self.entries()
-        _atomic_write(Path(dest), _dump(entries))
+        _atomic_write(Path(dest), _dump(entries), "the export file")
         return len(entries)
 
     def import_(self, src: Path, *, overwrite: bool = True) -> int:

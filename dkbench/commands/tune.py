@@ -96,9 +96,10 @@ def tune(
     no_screen: Annotated[bool, typer.Option(
         "--no-screen", help="Time every candidate in full: no screen first (see Screen).",
         rich_help_panel=_SCREEN_PANEL)] = False,
-    finalists: Annotated[int, typer.Option(
+    finalists: Annotated[Optional[int], typer.Option(
         min=1, metavar="N", help="Candidates per kernel the screen keeps (and those near the "
-                                 "best).", rich_help_panel=_SCREEN_PANEL)] = FINALISTS,
+                                 "best).", show_default=str(FINALISTS),
+        rich_help_panel=_SCREEN_PANEL)] = None,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="List candidates and pruned configs (with why); run nothing.")] = False,
     out: Annotated[Path, typer.Option(
@@ -159,7 +160,7 @@ def tune(
     from ..tune import tuner as tuning
     from ..tune.plan import check_tunable, plan_tune, resolve_modes, sweep_from_flags
     from ..tune.rows import TUNE_FILE
-    from ..tune.space import parse_impl_list, parse_int_list
+    from ..tune.space import parse_axis, parse_impl_list
 
     shape = {"seqlen": seqlen, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
              "dtype": dtype, "batch": batch, "block_size": block_size,
@@ -169,7 +170,9 @@ def tune(
     try:
         if device not in ("auto", "cuda", "cpu"):
             raise BadInputError(f"--device {device!r}: allowed values are auto, cuda, cpu")
-        overrides = {axis: parse_int_list(lists[axis], "--" + axis.replace("_", "-"))
+        if mode is not None and mode not in MODE_KERNELS:
+            raise BadInputError(f"--mode {mode!r}: allowed values are {', '.join(MODE_KERNELS)}")
+        overrides = {axis: parse_axis(axis, lists[axis])
                      if lists[axis] is not None else None for axis in AXES if axis in lists}
         overrides["impl"] = parse_impl_list(impl) if impl is not None else None
         dev = resolve_device(device)
@@ -180,21 +183,32 @@ def tune(
                                     + ", ".join("--" + k.replace("_", "-") for k in given) + ")")
             sweep = load_spec(spec)
             if device == "auto" and sweep.device != "auto":
-                dev = resolve_device(sweep.device)
+                dev = _spec_device(spec, sweep.device)
             spec_text = spec.read_text()
         else:
             sweep = sweep_from_flags(dev, mode or "fwd", **shape)
             spec_text = yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False)
         check_tunable(sweep, str(spec) if spec is not None else "shape flags")
+        ignored = _ignored_finalists(finalists, no_screen, sweep, spec)
         _check_interpreter(dev)
         modes = resolve_modes(sweep, mode)
         jobs = plan_tune(sweep, modes, dev, overrides)
+        idle = _nothing_to_compare(jobs, lists, impl)
+        if idle and not dry_run:
+            raise BadInputError(idle)
     except DkbenchError as exc:
         raise fail(exc) from None
 
-    screening = None if no_screen else Screen(finalists=finalists)
+    if ignored:
+        err_console.print(f"[yellow]warning:[/yellow] {escape(ignored)}", highlight=False,
+                          soft_wrap=True)
+    screening = None if no_screen else Screen(
+        finalists=FINALISTS if finalists is None else finalists)
     if dry_run:
         console.print(_dry_run_table(jobs, dev, sweep, screening))
+        if idle:
+            err_console.print(f"note: without --dry-run this tune is refused: {escape(idle)}",
+                              highlight=False, soft_wrap=True)
         return
     console.print(f"Tuning {len(jobs)} case(s), mode {', '.join(modes)}, on {dev}"
                   + (" (Triton interpreter: timings exercise the pipeline only)"
@@ -204,8 +218,8 @@ def tune(
     except DkbenchError as exc:
         raise fail(exc) from None
     except KeyboardInterrupt:
-        err_console.print("Interrupted: rows of finished cases are in the tune directory; the "
-                          "cache was not written.")
+        err_console.print("Interrupted: the rows of the kernels tuned so far are in the tune "
+                          "directory, and their winners in the cache.")
         raise typer.Exit(code=130) from None
     for warning in outcome.warnings:
         err_console.print(f"warning: {escape(warning)}")
@@ -234,6 +248,50 @@ tune.__doc__ = prose_help(inspect.cleandoc(tune.__doc__ or "").replace(
     "{default_spaces}", default_spaces_help()).replace(
     "{screen_rounds}", str(SCREEN_ROUNDS)).replace("{screen_turn}", f"{SCREEN_TURN_MS:g}").replace(
     "{screen_margin}", f"{SCREEN_MARGIN * 100:g}"))
+
+
+def _spec_device(spec: Path, choice: str) -> torch.device:
+    """The spec's ``device:`` (with --device auto); BadInputError naming the spec's key."""
+    from ..measure.runner import resolve_device
+
+    try:
+        return resolve_device(choice)
+    except BadInputError:
+        raise BadInputError(f"{spec}: device: {choice}, but no CUDA GPU is visible "
+                            "(torch.cuda.is_available() is False); allowed here: auto, cpu (or "
+                            "tune with --device cpu)") from None
+
+
+def _ignored_finalists(finalists: int | None, no_screen: bool, sweep: Sweep,
+                       spec: Path | None) -> str | None:
+    """Why a --finalists given does nothing here, or None: the screen that keeps the finalists
+    is off (--no-screen), or never runs (the spec times one by one)."""
+    if finalists is None:
+        return None
+    if no_screen:
+        return f"--finalists {finalists} does nothing with --no-screen (no screen picks finalists)"
+    if not sweep.timing.interleave:
+        return (f"--finalists {finalists} does nothing: {spec or 'the spec'}: timing.interleave "
+                "is false, and the screen runs only timed interleaved")
+    return None
+
+
+def _nothing_to_compare(jobs: list[TuneJob], lists: dict[str, str | None],
+                        impl: str | None) -> str | None:
+    """Why the search-space flags given leave nothing to time but the default, in every case and
+    kernel (each config they give is the default or pruned), or None: such a tune would only time
+    the default against itself, so the flags would do nothing."""
+    given = [f"--{axis.replace('_', '-')} {text}" for axis, text in {**lists, "impl": impl}.items()
+             if text is not None]
+    if not given or any(len(c.run) > 1 for j in jobs for c in j.candidates):
+        return None
+    # A config's first reason only: a Gluon one on the CPU has five.
+    reasons = list(dict.fromkeys(reason.split("; ")[0] for j in jobs for c in j.candidates
+                                 for _, reason in c.pruned))
+    why = f"each is pruned ({reasons[0]}{'; ...' if len(reasons) > 1 else ''})" if reasons \
+        else "they give only the default config"
+    return (f"{', '.join(given)}: no config to compare with the default in any case: {why}; "
+            "--dry-run lists every config with why")
 
 
 def _check_interpreter(dev: torch.device) -> None:

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from kernels import KERNELS, TUNABLE, BlockLayout
 
-from ..errors import BadInputError
+from ..errors import BadInputError, SpecError
 from ..spec.load import check_sweep
 from ..spec.sweep import (
     DTYPES,
@@ -74,10 +74,33 @@ def sweep_from_flags(device: torch.device, mode: str, **given: int | str | None)
     try:
         sweep = Sweep.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise BadInputError(f"shape flags: {problems}") from None
-    check_sweep(sweep, Path("shape flags"))
+        problems = "; ".join(_flag_problem(".".join(map(str, e["loc"])), e["msg"], shape, mode)
+                             for e in exc.errors())
+        raise BadInputError(problems) from None
+    try:
+        check_sweep(sweep, Path("shape flags"))
+    except SpecError as exc:
+        key, _, msg = str(exc).removeprefix("shape flags: ").partition(": ")
+        raise BadInputError(_flag_problem(key, msg, shape, mode)) from None
     return sweep
+
+
+# The key paths of the one-case sweep that a shape flag fills, by the flag's name.
+_FLAG_KEYS = {"seqlen": ("seqlen",), "heads": ("heads",), "kv_heads": ("kv_heads",),
+              "head_dim": ("head_dim",), "dtype": ("dtype",), "batch": ("batch",),
+              "block_size": ("patterns[0].block_size", "patterns.0.local_stride.block_size"),
+              "local_blocks": ("patterns.0.local_stride.local_blocks",),
+              "vert_stride": ("patterns.0.local_stride.vert_stride",), "mode": ("mode",)}
+
+
+def _flag_problem(key: str, msg: str, shape: dict, mode: str) -> str:
+    """``KEY: MSG`` of the one-case sweep as the flag that set it: ``--local-blocks 0: ...``."""
+    msg = msg.removeprefix("Value error, ")
+    for name, keys in _FLAG_KEYS.items():
+        if key in keys:
+            value = mode if name == "mode" else shape[name]
+            return f"--{name.replace('_', '-')} {value}: {msg}"
+    return f"shape flags: {key}: {msg}"
 
 
 def resolve_modes(sweep: Sweep, mode: str | None) -> tuple[str, ...]:

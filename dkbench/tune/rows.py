@@ -11,6 +11,7 @@ from pathlib import Path
 
 from kernels import LaunchConfig
 
+from ..errors import ResultsWriteError
 from ..results.schema import ResultRow
 from ..spec.sweep import Case
 
@@ -81,13 +82,18 @@ def take_measurement(row: TuneRow, measured: ResultRow) -> None:
 
 
 def append_tune_rows(path: Path, rows: list[TuneRow]) -> None:
-    """Append rows to tune.csv (header first when new), flushed: a crash keeps finished groups."""
-    new = not path.exists() or path.stat().st_size == 0
-    with open(path, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=TUNE_COLUMNS)
-        if new:
-            writer.writeheader()
-        for row in rows:
-            writer.writerow(dataclasses.asdict(row))
-        fh.flush()
-        os.fsync(fh.fileno())
+    """Append rows to tune.csv (header first when new), flushed: a crash keeps finished groups.
+    ResultsWriteError names the file when it cannot be written (disk full, read-only)."""
+    try:
+        new = not path.exists() or path.stat().st_size == 0
+        with open(path, "a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=TUNE_COLUMNS)
+            if new:
+                writer.writeheader()
+            for row in rows:
+                writer.writerow(dataclasses.asdict(row))
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as e:
+        raise ResultsWriteError(f"cannot write {path}: {e.strerror or e}; the winners of the "
+                                "kernels tuned before it are in the cache") from None

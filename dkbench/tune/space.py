@@ -90,6 +90,35 @@ def parse_int_list(text: str, flag: str) -> tuple[int, ...]:
     return tuple(dict.fromkeys(values))
 
 
+def _pow2_from_16(value: int) -> bool:
+    return value >= 16 and value & (value - 1) == 0
+
+
+# What a value of each integer axis must be for any kernel, any case, any device (the kernels'
+# `config_problems`): a value outside it could only be pruned everywhere, so it is refused as the
+# bad input it is. Limits per case (block_n within the sparse block, shared memory) stay prune
+# rules, with their reasons in --dry-run.
+AXIS_RULES: Mapping[str, tuple[Callable[[int], bool], str]] = MappingProxyType({
+    "block_m": (_pow2_from_16, "powers of two from 16 (16, 32, 64, 128, ...)"),
+    "block_n": (_pow2_from_16, "powers of two from 16 (16, 32, 64, 128, ...)"),
+    "num_warps": (lambda v: v in (1, 2, 4, 8, 16), "1, 2, 4, 8, 16"),
+    "num_stages": (lambda v: v >= 1, "integers from 1"),
+})
+
+
+def parse_axis(axis: str, text: str) -> tuple[int, ...]:
+    """``--block-m 32,64`` and the like: :func:`parse_int_list`, then each value against the
+    axis's :data:`AXIS_RULES`; BadInputError naming the flag, the value and what is allowed."""
+    flag = "--" + axis.replace("_", "-")
+    values = parse_int_list(text, flag)
+    ok, allowed = AXIS_RULES[axis]
+    bad = [v for v in values if not ok(v)]
+    if bad:
+        raise BadInputError(f"{flag} {text!r}: {bad[0]} cannot be a {axis} of any kernel; "
+                            f"allowed: {allowed}")
+    return values
+
+
 def parse_impl_list(text: str, flag: str = "--impl") -> tuple[str, ...]:
     """``"triton,gluon"`` -> ``("triton", "gluon")``; BadInputError naming the allowed values."""
     values = tuple(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))

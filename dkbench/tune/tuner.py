@@ -182,10 +182,10 @@ def preflight(out: Path, cache_path: Path | None) -> ConfigCache:
 def execute_tune(sweep: Sweep, spec_text: str, jobs: list[TuneJob], device: torch.device,
                  out: Path, cache_path: Path | None, on_progress: Progress | None = None,
                  screen: Screen | None = DEFAULT_SCREEN) -> TuneOutcome:
-    """Tune every job into a new ``<out>/tune-<name>-<stamp>/`` and write the winners' cache,
-    each kernel's candidates screened by ``screen`` where it applies (None: every candidate
-    timed in full). Raises BadInputError / CacheError before timing when ``out`` or the cache
-    is not writable."""
+    """Tune every job into a new ``<out>/tune-<name>-<stamp>/`` and write the winners' cache (each
+    kernel's as soon as it is tuned), each kernel's candidates screened by ``screen`` where it
+    applies (None: every candidate timed in full). Raises BadInputError / CacheError before
+    timing when ``out`` or the cache is not writable."""
     cache = preflight(out, cache_path)
     run_dir = runner.new_run_dir(out, f"tune-{sweep.name}")
     env = environment(device)
@@ -227,6 +227,20 @@ def execute_tune(sweep: Sweep, spec_text: str, jobs: list[TuneJob], device: torc
             report("screen", text, screened, to_screen)
         return heard
 
+    written: dict[str, CacheWrite] = {}
+
+    def save(results: list[KernelResult]) -> list[CacheWrite]:
+        """Cache the winners of ``results`` not cached yet as they are (one locked write); the
+        winners of every key so far. A key that several cases share may change its winner as
+        more of them finish (`cache_winners`)."""
+        writes = cache_winners(results)
+        fresh = [w for w in writes if written.get(w.key.as_str()) != w]
+        if fresh:
+            with cache_errors():
+                cache.put_many([(w.key, w.config.as_dict(), w.ms, w.default_ms) for w in fresh])
+            written.update((w.key.as_str(), w) for w in fresh)
+        return writes
+
     results: list[KernelResult] = []
     compile_seconds: dict[str, dict[str, float]] = {}  # per case and kernel, per candidate
     clock = Stopwatch()
@@ -251,13 +265,13 @@ def execute_tune(sweep: Sweep, spec_text: str, jobs: list[TuneJob], device: torc
             results.append(result)
             if result.best is not None:
                 winners[cands.kernel] = result.best.config
+            # Each kernel's winner is cached as soon as it is known: a tune that dies later (a
+            # crash, Ctrl-C, a lost machine) keeps every winner it found.
+            save(results)
     report("time", "done", total, total)
     if to_screen:
         report("screen", "done", to_screen, to_screen)
-    writes = cache_winners(results)
-    with cache_errors():
-        for w in writes:
-            cache.put(w.key, w.config.as_dict(), ms=w.ms, default_ms=w.default_ms)
+    writes = save(results)
     clear_memo()
     wall_s = time.perf_counter() - started
     write_meta(run_dir, {**read_meta(run_dir), "finished": datetime.now(timezone.utc).isoformat(),

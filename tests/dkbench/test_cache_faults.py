@@ -46,8 +46,8 @@ def good_text() -> str:
 
 # -- every kind of unreadable file -----------------------------------------------------------------
 
-# name -> bytes to write, or None for a directory where the file should be.
-BAD: dict[str, bytes | None] = {
+# name -> bytes to write where the cache file should be.
+BAD: dict[str, bytes] = {
     "random-bytes": b"\xff\xfe\x80" + bytes(random.Random(0).randrange(256) for _ in range(2048)),
     "latin-1": good_text().replace("H100", "H100 \u00e9").encode("latin-1"),
     "utf-16": good_text().encode("utf-16"),
@@ -58,27 +58,28 @@ BAD: dict[str, bytes | None] = {
     "format-true": json.dumps({"format": True, "entries": {}}).encode(),
     "ms-a-string": good_text().replace('"ms": 1.0', '"ms": "fast"').encode(),
     "nested-too-deep": b"[" * 100_000,
-    "directory": None,
 }
 
 
 def make_bad(path: Path, kind: str) -> None:
-    content = BAD[kind]
-    if content is None:
-        path.mkdir()
-        (path / "inside.txt").write_text("kept")
-    else:
-        path.write_bytes(content)
+    path.write_bytes(BAD[kind])
+
+
+def make_directory(path: Path) -> None:
+    """A directory where the cache file should be (DKBENCH_CACHE=$HOME, say)."""
+    path.mkdir()
+    (path / "inside.txt").write_text("kept")
 
 
 def assert_set_aside(path: Path, kind: str) -> None:
     """The bad file is gone from ``path`` and kept, bytes and all, in one corrupt-* sibling."""
     (aside,) = path.parent.glob(f"{path.name}.corrupt-*")
-    if BAD[kind] is None:
-        assert (aside / "inside.txt").read_text() == "kept"
-    else:
-        assert aside.read_bytes() == BAD[kind]
-    assert not path.is_dir()
+    assert aside.read_bytes() == BAD[kind]
+
+
+def assert_left_in_place(path: Path) -> None:
+    assert (path / "inside.txt").read_text() == "kept"
+    assert not list(path.parent.glob(f"{path.name}.corrupt-*"))
 
 
 def only_warning(record: list[warnings.WarningMessage], path: Path) -> ConfigCacheWarning:
@@ -122,12 +123,36 @@ def test_every_reader_reports_and_sets_aside_every_bad_file(tmp_path: Path, kind
         assert make_key(head_dim=64).as_str() in ConfigCache(path).entries()
 
 
+# Lookups read a directory as an empty cache, with a warning; writes refuse it.
+LOOKUPS = ("get", "entries", "export")
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_a_directory_in_the_caches_place_is_never_moved(tmp_path: Path, reader: str) -> None:
+    """It may be someone's home: never read, never renamed, whatever touches it."""
+    path = tmp_path / "configs.json"
+    make_directory(path)
+    (tmp_path / "good.json").write_text(good_text())
+    cache = ConfigCache(path)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        if reader in LOOKUPS:
+            READERS[reader](cache, tmp_path)
+            warning = only_warning(record, path)
+            assert "is a directory, not a cache file; name a file" in str(warning)
+        else:
+            with pytest.raises(IsADirectoryError, match=re.escape(f"{path} is a directory")):
+                READERS[reader](cache, tmp_path)
+    assert_left_in_place(path)
+
+
 @pytest.mark.parametrize("kind", ["random-bytes", "utf-16", "directory"])
 def test_import_of_an_unreadable_source_names_it_and_leaves_it(tmp_path: Path, kind: str) -> None:
     src = tmp_path / "incoming.json"
-    make_bad(src, kind)
+    make_directory(src) if kind == "directory" else make_bad(src, kind)
     cache = ConfigCache(tmp_path / "configs.json")
-    with pytest.raises(ValueError, match=re.escape(str(src))):
+    error = IsADirectoryError if kind == "directory" else ValueError
+    with pytest.raises(error, match=re.escape(str(src))):
         cache.import_(src)
     assert src.exists() and not list(tmp_path.glob("incoming.json.corrupt-*"))
 
@@ -179,14 +204,14 @@ def test_lookup_skips_a_bad_user_cache(env_cache: Path, kind: str, shipped: bool
     small = {"block_m": 16, "block_n": 16, "num_warps": 4, "num_stages": 1}
     if shipped:
         ship(env_cache, key, small)
-    make_bad(env_cache, kind)
+    make_directory(env_cache) if kind == "directory" else make_bad(env_cache, kind)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         config, source = select.resolve_config("fwd", probe, layout, 128)
         select.clear_memo()
         assert select.resolve_config("fwd", probe, layout, 128) == (config, source)
     only_warning(record, env_cache)
-    assert_set_aside(env_cache, kind)
+    assert_left_in_place(env_cache) if kind == "directory" else assert_set_aside(env_cache, kind)
     if shipped:
         assert (config.as_dict(), source) == ({**small, "impl": "triton"}, "shipped")
     else:
@@ -250,8 +275,7 @@ COMMANDS: dict[str, Callable[[Path], list[str]]] = {
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-@pytest.mark.parametrize("kind", ["random-bytes", "utf-16", "truncated", "format-true",
-                                  "directory"])
+@pytest.mark.parametrize("kind", ["random-bytes", "utf-16", "truncated", "format-true"])
 def test_cache_commands_name_and_set_aside_a_bad_cache(cache_cli: typer.Typer, tmp_path: Path,
                                                        command: str, kind: str) -> None:
     path = tmp_path / "configs.json"
@@ -266,6 +290,26 @@ def test_cache_commands_name_and_set_aside_a_bad_cache(cache_cli: typer.Typer, t
         assert list(ConfigCache(path).entries()) == [make_key().as_str()]
     if command == "export":
         assert json.loads((tmp_path / "out.json").read_text())["entries"] == {}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_cache_commands_leave_a_directory_named_as_the_cache_alone(
+        cache_cli: typer.Typer, tmp_path: Path, command: str) -> None:
+    """Through the environment variable (--cache refuses a directory before the command runs):
+    the reading commands warn once and see no entries, import refuses; nothing moves."""
+    path = tmp_path / "configs.json"
+    make_directory(path)
+    (tmp_path / "good.json").write_text(good_text())
+    r = invoke_cache(cache_cli, *COMMANDS[command](tmp_path), env={ENV_VAR: str(path)})
+    assert "Traceback" not in r.output
+    message = f"{path} is a directory, not a cache file; name a file"
+    if command == "import":
+        assert r.exit_code == 2 and message in " ".join(r.stderr.split()), r.output
+    else:
+        assert r.exit_code == 0, r.output
+        (line,) = [line for line in r.stderr.splitlines() if "warning" in line]
+        assert message in line
+    assert_left_in_place(path)
 
 
 def test_cache_import_of_a_random_bytes_file_names_it(cache_cli: typer.Typer,
