@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import stat
 import uuid
@@ -177,6 +178,8 @@ def _check_entry(raw: object) -> tuple[str, dict[str, Any]]:
     entry["config"] = _check_config(raw.get("config"))
     for name in ("ms", "default_ms"):
         value = raw.get(name)
+        if value is None and name == "default_ms":
+            continue  # the default config failed where the winner was tuned
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{name} must be a number, got {value!r}")
     return key.as_str(), entry
@@ -461,8 +464,11 @@ class ConfigCache:
         """:meth:`put` of several (key, config, ms, default_ms) under one lock, in one write;
         returns how many."""
         tuned_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        # A default that failed has no time: null, since NaN is not JSON (jq and others refuse it).
         new = {key.as_str(): {"key": key.to_dict(), "config": _check_config(config),
-                              "ms": float(ms), "default_ms": float(default_ms),
+                              "ms": float(ms),
+                              "default_ms": float(default_ms) if math.isfinite(default_ms)
+                              else None,
                               "tuned_at": tuned_at, "source": source}
                for key, config, ms, default_ms in writes}
 

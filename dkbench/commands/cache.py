@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from itertools import groupby
@@ -77,8 +78,9 @@ def _machine_tables(rows: list[CacheRow]) -> list[Table]:
             k = r.key
             shape = f"d{k.head_dim} bs{k.block_size} s{k.seqlen_bucket} p{k.density_bucket:.2f}"
             table.add_row(escape(k.kernel), escape(k.kernel_hash), escape(k.dtype), shape,
-                          escape(r.config), f"{r.ms:.4f}", f"{r.default_ms:.4f}",
-                          f"{r.speedup:.2f}x")
+                          escape(r.config), f"{r.ms:.4f}",
+                          "failed" if math.isnan(r.default_ms) else f"{r.default_ms:.4f}",
+                          "-" if math.isnan(r.speedup) else f"{r.speedup:.2f}x")
         tables.append(table)
     return tables
 

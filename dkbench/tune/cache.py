@@ -79,7 +79,9 @@ def cache_rows(entries: Mapping[str, Mapping[str, Any]]) -> list[CacheRow]:
     """Rows for ``ConfigCache.entries()``, sorted by machine, kernel and problem size."""
     rows = []
     for entry in entries.values():
-        key, ms, default_ms = entry["key"], float(entry["ms"]), float(entry["default_ms"])
+        key, ms = entry["key"], float(entry["ms"])
+        # null where the default config failed when the winner was tuned
+        default_ms = math.nan if entry["default_ms"] is None else float(entry["default_ms"])
         rows.append(
             CacheRow(
                 CacheKey.from_dict(key),

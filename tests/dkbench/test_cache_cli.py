@@ -155,3 +155,22 @@ def test_show_fits_80_columns_with_every_key_field(app: typer.Typer, cache: Conf
                  "bs64", "bs32", "s8192", "s131072", "s256", "p0.35", "p0.05", "p1.00", "gluon",
                  "128x128"):
         assert word in words, f"{word!r} missing (or folded) in:\n{r.stdout}"
+
+
+def test_a_winner_whose_default_failed_is_written_as_strict_json(app: typer.Typer,
+                                                                 tmp_path: Path) -> None:
+    """The default's time is NaN when the default config failed: the file says null (NaN is no
+    JSON, and jq refuses it), reads back, and `show` says the default failed."""
+    cache = ConfigCache(tmp_path / "configs.json")
+    cache.put(make_key(), CONFIG, ms=0.4, default_ms=math.nan)
+
+    def no_constants(name: str) -> None:
+        raise AssertionError(f"{name} in the cache file")
+
+    on_disk = json.loads(cache.path.read_text(), parse_constant=no_constants)
+    assert on_disk["entries"][make_key().as_str()]["default_ms"] is None
+    assert ConfigCache(cache.path).get(make_key()) == CONFIG
+    r = invoke(app, "show", "--cache", str(cache.path))
+    assert r.exit_code == 0, r.output
+    row = next(line for line in r.stdout.splitlines() if "0.4000" in line)
+    assert "failed" in row and "nan" not in row.lower()
