@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from ..errors import BadInputError, DkbenchError, RegressionError
 from ..gate.compare import (
@@ -15,28 +16,39 @@ from ..gate.compare import (
     IMPROVED,
     REGRESSION,
     SKIPPED,
-    TABLE_HEADER,
     GateResult,
     parse_tolerance,
     run_gate,
-    table_rows,
-    to_markdown,
 )
+from ..gate.render import TABLE_HEADER, table_rows, to_markdown
 from .errors import fail
 
 _STYLES = {FAILED: "bold red", REGRESSION: "bold red", IMPROVED: "green", SKIPPED: "yellow"}
 
 
+def _fit(text: str, console: Console) -> str:
+    """``text`` as the console can print it: a stdout that cannot encode "±" or a provider's
+    name (PYTHONIOENCODING=ascii) gets "+-" and escapes instead of a UnicodeEncodeError."""
+    encoding = console.encoding or "utf-8"
+    try:
+        text.encode(encoding)
+    except UnicodeEncodeError:
+        text = text.replace("±", "+-").encode(encoding, "backslashreplace").decode(encoding)
+    return text
+
+
 def _render(result: GateResult, console: Console) -> None:
     title = f"dkbench gate: {result.metric}" + (
         f" vs {result.against}" if result.metric == "speedup" else "")
-    table = Table(title=title)
+    table = Table(title=Text(_fit(title, console)))
     for name in TABLE_HEADER:
+        # fold: a narrow terminal wraps a long case label rather than cutting it at "…"
         table.add_column(name, justify="right" if name in ("baseline", "current", "change",
-                                                           "noise") else "left")
+                                                           "noise") else "left", overflow="fold")
     for cells in table_rows(result):
         verdict = cells[-1].split(" ", 1)[0].lower()
-        table.add_row(*cells, style=_STYLES.get(verdict))
+        # Text, not markup: a provider, pattern or failure message may hold "[/x]" or "[bold]".
+        table.add_row(*(Text(_fit(c, console)) for c in cells), style=_STYLES.get(verdict))
     console.print(table)
     if result.one_sided:
         console.print("[bold]Rows on one side only:[/bold]")
@@ -71,23 +83,40 @@ def gate(
         help="Also write the table as Markdown to this file (for a CI comment).",
         show_default=False)] = None,
 ) -> None:
-    """Compare CURRENT against --baseline; exit 0 pass, 1 regression, 2 bad input.
+    """Compare CURRENT against --baseline; exit 0 pass, 1 regression, 2 bad input (or no row
+    compared: never a pass).
 
     A row timed while its GPU was throttled (median SM clock more than 10% below its run's) is
     skipped on either side, never failed: rerun it."""
     try:
+        if markdown is not None:
+            _check_markdown(markdown)
         result = run_gate(
             current, baseline, metric=metric, against=against,
             tolerance=parse_tolerance(tolerance),
-            providers=providers.split(",") if providers else None,
+            providers=providers.split(",") if providers is not None else None,
             fail_on_missing=fail_on_missing)
         _render(result, Console())
         if markdown is not None:
             try:
-                markdown.write_text(to_markdown(result))
+                markdown.write_text(to_markdown(result), encoding="utf-8")
             except OSError as err:
-                raise BadInputError(f"--markdown {markdown}: cannot write ({err})") from None
+                raise BadInputError(f"--markdown {markdown}: cannot write "
+                                    f"({err.strerror or err})") from None
+        if result.nothing_compared:
+            raise BadInputError(result.nothing_reason())
     except DkbenchError as err:
         raise fail(err) from None
     if not result.passed:
         raise typer.Exit(code=RegressionError.exit_code)
+
+
+def _check_markdown(path: Path) -> None:
+    """Refuse a --markdown that cannot be written before anything is read (and not only after
+    the table has been printed)."""
+    if path.is_dir():
+        raise BadInputError(f"--markdown {path}: is a directory; give the file to write")
+    parent = path.parent
+    if not parent.is_dir():
+        what = "is a file" if parent.exists() else "does not exist"
+        raise BadInputError(f"--markdown {path}: its directory {parent} {what}")

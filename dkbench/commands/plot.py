@@ -45,7 +45,8 @@ def plot(
 def report(
     path: Annotated[Path, typer.Argument(help=_PATH_HELP, show_default=False)],
     out: Annotated[Optional[Path], typer.Option(
-        "--out", help="The Markdown file to write; figures go beside it "
+        "--out", help="The Markdown file to write, figures beside it; a directory (one that "
+                      "exists, or a new path without a suffix) gets report.md "
                       "(default: PATH/report.md).", show_default=False)] = None,
 ) -> None:
     """Write a Markdown report: environment, summary tables, failed rows and figures."""

@@ -46,7 +46,7 @@ import pandas as pd
 
 from ..errors import BadInputError
 from ..measure.telemetry import THROTTLE_FRACTION, throttle_notes
-from ..report import markdown
+from ..results.check import check_values
 from ..results.schema import KEY_COLUMNS, RESULTS_FILE, read_results
 from ..spec.sweep import GRAPH_SUFFIX, graph_row_name, row_provider
 
@@ -99,19 +99,56 @@ class GateResult:
     one_sided: list[OneSided]
     fail_on_missing: bool = False
     notes: list[str] = field(default_factory=list)
+    against_rows: int = 0  # shared rows of the against-provider itself, not gated on speedup
 
     @property
     def regressions(self) -> list[Comparison]:
         return [c for c in self.comparisons if c.verdict in (REGRESSION, FAILED)]
 
     @property
+    def compared(self) -> int:
+        """Rows whose metric was compared on both sides (not skipped, not failed)."""
+        return sum(c.verdict in (PASS, IMPROVED, REGRESSION) for c in self.comparisons)
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.regressions) or (self.fail_on_missing and bool(self.one_sided))
+
+    @property
+    def nothing_compared(self) -> bool:
+        """No row was compared and none failed: the gate has measured nothing it could pass."""
+        return not self.compared and not self.failed
+
+    @property
     def passed(self) -> bool:
-        return not self.regressions and not (self.fail_on_missing and self.one_sided)
+        return not self.failed and not self.nothing_compared
+
+    @property
+    def verdict(self) -> str:
+        return "PASS" if self.passed else "NO VERDICT" if self.nothing_compared else "FAIL"
+
+    def nothing_reason(self) -> str:
+        """Why no row was compared, for the error line of a gate that is not a pass."""
+        what = self.metric + (f" vs {self.against}" if self.metric == "speedup" else "")
+        skipped = [c for c in self.comparisons if c.verdict == SKIPPED]
+        throttled = sum(c.throttled for c in skipped)
+        parts = []
+        if skipped:
+            detail = f" ({throttled} throttled: rerun them on a steady GPU)" if throttled else ""
+            parts.append(f"{_rows(len(skipped))} skipped{detail}, e.g. {skipped[0].provider} "
+                         f"{skipped[0].case}: {skipped[0].note}")
+        if self.against_rows:
+            parts.append(f"{_rows(self.against_rows)} of {self.against} itself, which the "
+                         "speedup metric does not gate (pick another with --against, or "
+                         "--metric ms|tflops)")
+        if self.one_sided:
+            parts.append(f"{_rows(len(self.one_sided))} on one side only")
+        return (f"no row was compared on {what}, so the gate cannot pass: "
+                + "; ".join(parts or ["no rows"]))
 
     def summary(self) -> str:
         """The one-line verdict."""
-        compared = sum(c.verdict in (PASS, IMPROVED, REGRESSION) for c in self.comparisons)
-        parts = [f"{compared} compared"]
+        parts = [f"{self.compared} compared"]
         for verdict, noun in ((REGRESSION, "regressed"), (FAILED, "failed"),
                               (IMPROVED, "improved"), (SKIPPED, "skipped")):
             n = sum(c.verdict == verdict for c in self.comparisons)
@@ -121,8 +158,12 @@ class GateResult:
             tail = " (--fail-on-missing)" if self.fail_on_missing else ""
             parts.append(f"{len(self.one_sided)} on one side only{tail}")
         what = self.metric + (f" vs {self.against}" if self.metric == "speedup" else "")
-        head = "PASS" if self.passed else "FAIL"
-        return f"{head}: {', '.join(parts)} ({what}, tolerance {self.tolerance * 100:.3g}%)"
+        return (f"{self.verdict}: {', '.join(parts)} ({what}, tolerance "
+                f"{self.tolerance * 100:.3g}%)")
+
+
+def _rows(n: int) -> str:
+    return f"{n} row{'s' * (n != 1)}"
 
 
 def parse_tolerance(text: str) -> float:
@@ -169,8 +210,7 @@ def load_table(path: Path, label: str, required: Sequence[str]) -> _Table:
     path = Path(path)
     csv_path = path / RESULTS_FILE if path.is_dir() else path
     if not csv_path.is_file():
-        kind = "run directory has no " + RESULTS_FILE if path.is_dir() else "no such file"
-        raise BadInputError(f"{label} {csv_path}: {kind}")
+        raise BadInputError(f"{label} {path}: {_not_a_run(path)}")
     try:
         frame = read_results(csv_path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as err:
@@ -180,6 +220,7 @@ def load_table(path: Path, label: str, required: Sequence[str]) -> _Table:
         raise BadInputError(f"{label} {csv_path}: missing columns {', '.join(missing)}")
     if frame.empty:
         raise BadInputError(f"{label} {csv_path}: no rows")
+    check_values(frame, csv_path, label)
     rows: dict[Key, dict[str, Any]] = {}
     for record in frame.to_dict("records"):
         key = tuple(_key_text(record[c]) for c in KEY_COLUMNS)
@@ -192,6 +233,20 @@ def load_table(path: Path, label: str, required: Sequence[str]) -> _Table:
     notes = throttle_notes(list(rows.values()))
     throttled = {key: note for key, note in zip(rows, notes) if note is not None}
     return _Table(label, csv_path, rows, throttled)
+
+
+def _not_a_run(path: Path) -> str:
+    """Why ``path`` (not a file) gives the gate no results CSV."""
+    if not path.exists():
+        return "no such file or directory"
+    if not path.is_dir():
+        return "not a file or directory the gate can read"
+    runs = sorted(p.name for p in path.iterdir() if (p / RESULTS_FILE).is_file())
+    if not runs:
+        return f"run directory has no {RESULTS_FILE}"
+    listed = ", ".join(runs[:3]) + (", ..." if len(runs) > 3 else "")
+    return (f"holds {len(runs)} run director{'ies' if len(runs) > 1 else 'y'} ({listed}), not "
+            f"a {RESULTS_FILE}; the gate compares one run: give one of them")
 
 
 def case_label(key: Key) -> str:
@@ -254,6 +309,14 @@ def _compare_one(key: Key, base: _Table, cur: _Table, metric: str, against: str 
     b_row, c_row = base.rows[key], cur.rows[key]
     b_ok, c_ok = b_row["status"] == "ok", c_row["status"] == "ok"
     provider, case = key[_PROVIDER_AT], case_label(key)
+    ids = [_key_text(row.get("case_id", "")) for row in (b_row, c_row)]
+    if all(ids) and ids[0] != ids[1]:
+        # Same key columns, another problem: the case_id also hashes sm_scale, the seed and a
+        # varlen or decode case's sequence lengths, which the key does not hold.
+        return Comparison(case, provider, math.nan, math.nan, math.nan, math.nan, math.nan,
+                          SKIPPED, f"not the same case: case_id {ids[0]} in baseline, {ids[1]} "
+                          "in current (their specs differ in sm_scale, seed, length_spread or "
+                          "lengths); gate against a baseline of the same spec")
     if b_ok and not c_ok:
         return Comparison(case, provider, math.nan, math.nan, math.nan, math.nan, math.nan,
                           FAILED, _status_note(c_row))
@@ -358,6 +421,10 @@ def run_gate(current: Path, baseline: Path, *, metric: str = "speedup",
     """Compare `current` against `baseline` (run directories or CSV files); see the module doc."""
     if metric not in METRICS:
         raise BadInputError(f"--metric {metric!r}: expected one of {', '.join(METRICS)}")
+    if against is not None and metric != "speedup":
+        raise BadInputError(f"--against {against}: applies to --metric speedup only "
+                            f"(--metric {metric} is not measured against a provider); leave it "
+                            "out")
     required = [*KEY_COLUMNS, *_TIMING_COLUMNS]
     if metric == "tflops":
         required.append("tflops")
@@ -368,8 +435,12 @@ def run_gate(current: Path, baseline: Path, *, metric: str = "speedup",
     ref = resolve_against(base, cur, against) if metric == "speedup" else None
 
     gated = _providers(cur, base)
-    if providers:
+    if providers is not None:
         wanted = {p.strip() for p in providers if p.strip()}
+        if not wanted:
+            raise BadInputError(f"--providers {','.join(providers)!r}: names no provider; give "
+                                f"a comma list of {', '.join(sorted(gated))}, or leave it out "
+                                "to gate them all")
         unknown = wanted - gated
         if unknown:
             raise BadInputError(f"--providers: unknown {', '.join(sorted(unknown))} "
@@ -381,55 +452,24 @@ def run_gate(current: Path, baseline: Path, *, metric: str = "speedup",
         raise BadInputError(
             f"no rows in common between current {cur.path} and baseline {base.path} "
             f"(matched on {', '.join(KEY_COLUMNS)}; {_apart(cur, base, gated)})")
-    comparisons = [c for k in shared
-                   if (c := _compare_one(k, base, cur, metric, ref, tolerance)) is not None]
+    compared = [_compare_one(k, base, cur, metric, ref, tolerance) for k in shared]
+    comparisons = [c for c in compared if c is not None]
     one_sided = [OneSided(case_label(k), k[_PROVIDER_AT], t.label, t.rows[k]["status"])
                  for t, other in ((base, cur), (cur, base))
                  for k in t.rows if k not in other.rows and k[_PROVIDER_AT] in gated]
     notes = _notes(base, cur, metric)
+    # A worsening of a higher-is-better metric is at most 100% (the value falls to 0): a threshold
+    # at or above it passes whatever the current row measured.
+    blind = [c for c in comparisons if c.verdict == PASS and METRICS[metric] and c.threshold >= 1]
+    if blind:
+        notes.append(f"{_rows(len(blind))} passed with a p20-p80 spread so wide (threshold "
+                     f"{min(c.threshold for c in blind):.0%} or more) that no drop could fail "
+                     f"{'them' if len(blind) > 1 else 'it'}, e.g. {blind[0].provider} "
+                     f"{blind[0].case} (a longer timing.rep_ms narrows it)")
     throttled = sum(c.throttled for c in comparisons)
     if throttled:
         notes.append(f"{throttled} row{'s' * (throttled > 1)} skipped as throttled (median SM "
                      f"clock more than {THROTTLE_FRACTION:.0%} below its run's median): they do "
                      "not fail the gate; rerun them on a steady GPU")
-    return GateResult(metric, ref, tolerance, comparisons, one_sided, fail_on_missing, notes)
-
-
-def format_value(value: float) -> str:
-    return "-" if not math.isfinite(value) else f"{value:.4g}"
-
-
-def format_change(change: float) -> str:
-    return "-" if not math.isfinite(change) else f"{change * 100:+.1f}%"
-
-
-def format_noise(noise: float) -> str:
-    return "-" if not math.isfinite(noise) else f"±{noise * 100:.1f}%"
-
-
-def format_verdict(c: Comparison) -> str:
-    return c.verdict.upper() + (f" ({c.note})" if c.note else "")
-
-
-TABLE_HEADER = ("case", "provider", "baseline", "current", "change", "noise", "verdict")
-
-
-def table_rows(result: GateResult) -> list[tuple[str, ...]]:
-    """The compared rows as display strings, regressions first, in `TABLE_HEADER` order."""
-    order = {FAILED: 0, REGRESSION: 1, SKIPPED: 2, IMPROVED: 3, PASS: 4}
-    return [(c.case, c.provider, format_value(c.baseline), format_value(c.current),
-             format_change(c.change), format_noise(c.noise), format_verdict(c))
-            for c in sorted(result.comparisons, key=lambda c: order[c.verdict])]
-
-
-def to_markdown(result: GateResult) -> str:
-    """The gate's table, one-side-only rows and verdict as Markdown, for a CI comment."""
-    out = [f"### dkbench gate: {'PASS' if result.passed else 'FAIL'}", "",
-           *markdown.table(TABLE_HEADER, table_rows(result))]
-    if result.one_sided:
-        out += ["", "Rows on one side only:", ""]
-        out += [f"- {o.case} / {o.provider}: only in {o.side} ({o.status})"
-                for o in result.one_sided]
-    out += [""] + [f"> {note}" for note in result.notes]
-    out += ["", f"**{result.summary()}**", ""]
-    return "\n".join(out)
+    return GateResult(metric, ref, tolerance, comparisons, one_sided, fail_on_missing, notes,
+                      against_rows=len(compared) - len(comparisons))

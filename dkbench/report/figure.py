@@ -39,5 +39,5 @@ def save_figures(figures: Sequence[NamedFigure], out_dir: Path,
                 nf.figure.savefig(path, dpi=110)
                 written.append(path)
     except OSError as err:
-        raise BadInputError(f"{out_dir}: cannot write figures ({err})") from None
+        raise BadInputError(f"{out_dir}: cannot write figures ({err.strerror or err})") from None
     return written

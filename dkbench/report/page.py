@@ -14,7 +14,7 @@ import pandas as pd
 
 from ..errors import BadInputError
 from ..results.runs import INTERPRETER_NOTE, Run, TuneDir, load_sources
-from ..results.schema import KEY_COLUMNS
+from ..results.schema import KEY_COLUMNS, check_out_dir
 from .density import OURS, density_facets
 from .markdown import cell, table
 from .plots import SkippedFigure, build_figures, output_root, save_figures
@@ -270,17 +270,23 @@ def render_report(runs: Sequence[Run], figures: Sequence[tuple[str, Path]] = (),
 
 
 def report_file(path: Path, out: Path | None = None) -> Path:
-    """Where the report goes: `out` (a file, or a directory for report.md), else PATH/report.md."""
+    """Where the report goes: `out` (a file, or a directory for report.md: one that exists, or a
+    new path without a suffix), else PATH/report.md."""
     if out is None:
         return output_root(path) / REPORT_FILE
     out = Path(out)
-    return out / REPORT_FILE if out.is_dir() else out
+    # A new path without a suffix (results/report) is a directory to make, not a file "report".
+    return out / REPORT_FILE if out.is_dir() or not (out.exists() or out.suffix) else out
 
 
 def write_report(path: Path, out: Path | None = None) -> Path:
     """`dkbench report`: draw the figures as PNG beside the report, write it, return its path."""
-    runs, tunes = load_sources(path)
     target = report_file(path, out)
+    if out is not None:  # before anything is read or drawn
+        check_out_dir(target.parent, given=out)
+        if target.is_dir():
+            raise BadInputError(f"--out {out}: {target} is a directory")
+    runs, tunes = load_sources(path)
     skipped: list[SkippedFigure] = []
     figures = build_figures(runs, tunes=tunes, skipped=skipped)
     written = save_figures(figures, target.parent, ("png",))

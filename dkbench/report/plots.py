@@ -39,6 +39,7 @@ from ..results.runs import (
     load_sources,
     parse_formats,
 )
+from ..results.schema import check_out_dir
 from .figure import NamedFigure, save_figures, slug
 from .sol_figures import SkippedFigure, speed_of_light_figures
 from .tune_plots import build_tune_figures
@@ -49,6 +50,10 @@ SHAPE_COLUMNS = {"batch": "b", "heads": "h", "kv_heads": "kv", "head_dim": "d",
                  "block_size": "block", "causal": "causal", "tokens": "tokens",
                  "page_size": "page"}
 FAILED_MARKERS = {"oom": "x", "error": "X", "unsupported": "1", "wrong": "v"}
+# Facets in one figure at most (8 rows of 3): a sweep of hundreds of shapes gets several figures,
+# each readable, where one would be metres tall and, past about 600 facets, more than the 2^16
+# pixels a side that Agg can draw.
+FACETS_PER_FIGURE = 24
 FAILURE_BAND = 0.16  # axes fraction at the bottom of each subplot kept for failure markers
 _COLORS = matplotlib.colormaps["tab10"].colors
 _RUN_STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))
@@ -314,8 +319,9 @@ def _facet_order(key: tuple, facets: Sequence[str]) -> tuple:
                  for c, v in zip(facets, key))
 
 
-def build_view_figure(frame: pd.DataFrame, view: _View, runs: Sequence[Run]) -> Figure:
-    """One figure of `view`, a subplot per facet; `frame` is the runs' results concatenated."""
+def build_view_figures(frame: pd.DataFrame, view: _View, runs: Sequence[Run]) -> list[Figure]:
+    """The figures of `view`, a subplot per facet and at most `FACETS_PER_FIGURE` facets to a
+    figure; `frame` is the runs' results concatenated."""
     styles = _Styles(frame)
     frame = frame.assign(tokens=frame["batch"] * frame["seqlen"])
     varying = [c for c in SHAPE_COLUMNS if c in frame.columns and frame[c].nunique() > 1]
@@ -325,18 +331,36 @@ def build_view_figure(frame: pd.DataFrame, view: _View, runs: Sequence[Run]) -> 
     else:
         varying = [c for c in varying if c != "tokens"]
     facets = [*view.facets, *varying]
-    groups = sorted(frame.groupby(facets), key=lambda kv: _facet_order(kv[0], facets))
-    fig, axes = _facet_grid(len(groups))
+    # dropna=False: a row missing a shape value is drawn in a facet of its own, not dropped.
+    groups = sorted(frame.groupby(facets, dropna=False),
+                    key=lambda kv: _facet_order(kv[0], facets))
+    pages = [groups[i:i + FACETS_PER_FIGURE] for i in range(0, len(groups), FACETS_PER_FIGURE)]
     baselines = sorted({b for b in frame["baseline"] if b})
     ylabel = view.ylabel.format(baseline=baselines[0] if len(baselines) == 1 else "baseline")
-    for ax, (key, rows) in zip(axes, groups):
-        _draw_facet(ax, rows, view, styles)
-        ax.set_title(_facet_title(dict(zip(facets, key))), fontsize="medium")
-        ax.set_xlabel(view.xlabel)
-        ax.set_ylabel(ylabel)
-    fig.suptitle(_suptitle(view.title, runs))
-    _figure_legend(fig, axes, frame, styles)
-    return fig
+    figures = []
+    for number, page in enumerate(pages, start=1):
+        fig, axes = _facet_grid(len(page))
+        for ax, (key, rows) in zip(axes, page):
+            _draw_facet(ax, rows, view, styles)
+            ax.set_title(_facet_title(dict(zip(facets, key))), fontsize="medium")
+            ax.set_xlabel(view.xlabel)
+            ax.set_ylabel(ylabel)
+        title = view.title + (f" ({number} of {len(pages)})" if len(pages) > 1 else "")
+        fig.suptitle(_suptitle(title, runs))
+        _figure_legend(fig, axes, frame, styles)
+        figures.append(fig)
+    return figures
+
+
+def _view_figures(frame: pd.DataFrame, view: _View, runs: Sequence[Run]) -> list[NamedFigure]:
+    """`view`'s figures named: NAME, or NAME_1, NAME_2, ... when its facets fill several (NAME_01
+    from ten on, so that the files sort in order)."""
+    figures = build_view_figures(frame, view, runs)
+    if len(figures) == 1:
+        return [NamedFigure(view.name, view.title, figures[0])]
+    width = len(str(len(figures)))
+    return [NamedFigure(f"{view.name}_{i:0{width}d}", f"{view.title} ({i} of {len(figures)})",
+                        fig) for i, fig in enumerate(figures, start=1)]
 
 
 def build_figures(runs: Sequence[Run], metric: str | None = None,
@@ -352,7 +376,7 @@ def build_figures(runs: Sequence[Run], metric: str | None = None,
         frame = pd.concat([r.results for r in runs], ignore_index=True)
         metrics = METRICS if metric is None else (check_metric(metric),)
         views = [*(VIEWS[m] for m in metrics), DENSITY_VIEW]
-        figures = [NamedFigure(v.name, v.title, build_view_figure(frame, v, runs)) for v in views]
+        figures = [nf for v in views for nf in _view_figures(frame, v, runs)]
         figures += speed_of_light_figures(runs, frame, [] if skipped is None else skipped)
     many = len(runs) + len(tunes) > 1
     for source in [*runs, *tunes]:
@@ -379,6 +403,8 @@ def plot_path(path: Path, metric: str | None = None, formats: str | Sequence[str
     (default: `path`); figures not drawn go to `skipped` (see `build_figures`)."""
     metric = check_metric(metric)
     formats = parse_formats(formats)
+    if out is not None:  # before anything is read or drawn
+        check_out_dir(Path(out))
     runs, tunes = load_sources(path)
     out_dir = Path(out) if out else output_root(path)
     return save_figures(build_figures(runs, metric, tunes, skipped), out_dir, formats)

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pandas as pd
+
 from ..errors import BadInputError, ResultsWriteError
 from ..spec.sweep import Sweep, expand, filter_cases
+from .check import check_values
 from .schema import (
     META_FILE,
     RESULTS_FILE,
@@ -27,6 +31,7 @@ from .schema import (
 )
 
 ENV_KEYS = ("gpu", "torch", "triton")
+_SHARD = re.compile(r"[1-9][0-9]*/[1-9][0-9]*")
 # meta.json keys that describe one process's run, not the merged whole.
 PER_RUN_KEYS = ("workers", "worker_environments", "worker_warnings", "gpus", "finished")
 
@@ -55,15 +60,26 @@ class MergeResult:
 def _load(run_dir: Path) -> Source:
     meta_path, csv_path = run_dir / META_FILE, run_dir / RESULTS_FILE
     if not meta_path.is_file() or not csv_path.is_file():
-        raise BadInputError(f"{run_dir}: not a run directory (needs {META_FILE} and "
-                            f"{RESULTS_FILE})")
+        raise BadInputError(f"{run_dir}: {_not_a_run(run_dir)}")
     try:
         meta = read_meta(run_dir)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:  # json.JSONDecodeError, UnicodeDecodeError
         raise BadInputError(f"{meta_path}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise BadInputError(f"{meta_path}: holds a JSON {type(meta).__name__}, not the object "
+                            "`dkbench run` writes")
     if meta.get("kind", "run") != "run" or "spec" not in meta:
         raise BadInputError(f"{run_dir}: not a `dkbench run` directory (its meta.json is of kind "
                             f"{meta.get('kind')!r}{'' if 'spec' in meta else ', with no spec'})")
+    for key, kind in (("spec", dict), ("environment", dict), ("only", list), ("shard", str),
+                      ("started", str), ("finished", str)):
+        if meta.get(key) is not None and not isinstance(meta[key], kind):
+            allowed = {dict: "an object", list: "a list", str: "a string"}[kind]
+            raise BadInputError(f"{meta_path}: key {key!r} holds a JSON "
+                                f"{type(meta[key]).__name__}; allowed: {allowed}")
+    if meta.get("shard") is not None and not _SHARD.fullmatch(meta["shard"]):
+        raise BadInputError(f"{meta_path}: key 'shard' holds {meta['shard']!r}; allowed: I/N "
+                            "(as `dkbench run --shard` records it), or null")
     data, notes = csv_path.read_bytes(), []
     end = whole_rows_end(data)
     if end < len(data):  # a run stopped mid-row: never copy half a row
@@ -72,25 +88,51 @@ def _load(run_dir: Path) -> Source:
         except ResultsWriteError as exc:
             notes.append(f"{exc}; merging its whole rows only")
         data = data[:end]
-    try:
-        reader = csv.DictReader(io.StringIO(data.decode("utf-8"), newline=""))
+    try:  # utf-8-sig: a byte-order mark (an editor's) must not become part of a column name
+        reader = csv.DictReader(io.StringIO(data.decode("utf-8-sig"), newline=""))
+        header = list(reader.fieldnames or [])
+        rows = list(reader)
     except UnicodeDecodeError as exc:
         raise BadInputError(f"{csv_path}: not a UTF-8 CSV ({exc})") from None
-    header = list(reader.fieldnames or [])
-    rows = list(reader)
-    if rows and not {"case_id", "provider"} <= set(header):
+    except csv.Error as exc:
+        raise BadInputError(f"{csv_path}: not a readable CSV ({exc})") from None
+    if header and not {"case_id", "provider"} <= set(header):
         raise BadInputError(f"{csv_path}: no case_id/provider columns")
+    if len(set(header)) < len(header):
+        twice = sorted({c for c in header if header.count(c) > 1})
+        raise BadInputError(f"{csv_path}: column {', '.join(twice)} appears more than once in "
+                            "its header")
     for line, row in enumerate(rows, start=2):
         if None in row:
             raise BadInputError(f"{csv_path}: line {line} has more fields than the header")
+    if rows:
+        check_values(pd.DataFrame(rows, columns=header), csv_path)
     return Source(run_dir, meta, header, rows, notes)
+
+
+def _not_a_run(path: Path) -> str:
+    """Why ``path`` is not a run directory to merge."""
+    if not path.exists():
+        return "no such directory"
+    if not path.is_dir():
+        return f"is a file; give a run directory (holding {META_FILE} and {RESULTS_FILE})"
+    runs = sorted(p.name for p in path.iterdir() if (p / RESULTS_FILE).is_file())
+    if runs and not (path / RESULTS_FILE).exists():
+        listed = ", ".join(runs[:3]) + (", ..." if len(runs) > 3 else "")
+        return (f"holds {len(runs)} run director{'ies' if len(runs) > 1 else 'y'} ({listed}); "
+                "give each of them as a RUN_DIR")
+    lacks = [name for name in (META_FILE, RESULTS_FILE) if not (path / name).is_file()]
+    return f"not a run directory (it has no {' and no '.join(lacks)})"
 
 
 def _spec_key(meta: dict) -> object:
     """The spec as compared across machines: file patterns by file name, not absolute path."""
     spec = dict(meta.get("spec") or {})
-    spec["patterns"] = [{**p, "path": Path(p["path"]).name} if isinstance(p, dict) and "path" in p
-                        else p for p in spec.get("patterns", [])]
+    patterns = spec.get("patterns")
+    if isinstance(patterns, list):
+        spec["patterns"] = [{**p, "path": Path(p["path"]).name}
+                            if isinstance(p, dict) and isinstance(p.get("path"), str) else p
+                            for p in patterns]
     return (meta.get("spec_name"), spec)
 
 
@@ -112,7 +154,7 @@ def _differences(sources: list[Source]) -> list[str]:
         if _spec_key(src.meta) != _spec_key(first.meta):
             problems.append(f"{src.run_dir} is a run of a different spec than {first.run_dir} "
                             f"({_spec_difference(src.meta, first.meta)})")
-        env, env0 = src.meta.get("environment", {}), first.meta.get("environment", {})
+        env, env0 = src.meta.get("environment") or {}, first.meta.get("environment") or {}
         for key in ENV_KEYS:
             if env.get(key) != env0.get(key):
                 problems.append(f"{src.run_dir} ran with {key} {env.get(key)!r}, {first.run_dir} "
@@ -171,6 +213,9 @@ def merge_runs(run_dirs: list[Path], out: Path, force: bool = False) -> MergeRes
     notes += [f"{p} (merged anyway: --force)" for p in problems]
 
     header = list(dict.fromkeys(col for s in sources for col in s.header))
+    if not header:  # a run stopped while writing its first row leaves an empty results.csv
+        raise BadInputError("nothing to merge: the results.csv of every RUN_DIR is empty "
+                            f"({', '.join(str(s.run_dir) for s in sources)})")
     merged: dict[tuple[str, str], dict[str, str]] = {}
     origin: dict[tuple[str, str], Path] = {}
     duplicates: list[str] = []
@@ -216,7 +261,7 @@ def _merged_meta(sources: list[Source], out: Path, result: MergeResult, forced: 
         merged=datetime.now(timezone.utc).isoformat(),
         merged_from=[{"run_dir": str(s.run_dir), "run_id": s.meta.get("run_id"),
                       "shard": s.meta.get("shard"), "rows": len(s.rows),
-                      "gpu": s.meta.get("environment", {}).get("gpu"),
+                      "gpu": (s.meta.get("environment") or {}).get("gpu"),
                       "finished": s.meta.get("finished")} for s in sources],
         missing_cases=result.missing_cases, duplicates_replaced=result.replaced,
         forced=forced)

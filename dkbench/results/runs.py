@@ -11,6 +11,7 @@ from typing import Iterable, Sequence
 import pandas as pd
 
 from ..errors import BadInputError
+from .check import TUNE, check_values
 from .schema import NA_VALUES, RESULTS_FILE, TEXT_COLUMNS, read_meta, read_results
 
 TUNE_FILE = "tune.csv"
@@ -86,6 +87,7 @@ def read_tune(path: Path) -> pd.DataFrame | None:
         p, dtype={c: str for c in TUNE_TEXT_COLUMNS}, keep_default_na=False, na_values=NA_VALUES))
     if df.empty:
         return None
+    check_values(df, path, kinds=TUNE)
     df["status"] = df["status"].fillna("").astype(str).str.strip().str.lower()
     df["is_best"] = _truthy(df["is_best"]) if "is_best" in df.columns else False
     for col in ("block_m", "block_n", "num_warps", "num_stages", "ms"):
@@ -102,6 +104,7 @@ def load_run(run_dir: Path) -> Run:
     df = _read_csv_checked(csv, REQUIRED_COLUMNS, read_results)
     if df.empty:
         raise BadInputError(f"{csv}: has a header but no rows")
+    check_values(df, csv)
     for col in ("provider", "mode", "dtype", "pattern", "baseline", "gpu", "status", "message"):
         if col in df.columns:
             df[col] = df[col].fillna("").astype(str).str.strip()

@@ -293,6 +293,7 @@ def read_results(path: Path) -> pd.DataFrame:
         source = io.BytesIO(data[:whole_rows_end(data)])
     if torn is not None:
         warnings.warn(torn, stacklevel=2)
+    _check_header(path, source)
     frame = pd.read_csv(source, dtype={c: str for c in TEXT_COLUMNS}, keep_default_na=False,
                         na_values=NA_VALUES)
     for column, value in LATER_COLUMNS.items():
@@ -300,17 +301,37 @@ def read_results(path: Path) -> pd.DataFrame:
     return frame
 
 
-def check_out_dir(out: Path, flag: str = "--out") -> None:
-    """Raise BadInputError naming ``out`` when a directory cannot be made or written there: it, or
-    its nearest existing parent, is a file or not writable."""
+def _check_header(path: Path, source: Path | io.BytesIO) -> None:
+    """Refuse a header that names a column twice: pandas would read the second as "ms.1" and
+    every reader would take the first one's values without a word."""
+    try:
+        if isinstance(source, io.BytesIO):
+            first = source.getvalue().split(b"\n", 1)[0]
+        else:
+            with open(source, "rb") as fh:
+                first = fh.readline()
+    except OSError:
+        return  # the reader itself reports a file it cannot open
+    header = next(csv.reader([first.decode("utf-8-sig", errors="replace")]), [])
+    twice = sorted({c for c in header if header.count(c) > 1})
+    if twice:
+        raise BadInputError(f"{path}: column{'s' * (len(twice) > 1)} {', '.join(twice)} "
+                            "appear" + "s" * (len(twice) == 1) + " more than once in its header")
+
+
+def check_out_dir(out: Path, flag: str = "--out", given: Path | None = None) -> None:
+    """Raise BadInputError naming ``out`` (or ``given``, the flag's value, when ``out`` is the
+    directory it names a file in) when a directory cannot be made or written there: it, or its
+    nearest existing parent, is a file or not writable."""
     probe = Path(out)
     while not probe.exists() and probe.parent != probe:
         probe = probe.parent
-    what = "" if probe == Path(out) else f"{probe} "
+    shown = Path(given) if given is not None else Path(out)
+    what = "" if probe == shown else f"{probe} "
     if probe.exists() and not probe.is_dir():
-        raise BadInputError(f"{flag} {out}: {what}is a file, not a directory")
+        raise BadInputError(f"{flag} {shown}: {what}is a file, not a directory")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise BadInputError(f"{flag} {out}: {what}is not writable")
+        raise BadInputError(f"{flag} {shown}: {what}is not writable")
 
 
 def rewrite_results(path: Path, update: Callable[[list[dict[str, str]]], bool]) -> bool:
