@@ -113,7 +113,7 @@ def run(
                 raise BadInputError(f"--compile-ahead runs on one GPU; with --gpus {gpus} each "
                                     "worker compiles as it goes (drop one of the two)")
         elif device == "auto" and sweep.device != "auto":
-            dev = _spec_device(sweep.device, spec or resume / META_FILE, runner.resolve_device)
+            dev = runner.resolve_device(sweep.device, spec or resume / META_FILE)
         chosen = _chosen_providers(sweep.providers, providers)
         everything = expand(sweep)
         cases = filter_cases(everything, only or [])
@@ -246,16 +246,6 @@ def _check_resume_out(resume: Path, out: Path | None) -> None:
     if out is not None and Path(out).resolve() != Path(resume).resolve().parent:
         raise BadInputError(f"--out {out}: a resumed run writes into the directory it finishes "
                             f"(--resume {resume}), not under --out; drop --out")
-
-
-def _spec_device(asked: str, source: Path, resolve) -> torch.device:
-    """The device a spec's own ``device`` key asks for, the key named when it cannot be had."""
-    try:
-        return resolve(asked)
-    except BadInputError:
-        raise BadInputError(f"{source}: device: {asked}, but no CUDA GPU is visible "
-                            "(torch.cuda.is_available() is False); allowed here: auto, cpu "
-                            "(or run with --device cpu)") from None
 
 
 def _chosen_providers(spec_providers: list[str], flag: str | None) -> list[str]:

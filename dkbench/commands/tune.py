@@ -183,7 +183,7 @@ def tune(
                                     + ", ".join("--" + k.replace("_", "-") for k in given) + ")")
             sweep = load_spec(spec)
             if device == "auto" and sweep.device != "auto":
-                dev = _spec_device(spec, sweep.device)
+                dev = resolve_device(sweep.device, spec)
             spec_text = spec.read_text()
         else:
             sweep = sweep_from_flags(dev, mode or "fwd", **shape)
@@ -248,18 +248,6 @@ tune.__doc__ = prose_help(inspect.cleandoc(tune.__doc__ or "").replace(
     "{default_spaces}", default_spaces_help()).replace(
     "{screen_rounds}", str(SCREEN_ROUNDS)).replace("{screen_turn}", f"{SCREEN_TURN_MS:g}").replace(
     "{screen_margin}", f"{SCREEN_MARGIN * 100:g}"))
-
-
-def _spec_device(spec: Path, choice: str) -> torch.device:
-    """The spec's ``device:`` (with --device auto); BadInputError naming the spec's key."""
-    from ..measure.runner import resolve_device
-
-    try:
-        return resolve_device(choice)
-    except BadInputError:
-        raise BadInputError(f"{spec}: device: {choice}, but no CUDA GPU is visible "
-                            "(torch.cuda.is_available() is False); allowed here: auto, cpu (or "
-                            "tune with --device cpu)") from None
 
 
 def _ignored_finalists(finalists: int | None, no_screen: bool, sweep: Sweep,

@@ -38,12 +38,18 @@ from .resume import previous_baselines, resumed_rows
 from .timing import Ratio, measure, measure_interleaved, peak_memory, step_stream
 
 
-def resolve_device(choice: str) -> torch.device:
+def resolve_device(choice: str, spec: Path | None = None) -> torch.device:
+    """The device ``choice`` (auto, cuda or cpu) names here. ``spec``: the choice is that spec's
+    ``device:`` key, not the --device flag, and an error names the key."""
     if choice == "cpu":
         return torch.device("cpu")
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     if choice == "cuda":
+        if spec is not None:
+            raise BadInputError(f"{spec}: device: cuda, but no CUDA GPU is visible "
+                                "(torch.cuda.is_available() is False); allowed here: auto, cpu "
+                                "(or give --device cpu)")
         raise BadInputError("--device cuda: no CUDA GPU is visible (torch.cuda.is_available() is False)")
     return torch.device("cpu")
 

@@ -181,7 +181,8 @@ def test_compile_ahead_asked_for_where_nothing_would_compile_ahead_says_so(
         tmp_path: Path, monkeypatch) -> None:
     """On a GPU, a run whose phase did not run (one provider and mode compile) warns about the
     flag it was given."""
-    monkeypatch.setattr(runner, "resolve_device", lambda choice: torch.device("cuda", 0))
+    monkeypatch.setattr(runner, "resolve_device",
+                        lambda choice, spec=None: torch.device("cuda", 0))
     monkeypatch.setattr(ahead, "execute", lambda *args, **kwargs: [])
     result = invoke("run", write_spec(tmp_path), "--out", tmp_path / "out", "--compile-ahead")
     assert result.exit_code == 0, result.output
