@@ -14,7 +14,14 @@ from torch import nn
 from . import select
 from .bwd import sparse_attention_bwd
 from .bwd_fused import sparse_attention_bwd_fused
-from .checks import check_heads, check_scale, check_tensors
+from .checks import (
+    check_batch,
+    check_config_type,
+    check_heads,
+    check_scale,
+    check_seq_dim,
+    check_tensors,
+)
 from .configs import LaunchConfig, check_config
 from .dispatch import choose_impl
 from .fwd import sparse_attention_fwd
@@ -31,10 +38,9 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Blo
                   seq_dim: int, sm_scale: float | None) -> None:
     check_tensors(("q", "k", "v"), (q, k, v), 4,
                   "(batch, seq, heads, dim) with seq_dim=1 or (batch, heads, seq, dim) with seq_dim=2")
-    if seq_dim not in (1, 2):
-        raise ValueError(f"seq_dim must be 1 (batch, seq, heads, dim) or 2 (batch, heads, seq, dim), "
-                         f"got {seq_dim}")
+    check_seq_dim(seq_dim)
     check_scale(sm_scale)
+    check_batch("q", q.shape[0])
     head_axis = 3 - seq_dim
     if k.shape != v.shape:
         raise ValueError(f"k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
@@ -102,6 +108,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
     backward raises).
     """
     _check_inputs(q, k, v, layout, seq_dim, sm_scale)
+    for name, given in (("config", config), ("bwd_config", bwd_config), ("dq_config", dq_config)):
+        check_config_type(name, given)
     layout = layout.to(q.device)
     dim = q.shape[3]
     scale = 1.0 / math.sqrt(dim) if sm_scale is None else float(sm_scale)
@@ -127,8 +135,7 @@ class SparseAttention(nn.Module):
     def __init__(self, block_size: int, pattern: torch.Tensor, causal: bool = True,
                  seq_dim: int = 1, warn_kv_cache: bool = True):
         super().__init__()
-        if seq_dim not in (1, 2):
-            raise ValueError(f"seq_dim must be 1 or 2, got {seq_dim}")
+        check_seq_dim(seq_dim)
         self.layout = BlockLayout.from_pattern(pattern, block_size, causal,
                                                warn_kv_cache=warn_kv_cache)
         self.seq_dim = seq_dim
@@ -150,8 +157,7 @@ class LocalStrideSparseAttention(SparseAttention):
                  head_sliding_step: int | None = None, head_sliding_offset: int = 0,
                  num_dense_heads: int = 0, causal: bool = True, seq_dim: int = 1):
         nn.Module.__init__(self)
-        if seq_dim not in (1, 2):
-            raise ValueError(f"seq_dim must be 1 or 2, got {seq_dim}")
+        check_seq_dim(seq_dim)
         self.layout = local_stride_layout(
             num_heads, max_seq_len, block_size, local_blocks, vert_stride, homo_head=homo_head,
             num_kv_heads=num_kv_heads, head_sliding_step=head_sliding_step,

@@ -4,14 +4,21 @@ that names the argument, raised before any kernel is launched."""
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
 from .common import interpreting
+from .configs import LaunchConfig
 from .layout import BlockLayout
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+
+
+def _is_int(value) -> bool:
+    """A Python or numpy integer, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def check_tensors(names: tuple[str, str, str], tensors: tuple, rank: int, shape_hint: str) -> None:
@@ -42,7 +49,9 @@ def check_heads(heads: int, kv_heads: int, dim: int, layout: BlockLayout) -> Non
         raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
     if not MIN_HEAD_DIM <= dim <= MAX_HEAD_DIM:
         raise ValueError(f"head_dim must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {dim}")
-    if kv_heads == 0 or heads % kv_heads:
+    if not _is_int(kv_heads):
+        raise TypeError(f"kv_heads must be an int, got {type(kv_heads).__name__}")
+    if kv_heads < 1 or heads % kv_heads:
         raise ValueError(f"the number of query heads ({heads}) must be a multiple of the number of "
                          f"kv heads ({kv_heads})")
     if layout.heads not in (1, kv_heads, heads):
@@ -50,9 +59,59 @@ def check_heads(heads: int, kv_heads: int, dim: int, layout: BlockLayout) -> Non
                          f"or heads={heads}")
 
 
+# The kernels take sm_scale / ln(2) in float32: anything larger overflows to inf there.
+MAX_SM_SCALE = torch.finfo(torch.float32).max * math.log(2)
+
+
 def check_scale(sm_scale: float | None) -> None:
-    if sm_scale is not None and not (math.isfinite(sm_scale) and sm_scale > 0):
-        raise ValueError(f"sm_scale must be a positive finite number, got {sm_scale}")
+    if sm_scale is None:
+        return
+    if isinstance(sm_scale, torch.Tensor) and sm_scale.numel() == 1 and not (
+            sm_scale.dtype.is_complex or sm_scale.dtype == torch.bool):
+        sm_scale = sm_scale.item()
+    if not isinstance(sm_scale, numbers.Real) or isinstance(sm_scale, bool):
+        raise TypeError(f"sm_scale must be a real number or None, got {type(sm_scale).__name__}")
+    if not (math.isfinite(sm_scale) and 0 < sm_scale <= MAX_SM_SCALE):
+        raise ValueError(f"sm_scale must be a positive finite number (at most {MAX_SM_SCALE:.3g}, "
+                         f"float32's range), got {sm_scale}")
+
+
+def check_seq_dim(seq_dim: int) -> None:
+    """``seq_dim`` is the int 1 or 2 (not 1.0, not True)."""
+    if not _is_int(seq_dim) or seq_dim not in (1, 2):
+        raise ValueError(f"seq_dim must be 1 (batch, seq, heads, dim) or 2 (batch, heads, seq, "
+                         f"dim), got {seq_dim!r}")
+
+
+def check_batch(name: str, batch: int) -> None:
+    if batch < 1:
+        raise ValueError(f"{name} has batch size {batch}; a call needs at least one sequence")
+
+
+def check_count(name: str, value: int | None, low: int, high: int) -> None:
+    """An optional Python int in ``[low, high]`` (None passes)."""
+    if value is None:
+        return
+    if not _is_int(value):
+        raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+
+
+def check_config_type(name: str, config: LaunchConfig | None) -> None:
+    """A given launch config is a :class:`LaunchConfig` of ints and an impl name, so that its
+    rules (:func:`kernels.configs.config_problems`) can be read at all."""
+    if config is None:
+        return
+    if not isinstance(config, LaunchConfig):
+        raise TypeError(f"{name} must be a kernels.LaunchConfig or None, got "
+                        f"{type(config).__name__} (LaunchConfig.from_dict reads a dict)")
+    for field in ("block_m", "block_n", "num_warps", "num_stages"):
+        value = getattr(config, field)
+        if not _is_int(value):
+            raise TypeError(f"{name}.{field} must be an int, got {value!r}")
+    if not isinstance(config.impl, str):
+        raise TypeError(f"{name}.impl must be a str, got {config.impl!r}")
 
 
 def check_inference_only(names: tuple[str, ...], tensors: tuple, form: str) -> None:

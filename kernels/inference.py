@@ -21,6 +21,10 @@ import torch
 
 from . import select
 from .checks import (
+    SUPPORTED_DTYPES,
+    check_batch,
+    check_config_type,
+    check_count,
     check_heads,
     check_inference_only,
     check_same_shape,
@@ -38,7 +42,7 @@ from .decode import (
     new_workspace,
     sparse_attention_decode_fwd,
 )
-from .layout import BlockLayout
+from .layout import BlockLayout, check_device
 from .varlen import (
     VarlenSequences,
     new_varlen_output,
@@ -59,9 +63,18 @@ def _check_common(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Blo
     check_scale(sm_scale)
 
 
+def _is_lengths(t: torch.Tensor) -> bool:
+    """A 1-D tensor of an integer dtype (bool and complex are not lengths)."""
+    return (isinstance(t, torch.Tensor) and t.dim() == 1 and not t.dtype.is_floating_point
+            and not t.dtype.is_complex and t.dtype != torch.bool)
+
+
 def _lengths(name: str, t: torch.Tensor) -> list[int]:
-    if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a 1-D integer tensor")
+    if not _is_lengths(t):
+        got = (f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor)
+               else type(t).__name__)
+        raise TypeError(f"{name} must be a 1-D integer tensor, got {got}")
+    check_device(name, t)
     return [int(x) for x in t.tolist()]
 
 
@@ -75,6 +88,7 @@ def resolve_varlen_config(probe: torch.Tensor, layout: BlockLayout,
 
 def _config(q: torch.Tensor, layout: BlockLayout, seq_k: int, config: LaunchConfig | None,
             dim: int) -> LaunchConfig:
+    check_config_type("config", config)
     if config is None:
         # q itself carries what the lookup reads (device, dtype, head_dim): no probe allocated.
         config = resolve_varlen_config(q, layout, seq_k)[0]
@@ -112,6 +126,11 @@ def varlen_sequences(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     if cq[0] != 0 or ck[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0 and end at the packed lengths, got q: "
                          f"{cq[0]}..{cq[-1]}, k: {ck[0]}..{ck[-1]}")
+    for name, cu in (("cu_seqlens_q", cq), ("cu_seqlens_k", ck)):
+        drop = next((i for i in range(1, len(cu)) if cu[i] < cu[i - 1]), None)
+        if drop is not None:
+            raise ValueError(f"{name} must be non-decreasing (cumulative lengths), got "
+                             f"{cu[drop - 1]} then {cu[drop]} at entries {drop - 1}, {drop}")
     q_lens = [b - a for a, b in itertools.pairwise(cq)]
     k_lens = [b - a for a, b in itertools.pairwise(ck)]
     _check_lengths(q_lens, k_lens)
@@ -159,6 +178,14 @@ def _packed_sequences(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tens
     elif sequences.meta.device != q.device:
         raise ValueError(f"sequences' table is on {sequences.meta.device}, q on {q.device}; make "
                          "it with varlen_sequences(..., device=q.device)")
+    else:
+        # Shapes only (reading the values back is what a table spares): a table of another
+        # batch's sequence count is caught here.
+        for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+            if isinstance(cu, torch.Tensor) and tuple(cu.shape) != (sequences.count + 1,):
+                raise ValueError(f"sequences holds {sequences.count} sequences, but {name} has "
+                                 f"shape {tuple(cu.shape)}, not ({sequences.count + 1},); make "
+                                 "the table from these cu_seqlens")
     if sequences.rows_q != q.shape[0] or sequences.rows_k != k.shape[0]:
         raise ValueError(f"cu_seqlens must start at 0 and end at the packed lengths "
                          f"(q: {q.shape[0]}, k: {k.shape[0]}), got q: 0..{sequences.rows_q}, "
@@ -176,6 +203,7 @@ def sparse_attention_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     starts at its first real token (not at the padding). Padded output rows are zero.
     """
     _check_common(q, k, v, layout, 4, sm_scale, shape_hint="(batch, seq, heads, dim)")
+    check_batch("q", q.shape[0])
     lens = _lengths("seq_lens", seq_lens)
     batch, seq = q.shape[0], q.shape[1]
     if k.shape[0] != batch or k.shape[1] != seq:
@@ -241,6 +269,7 @@ def sparse_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         return known[0](q, k_cache, v_cache, cache_seqlens, block_table, workspace)
     max_len = _check_decode(q, k_cache, v_cache, cache_seqlens, layout, block_table,
                             max_cache_len, sm_scale, num_splits)
+    check_config_type("config", config)
     if workspace is not None:
         _check_workspace(workspace, q, k_cache.shape[2], num_splits)
         if cache_seqlens.dtype != torch.int32 or cache_seqlens.device != q.device:
@@ -321,9 +350,12 @@ def _check_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   ("q", "k_cache", "v_cache"), cache_shape)
     if not layout.causal:
         raise ValueError("decoding needs a causal layout (a new token sees only the past)")
-    if (not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dim() != 1
-            or cache_seqlens.dtype.is_floating_point):
-        raise TypeError("cache_seqlens must be a 1-D integer tensor")
+    if not _is_lengths(cache_seqlens):
+        got = (f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}"
+               if isinstance(cache_seqlens, torch.Tensor) else type(cache_seqlens).__name__)
+        raise TypeError(f"cache_seqlens must be a 1-D integer tensor, got {got}")
+    check_device("cache_seqlens", cache_seqlens)
+    check_batch("q", q.shape[0])
     batch, capacity = _check_block_table(block_table, q, k_cache) if paged else k_cache.shape[:2]
     if q.shape[0] != batch or cache_seqlens.shape[0] != batch:
         what = "the block table" if paged else "the caches"
@@ -331,8 +363,7 @@ def _check_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          f"{cache_seqlens.shape[0]}")
     max_len = _max_cache_len(max_cache_len, capacity, paged)
     layout.check_seqlen(max_len, 1)
-    if num_splits is not None and not 1 <= num_splits <= MAX_SPLITS:
-        raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
+    check_count("num_splits", num_splits, 1, MAX_SPLITS)
     if q.shape[1] // k_cache.shape[2] > 31:
         raise ValueError("decoding supports at most 31 query heads per kv head")
     return max_len
@@ -362,9 +393,15 @@ def decode_workspace(q: torch.Tensor, kv_heads: int, layout: BlockLayout,
     that shape."""
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
         raise ValueError("q must be a (batch, heads, dim) tensor")
+    # q's dtype and device are the outputs': a step refuses any other q.
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"q has dtype {q.dtype}; supported: float16, bfloat16, float32")
+    check_device("q", q)
+    check_batch("q", q.shape[0])
     check_heads(q.shape[1], kv_heads, q.shape[2], layout)
-    if num_splits is not None and not 1 <= num_splits <= MAX_SPLITS:
-        raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
+    if not layout.causal:
+        raise ValueError("decoding needs a causal layout (a new token sees only the past)")
+    check_count("num_splits", num_splits, 1, MAX_SPLITS)
     if num_splits is None:
         num_splits = decode_splits(layout.to(q.device), q.shape[0], q.shape[1], kv_heads,
                                    q.device)

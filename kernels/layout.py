@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, field
 
@@ -21,6 +22,25 @@ MIN_BLOCK_SIZE = 16
 
 class KVCacheUnfriendlyWarning(UserWarning):
     """A later query block needs a kv block that an earlier query block dropped."""
+
+
+def check_device(name: str, t: torch.Tensor) -> None:
+    """Patterns and index tensors are read on the host or a GPU: a meta (or other) tensor has no
+    values to build index forms from."""
+    if t.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name} is on {t.device}; it must be on the CPU or a CUDA device")
+
+
+def _check_flag(name: str, value: bool) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+
+
+def _check_int(name: str, value: int, low: int | None = None) -> None:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
 
 
 def check_block_size(block_size: int, name: str = "block_size") -> None:
@@ -35,6 +55,8 @@ class BlockLayout:
     """A validated block pattern plus the index forms built from it (cached per layout object).
 
     Build one with :func:`local_stride_layout`, :func:`dense_layout` or :meth:`from_pattern`.
+    Built directly, it takes a bool ``(heads, q_blocks, k_blocks)`` pattern on the CPU or a GPU
+    and checks only that (no values: :meth:`from_pattern` checks diagonals and empty rows).
     """
 
     pattern: torch.Tensor  # bool (pattern_heads, q_blocks, k_blocks)
@@ -43,13 +65,31 @@ class BlockLayout:
     description: str = "custom"
     _plans: dict = field(default_factory=dict, repr=False)
 
+    def __post_init__(self) -> None:
+        # Metadata only (no values read, so no sync for a copy on a GPU): the kernels' index
+        # forms use ``~`` and boolean indexing, which an integer pattern turns into wrong
+        # results. from_pattern also checks the values (diagonals, empty rows).
+        if not isinstance(self.pattern, torch.Tensor):
+            raise TypeError(f"pattern must be a torch.Tensor, got {type(self.pattern).__name__}")
+        if self.pattern.dtype != torch.bool or self.pattern.dim() != 3:
+            raise TypeError(f"BlockLayout needs a bool pattern (heads, q_blocks, k_blocks), got "
+                            f"{self.pattern.dtype} {tuple(self.pattern.shape)}; "
+                            "BlockLayout.from_pattern takes integer 0/1 and 2-D patterns")
+        if 0 in self.pattern.shape:
+            raise ValueError(f"pattern must not be empty, got shape {tuple(self.pattern.shape)}")
+        check_device("pattern", self.pattern)
+        check_block_size(self.block_size)
+        _check_flag("causal", self.causal)
+
     @classmethod
     def from_pattern(cls, pattern: torch.Tensor, block_size: int, causal: bool = True,
                      description: str = "custom", warn_kv_cache: bool = True) -> "BlockLayout":
         """Validate a user pattern ``(heads or 1, q_blocks, k_blocks)`` (or 2-D for one head)."""
         check_block_size(block_size)
+        _check_flag("causal", causal)
         if not isinstance(pattern, torch.Tensor):
             raise TypeError(f"pattern must be a torch.Tensor, got {type(pattern).__name__}")
+        check_device("pattern", pattern)
         if pattern.dim() == 2:
             pattern = pattern[None]
         if pattern.dim() != 3:
@@ -207,6 +247,8 @@ def is_kv_cache_friendly(pattern: torch.Tensor) -> bool:
 def dense_layout(num_blocks: int, block_size: int, causal: bool = True) -> BlockLayout:
     """Every block kept (the lower triangle when causal)."""
     check_block_size(block_size)
+    _check_int("num_blocks", num_blocks, 1)
+    _check_flag("causal", causal)
     pattern = torch.ones(1, num_blocks, num_blocks, dtype=torch.bool)
     if causal:
         pattern = pattern.tril()
@@ -231,8 +273,15 @@ def local_stride_layout(num_heads: int, max_seq_len: int, block_size: int, local
     check_block_size(block_size)
     for name, value in (("num_heads", num_heads), ("max_seq_len", max_seq_len),
                         ("local_blocks", local_blocks), ("vert_stride", vert_stride)):
-        if not isinstance(value, int) or value < 1:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
+    for name, value in (("num_kv_heads", num_kv_heads), ("head_sliding_step", head_sliding_step),
+                        ("head_sliding_offset", head_sliding_offset),
+                        ("num_dense_heads", num_dense_heads)):
+        if value is not None:
+            _check_int(name, value)
+    _check_flag("homo_head", homo_head)
+    _check_flag("causal", causal)
     if num_kv_heads is not None and (num_kv_heads < 1 or num_heads % num_kv_heads):
         raise ValueError(f"num_kv_heads must divide num_heads={num_heads}, got {num_kv_heads}")
     pattern_heads = 1 if homo_head else (num_kv_heads or num_heads)
@@ -265,6 +314,9 @@ def local_stride_layout(num_heads: int, max_seq_len: int, block_size: int, local
 def random_layout(heads: int, num_blocks: int, block_size: int, density: float, seed: int = 0,
                   causal: bool = True) -> BlockLayout:
     """A random pattern keeping about ``density`` of the blocks, diagonal always kept."""
+    _check_int("heads", heads, 1)
+    _check_int("num_blocks", num_blocks, 1)
+    _check_int("seed", seed)
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
     gen = torch.Generator().manual_seed(seed)

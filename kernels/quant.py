@@ -15,6 +15,8 @@ from typing import NamedTuple
 
 import torch
 
+from .checks import check_seq_dim
+
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0  # e4m3's largest finite value (there is no inf; 0x7f is NaN)
 GRANULARITIES = ("tensor", "head")
@@ -70,12 +72,14 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, granularity: str,
         if t.dtype not in _SOURCE_DTYPES:
             raise TypeError(f"{name} has dtype {t.dtype}; quantize_fp8 takes float16, bfloat16 "
                             "or float32")
+        if t.numel() == 0:
+            # amax has nothing to reduce: there is no scale to find.
+            raise ValueError(f"{name} is empty, shape {tuple(t.shape)}; quantize_fp8 needs at "
+                             "least one element in every dimension")
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, "
                          f"got {granularity!r}")
-    if seq_dim not in (1, 2):
-        raise ValueError(f"seq_dim must be 1 (batch, seq, heads, dim) or 2 (batch, heads, seq, "
-                         f"dim), got {seq_dim}")
+    check_seq_dim(seq_dim)
     if k.shape != v.shape:
         raise ValueError(f"k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if not (q.device == k.device == v.device):
@@ -110,9 +114,15 @@ def dequantize_fp8(x: Fp8Inputs, seq_dim: int = 1) -> tuple[torch.Tensor, torch.
     """The float32 values the fp8 kernel computes on: ``(q, k, v)`` in the layout ``seq_dim``
     names (v back to k's layout), each ``x8 * descale``. The fp8 kernel's output is compared
     against attention of these, so the comparison measures the kernel, not the quantisation."""
-    if seq_dim not in (1, 2):
-        raise ValueError(f"seq_dim must be 1 or 2, got {seq_dim}")
+    if not isinstance(x, Fp8Inputs):
+        raise TypeError(f"x must be the Fp8Inputs quantize_fp8 returns, got {type(x).__name__}")
+    check_seq_dim(seq_dim)
     head_axis = 3 - seq_dim
+    for name, t8, descale in (("q", x.q, x.q_descale), ("k", x.k, x.k_descale)):
+        if descale.numel() not in (1, t8.shape[head_axis]):
+            raise ValueError(f"x.{name} has {t8.shape[head_axis]} heads on axis {head_axis} "
+                             f"(seq_dim={seq_dim}) but {descale.numel()} descales: give the "
+                             "seq_dim it was quantized with")
 
     def one(t8: torch.Tensor, descale: torch.Tensor) -> torch.Tensor:
         shape = [1] * 4
