@@ -36,7 +36,13 @@ import triton
 import triton.language as tl
 
 from . import buffers, select
-from .checks import check_heads, check_scale
+from .checks import (
+    check_batch,
+    check_config_type,
+    check_heads,
+    check_scale,
+    check_seq_dim,
+)
 from .common import (
     LN2,
     _kv_step,
@@ -407,6 +413,10 @@ def _expand_descale(name: str, d: torch.Tensor | None, batch: int, heads: int,
     if d.dim() > 2 or not d.is_floating_point():
         raise ValueError(f"{name} must be a float tensor of shape (1,), ({heads},) or "
                          f"({batch}, {heads}), got {d.dtype} {tuple(d.shape)}")
+    # On the host the rule costs nothing to check; on a GPU it would wait for the device.
+    if d.device.type == "cpu" and not bool((torch.isfinite(d) & (d > 0)).all()):
+        bad = d[~(torch.isfinite(d) & (d > 0))].flatten()[0].item()
+        raise ValueError(f"{name} must be finite and positive, got {bad}")
     try:
         return d.to(torch.float32).expand(batch, heads)
     except RuntimeError:
@@ -436,10 +446,9 @@ def sparse_attention_fp8(q: torch.Tensor, k: torch.Tensor, v_t: torch.Tensor,
     launch config (its rules: :func:`fp8_config_problems`).
     """
     _check_fp8_tensors(q, k, v_t)
-    if seq_dim not in (1, 2):
-        raise ValueError(f"seq_dim must be 1 (batch, seq, heads, dim) or 2 (batch, heads, seq, "
-                         f"dim), got {seq_dim}")
+    check_seq_dim(seq_dim)
     check_scale(sm_scale)
+    check_config_type("config", config)
     if out_dtype not in _OUT_DTYPES:
         raise TypeError(f"out_dtype must be torch.bfloat16, torch.float16 or torch.float32, "
                         f"got {out_dtype}")
@@ -447,6 +456,7 @@ def sparse_attention_fp8(q: torch.Tensor, k: torch.Tensor, v_t: torch.Tensor,
         q, k = q.transpose(1, 2), k.transpose(1, 2)
     batch, heads, seq_q, dim = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
+    check_batch("q", batch)
     if k.shape[0] != batch or k.shape[3] != dim:
         raise ValueError(f"q and k must share batch and head_dim, got q {tuple(q.shape)} and k "
                          f"{tuple(k.shape)} as (batch, heads, seq, dim)")

@@ -18,10 +18,12 @@ import torch
 
 from . import select
 from .checks import (
+    check_config_type,
     check_heads,
     check_inference_only,
     check_same_shape,
     check_scale,
+    check_seq_dim,
     check_tensors,
 )
 from .configs import LaunchConfig, check_config
@@ -29,12 +31,6 @@ from .fwd import sparse_attention_fwd
 from .layout import BlockLayout
 
 _SHAPES = "(batch, seq, heads, dim) with seq_dim=1 or (batch, heads, seq, dim) with seq_dim=2"
-
-
-def _check_seq_dim(seq_dim: int) -> None:
-    if seq_dim not in (1, 2):
-        raise ValueError(f"seq_dim must be 1 (batch, seq, heads, dim) or 2 (batch, heads, seq, dim), "
-                         f"got {seq_dim}")
 
 
 def _check_position(name: str, value: int) -> None:
@@ -49,7 +45,7 @@ def _check_partition(q: torch.Tensor, k_seg: torch.Tensor, v_seg: torch.Tensor,
                      seq_dim: int) -> None:
     names = ("q", "k_seg", "v_seg")
     check_tensors(names, (q, k_seg, v_seg), 4, _SHAPES)
-    _check_seq_dim(seq_dim)
+    check_seq_dim(seq_dim)
     check_scale(sm_scale)
     check_inference_only(names, (q, k_seg, v_seg), "sparse_attention_partition is")
     check_same_shape(names[1:], k_seg, v_seg)
@@ -99,6 +95,7 @@ def sparse_attention_partition(q: torch.Tensor, k_seg: torch.Tensor, v_seg: torc
     gradients.
     """
     _check_partition(q, k_seg, v_seg, layout, q_start, k_start, sm_scale, seq_dim)
+    check_config_type("config", config)
     if config is not None and config.impl != "triton":
         raise ValueError(f"config {config.short()}: partitions run the Triton forward kernel; give "
                          "a config with impl='triton'")
@@ -127,7 +124,7 @@ def _check_parts(outs, lses, seq_dim: int) -> None:
     if len(outs) != len(lses):
         raise ValueError(f"outs and lses must have one entry per segment, got {len(outs)} and "
                          f"{len(lses)}")
-    _check_seq_dim(seq_dim)
+    check_seq_dim(seq_dim)
     first = outs[0]
     if first.dim() != 4 or not first.is_floating_point():
         raise ValueError(f"outs[0] must be a 4-D float tensor {_SHAPES}, got shape "

@@ -4,6 +4,8 @@ overlapping views) still match the reference."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -285,3 +287,59 @@ def test_stride_zero_views_match_the_reference_in_decode():
     for b, n in enumerate(lens.tolist()):
         ref = reference_attention(q[b:b + 1, None], k[b:b + 1, :n], v[b:b + 1, :n], layout)
         torch.testing.assert_close(out[b].double(), ref[0, 0], atol=2e-5, rtol=0)
+
+
+# -- the fp8 forward and the partition API take the same argument checks --
+
+@pytest.fixture
+def no_fp8_or_partition_launch(monkeypatch):
+    def launched(*args, **kwargs):
+        raise AssertionError("a kernel was launched before the call was refused")
+
+    import kernels.fp8
+    import kernels.partitions
+
+    monkeypatch.setattr(kernels.fp8, "sparse_attention_fp8_fwd", launched)
+    monkeypatch.setattr(kernels.partitions, "sparse_attention_fwd", launched)
+
+
+def _fp8_inputs():
+    e4m3 = kernels.FP8_DTYPE
+    q, k = (torch.randn(1, 64, 2, 32).to(e4m3) for _ in range(2))
+    v_t = torch.randn(1, 2, 32, 64).to(e4m3)
+    return q, k, v_t, _layout()
+
+
+@pytest.mark.usefixtures("no_fp8_or_partition_launch")
+@pytest.mark.parametrize(("kwargs", "error", "words"), [
+    ({"config": {"block_m": 16}}, TypeError, "config must be a kernels.LaunchConfig or None"),
+    ({"seq_dim": 1.0}, ValueError, "seq_dim must be 1"),
+    ({"q_descale": torch.tensor([0.0])}, ValueError, "q_descale must be finite and positive"),
+    ({"k_descale": torch.tensor([float("nan"), 1.0])}, ValueError,
+     "k_descale must be finite and positive, got nan"),
+    ({"v_descale": torch.tensor([-1.0])}, ValueError, "v_descale must be finite and positive"),
+])
+def test_fp8_refuses_bad_arguments_before_launch(kwargs, error, words) -> None:
+    q, k, v_t, layout = _fp8_inputs()
+    with pytest.raises(error, match=re.escape(words)):
+        kernels.sparse_attention_fp8(q, k, v_t, layout, **kwargs)
+
+
+@pytest.mark.usefixtures("no_fp8_or_partition_launch")
+def test_fp8_refuses_batch_zero() -> None:
+    q, k, v_t, layout = _fp8_inputs()
+    with pytest.raises(ValueError, match="q has batch size 0"):
+        kernels.sparse_attention_fp8(q[:0], k[:0], v_t[:0], layout)
+
+
+@pytest.mark.usefixtures("no_fp8_or_partition_launch")
+@pytest.mark.parametrize(("kwargs", "error", "words"), [
+    ({"config": {"block_m": 16}}, TypeError, "config must be a kernels.LaunchConfig or None"),
+    ({"seq_dim": 1.0}, ValueError, "seq_dim must be 1"),
+])
+def test_partition_refuses_bad_arguments_before_launch(kwargs, error, words) -> None:
+    from kernels.partitions import sparse_attention_partition
+
+    q = torch.randn(1, 64, 2, 16)
+    with pytest.raises(error, match=re.escape(words)):
+        sparse_attention_partition(q, q, q, _layout(), 0, 0, **kwargs)
