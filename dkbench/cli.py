@@ -27,7 +27,8 @@ from .commands.errors import plain_warnings  # noqa: E402
 from .commands.gate import gate  # noqa: E402
 from .commands.merge import merge  # noqa: E402
 from .commands.plot import plot, report  # noqa: E402
-from .commands.run import env, run, validate  # noqa: E402
+from .commands.env import env  # noqa: E402
+from .commands.run import run, validate  # noqa: E402
 from .commands.tune import tune  # noqa: E402
 
 app = typer.Typer(name="dkbench", no_args_is_help=True, add_completion=False,

@@ -1,8 +1,7 @@
-"""`dkbench run`, `dkbench validate` and `dkbench env`."""
+"""`dkbench run` and `dkbench validate`."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -12,13 +11,11 @@ import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from ..errors import INTERRUPTED, BadInputError, DkbenchError
-from ..results.schema import META_FILE, RESULTS_FILE, read_meta
+from ..results.schema import META_FILE, read_meta
 from ..spec.load import load_spec
 from ..spec.sweep import (
-    DEVICES,
     excluded_for_provider,
     expand,
     filter_cases,
@@ -26,8 +23,10 @@ from ..spec.sweep import (
     only_mismatch,
     row_provider,
 )
+from .env import check_device_flag
 from .errors import err_console, fail
 from .progress import progress_bar
+from .resumed import check_resume_out, check_resumed_shard, recorded_flags
 
 SWEEPS_DIR = Path(__file__).resolve().parents[2] / "sweeps"
 DEFAULT_OUT = Path("results")
@@ -88,13 +87,13 @@ def run(
         from ..measure.shard import parse_shard, shard_cases
         from ..report.summary import cannot_run_here, outcome_line, setup_line, summary_table
 
-        _check_device_flag(device)
+        check_device_flag(device)
         if resume is not None:
-            _check_resume_out(resume, out)
+            check_resume_out(resume, out)
         sweep = None
         if resume is not None and spec is None:
             sweep, spec_text = recorded_spec(resume)
-            providers, only, shard = _recorded_flags(resume, providers, only, shard)
+            providers, only, shard = recorded_flags(resume, providers, only, shard)
         part = parse_shard(shard) if shard is not None else None
         slots = parse_gpus(gpus) if gpus is not None else None
         dev = parent_device(slots) if slots else runner.resolve_device(device)
@@ -127,7 +126,7 @@ def run(
                           "nothing to run.")
             return
         if resume is not None:
-            _check_resumed_shard(resume, part)
+            check_resumed_shard(resume, part)
         plan = runner.plan_run(sweep, cases, chosen, out or DEFAULT_OUT, resume)
         _announce(plan, sweep, cases, part, spec_cases, chosen, slots, dev, compile_ahead)
     except DkbenchError as exc:
@@ -233,21 +232,6 @@ def _drop_unstarted(plan, resume: Path | None) -> None:
             pass
 
 
-def _check_device_flag(device: str) -> None:
-    if device not in DEVICES:
-        raise BadInputError(f"--device {device!r}: allowed values are {', '.join(DEVICES)}")
-
-
-def _check_resume_out(resume: Path, out: Path | None) -> None:
-    """--out with --resume: a resumed run writes into its own directory, so an --out elsewhere
-    would do nothing; it is refused rather than ignored."""
-    if not any((resume / name).exists() for name in (META_FILE, RESULTS_FILE)):
-        return  # not a run directory: --resume's own check says so
-    if out is not None and Path(out).resolve() != Path(resume).resolve().parent:
-        raise BadInputError(f"--out {out}: a resumed run writes into the directory it finishes "
-                            f"(--resume {resume}), not under --out; drop --out")
-
-
 def _chosen_providers(spec_providers: list[str], flag: str | None) -> list[str]:
     """The spec's providers, or those of --providers: known names, each once."""
     if flag is None:
@@ -280,56 +264,6 @@ def _check_workers_device(gpus: str, cuda: bool, asked: str) -> None:
                             f"the spec's device) is {asked}")
 
 
-def _recorded_flags(resume: Path, providers: str | None, only: list[str] | None,
-                    shard: str | None) -> tuple[str | None, list[str] | None, str | None]:
-    """--providers, --only and --shard as recorded in a resumed run's meta.json, where not given,
-    so that `--resume DIR` alone finishes the run it names."""
-    meta = _resumed_meta(resume)
-    recorded_providers = _recorded(resume, meta, "providers", list)
-    recorded_only = _recorded(resume, meta, "only", list)
-    recorded_shard = _recorded(resume, meta, "shard", str)
-    if providers is None and recorded_providers:
-        providers = ",".join(recorded_providers)
-    return providers, only or list(recorded_only or []) or None, shard or recorded_shard
-
-
-def _resumed_meta(resume: Path) -> dict:
-    """A resumed run's meta.json as a mapping; BadInputError names the file when it cannot be
-    read or is not one."""
-    path = resume / META_FILE
-    try:
-        meta = read_meta(resume)
-    except (OSError, ValueError) as exc:  # a directory, not UTF-8, not JSON
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-        raise BadInputError(f"--resume {resume}: {path} cannot be read ({reason})") from None
-    if not isinstance(meta, dict):
-        raise BadInputError(f"--resume {resume}: {path} holds a JSON {type(meta).__name__}, not "
-                            "the mapping a run writes there")
-    return meta
-
-
-def _recorded(resume: Path, meta: dict, key: str, kind: type):
-    """``meta[key]`` (None when absent), refused naming the file and key unless it is null or a
-    ``kind`` (of strings, for a list), as a run records it."""
-    value = meta.get(key)
-    fine = value is None or (isinstance(value, kind) and (
-        kind is not list or all(isinstance(v, str) for v in value)))
-    if not fine:
-        what = "a list of strings" if kind is list else "a string"
-        raise BadInputError(f"--resume {resume}: {resume / META_FILE}: {key}: expected null or "
-                            f"{what} as a run records it, got {json.dumps(value)}")
-    return value
-
-
-def _check_resumed_shard(resume: Path, part) -> None:
-    recorded = _recorded(resume, _resumed_meta(resume), "shard", str)
-    given = str(part) if part is not None else None
-    if recorded != given:
-        raise BadInputError(f"--resume {resume}: that run is "
-                            f"{f'shard {recorded}' if recorded else 'not sharded'}; give "
-                            f"{f'--shard {recorded}' if recorded else 'no --shard'} to finish it")
-
-
 def validate(spec: Annotated[Path, typer.Argument(help="Sweep spec (YAML) to check.")]) -> None:
     """Check a spec and print how many cases it expands to."""
     try:
@@ -344,56 +278,3 @@ def validate(spec: Annotated[Path, typer.Argument(help="Sweep spec (YAML) to che
     timed = " (each timed eagerly and by CUDA-graph replay)" if sweep.timing.graph_rows else ""
     console.print(f"{escape(str(spec))}: ok, {len(cases)} cases x {len(sweep.providers)} providers"
                   f"{timed} = {rows} rows (after exclusions)", highlight=False)
-
-
-def env(
-    device: Annotated[str, typer.Option(help="auto, cuda or cpu.")] = "auto",
-    measure: Annotated[bool, typer.Option(
-        "--calibrate", help="Measure this GPU's matrix rate and copy bandwidth (about 10 s) and "
-                            "store it beside the best-config cache.")] = False,
-) -> None:
-    """GPU, versions, and which providers can run here (and why not)."""
-    from ..measure import calibrate
-    from ..measure.envinfo import environment
-    from ..measure.providers import PROVIDERS
-    from ..measure.runner import resolve_device
-
-    try:
-        _check_device_flag(device)
-        dev = resolve_device(device)
-    except DkbenchError as exc:
-        raise fail(exc) from None
-    info = environment(dev)
-    table = Table(title="environment", show_header=False)
-    for key, value in info.items():
-        table.add_row(key, str(value))
-    console.print(table)
-    providers = Table(title="providers")
-    providers.add_column("provider")
-    providers.add_column("computes")
-    providers.add_column("available here")
-    for name, cls in PROVIDERS.items():
-        reason = cls().unavailable(dev)
-        providers.add_row(name, cls.computes, "yes" if reason is None else escape(f"no: {reason}"))
-    console.print(providers)
-
-    reason = calibrate.unavailable_reason(dev)
-    if reason is not None:
-        if measure:  # asked for, and not done: not a success
-            raise fail(BadInputError(f"--calibrate: {reason}; it measures a CUDA GPU"))
-        console.print(f"calibration: {escape(reason)}", highlight=False)
-        return
-    path = calibrate.calibration_path()
-    if measure:
-        console.print("Calibrating (about 10 s)...")
-        cal = calibrate.load_or_calibrate(dev, path, force=True)
-    else:
-        cal = calibrate.stored(dev, path)
-        if cal is None:
-            console.print(f"calibration: none stored for this GPU in {escape(str(path))}; "
-                          "make one with `dkbench env --calibrate`", highlight=False)
-            return
-    measured = Table(title="calibration", show_header=False)
-    for label, value in calibrate.summary_rows(cal) + [("file", str(path))]:
-        measured.add_row(label, escape(value))
-    console.print(measured)

@@ -1,0 +1,75 @@
+"""`dkbench env`: this machine's GPU, versions, which providers can run here, and the GPU's
+calibrated speed of light."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from ..errors import BadInputError, DkbenchError
+from ..spec.sweep import DEVICES
+from .errors import fail
+
+console = Console()
+
+
+def check_device_flag(device: str) -> None:
+    if device not in DEVICES:
+        raise BadInputError(f"--device {device!r}: allowed values are {', '.join(DEVICES)}")
+
+
+def env(
+    device: Annotated[str, typer.Option(help="auto, cuda or cpu.")] = "auto",
+    measure: Annotated[bool, typer.Option(
+        "--calibrate", help="Measure this GPU's matrix rate and copy bandwidth (about 10 s) and "
+                            "store it beside the best-config cache.")] = False,
+) -> None:
+    """GPU, versions, and which providers can run here (and why not)."""
+    from ..measure import calibrate
+    from ..measure.envinfo import environment
+    from ..measure.providers import PROVIDERS
+    from ..measure.runner import resolve_device
+
+    try:
+        check_device_flag(device)
+        dev = resolve_device(device)
+    except DkbenchError as exc:
+        raise fail(exc) from None
+    info = environment(dev)
+    table = Table(title="environment", show_header=False)
+    for key, value in info.items():
+        table.add_row(key, str(value))
+    console.print(table)
+    providers = Table(title="providers")
+    providers.add_column("provider")
+    providers.add_column("computes")
+    providers.add_column("available here")
+    for name, cls in PROVIDERS.items():
+        reason = cls().unavailable(dev)
+        providers.add_row(name, cls.computes, "yes" if reason is None else escape(f"no: {reason}"))
+    console.print(providers)
+
+    reason = calibrate.unavailable_reason(dev)
+    if reason is not None:
+        if measure:  # asked for, and not done: not a success
+            raise fail(BadInputError(f"--calibrate: {reason}; it measures a CUDA GPU"))
+        console.print(f"calibration: {escape(reason)}", highlight=False)
+        return
+    path = calibrate.calibration_path()
+    if measure:
+        console.print("Calibrating (about 10 s)...")
+        cal = calibrate.load_or_calibrate(dev, path, force=True)
+    else:
+        cal = calibrate.stored(dev, path)
+        if cal is None:
+            console.print(f"calibration: none stored for this GPU in {escape(str(path))}; "
+                          "make one with `dkbench env --calibrate`", highlight=False)
+            return
+    measured = Table(title="calibration", show_header=False)
+    for label, value in calibrate.summary_rows(cal) + [("file", str(path))]:
+        measured.add_row(label, escape(value))
+    console.print(measured)
