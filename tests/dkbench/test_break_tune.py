@@ -18,9 +18,7 @@ from typer.testing import CliRunner, Result
 
 from dkbench.commands.cache import cache_app
 from dkbench.errors import ResultsWriteError
-from dkbench.measure import runner
 from dkbench.spec.load import load_spec
-from dkbench.tune import precompile
 from dkbench.tune import tuner as tuning
 from dkbench.tune.plan import plan_tune
 from dkbench.tune.rows import append_tune_rows
@@ -57,16 +55,6 @@ def refused(result: Result, *words: str) -> str:
     for word in words:
         assert word in text, text
     return text
-
-
-@pytest.fixture
-def nothing_timed(monkeypatch: pytest.MonkeyPatch) -> None:
-    def boom(*args, **kwargs):
-        raise AssertionError("tune prepared or timed a candidate")
-
-    for name in ("prepare_one", "run_one", "measure_interleaved", "measure"):
-        monkeypatch.setattr(runner, name, boom)
-    monkeypatch.setattr(precompile.Compiler, "run", boom)
 
 
 # -- search-space flags ------------------------------------------------------------------------

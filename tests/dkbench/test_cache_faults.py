@@ -24,7 +24,6 @@ from dkbench.commands.tune import prose_help
 from dkbench.measure import runner
 from dkbench.spec.load import load_spec
 from dkbench.spec.sweep import expand
-from dkbench.tune import precompile
 from kernels import BlockLayout
 from kernels.config_cache import ENV_VAR, CacheKey, ConfigCache, ConfigCacheWarning
 from kernels.layout import local_stride_layout
@@ -331,16 +330,6 @@ def tune_cli() -> typer.Typer:
 
 def invoke_tune(app: typer.Typer, *args: str) -> Result:
     return CliRunner().invoke(app, ["tune", *args], env={"COLUMNS": "80"})
-
-
-@pytest.fixture
-def nothing_timed(monkeypatch: pytest.MonkeyPatch) -> None:
-    def boom(*args, **kwargs):
-        raise AssertionError("tune prepared or timed a candidate before its checks")
-
-    for name in ("prepare_one", "run_one", "measure_interleaved", "measure"):
-        monkeypatch.setattr(runner, name, boom)
-    monkeypatch.setattr(precompile.Compiler, "run", boom)
 
 
 def deny_writes(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
