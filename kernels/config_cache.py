@@ -351,11 +351,19 @@ class ConfigCache:
     def _lock(self) -> filelock.FileLock:
         # Beside the file a symlink names: every writer of that file takes the same lock.
         target = _target(self.path)
+        lock = Path(f"{target}.lock")
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise _write_error("the config cache", self.path, e) from None
-        return filelock.FileLock(f"{target}.lock", timeout=_LOCK_TIMEOUT_S)
+        # filelock retries a lock file it cannot create until its timeout (a minute) as if
+        # another process held it: a place no file can be made (/proc) fails here at once.
+        try:
+            os.close(os.open(lock, os.O_RDWR | os.O_CREAT, 0o644))
+        except OSError as e:
+            raise OSError(f"cannot write the config cache {self.path}: its lock file {lock} "
+                          f"cannot be made ({e.strerror or e})") from None
+        return filelock.FileLock(str(lock), timeout=_LOCK_TIMEOUT_S)
 
     def _load_locked(self) -> tuple[_Stamp | None, dict[str, dict[str, Any]]]:
         """Read the file; a bad one is set aside (caller holds the lock) and reads as empty.

@@ -336,3 +336,25 @@ def test_a_long_cache_name_that_just_fits_can_be_written(tmp_path: Path) -> None
     r = invoke_cache("export", dest, "--cache", good)
     assert r.exit_code == 0, r.output
     assert json.loads(dest.read_text())["format"] == 1
+
+
+def test_a_cache_where_no_lock_file_can_be_made_fails_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """filelock would retry a lock file it cannot create for its whole timeout, as if another
+    process held it; the write fails at once, naming the lock file."""
+    from kernels import config_cache
+
+    monkeypatch.setattr(config_cache, "_LOCK_TIMEOUT_S", 30.0)
+    real_open = os.open
+
+    def no_lock_files(path, flags, *args):
+        if str(path).endswith(".lock"):
+            raise FileNotFoundError(2, "No such file or directory")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(config_cache.os, "open", no_lock_files)
+    cache = ConfigCache(tmp_path / "configs.json")
+    started = time.perf_counter()
+    with pytest.raises(OSError, match=r"its lock file .*configs\.json\.lock cannot be made"):
+        cache.put(make_key(), CONFIG, ms=1.0, default_ms=2.0)
+    assert time.perf_counter() - started < 5
