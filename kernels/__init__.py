@@ -18,11 +18,13 @@ from .config_cache import (
                         load_shipped,
 )
 from .configs import (
+                        WARP_COUNTS,
                         LaunchConfig,
                         check_config,
                         config_problems,
                         default_config,
                         gluon_unavailable,
+                        tile_ok,
 )
 from .decode import PAGE_SIZES, DecodeWorkspace, auto_splits, group_plan
 from .dispatch import Choice, choose_impl
@@ -73,6 +75,7 @@ __all__ = [
     "KERNELS",
     "PAGE_SIZES",
     "TUNABLE",
+    "WARP_COUNTS",
     "BlockLayout",
     "CacheKey",
     "Choice",
@@ -127,6 +130,7 @@ __all__ = [
     "sparse_attention_padded",
     "sparse_attention_partition",
     "sparse_attention_varlen",
+    "tile_ok",
     "tile_plan",
     "token_mask",
     "varlen_plan",

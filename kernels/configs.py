@@ -68,6 +68,16 @@ def _pow2(x: int) -> bool:
     return x > 0 and not x & (x - 1)
 
 
+# What a field of any kernel's config must be, whatever the case (the rules per kernel and per
+# case below add to these).
+WARP_COUNTS = (1, 2, 4, 8, 16)
+
+
+def tile_ok(side: int) -> bool:
+    """A tile side (``block_m``, ``block_n``) some kernel can take: a power of two >= 16."""
+    return side >= 16 and _pow2(side)
+
+
 def _check_kernel(kernel: str) -> None:
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; the kernels are {', '.join(KERNELS)}")
@@ -96,7 +106,7 @@ def config_problems(config: LaunchConfig, block_size: int, head_dim: int,
                             "query tile is the GQA group's heads, not a config's)")
     else:
         problems += query_tile_problems(config, block_size)
-    if not (_pow2(config.block_n) and config.block_n >= 16):
+    if not tile_ok(config.block_n):
         problems.append(f"block_n={config.block_n} must be a power of two >= 16")
     elif config.block_n > block_size:
         problems.append(f"block_n={config.block_n} must not exceed the sparse block size {block_size}")
@@ -106,7 +116,7 @@ def config_problems(config: LaunchConfig, block_size: int, head_dim: int,
 def query_tile_problems(config: LaunchConfig, block_size: int) -> list[str]:
     """The query tile's rules in a Triton kernel: ``block_m`` a power of two >= 16, spanning at
     most 32 sparse blocks (a tile's row bits are one int32 per block)."""
-    if not (_pow2(config.block_m) and config.block_m >= 16):
+    if not tile_ok(config.block_m):
         return [f"block_m={config.block_m} must be a power of two >= 16"]
     if config.block_m > block_size and config.block_m // block_size > 32:
         return [f"block_m={config.block_m} spans more than 32 sparse blocks of {block_size}"]
@@ -116,8 +126,9 @@ def query_tile_problems(config: LaunchConfig, block_size: int) -> list[str]:
 def launch_problems(config: LaunchConfig, head_dim: int) -> list[str]:
     """The rules every Triton kernel's launch shares: its warps, its stages, the head_dim."""
     problems = []
-    if config.num_warps not in (1, 2, 4, 8, 16):
-        problems.append(f"num_warps={config.num_warps} must be one of 1, 2, 4, 8, 16")
+    if config.num_warps not in WARP_COUNTS:
+        problems.append(f"num_warps={config.num_warps} must be one of "
+                        f"{', '.join(map(str, WARP_COUNTS))}")
     if config.num_stages < 1:
         problems.append(f"num_stages={config.num_stages} must be >= 1")
     if head_dim > 256:

@@ -19,10 +19,12 @@ from kernels import (
     AXES,
     IMPLS,
     KERNELS,
+    WARP_COUNTS,
     LaunchConfig,
     config_problems,
     default_config,
     gluon_unavailable,
+    tile_ok,
 )
 
 from ..errors import BadInputError
@@ -90,18 +92,14 @@ def parse_int_list(text: str, flag: str) -> tuple[int, ...]:
     return tuple(dict.fromkeys(values))
 
 
-def _pow2_from_16(value: int) -> bool:
-    return value >= 16 and value & (value - 1) == 0
-
-
 # What a value of each integer axis must be for any kernel, any case, any device (the kernels'
 # `config_problems`): a value outside it could only be pruned everywhere, so it is refused as the
 # bad input it is. Limits per case (block_n within the sparse block, shared memory) stay prune
 # rules, with their reasons in --dry-run.
 AXIS_RULES: Mapping[str, tuple[Callable[[int], bool], str]] = MappingProxyType({
-    "block_m": (_pow2_from_16, "powers of two from 16 (16, 32, 64, 128, ...)"),
-    "block_n": (_pow2_from_16, "powers of two from 16 (16, 32, 64, 128, ...)"),
-    "num_warps": (lambda v: v in (1, 2, 4, 8, 16), "1, 2, 4, 8, 16"),
+    "block_m": (tile_ok, "powers of two from 16 (16, 32, 64, 128, ...)"),
+    "block_n": (tile_ok, "powers of two from 16 (16, 32, 64, 128, ...)"),
+    "num_warps": (lambda v: v in WARP_COUNTS, ", ".join(map(str, WARP_COUNTS))),
     "num_stages": (lambda v: v >= 1, "integers from 1"),
 })
 
