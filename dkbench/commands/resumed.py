@@ -3,11 +3,10 @@ records, checked as a run writes them, and the refusals of flags that would do n
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import BadInputError
-from ..results.schema import META_FILE, RESULTS_FILE, read_meta
+from ..results.schema import META_FILE, RESULTS_FILE, meta_object, meta_value
 
 
 def check_resume_out(resume: Path, out: Path | None) -> None:
@@ -34,31 +33,18 @@ def recorded_flags(resume: Path, providers: str | None, only: list[str] | None,
 
 
 def _resumed_meta(resume: Path) -> dict:
-    """A resumed run's meta.json as a mapping; BadInputError names the file when it cannot be
-    read or is not one."""
-    path = resume / META_FILE
     try:
-        meta = read_meta(resume)
-    except (OSError, ValueError) as exc:  # a directory, not UTF-8, not JSON
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-        raise BadInputError(f"--resume {resume}: {path} cannot be read ({reason})") from None
-    if not isinstance(meta, dict):
-        raise BadInputError(f"--resume {resume}: {path} holds a JSON {type(meta).__name__}, not "
-                            "the mapping a run writes there")
-    return meta
+        return meta_object(resume)
+    except BadInputError as exc:
+        raise BadInputError(f"--resume {resume}: {exc}") from None
 
 
 def _recorded(resume: Path, meta: dict, key: str, kind: type):
-    """``meta[key]`` (None when absent), refused naming the file and key unless it is null or a
-    ``kind`` (of strings, for a list), as a run records it."""
-    value = meta.get(key)
-    fine = value is None or (isinstance(value, kind) and (
-        kind is not list or all(isinstance(v, str) for v in value)))
-    if not fine:
-        what = "a list of strings" if kind is list else "a string"
-        raise BadInputError(f"--resume {resume}: {resume / META_FILE}: {key}: expected null or "
-                            f"{what} as a run records it, got {json.dumps(value)}")
-    return value
+    """``meta[key]`` as a run records it (None when absent); refused naming the file and key."""
+    try:
+        return meta_value(meta, key, kind, resume / META_FILE)
+    except BadInputError as exc:
+        raise BadInputError(f"--resume {resume}: {exc}") from None
 
 
 def check_resumed_shard(resume: Path, part) -> None:

@@ -25,7 +25,8 @@ from .schema import (
     RESULTS_FILE,
     check_out_dir,
     heal_results,
-    read_meta,
+    meta_object,
+    meta_value,
     whole_rows_end,
     write_meta,
 )
@@ -61,22 +62,13 @@ def _load(run_dir: Path) -> Source:
     meta_path, csv_path = run_dir / META_FILE, run_dir / RESULTS_FILE
     if not meta_path.is_file() or not csv_path.is_file():
         raise BadInputError(f"{run_dir}: {_not_a_run(run_dir)}")
-    try:
-        meta = read_meta(run_dir)
-    except (ValueError, OSError) as exc:  # json.JSONDecodeError, UnicodeDecodeError
-        raise BadInputError(f"{meta_path}: not valid JSON ({exc})") from None
-    if not isinstance(meta, dict):
-        raise BadInputError(f"{meta_path}: holds a JSON {type(meta).__name__}, not the object "
-                            "`dkbench run` writes")
+    meta = meta_object(run_dir)
     if meta.get("kind", "run") != "run" or "spec" not in meta:
         raise BadInputError(f"{run_dir}: not a `dkbench run` directory (its meta.json is of kind "
                             f"{meta.get('kind')!r}{'' if 'spec' in meta else ', with no spec'})")
     for key, kind in (("spec", dict), ("environment", dict), ("only", list), ("shard", str),
                       ("started", str), ("finished", str)):
-        if meta.get(key) is not None and not isinstance(meta[key], kind):
-            allowed = {dict: "an object", list: "a list", str: "a string"}[kind]
-            raise BadInputError(f"{meta_path}: key {key!r} holds a JSON "
-                                f"{type(meta[key]).__name__}; allowed: {allowed}")
+        meta_value(meta, key, kind, meta_path)
     if meta.get("shard") is not None and not _SHARD.fullmatch(meta["shard"]):
         raise BadInputError(f"{meta_path}: key 'shard' holds {meta['shard']!r}; allowed: I/N "
                             "(as `dkbench run --shard` records it), or null")

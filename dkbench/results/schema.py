@@ -387,6 +387,37 @@ def read_meta(run_dir: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+# What a run records under a meta.json key, by the JSON type it writes there.
+_META_KINDS = {dict: "an object", list: "a list of strings", str: "a string"}
+
+
+def meta_object(run_dir: Path) -> dict:
+    """A run's meta.json (``{}`` when there is none) as the object a run writes; BadInputError
+    naming the file when it cannot be read (a directory, not UTF-8, not JSON) or is not one."""
+    path = Path(run_dir) / META_FILE
+    try:
+        meta = read_meta(run_dir)
+    except OSError as exc:  # a directory, no permission
+        raise BadInputError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    except ValueError as exc:  # json.JSONDecodeError, UnicodeDecodeError
+        raise BadInputError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise BadInputError(f"{path}: holds a JSON {type(meta).__name__}, not the object "
+                            "`dkbench run` writes")
+    return meta
+
+
+def meta_value(meta: dict, key: str, kind: type, path: Path) -> object:
+    """``meta[key]`` (None when absent or null); BadInputError naming ``path`` and the key unless
+    it is of the JSON type a run records there: ``kind`` dict, list (of strings) or str."""
+    value = meta.get(key)
+    if value is None or (isinstance(value, kind) and (
+            kind is not list or all(isinstance(v, str) for v in value))):
+        return value
+    raise BadInputError(f"{path}: key {key!r} holds {json.dumps(value)}; allowed: null or "
+                        f"{_META_KINDS[kind]}, as a run records it")
+
+
 def done_keys(rows: Iterable[dict]) -> set[tuple[str, str]]:
     """(case_id, provider) pairs already present, for --resume."""
     return {(str(r["case_id"]), str(r["provider"])) for r in rows}

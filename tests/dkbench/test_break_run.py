@@ -110,15 +110,16 @@ def test_resume_refuses_recorded_flags_of_the_wrong_type(run_copy: Path, key: st
                                                         kind: str) -> None:
     _meta(run_copy, **{key: value})
     result = invoke("run", "--resume", run_copy, "-q")
-    refused(result, f"--resume {run_copy}: {run_copy / 'meta.json'}: {key}: expected null or "
-            f"{kind}", f"got {json.dumps(value)}")
+    refused(result, f"--resume {run_copy}: {run_copy / 'meta.json'}: key {key!r} holds "
+            f"{json.dumps(value)}; allowed: null or {kind}")
 
 
 def test_resume_with_spec_refuses_a_meta_that_is_a_list(run_copy: Path, tmp_path: Path) -> None:
     (run_copy / "meta.json").write_text("[1, 2]")
     spec = write_spec(tmp_path, seqlen=[32, 64])
     result = invoke("run", spec, "--resume", run_copy, "-q")  # was an AttributeError traceback
-    refused(result, f"{run_copy / 'meta.json'} holds a JSON list, not the mapping a run writes")
+    refused(result, f"{run_copy / 'meta.json'}: holds a JSON list, not the object `dkbench run` "
+            "writes")
 
 
 def test_resume_with_spec_refuses_a_meta_that_is_a_directory(run_copy: Path,
@@ -127,7 +128,7 @@ def test_resume_with_spec_refuses_a_meta_that_is_a_directory(run_copy: Path,
     (run_copy / "meta.json").mkdir()
     spec = write_spec(tmp_path, seqlen=[32, 64])
     result = invoke("run", spec, "--resume", run_copy, "-q")  # was an IsADirectoryError traceback
-    refused(result, f"{run_copy / 'meta.json'} cannot be read (Is a directory)")
+    refused(result, f"{run_copy / 'meta.json'}: cannot be read (Is a directory)")
 
 
 # -- Ctrl-C outside the timed loop --
