@@ -151,8 +151,9 @@ def sparse_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Returns ``(total_q, heads, dim)``.
 
     ``sequences`` (:func:`varlen_sequences` of these cu_seqlens, made once per batch shape)
-    spares the call reading cu_seqlens back (a sync) and building the table: it is then not
-    checked against them, so it must come from the same lengths.
+    spares the call reading cu_seqlens back (a sync) and building the table: it must come from
+    the same lengths, which are checked where cu_seqlens are on the host (on a GPU only their
+    count is).
     """
     _check_common(q, k, v, layout, 3, sm_scale, shape_hint="(total, heads, dim)")
     seqs = _packed_sequences(q, k, cu_seqlens_q, cu_seqlens_k, sequences)
@@ -170,6 +171,7 @@ def _packed_sequences(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tens
                       cu_seqlens_k: torch.Tensor,
                       sequences: VarlenSequences | None) -> VarlenSequences:
     """The call's sequence table, given or built, checked against the packed tensors."""
+    given = sequences is not None
     if sequences is None:
         sequences = varlen_sequences(cu_seqlens_q, cu_seqlens_k, q.device)
     elif not isinstance(sequences, VarlenSequences):
@@ -190,7 +192,26 @@ def _packed_sequences(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tens
         raise ValueError(f"cu_seqlens must start at 0 and end at the packed lengths "
                          f"(q: {q.shape[0]}, k: {k.shape[0]}), got q: 0..{sequences.rows_q}, "
                          f"k: 0..{sequences.rows_k}")
+    if given:
+        _check_table_lengths(sequences, cu_seqlens_q, cu_seqlens_k)
     return sequences
+
+
+def _check_table_lengths(sequences: VarlenSequences, cu_seqlens_q: torch.Tensor,
+                         cu_seqlens_k: torch.Tensor) -> None:
+    """A given table's lengths against host cu_seqlens, which cost nothing to read (on a GPU
+    they would cost a sync, so there only their count is checked)."""
+    for name, cu, lens in (("cu_seqlens_q", cu_seqlens_q, sequences.q_lens),
+                           ("cu_seqlens_k", cu_seqlens_k, sequences.k_lens)):
+        if not isinstance(cu, torch.Tensor) or cu.device.type != "cpu":
+            continue
+        got = (cu[1:] - cu[:-1]).tolist()
+        wrong = [i for i, (a, b) in enumerate(zip(got, lens)) if a != b]
+        if wrong:
+            i = wrong[0]
+            raise ValueError(f"sequences was made from other lengths than {name}: sequence {i} "
+                             f"is {lens[i]} long in the table and {got[i]} in {name}; make the "
+                             "table from these cu_seqlens")
 
 
 def sparse_attention_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

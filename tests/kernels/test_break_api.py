@@ -182,6 +182,27 @@ def test_varlen_refuses_a_table_of_another_sequence_count(no_launch):
         sparse_attention_varlen(q, k, v, cu, cu, _layout(seqlen=128), sequences=other)
 
 
+def test_varlen_refuses_a_table_of_other_lengths_given_host_cu_seqlens(no_launch):
+    """Same count and totals, other lengths: the kernel would read the table's rows and give
+    wrong output. Host cu_seqlens cost nothing to compare."""
+    q, k, v = _packed()
+    cu = torch.tensor([0, 20, 64])
+    other = varlen_sequences(torch.tensor([0, 10, 64]), torch.tensor([0, 10, 64]))
+    with pytest.raises(ValueError, match=r"sequences was made from other lengths than "
+                                         r"cu_seqlens_q: sequence 0 is 10 long in the table and "
+                                         r"20 in cu_seqlens_q"):
+        sparse_attention_varlen(q, k, v, cu, cu, _layout(seqlen=128), sequences=other)
+
+
+def test_varlen_takes_a_table_of_the_same_lengths():
+    q, k, v = _packed()
+    cu = torch.tensor([0, 20, 64])
+    layout = _layout(seqlen=128)
+    table = varlen_sequences(cu, cu)
+    with_table = sparse_attention_varlen(q, k, v, cu, cu, layout, sequences=table)
+    torch.testing.assert_close(with_table, sparse_attention_varlen(q, k, v, cu, cu, layout))
+
+
 def test_varlen_and_padded_refuse_bad_configs_and_empty_batches(no_launch):
     q, k, v = _packed()
     cu = torch.tensor([0, 20, 64])
