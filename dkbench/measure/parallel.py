@@ -8,7 +8,9 @@ appends to results.csv, so lines never interleave and nothing is lost.
 A worker that dies (segfault, `os._exit`, a CUDA error that poisons its context) costs only the
 providers of its current case it had not finished: they become `error` rows saying so, and a
 replacement starts on the same GPU. After `MAX_RESTARTS` replacements the GPU is dropped with a
-warning and the others carry on.
+warning and the others carry on. A worker silent for `CASE_LIMIT_S` while it runs a case (or
+for `START_LIMIT_S` before it is ready) is taken as hung and killed, which is a death as above; a
+worker whose parent is gone (killed, even by SIGKILL) ends itself within a second or so.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import re
 import signal
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
@@ -41,6 +44,12 @@ POLL_S = 1.0  # how often the parent checks on workers while no message arrives
 # case (or starts preparing that provider of it), as a segfault would.
 CRASH_ENV = "DKBENCH_TEST_CRASH"
 CRASH_EXIT = 3
+# Test hook: the same forms make a worker hang (sleep for good) there instead.
+HANG_ENV = "DKBENCH_TEST_HANG"
+# A worker that sends nothing for this long while running a case (every provider it starts and
+# every row is a message) is taken as hung; one not ready this long after its start, likewise.
+CASE_LIMIT_S = 3600.0
+START_LIMIT_S = 900.0
 # A worker exits with this code after a case that left its CUDA context unusable.
 CONTEXT_LOST_EXIT = 75
 
@@ -123,6 +132,7 @@ def worker_calibration(calibration: Calibration | None,
 def _worker_main(conn: Connection, setup: WorkerSetup, slot: Slot) -> None:
     """Receive ``(index, case, providers)`` tasks until ``None``; send messages back on ``conn``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    _end_with_parent()
     os.environ.update(slot.env())  # already so (set by the parent at spawn); kept for clarity
     from .envinfo import environment
 
@@ -135,7 +145,8 @@ def _worker_main(conn: Connection, setup: WorkerSetup, slot: Slot) -> None:
     env = environment(device)
     ctx = runner.RunContext(setup.sweep, device, env, setup.run_id, setup.baseline, setup.command,
                             dict(setup.baseline_ms), worker_calibration(setup.calibration, device))
-    crash_case, _, crash_provider = os.environ.get(CRASH_ENV, "").partition(":")
+    crash = os.environ.get(CRASH_ENV, "").partition(":")[::2]
+    hang = os.environ.get(HANG_ENV, "").partition(":")[::2]
     conn.send(("ready", env))
     while True:
         try:
@@ -148,8 +159,11 @@ def _worker_main(conn: Connection, setup: WorkerSetup, slot: Slot) -> None:
 
         def on_start(what: str, case: Case = case, index: int = index) -> None:
             # `what` is "NAME" or "preparing NAME" for a provider, "timing N providers ..." after
-            if case.case_id == crash_case and crash_provider in ("", what.split()[-1]):
+            if case.case_id == crash[0] and crash[1] in ("", what.split()[-1]):
                 os._exit(CRASH_EXIT)
+            if case.case_id == hang[0] and hang[1] in ("", what.split()[-1]):
+                while True:
+                    time.sleep(60)
             conn.send(("start", index, what))
 
         try:
@@ -163,6 +177,22 @@ def _worker_main(conn: Connection, setup: WorkerSetup, slot: Slot) -> None:
         if lost:
             conn.close()
             os._exit(CONTEXT_LOST_EXIT)  # a fresh process gets a fresh CUDA context
+
+
+def _end_with_parent() -> None:
+    """End this worker as soon as its parent is gone. A parent killed outright (SIGKILL, the OOM
+    killer) closes its pipe, but a worker only sees that at its next receive, after its case, or
+    never if the case hangs; meanwhile it holds its GPU. The parent's sentinel (a pipe only the
+    parent holds open) says so at once, even if the parent died while this worker was starting."""
+    parent = mp.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        parent.join()
+        os._exit(1)
+
+    threading.Thread(target=watch, name="dkbench-parent-watch", daemon=True).start()
 
 
 def _context_lost(device: torch.device) -> bool:
@@ -250,6 +280,8 @@ class _Worker:
     task: tuple[int, list[str]] | None = None  # the case index and providers it is running
     got: set[str] = field(default_factory=set)  # providers of that case already recorded
     eof: bool = False
+    heard: float = field(default_factory=time.monotonic)  # its start, or its last message
+    stopped: str | None = None  # why the parent killed it (hung)
 
 
 class _Pool:
@@ -269,8 +301,12 @@ class _Pool:
                                  dict(ctx.baseline_ms), max(1, (os.cpu_count() or 1) // len(slots)),
                                  ctx.calibration)
         self.workers: list[_Worker] = []
-        for slot in slots:
-            self._start(slot)
+        try:
+            for slot in slots:
+                self._start(slot)
+        except BaseException:  # a failed start (or Ctrl-C) leaves none of those started behind
+            self.shutdown(graceful=False)
+            raise
         self._progress()
 
     def _start(self, slot: Slot) -> None:
@@ -296,6 +332,7 @@ class _Pool:
                  + [w.conn for w in self.workers if not w.eof], timeout=POLL_S)
             for w in list(self.workers):
                 self._drain(w)
+                self._stop_if_hung(w)
                 if not w.proc.is_alive():
                     self._died(w)
         if pending:
@@ -316,7 +353,7 @@ class _Pool:
             except OSError:
                 pending.appendleft(index)  # the worker is dead; the next poll replaces it
                 continue
-            w.task, w.got = (index, names), set()
+            w.task, w.got, w.heard = (index, names), set(), time.monotonic()
 
     def _drain(self, w: _Worker) -> None:
         while not w.eof:
@@ -327,7 +364,17 @@ class _Pool:
             except (EOFError, OSError):  # the worker closed its end: it is gone or going
                 w.eof = True
                 return
+            w.heard = time.monotonic()
             self._handle(w, msg)
+
+    def _stop_if_hung(self, w: _Worker) -> None:
+        """Kill a worker silent past its limit; the next check of it finds it dead."""
+        limit = CASE_LIMIT_S if w.task is not None else START_LIMIT_S if w.env is None else None
+        if limit is None or w.stopped or time.monotonic() - w.heard < limit:
+            return
+        w.stopped = f"was stopped after {limit:g} s without a word from it (hung)"
+        w.proc.kill()
+        w.proc.join(timeout=5)
 
     def _handle(self, w: _Worker, msg: tuple) -> None:
         kind = msg[0]
@@ -370,8 +417,8 @@ class _Pool:
         self._drain(w)  # rows it sent just before dying are still in the pipe
         w.conn.close()
         self.workers.remove(w)
-        how = ("lost its CUDA context" if code == CONTEXT_LOST_EXIT
-               else f"died with exit code {describe_exit(code)}")
+        how = w.stopped or ("lost its CUDA context" if code == CONTEXT_LOST_EXIT
+                            else f"died with exit code {describe_exit(code)}")
         self._fail_rest(w, f"worker on {w.slot.label} {how} while running this case")
         self.deaths[w.slot.label] += 1
         deaths = self.deaths[w.slot.label]
@@ -384,6 +431,24 @@ class _Pool:
         self._start(w.slot)
 
     def shutdown(self, graceful: bool) -> None:
+        """End every worker. Cut short (Ctrl-C, an error), first record the rows the workers have
+        already sent, which would otherwise die with the pipe; a second Ctrl-C meanwhile must not
+        leave a worker running, so the workers are stopped with SIGINT ignored."""
+        try:
+            if not graceful:
+                self._salvage()
+        finally:
+            with _sigint_ignored():
+                self._stop_all(graceful)
+
+    def _salvage(self) -> None:
+        for w in self.workers:
+            try:
+                self._drain(w)
+            except Exception:  # noqa: BLE001 - e.g. the disk is full: the first error stands
+                return
+
+    def _stop_all(self, graceful: bool) -> None:
         for w in self.workers:
             with contextlib.suppress(OSError):
                 if graceful:

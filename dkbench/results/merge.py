@@ -151,6 +151,7 @@ def _differences(sources: list[Source]) -> list[str]:
             if env.get(key) != env0.get(key):
                 problems.append(f"{src.run_dir} ran with {key} {env.get(key)!r}, {first.run_dir} "
                                 f"with {env0.get(key)!r}")
+        problems += _split_differences(src, first)
         if src.header and first.header and src.header != first.header:
             lacks = [c for c in first.header if c not in src.header]
             adds = [c for c in src.header if c not in first.header]
@@ -159,6 +160,25 @@ def _differences(sources: list[Source]) -> list[str]:
                 f"with {', '.join(adds)} besides" if adds else "") if part) or "in another order"
             problems.append(f"{src.run_dir} has other results.csv columns than {first.run_dir} "
                             f"({what}: written by another version of dkbench?)")
+    return problems
+
+
+def _split_differences(src: Source, first: Source) -> list[str]:
+    """Flags that decide which rows a shard holds: shards of another count or --only split
+    another list of cases (so they may overlap or leave gaps), and other --providers make the
+    merged meta.json's providers wrong for a later --resume."""
+    problems = []
+    shard, shard0 = src.meta.get("shard"), first.meta.get("shard")
+    count, count0 = (s.split("/")[1] if s else None for s in (shard, shard0))
+    if count != count0:
+        problems.append(f"{src.run_dir} is {f'shard {shard}' if shard else 'not sharded'}, "
+                        f"{first.run_dir} {f'shard {shard0}' if shard0 else 'not sharded'}: "
+                        "they split the cases differently")
+    for key, flag in (("only", "--only"), ("providers", "--providers")):
+        value, value0 = src.meta.get(key) or [], first.meta.get(key) or []
+        if value != value0:
+            problems.append(f"{src.run_dir} ran with {flag} {' '.join(map(str, value)) or '(none)'}"
+                            f", {first.run_dir} with {' '.join(map(str, value0)) or '(none)'}")
     return problems
 
 
@@ -257,6 +277,9 @@ def _merged_meta(sources: list[Source], out: Path, result: MergeResult, forced: 
                       "finished": s.meta.get("finished")} for s in sources],
         missing_cases=result.missing_cases, duplicates_replaced=result.replaced,
         forced=forced)
+    providers = [p for s in sources for p in s.meta.get("providers") or []]
+    if providers:  # those of every input (they differ only under --force)
+        meta["providers"] = list(dict.fromkeys(providers))
     if starts:
         meta["started"] = min(starts)
     if all(finished):

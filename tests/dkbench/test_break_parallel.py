@@ -1,0 +1,214 @@
+"""Crash safety of runs spread over worker processes (`--gpus cpu:N`), shards and merge: a worker
+that hangs, a parent interrupted or killed, a pool that fails to start, shards that do not fit."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dkbench.measure import parallel, runner
+from dkbench.measure.shard import case_cost
+from dkbench.results.schema import META_FILE, read_meta, read_results
+from dkbench.spec.load import load_spec
+from dkbench.spec.sweep import expand
+
+from .cli_helpers import flat, invoke, pairs, run_dir_of
+from .specs import write_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def two_cases(folder: Path, **overrides) -> Path:
+    """Two cheap cases of different costs (the larger is handed out first)."""
+    return write_spec(folder, seqlen=[32, 48], **overrides)
+
+
+def largest(spec: Path) -> str:
+    return max(expand(load_spec(spec)), key=case_cost).case_id
+
+
+def no_workers_left() -> None:
+    assert multiprocessing.active_children() == [], "a worker process was left running"
+
+
+def test_a_hung_worker_costs_only_its_case(tmp_path: Path, monkeypatch) -> None:
+    spec = two_cases(tmp_path)
+    victim = largest(spec)
+    monkeypatch.setattr(parallel, "CASE_LIMIT_S", 4.0)
+    result = invoke("run", spec, "--out", tmp_path / "out", "-q", "--gpus", "cpu:1",
+                    env={parallel.HANG_ENV: victim})
+    assert result.exit_code == 0, result.output
+    assert ("worker on cpu 0 was stopped after 4 s without a word from it (hung); starting a "
+            "replacement (1 of 2 restarts)") in flat(result.stderr), result.output
+    frame = read_results(run_dir_of(tmp_path / "out")).set_index("case_id")
+    assert len(frame) == 2
+    assert frame.loc[victim, "status"] == "error"
+    assert frame.loc[victim, "message"] == ("worker on cpu 0 was stopped after 4 s without a "
+                                            "word from it (hung) while running this case")
+    assert set(frame.drop(index=victim)["status"]) == {"ok"}
+    no_workers_left()
+
+
+def test_ctrl_c_keeps_the_rows_already_sent_and_resume_finishes_the_rest(
+        tmp_path: Path, monkeypatch) -> None:
+    spec = two_cases(tmp_path, providers=["sdpa_math", "sdpa_efficient"],
+                     timing={"warmup_ms": 1, "rep_ms": 1, "interleave": False})
+    handle = parallel._Pool._handle
+
+    def interrupted(self, w, msg):
+        handle(self, w, msg)
+        if msg[0] == "start" and msg[2] == "sdpa_efficient":
+            assert w.conn.poll(60)  # its row is measured and waits in the pipe
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(parallel._Pool, "_handle", interrupted)
+    result = invoke("run", spec, "--out", tmp_path / "out", "-q", "--gpus", "cpu:1")
+    assert result.exit_code == 130, result.output
+    run_dir = run_dir_of(tmp_path / "out")
+    assert (f"Interrupted. Rows so far are in {run_dir}; finish with --resume {run_dir}"
+            in flat(result.stderr)), result.output
+    no_workers_left()
+    victim = largest(spec)
+    assert pairs(run_dir) == [(victim, "sdpa_math"), (victim, "sdpa_efficient")]
+
+    monkeypatch.undo()
+    result = invoke("run", "--resume", run_dir, "-q")
+    assert result.exit_code == 0, result.output
+    done = pairs(run_dir)
+    assert len(done) == len(set(done)) == 4  # the other case's two rows, none twice
+    assert "finished" in read_meta(run_dir)
+
+
+def test_a_pool_that_fails_to_start_leaves_no_worker(tmp_path: Path, monkeypatch) -> None:
+    spec = two_cases(tmp_path)
+    sweep = load_spec(spec)
+    plan = runner.plan_run(sweep, expand(sweep), sweep.providers, tmp_path / "out", None)
+    started = []
+    spawn = parallel.spawn_worker
+
+    def second_fails(*args, **kwargs):
+        if started:
+            raise OSError("Resource temporarily unavailable")
+        proc, conn = spawn(*args, **kwargs)
+        started.append(proc)
+        return proc, conn
+
+    monkeypatch.setattr(parallel, "spawn_worker", second_fails)
+    with pytest.raises(OSError, match="Resource temporarily unavailable"):
+        parallel.execute_parallel(sweep, spec.read_text(), plan, parallel.parse_gpus("cpu:2"))
+    assert len(started) == 1 and not started[0].is_alive()
+    no_workers_left()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        found += [int(p) for p in text]
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc (Linux)")
+def test_a_worker_ends_when_its_parent_is_killed(tmp_path: Path) -> None:
+    spec = two_cases(tmp_path)
+    smaller = next(c.case_id for c in expand(load_spec(spec)) if c.case_id != largest(spec))
+    env = {**os.environ, parallel.HANG_ENV: smaller}  # the first case done, it hangs in the next
+    parent = subprocess.Popen([sys.executable, "cli.py", "run", str(spec), "--out",
+                               str(tmp_path / "out"), "-q", "--gpus", "cpu:1"], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        worker = None
+        deadline = time.monotonic() + 90
+        csv = tmp_path / "out"
+        while time.monotonic() < deadline and not any(csv.glob("*/results.csv")):
+            time.sleep(0.3)
+        for pid in _children(parent.pid):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"spawn_main" in cmd:
+                worker = pid
+        assert worker is not None, "the worker never started or its first case never ended"
+        time.sleep(1)  # it has the second case by now, and hangs in it
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while _running(worker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        alive = _running(worker)
+        if alive:
+            os.kill(worker, signal.SIGKILL)
+        assert not alive, "the worker outlived its killed parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+
+
+# -- shards and merge --
+
+def _shard(spec: Path, out: Path, *flags: object) -> Path:
+    result = invoke("run", spec, "--out", out, "-q", *flags)
+    assert result.exit_code == 0, result.output
+    return run_dir_of(out)
+
+
+def _set_meta(run_dir: Path, **values) -> None:
+    meta = json.loads((run_dir / META_FILE).read_text())
+    meta.update(values)
+    (run_dir / META_FILE).write_text(json.dumps(meta))
+
+
+@pytest.fixture(scope="module")
+def six(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A six-case spec and its shard 1/2."""
+    folder = tmp_path_factory.mktemp("six")
+    spec = write_spec(folder, seqlen=[32, 48, 64], heads=[2, 4])
+    return spec, _shard(spec, folder / "s1", "--shard", "1/2")
+
+
+@pytest.mark.parametrize(("flags", "words"), [
+    (("--shard", "2/3"), "is shard 2/3, {first} shard 1/2: they split the cases differently"),
+    (("--shard", "2/2", "--only", "seqlen=32,48"),
+     "ran with --only seqlen=32,48, {first} with (none)"),
+    (("--shard", "2/2", "--providers", "sdpa_efficient"),
+     "ran with --providers sdpa_efficient, {first} with sdpa_math"),
+])
+def test_merge_refuses_shards_that_split_another_way(six, tmp_path: Path, flags, words) -> None:
+    spec, first = six
+    other = _shard(spec, tmp_path / "other", *flags)
+    out = tmp_path / "merged"
+    result = invoke("merge", first, other, "--out", out)
+    assert result.exit_code == 2, result.output
+    assert f"{other} {words.format(first=first)}" in flat(result.stderr), result.output
+    assert "(--force merges anyway)" in flat(result.stderr)
+    assert not out.exists()
+
+
+def test_a_forced_merge_of_other_providers_resumes_all_of_them(six, tmp_path: Path) -> None:
+    spec, first = six
+    other = _shard(spec, tmp_path / "other", "--shard", "2/2", "--providers", "sdpa_efficient")
+    out = tmp_path / "merged"
+    assert invoke("merge", first, other, "--out", out, "--force").exit_code == 0
+    assert read_meta(out)["providers"] == ["sdpa_math", "sdpa_efficient"]
+    result = invoke("run", "--resume", out, "-q")
+    assert result.exit_code == 0, result.output
+    done = pairs(out)
+    assert len(done) == len(set(done)) == 12  # each of the six cases by both providers, once
