@@ -312,9 +312,13 @@ class _Pool:
     def _start(self, slot: Slot) -> None:
         # Not a daemon: torch.compile may start compile workers of its own. shutdown() ends it,
         # and should the parent die first, its end of the pipe closes and the worker returns.
-        proc, ours = spawn_worker(self.mp, _worker_main, (self.setup, slot),
-                                  f"dkbench-{slot.label.replace(' ', '')}", daemon=False,
-                                  env=slot.env())
+        try:
+            proc, ours = spawn_worker(self.mp, _worker_main, (self.setup, slot),
+                                      f"dkbench-{slot.label.replace(' ', '')}", daemon=False,
+                                      env=slot.env())
+        except OSError as exc:  # the OS refused a process (EAGAIN, out of memory)
+            raise NoWorkersLeft(f"could not start a worker process on {slot.label}: "
+                                f"{exc.strerror or exc}") from None
         self.workers.append(_Worker(slot, proc, ours))
 
     def warn(self, text: str) -> None:

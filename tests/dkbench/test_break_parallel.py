@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from dkbench.errors import NoWorkersLeft
 from dkbench.measure import parallel, runner
 from dkbench.measure.shard import case_cost
 from dkbench.results.schema import META_FILE, read_meta, read_results
@@ -102,10 +103,24 @@ def test_a_pool_that_fails_to_start_leaves_no_worker(tmp_path: Path, monkeypatch
         return proc, conn
 
     monkeypatch.setattr(parallel, "spawn_worker", second_fails)
-    with pytest.raises(OSError, match="Resource temporarily unavailable"):
+    with pytest.raises(NoWorkersLeft, match="could not start a worker process on cpu 1: "
+                                            "Resource temporarily unavailable"):
         parallel.execute_parallel(sweep, spec.read_text(), plan, parallel.parse_gpus("cpu:2"))
     assert len(started) == 1 and not started[0].is_alive()
     no_workers_left()
+
+
+def test_a_worker_the_os_will_not_start_is_one_line_not_a_traceback(
+        tmp_path: Path, monkeypatch) -> None:
+    def refused(*args, **kwargs):
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(parallel, "spawn_worker", refused)
+    result = invoke("run", two_cases(tmp_path), "--out", tmp_path / "out", "--gpus", "cpu:1",
+                    "-q")
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert ("could not start a worker process on cpu 0: Resource temporarily unavailable"
+            in flat(result.stderr))
 
 
 def _children(pid: int) -> list[int]:
