@@ -47,7 +47,7 @@ import pandas as pd
 from ..errors import BadInputError
 from ..measure.telemetry import THROTTLE_FRACTION, throttle_notes
 from ..results.check import check_values
-from ..results.schema import KEY_COLUMNS, RESULTS_FILE, read_results
+from ..results.schema import KEY_COLUMNS, RESULTS_FILE, held_runs, read_results
 from ..spec.sweep import GRAPH_SUFFIX, graph_row_name, row_provider
 
 # metric name -> True when higher is better
@@ -241,12 +241,10 @@ def _not_a_run(path: Path) -> str:
         return "no such file or directory"
     if not path.is_dir():
         return "not a file or directory the gate can read"
-    runs = sorted(p.name for p in path.iterdir() if (p / RESULTS_FILE).is_file())
-    if not runs:
+    runs = held_runs(path)
+    if runs is None:
         return f"run directory has no {RESULTS_FILE}"
-    listed = ", ".join(runs[:3]) + (", ..." if len(runs) > 3 else "")
-    return (f"holds {len(runs)} run director{'ies' if len(runs) > 1 else 'y'} ({listed}), not "
-            f"a {RESULTS_FILE}; the gate compares one run: give one of them")
+    return f"{runs}, not a {RESULTS_FILE}; the gate compares one run: give one of them"
 
 
 def case_label(key: Key) -> str:

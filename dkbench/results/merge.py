@@ -25,6 +25,7 @@ from .schema import (
     RESULTS_FILE,
     check_out_dir,
     heal_results,
+    held_runs,
     meta_object,
     meta_value,
     whole_rows_end,
@@ -108,11 +109,9 @@ def _not_a_run(path: Path) -> str:
         return "no such directory"
     if not path.is_dir():
         return f"is a file; give a run directory (holding {META_FILE} and {RESULTS_FILE})"
-    runs = sorted(p.name for p in path.iterdir() if (p / RESULTS_FILE).is_file())
-    if runs and not (path / RESULTS_FILE).exists():
-        listed = ", ".join(runs[:3]) + (", ..." if len(runs) > 3 else "")
-        return (f"holds {len(runs)} run director{'ies' if len(runs) > 1 else 'y'} ({listed}); "
-                "give each of them as a RUN_DIR")
+    runs = held_runs(path)
+    if runs is not None and not (path / RESULTS_FILE).exists():
+        return f"{runs}; give each of them as a RUN_DIR"
     lacks = [name for name in (META_FILE, RESULTS_FILE) if not (path / name).is_file()]
     return f"not a run directory (it has no {' and no '.join(lacks)})"
 

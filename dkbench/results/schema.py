@@ -387,6 +387,16 @@ def read_meta(run_dir: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def held_runs(path: Path) -> str | None:
+    """``holds N run directories (a, b, ...)`` for a directory whose subdirectories hold
+    results.csv (given where one run was wanted), else None."""
+    runs = sorted(p.name for p in Path(path).iterdir() if (p / RESULTS_FILE).is_file())
+    if not runs:
+        return None
+    listed = ", ".join(runs[:3]) + (", ..." if len(runs) > 3 else "")
+    return f"holds {len(runs)} run director{'ies' if len(runs) > 1 else 'y'} ({listed})"
+
+
 # What a run records under a meta.json key, by the JSON type it writes there.
 _META_KINDS = {dict: "an object", list: "a list of strings", str: "a string"}
 
