@@ -63,18 +63,19 @@ def _check_common(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Blo
     check_scale(sm_scale)
 
 
-def _is_lengths(t: torch.Tensor) -> bool:
-    """A 1-D tensor of an integer dtype (bool and complex are not lengths)."""
-    return (isinstance(t, torch.Tensor) and t.dim() == 1 and not t.dtype.is_floating_point
-            and not t.dtype.is_complex and t.dtype != torch.bool)
-
-
-def _lengths(name: str, t: torch.Tensor) -> list[int]:
-    if not _is_lengths(t):
+def _check_lengths_tensor(name: str, t: torch.Tensor) -> None:
+    """``t`` is a 1-D tensor of an integer dtype (bool and complex are not lengths) on a device
+    whose values can be read; no value is read here."""
+    if not (isinstance(t, torch.Tensor) and t.dim() == 1 and not t.dtype.is_floating_point
+            and not t.dtype.is_complex and t.dtype != torch.bool):
         got = (f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor)
                else type(t).__name__)
         raise TypeError(f"{name} must be a 1-D integer tensor, got {got}")
     check_device(name, t)
+
+
+def _lengths(name: str, t: torch.Tensor) -> list[int]:
+    _check_lengths_tensor(name, t)
     return [int(x) for x in t.tolist()]
 
 
@@ -371,11 +372,7 @@ def _check_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   ("q", "k_cache", "v_cache"), cache_shape)
     if not layout.causal:
         raise ValueError("decoding needs a causal layout (a new token sees only the past)")
-    if not _is_lengths(cache_seqlens):
-        got = (f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}"
-               if isinstance(cache_seqlens, torch.Tensor) else type(cache_seqlens).__name__)
-        raise TypeError(f"cache_seqlens must be a 1-D integer tensor, got {got}")
-    check_device("cache_seqlens", cache_seqlens)
+    _check_lengths_tensor("cache_seqlens", cache_seqlens)
     check_batch("q", q.shape[0])
     batch, capacity = _check_block_table(block_table, q, k_cache) if paged else k_cache.shape[:2]
     if q.shape[0] != batch or cache_seqlens.shape[0] != batch:
