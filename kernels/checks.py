@@ -10,15 +10,10 @@ import torch
 
 from .common import interpreting
 from .configs import LaunchConfig
-from .layout import BlockLayout
+from .layout import BlockLayout, is_int
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
-
-
-def _is_int(value) -> bool:
-    """A Python or numpy integer, not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def check_tensors(names: tuple[str, str, str], tensors: tuple, rank: int, shape_hint: str) -> None:
@@ -49,7 +44,7 @@ def check_heads(heads: int, kv_heads: int, dim: int, layout: BlockLayout) -> Non
         raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
     if not MIN_HEAD_DIM <= dim <= MAX_HEAD_DIM:
         raise ValueError(f"head_dim must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {dim}")
-    if not _is_int(kv_heads):
+    if not is_int(kv_heads):
         raise TypeError(f"kv_heads must be an int, got {type(kv_heads).__name__}")
     if kv_heads < 1 or heads % kv_heads:
         raise ValueError(f"the number of query heads ({heads}) must be a multiple of the number of "
@@ -78,7 +73,7 @@ def check_scale(sm_scale: float | None) -> None:
 
 def check_seq_dim(seq_dim: int) -> None:
     """``seq_dim`` is the int 1 or 2 (not 1.0, not True)."""
-    if not _is_int(seq_dim) or seq_dim not in (1, 2):
+    if not is_int(seq_dim) or seq_dim not in (1, 2):
         raise ValueError(f"seq_dim must be 1 (batch, seq, heads, dim) or 2 (batch, heads, seq, "
                          f"dim), got {seq_dim!r}")
 
@@ -92,7 +87,7 @@ def check_count(name: str, value: int | None, low: int, high: int) -> None:
     """An optional Python int in ``[low, high]`` (None passes)."""
     if value is None:
         return
-    if not _is_int(value):
+    if not is_int(value):
         raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
     if not low <= value <= high:
         raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
@@ -108,7 +103,7 @@ def check_config_type(name: str, config: LaunchConfig | None) -> None:
                         f"{type(config).__name__} (LaunchConfig.from_dict reads a dict)")
     for field in ("block_m", "block_n", "num_warps", "num_stages"):
         value = getattr(config, field)
-        if not _is_int(value):
+        if not is_int(value):
             raise TypeError(f"{name}.{field} must be an int, got {value!r}")
     if not isinstance(config.impl, str):
         raise TypeError(f"{name}.impl must be a str, got {config.impl!r}")
