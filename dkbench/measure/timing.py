@@ -37,10 +37,12 @@ INTERPRETER_REPS = 3
 # H200 60 ms was not enough: at phi-3's 8k forward, ratios to cuDNN in 60 ms turns were 1-4%
 # below those timed apart (each provider alone for a second), in 100 ms turns within 1.3%.
 TURN_MS = 100.0
-# At least enough rounds (paired samples) for a median and p20/p80 when steps are slow; at most
-# so many calls a turn that microsecond steps, whose calls cost more in launches, L2 flushes and
+# At least enough rounds (paired samples) for a median and p20/p80 (the 2nd and 4th of five)
+# when rep_ms asks for fewer; past that rep_ms decides, so a spec's rep_ms of 300 times six
+# rounds and one of 500 ten (with a floor of ten, any rep_ms up to 500 did nothing). At most so
+# many calls a turn that microsecond steps, whose calls cost more in launches, L2 flushes and
 # events than in the step, do not run for seconds.
-MIN_ROUNDS = 10
+MIN_ROUNDS = 5
 MAX_ROUNDS = 1000
 MAX_TURN_CALLS = 500
 # A call at least this many turns long runs long enough at the clock it sets itself that the part

@@ -1,7 +1,8 @@
 """The tune's screen: a kernel's candidates timed briefly together, only the best timed in full.
 
-A full interleaved timing costs each candidate about a second (at least MIN_ROUNDS rounds of
-TURN_MS turns, `measure.timing`), most of it spent on configs far from the best. So once a
+A full interleaved timing costs each candidate rep_ms / 50 rounds of TURN_MS turns (at least
+MIN_ROUNDS, `measure.timing`): 0.6 s at phi-3's rep_ms of 300, most of it spent on configs far
+from the best. So once a
 (case, kernel)'s candidates are prepared, the screen times all of them and the default together
 in a few rounds of short turns and ranks them by the median of their per-round speedups over the
 default, the default among them at 1.0. The final, the full timing and the winner rule of a tune
@@ -40,7 +41,7 @@ SCREEN_TURN_MS = 25.0
 # default's, where no candidate beat it).
 SCREEN_MARGIN = 0.10
 # The two places by rank (the default takes one where it ranks there), besides every one within
-# the margin. Each finalist costs a full timing (about a second per kernel and case); a close
+# the margin. Each finalist costs a full timing (0.6 s per kernel and case at phi-3's rep_ms); a close
 # contender is kept by the margin, not the rank.
 FINALISTS = 2
 

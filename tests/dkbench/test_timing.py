@@ -145,7 +145,8 @@ def test_plan_turn(estimate_ms: float, want: tuple[int, int]) -> None:
     assert plan_turn(estimate_ms) == want
 
 
-@pytest.mark.parametrize(("rep_ms", "want"), [(300, MIN_ROUNDS), (1000, 20), (60000, MAX_ROUNDS)])
+@pytest.mark.parametrize(("rep_ms", "want"), [
+    (20, MIN_ROUNDS), (100, MIN_ROUNDS), (300, 6), (500, 10), (1000, 20), (60000, MAX_ROUNDS)])
 def test_plan_rounds(rep_ms: float, want: int) -> None:
     """Timed calls add up to about rep_ms a step (half of every turn), within the bounds."""
     assert plan_rounds(Timing(rep_ms=rep_ms)) == want
