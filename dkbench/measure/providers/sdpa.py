@@ -7,7 +7,6 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from kernels import BlockLayout
 
@@ -52,7 +51,7 @@ class _Sdpa(Provider):
             # is_causal aligns the mask top-left; queries here are the last positions.
             if self.backend == SDPBackend.CUDNN_ATTENTION:
                 raise Unsupported("cuDNN SDPA takes no bottom-right causal bias (q_len < seqlen)")
-            causal_kwargs["attn_mask"] = causal_lower_right(case.q_len, case.seqlen)
+            causal_kwargs["attn_mask"] = _lower_right(case.q_len, case.seqlen)
         elif case.mode == "prefill_varlen":
             raise Unsupported("bidirectional prefill on right-padded inputs needs a padding mask "
                               "per sequence; not measured for SDPA")
@@ -114,7 +113,7 @@ def _probe(backend: SDPBackend, case: Case, device: torch.device, gqa: bool, kwa
     dtype = getattr(torch, case.dtype)
     seq = min(case.seqlen, 256)
     q_len = min(case.q_len, seq)
-    bias = isinstance(kwargs.get("attn_mask"), CausalBias)
+    bias = "attn_mask" in kwargs and _is_causal_bias(kwargs["attn_mask"])
     if "attn_mask" in kwargs and not bias:
         seq = kwargs["attn_mask"].shape[-1]  # a plain tensor mask fixes the key length
     q = torch.randn(1, case.heads, q_len, case.head_dim, device=device, dtype=dtype)
@@ -122,7 +121,7 @@ def _probe(backend: SDPBackend, case: Case, device: torch.device, gqa: bool, kwa
     kv = torch.randn(1, kv_heads, seq, case.head_dim, device=device, dtype=dtype)
     kwargs = dict(kwargs)
     if bias:
-        kwargs["attn_mask"] = causal_lower_right(q_len, seq)
+        kwargs["attn_mask"] = _lower_right(q_len, seq)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -155,3 +154,19 @@ class SdpaEfficient(_Sdpa):
 class SdpaMath(_Sdpa):
     name = "sdpa_math"
     backend = SDPBackend.MATH
+
+
+# torch.nn.attention.bias imports torch._dynamo (over a second, several on a machine without
+# byte-code caches), which nothing else of a run or tune without FlexAttention needs: it is
+# imported where a bottom-right causal mask is made.
+def _lower_right(q_len: int, kv_len: int):
+    """SDPA's causal mask aligned to the bottom right (queries are the last positions)."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    return causal_lower_right(q_len, kv_len)
+
+
+def _is_causal_bias(mask: object) -> bool:
+    from torch.nn.attention.bias import CausalBias
+
+    return isinstance(mask, CausalBias)
