@@ -8,6 +8,7 @@ must come from the same spec and the same environment (GPU, torch, triton) and h
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import re
@@ -159,7 +160,7 @@ def _differences(sources: list[Source]) -> list[str]:
                 f"with {', '.join(adds)} besides" if adds else "") if part) or "in another order"
             problems.append(f"{src.run_dir} has other results.csv columns than {first.run_dir} "
                             f"({what}: written by another version of dkbench?)")
-    return problems
+    return problems + _shards_twice(sources)
 
 
 def _split_differences(src: Source, first: Source) -> list[str]:
@@ -179,6 +180,17 @@ def _split_differences(src: Source, first: Source) -> list[str]:
             problems.append(f"{src.run_dir} ran with {flag} {' '.join(map(str, value)) or '(none)'}"
                             f", {first.run_dir} with {' '.join(map(str, value0)) or '(none)'}")
     return problems
+
+
+def _shards_twice(sources: list[Source]) -> list[str]:
+    """A shard given in two run directories (run twice, or a copy): their rows may differ or
+    overlap, and the merge would keep whichever came last."""
+    by_shard: dict[str, list[Path]] = {}
+    for src in sources:
+        if src.meta.get("shard"):
+            by_shard.setdefault(src.meta["shard"], []).append(src.run_dir)
+    return [f"shard {shard} is given {len(dirs)} times ({', '.join(map(str, dirs))})"
+            for shard, dirs in by_shard.items() if len(dirs) > 1]
 
 
 def _expected_cases(sources: list[Source]) -> set[str]:
@@ -295,8 +307,14 @@ def _write(out: Path, header: list[str], rows: list[dict[str, str]], meta: dict)
     try:
         out.mkdir(parents=True, exist_ok=True)
         tmp.write_text(text.getvalue(), newline="")
+        # A run overwritten (--force) loses its meta.json before its rows: a merge stopped
+        # between the two files leaves rows that no meta.json describes (not a run, and
+        # refused as one), never the new rows under the old run's sources and spec.
+        (out / META_FILE).unlink(missing_ok=True)
         tmp.replace(out / RESULTS_FILE)
     except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
         raise BadInputError(f"--out {out}: cannot write the merged run there "
                             f"({exc.strerror or exc})") from None
     write_meta(out, meta)

@@ -227,3 +227,38 @@ def test_a_forced_merge_of_other_providers_resumes_all_of_them(six, tmp_path: Pa
     assert result.exit_code == 0, result.output
     done = pairs(out)
     assert len(done) == len(set(done)) == 12  # each of the six cases by both providers, once
+
+
+def test_merge_refuses_a_shard_given_twice(six, tmp_path: Path) -> None:
+    spec, first = six
+    again = _shard(spec, tmp_path / "again", "--shard", "1/2")
+    out = tmp_path / "merged"
+    result = invoke("merge", first, again, "--out", out)
+    assert result.exit_code == 2, result.output
+    assert f"shard 1/2 is given 2 times ({first}, {again})" in flat(result.stderr), result.output
+    assert not out.exists()
+
+
+def test_a_forced_merge_stopped_before_its_meta_leaves_no_old_meta(
+        six, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dkbench.errors import ResultsWriteError
+    from dkbench.results import merge
+
+    spec, first = six
+    second = _shard(spec, tmp_path / "s2", "--shard", "2/2")
+    out = tmp_path / "merged"
+    assert invoke("merge", first, "--out", out).exit_code == 0
+    assert read_meta(out)["merged_from"][0]["shard"] == "1/2"
+
+    def stopped(run_dir: Path, meta: dict) -> None:
+        raise ResultsWriteError(f"{run_dir / META_FILE}: cannot write: disk full")
+
+    monkeypatch.setattr(merge, "write_meta", stopped)
+    result = invoke("merge", first, second, "--out", out, "--force")
+    assert result.exit_code != 0 and "disk full" in flat(result.output + result.stderr)
+    # The new rows, and no meta.json of the old merge to describe them.
+    assert len(read_results(out)) == len(read_results(first)) + len(read_results(second))
+    assert not (out / META_FILE).exists()
+    monkeypatch.undo()
+    again = invoke("merge", first, second, "--out", out)
+    assert again.exit_code == 2 and "already holds a run" in flat(again.stderr)

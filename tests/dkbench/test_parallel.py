@@ -215,6 +215,12 @@ def test_merge_duplicates(shard_runs: tuple[Path, list[Path]], tmp_path: Path) -
     out = tmp_path / "merged"
     result = invoke("merge", dirs[0], copy, "--out", out)
     assert result.exit_code == 2, result.output
+    assert f"shard 1/3 is given 2 times ({dirs[0]}, {copy})" in flat(result.stderr)
+    # Labelled another shard, the copy's rows are still the same cases'.
+    meta = json.loads((copy / META_FILE).read_text())
+    (copy / META_FILE).write_text(json.dumps({**meta, "shard": "2/3"}))
+    result = invoke("merge", dirs[0], copy, "--out", out)
+    assert result.exit_code == 2, result.output
     rows = len(read_results(dirs[0]))
     assert f"{rows} (case_id, provider) rows appear in more than one place" in flat(result.stderr)
     assert "--force keeps the last one" in flat(result.stderr)
