@@ -225,10 +225,10 @@ def _environ(updates: dict[str, str]) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _sigint_ignored() -> Iterator[None]:
-    """SIGINT ignored while a worker starts: a process started with it ignored keeps it so (Python
-    installs its KeyboardInterrupt handler only where SIGINT is at its default), so a Ctrl-C while
-    the worker imports torch reaches the parent alone, which reports it, instead of printing the
-    worker's traceback too. Only the main thread may change a signal's handler."""
+    """SIGINT ignored (a Ctrl-C dropped) meanwhile: while workers are stopped, so that a second
+    Ctrl-C cannot leave one running; a process started with it ignored keeps it so (Python
+    installs its KeyboardInterrupt handler only where SIGINT is at its default). Only the main
+    thread may change a signal's handler."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -239,15 +239,40 @@ def _sigint_ignored() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+@contextlib.contextmanager
+def _sigint_held() -> Iterator[None]:
+    """A Ctrl-C held while a worker starts. SIGINT is blocked in this thread, and the child
+    inherits the blocked mask through fork and exec, so a Ctrl-C never reaches it (nor prints its
+    traceback): the parent ends it. In the parent the Ctrl-C is recorded (another thread may take
+    the signal) and raised as KeyboardInterrupt once the start is done, never lost, as an ignored
+    signal is, nor raised midway through the start. Off the main thread, or where signal masks
+    do not exist, SIGINT is ignored instead."""
+    if threading.current_thread() is not threading.main_thread() \
+            or not hasattr(signal, "pthread_sigmask"):
+        with _sigint_ignored():
+            yield
+        return
+    caught: list[int] = []
+    handler = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a pending Ctrl-C is recorded now
+        signal.signal(signal.SIGINT, handler)
+    if caught:
+        raise KeyboardInterrupt
+
+
 def spawn_worker(context, target: Callable, args: tuple, name: str, *, daemon: bool,
                  env: dict[str, str] | None = None) -> tuple[mp.process.BaseProcess, Connection]:
     """Start ``target(conn, *args)`` in a process of the multiprocessing ``context`` and return
     it with this end of its duplex pipe. ``env`` is set for the child (it copies the environment
-    at exec) and SIGINT is ignored while it starts; the child's end of the pipe is closed here,
-    so that ours sees EOF when the child dies."""
+    at exec) and starts with SIGINT blocked (`_sigint_held`); the child's end of the pipe is
+    closed here, so that ours sees EOF when the child dies."""
     ours, theirs = context.Pipe(duplex=True)
     proc = context.Process(target=target, args=(theirs, *args), name=name, daemon=daemon)
-    with _environ(env or {}), _sigint_ignored():
+    with _environ(env or {}), _sigint_held():
         proc.start()
     theirs.close()
     return proc, ours

@@ -262,3 +262,37 @@ def test_a_forced_merge_stopped_before_its_meta_leaves_no_old_meta(
     monkeypatch.undo()
     again = invoke("merge", first, second, "--out", out)
     assert again.exit_code == 2 and "already holds a run" in flat(again.stderr)
+
+
+# -- a Ctrl-C while a worker starts --
+
+def _report_blocked(conn) -> None:
+    """A worker's target: whether SIGINT is in its blocked mask (Linux's /proc)."""
+    status = Path("/proc/self/status").read_text()
+    blocked = int(next(line for line in status.splitlines() if line.startswith("SigBlk:"))
+                  .split()[1], 16)
+    conn.send(bool(blocked & (1 << (signal.SIGINT - 1))))
+    conn.close()
+
+
+def test_a_ctrl_c_while_a_worker_starts_is_raised_after_the_start() -> None:
+    reached_end = False
+    with pytest.raises(KeyboardInterrupt):
+        with parallel._sigint_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # held: neither raised here nor dropped
+            reached_end = True
+    assert reached_end
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's /proc")
+def test_a_worker_starts_with_ctrl_c_blocked() -> None:
+    proc, conn = parallel.spawn_worker(multiprocessing.get_context("spawn"), _report_blocked, (),
+                                       "dkbench-probe", daemon=True)
+    try:
+        assert conn.poll(120) and conn.recv() is True
+    finally:
+        proc.join(30)
+        conn.close()
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == set()  # the parent's mask restored
