@@ -345,8 +345,7 @@ def build_view_figures(frame: pd.DataFrame, view: _View, runs: Sequence[Run]) ->
             ax.set_title(_facet_title(dict(zip(facets, key))), fontsize="medium")
             ax.set_xlabel(view.xlabel)
             ax.set_ylabel(ylabel)
-        title = view.title + (f" ({number} of {len(pages)})" if len(pages) > 1 else "")
-        fig.suptitle(_suptitle(title, runs))
+        fig.suptitle(_suptitle(page_title(view.title, number, len(pages)), runs))
         _figure_legend(fig, axes, frame, styles)
         figures.append(fig)
     return figures
@@ -359,8 +358,13 @@ def _view_figures(frame: pd.DataFrame, view: _View, runs: Sequence[Run]) -> list
     if len(figures) == 1:
         return [NamedFigure(view.name, view.title, figures[0])]
     width = len(str(len(figures)))
-    return [NamedFigure(f"{view.name}_{i:0{width}d}", f"{view.title} ({i} of {len(figures)})",
+    return [NamedFigure(f"{view.name}_{i:0{width}d}", page_title(view.title, i, len(figures)),
                         fig) for i, fig in enumerate(figures, start=1)]
+
+
+def page_title(title: str, number: int, pages: int) -> str:
+    """A view's title on page ``number`` of ``pages``: with "(i of n)" when it has several."""
+    return f"{title} ({number} of {pages})" if pages > 1 else title
 
 
 def build_figures(runs: Sequence[Run], metric: str | None = None,
