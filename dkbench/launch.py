@@ -9,6 +9,9 @@ from .errors import INTERRUPTED
 
 
 def main() -> None:
+    from . import startup
+
+    startup.mark()  # the summaries count the seconds from here to the work as start-up
     try:
         from .cli import app
     except KeyboardInterrupt:

@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from .. import startup
 from ..errors import INTERRUPTED, BadInputError, DkbenchError
 from ..results.schema import META_FILE, read_meta
 from ..spec.load import load_spec
@@ -148,7 +149,7 @@ def run(
             return ahead.execute(sweep, spec_text, plan, dev, on_progress, extra_meta=meta)
         return runner.execute(sweep, spec_text, plan, dev, on_progress, extra_meta=meta)
 
-    started = time.perf_counter()
+    started, startup_s = time.perf_counter(), startup.seconds()
     try:
         if quiet:
             rows = run_sweep()
@@ -175,7 +176,8 @@ def run(
         outcome = outcome_line(rows, cannot_run_here(rows, dev))
         if outcome:
             console.print(outcome)
-        spent = setup_line(rows, time.perf_counter() - started, ahead=compiled_ahead)
+        spent = setup_line(rows, time.perf_counter() - started, ahead=compiled_ahead,
+                           startup_s=startup_s)
         if spent and not quiet:
             console.print(spent, highlight=False)
     except KeyboardInterrupt:  # every row is written by now: only the summary is cut short

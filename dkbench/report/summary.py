@@ -8,6 +8,7 @@ import torch
 from rich.table import Table
 
 from ..results.schema import ResultRow
+from ..startup import STARTUP
 
 
 def summary_table(rows: list[ResultRow], baseline: str | None) -> Table:
@@ -71,11 +72,12 @@ def outcome_line(rows: list[ResultRow], cannot_run: set[str]) -> str | None:
 
 
 def setup_line(rows: list[ResultRow], wall_s: float, slowest: int = 3,
-               ahead: dict | None = None) -> str | None:
-    """Where the run's wall time went: compiling ahead (``ahead``, meta.json's
-    ``compiled_ahead``, when that phase ran), the rows' set-up (prepare, check, warm-up: where
-    providers compile) and the rest (timing, building cases), with the providers whose set-up
-    took longest. None when no row got as far as its set-up."""
+               ahead: dict | None = None, startup_s: float | None = None) -> str | None:
+    """Where the run's wall time went: the command's start-up (``startup_s``, its seconds
+    before the run began, counted in the wall time, when known), compiling ahead (``ahead``,
+    meta.json's ``compiled_ahead``, when that phase ran), the rows' set-up (prepare, check,
+    warm-up: where providers compile) and the rest (timing, building cases), with the providers
+    whose set-up took longest. None when no row got as far as its set-up."""
     per_provider: dict[str, float] = defaultdict(float)
     for row in rows:
         if row.setup_ms == row.setup_ms:  # not NaN
@@ -86,9 +88,11 @@ def setup_line(rows: list[ResultRow], wall_s: float, slowest: int = 3,
     top = sorted(per_provider.items(), key=lambda item: item[1], reverse=True)[:slowest]
     names = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in top)
     first, ahead_s = "", 0.0
+    if startup_s is not None:
+        first = f"{STARTUP} {startup_s:.0f} s, "
     if ahead:
         ahead_s, workers = ahead["seconds"], ahead["workers"]
-        first = f"compiling ahead {ahead_s:.0f} s ({workers} worker{'s' * (workers != 1)}), "
+        first += f"compiling ahead {ahead_s:.0f} s ({workers} worker{'s' * (workers != 1)}), "
     rest = max(wall_s - total - ahead_s, 0.0)
-    return (f"Wall time {wall_s:.0f} s: {first}set-up (prepare, check, warm-up) {total:.0f} s, "
+    return (f"Wall time {wall_s + (startup_s or 0.0):.0f} s: {first}set-up (prepare, check, warm-up) {total:.0f} s, "
             f"most in {names}; timing and the rest {rest:.0f} s.")

@@ -32,6 +32,7 @@ import torch
 
 from kernels import ConfigCache, LaunchConfig, block_density, cache_key, clear_memo
 
+from .. import startup
 from ..measure import runner
 from ..measure.envinfo import command_line, environment
 from ..measure.providers.bundled import BundledKernel
@@ -245,6 +246,7 @@ def execute_tune(sweep: Sweep, spec_text: str, jobs: list[TuneJob], device: torc
     compile_seconds: dict[str, dict[str, float]] = {}  # per case and kernel, per candidate
     clock = Stopwatch()
     started = time.perf_counter()
+    startup_s = startup.seconds()  # the command's start-up, counted in the wall time it prints
     batch = compile_batch(jobs)
     report("compile", "starting", 0, count)
     # The workers end with the batch: nothing compiles after it, and their CUDA contexts and
@@ -278,6 +280,8 @@ def execute_tune(sweep: Sweep, spec_text: str, jobs: list[TuneJob], device: torc
                          "cache_writes": [w.key.as_str() for w in writes],
                          "compile_warnings": precompiled.warnings,
                          "compile_seconds": compile_seconds,
-                         "seconds": {**clock.as_dict(), "wall": round(wall_s, 2)}})
+                         "seconds": {**clock.as_dict(), "wall": round(wall_s, 2),
+                                     **({"startup": round(startup_s, 2)}
+                                        if startup_s is not None else {})}})
     return TuneOutcome(run_dir, results, cache.path, writes, precompiled.warnings,
-                       clock.line(wall_s))
+                       clock.line(wall_s, startup_s))

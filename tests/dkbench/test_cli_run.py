@@ -528,6 +528,10 @@ def test_setup_line_sums_each_providers_set_up() -> None:
     assert setup_line(rows, 40.0, slowest=2) == (
         "Wall time 40 s: set-up (prepare, check, warm-up) 21 s, most in fa4 17 s, flex 3 s; "
         "timing and the rest 19 s.")
+    # The command's start-up before the run counts in its wall time.
+    assert setup_line(rows, 40.0, slowest=1, startup_s=12.4) == (
+        "Wall time 52 s: start-up (imports, spec, plan) 12 s, set-up (prepare, check, warm-up) "
+        "21 s, most in fa4 17 s; timing and the rest 19 s.")
     assert setup_line(rows[-1:], 40.0) is None
     # After compiling ahead, that phase comes first and the rest is what is left of the wall.
     assert setup_line(rows, 60.0, slowest=1, ahead={"seconds": 30.0, "workers": 10}) == (
@@ -538,7 +542,9 @@ def test_setup_line_sums_each_providers_set_up() -> None:
 def test_ctrl_c_while_importing_ends_in_one_line(monkeypatch, capsys) -> None:
     import types
 
-    from dkbench import launch
+    from dkbench import launch, startup
+
+    monkeypatch.setattr(startup, "_started", None)  # main() marks a start: undone after the test
 
     class Importing(types.ModuleType):
         def __getattr__(self, name):

@@ -37,3 +37,16 @@ def test_an_unknown_phase_is_refused() -> None:
                                          "screen, final."):
         with Stopwatch().phase("timing"):
             pass
+
+
+def test_the_commands_start_up_counts_in_the_wall_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dkbench import startup
+
+    clock = Stopwatch()
+    clock.seconds.update({"compile": 30.0, "final": 20.0})
+    assert clock.line(60.0, 9.6) == ("Took 70 s: start-up (imports, spec, plan) 10 s, compile "
+                                     "30 s, final timing 20 s, the rest 10 s.")
+    monkeypatch.setattr(startup, "_started", None)
+    assert startup.seconds() is None  # in-process: no start-up of its own
+    startup.mark()
+    assert 0.0 <= startup.seconds() < 5.0
