@@ -42,13 +42,19 @@ from .decode import (
     new_workspace,
     sparse_attention_decode_fwd,
 )
-from .layout import BlockLayout, check_device
+from .layout import BlockLayout, check_device, is_int
 from .varlen import (
     VarlenSequences,
     new_varlen_output,
     sequence_table,
     sparse_attention_fwd_varlen,
 )
+
+
+# The largest row or length an int32 table (the varlen sequence table) holds.
+INT32_MAX = torch.iinfo(torch.int32).max
+# Query heads per kv head a decoding step serves: the group plan's head bits are one int32.
+MAX_GROUP = 31
 
 
 def _check_common(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
@@ -84,6 +90,16 @@ def resolve_varlen_config(probe: torch.Tensor, layout: BlockLayout,
     """The launch config a varlen or padded call runs when none is given, and where it came from:
     :func:`kernels.select.resolve_config` for the "varlen" kernel (its own cache entries, its
     own Triton default). ``probe`` carries the device, dtype and head_dim."""
+    # Checked here, as it is public: the lookup would fail on a weak reference (a layout that
+    # is not one) or divide by zero (no keys), and a pattern too short would still get a config.
+    if not isinstance(probe, torch.Tensor):
+        raise TypeError(f"probe must be a torch.Tensor (its device, dtype and head_dim are "
+                        f"looked up), got {type(probe).__name__}")
+    if not isinstance(layout, BlockLayout):
+        raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
+    if not is_int(seq_k):
+        raise TypeError(f"seq_k must be an int, got {type(seq_k).__name__}")
+    layout.check_seqlen(seq_k)
     return select.resolve_config("varlen", probe, layout, seq_k)
 
 
@@ -132,6 +148,10 @@ def varlen_sequences(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
         if drop is not None:
             raise ValueError(f"{name} must be non-decreasing (cumulative lengths), got "
                              f"{cu[drop - 1]} then {cu[drop]} at entries {drop - 1}, {drop}")
+    for name, cu in (("cu_seqlens_q", cq), ("cu_seqlens_k", ck)):
+        if cu[-1] > INT32_MAX:
+            raise ValueError(f"{name} ends at {cu[-1]}, past {INT32_MAX}: the kernel's sequence "
+                             "table holds int32 rows")
     q_lens = [b - a for a, b in itertools.pairwise(cq)]
     k_lens = [b - a for a, b in itertools.pairwise(ck)]
     _check_lengths(q_lens, k_lens)
@@ -275,13 +295,14 @@ def sparse_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     is always 16).
 
     ``workspace`` (:func:`decode_workspace`, made once per batch shape) makes the step
-    graph-ready: the call allocates nothing, converts nothing (``cache_seqlens`` must be int32 on
-    q's device) and reads no tensor's values, so it can be captured in a CUDA graph and replayed
-    with new queries, cache contents, lengths and pages. It returns ``workspace.out``, overwritten
-    by each call. Lengths and pages are then the caller's to keep in range (as FlashAttention's
-    kvcache API leaves them), even on the CPU, and the workspace checks each differently shaped
-    call once: a later call whose tensors have the same shapes, strides, dtypes and devices, with
-    the same other arguments, launches at once. Without a workspace, lengths and pages held on the
+    graph-ready: the call allocates nothing, converts nothing (``cache_seqlens`` must be
+    contiguous int32 on q's device) and reads no tensor's values, so it can be captured in a CUDA
+    graph and replayed with new queries, cache contents, lengths and pages. It returns
+    ``workspace.out``, overwritten by each call. Lengths and pages are then the caller's to keep
+    in range (as FlashAttention's kvcache API leaves them), even on the CPU, and the workspace
+    checks each differently shaped call once: a later call whose tensors have the same shapes,
+    strides, dtypes and devices, with the same other arguments (a tensor ``sm_scale`` is read
+    and checked every call), launches at once. Without a workspace, lengths and pages held on the
     CPU are checked; on the GPU they are never read back (a sync per step would cost more than
     the step). Returns ``(batch, heads, dim)``.
     """
@@ -298,11 +319,16 @@ def sparse_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
             raise TypeError(f"with a workspace, cache_seqlens must be int32 on q's device "
                             f"({q.device}), got {cache_seqlens.dtype} on {cache_seqlens.device}: "
                             "a graph-ready step converts nothing")
+        # The kernel reads sequence b's length at element b: a strided view would be misread.
+        if not cache_seqlens.is_contiguous():
+            raise ValueError(f"with a workspace, cache_seqlens must be contiguous, got stride "
+                             f"{cache_seqlens.stride()}: a graph-ready step copies nothing")
         lens = cache_seqlens
     else:
         _check_values(cache_seqlens, block_table, k_cache, max_len)
-        # A no-op (no copy) for int32 lengths already on q's device.
-        lens = cache_seqlens.to(device=q.device, dtype=torch.int32)
+        # A no-op (no copy) for contiguous int32 lengths already on q's device; the kernel reads
+        # sequence b's length at element b, so a strided view (a column, an expand) is copied.
+        lens = cache_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
     given_layout, layout = layout, layout.to(q.device)
     dim = q.shape[-1]
     scale = 1.0 / math.sqrt(dim) if sm_scale is None else float(sm_scale)
@@ -330,7 +356,9 @@ def _call_key(q, k_cache, v_cache, cache_seqlens, block_table, layout, sm_scale,
     dtypes, devices and gradient flags, and the other arguments (the layout by identity; the
     workspace keeps it alive with the launch). None without a workspace, or when an argument is
     not what the checks want (they will say so)."""
-    if not isinstance(workspace, DecodeWorkspace):
+    if not isinstance(workspace, DecodeWorkspace) or isinstance(sm_scale, torch.Tensor):
+        # A tensor scale is keyed by identity, not value: one changed in place would reuse the
+        # launch of its old value, so such calls are checked (and their scale read) every time.
         return None
     try:
         table = None if block_table is None else (
@@ -338,9 +366,10 @@ def _call_key(q, k_cache, v_cache, cache_seqlens, block_table, layout, sm_scale,
         key = (q.shape, q.stride(), q.dtype, q.device, q.requires_grad,
                k_cache.shape, k_cache.stride(), k_cache.dtype, k_cache.device,
                k_cache.requires_grad, v_cache.shape, v_cache.stride(), v_cache.dtype,
-               v_cache.device, v_cache.requires_grad, cache_seqlens.shape, cache_seqlens.dtype,
-               cache_seqlens.device, table, torch.is_grad_enabled(), id(layout), sm_scale,
-               num_splits, config, max_cache_len, type(max_cache_len))
+               v_cache.device, v_cache.requires_grad, cache_seqlens.shape,
+               cache_seqlens.stride(), cache_seqlens.dtype, cache_seqlens.device, table,
+               torch.is_grad_enabled(), id(layout), sm_scale, num_splits, config, max_cache_len,
+               type(max_cache_len))
         hash(key)
     except (AttributeError, TypeError):
         return None
@@ -382,8 +411,8 @@ def _check_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     max_len = _max_cache_len(max_cache_len, capacity, paged)
     layout.check_seqlen(max_len, 1)
     check_count("num_splits", num_splits, 1, MAX_SPLITS)
-    if q.shape[1] // k_cache.shape[2] > 31:
-        raise ValueError("decoding supports at most 31 query heads per kv head")
+    if q.shape[1] // k_cache.shape[2] > MAX_GROUP:
+        raise ValueError(f"decoding supports at most {MAX_GROUP} query heads per kv head")
     return max_len
 
 
@@ -419,6 +448,10 @@ def decode_workspace(q: torch.Tensor, kv_heads: int, layout: BlockLayout,
     check_heads(q.shape[1], kv_heads, q.shape[2], layout)
     if not layout.causal:
         raise ValueError("decoding needs a causal layout (a new token sees only the past)")
+    # As every step would refuse it; with num_splits given, nothing else here would.
+    if q.shape[1] // kv_heads > MAX_GROUP:
+        raise ValueError(f"decoding supports at most {MAX_GROUP} query heads per kv head, got "
+                         f"{q.shape[1]} heads for kv_heads={kv_heads}")
     check_count("num_splits", num_splits, 1, MAX_SPLITS)
     if num_splits is None:
         num_splits = decode_splits(layout.to(q.device), q.shape[0], q.shape[1], kv_heads,
