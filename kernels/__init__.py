@@ -26,7 +26,7 @@ from .configs import (
                         gluon_unavailable,
                         tile_ok,
 )
-from .decode import PAGE_SIZES, DecodeWorkspace, auto_splits, group_plan
+from .decode import PAGE_SIZES, DecodeWorkspace, auto_splits
 from .dispatch import Choice, choose_impl
 from .fp8 import (
                         FP8_DTYPE,
@@ -37,10 +37,12 @@ from .fp8 import (
 )
 from .inference import (
                         decode_workspace,
+                        group_plan,
                         resolve_varlen_config,
                         sparse_attention_decode,
                         sparse_attention_padded,
                         sparse_attention_varlen,
+                        varlen_plan,
                         varlen_sequences,
 )
 from .keys import density_bucket, seqlen_bucket, source_hash
@@ -61,7 +63,7 @@ from .quant import Fp8Inputs, dequantize_fp8, quantize_fp8
 from .reference import layout_head_index, reference_attention
 from .registry import AXES, IMPLS, KERNELS, TUNABLE, KernelRecord
 from .select import block_density, cache_key, clear_memo, kernel_hash, resolve_config
-from .varlen import VarlenSequences, varlen_plan
+from .varlen import VarlenSequences
 
 __version__ = "0.1.0"
 

@@ -32,6 +32,8 @@ from .checks import (
     check_tensors,
 )
 from .configs import LaunchConfig, check_config
+from . import decode, varlen
+from .configs import query_tile_problems
 from .decode import (
     MAX_SPLITS,
     PAGE_SIZES,
@@ -531,3 +533,44 @@ def _check_workspace(workspace: DecodeWorkspace, q: torch.Tensor, kv_heads: int,
         raise ValueError(f"workspace's tickets are {tuple(tickets.shape)} {tickets.dtype}, not "
                          f"int32 (batch * kv_heads = {groups},) on {q.device}; make it with "
                          "decode_workspace")
+
+
+# -- the plans, checked ------------------------------------------------------------------------
+# Public (kernels.group_plan, kernels.varlen_plan) and built on first use from their arguments
+# alone, so they are checked here: the builders live beside their kernels, whose source keys the
+# shipped configs, and would fail on bad arguments with a division by zero or a tensor shape.
+
+def group_plan(layout: BlockLayout, num_heads: int, kv_heads: int) -> decode.GroupPlan:
+    """Decoding's plan for ``num_heads`` query heads over ``kv_heads``: each kv head's kept
+    blocks and which of its query heads keep each (built once, kept on the layout)."""
+    if not isinstance(layout, BlockLayout):
+        raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
+    for name, value in (("num_heads", num_heads), ("kv_heads", kv_heads)):
+        if not is_int(value):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if num_heads % kv_heads:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of kv_heads ({kv_heads})")
+    if layout.heads not in (1, kv_heads, num_heads):
+        raise ValueError(f"layout has {layout.heads} pattern heads; expected 1, "
+                         f"kv_heads={kv_heads} or num_heads={num_heads}")
+    if num_heads // kv_heads > MAX_GROUP:
+        raise ValueError(f"decoding supports at most {MAX_GROUP} query heads per kv head, got "
+                         f"{num_heads // kv_heads}")
+    return decode.group_plan(layout, num_heads, kv_heads)
+
+
+def varlen_plan(layout: BlockLayout, block_m: int, max_k: int):
+    """The varlen kernel's tile plan for query tiles of ``block_m`` rows and sequences of at most
+    ``max_k`` keys (built once, kept on the layout)."""
+    if not isinstance(layout, BlockLayout):
+        raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
+    for name, value in (("block_m", block_m), ("max_k", max_k)):
+        if not is_int(value):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    problems = query_tile_problems(LaunchConfig(block_m, 16), layout.block_size)
+    if problems:
+        raise ValueError(problems[0])
+    layout.check_seqlen(max_k)
+    return varlen.varlen_plan(layout, block_m, max_k)
