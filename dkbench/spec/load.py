@@ -108,7 +108,11 @@ def sweep_from_dict(raw: dict, path: str | Path) -> Sweep:
 
 
 def _resolve_files(sweep: Sweep, base: Path) -> Sweep:
-    patterns = [p.model_copy(update={"path": str((base / p.path).resolve())})
+    """File patterns' relative paths made absolute against the spec's folder, as written. Not
+    `resolve()`: following a symlink would rename the file in its label, so two entries (`a.npy`
+    and a link to it) checked distinct would share one label, and so one case id. Nor `..`
+    folded away by hand, which after a symlinked folder is not where the OS goes."""
+    patterns = [p.model_copy(update={"path": str((base / p.path).absolute())})
                 if isinstance(p, FilePattern) and not Path(p.path).is_absolute() else p
                 for p in sweep.patterns]
     return sweep.model_copy(update={"patterns": patterns})

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
+import stat
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from kernels import BlockLayout, dense_layout, local_stride_layout, random_layout
 
@@ -45,8 +46,9 @@ class LocalStridePattern(_Pattern):
         """homo_head gives every head one pattern: a per-group or per-head setting beside it would
         do nothing, so it is refused rather than ignored."""
         if self.homo_head:
+            # `is not`: head_sliding_step 0 equals False, and is as idle beside homo_head as 2.
             beside = [k for k in ("per_kv_group", "head_sliding_step") if k in self.model_fields_set
-                      and getattr(self, k) not in (False, None)]
+                      and getattr(self, k) is not False and getattr(self, k) is not None]
             if beside:
                 raise ValueError(f"homo_head: true (one pattern for every head) leaves "
                                  f"{' and '.join(beside)} nothing to do; allowed: homo_head: true "
@@ -84,7 +86,7 @@ class RandomPattern(_Pattern):
     """Random blocks at a given density, diagonal kept; one pattern per query head by default."""
 
     type: Literal["random"]
-    density: float = Field(gt=0.0, le=1.0)
+    density: float = Field(gt=0.0, le=1.0, allow_inf_nan=False)  # .nan: not a number at all
     seed: int = Field(0, ge=0, lt=2**64)  # what torch.Generator.manual_seed takes
     per_head: bool = True
 
@@ -106,18 +108,31 @@ class FilePattern(_Pattern):
     type: Literal["file"]
     path: str
 
+    @field_validator("path")
+    @classmethod
+    def _a_file_name(cls, path: str) -> str:
+        """An empty path would become the spec's own folder once made relative to it, and a NUL
+        character is in no file name (the OS refuses it with an exception of its own)."""
+        if not path.strip():
+            raise ValueError(f"an empty path; allowed: a {SUFFIX_WORDS} file, absolute or relative "
+                             "to the spec's folder")
+        if "\x00" in path:
+            raise ValueError(f"{path!r} holds a NUL character, which no file name can; allowed: a "
+                             f"{SUFFIX_WORDS} file")
+        return path
+
     def label(self) -> str:
         return f"file({Path(self.path).name},bs{self.block_size})"
 
     def load(self) -> torch.Tensor:
         """The saved pattern as a bool tensor; ValueError naming the file on any problem."""
         path = Path(self.path)
-        if not path.exists():
-            raise ValueError(f"pattern file {path} does not exist")
-        if path.suffix not in (".npy", ".pt", ".pth"):
-            raise ValueError(f"pattern file {path}: expected a .npy or .pt file")
+        _check_regular_file(path)
+        if path.suffix.lower() not in SUFFIXES:  # MASK.NPY is as much a .npy file as mask.npy
+            raise ValueError(f"pattern file {path}: expected a .npy or .pt file; allowed suffixes: "
+                             f"{', '.join(SUFFIXES)} (in any case)")
         try:
-            if path.suffix == ".npy":
+            if path.suffix.lower() == ".npy":
                 data = np.load(path, allow_pickle=False)
             else:
                 data = torch.load(path, map_location="cpu", weights_only=True)
@@ -127,12 +142,7 @@ class FilePattern(_Pattern):
             raise ValueError(f"pattern file {path} cannot be read as a {path.suffix} pattern "
                              f"({_reason(exc)})") from exc
         if isinstance(data, torch.Tensor):
-            if data.layout != torch.strided:
-                raise ValueError(f"pattern file {path} holds a {data.layout} tensor; save it dense")
-            if data.dtype.is_floating_point or data.dtype.is_complex:
-                raise ValueError(f"pattern file {path} holds {data.dtype} values; a pattern is "
-                                 "bool or integer 0/1")
-            data = data.detach().cpu().numpy()
+            data = _tensor_values(data, path)
         if not isinstance(data, np.ndarray):
             raise ValueError(f"pattern file {path} holds a {type(data).__name__}, not an array")
         _check_zeros_and_ones(data, path)
@@ -141,6 +151,43 @@ class FilePattern(_Pattern):
     def layout(self, heads: int, kv_heads: int, seqlen: int, causal: bool) -> BlockLayout:
         return BlockLayout.from_pattern(self.load(), self.block_size, causal,
                                         description=self.label(), warn_kv_cache=False)
+
+
+SUFFIXES = (".npy", ".pt", ".pth")
+SUFFIX_WORDS = ".npy, .pt or .pth"
+
+
+def _check_regular_file(path: Path) -> None:
+    """ValueError naming ``path`` unless it is a regular file: a directory has no pattern, and a
+    FIFO or a device would block the load or never end (as a spec file would, see `load_spec`)."""
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise ValueError(f"pattern file {path} does not exist") from None
+    except OSError as exc:  # a name too long, a folder we may not enter, ...
+        raise ValueError(f"pattern file {path} cannot be read: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
+        raise ValueError(f"pattern file {path} is a directory; allowed: a {SUFFIX_WORDS} file")
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"pattern file {path} is not a regular file (a FIFO, socket or device); "
+                         f"allowed: a {SUFFIX_WORDS} file")
+
+
+def _tensor_values(data: torch.Tensor, path: Path) -> np.ndarray:
+    """A loaded tensor's values as an array; ValueError naming ``path`` for one that has none
+    (a sparse, meta or quantized tensor) or holds fractions."""
+    if data.layout != torch.strided:
+        raise ValueError(f"pattern file {path} holds a {data.layout} tensor; save it dense")
+    if data.dtype.is_floating_point or data.dtype.is_complex:
+        raise ValueError(f"pattern file {path} holds {data.dtype} values; a pattern is "
+                         "bool or integer 0/1")
+    try:
+        return data.detach().cpu().numpy()
+    # A meta tensor has no values to copy; a quantized one has no numpy dtype.
+    except (RuntimeError, TypeError, NotImplementedError) as exc:
+        raise ValueError(f"pattern file {path} holds a {data.dtype} tensor on {data.device} with "
+                         f"no array of values ({_reason(exc)}); a pattern is a dense bool or "
+                         "integer 0/1 tensor saved with its values") from exc
 
 
 def _reason(exc: Exception) -> str:
