@@ -1,7 +1,8 @@
 """Is a provider's output right? Compared with the dense reference on a bounded problem.
 
 A case larger than `check.max_tokens` is checked on a cut-down copy (batch 1, shorter sequence,
-same pattern, heads and launch config): the reference materialises the token mask.
+the leading blocks of the same pattern, heads and launch config): the reference materialises the
+token mask.
 """
 
 from __future__ import annotations
@@ -55,11 +56,29 @@ def check_case(case: Case, max_tokens: int) -> Case:
     return dataclasses.replace(case, batch=batch, seqlen=seqlen, q_len=q_len)
 
 
+def check_layout(layout: BlockLayout, small: Case) -> BlockLayout:
+    """The timed case's pattern over the cut-down case's tokens: its leading blocks, the first
+    ``small.seqlen`` positions of a sequence. Not the pattern built again at that length: a
+    random one would be drawn anew, so the check would run a pattern other than the one timed.
+    A pattern whose corner is not a valid one on its own (a bidirectional row whose kept blocks
+    all lie past it) is built again at the shorter length instead, as before."""
+    blocks = -(-small.seqlen // layout.block_size)
+    _, q_blocks, k_blocks = layout.pattern.shape
+    if q_blocks != k_blocks or blocks >= q_blocks:
+        return layout  # covers the cut-down case as it is (a file pattern's own shape)
+    corner = layout.pattern[:, :blocks, :blocks].contiguous()
+    try:
+        return BlockLayout.from_pattern(corner, layout.block_size, layout.causal,
+                                        layout.description, warn_kv_cache=False)
+    except ValueError:
+        return small.pattern.layout(small.heads, small.kv_heads, small.seqlen, small.causal)
+
+
 def run_check(provider: Provider, prepared: Prepared, case: Case, layout: BlockLayout,
               sweep: Sweep, device: torch.device, scale: float, seed: int) -> CheckResult:
     small = check_case(case, sweep.check.max_tokens)
     if small is not case:
-        layout = case.pattern.layout(small.heads, small.kv_heads, small.seqlen, small.causal)
+        layout = check_layout(layout, small)
         prepared = provider.prepare(small, layout, sweep, device, scale, prepared.launch_config)
     grads = small.mode in ("bwd", "fwd_bwd")
     inputs = random_inputs(small, device, grads, seed)

@@ -12,7 +12,7 @@ import torch
 
 from dkbench.errors import BadInputError
 from dkbench.measure import runner, timing
-from dkbench.measure.check import check_case
+from dkbench.measure.check import check_case, check_layout
 from dkbench.measure.providers import PROVIDERS
 from dkbench.measure.providers.bundled import BundledKernel, _describe
 from dkbench.measure.providers.sdpa import SdpaMath
@@ -366,6 +366,21 @@ def test_check_case_cuts_large_cases_down(tmp_path: Path) -> None:
     assert (small.batch, small.seqlen, small.q_len) == (1, 32, 32)
     short_q = dataclasses.replace(case, q_len=40)  # offset 24 fits in 32: kept
     assert (check_case(short_q, 32).seqlen, check_case(short_q, 32).q_len) == (32, 8)
+
+
+def test_a_cut_down_check_runs_the_leading_blocks_of_the_timed_pattern(tmp_path: Path) -> None:
+    # A random pattern drawn again at the shorter length is another pattern: the check must run
+    # the corner of the one timed.
+    spec = write_spec(tmp_path, batch=1, seqlen=128, heads=2,
+                      patterns=[{"type": "random", "block_size": 16, "density": 0.5, "seed": 1}])
+    (case,) = expand(load_spec(spec))
+    small = check_case(case, 64)
+    full = case.pattern.layout(case.heads, case.kv_heads, case.seqlen, case.causal)
+    checked = check_layout(full, small)
+    assert torch.equal(checked.pattern, full.pattern[:, :4, :4])
+    redrawn = case.pattern.layout(small.heads, small.kv_heads, small.seqlen, small.causal)
+    assert not torch.equal(redrawn.pattern, checked.pattern)  # what the check used to run
+    assert check_layout(full, case) is full  # nothing to cut
 
 
 @needs_interpreter
