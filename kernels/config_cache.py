@@ -18,7 +18,11 @@ tuners never lose each other's entries and a reader never sees half a file. Read
 Every read goes through one reader, :func:`read_entries`. A file it cannot use (not UTF-8, not
 JSON, truncated, of the wrong shape or another format version) is reported once with a
 ``ConfigCacheWarning`` naming it and renamed to ``<path>.corrupt-<timestamp>`` (bytes kept); the
-cache then behaves as empty. A directory, device or fifo in its place is never read or moved: it
+cache then behaves as empty. The wrong shape includes what no writer here makes and a rewrite
+would silently drop or mangle: a name given twice in one object, a top-level field besides
+``format`` and ``entries``, two entries with the same key fields, a time that is NaN, infinite,
+negative or too big for a float, a size below 1 or a density bucket outside (0, 1]; ``put`` refuses
+the same. A directory, device or fifo in its place is never read or moved: it
 is warned about on lookups and refused on writes. Nothing here raises on a bad cache file except
 ``import_`` of a bad source file; a file that cannot be opened at all (permissions) is warned about
 on lookups and raises OSError on writes. ``check_writable`` lets a tuner fail before it measures.
@@ -40,7 +44,9 @@ import os
 import stat
 import uuid
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -154,41 +160,101 @@ def read_entries(path: Path) -> tuple[_Stamp | None, dict[str, dict[str, Any]]]:
     return stamp, _parse(text, path, stamp)
 
 
+def _short(value: object) -> str:
+    """``repr(value)``, cut to a readable length (a hand edit can paste a 4000-digit number)."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too big for a float
+        return False
+
+
+def _as_float(value: object) -> object:
+    """``float(value)`` (a numpy or torch scalar from a tuner), or ``value`` as it is when it has
+    none, for the check to report."""
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        return value
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _check_config(config: object) -> dict[str, Any]:
     if not isinstance(config, Mapping):
         raise ValueError(f"config must be an object, got {type(config).__name__}")
     for name in CONFIG_FIELDS:
         value = config.get(name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"config[{name!r}] must be a positive int, got {value!r}")
+            raise ValueError(f"config[{name!r}] must be a positive int, got {_short(value)}")
     # Optional: entries written before configs named their implementation are Triton ones.
     impl = config.get("impl", "triton")
     if impl not in IMPLS:
-        raise ValueError(f"config['impl'] must be one of {', '.join(IMPLS)}, got {impl!r}")
+        raise ValueError(f"config['impl'] must be one of {', '.join(IMPLS)}, got {_short(impl)}")
     return dict(config)
+
+
+def _check_time(name: str, value: object) -> None:
+    """ms (and default_ms, which may also be null: the default config failed) must be a finite
+    number >= 0: NaN or Infinity would be written back as no JSON, and a time too big for a
+    float breaks every reader that divides by it."""
+    if value is None and name == "default_ms":
+        return
+    if not (_is_number(value) and _finite(value) and value >= 0):  # type: ignore[operator]
+        allowed = "a finite number >= 0" + (" or null" if name == "default_ms" else "")
+        raise ValueError(f"{name} must be {allowed}, got {_short(value)}")
+
+
+def _check_key(raw: object) -> CacheKey:
+    """The entry's key; its sizes must be positive and its density bucket in (0, 1], as
+    `seqlen_bucket` and `density_bucket` make them (a negative or NaN bucket is a hand edit)."""
+    if isinstance(raw, Mapping) and _is_number(raw.get("density_bucket")):
+        density = raw["density_bucket"]
+        # Checked before CacheKey rounds it: round() of a huge int overflows, of NaN stays NaN.
+        if not (_finite(density) and 0 < density <= 1):
+            raise ValueError(f"key['density_bucket'] must be a number in (0, 1], "
+                             f"got {_short(density)}")
+    key = CacheKey.from_dict(raw)  # type: ignore[arg-type]
+    for name in ("head_dim", "block_size", "seqlen_bucket"):
+        if getattr(key, name) < 1:
+            raise ValueError(f"key[{name!r}] must be a positive int, got {getattr(key, name)!r}")
+    return key
 
 
 def _check_entry(raw: object) -> tuple[str, dict[str, Any]]:
     """Validate one entry; returns (key string re-derived from its key fields, entry)."""
     if not isinstance(raw, Mapping):
         raise ValueError(f"an entry must be an object, got {type(raw).__name__}")
-    key = CacheKey.from_dict(raw.get("key"))  # type: ignore[arg-type]
+    key = _check_key(raw.get("key"))
     entry = dict(raw)
     entry["key"] = key.to_dict()
     entry["config"] = _check_config(raw.get("config"))
     for name in ("ms", "default_ms"):
-        value = raw.get(name)
-        if value is None and name == "default_ms":
-            continue  # the default config failed where the winner was tuned
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{name} must be a number, got {value!r}")
+        _check_time(name, raw.get(name))
     return key.as_str(), entry
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json object hook: a name given twice would silently keep only its last value (a second
+    "entries" drops every entry of the first)."""
+    seen: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in seen:
+            raise ValueError(f"the name {_short(name)} appears twice in one object")
+        seen[name] = value
+    return seen
 
 
 def _parse(text: str, path: Path, stamp: _Stamp | None = None) -> dict[str, dict[str, Any]]:
     """Entries of a cache file's text; raises CacheFormatError naming ``path``."""
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_no_duplicates)
     except (ValueError, RecursionError) as e:
         # ValueError covers JSONDecodeError and numbers too long to convert; RecursionError,
         # arrays nested thousands deep.
@@ -201,17 +267,28 @@ def _parse(text: str, path: Path, stamp: _Stamp | None = None) -> dict[str, dict
         raise CacheFormatError(
             path, f"cache format {version!r}, this version reads format {FORMAT_VERSION}", stamp
         )
+    unknown = sorted(set(data) - {"format", "entries"})
+    if unknown:
+        # Every write keeps only these two: anything else would be dropped without a word.
+        raise CacheFormatError(path, f"unknown top-level field(s) {', '.join(map(repr, unknown))}"
+                               "; a cache file holds only 'format' and 'entries'", stamp)
     raw_entries = data.get("entries")
     if not isinstance(raw_entries, dict):
         raise CacheFormatError(path, "'entries' must be an object", stamp)
     entries: dict[str, dict[str, Any]] = {}
+    names: dict[str, str] = {}  # key string -> the entry name it came from
     for name, raw in raw_entries.items():
         try:
             key_str, entry = _check_entry(raw)
         except (ValueError, TypeError, OverflowError) as e:
             # TypeError, OverflowError: values a hand edit can produce (an int too big to float).
             raise CacheFormatError(path, f"entry {name!r}: {e}", stamp) from None
-        # The key string is re-derived from the fields, so a hand-edited name cannot mislead.
+        # The key string is re-derived from the fields, so a hand-edited name cannot mislead;
+        # two entries with the same fields would keep only the last one.
+        if key_str in names:
+            raise CacheFormatError(path, f"entries {names[key_str]!r} and {name!r} have the same "
+                                   f"key fields ({key_str!r}); keep one", stamp)
+        names[key_str] = name
         entries[key_str] = entry
     return entries
 
@@ -334,6 +411,23 @@ def load_shipped(path: Path) -> dict[str, dict[str, Any]]:
 # -- the cache --------------------------------------------------------------------------------
 
 
+@dataclass
+class ImportCounts:
+    """What an import did with each entry of its source file."""
+
+    overwrite: bool
+    added: int = 0  # not cached before
+    replaced: int = 0  # cached with another config or timing, overwritten
+    unchanged: int = 0  # cached exactly as in the source
+    kept: int = 0  # cached differently and kept, as overwrite was off
+
+    @property
+    def written(self) -> int:
+        """How many entries the cache now holds as the source has them, as `import_` counts:
+        with overwrite, the unchanged ones too."""
+        return self.added + self.replaced + (self.unchanged if self.overwrite else 0)
+
+
 class ConfigCache:
     """The best-config cache file at ``path`` (explicit path, else ``$DKBENCH_CACHE``, else the
     platform's user cache dir). Lookups are memoised; writes are locked and atomic."""
@@ -365,6 +459,22 @@ class ConfigCache:
                           f"cannot be made ({e.strerror or e})") from None
         return filelock.FileLock(str(lock), timeout=_LOCK_TIMEOUT_S)
 
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the file lock; TimeoutError naming the cache when another process keeps it."""
+        lock = self._lock()
+        try:
+            lock.acquire()
+        except filelock.Timeout:
+            # filelock's own message names only the lock file, not the cache or the wait.
+            raise TimeoutError(f"cannot write the config cache {self.path}: another process has "
+                               f"held its lock {lock.lock_file} for {_LOCK_TIMEOUT_S:g} s (a "
+                               "tuner still writing?); try again when it is done") from None
+        try:
+            yield
+        finally:
+            lock.release()
+
     def _load_locked(self) -> tuple[_Stamp | None, dict[str, dict[str, Any]]]:
         """Read the file; a bad one is set aside (caller holds the lock) and reads as empty.
         OSError (cannot open it) propagates: a writer must not replace what it could not read."""
@@ -387,7 +497,7 @@ class ConfigCache:
             _report_once(self.path, stat_stamp, f"ignoring the config cache {self.path}: {e}")
             return stat_stamp, {}
         try:
-            with self._lock():
+            with self._locked():
                 # Re-read under the lock: a writer may have replaced the bad file meanwhile.
                 return self._load_locked()
         except (OSError, filelock.Timeout):
@@ -406,7 +516,7 @@ class ConfigCache:
         if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
             what = "is not a directory" if not probe.is_dir() else "is not writable"
             raise PermissionError(f"cannot write the config cache {self.path}: {probe} {what}")
-        with self._lock():
+        with self._locked():
             self._load_locked()
         self.invalidate()
 
@@ -447,7 +557,7 @@ class ConfigCache:
 
     def _update(self, change: Callable[[dict[str, dict[str, Any]]], int]) -> int:
         """Under the lock: re-read, apply ``change`` (it returns a count), write back if nonzero."""
-        with self._lock():
+        with self._locked():
             _, entries = self._load_locked()
             count = change(entries)
             if count:
@@ -472,13 +582,22 @@ class ConfigCache:
         """:meth:`put` of several (key, config, ms, default_ms) under one lock, in one write;
         returns how many."""
         tuned_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        # A default that failed has no time: null, since NaN is not JSON (jq and others refuse it).
-        new = {key.as_str(): {"key": key.to_dict(), "config": _check_config(config),
-                              "ms": float(ms),
-                              "default_ms": float(default_ms) if math.isfinite(default_ms)
-                              else None,
-                              "tuned_at": tuned_at, "source": source}
-               for key, config, ms, default_ms in writes}
+        new: dict[str, dict[str, Any]] = {}
+        for key, config, ms, default_ms in writes:
+            # A default that failed has no time: null, since NaN is not JSON (jq and others
+            # refuse it).
+            default = _as_float(default_ms)
+            raw = {"key": key.to_dict(), "config": config, "ms": _as_float(ms),
+                   "default_ms": None if isinstance(default, float) and not math.isfinite(default)
+                   else default,
+                   "tuned_at": tuned_at, "source": source}
+            # Checked as the reader checks it: one entry it refuses makes it set the whole file
+            # aside, every other entry with it.
+            try:
+                name, entry = _check_entry(raw)
+            except ValueError as e:
+                raise ValueError(f"cannot cache {key.as_str()!r}: {e}") from None
+            new[name] = entry
 
         def change(entries: dict[str, dict[str, Any]]) -> int:
             entries.update(new)
@@ -496,29 +615,67 @@ class ConfigCache:
 
         return self._update(change)
 
+    def _is_mine(self, path: Path) -> str | None:
+        """"the config cache itself" or "the config cache's lock file" when ``path`` is one of
+        them (through any spelling or symlink), else None."""
+        target = os.path.realpath(_target(self.path))
+        real = os.path.realpath(path)
+        if real == target:
+            return "the config cache itself"
+        if real == f"{target}.lock":
+            return "the config cache's lock file"
+        return None
+
     def export(self, dest: Path) -> int:
-        """Write the entries to ``dest`` in the cache format; returns how many."""
+        """Write the entries to ``dest`` in the cache format; returns how many.
+
+        ValueError when ``dest`` is the cache itself (a write that would skip the lock and could
+        drop a concurrent tuner's entries) or its lock file (replacing it breaks the locking).
+        """
+        dest = Path(dest)
+        mine = self._is_mine(dest)
+        if mine is not None:
+            raise ValueError(f"cannot write the export file {dest}: it is {mine} "
+                             f"({self.path}); export to another file")
         entries = self.entries()
-        _atomic_write(Path(dest), _dump(entries), "the export file")
+        _atomic_write(dest, _dump(entries), "the export file")
         return len(entries)
 
     def import_(self, src: Path, *, overwrite: bool = True) -> int:
-        """Merge the entries of ``src`` in; returns how many were written.
+        """Merge the entries of ``src`` in; returns how many were written (including those
+        already cached as they are, with ``overwrite``). :meth:`merge` says which were which.
 
         With ``overwrite=False`` entries already in the cache are kept. A missing, corrupt or
         foreign-format ``src`` raises ValueError (CacheFormatError) naming the file.
+        """
+        return self.merge(src, overwrite=overwrite).written
+
+    def merge(self, src: Path, *, overwrite: bool = True) -> ImportCounts:
+        """:meth:`import_`, counting the new entries, the replaced ones, those already cached
+        as they are, and those kept because they differ and ``overwrite`` is off. The file is
+        rewritten only when something changed (importing a file into itself changes nothing).
         """
         src = Path(src)
         stamp, incoming = read_entries(src)
         if stamp is None:
             raise CacheFormatError(src, "no such file")
+        counts = ImportCounts(overwrite=overwrite)
 
         def change(entries: dict[str, dict[str, Any]]) -> int:
-            n = 0
             for name, entry in incoming.items():
-                if overwrite or name not in entries:
-                    entries[name] = entry
-                    n += 1
-            return n
+                old = entries.get(name)
+                if old is None:
+                    counts.added += 1
+                elif old == entry:
+                    counts.unchanged += 1
+                    continue
+                elif overwrite:
+                    counts.replaced += 1
+                else:
+                    counts.kept += 1
+                    continue
+                entries[name] = entry
+            return counts.added + counts.replaced
 
-        return self._update(change)
+        self._update(change)
+        return counts

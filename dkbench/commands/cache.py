@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from itertools import groupby
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich import box
@@ -58,6 +58,32 @@ def _cli_errors() -> Iterator[None]:
         yield
 
 
+def _cell(text: str) -> str:
+    """``text`` from the cache file as a table cell: rich markup escaped, and characters that are
+    not printable (a terminal escape, a newline, a lone surrogate a JSON ``\\ud800`` makes, which
+    stdout cannot encode) written as Python escapes."""
+    printable = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                        for c in text)
+    return escape(printable)
+
+
+def _entries(n: int) -> str:
+    return "1 entry" if n == 1 else f"{n} entries"
+
+
+def _import_summary(counts: Any) -> str:  # kernels' ImportCounts
+    """What an import did, beyond the count: entries it replaced, found as they were, or kept;
+    none of them passes without a word."""
+    parts = [f"{counts.added} new"] if counts.added else []
+    if counts.replaced:
+        parts.append(f"{counts.replaced} replaced what was cached")
+    if counts.unchanged:
+        parts.append(f"{counts.unchanged} already cached as in the file")
+    if counts.kept:
+        parts.append(f"{counts.kept} cached differently, kept as --keep-existing asks")
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 def _machine_tables(rows: list[CacheRow]) -> list[Table]:
     """One table per (GPU, capability, triton): the machine in the title, so that the rest fits
     80 columns; the shape fields share one cell that wraps at spaces, never inside a field."""
@@ -66,7 +92,7 @@ def _machine_tables(rows: list[CacheRow]) -> list[Table]:
             rows, key=lambda r: (r.key.gpu, r.key.capability, r.key.triton)):
         cc = [f"cc {capability}"] if capability else []  # none for the CPU interpreter
         machine = ", ".join([gpu, *cc, f"triton {triton}"])
-        table = Table(title=escape(machine), title_justify="left", box=box.SIMPLE_HEAD,
+        table = Table(title=_cell(machine), title_justify="left", box=box.SIMPLE_HEAD,
                       padding=(0, 1), collapse_padding=True, pad_edge=False)
         for name in ("kernel", "hash", "dtype"):
             table.add_column(name, no_wrap=True)
@@ -77,8 +103,8 @@ def _machine_tables(rows: list[CacheRow]) -> list[Table]:
         for r in group:
             k = r.key
             shape = f"d{k.head_dim} bs{k.block_size} s{k.seqlen_bucket} p{k.density_bucket:.2f}"
-            table.add_row(escape(k.kernel), escape(k.kernel_hash), escape(k.dtype), shape,
-                          escape(r.config), f"{r.ms:.4f}",
+            table.add_row(_cell(k.kernel), _cell(k.kernel_hash), _cell(k.dtype), shape,
+                          _cell(r.config), f"{r.ms:.4f}",
                           "failed" if math.isnan(r.default_ms) else f"{r.default_ms:.4f}",
                           "-" if math.isnan(r.speedup) else f"{r.speedup:.2f}x")
         tables.append(table)
@@ -95,7 +121,7 @@ def show(cache: CacheOption = None) -> None:
     if not rows:
         console.print(f"no entries in {escape(str(store.path))}")
         return
-    console.print(f"{len(rows)} entries in {escape(str(store.path))}", highlight=False)
+    console.print(f"{_entries(len(rows))} in {escape(str(store.path))}", highlight=False)
     for table in _machine_tables(rows):
         console.print(table)
     console.print("shape: head_dim d, block size bs, seqlen bucket s, density bucket p; "
@@ -122,10 +148,11 @@ def clear(
         console.print(f"no entries in {escape(str(store.path))}")
         return
     if not yes:
-        typer.confirm(f"Remove all {n} entries from {store.path}?", abort=True)
+        typer.confirm(f"Remove {'the only entry' if n == 1 else f'all {n} entries'} from "
+                      f"{store.path}?", abort=True)
     with _cli_errors():
         removed = store.clear()
-    console.print(f"removed {removed} entries from {escape(str(store.path))}")
+    console.print(f"removed {_entries(removed)} from {escape(str(store.path))}")
 
 
 @cache_app.command("export")
@@ -133,10 +160,11 @@ def export_(
     file: Annotated[Path, typer.Argument(help="Where to write the entries.", dir_okay=False)],
     cache: CacheOption = None,
 ) -> None:
-    """Write the cache's entries to FILE, in the cache format."""
+    """Write the cache's entries to FILE, in the cache format (FILE is replaced whole; it may
+    not be the cache itself or its lock file)."""
     with _cli_errors():
         n = ConfigCache(cache).export(file)
-    console.print(f"exported {n} entries to {escape(str(file))}")
+    console.print(f"exported {_entries(n)} to {escape(str(file))}")
 
 
 @cache_app.command("import")
@@ -148,8 +176,10 @@ def import_(
         typer.Option("--overwrite/--keep-existing", help="Replace entries already cached."),
     ] = True,
 ) -> None:
-    """Merge the entries of FILE into the cache."""
+    """Merge the entries of FILE into the cache, saying how many were new, replaced a cached
+    entry, were cached already as they are, or were kept as cached (--keep-existing)."""
     with _cli_errors():
         store = ConfigCache(cache)
-        n = store.import_(file, overwrite=overwrite)
-    console.print(f"imported {n} entries into {escape(str(store.path))}")
+        counts = store.merge(file, overwrite=overwrite)
+    console.print(f"imported {_entries(counts.written)} into {escape(str(store.path))}"
+                  f"{escape(_import_summary(counts))}", highlight=False)
