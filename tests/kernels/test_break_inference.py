@@ -116,33 +116,29 @@ def test_resolve_varlen_config_refuses_bad_arguments(args, error, match):
         resolve_varlen_config(**call)
 
 
-@pytest.mark.parametrize(("args", "error", "words"), [
-    ((4, 3), ValueError, "num_heads (4) must be a multiple of kv_heads (3)"),
-    ((0, 0), ValueError, "num_heads must be >= 1, got 0"),
-    ((4, 2.0), TypeError, "kv_heads must be an int, got float"),
-    ((64, 2), ValueError, "layout has 4 pattern heads; expected 1, kv_heads=2 or num_heads=64"),
-])
-def test_group_plan_refuses_bad_arguments(args, error, words) -> None:
-    from kernels import group_plan
+# A plan's arguments, and a call each plan builds from right ones.
+_RIGHT = {"group_plan": ((4, 2), lambda plan: plan.row_ptr.numel() > 0),
+          "varlen_plan": ((16, 64), lambda plan: plan.tiles > 0)}
 
+
+@pytest.mark.parametrize(("name", "args", "error", "words"), [
+    ("group_plan", (4, 3), ValueError, "num_heads (4) must be a multiple of kv_heads (3)"),
+    ("group_plan", (0, 0), ValueError, "num_heads must be >= 1, got 0"),
+    ("group_plan", (4, 2.0), TypeError, "kv_heads must be an int, got float"),
+    ("group_plan", (64, 2), ValueError,
+     "layout has 4 pattern heads; expected 1, kv_heads=2 or num_heads=64"),
+    ("varlen_plan", (0, 64), ValueError, "block_m=0 must be a power of two >= 16"),
+    ("varlen_plan", (24, 64), ValueError, "block_m=24 must be a power of two >= 16"),
+    ("varlen_plan", (16, 1000), ValueError, "the pattern covers 4x4 blocks of 16"),
+    ("varlen_plan", (16, 0), ValueError, "sequence lengths must be >= 1"),
+    ("varlen_plan", (16.0, 64), TypeError, "block_m must be an int, got float"),
+])
+def test_the_public_plans_refuse_bad_arguments(name, args, error, words) -> None:
+    import kernels
+
+    plan_of = getattr(kernels, name)
     layout = local_stride_layout(4, 64, 16, 2, 3)
     with pytest.raises(error, match=re.escape(words)):
-        group_plan(layout, *args)
-    plan = group_plan(layout, 4, 2)  # and a right call still builds the plan
-    assert plan.row_ptr.numel() > 0
-
-
-@pytest.mark.parametrize(("args", "error", "words"), [
-    ((0, 64), ValueError, "block_m=0 must be a power of two >= 16"),
-    ((24, 64), ValueError, "block_m=24 must be a power of two >= 16"),
-    ((16, 1000), ValueError, "the pattern covers 4x4 blocks of 16"),
-    ((16, 0), ValueError, "sequence lengths must be >= 1"),
-    ((16.0, 64), TypeError, "block_m must be an int, got float"),
-])
-def test_varlen_plan_refuses_bad_arguments(args, error, words) -> None:
-    from kernels import varlen_plan
-
-    layout = local_stride_layout(4, 64, 16, 2, 3)
-    with pytest.raises(error, match=re.escape(words)):
-        varlen_plan(layout, *args)
-    assert varlen_plan(layout, 16, 64).tiles > 0
+        plan_of(layout, *args)
+    right, built = _RIGHT[name]
+    assert built(plan_of(layout, *right))  # and a right call still builds the plan
