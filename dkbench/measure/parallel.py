@@ -244,16 +244,21 @@ def _sigint_held() -> Iterator[None]:
     """A Ctrl-C held while a worker starts. SIGINT is blocked in this thread, and the child
     inherits the blocked mask through fork and exec, so a Ctrl-C never reaches it (nor prints its
     traceback): the parent ends it. In the parent the Ctrl-C is recorded (another thread may take
-    the signal) and raised as KeyboardInterrupt once the start is done, never lost, as an ignored
-    signal is, nor raised midway through the start. Off the main thread, or where signal masks
-    do not exist, SIGINT is ignored instead."""
+    the signal) and given to SIGINT's own handler once the start is done (KeyboardInterrupt, as a
+    rule): never lost, as an ignored signal is, nor raised midway through the start. Where
+    SIGINT is ignored already (`nohup`), it stays so, and the child inherits that. Off the main
+    thread, or where signal masks do not exist, SIGINT is ignored meanwhile instead."""
     if threading.current_thread() is not threading.main_thread() \
             or not hasattr(signal, "pthread_sigmask"):
         with _sigint_ignored():
             yield
         return
+    handler = signal.getsignal(signal.SIGINT)
+    if handler in (signal.SIG_IGN, None):  # ignored, or set outside Python: left as it is
+        yield
+        return
     caught: list[int] = []
-    handler = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
@@ -261,7 +266,7 @@ def _sigint_held() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a pending Ctrl-C is recorded now
         signal.signal(signal.SIGINT, handler)
     if caught:
-        raise KeyboardInterrupt
+        signal.raise_signal(signal.SIGINT)  # to the handler it had, which runs here
 
 
 def spawn_worker(context, target: Callable, args: tuple, name: str, *, daemon: bool,

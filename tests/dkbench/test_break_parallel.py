@@ -275,6 +275,16 @@ def _report_blocked(conn) -> None:
     conn.close()
 
 
+@pytest.fixture
+def sigint_default():
+    """SIGINT at Python's handler for the test, whatever the test runner's was (a background
+    job's is ignored)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+@pytest.mark.usefixtures("sigint_default")
 def test_a_ctrl_c_while_a_worker_starts_is_raised_after_the_start() -> None:
     reached_end = False
     with pytest.raises(KeyboardInterrupt):
@@ -286,6 +296,19 @@ def test_a_ctrl_c_while_a_worker_starts_is_raised_after_the_start() -> None:
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_an_ignored_ctrl_c_stays_ignored_while_a_worker_starts() -> None:
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as under nohup
+    try:
+        with parallel._sigint_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        time.sleep(0.05)  # nothing raised after the start either
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+@pytest.mark.usefixtures("sigint_default")
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's /proc")
 def test_a_worker_starts_with_ctrl_c_blocked() -> None:
     proc, conn = parallel.spawn_worker(multiprocessing.get_context("spawn"), _report_blocked, (),
