@@ -52,6 +52,40 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Blo
     layout.check_seqlen(k.shape[seq_dim], q.shape[seq_dim])
 
 
+# torch.func's wrapper tests (torch._C._functorch, present in every torch this supports).
+_WRAPPER_TESTS = ("is_gradtrackingtensor", "is_batchedtensor", "is_legacy_batchedtensor")
+
+
+def _functorch_wrapped(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a torch.func transform's wrapper (grad tracking or vmap batched, or the
+    legacy batching of ``is_grads_batched``): the kernels read raw storage, which such a wrapper
+    has none of."""
+    functorch = getattr(torch._C, "_functorch", None)  # private: looked up, not assumed
+    return any(test(t) for test in (getattr(functorch, name, None) for name in _WRAPPER_TESTS)
+               if test is not None)
+
+
+def _check_training(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    sm_scale: float | torch.Tensor | None) -> None:
+    """What autograd cannot get through the kernels: a learned scale, and torch.func transforms."""
+    if any(isinstance(t, torch.Tensor) and _functorch_wrapped(t) for t in (q, k, v)):
+        raise RuntimeError("sparse_attention does not support torch.func transforms (grad, vmap, "
+                           "jacrev, jvp, ...): differentiate it with torch.autograd.grad or "
+                           ".backward()")
+    if isinstance(sm_scale, torch.Tensor) and sm_scale.requires_grad and torch.is_grad_enabled():
+        raise ValueError("sm_scale requires grad, but the kernels take it as a number and give it "
+                         "no gradient; pass a float or sm_scale.detach()")
+
+
+def _checked_config(name: str, config: LaunchConfig, block_size: int, dim: int,
+                    kernel: str) -> None:
+    """check_config, its message naming the argument that gave the config."""
+    try:
+        check_config(config, block_size, dim, kernel)
+    except ValueError as e:
+        raise ValueError(f"{e} (the {name} argument)") from None
+
+
 class _SparseAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, layout, sm_scale, fwd_config, bwd_configs, return_lse):
@@ -69,6 +103,12 @@ class _SparseAttentionFn(torch.autograd.Function):
             # create_graph=True asks for a differentiable backward, which the kernels are not.
             raise RuntimeError("double backward through the block-sparse attention is not "
                                "supported (the backward kernels are not differentiable)")
+        if _functorch_wrapped(grad_out):
+            # vmap over the backward hands the kernels a batched grad they cannot read.
+            raise RuntimeError("the block-sparse attention's backward cannot run batched "
+                               "(torch.autograd.grad(..., is_grads_batched=True), "
+                               "torch.autograd.functional.jacobian(vectorize=True), vmap): "
+                               "take one grad_outputs at a time")
         q, k, v, out, lse = ctx.saved_tensors
         dkdv_given, dq_given = ctx.bwd_configs
         dkdv_config = dkdv_given or _looked_up("bwd", q, ctx.layout, k.shape[2])
@@ -105,8 +145,12 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
     for the forward, the backward's dk/dv kernel and its dq kernel. A ``bwd_config`` with
     ``impl="fused"`` (or a tuned one) runs the fused backward, whose dk/dv kernel takes dq too:
     ``dq_config`` is then unused (still checked). Differentiable in q, k and v (once: double
-    backward raises).
+    backward raises; the LSE is not differentiable, and a tensor ``sm_scale`` that requires grad
+    is refused, as are torch.func transforms).
     """
+    _check_training(q, k, v, sm_scale)
+    if isinstance(sm_scale, torch.Tensor):
+        sm_scale = sm_scale.detach()  # no gradient to give it (and none asked: checked above)
     _check_inputs(q, k, v, layout, seq_dim, sm_scale)
     for name, given in (("config", config), ("bwd_config", bwd_config), ("dq_config", dq_config)):
         check_config_type(name, given)
@@ -116,11 +160,13 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
     if seq_dim == 1:
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     seq_k = k.shape[2]
+    if config is not None:
+        _checked_config("config", config, layout.block_size, dim, "fwd")
     fwd_config = config or select.resolve_config("fwd", q, layout, seq_k)[0]
     check_config(fwd_config, layout.block_size, dim)
-    for kernel, given in (("bwd", bwd_config), ("dq", dq_config)):
+    for name, kernel, given in (("bwd_config", "bwd", bwd_config), ("dq_config", "dq", dq_config)):
         if given is not None:
-            check_config(given, layout.block_size, dim, kernel)
+            _checked_config(name, given, layout.block_size, dim, kernel)
     result = _SparseAttentionFn.apply(q, k, v, layout, scale, fwd_config,
                                       (bwd_config, dq_config), return_lse)
     out, lse = result if return_lse else (result, None)
@@ -142,8 +188,11 @@ class SparseAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 sm_scale: float | None = None, return_lse: bool = False,
-                config: LaunchConfig | None = None):
-        return sparse_attention(q, k, v, self.layout, sm_scale, self.seq_dim, return_lse, config)
+                config: LaunchConfig | None = None, bwd_config: LaunchConfig | None = None,
+                dq_config: LaunchConfig | None = None):
+        """:func:`sparse_attention` with this module's layout and ``seq_dim``."""
+        return sparse_attention(q, k, v, self.layout, sm_scale, self.seq_dim, return_lse, config,
+                                bwd_config, dq_config)
 
     def extra_repr(self) -> str:
         return f"{self.layout.description}, causal={self.layout.causal}, seq_dim={self.seq_dim}"
