@@ -8,7 +8,13 @@ import pytest
 import torch
 
 import kernels.attention
-from kernels import LaunchConfig, SparseAttention, reference_attention, sparse_attention
+from kernels import (
+    LaunchConfig,
+    SparseAttention,
+    local_stride_layout,
+    reference_attention,
+    sparse_attention,
+)
 from tests.kernels.cases import make_layout, make_qkv
 from tests.tolerances import assert_verbose_close, rel_tol
 
@@ -103,3 +109,23 @@ def test_a_bad_config_names_the_argument_that_gave_it(argument, config, problem,
     layout, q, k, v = _problem(device)
     with pytest.raises(ValueError, match=rf"{problem} .*\(the {argument} argument\)"):
         sparse_attention(q, k, v, layout, **{argument: config})
+
+
+def test_a_compiled_model_runs_the_attention_outside_its_graph() -> None:
+    # Dynamo cannot trace the kernels' launches (in the interpreter it fails inside Triton): a
+    # compiled model takes a graph break there, and its output and gradients are eager's.
+    layout = local_stride_layout(2, 64, 16, 2, 3)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 64, 16, requires_grad=True) for _ in range(3))
+
+    def model(q, k, v):
+        return sparse_attention(q, k, v, layout, seq_dim=2).sin()
+
+    compiled = torch.compile(model, backend="aot_eager")
+    out = compiled(q, k, v)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    want = model(q, k, v)
+    want_grads = torch.autograd.grad(want.square().sum(), (q, k, v))
+    assert torch.equal(out, want)
+    for got, expected in zip(grads, want_grads):
+        assert torch.allclose(got, expected, atol=1e-6, rtol=1e-5)
