@@ -7,9 +7,26 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib
 from matplotlib.figure import Figure
 
 from ..errors import BadInputError
+
+# Colours for providers: tab10, then its lighter twins (tab20's odd entries), then tab20b: thirty
+# colours before one repeats, where tab10 alone gave an 11th provider the 1st one's colour (a run
+# of the default sweep has 11), two series one could not tell apart.
+_TAB20 = matplotlib.colormaps["tab20"].colors
+PALETTE = (*matplotlib.colormaps["tab10"].colors, *_TAB20[1::2],
+           *matplotlib.colormaps["tab20b"].colors)
+
+
+def colors(n: int) -> list:
+    """``n`` colours, all different: `PALETTE`, then evenly spaced hues past its end."""
+    if n <= len(PALETTE):
+        return list(PALETTE[:n])
+    extra = n - len(PALETTE)
+    hsv = matplotlib.colormaps["hsv"]
+    return [*PALETTE, *(hsv(i / extra)[:3] for i in range(extra))]
 
 
 @dataclass(frozen=True)
@@ -24,6 +41,22 @@ class NamedFigure:
 def slug(text: str) -> str:
     """A file-name-safe form of `text`."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text)).strip("_") or "x"
+
+
+def unique_names(figures: Sequence[NamedFigure]) -> list[NamedFigure]:
+    """``figures`` with names that differ (also in case, for a case-blind file system): a name
+    seen before gets _2, _3, ... So that two case ids that slug alike ("a/b", "a_b") are saved
+    as two files, not one over the other."""
+    seen: set[str] = set()
+    out = []
+    for nf in figures:
+        name, n = nf.name, 1
+        while name.casefold() in seen:
+            n += 1
+            name = f"{nf.name}_{n}"
+        seen.add(name.casefold())
+        out.append(nf if name == nf.name else NamedFigure(name, nf.title, nf.figure))
+    return out
 
 
 def save_figures(figures: Sequence[NamedFigure], out_dir: Path,

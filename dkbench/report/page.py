@@ -6,9 +6,11 @@ why). A view of the CSVs alone."""
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Sequence
+from urllib.parse import quote
 
 import pandas as pd
 
@@ -16,7 +18,7 @@ from ..errors import BadInputError
 from ..results.runs import INTERPRETER_NOTE, Run, TuneDir, load_sources
 from ..results.schema import KEY_COLUMNS, check_out_dir
 from .density import OURS, density_facets
-from .markdown import cell, table
+from .markdown import Md, code, escape, table
 from .plots import SkippedFigure, build_figures, output_root, save_figures
 from .tune_plots import KERNEL_ORDER, winner
 
@@ -40,6 +42,33 @@ _MODE_ORDER = {"fwd": 0, "bwd": 1, "fwd_bwd": 2, "prefill_varlen": 3, "decode": 
 
 def _num(value: float, fmt: str) -> str:
     return "—" if pd.isna(value) else format(value, fmt)
+
+
+def _rate(value: float) -> str:
+    """A TFLOP/s: one decimal, or three significant digits below 1 (an interpreter's 5.4e-05
+    is not 0.0)."""
+    return _num(value, ".1f" if pd.isna(value) or abs(value) >= 1 else ".3g")
+
+
+def _ratio(value: float, decimals: int) -> str:
+    """A speedup to ``decimals`` places, more where that would show fewer than two significant
+    digits (0.0021, not 0.00)."""
+    if pd.isna(value):
+        return "—"
+    if 0 < abs(value) < 1:
+        decimals = max(decimals, 1 - math.floor(math.log10(abs(value))))
+    return f"{value:.{decimals}f}"
+
+
+def distinct_digits(values, render, start: int, stop: int = 17) -> int:
+    """The fewest digits from ``start`` on at which ``render(value, digits)`` tells every two
+    different ``values`` apart: two providers 2.77441 and 2.77449 ms apart must not both read
+    2.774, with the star on one of them."""
+    distinct = sorted({float(v) for v in values if pd.notna(v)})
+    for digits in range(start, stop):
+        if len({render(v, digits) for v in distinct}) == len(distinct):
+            return digits
+    return stop
 
 
 def _meta_value(meta: dict, keys: Sequence[str]) -> object:
@@ -79,7 +108,8 @@ def environment_section(runs: Sequence[Run], tunes: Sequence[TuneDir] = ()) -> l
     provenance columns."""
     sources = [*runs, *tunes]
     rows = [[label, *(_meta_value(s.meta, keys) for s in sources)] for label, keys in META_FIELDS]
-    rows += [[f"csv `{c}`", *(_provenance(s, c) for s in sources)] for c in CSV_PROVENANCE]
+    rows += [[Md(f"csv {code(c)}"), *(_provenance(s, c) for s in sources)]
+             for c in CSV_PROVENANCE]
     rows.append(["csv timestamps", *(_csv_span(_frame(s)) for s in sources)])
     rows.append(["rows (by status)", *(_status_counts(_frame(s)) for s in sources)])
     return ["## Environment", "", *table(["", *(s.label for s in sources)], rows), ""]
@@ -101,20 +131,28 @@ def _case_order(case: pd.DataFrame) -> tuple:
             str(first["dtype"]), float(first["seqlen"]))
 
 
+def _shape_value(value: object) -> str:
+    """A shape value as the CSV means it: 32, not the 32.0 of a column with an empty cell."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
 def _case_heading(case: pd.DataFrame) -> str:
     first = case.iloc[0]
-    parts = [f"seqlen {first['seqlen']:g}"]
+    parts = [f"seqlen {_num(first['seqlen'], 'g')}"]
     for col, name in (("q_len", "q_len"), ("batch", "batch"), ("heads", "heads"),
                       ("kv_heads", "kv_heads"), ("head_dim", "head_dim"), ("block_size", "block"),
                       ("causal", "causal"), ("density", "density"), ("page_size", "page")):
         if col == "page_size" and col in case.columns and not first[col]:
             continue  # a contiguous cache: nothing to say
         if col in case.columns and pd.notna(first[col]):
-            parts.append(f"{name} {first[col]:.4g}" if col == "density" else f"{name} {first[col]}")
-    baselines = sorted({b for b in case["baseline"] if b})
+            parts.append(f"{name} {first[col]:.4g}" if col == "density"
+                         else f"{name} {escape(_shape_value(first[col]))}")
+    baselines = sorted({str(b) for b in case["baseline"] if b})
     if baselines:
-        parts.append("baseline " + ", ".join(baselines))
-    case_id = f"`{first['case_id']}`: " if "case_id" in case.columns else ""
+        parts.append("baseline " + ", ".join(escape(b) for b in baselines))
+    case_id = f"{code(first['case_id'])}: " if "case_id" in case.columns else ""
     return case_id + ", ".join(parts)
 
 
@@ -122,22 +160,29 @@ def case_table(case: pd.DataFrame) -> list[str]:
     """One case's providers: median ms (p20-p80), TFLOP/s, speedup (with the p20-p80 of its
     paired ratios when timed interleaved), status; the fastest ok row starred. A failed row shows no numbers: a failed measurement is not a measurement."""
     ok = case[(case["status"] == "ok") & case["ms"].notna()]
-    winner = ok["ms"].idxmin() if len(ok) else None
+    # Every row at the fastest time is starred: a tie has no single winner.
+    winners = set(ok.index[ok["ms"] == ok["ms"].min()]) if len(ok) else set()
+    # Enough digits that two different times (or speedups) never read the same.
+    ms_digits = distinct_digits(ok["ms"], lambda v, d: f"{v:.{d}g}", 4)
+    ratios = ok.loc[ok["provider"] != ok["baseline"], "speedup"]
+    x_digits = distinct_digits(ratios, _ratio, 2)
     rows = []
     for idx, r in case.sort_values("provider").iterrows():
         if r["status"] != "ok":
             rows.append([r["provider"], "—", "—", "—", "—", r["status"]])
             continue
-        name = f"**{r['provider']}** {WINNER}" if idx == winner else r["provider"]
-        ms = f"{_num(r['ms'], '.4g')} ({_num(r['ms_p20'], '.4g')}–{_num(r['ms_p80'], '.4g')})"
+        name = Md(f"**{escape(r['provider'])}** {WINNER}") if idx in winners else r["provider"]
+        fmt = f".{ms_digits}g"
+        ms = f"{_num(r['ms'], fmt)} ({_num(r['ms_p20'], fmt)}–{_num(r['ms_p80'], fmt)})"
         if r["provider"] == r["baseline"]:
             speed = "baseline"
         else:
-            speed = "—" if pd.isna(r["speedup"]) else f"{r['speedup']:.2f}×"
+            speed = "—" if pd.isna(r["speedup"]) else f"{_ratio(r['speedup'], x_digits)}×"
             p20, p80 = r.get("speedup_p20", float("nan")), r.get("speedup_p80", float("nan"))
             if not (pd.isna(r["speedup"]) or pd.isna(p20) or pd.isna(p80)):
-                speed += f" ({p20:.2f}–{p80:.2f})"  # p20-p80 of its paired ratios
-        rows.append([name, ms, _num(r["tflops"], ".1f"), _num(r["dense_tflops"], ".1f"), speed,
+                # p20-p80 of its paired ratios
+                speed += f" ({_ratio(p20, x_digits)}–{_ratio(p80, x_digits)})"
+        rows.append([name, ms, _rate(r["tflops"]), _rate(r["dense_tflops"]), speed,
                      r["status"]])
     header = ["provider", "median ms (p20–p80)", "TFLOP/s (computed)", "TFLOP/s (dense-eq.)",
               "speedup (p20–p80)", "status"]
@@ -156,7 +201,7 @@ def summary_section(run: Run, title: str = "## Summary") -> list[str]:
         first = case.iloc[0]
         if (first["pattern"], first["mode"], first["dtype"]) != facet:
             facet = (first["pattern"], first["mode"], first["dtype"])
-            lines += [f"### `{cell(facet[0])}` · {facet[1]} · {facet[2]}", ""]
+            lines += [f"### {code(facet[0])} · {escape(facet[1])} · {escape(facet[2])}", ""]
         lines += [_case_heading(case), "", *case_table(case), ""]
     return lines
 
@@ -199,6 +244,25 @@ def failed_section(runs: Sequence[Run]) -> list[str]:
     return lines + table((["run"] if len(runs) > 1 else []) + cols, rows) + [""]
 
 
+def notes_section(runs: Sequence[Run]) -> list[str]:
+    """Every ok row whose message says something (`throttled (clock X MHz, ...)`): its time is in
+    the tables above, where the message is not; nothing when no ok row has one."""
+    cols = ["case_id", "provider", "mode", "dtype", "seqlen", "message"]
+    rows = []
+    for run in runs:
+        df = run.results
+        if "message" not in df.columns:
+            continue
+        noted = df[(df["status"] == "ok") & (df["message"].astype(str).str.strip() != "")]
+        for _, r in noted.iterrows():
+            rows.append(([run.label] if len(runs) > 1 else []) + [r.get(c) for c in cols])
+    if not rows:
+        return []
+    return ["## Notes on ok rows", "",
+            "Rows that ran ok with a message (a throttled GPU, say): read their times with it.",
+            "", *table((["run"] if len(runs) > 1 else []) + cols, rows), ""]
+
+
 def _config_text(row: pd.Series) -> str:
     text = (f"BLOCK_M={row['block_m']:g}, BLOCK_N={row['block_n']:g}, "
             f"num_warps={row['num_warps']:g}, num_stages={row['num_stages']:g}")
@@ -237,11 +301,12 @@ def figures_section(figures: Sequence[tuple[str, Path]], report_dir: Path,
     lines = ["## Figures", ""]
     for title, path in figures:
         rel = Path(os.path.relpath(path, report_dir)).as_posix()
-        lines += [f"### {title}", "", f"![{title}]({rel})", ""]
+        lines += [f"### {escape(title)}", "", f"![{escape(title)}]({quote(rel)})", ""]
     if not figures:
         lines += ["No figures.", ""]
     if skipped:
-        lines += ["Not drawn:", "", *(f"- {s.title}: {s.reason}" for s in skipped), ""]
+        lines += ["Not drawn:", "",
+                  *(f"- {escape(s.title)}: {escape(s.reason)}" for s in skipped), ""]
     return lines
 
 
@@ -253,17 +318,18 @@ def render_report(runs: Sequence[Run], figures: Sequence[tuple[str, Path]] = (),
     of) the runs."""
     sources = [*runs, *tunes]
     title = sources[0].label if len(sources) == 1 else f"{len(sources)} runs compared"
-    lines = [f"# dkbench report: {title}", ""]
-    interpreted = [s.label for s in sources if s.interpreter]
+    lines = [f"# dkbench report: {escape(title)}", ""]
+    interpreted = [escape(s.label) for s in sources if s.interpreter]
     if interpreted:
         lines += [f"> **Note:** {INTERPRETER_NOTE}: {', '.join(interpreted)}.", ""]
     lines += environment_section(runs, tunes)
     for run in runs:
-        heading = "## Summary" if len(runs) == 1 else f"## Summary: {run.label}"
+        heading = "## Summary" if len(runs) == 1 else f"## Summary: {escape(run.label)}"
         lines += summary_section(run, heading)
     if runs:
         lines += breakeven_section(runs)
         lines += failed_section(runs)
+        lines += notes_section(runs)
     lines += tuning_section(sources)
     lines += figures_section(figures, report_dir, skipped)
     return "\n".join(lines).rstrip() + "\n"

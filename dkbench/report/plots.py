@@ -40,7 +40,7 @@ from ..results.runs import (
     parse_formats,
 )
 from ..results.schema import check_out_dir
-from .figure import NamedFigure, save_figures, slug
+from .figure import NamedFigure, colors, save_figures, slug, unique_names
 from .sol_figures import SkippedFigure, speed_of_light_figures
 from .tune_plots import build_tune_figures
 
@@ -55,7 +55,6 @@ FAILED_MARKERS = {"oom": "x", "error": "X", "unsupported": "1", "wrong": "v"}
 # pixels a side that Agg can draw.
 FACETS_PER_FIGURE = 24
 FAILURE_BAND = 0.16  # axes fraction at the bottom of each subplot kept for failure markers
-_COLORS = matplotlib.colormaps["tab10"].colors
 _RUN_STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))
 _REFERENCE_STYLES = ("--", ":", "-.", (0, (6, 2, 1, 2)))  # per run, for the baseline's dense rate
 
@@ -97,7 +96,7 @@ class _Styles:
 
     def __init__(self, frame: pd.DataFrame):
         providers = sorted(frame["provider"].unique())
-        self.providers = {p: _COLORS[i % len(_COLORS)] for i, p in enumerate(providers)}
+        self.providers = dict(zip(providers, colors(len(providers))))
         self.runs = {r: i for i, r in enumerate(dict.fromkeys(frame["run"]))}
         self.compare = len(self.runs) > 1
 
@@ -182,8 +181,9 @@ def _draw_references(ax: Axes, rows: pd.DataFrame, ok: pd.DataFrame, view: _View
     if view.column == "speedup":
         ax.axhline(1.0, color="black", linewidth=1, linestyle="--", label="baseline (= 1)",
                    gid="reference")
-    if view.x == "density" and len(ok):
-        xs = np.geomspace(ok["density"].min(), ok["density"].max(), 50)
+    positive = ok.loc[ok["density"] > 0, "density"] if view.x == "density" else ok.iloc[0:0]
+    if len(positive):  # 1 / density: a density of 0 (an edited file) has no ideal to draw
+        xs = np.geomspace(positive.min(), positive.max(), 50)
         ax.plot(xs, 1 / xs, color="0.45", linestyle=":", label="ideal (1 / density)",
                 gid="reference")
     if view.column == "tflops":
@@ -275,7 +275,32 @@ def _failure_entries(frame: pd.DataFrame, styles: _Styles) -> dict[str, Line2D]:
     return entries
 
 
-def _figure_legend(fig: Figure, axes: Sequence[Axes], frame: pd.DataFrame, styles: _Styles) -> None:
+def undrawn(frame: pd.DataFrame, view: _View) -> pd.DataFrame:
+    """The ok rows that `view` would draw but cannot: no value in its column or on its x axis
+    (a speedup whose baseline failed, a TFLOP/s or a sequence length left empty)."""
+    ok = frame[frame["status"] == "ok"]
+    if view.skip_baseline:
+        ok = ok[ok["provider"] != ok["baseline"]]
+    return ok[ok[view.column].isna() | ok[view.x].isna()]
+
+
+def _undrawn_entries(frame: pd.DataFrame, view: _View, styles: _Styles) -> dict[str, Line2D]:
+    """A legend entry per provider (and run) with ok rows not drawn, saying how many and why, so
+    that a missing point never reads as a row that was not run."""
+    entries = {}
+    missing = undrawn(frame, view)
+    for (provider, run), g in missing.groupby(["provider", "run"], sort=True):
+        lacks = [c for c in (view.column, view.x) if g[c].isna().any()]
+        n = len(g)
+        label = (f"{styles.label(provider, run)} ({n} ok row{'s' * (n != 1)} without "
+                 f"{' or '.join(lacks)}: not drawn)")
+        entries[label] = Line2D([], [], linestyle="none", marker="o", fillstyle="none",
+                                color=styles.providers[provider], markersize=8)
+    return entries
+
+
+def _figure_legend(fig: Figure, axes: Sequence[Axes], frame: pd.DataFrame, styles: _Styles,
+                   view: _View | None = None) -> None:
     """One legend for the whole figure, below the grid so it never hides data or the title:
     series in provider order, then reference lines, then per provider with failed rows how many
     failed (or why, when none ran ok), then one entry per failure status."""
@@ -287,6 +312,8 @@ def _figure_legend(fig: Figure, axes: Sequence[Axes], frame: pd.DataFrame, style
     handles = {k: seen[k] for k in series if k in seen}
     handles.update({k: h for k, h in seen.items() if k not in handles})
     handles.update(_failure_entries(frame, styles))
+    if view is not None:
+        handles.update(_undrawn_entries(frame, view, styles))
     for status in sorted(set(frame["status"]) - {"ok"}):
         handles[f"failed ({status})"] = Line2D([], [], linestyle="none", color="0.3",
                                                marker=FAILED_MARKERS.get(status, "x"),
@@ -346,7 +373,7 @@ def build_view_figures(frame: pd.DataFrame, view: _View, runs: Sequence[Run]) ->
             ax.set_xlabel(view.xlabel)
             ax.set_ylabel(ylabel)
         fig.suptitle(_suptitle(page_title(view.title, number, len(pages)), runs))
-        _figure_legend(fig, axes, frame, styles)
+        _figure_legend(fig, axes, frame, styles, view)
         figures.append(fig)
     return figures
 
@@ -374,7 +401,15 @@ def build_figures(runs: Sequence[Run], metric: str | None = None,
     density, a roofline per run, the break-even density of a density sweep, and a heatmap per
     tuned case and kernel where a run has a tune.csv and for each of `tunes` (directories written
     by `dkbench tune`). A figure that cannot be drawn (a roofline without a calibration) is
-    appended to `skipped`, when given, with the reason."""
+    appended to `skipped`, when given, with the reason. Text in them is text: a "$" in a name
+    or a message is not matplotlib's math (which would draw "$x_1$" as a subscript, and fail on
+    "$\\frac$"); figure names are made unique (`unique_names`)."""
+    with matplotlib.rc_context({"text.parse_math": False}):
+        return unique_names(_build_figures(runs, metric, tunes, skipped))
+
+
+def _build_figures(runs: Sequence[Run], metric: str | None, tunes: Sequence[TuneDir],
+                   skipped: list[SkippedFigure] | None) -> list[NamedFigure]:
     figures = []
     if runs:
         frame = pd.concat([r.results for r in runs], ignore_index=True)

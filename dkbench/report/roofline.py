@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import textwrap
 
-import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
@@ -20,8 +19,8 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from ..results.runs import Run
 from ..spec.sweep import DTYPES
+from .figure import colors
 
-_COLORS = matplotlib.colormaps["tab10"].colors
 _MODE_MARKERS = {"fwd": "o", "bwd": "s", "fwd_bwd": "^", "prefill_varlen": "D", "decode": "v"}
 
 
@@ -89,10 +88,11 @@ def build_roofline(run: Run) -> Figure:
     ax = fig.subplots()
     _ceilings(ax, cal, sorted({DTYPES.get(d, d) for d in rows["dtype"]}), lo, hi)
     providers = sorted(rows["provider"].unique())
+    palette = colors(len(providers))  # one colour per provider, none repeated
     for i, provider in enumerate(providers):
         for mode, g in rows[rows["provider"] == provider].groupby("mode"):
             ax.plot(g["intensity"], g["tflops"], linestyle="none", gid="row",
-                    marker=_MODE_MARKERS.get(mode, "x"), color=_COLORS[i % len(_COLORS)],
+                    marker=_MODE_MARKERS.get(mode, "x"), color=palette[i],
                     markersize=7, alpha=0.85, label=f"{provider} · {mode}")
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -106,7 +106,7 @@ def build_roofline(run: Run) -> Figure:
     ax.set_xlabel("arithmetic intensity (FLOP per byte moved)")
     ax.set_ylabel("achieved TFLOP/s (computed pairs)")
     ax.grid(True, which="major", alpha=0.3)
-    handles = [Line2D([], [], linestyle="none", marker="o", color=_COLORS[i % len(_COLORS)],
+    handles = [Line2D([], [], linestyle="none", marker="o", color=palette[i],
                       label=p) for i, p in enumerate(providers)]
     handles += [Line2D([], [], linestyle="none", marker=_MODE_MARKERS.get(m, "x"), color="0.3",
                        label=m) for m in sorted(set(rows["mode"]), key=_mode_order)]

@@ -2,16 +2,35 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import torch
+from rich.markup import escape
 from rich.table import Table
 
 from ..results.schema import ResultRow
 from ..startup import STARTUP
 
 
+def _decimals(values: list[float], start: int, least_digits: int) -> int:
+    """Decimals from ``start`` on, enough that each of ``values`` shows ``least_digits``
+    significant digits and that two different values never read the same (the star on one of
+    two times that both print 0.012 says nothing)."""
+    finite = sorted({v for v in values if math.isfinite(v) and v > 0})
+    decimals = max([start, *(least_digits - 1 - math.floor(math.log10(v)) for v in finite)])
+    while decimals < 12 and len({f"{v:.{decimals}f}" for v in finite}) < len(finite):
+        decimals += 1
+    return decimals
+
+
+def _density(density: float) -> str:
+    return f"{density:.3f}" if not density == density or density >= 0.01 else f"{density:.2g}"
+
+
 def summary_table(rows: list[ResultRow], baseline: str | None) -> Table:
+    """Per case a line, per provider a column: its median ms (and speedup), the fastest starred.
+    Names and labels are text, never rich markup (a pattern file named "[bold]x.npy")."""
     providers = list(dict.fromkeys(r.provider for r in rows))
     by_case: dict[str, dict[str, ResultRow]] = defaultdict(dict)
     labels: dict[str, str] = {}
@@ -19,28 +38,33 @@ def summary_table(rows: list[ResultRow], baseline: str | None) -> Table:
         by_case[r.case_id][r.provider] = r
         q = f"q{r.q_len}/" if r.q_len != r.seqlen else ""
         labels[r.case_id] = (f"{r.mode} {r.dtype} b{r.batch} {q}s{r.seqlen} h{r.heads}/{r.kv_heads} "
-                             f"d{r.head_dim} {r.pattern} (density {r.density:.3f})")
+                             f"d{r.head_dim} {r.pattern} (density {_density(r.density)})")
     title = "ms (speedup vs " + (baseline or "no baseline") + "); * = fastest"
-    table = Table(title=title, show_lines=False)
+    table = Table(title=escape(title), show_lines=False)
     table.add_column("case", overflow="fold", max_width=60)
     for p in providers:
-        table.add_column(p, justify="right")
+        table.add_column(escape(p), justify="right")
     for case_id, cells in by_case.items():
-        ok = {p: r for p, r in cells.items() if r.status == "ok"}
-        winner = min(ok, key=lambda p: ok[p].ms) if ok else None
-        row = [labels[case_id]]
+        ok = {p: r for p, r in cells.items() if r.status == "ok" and math.isfinite(r.ms)}
+        fastest = min((r.ms for r in ok.values()), default=None)
+        ms_places = _decimals([r.ms for r in ok.values()], 3, 2)
+        x_places = _decimals([r.speedup for p, r in ok.items()
+                              if p not in (baseline, r.baseline)], 2, 2)
+        row = [escape(labels[case_id])]
         for p in providers:
             r = cells.get(p)
             if r is None:
                 row.append("")
             elif r.status != "ok":
-                row.append(f"[dim]{r.status}[/dim]")
+                row.append(f"[dim]{escape(r.status)}[/dim]")
             else:
-                text = f"{r.ms:.3f}"
+                text = f"{r.ms:.{ms_places}f}"
                 # No ratio on a baseline's own rows (its graph rows are their own baseline).
                 if r.speedup == r.speedup and p not in (baseline, r.baseline):
-                    text += f" ({r.speedup:.2f}x)"
-                row.append(f"[bold green]*{text}[/bold green]" if p == winner else text)
+                    text += f" ({r.speedup:.{x_places}f}x)"
+                # Every provider at the fastest time is starred: a tie has no single winner.
+                row.append(f"[bold green]*{text}[/bold green]" if p in ok and r.ms == fastest
+                           else text)
         table.add_row(*row)
     return table
 

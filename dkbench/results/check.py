@@ -55,10 +55,17 @@ def _show(value: object) -> str:
     return "is empty" if str(value).strip() in _MISSING else f"holds {str(value)!r}"
 
 
+def _name(value: object) -> str:
+    """A name as written, or quoted where it holds a newline or another unprintable character,
+    so that the error stays one line."""
+    text = str(value)
+    return text if text.isprintable() else repr(text)
+
+
 def _where(frame: pd.DataFrame, index) -> str:
     row = frame.loc[index]
     number = frame.index.get_loc(index) + 1
-    what = ", ".join(f"{name} {row[name]}" for name in ("case_id", "provider")
+    what = ", ".join(f"{name} {_name(row[name])}" for name in ("case_id", "provider")
                      if name in frame.columns and str(row[name]).strip())
     return f"row {number}" + (f" ({what})" if what else "")
 
