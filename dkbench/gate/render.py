@@ -41,8 +41,10 @@ def to_markdown(result: GateResult) -> str:
            *markdown.table(TABLE_HEADER, table_rows(result))]
     if result.one_sided:
         out += ["", "Rows on one side only:", ""]
-        out += [f"- {o.case} / {o.provider}: only in {o.side} ({o.status})"
+        # Names and notes carry text from the results files: escaped, as in the table's cells.
+        esc = markdown.escape
+        out += [f"- {esc(o.case)} / {esc(o.provider)}: only in {o.side} ({esc(o.status)})"
                 for o in result.one_sided]
-    out += [""] + [f"> {note}" for note in result.notes]
+    out += [""] + [f"> {markdown.escape(note)}" for note in result.notes]
     out += ["", f"**{result.summary()}**", ""]
     return "\n".join(out)

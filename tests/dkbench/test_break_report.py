@@ -277,3 +277,15 @@ def test_a_bad_cell_in_a_row_whose_provider_holds_a_newline_is_one_line(tmp_path
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert "row 1 (case_id ls-fwd-1024, provider 'fl\\nex'): column ms holds 'fast'" in (
         result.output.replace("\n", "")), result.output
+
+
+def test_the_gates_markdown_escapes_names_and_notes_outside_its_table() -> None:
+    from dkbench.gate.compare import GateResult, OneSided
+    from dkbench.gate.render import to_markdown
+
+    result = GateResult("ms", None, 0.05, [], [OneSided("fwd <!-- x", "fl|ex*", "current", "ok")],
+                        notes=["pattern `a|b` <b>bold</b>"])
+    text = to_markdown(result)
+    assert "- fwd \\<!-- x / fl\\|ex\\*: only in current (ok)" in text, text
+    assert "> pattern \\`a\\|b\\` \\<b>bold\\</b>" in text, text
+    assert "<!--" not in text.replace("\\<!--", "")
