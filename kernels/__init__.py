@@ -33,7 +33,6 @@ from .fp8 import (
                         fp8_config_problems,
                         fp8_default_config,
                         resolve_fp8_config,
-                        sparse_attention_fp8,
 )
 from .inference import (
                         decode_workspace,
@@ -59,7 +58,7 @@ from .layout import (
                         token_mask,
 )
 from .partitions import combine_attn_partitions, sparse_attention_partition
-from .quant import Fp8Inputs, dequantize_fp8, quantize_fp8
+from .quant import Fp8Inputs, dequantize_fp8, quantize_fp8, sparse_attention_fp8
 from .reference import layout_head_index, reference_attention
 from .registry import AXES, IMPLS, KERNELS, TUNABLE, KernelRecord
 from .select import block_density, cache_key, clear_memo, kernel_hash, resolve_config
