@@ -35,6 +35,7 @@ from .sweep import (
     CASE_KEYS,
     DTYPES,
     GRAPH_SUFFIX,
+    INFERENCE_MODES,
     MAX_CASES,
     MAX_LAYOUT_BLOCKS,
     MODES,
@@ -144,6 +145,10 @@ def check_sweep(sweep: Sweep, path: Path) -> None:
         if not 16 <= d <= 256:
             fail("head_dim", f"{d} is not supported; allowed: 16 to 256")
     modes = as_list(sweep.mode)
+    if sweep.length_spread and not set(modes) & set(INFERENCE_MODES):
+        fail("length_spread", f"{sweep.length_spread} draws the lengths of prefill_varlen and "
+             f"decode sequences, and the spec's modes are {', '.join(modes)}; allowed: "
+             "length_spread 0 (or left out) with these modes, or a mode prefill_varlen or decode")
     if any(p is not None for p in as_list(sweep.page_size)) and set(modes) != {"decode"}:
         fail("page_size", f"a paged KV cache applies to mode decode only, and the spec's modes are "
              f"{', '.join(modes)}; allowed: page_size null (or left out) with other modes, or "
@@ -260,18 +265,23 @@ def _check_case(case: Case, fail, layouts: dict[tuple, Any]) -> None:
     if case.mode == "decode" and not case.causal:
         fail("causal", "mode decode needs causal: true (a new token sees only the past)")
     if case.heads % case.kv_heads:
-        fail("kv_heads", f"heads={case.heads} is not divisible by kv_heads={case.kv_heads}")
+        divisors = ", ".join(str(n) for n in range(1, case.heads + 1) if case.heads % n == 0)
+        fail("kv_heads", f"heads={case.heads} is not divisible by kv_heads={case.kv_heads}; "
+             f"allowed: a kv_heads that divides heads ({divisors})")
     if case.batch < 1:
-        fail("batch_tokens", f"fewer tokens than seqlen={case.seqlen} gives a batch of 0")
+        fail("batch_tokens", f"fewer tokens than seqlen={case.seqlen} gives a batch of 0; "
+             f"allowed: batch_tokens of at least seqlen ({case.seqlen} here) for every seqlen")
     if case.batch > AXIS_RANGES["batch"][1]:
         fail("batch_tokens", f"seqlen={case.seqlen} gives a batch of {case.batch}; allowed: at "
              f"most {AXIS_RANGES['batch'][1]}")
     if case.lengths and max(case.lengths) > case.seqlen:
         fail("lengths", f"the longest sequence ({max(case.lengths)}) exceeds seqlen={case.seqlen}, "
-             "the padded length")
+             f"the padded length; allowed: lengths from 1 to seqlen ({case.seqlen} here), for "
+             "every seqlen")
     if case.q_len > case.seqlen:
         fail("q_len", f"q_len={case.q_len} exceeds seqlen={case.seqlen}; queries are the last "
-             "positions of the key sequence")
+             f"positions of the key sequence (each q_len is paired with every seqlen); allowed: "
+             f"q_len from 1 to seqlen ({case.seqlen} here)")
     label, file = case.pattern.label(), isinstance(case.pattern, FilePattern)
     try:
         if file:  # read once per check, not per length

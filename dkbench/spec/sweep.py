@@ -352,12 +352,22 @@ def as_list(value: Any) -> list:
 
 def expand(sweep: Sweep) -> list[Case]:
     """The cartesian product of every list axis, minus excluded cases, in a stable order."""
+    return [case for case in product_cases(sweep)
+            if not any(_matches(case, rule) for rule in sweep.exclude)]
+
+
+def product_cases(sweep: Sweep) -> list[Case]:
+    """Every case the axes make, before exclusions, each once and in a stable order.
+
+    Two points of the product can be one case: ``batch_tokens: [64, 96]`` at ``seqlen: 64`` is
+    batch 1 both times (``tokens // seqlen``). It is kept once, where it first comes: twice, it
+    would be measured twice under one case_id (two rows of one key, a shard each)."""
     kv_heads = as_list(sweep.kv_heads) if sweep.kv_heads is not None else [None]
     batches = (as_list(sweep.batch) if sweep.batch is not None
                else [len(sweep.lengths)] if sweep.lengths else [None])
     tokens = as_list(sweep.batch_tokens) if sweep.batch_tokens is not None else [None]
     q_lens = as_list(sweep.q_len) if sweep.q_len is not None else [None]
-    cases = []
+    cases: dict[Case, None] = {}
     for (mode, dtype, seqlen, heads, kvh, dim, causal, pattern, batch, tok, q_len,
          page) in itertools.product(
             as_list(sweep.mode), as_list(sweep.dtype), as_list(sweep.seqlen),
@@ -375,9 +385,8 @@ def expand(sweep: Sweep) -> list[Case]:
                     length_spread=sweep.length_spread if mode in INFERENCE_MODES else 0.0,
                     lengths=tuple(sweep.lengths) if sweep.lengths else None,
                     page_size=page or 0)
-        if not any(_matches(case, rule) for rule in sweep.exclude):
-            cases.append(case)
-    return cases
+        cases.setdefault(case, None)
+    return list(cases)
 
 
 def _matches(case: Case, rule: dict[str, Any], provider: str | None = None) -> bool:
@@ -405,29 +414,63 @@ def excluded_for_provider(sweep: Sweep, case: Case, provider: str) -> bool:
     return any("provider" in rule and _matches(case, rule, provider) for rule in sweep.exclude)
 
 
-def only_mismatch(cases: list[Case], only: list[str]) -> str:
-    """Why ``--only`` keeps none of ``cases``: the first ``KEY=VALUE`` that leaves nothing, with
-    the values the cases have for KEY (``"; seqlen=96 matches none: the cases have seqlen 32,
-    64"``), or nothing when each matches on its own (only their combination is empty)."""
+# `--only` keys whose values are integers: ``8k`` is 8192 there, ``064`` is 64.
+_ONLY_INT_KEYS = ("batch", "seqlen", "q_len", "heads", "kv_heads", "head_dim", "block_size",
+                  "page_size")
+
+
+def _only_values(key: str, value: str) -> list[str]:
+    """The values one ``--only KEY=VALUE`` names, spelt as `Case.field` prints them (lowercase)."""
+    # Pattern labels hold commas inside parentheses: split only on the others.
+    values = [v.strip().lower() for v in re.split(r",(?![^()]*\))", value)]
+    if key == "dtype":
+        values = [DTYPES.get(v, v) for v in values]
+    if key in _ONLY_INT_KEYS:
+        spelt = []
+        for v in values:
+            match = re.fullmatch(r"(\d+)\s*(k?)", v)
+            if match:
+                v = str(int(match[1]) * (1024 if match[2] else 1))
+            elif key == "page_size" and v in ("null", "none"):
+                v = "0"  # a contiguous cache, as the spec writes it
+            spelt.append(v)
+        values = spelt
+    return values
+
+
+def parse_only(only: list[str]) -> dict[str, tuple[list[str], list[str]]]:
+    """``--only`` items grouped by key: key -> (the items as given, the values they name).
+
+    Items of one key are one list of values (``--only seqlen=32 --only seqlen=64`` is
+    ``seqlen=32,64``): a case has one value per key, so requiring both would keep nothing."""
+    groups: dict[str, tuple[list[str], list[str]]] = {}
     for item in only:
-        key = item.partition("=")[0]
-        if not filter_cases(cases, [item]):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in CASE_KEYS or key == "provider":
+            raise SpecError(f"--only {item!r}: expected KEY=VALUE with KEY one of "
+                            f"{', '.join(k for k in CASE_KEYS if k != 'provider')}")
+        items, values = groups.setdefault(key, ([], []))
+        items.append(item)
+        values.extend(_only_values(key, value))
+    return groups
+
+
+def only_mismatch(cases: list[Case], only: list[str]) -> str:
+    """Why ``--only`` keeps none of ``cases``: the first key whose values leave nothing, with
+    the values the cases have for it (``"; seqlen=96 matches none: the cases have seqlen 32,
+    64"``), or nothing when each key matches on its own (only their combination is empty)."""
+    for key, (items, values) in parse_only(only).items():
+        if not [c for c in cases if str(c.field(key)).lower() in values]:
             have = sorted({str(c.field(key)).lower() for c in cases},
                           key=lambda v: (len(v), v) if v.isdigit() else (0, v))
-            return f"; {item} matches none: the cases have {key} {', '.join(have)}"
+            return f"; {' '.join(items)} matches none: the cases have {key} {', '.join(have)}"
     return ""
 
 
 def filter_cases(cases: list[Case], only: list[str]) -> list[Case]:
-    """Keep cases matching every ``KEY=VALUE`` (comma-separated values allowed) of ``--only``."""
-    for item in only:
-        key, sep, value = item.partition("=")
-        if not sep or key not in CASE_KEYS or key == "provider":
-            raise SpecError(f"--only {item!r}: expected KEY=VALUE with KEY one of "
-                            f"{', '.join(k for k in CASE_KEYS if k != 'provider')}")
-        # Pattern labels hold commas inside parentheses: split only on the others.
-        values = [v.strip().lower() for v in re.split(r",(?![^()]*\))", value)]
-        if key == "dtype":
-            values = [DTYPES.get(v, v) for v in values]
+    """Keep cases matching every key of ``--only`` (``KEY=VALUE``, comma-separated values allowed;
+    a key given twice takes the values of both)."""
+    for key, (_, values) in parse_only(only).items():
         cases = [c for c in cases if str(c.field(key)).lower() in values]
     return cases
