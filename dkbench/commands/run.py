@@ -21,6 +21,7 @@ from ..spec.sweep import (
     expand,
     filter_cases,
     graph_row_name,
+    idle_exclusions,
     only_mismatch,
     row_provider,
 )
@@ -199,7 +200,7 @@ def _announce(plan, sweep, cases, part, spec_cases, chosen, slots, dev, compile_
     both = ", each timed eagerly and by CUDA-graph replay" if sweep.timing.graph_rows else ""
     console.print(f"Run directory: [bold]{escape(str(plan.run_dir))}[/bold] ({count} x "
                   f"{len(chosen)} providers{both} on {where})")
-    for note in plan.warnings:
+    for note in [*plan.warnings, *idle_exclusions(sweep)]:
         _warn(note)
     if dev.type == "cpu":
         from ..measure.envinfo import interpreting
@@ -280,3 +281,5 @@ def validate(spec: Annotated[Path, typer.Argument(help="Sweep spec (YAML) to che
     timed = " (each timed eagerly and by CUDA-graph replay)" if sweep.timing.graph_rows else ""
     console.print(f"{escape(str(spec))}: ok, {len(cases)} cases x {len(sweep.providers)} providers"
                   f"{timed} = {rows} rows (after exclusions)", highlight=False)
+    for note in idle_exclusions(sweep):
+        _warn(note)

@@ -409,6 +409,20 @@ def _matches(case: Case, rule: dict[str, Any], provider: str | None = None) -> b
     return True
 
 
+def idle_exclusions(sweep: Sweep) -> list[str]:
+    """A note for each `exclude` rule that matches no case of the spec's axes (its provider aside):
+    legal values in a combination that never occurs, such as ``{seqlen: 32, heads: 4}`` where
+    heads are 2. It leaves nothing out, which may not be what was meant."""
+    cases = product_cases(sweep)
+    notes = []
+    for index, rule in enumerate(sweep.exclude):
+        shape = {key: value for key, value in rule.items() if key != "provider"}
+        if not any(_matches(case, shape) for case in cases):
+            notes.append(f"exclude[{index}] {rule} matches no case of the spec: it leaves "
+                         "nothing out")
+    return notes
+
+
 def excluded_for_provider(sweep: Sweep, case: Case, provider: str) -> bool:
     """True when an exclusion rule that names a provider removes this case x provider."""
     return any("provider" in rule and _matches(case, rule, provider) for rule in sweep.exclude)

@@ -95,3 +95,14 @@ def test_length_spread_with_no_inference_mode_is_refused(tmp_path: Path) -> None
 ])
 def test_impossible_shapes_name_the_allowed_values(tmp_path: Path, overrides, phrases) -> None:
     _refused(tmp_path, *phrases, **overrides)
+
+
+def test_an_exclusion_matching_no_case_is_warned_about(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, seqlen=[32, 64], heads=2,
+                      exclude=[{"seqlen": 32, "heads": 4}, {"seqlen": 64},
+                               {"provider": "sdpa_math", "seqlen": 4096}])
+    result = invoke("validate", spec)
+    assert result.exit_code == 0, result.output
+    text = flat(result.stderr)
+    assert "exclude[0] {'seqlen': 32, 'heads': 4} matches no case of the spec" in text, text
+    assert "exclude[2]" in text and "exclude[1]" not in text, text
