@@ -59,6 +59,10 @@ class LocalStridePattern(_Pattern):
     def label(self) -> str:
         heads = "homo" if self.homo_head else ("group" if self.per_kv_group else "head")
         extra = f",dense{self.num_dense_heads}" if self.num_dense_heads else ""
+        # Named only when given, so the labels (and case ids) of specs without it stay as they
+        # were; two specs that differ in it are two problems, whose case ids must differ.
+        if self.head_sliding_step is not None:
+            extra += f",step{self.head_sliding_step}"
         return (f"local_stride(bs{self.block_size},l{self.local_blocks},s{self.vert_stride},"
                 f"{heads},off{self.head_sliding_offset}{extra})")
 
@@ -91,7 +95,10 @@ class RandomPattern(_Pattern):
     per_head: bool = True
 
     def label(self) -> str:
-        return f"random(bs{self.block_size},d{self.density},seed{self.seed})"
+        # One pattern shared by every head is another problem than one per head; named only
+        # then, so the labels of per-head patterns (the default) stay as they were.
+        shared = "" if self.per_head else ",shared"
+        return f"random(bs{self.block_size},d{self.density},seed{self.seed}{shared})"
 
     def layout(self, heads: int, kv_heads: int, seqlen: int, causal: bool) -> BlockLayout:
         return random_layout(heads if self.per_head else 1, -(-seqlen // self.block_size),

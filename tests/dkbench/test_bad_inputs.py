@@ -190,7 +190,9 @@ SPECS = [
         ("dtype[1]: 'float32' is given twice (also at [0])",)),
     Bad("pattern twice", spec(patterns=[LOCAL, LOCAL]),
         (f"patterns[1]: {LOCAL_LABEL} is given twice (also at [0])",)),
-    Bad("patterns alike by label", spec(patterns=[LOCAL, {**LOCAL, "head_sliding_step": 3}]),
+    Bad("patterns alike by label", spec(patterns=[
+        {"type": "file", "block_size": 16, "path": "a/p.npy"},
+        {"type": "file", "block_size": 16, "path": "b/p.npy"}]),
         ("patterns[1]:", "is given twice", "their case ids would collide")),
     Bad("provider twice", spec(providers=["sdpa_math", "sdpa_math"]),
         ("providers[1]: 'sdpa_math' is given twice",)),

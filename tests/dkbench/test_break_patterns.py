@@ -149,3 +149,17 @@ def test_random_density_not_a_number(tmp_path: Path, density: float) -> None:
                                             "density": density}]),
             "patterns[0].random.density:", "is not a finite number",
             "allowed: numbers > 0.0 and <= 1.0")
+
+
+def test_patterns_that_differ_only_in_head_step_or_sharing_have_their_own_labels() -> None:
+    from dkbench.spec.patterns import LocalStridePattern, RandomPattern
+
+    base = {"type": "local_stride", "block_size": 16, "local_blocks": 2, "vert_stride": 4}
+    labels = {LocalStridePattern(**base).label(),
+              LocalStridePattern(**base, head_sliding_step=1).label(),
+              LocalStridePattern(**base, head_sliding_step=2).label()}
+    assert len(labels) == 3, labels
+    assert LocalStridePattern(**base).label() == "local_stride(bs16,l2,s4,head,off0)"  # as before
+    rand = {"type": "random", "block_size": 16, "density": 0.5}
+    assert RandomPattern(**rand).label() == "random(bs16,d0.5,seed0)"  # as before
+    assert RandomPattern(**rand, per_head=False).label() == "random(bs16,d0.5,seed0,shared)"
