@@ -7,7 +7,6 @@ Every check happens here, once, in Python, before a kernel is launched: a bad ca
 from __future__ import annotations
 
 import math
-import sys
 
 import torch
 from torch import nn
@@ -27,6 +26,7 @@ from .configs import LaunchConfig, check_config
 from .dispatch import choose_impl
 from .fwd import sparse_attention_fwd
 from .layout import BlockLayout, local_stride_layout
+from .outside_compile import outside_compile
 from .registry import KERNELS
 
 # The argument of :func:`sparse_attention` that pins each kernel's launch config (kernel name ->
@@ -131,6 +131,7 @@ def _looked_up(kernel: str, q: torch.Tensor, layout: BlockLayout, seq_k: int) ->
     return config
 
 
+@outside_compile
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
                      sm_scale: float | None = None, seq_dim: int = 1, return_lse: bool = False,
                      config: LaunchConfig | None = None, bwd_config: LaunchConfig | None = None,
@@ -149,15 +150,6 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
     backward raises; the LSE is not differentiable, and a tensor ``sm_scale`` that requires grad
     is refused, as are torch.func transforms).
     """
-    return _outside_compile(_sparse_attention)(q, k, v, layout, sm_scale, seq_dim, return_lse,
-                                               config, bwd_config, dq_config)
-
-
-def _sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
-                      sm_scale: float | None, seq_dim: int, return_lse: bool,
-                      config: LaunchConfig | None, bwd_config: LaunchConfig | None,
-                      dq_config: LaunchConfig | None):
-    """:func:`sparse_attention`'s work (the public function picks how it runs under compile)."""
     _check_training(q, k, v, sm_scale)
     if isinstance(sm_scale, torch.Tensor):
         sm_scale = sm_scale.detach()  # no gradient to give it (and none asked: checked above)
@@ -183,22 +175,6 @@ def _sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout:
     if seq_dim == 1:
         out = out.transpose(1, 2)
     return (out, lse) if return_lse else out
-
-
-_DISABLED: dict = {}  # fn -> torch.compiler.disable(fn), made on first use under torch.compile
-
-
-def _outside_compile(fn):
-    """``fn``, kept out of torch.compile's graphs once torch.compile may be in use (torch._dynamo
-    imported): Dynamo cannot trace the kernels' launches (under the CPU interpreter it fails
-    inside Triton), so a compiled model takes a graph break here and runs the attention eagerly,
-    backward included. Before that, ``fn`` as it is: marking it would import torch._dynamo,
-    seconds that a plain use of the kernels should not pay."""
-    if "torch._dynamo" not in sys.modules:
-        return fn
-    if fn not in _DISABLED:
-        _DISABLED[fn] = torch.compiler.disable(fn)
-    return _DISABLED[fn]
 
 
 class SparseAttention(nn.Module):

@@ -45,6 +45,7 @@ from .decode import (
     sparse_attention_decode_fwd,
 )
 from .layout import BlockLayout, check_device, is_int
+from .outside_compile import outside_compile
 from .varlen import (
     VarlenSequences,
     new_varlen_output,
@@ -161,6 +162,7 @@ def varlen_sequences(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     return sequence_table([0] * len(q_lens), cq[:-1], q_lens, ck[:-1], k_lens, device)
 
 
+@outside_compile
 def sparse_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                             layout: BlockLayout, sm_scale: float | None = None,
@@ -237,6 +239,7 @@ def _check_table_lengths(sequences: VarlenSequences, cu_seqlens_q: torch.Tensor,
                              "table from these cu_seqlens")
 
 
+@outside_compile
 def sparse_attention_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             seq_lens: torch.Tensor, layout: BlockLayout,
                             sm_scale: float | None = None,
@@ -269,6 +272,7 @@ def sparse_attention_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return sparse_attention_fwd_varlen(q, k, v, seqs, layout, scale, cfg, out)
 
 
+@outside_compile
 def sparse_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             cache_seqlens: torch.Tensor, layout: BlockLayout,
                             sm_scale: float | None = None, num_splits: int | None = None,

@@ -29,6 +29,7 @@ from .checks import (
 from .configs import LaunchConfig, check_config
 from .fwd import sparse_attention_fwd
 from .layout import BlockLayout
+from .outside_compile import outside_compile
 
 _SHAPES = "(batch, seq, heads, dim) with seq_dim=1 or (batch, heads, seq, dim) with seq_dim=2"
 
@@ -70,6 +71,7 @@ def _check_partition(q: torch.Tensor, k_seg: torch.Tensor, v_seg: torch.Tensor,
                          f"{k_end} (q_start + seq_q, k_start + seg_len)")
 
 
+@outside_compile
 def sparse_attention_partition(q: torch.Tensor, k_seg: torch.Tensor, v_seg: torch.Tensor,
                                layout: BlockLayout, q_start: int, k_start: int,
                                sm_scale: float | None = None, seq_dim: int = 1,

@@ -20,6 +20,7 @@ import torch
 from . import fp8 as _fp8
 from .checks import check_scale, check_seq_dim
 from .common import qk_scale
+from .outside_compile import outside_compile
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0  # e4m3's largest finite value (there is no inf; 0x7f is NaN)
@@ -215,6 +216,7 @@ def _check_score_range(q: torch.Tensor, q_descale, k_descale, sm_scale) -> None:
                          "and k down before quantising")
 
 
+@outside_compile
 @functools.wraps(_fp8.sparse_attention_fp8)
 def sparse_attention_fp8(q, k, v_t, layout, q_descale=None, k_descale=None, v_descale=None,
                          sm_scale=None, seq_dim=1, return_lse=False, config=None,

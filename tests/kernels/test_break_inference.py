@@ -142,3 +142,26 @@ def test_the_public_plans_refuse_bad_arguments(name, args, error, words) -> None
         plan_of(layout, *args)
     right, built = _RIGHT[name]
     assert built(plan_of(layout, *right))  # and a right call still builds the plan
+
+
+def test_compiled_callers_run_the_inference_forms_outside_their_graphs() -> None:
+    # Dynamo cannot trace the kernels' launches: each entry point is a graph break, its result
+    # eager's.
+    from kernels import sparse_attention_padded, sparse_attention_varlen
+
+    q, k, v, layout = _decode_problem()
+    lens = torch.tensor([50, 20], dtype=torch.int32)
+    decode = torch.compile(lambda q: sparse_attention_decode(q, k, v, lens, layout).sin(),
+                           backend="eager")
+    assert torch.equal(decode(q), sparse_attention_decode(q, k, v, lens, layout).sin())
+    torch.manual_seed(1)
+    qp, kp, vp = (torch.randn(2, 64, 4 if i == 0 else 2, 16) for i in range(3))
+    seq_lens = torch.tensor([64, 40])
+    padded = torch.compile(lambda q: sparse_attention_padded(q, kp, vp, seq_lens, layout) * 2,
+                           backend="eager")
+    assert torch.equal(padded(qp), sparse_attention_padded(qp, kp, vp, seq_lens, layout) * 2)
+    cu = torch.tensor([0, 64, 104], dtype=torch.int32)
+    qv, kv_, vv = qp.reshape(-1, 4, 16)[:104], kp.reshape(-1, 2, 16)[:104], vp.reshape(-1, 2, 16)[:104]
+    varlen = torch.compile(lambda q: sparse_attention_varlen(q, kv_, vv, cu, cu, layout) + 1,
+                           backend="eager")
+    assert torch.equal(varlen(qv), sparse_attention_varlen(qv, kv_, vv, cu, cu, layout) + 1)
