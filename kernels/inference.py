@@ -60,6 +60,14 @@ INT32_MAX = torch.iinfo(torch.int32).max
 MAX_GROUP = 31
 
 
+def check_group(heads: int, kv_heads: int) -> None:
+    """ValueError unless a decoding step can serve ``heads`` query heads over ``kv_heads``:
+    checked by the step, its workspace and the group plan alike."""
+    if heads // kv_heads > MAX_GROUP:
+        raise ValueError(f"decoding supports at most {MAX_GROUP} query heads per kv head, got "
+                         f"{heads} heads for kv_heads={kv_heads}")
+
+
 def _check_common(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
                   ranks: int, sm_scale: float | None, names: tuple[str, str, str] = ("q", "k", "v"),
                   shape_hint: str = "") -> None:
@@ -417,8 +425,7 @@ def _check_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     max_len = _max_cache_len(max_cache_len, capacity, paged)
     layout.check_seqlen(max_len, 1)
     check_count("num_splits", num_splits, 1, MAX_SPLITS)
-    if q.shape[1] // k_cache.shape[2] > MAX_GROUP:
-        raise ValueError(f"decoding supports at most {MAX_GROUP} query heads per kv head")
+    check_group(q.shape[1], k_cache.shape[2])
     return max_len
 
 
@@ -455,9 +462,7 @@ def decode_workspace(q: torch.Tensor, kv_heads: int, layout: BlockLayout,
     if not layout.causal:
         raise ValueError("decoding needs a causal layout (a new token sees only the past)")
     # As every step would refuse it; with num_splits given, nothing else here would.
-    if q.shape[1] // kv_heads > MAX_GROUP:
-        raise ValueError(f"decoding supports at most {MAX_GROUP} query heads per kv head, got "
-                         f"{q.shape[1]} heads for kv_heads={kv_heads}")
+    check_group(q.shape[1], kv_heads)
     check_count("num_splits", num_splits, 1, MAX_SPLITS)
     if num_splits is None:
         num_splits = decode_splits(layout.to(q.device), q.shape[0], q.shape[1], kv_heads,
@@ -559,9 +564,7 @@ def group_plan(layout: BlockLayout, num_heads: int, kv_heads: int) -> decode.Gro
     if layout.heads not in (1, kv_heads, num_heads):
         raise ValueError(f"layout has {layout.heads} pattern heads; expected 1, "
                          f"kv_heads={kv_heads} or num_heads={num_heads}")
-    if num_heads // kv_heads > MAX_GROUP:
-        raise ValueError(f"decoding supports at most {MAX_GROUP} query heads per kv head, got "
-                         f"{num_heads // kv_heads}")
+    check_group(num_heads, kv_heads)
     return decode.group_plan(layout, num_heads, kv_heads)
 
 

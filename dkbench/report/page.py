@@ -18,6 +18,7 @@ from ..errors import BadInputError
 from ..results.runs import INTERPRETER_NOTE, Run, TuneDir, load_sources
 from ..results.schema import KEY_COLUMNS, check_out_dir
 from .density import OURS, density_facets
+from .digits import distinct_digits
 from .markdown import Md, code, escape, table
 from .plots import SkippedFigure, build_figures, output_root, save_figures
 from .tune_plots import KERNEL_ORDER, winner
@@ -58,17 +59,6 @@ def _ratio(value: float, decimals: int) -> str:
     if 0 < abs(value) < 1:
         decimals = max(decimals, 1 - math.floor(math.log10(abs(value))))
     return f"{value:.{decimals}f}"
-
-
-def distinct_digits(values, render, start: int, stop: int = 17) -> int:
-    """The fewest digits from ``start`` on at which ``render(value, digits)`` tells every two
-    different ``values`` apart: two providers 2.77441 and 2.77449 ms apart must not both read
-    2.774, with the star on one of them."""
-    distinct = sorted({float(v) for v in values if pd.notna(v)})
-    for digits in range(start, stop):
-        if len({render(v, digits) for v in distinct}) == len(distinct):
-            return digits
-    return stop
 
 
 def _meta_value(meta: dict, keys: Sequence[str]) -> object:

@@ -11,17 +11,16 @@ from rich.table import Table
 
 from ..results.schema import ResultRow
 from ..startup import STARTUP
+from .digits import distinct_digits
 
 
 def _decimals(values: list[float], start: int, least_digits: int) -> int:
     """Decimals from ``start`` on, enough that each of ``values`` shows ``least_digits``
     significant digits and that two different values never read the same (the star on one of
     two times that both print 0.012 says nothing)."""
-    finite = sorted({v for v in values if math.isfinite(v) and v > 0})
-    decimals = max([start, *(least_digits - 1 - math.floor(math.log10(v)) for v in finite)])
-    while decimals < 12 and len({f"{v:.{decimals}f}" for v in finite}) < len(finite):
-        decimals += 1
-    return decimals
+    finite = [v for v in values if math.isfinite(v) and v > 0]
+    first = max([start, *(least_digits - 1 - math.floor(math.log10(v)) for v in finite)])
+    return distinct_digits(finite, lambda v, d: f"{v:.{d}f}", first, stop=max(first, 12))
 
 
 def _density(density: float) -> str:

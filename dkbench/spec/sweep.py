@@ -474,8 +474,8 @@ def only_mismatch(cases: list[Case], only: list[str]) -> str:
     """Why ``--only`` keeps none of ``cases``: the first key whose values leave nothing, with
     the values the cases have for it (``"; seqlen=96 matches none: the cases have seqlen 32,
     64"``), or nothing when each key matches on its own (only their combination is empty)."""
-    for key, (items, values) in parse_only(only).items():
-        if not [c for c in cases if str(c.field(key)).lower() in values]:
+    for key, (items, _) in parse_only(only).items():
+        if not filter_cases(cases, items):
             have = sorted({str(c.field(key)).lower() for c in cases},
                           key=lambda v: (len(v), v) if v.isdigit() else (0, v))
             return f"; {' '.join(items)} matches none: the cases have {key} {', '.join(have)}"
