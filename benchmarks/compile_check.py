@@ -243,6 +243,17 @@ def forward_fp8() -> None:
     fp8.sparse_attention_fp8_fwd(q, k, v_t, _layout(), descales, 0.088, config)
 
 
+def forward_fp8_gluon() -> None:
+    from kernels import fp8
+
+    e4m3 = fp8.FP8_DTYPE
+    q, k = _bhsd(HEADS, e4m3), _bhsd(KV_HEADS, e4m3)
+    v_t = torch.randn(BATCH, KV_HEADS, DIM, SEQ).to(e4m3)
+    descales = (torch.ones(BATCH, HEADS), torch.ones(BATCH, KV_HEADS),
+                torch.ones(BATCH, KV_HEADS))
+    fp8.sparse_attention_fp8_fwd(q, k, v_t, _layout(), descales, 0.088, fp8.GLUON_FP8_DEFAULT)
+
+
 def decode() -> None:
     from kernels import decode as dec
 
@@ -273,6 +284,7 @@ FAMILIES: dict[str, Callable[[], None]] = {
     "bwd (dq, dk/dv)": backward,
     "bwd (fused)": backward_fused,
     "fwd (fp8)": forward_fp8,
+    "fwd (fp8, gluon)": forward_fp8_gluon,
     "decode": decode,
     "varlen": varlen,
 }

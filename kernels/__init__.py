@@ -30,6 +30,7 @@ from .decode import PAGE_SIZES, DecodeWorkspace, auto_splits
 from .dispatch import Choice, choose_impl
 from .fp8 import (
                         FP8_DTYPE,
+                        GLUON_FP8_DEFAULT,
                         fp8_config_problems,
                         fp8_default_config,
                         resolve_fp8_config,
@@ -72,6 +73,7 @@ __all__ = [
     "CONFIG_FIELDS",
     "ENV_VAR",
     "FP8_DTYPE",
+    "GLUON_FP8_DEFAULT",
     "IMPLS",
     "KERNELS",
     "PAGE_SIZES",

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import buffers, select
+from . import buffers, fp8_ws, select
 from .checks import (
     check_batch,
     check_config_type,
@@ -57,15 +57,14 @@ from .common import (
     tile_plan,
 )
 from .configs import LaunchConfig, launch_problems, query_tile_problems
+from .fp8_softmax import P_SHIFT, _online_softmax_p8
 from .fwd_tile import _normalise, _store_rows
 from .layout import BlockLayout
 
-__all__ = ["FP8_DTYPE", "fp8_config_problems", "fp8_default_config", "resolve_fp8_config",
-           "sparse_attention_fp8"]
+__all__ = ["FP8_DTYPE", "GLUON_FP8_DEFAULT", "fp8_config_problems", "fp8_default_config",
+           "fp8_triton_default", "resolve_fp8_config", "sparse_attention_fp8"]
 
 FP8_DTYPE = torch.float8_e4m3fn
-# p = exp2(s - m + P_SHIFT) lies in [0, 2**P_SHIFT]; see the module docstring.
-P_SHIFT = tl.constexpr(8.0)
 # e4m3's largest finite value and its smallest normal one.
 E4M3_MAX = tl.constexpr(448.0)
 E4M3_MIN_NORMAL = tl.constexpr(0.015625)
@@ -90,17 +89,6 @@ def _round_e4m3(x):
     sub = (a + 24576.0) - 24576.0
     r = tl.minimum(tl.where(a < E4M3_MIN_NORMAL, sub, normal), E4M3_MAX)
     return tl.where(x < 0, -r, r)
-
-
-@triton.jit
-def _online_softmax_p8(qk, m_i, l_i, qk_scale):
-    """:func:`kernels.common._online_softmax` with the probabilities (and so the row sum) scaled
-    by ``2**P_SHIFT``, folded into the exponent's per-row offset: no extra pass over the tile."""
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    p = tl.math.exp2(qk * qk_scale - (m_new - P_SHIFT)[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    return p, alpha, m_new, l_i
 
 
 @triton.jit
@@ -288,9 +276,12 @@ def fp8_config_problems(config: LaunchConfig, block_size: int, head_dim: int) ->
     if it can). Unlike the 16-bit forward's Triton kernel, ``block_n`` may be a multiple of the
     block size (a step gathers that many kept blocks); fp8 products take k >= 32, so ``block_n``
     is at least 32."""
+    if config.impl == "gluon":
+        return _gluon_problems(config, block_size, head_dim)
     problems = []
     if config.impl != "triton":
-        problems.append(f"impl={config.impl!r}: the fp8 forward has a Triton implementation only")
+        problems.append(f"impl={config.impl!r}: the fp8 forward's implementations are 'triton' "
+                        "and 'gluon'")
     problems += query_tile_problems(config, block_size)
     if config.block_n < 32 or config.block_n & (config.block_n - 1):
         problems.append(f"block_n={config.block_n} must be a power of two >= 32 (fp8 products "
@@ -301,8 +292,44 @@ def fp8_config_problems(config: LaunchConfig, block_size: int, head_dim: int) ->
     return problems + launch_problems(config, head_dim)
 
 
+# The Gluon fp8 forward's default: 128-key steps (two 64-key copies), two stages.
+GLUON_FP8_DEFAULT = LaunchConfig(128, 128, 4, 2, "gluon")
+
+
+def _gluon_problems(config: LaunchConfig, block_size: int, head_dim: int) -> list[str]:
+    """Why ``config`` cannot run the Gluon fp8 forward (:mod:`kernels.fp8_ws`): 128 query rows
+    on two 4-warp consumer groups, 64 or 128 keys a step (one or two 64-key copies), 2-4 stages."""
+    problems = []
+    if config.block_m != fp8_ws.BLOCK_M:
+        problems.append(f"block_m={config.block_m} must be {fp8_ws.BLOCK_M} for impl='gluon'")
+    if config.block_n not in (fp8_ws.BOX_N * b for b in fp8_ws.BOX_CHOICES):
+        problems.append(f"block_n={config.block_n} must be 64 or 128 for impl='gluon'")
+    if config.num_warps != 4:
+        problems.append(f"num_warps={config.num_warps} must be 4 for impl='gluon' (4 warps a "
+                        "consumer group)")
+    if config.num_stages not in fp8_ws.STAGE_CHOICES:
+        problems.append(f"num_stages={config.num_stages} must be 2, 3 or 4 for impl='gluon'")
+    if block_size % fp8_ws.BOX_N or not (block_size % fp8_ws.BLOCK_M == 0
+                                          or fp8_ws.BLOCK_M % block_size == 0):
+        problems.append(f"impl='gluon' needs a sparse block size that is a multiple of 64 and "
+                        f"divides or is a multiple of 128, got {block_size}")
+    if head_dim not in (64, 128):
+        problems.append(f"impl='gluon' needs head_dim 64 or 128, got {head_dim}")
+    return problems
+
+
 def fp8_default_config(device: torch.device, block_size: int, head_dim: int) -> LaunchConfig:
-    """The fp8 forward's config where no tuned one applies.
+    """The fp8 forward's config where no tuned one applies: on Hopper with Gluon, and a block
+    size and head_dim it takes, :data:`GLUON_FP8_DEFAULT`; else :func:`fp8_triton_default`."""
+    if (device.type == "cuda" and fp8_ws.GLUON and torch.cuda.is_available()
+            and torch.cuda.get_device_capability(device)[0] == 9
+            and not _gluon_problems(GLUON_FP8_DEFAULT, block_size, head_dim)):
+        return GLUON_FP8_DEFAULT
+    return fp8_triton_default(device, block_size, head_dim)
+
+
+def fp8_triton_default(device: torch.device, block_size: int, head_dim: int) -> LaunchConfig:
+    """The Triton fp8 kernel's config where no tuned one applies.
 
     On a GPU (from the registers and shared memory ptxas reports for sm_90a, not yet timed):
     64-row tiles on one warp group and 128-key steps (two 64-key blocks at phi-3's block size),
@@ -346,6 +373,14 @@ def sparse_attention_fp8_fwd(q: torch.Tensor, k: torch.Tensor, v_t: torch.Tensor
     kv_heads)``. Returns the output (a ``(batch, heads, seq_q, dim)`` view of a ``(batch, seq_q,
     heads, dim)`` tensor, ``out_dtype``) and the natural-log LSE ``(batch, heads, seq_q)``
     float32, or None. ``tma=False`` loads every tile through pointers."""
+    if config.impl == "gluon":
+        if tma and fp8_ws.refusal(q, k, v_t, layout) is None:
+            return fp8_ws.sparse_attention_fp8_ws(
+                q, k, v_t, layout, descales, sm_scale, return_lse, out_dtype,
+                stages=config.num_stages, boxes=config.block_n // fp8_ws.BOX_N)
+        # What the Gluon kernel cannot take (no Hopper GPU, strides it cannot copy) runs the
+        # Triton kernel at its default.
+        config = fp8_triton_default(q.device, layout.block_size, q.shape[3])
     batch, heads, seq_q, head_dim = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
     plan = tile_plan(layout, config.block_m, seq_k)

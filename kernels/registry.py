@@ -92,22 +92,26 @@ _RECORDS = (
                  "GQA group, padded)",
                  _space(_TRITON, block_m=(16,), block_n=(32, 64, 128), num_warps=(2, 4, 8),
                         num_stages=(1, 2, 3))),
-    # The forward on float8 e4m3 inputs (kernels/fp8.py): the forward's tile plan, masks and
-    # normalisation around its own tile loop; its rules are kernels.fp8.fp8_config_problems and
-    # fp8_default_config. Not tuned yet: no `dkbench tune` mode reaches it.
+    # The forward on float8 e4m3 inputs: a Triton kernel (kernels/fp8.py: the forward's tile
+    # plan, masks and normalisation around its own tile loop) and a warp-specialised Gluon one
+    # on Hopper (kernels/fp8_ws.py, on the Gluon forward's work items); their rules are
+    # kernels.fp8.fp8_config_problems and fp8_default_config. Not tuned yet: no `dkbench tune`
+    # mode reaches it.
     KernelRecord("fp8", "the forward on float8 e4m3 q, k, v with descales, bf16 out",
-                 ("kernels.fp8", "kernels.fwd_tile", "kernels.common"), _TRITON,
+                 ("kernels.fp8", "kernels.fp8_softmax", "kernels.fp8_ws", "kernels.fwd_ws",
+                  "kernels.fwd_tile", "kernels.common", "kernels.schedule"), _FWD_IMPLS,
                  "sparse_attention_fp8", "config", False,
                  "block_m query rows per program, block_n keys per step (a multiple of the sparse "
-                 "block gathers that many kept blocks into one step)",
-                 _space(_TRITON, block_m=(64, 128), block_n=(64, 128), num_warps=(4, 8),
+                 "block gathers that many kept blocks into one step); impl gluon: 128 rows, 64 or "
+                 "128 keys a step, 4 warps a consumer group",
+                 _space(_FWD_IMPLS, block_m=(64, 128), block_n=(64, 128), num_warps=(4, 8),
                         num_stages=(2, 3, 4))),
 )
 
 KERNELS: dict[str, KernelRecord] = {record.name: record for record in _RECORDS}
 
 # Implementations of a kernel, every record's in registry order: "triton" everywhere; "gluon", the
-# forward's warp-specialised Gluon kernel (kernels/fwd_ws.py), on Hopper only; "fused", the
+# forwards' warp-specialised Gluon kernels (kernels/fwd_ws.py, kernels/fp8_ws.py), on Hopper only; "fused", the
 # backward's dk/dv kernel taking dq too (kernels/bwd_fused.py).
 IMPLS: tuple[str, ...] = tuple(dict.fromkeys(impl for record in _RECORDS for impl in record.impls))
 

@@ -264,15 +264,31 @@ def test_config_rules() -> None:
         "block_n=16 must be a power of two >= 32 (fp8 products take k >= 32)"]
     assert fp8_config_problems(LaunchConfig(64, 256, 4, 2), 16, 128) == [
         "block_n=256 gathers more than 8 sparse blocks of 16"]
-    assert "Triton implementation only" in " ".join(
-        fp8_config_problems(LaunchConfig(128, 128, 4, 3, "gluon"), 64, 128))
+    # The Gluon kernel's fixed shape: 128 rows, 64 or 128 keys, 4 warps a consumer group.
+    for block_n in (64, 128):
+        for stages in (2, 3, 4):
+            config = LaunchConfig(128, block_n, 4, stages, "gluon")
+            assert fp8_config_problems(config, 64, 128) == [], config
+    assert fp8_config_problems(LaunchConfig(64, 128, 8, 5, "gluon"), 32, 80) == [
+        "block_m=64 must be 128 for impl='gluon'",
+        "num_warps=8 must be 4 for impl='gluon' (4 warps a consumer group)",
+        "num_stages=5 must be 2, 3 or 4 for impl='gluon'",
+        "impl='gluon' needs a sparse block size that is a multiple of 64 and divides or is a "
+        "multiple of 128, got 32",
+        "impl='gluon' needs head_dim 64 or 128, got 80"]
+    assert fp8_config_problems(LaunchConfig(128, 32, 4, 2, "gluon"), 64, 128) == [
+        "block_n=32 must be 64 or 128 for impl='gluon'"]
+    assert "implementations are 'triton' and 'gluon'" in " ".join(
+        fp8_config_problems(LaunchConfig(128, 128, 4, 3, "fused"), 64, 128))
     for device in ("cpu", "cuda"):
         for block_size, head_dim in ((16, 32), (64, 128), (128, 256)):
             config = fp8_default_config(torch.device(device), block_size, head_dim)
             assert fp8_config_problems(config, block_size, head_dim) == [], (device, config)
     space = kernels.KERNELS["fp8"].search_space
     for values in itertools.product(*space.values()):
-        assert fp8_config_problems(LaunchConfig(*values), 64, 128) == [], values
+        config = LaunchConfig(*values)
+        if config.impl == "triton" or (config.block_m, config.num_warps) == (128, 4):
+            assert fp8_config_problems(config, 64, 128) == [], values
 
 
 # Compiled in a fresh interpreter (the suite runs with TRITON_INTERPRET=1): the GPU path, with
@@ -340,7 +356,38 @@ def test_fp8_kernel_compiles_for_hopper(block_m: int, block_n: int, warps: int, 
 
 def test_the_fp8_record_hashes_its_modules() -> None:
     record = kernels.KERNELS["fp8"]
-    assert record.sources == ("kernels.fp8", "kernels.fwd_tile", "kernels.common")
-    assert record.entry == "sparse_attention_fp8" and record.impls == ("triton",)
+    assert record.sources == ("kernels.fp8", "kernels.fp8_softmax", "kernels.fp8_ws",
+                              "kernels.fwd_ws", "kernels.fwd_tile", "kernels.common",
+                              "kernels.schedule")
+    assert record.entry == "sparse_attention_fp8" and record.impls == ("triton", "gluon")
     assert all(name in kernels.__all__ for name in (
         "sparse_attention_fp8", "quantize_fp8", "dequantize_fp8", "resolve_fp8_config"))
+
+
+@pytest.mark.parametrize("seq", [64, 100, 4096])
+def test_mma_key_order_matches_the_kernels_p_columns(seq: int) -> None:
+    """The Gluon fp8 kernel reads p's columns within each 32-key run in the order its
+    ``_as_pv_operand`` reshapes them to, and vᵀ's keys as ``mma_key_order`` stores them: the
+    product must be p v, with the padded keys zero."""
+    from kernels import fp8_ws
+
+    gen = torch.Generator().manual_seed(seq)
+    # As quantize_fp8 writes it: the key axis padded in storage (its strides are not seq's).
+    stored = torch.randn(2, 3, 16, seq + 16, generator=gen).to(FP8_DTYPE)
+    v_t = stored[..., :seq]
+    ordered = fp8_ws.mma_key_order(v_t)
+    padded = -(-seq // 32) * 32
+    assert ordered.shape == (2, 3, 16, padded) and ordered.dtype == FP8_DTYPE
+
+    def reorder(x: torch.Tensor) -> torch.Tensor:  # _as_pv_operand's reshape and permute
+        return x.reshape(*x.shape[:-1], -1, 2, 2, 4, 2).transpose(-2, -3).reshape(x.shape)
+
+    key_at = reorder(torch.arange(padded))  # the key each position holds
+    assert sorted(key_at.tolist()) == list(range(padded)) and key_at[1] == 1 and key_at[2] == 8
+    v_padded = torch.cat([v_t.float(), torch.zeros(2, 3, 16, padded - seq)], dim=-1)
+    assert torch.equal(ordered.float(), v_padded[..., key_at])  # padding keys read zero
+    p = torch.randn(5, padded, generator=gen, dtype=torch.float64)
+    p[:, seq:] = 0.0  # keys past the end are masked
+    want = p[:, :seq] @ v_t.double().transpose(-1, -2)
+    got = reorder(p) @ ordered.double().transpose(-1, -2)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

@@ -7,6 +7,7 @@ import torch
 
 from kernels import (
     FP8_DTYPE,
+    GLUON_FP8_DEFAULT,
     LaunchConfig,
     dequantize_fp8,
     local_stride_layout,
@@ -15,6 +16,7 @@ from kernels import (
     sparse_attention,
     sparse_attention_fp8,
 )
+from kernels import fp8_ws
 from tests.kernels.cases import PHI3, make_layout, make_qkv
 from tests.tolerances import (
     FP8_END_TO_END_TOL,
@@ -36,14 +38,25 @@ def _fp8(x, layout, **kwargs):
                                 **kwargs)
 
 
+def _assert_gluon_takes(x, layout, config, seq_dim=1):
+    """A Gluon config must run the Gluon kernel, not fall back to the Triton one."""
+    if config is not None and config.impl == "gluon":
+        q, k = (x.q, x.k) if seq_dim == 2 else (x.q.transpose(1, 2), x.k.transpose(1, 2))
+        assert fp8_ws.refusal(q, k, x.v_t, layout) is None
+
+
 @pytest.mark.parametrize("granularity", ["head", "tensor"])
 @pytest.mark.parametrize("config", [None, LaunchConfig(64, 64, 4, 2), LaunchConfig(128, 128, 8, 2),
-                                    LaunchConfig(64, 128, 4, 3), LaunchConfig(128, 64, 8, 3)],
+                                    LaunchConfig(64, 128, 4, 3), LaunchConfig(128, 64, 8, 3),
+                                    LaunchConfig(128, 128, 4, 3, "gluon"),
+                                    LaunchConfig(128, 64, 4, 2, "gluon"),
+                                    LaunchConfig(128, 64, 4, 4, "gluon")],
                          ids=str)
 def test_phi3_at_8k(config, granularity, poison_outputs, capsys):
     layout = local_stride_layout(max_seq_len=8192, **PHI3)
     q, k, v = make_qkv(1, 8192, 8192, 32, 8, 128, torch.bfloat16, "cuda")
     x = quantize_fp8(q, k, v, granularity)
+    _assert_gluon_takes(x, layout, config)
     out, lse = _fp8(x, layout, sm_scale=1 / 128, config=config, return_lse=True)
     ref, ref_lse = reference_attention(*dequantize_fp8(x), layout, sm_scale=1 / 128,
                                        return_lse=True)
@@ -66,12 +79,19 @@ def test_phi3_at_8k(config, granularity, poison_outputs, capsys):
     ("random", False, 3000, 5000, 8, 2, 256, 32, 1, None),  # dim 256
     ("homo", True, 8192, 8192, 8, 1, 96, 16, 2, LaunchConfig(128, 128, 8, 2)),  # gathers 8
     ("hetero", True, 4000, 4000, 8, 2, 128, 64, 1, LaunchConfig(128, 32, 4, 2)),  # sub-tiles
+    # The Gluon kernel: ragged lengths, q shorter than k, plain heads, head_dim 64, block 128.
+    ("hetero", False, 4096, 4096, 16, 4, 128, 64, 1, GLUON_FP8_DEFAULT),
+    ("random", True, 1000, 8000, 8, 8, 128, 64, 2, GLUON_FP8_DEFAULT),
+    ("dense_heads", True, 6000, 6000, 16, 4, 64, 128, 1, LaunchConfig(128, 64, 4, 3, "gluon")),
+    ("homo", True, 3001, 3001, 8, 1, 128, 64, 2, LaunchConfig(128, 64, 4, 2, "gluon")),
+    ("random", False, 2000, 5000, 8, 2, 64, 256, 1, GLUON_FP8_DEFAULT),
 ], ids=str)
 def test_layout_families(case, poison_outputs):
     family, causal, sq, sk, h, hkv, d, bs, seq_dim, config = case
     layout = make_layout(family, h, hkv, sk, bs, causal)
     q, k, v = make_qkv(1, sq, sk, h, hkv, d, torch.bfloat16, "cuda", seq_dim, contiguous=False)
     x = quantize_fp8(q, k, v, "head", seq_dim)
+    _assert_gluon_takes(x, layout, config, seq_dim)
     out, lse = _fp8(x, layout, seq_dim=seq_dim, return_lse=True, config=config)
     ref, ref_lse = reference_attention(*dequantize_fp8(x, seq_dim), layout, seq_dim=seq_dim,
                                        return_lse=True)

@@ -1,0 +1,503 @@
+"""Warp-specialised fp8 forward for Hopper, written in Gluon (fp8 configs with ``impl="gluon"``).
+
+The Gluon forward's structure (:mod:`kernels.fwd_ws`: a loader warp, two 64-row consumer warp
+groups taking turns at the tensor cores, persistent programs over a balanced deal of work items)
+with :mod:`kernels.fp8`'s arithmetic: e4m3 q, k and vᵀ, both products on e4m3 operands, the
+descales folded into the softmax scale and the normalisation, p scaled by ``2**P_SHIFT`` and
+rounded to e4m3 in registers as the ``p v`` operand, bf16 (or fp16, fp32) out.
+
+What differs from the 16-bit kernel, and why:
+- v arrives transposed, ``(batch, kv_heads, dim, seq)``: Hopper's fp8 products need both
+  operands K-major, and in ``p v`` K is the keys. Each 64-key box of vᵀ is ``dim`` rows of 64
+  bytes, so the stage's vᵀ tile is swizzled in 64-byte spans: two boxes side by side make one
+  128-key tile, each box one column chunk, as the 16-bit k tile's 128-byte chunks are.
+- p stays where the q kᵀ accumulator left it. As an fp8 operand a thread must hold four
+  adjacent keys where the accumulator gives it two, and moving them cost about 130 byte
+  permutes and 24 shuffles a thread a step; instead the keys of vᵀ are reordered within each
+  run of 32 (:func:`mma_key_order`, one pass over vᵀ before the launch) to match where p's
+  registers say they are.
+- each step's ``p v`` starts from zero and joins the float32 accumulator in the rescale:
+  Hopper's fp8 products accumulate with about 14 mantissa bits (:mod:`kernels.fp8`).
+- a split first step (a block only the upper 64 rows keep beside one only the lower 64 keep)
+  is multiplied whole, masked: every consumer computes its 128 keys.
+- 16-bit output leaves through a staging tile of its own per consumer and tensor-memory
+  stores (an fp8 k stage is too small to stage 16-bit rows in, as the 16-bit kernel does).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import buffers
+from .common import LN2, qk_scale, tile_plan, tma_compatible
+from .fp8_softmax import P_SHIFT, _online_softmax_p8
+from .fwd_ws import BLOCK_M, BOX_N, GLUON, MAX_REGS, _sm_count, work_items
+from .layout import BlockLayout
+
+if GLUON:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+
+    from .fwd_ws import (
+        _box_start,
+        _read_item,
+        _reinterpret,
+        _take_turn,
+        _tma_load,
+        _tma_store,
+        _work_item,
+    )
+
+# The fp8 kernel's fixed shape, as configs name it: 128 query rows, 4 warps a consumer.
+STAGE_CHOICES = (2, 3, 4)
+BOX_CHOICES = (1, 2)  # 64-key boxes a step (block_n 64 or 128)
+BOX = tl.constexpr(BOX_N)  # keys a tensor-memory copy of k or vᵀ holds
+
+if GLUON:
+    @gluon.jit
+    def _copy_k(desc, boxes_buf, ready, s, j, KvBlock, first_box, n_boxes, off_z, off_kvh,
+                BLOCK_SIZE: gl.constexpr, BOXES: gl.constexpr):
+        """Step ``j``'s k tile into stage ``s``: one copy of (64 keys, every dim) per box."""
+        mbarrier.expect(ready, BOXES * desc.block_type.nbytes)
+        for h in gl.static_range(BOXES):
+            start_n = _box_start(KvBlock, first_box, j * BOXES + h, n_boxes, BLOCK_SIZE, BOX)
+            _tma_load(desc, [off_z, off_kvh, start_n, 0], ready, boxes_buf.index(s * BOXES + h))
+
+    @gluon.jit
+    def _copy_vt(desc, boxes_buf, ready, s, j, KvBlock, first_box, n_boxes, off_z, off_kvh,
+                 BLOCK_SIZE: gl.constexpr, BOXES: gl.constexpr):
+        """Step ``j``'s vᵀ tile into stage ``s``: one copy of (every dim, 64 keys) per box."""
+        mbarrier.expect(ready, BOXES * desc.block_type.nbytes)
+        for h in gl.static_range(BOXES):
+            start_n = _box_start(KvBlock, first_box, j * BOXES + h, n_boxes, BLOCK_SIZE, BOX)
+            _tma_load(desc, [off_z, off_kvh, 0, start_n], ready, boxes_buf.index(s * BOXES + h))
+
+    @gluon.jit
+    def _load_partition(q_desc, k_desc, v_desc, q_smem, k_boxes, v_boxes, q_ready, q_empty,
+                        k_ready, v_ready, kv_empty, Items, Starts, KvBlock, n_tiles,
+                        first_tile, num_heads, q_per_kv, q_offset,
+                        BLOCK_M: gl.constexpr, BLOCK_SIZE: gl.constexpr, BOXES: gl.constexpr):
+        """Loader warp: each work item's q tile (once both consumers released the last one),
+        then its k and vᵀ tiles through the stages."""
+        stages: gl.constexpr = k_ready.shape[0]
+        n_sub: gl.constexpr = BLOCK_SIZE // BOX
+        g = 0  # kv steps issued so far by this program: the ring position
+        i = 0  # work items so far: the q buffer's phase
+        pid = gl.program_id(0)
+        for slot in range(gl.load(Starts + pid), gl.load(Starts + pid + 1)):
+            w, first_entry, n_entries, _, _ = _read_item(Items, slot)
+            tile, _, off_z, off_h, off_kvh = _work_item(w, n_tiles, first_tile, num_heads,
+                                                        q_per_kv)
+            mbarrier.wait(q_empty, (i & 1) ^ 1)
+            mbarrier.expect(q_ready, q_desc.block_type.nbytes)
+            _tma_load(q_desc, [off_z, off_h, tile * BLOCK_M - q_offset, 0], q_ready, q_smem)
+            first_box = first_entry * n_sub
+            n_boxes = n_entries * n_sub
+            steps = gl.maximum(gl.cdiv(n_boxes, BOXES), 1)
+            for j in range(0, steps):
+                s = (g + j) % stages
+                # Barriers start in the completed phase: the first pass over the stages runs free.
+                mbarrier.wait(kv_empty.index(s), (((g + j) // stages) & 1) ^ 1)
+                _copy_k(k_desc, k_boxes, k_ready.index(s), s, j, KvBlock, first_box, n_boxes,
+                        off_z, off_kvh, BLOCK_SIZE, BOXES)
+                _copy_vt(v_desc, v_boxes, v_ready.index(s), s, j, KvBlock, first_box, n_boxes,
+                         off_z, off_kvh, BLOCK_SIZE, BOXES)
+            g += steps
+            i += 1
+
+    @gluon.jit
+    def _issue_scores(q_op, k_bufs, k_ready, j, s_layout: gl.constexpr):
+        """Wait for step ``j``'s k tile and start q kᵀ over it (not waited for)."""
+        stages: gl.constexpr = k_bufs.shape[0]
+        # Shapes through constexpr names: triton 3.6 cannot build a shape from .shape items.
+        rows: gl.constexpr = q_op.shape[0]
+        keys: gl.constexpr = k_bufs.shape[1]
+        zero = gl.zeros([rows, keys], gl.float32, s_layout)
+        s = j % stages
+        mbarrier.wait(k_ready.index(s), (j // stages) & 1)
+        return warpgroup_mma(q_op, k_bufs.index(s).permute((1, 0)), zero, use_acc=False,
+                             is_async=True)
+
+    @gluon.jit
+    def _issue_pv(p_op, v_bufs, v_ready, j, o_layout: gl.constexpr):
+        """Wait for step ``j``'s vᵀ tile and start p v from zero (not waited for)."""
+        stages: gl.constexpr = v_bufs.shape[0]
+        rows: gl.constexpr = p_op.shape[0]
+        dims: gl.constexpr = v_bufs.shape[1]
+        zero = gl.zeros([rows, dims], gl.float32, o_layout)
+        s = j % stages
+        mbarrier.wait(v_ready.index(s), (j // stages) & 1)
+        return warpgroup_mma(p_op, v_bufs.index(s).permute((1, 0)), zero, use_acc=False,
+                             is_async=True)
+
+    @gluon.jit
+    def _as_pv_operand(p, p_layout: gl.constexpr):
+        """p (e4m3, in the q kᵀ accumulator's layout) as the p v operand, with no data movement:
+        its columns reordered within each 32-key chunk as :func:`mma_key_order` stores vᵀ's
+        keys. The accumulator gives each thread keys 2d+e+8c+16b of a chunk (lane d of four,
+        registers e, c, b); the operand wants that thread's keys at 4d+2c+e+16b. Moving p there
+        cost 128 byte permutes and 24 shuffles a thread a step; reordering the keys of vᵀ (once,
+        in memory) costs none."""
+        rows: gl.constexpr = p.shape[0]
+        keys: gl.constexpr = p.shape[1]
+        chunks: gl.constexpr = keys // 32
+        # Key index bits, high to low: chunk, b, c, d (2 bits), e -> chunk, b, d, c, e.
+        p = gl.reshape(p, [rows, chunks, 2, 2, 4, 2])
+        p = gl.permute(p, (0, 1, 2, 4, 3, 5))
+        return gl.convert_layout(gl.reshape(p, [rows, keys]), p_layout, assert_trivial=True)
+
+    @gluon.jit
+    def _softmax_step(qk, m_i, l_i, j, first_box, n_boxes, full_boxes, KvBlock, RowBits,
+                      offs_m_abs, tile_first_block, row_end, seq_k, scale,
+                      TILE_N: gl.constexpr, BLOCK_SIZE: gl.constexpr, SUB_BLOCKS: gl.constexpr,
+                      IS_CAUSAL: gl.constexpr, s_layout: gl.constexpr, p_layout: gl.constexpr):
+        """Mask step ``j``'s scores if any of its boxes needs it, then the online softmax with p
+        scaled by ``2**P_SHIFT`` and rounded to e4m3 as the p v operand. The masks are
+        :mod:`kernels.fwd_ws`'s (whose source keys the 16-bit forward's shipped configs)."""
+        if (j + 1) * (TILE_N // BOX) > full_boxes:
+            n_sub: gl.constexpr = BLOCK_SIZE // BOX
+            cols = gl.arange(0, TILE_N, layout=gl.SliceLayout(0, s_layout))
+            b = j * (TILE_N // BOX) + cols // BOX
+            offs_n = _box_start(KvBlock, first_box, b, n_boxes, BLOCK_SIZE, BOX) + cols % BOX
+            n_ok = (b < n_boxes) & (offs_n < seq_k) & (offs_n < row_end)
+            keep = gl.expand_dims(n_ok, 0)
+            if IS_CAUSAL:
+                keep = keep & (gl.expand_dims(offs_n, 0) <= gl.expand_dims(offs_m_abs, 1))
+            if SUB_BLOCKS > 1:
+                bits = gl.load(RowBits + (first_box + b) // n_sub, mask=b < n_boxes, other=0)
+                shift = offs_m_abs // BLOCK_SIZE - tile_first_block
+                keep = keep & (((gl.expand_dims(bits, 0) >> gl.expand_dims(shift, 1)) & 1) != 0)
+            qk = gl.where(keep, qk, float("-inf"))
+        p, alpha, m_new, l_i = _online_softmax_p8(qk, m_i, l_i, scale)
+        return _as_pv_operand(p.to(gl.float8e4nv), p_layout), m_new, l_i, alpha
+
+    @gluon.jit
+    def _consumer_partition(q_smem, k_bufs, v_bufs, o_desc, o_boxes, o_bufs, q_ready, q_empty,
+                            k_ready, v_ready, kv_empty, turns, Items, Starts, KvBlock, RowBits,
+                            Out, Lse,
+                            QDescale, KDescale, VDescale,
+                            stride_oz, stride_oh, stride_om, stride_ok,
+                            stride_qdz, stride_qdh, stride_kdz, stride_kdh,
+                            stride_vdz, stride_vdh,
+                            n_tiles, first_tile, num_heads, q_per_kv, seq_q, seq_k, qk_scale,
+                            BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
+                            BLOCK_SIZE: gl.constexpr, IS_CAUSAL: gl.constexpr,
+                            RETURN_LSE: gl.constexpr, TMA_STORE: gl.constexpr,
+                            HALF: gl.constexpr):
+        """One consumer warp group: rows ``HALF * BLOCK_M / 2`` on of each work item's tile.
+        Pipelined by one step as in :mod:`kernels.fwd_ws`: step j+1's q kᵀ and step j's p v
+        are issued in one turn, step j+1's softmax runs while p v does."""
+        NUM_WARPS: gl.constexpr = 4
+        ROWS: gl.constexpr = BLOCK_M // 2
+        SUB_BLOCKS: gl.constexpr = BLOCK_M // BLOCK_SIZE if BLOCK_M > BLOCK_SIZE else 1
+        TILE_N: gl.constexpr = k_bufs.shape[1]
+        n_sub: gl.constexpr = BLOCK_SIZE // BOX
+        stages: gl.constexpr = k_bufs.shape[0]
+        # fp8 products take 32 keys (or dims) a step: the instruction's k.
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, TILE_N, 32])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, HEAD_DIM, 32])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
+        rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        O_BOX_D: gl.constexpr = o_desc.block_type.shape[3]
+        O_CHUNKS: gl.constexpr = HEAD_DIM // O_BOX_D
+        q_op = q_smem.slice(HALF * ROWS, ROWS)
+        q_offset = seq_k - seq_q
+        g = 0  # kv steps consumed so far by this program: the ring position
+        i = 0  # work items so far: the q buffer's phase
+        turn = 0  # turns taken so far
+        pid = gl.program_id(0)
+        first_slot = gl.load(Starts + pid)
+        last_slot = gl.load(Starts + pid + 1)
+        next_item = _read_item(Items, first_slot)
+        for slot in range(first_slot, last_slot):
+            w, first_entry, n_entries, n_front, split = next_item
+            next_item = _read_item(Items, gl.minimum(slot + 1, last_slot - 1))
+            tile, off_zh, off_z, off_h, off_kvh = _work_item(w, n_tiles, first_tile, num_heads,
+                                                             q_per_kv)
+            # q's and k's descales ride in the softmax scale, v's in the normalisation.
+            scale = (qk_scale * gl.load(QDescale + off_z * stride_qdz + off_h * stride_qdh)
+                     * gl.load(KDescale + off_z * stride_kdz + off_kvh * stride_kdh))
+            v_descale = gl.load(VDescale + off_z * stride_vdz + off_kvh * stride_vdh)
+            row0 = tile * BLOCK_M + HALF * ROWS
+            offs_m_abs = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
+            # A finite floor instead of -inf keeps exp2(m_i - m_new) defined for masked rows.
+            m_i = gl.full([ROWS], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
+            l_i = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, s_layout))
+            acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
+            tile_first_block = tile * BLOCK_M // BLOCK_SIZE
+            if IS_CAUSAL:
+                row_end = gl.minimum((tile + 1) * BLOCK_M, seq_k)
+            else:
+                row_end = seq_k
+            first_box = first_entry * n_sub
+            n_boxes = n_entries * n_sub
+            full_boxes = n_front * n_sub
+            steps = gl.maximum(gl.cdiv(n_boxes, TILE_N // BOX), 1)
+
+            mbarrier.wait(q_ready, i & 1)
+            _take_turn(turns, turn, HALF)
+            qk = _issue_scores(q_op, k_bufs, k_ready, g, s_layout)
+            mbarrier.arrive(turns.index(1 - HALF), count=1)
+            qk = warpgroup_mma_wait(0, deps=(qk,))
+            # A split pair (work_items moved it first and counts it unmasked) is masked whole.
+            p, m_i, l_i, _alpha0 = _softmax_step(
+                qk, m_i, l_i, 0, first_box, n_boxes, full_boxes * (1 - split), KvBlock, RowBits,
+                offs_m_abs, tile_first_block, row_end, seq_k, scale, TILE_N, BLOCK_SIZE,
+                SUB_BLOCKS, IS_CAUSAL, s_layout, p_layout)
+            for j in range(1, steps):
+                _take_turn(turns, turn + j, HALF)
+                qk = _issue_scores(q_op, k_bufs, k_ready, g + j, s_layout)
+                pv = _issue_pv(p, v_bufs, v_ready, g + j - 1, o_layout)
+                mbarrier.arrive(turns.index(1 - HALF), count=1)
+                # wgmma groups retire in order: one left outstanding means q kᵀ is done.
+                qk = warpgroup_mma_wait(1, deps=(qk,))
+                p, m_i, l_i, alpha = _softmax_step(
+                    qk, m_i, l_i, j, first_box, n_boxes, full_boxes, KvBlock, RowBits,
+                    offs_m_abs, tile_first_block, row_end, seq_k, scale, TILE_N, BLOCK_SIZE,
+                    SUB_BLOCKS, IS_CAUSAL, s_layout, p_layout)
+                pv = warpgroup_mma_wait(0, deps=(pv,))
+                mbarrier.arrive(kv_empty.index((g + j - 1) % stages), count=1)
+                acc = (acc + pv) * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
+            mbarrier.arrive(q_empty, count=1)  # every q kᵀ of this item is done
+            _take_turn(turns, turn + steps, HALF)
+            pv = _issue_pv(p, v_bufs, v_ready, g + steps - 1, o_layout)
+            mbarrier.arrive(turns.index(1 - HALF), count=1)
+            pv = warpgroup_mma_wait(0, deps=(pv,))
+            mbarrier.arrive(kv_empty.index((g + steps - 1) % stages), count=1)
+            acc = acc + pv
+
+            # -- epilogue: the 2**P_SHIFT in acc and l_i cancels; v's descale comes in here --
+            l_safe = gl.where(l_i == 0.0, 1.0, l_i)
+            out = acc * gl.expand_dims(gl.convert_layout(v_descale / l_safe, rows_o), 1)
+            if TMA_STORE:
+                # Through this consumer's staging tile and tensor-memory stores (rows past the
+                # end are not written): scattered stores from registers cost about a tenth of
+                # the 16-bit forward at 8k (kernels/PERF.md).
+                o_tile = o_bufs.index(HALF)
+                o_tile.store(out.to(o_tile.dtype))
+                fence_async_shared()
+                for c in gl.static_range(O_CHUNKS):
+                    _tma_store(o_desc, [off_z, off_h, row0 - q_offset, c * O_BOX_D],
+                               o_boxes.index(HALF * O_CHUNKS + c))
+                tma.store_wait(0)
+            else:
+                offs_m = row0 - q_offset + gl.arange(0, ROWS, layout=rows_o)
+                offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+                row_ok = (offs_m >= 0) & (offs_m < seq_q)
+                o_base = off_z.to(gl.int64) * stride_oz + off_h.to(gl.int64) * stride_oh
+                o_ptrs = (Out + o_base + gl.expand_dims(offs_m.to(gl.int64) * stride_om, 1)
+                          + gl.expand_dims(offs_d * stride_ok, 0))
+                gl.store(o_ptrs, out.to(Out.dtype.element_ty),
+                         mask=gl.expand_dims(row_ok, 1) & gl.expand_dims(offs_d < HEAD_DIM, 0))
+            g += steps
+            turn += steps + 1
+            i += 1
+            if RETURN_LSE:
+                # Natural-log log-sum-exp; m_i is in log2 units and l_i carries 2**P_SHIFT.
+                lse = (m_i + gl.log2(l_safe) - P_SHIFT) * LN2
+                offs_m_s = offs_m_abs - q_offset
+                gl.store(Lse + off_zh.to(gl.int64) * seq_q + offs_m_s, lse,
+                         mask=(offs_m_s >= 0) & (offs_m_s < seq_q))
+
+    @gluon.jit
+    def _sparse_attn_fwd_fp8_ws(q_desc, k_desc, v_desc, o_desc, Out, Lse, Items, Starts, KvBlock,
+                                RowBits, QDescale, KDescale, VDescale,
+                                stride_oz, stride_oh, stride_om, stride_ok,
+                                stride_qdz, stride_qdh, stride_kdz, stride_kdh,
+                                stride_vdz, stride_vdh,
+                                num_heads, q_per_kv, seq_q, seq_k, n_tiles, first_tile, qk_scale,
+                                BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
+                                BLOCK_SIZE: gl.constexpr, IS_CAUSAL: gl.constexpr,
+                                RETURN_LSE: gl.constexpr, BOXES: gl.constexpr,
+                                STAGES: gl.constexpr, TMA_STORE: gl.constexpr):
+        """Persistent: program ``p`` takes the work items in rows ``Starts[p]:Starts[p+1]`` of
+        ``Items`` (:func:`kernels.fwd_ws.work_items`). With ``TMA_STORE`` the output leaves
+        through ``o_desc`` (boxes of 64 rows and 128 bytes) from a staging tile per consumer;
+        without, through ``Out``'s pointers (``o_desc`` unused)."""
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
+        # A stage's k tile is (keys, dim), its boxes stacked by rows; its vᵀ tile is (dim, keys),
+        # its boxes side by side, each one 64-byte column chunk.
+        k_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BOXES * BOX, HEAD_DIM],
+                                                                      k_desc.dtype)
+        vt_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=64,
+                                                       element_bitwidth=8, rank=2)
+        k_boxes = gl.allocate_shared_memory(k_desc.dtype, [STAGES * BOXES] + k_desc.block_type.shape,
+                                            k_desc.layout)
+        v_boxes = gl.allocate_shared_memory(v_desc.dtype, [STAGES * BOXES] + v_desc.block_type.shape,
+                                            v_desc.layout)
+        # Each consumer's 64 output rows, staged as 128-byte column chunks (one store box each).
+        ROWS: gl.constexpr = BLOCK_M // 2
+        k_bufs = _reinterpret(k_boxes, k_desc.dtype, [STAGES, BOXES * BOX, HEAD_DIM], k_layout)
+        if TMA_STORE:
+            o_chunks: gl.constexpr = HEAD_DIM // o_desc.block_type.shape[3]
+            o_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM],
+                                                                          o_desc.dtype)
+            o_boxes = gl.allocate_shared_memory(o_desc.dtype,
+                                                [2 * o_chunks] + o_desc.block_type.shape,
+                                                o_desc.layout)
+            o_bufs = _reinterpret(o_boxes, o_desc.dtype, [2, ROWS, HEAD_DIM], o_layout)
+        else:  # the pointer stores: nothing staged (the k buffers stand in, unused)
+            o_boxes = k_boxes
+            o_bufs = k_bufs
+        v_bufs = _reinterpret(v_boxes, v_desc.dtype, [STAGES, HEAD_DIM, BOXES * BOX], vt_layout)
+        q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_ready, count=1)
+        mbarrier.init(q_empty, count=2)  # both consumers release the q tile
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(kv_empty.index(i), count=2)  # both consumers release a stage
+        for i in gl.static_range(2):
+            mbarrier.init(turns.index(i), count=1)
+        q_tile = q_smem.reshape([BLOCK_M, HEAD_DIM])
+
+        # Constexprs written into each partition's tuple: a tuple variable would make them
+        # runtime values.
+        gl.warp_specialize([
+            (_consumer_partition, (q_tile, k_bufs, v_bufs, o_desc, o_boxes, o_bufs, q_ready,
+                                   q_empty, k_ready, v_ready, kv_empty, turns, Items, Starts, KvBlock, RowBits, Out, Lse,
+                                   QDescale, KDescale, VDescale,
+                                   stride_oz, stride_oh, stride_om, stride_ok,
+                                   stride_qdz, stride_qdh, stride_kdz, stride_kdh,
+                                   stride_vdz, stride_vdh,
+                                   n_tiles, first_tile, num_heads, q_per_kv, seq_q, seq_k,
+                                   qk_scale, BLOCK_M, HEAD_DIM, BLOCK_SIZE, IS_CAUSAL,
+                                   RETURN_LSE, TMA_STORE, 0)),
+            (_consumer_partition, (q_tile, k_bufs, v_bufs, o_desc, o_boxes, o_bufs, q_ready,
+                                   q_empty, k_ready, v_ready, kv_empty, turns, Items, Starts, KvBlock, RowBits, Out, Lse,
+                                   QDescale, KDescale, VDescale,
+                                   stride_oz, stride_oh, stride_om, stride_ok,
+                                   stride_qdz, stride_qdh, stride_kdz, stride_kdh,
+                                   stride_vdz, stride_vdh,
+                                   n_tiles, first_tile, num_heads, q_per_kv, seq_q, seq_k,
+                                   qk_scale, BLOCK_M, HEAD_DIM, BLOCK_SIZE, IS_CAUSAL,
+                                   RETURN_LSE, TMA_STORE, 1)),
+            (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_boxes, v_boxes, q_ready,
+                               q_empty, k_ready, v_ready, kv_empty, Items, Starts, KvBlock,
+                               n_tiles, first_tile, num_heads, q_per_kv, seq_k - seq_q,
+                               BLOCK_M, BLOCK_SIZE, BOXES)),
+        ], [4, 1], [240, 24])  # registers a thread: see kernels.fwd_ws.MAX_REGS
+
+
+_GL_DTYPES = {torch.float8_e4m3fn: "float8e4nv", torch.bfloat16: "bfloat16",
+              torch.float16: "float16"}
+
+
+def _descriptor(x: torch.Tensor, rows: int, cols: int, swizzle: int | None = None
+                ) -> "GluonDescriptor":
+    """A descriptor of 4-D ``x`` (e4m3 or 16-bit) with ``(1, 1, rows, cols)`` boxes (the default
+    swizzle for that box, or ``swizzle`` bytes)."""
+    block = [1, 1, rows, cols]
+    if swizzle is None:
+        layout = gl.NVMMASharedLayout.get_default_for(block, getattr(gl, _GL_DTYPES[x.dtype]))
+    else:
+        layout = gl.NVMMASharedLayout(swizzle_byte_width=swizzle,
+                                      element_bitwidth=8 * x.element_size(), rank=4)
+    return GluonDescriptor(x, list(x.shape), list(x.stride()), block, layout)
+
+
+@triton.jit
+def _mma_key_order_copy(Src, Dst, kv_heads, dim, seq, padded, stride_z, stride_h, stride_d,
+                        KEYS: tl.constexpr):
+    """Keys ``[KEYS * pid(1), +KEYS)`` of row ``pid(0)`` (batch, kv head, dim) of ``Src`` to
+    their reordered places in the contiguous ``Dst`` (rows of ``padded``), zeros past ``seq``."""
+    row = tl.program_id(0)
+    src = (Src + (row // (kv_heads * dim)).to(tl.int64) * stride_z
+           + ((row // dim) % kv_heads).to(tl.int64) * stride_h + (row % dim).to(tl.int64) * stride_d)
+    key = tl.program_id(1) * KEYS + tl.arange(0, KEYS)
+    # Within a run of 32: bits b, c, d (2), e of the key go to b, d, c, e.
+    pos = (key & ~31) | (key & 16) | ((key & 6) << 1) | ((key & 8) >> 2) | (key & 1)
+    x = tl.load(src + key, mask=key < seq, other=0)
+    tl.store(Dst + row.to(tl.int64) * padded + pos, x, mask=key < padded)
+
+
+def mma_key_order(v_t: torch.Tensor) -> torch.Tensor:
+    """``v_t`` ``(batch, kv_heads, dim, seq)``, keys contiguous, copied with its keys reordered
+    within each run of 32 as the kernel's p operand holds them (key ``16b + 8c + 2d + e`` of a
+    run at ``16b + 4d + 2c + e``; see ``_as_pv_operand``), the key axis zero-padded to a
+    multiple of 32. One pass over vᵀ instead of moving p between threads every step."""
+    batch, kv_heads, dim, seq = v_t.shape
+    padded = -(-seq // 32) * 32
+    out = torch.empty(batch, kv_heads, dim, padded, device=v_t.device, dtype=v_t.dtype)
+    keys = 1024
+    # Bytes (e4m3's zero is the byte 0).
+    _mma_key_order_copy[(batch * kv_heads * dim, triton.cdiv(padded, keys))](
+        v_t.view(torch.uint8), out.view(torch.uint8), kv_heads, dim, seq, padded,
+        *v_t.stride()[:3], KEYS=keys)
+    return out
+
+
+def refusal(q: torch.Tensor, k: torch.Tensor, v_t: torch.Tensor, layout: BlockLayout
+            ) -> str | None:
+    """Why this kernel cannot take the call (None: it can); :mod:`kernels.fp8`'s Triton kernel
+    takes the rest."""
+    if not q.is_cuda:
+        return "impl='gluon' runs on a CUDA GPU, not in the interpreter"
+    if torch.cuda.get_device_capability(q.device)[0] != 9:
+        return "impl='gluon' runs on Hopper (compute capability 9.x) only"
+    if not GLUON:
+        return f"impl='gluon' needs Gluon, which triton {triton.__version__} does not have"
+    if q.shape[3] not in (64, 128):
+        return f"impl='gluon' needs head_dim 64 or 128, got {q.shape[3]}"
+    if layout.block_size % BOX_N or not (layout.block_size % BLOCK_M == 0
+                                           or BLOCK_M % layout.block_size == 0):
+        return (f"impl='gluon' needs a sparse block size that is a multiple of {BOX_N} and "
+                f"divides or is a multiple of {BLOCK_M}, got {layout.block_size}")
+    if not all(tma_compatible(x) for x in (q, k, v_t)):
+        return "impl='gluon' needs q, k and v_t in strides tensor-memory copies can read"
+    return None
+
+
+def sparse_attention_fp8_ws(q: torch.Tensor, k: torch.Tensor, v_t: torch.Tensor,
+                            layout: BlockLayout, descales: tuple[torch.Tensor, ...],
+                            sm_scale: float, return_lse: bool = True,
+                            out_dtype: torch.dtype = torch.bfloat16, stages: int = 2,
+                            boxes: int = 2) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`kernels.fp8.sparse_attention_fp8_fwd` for calls :func:`refusal` accepts:
+    ``boxes`` 64-key copies per kv tile (a config's ``block_n // 64``), ``stages`` kv tiles in
+    flight."""
+    batch, heads, seq_q, head_dim = q.shape
+    kv_heads, seq_k = k.shape[1], k.shape[2]
+    plan = tile_plan(layout, BLOCK_M, seq_k)
+    out = buffers.new_output((batch, seq_q, heads, head_dim), q, out_dtype).transpose(1, 2)
+    lse = buffers.new_output((batch, heads, seq_q) if return_lse else (1,), q, torch.float32)
+    first_tile = (seq_k - seq_q) // BLOCK_M
+    work = work_items(layout, seq_k, first_tile, batch, heads, boxes, _sm_count(q.device),
+                      q.device)
+    q_descale, k_descale, v_descale = descales
+    grid = (len(work.starts) - 1,)  # persistent: one program per SM
+    # Tensor-memory stores skip rows past the end; rows before the first query only come with
+    # a first tile that starts before it, which the pointer stores take.
+    tma_store = (out_dtype in (torch.bfloat16, torch.float16) and (seq_k - seq_q) % BLOCK_M == 0
+                 and tma_compatible(out))
+    o_desc = (_descriptor(out, BLOCK_M // 2, 128 // out.element_size()) if tma_store
+              else _descriptor(k, BOX_N, head_dim))
+    _sparse_attn_fwd_fp8_ws[grid](
+        _descriptor(q, BLOCK_M, head_dim), _descriptor(k, BOX_N, head_dim),
+        _descriptor(mma_key_order(v_t), head_dim, BOX_N, swizzle=64), o_desc, out, lse,
+        work.items, work.starts, work.kv_block, work.row_bits, q_descale, k_descale, v_descale,
+        *out.stride(), *q_descale.stride(), *k_descale.stride(), *v_descale.stride(),
+        heads, heads // kv_heads, seq_q, seq_k, plan.tiles - first_tile, first_tile,
+        qk_scale(sm_scale),
+        BLOCK_M=BLOCK_M, HEAD_DIM=head_dim, BLOCK_SIZE=layout.block_size,
+        IS_CAUSAL=layout.causal, RETURN_LSE=return_lse, BOXES=boxes, STAGES=stages,
+        TMA_STORE=tma_store, num_warps=4, maxnreg=MAX_REGS,
+    )
+    return out, (lse if return_lse else None)
