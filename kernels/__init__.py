@@ -33,6 +33,8 @@ from .fp8 import (
                         GLUON_FP8_DEFAULT,
                         fp8_config_problems,
                         fp8_default_config,
+                        fp8_gluon_unavailable,
+                        fp8_triton_default,
                         resolve_fp8_config,
 )
 from .inference import (
@@ -112,6 +114,8 @@ __all__ = [
     "dequantize_fp8",
     "fp8_config_problems",
     "fp8_default_config",
+    "fp8_gluon_unavailable",
+    "fp8_triton_default",
     "gluon_unavailable",
     "group_plan",
     "kept_pairs",

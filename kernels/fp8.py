@@ -62,7 +62,8 @@ from .fwd_tile import _normalise, _store_rows
 from .layout import BlockLayout
 
 __all__ = ["FP8_DTYPE", "GLUON_FP8_DEFAULT", "fp8_config_problems", "fp8_default_config",
-           "fp8_triton_default", "resolve_fp8_config", "sparse_attention_fp8"]
+           "fp8_gluon_unavailable", "fp8_triton_default", "resolve_fp8_config",
+           "sparse_attention_fp8"]
 
 FP8_DTYPE = torch.float8_e4m3fn
 # e4m3's largest finite value and its smallest normal one.
@@ -318,11 +319,17 @@ def _gluon_problems(config: LaunchConfig, block_size: int, head_dim: int) -> lis
     return problems
 
 
+def fp8_gluon_unavailable(device: torch.device) -> str | None:
+    """Why the Gluon fp8 kernel cannot run on ``device`` (None: it can); a Gluon config then
+    runs the Triton kernel at :func:`fp8_triton_default`."""
+    return fp8_ws.unavailable(device)
+
+
 def fp8_default_config(device: torch.device, block_size: int, head_dim: int) -> LaunchConfig:
     """The fp8 forward's config where no tuned one applies: on Hopper with Gluon, and a block
     size and head_dim it takes, :data:`GLUON_FP8_DEFAULT`; else :func:`fp8_triton_default`."""
-    if (device.type == "cuda" and fp8_ws.GLUON and torch.cuda.is_available()
-            and torch.cuda.get_device_capability(device)[0] == 9
+    if (device.type == "cuda" and torch.cuda.is_available()
+            and fp8_gluon_unavailable(device) is None
             and not _gluon_problems(GLUON_FP8_DEFAULT, block_size, head_dim)):
         return GLUON_FP8_DEFAULT
     return fp8_triton_default(device, block_size, head_dim)

@@ -444,16 +444,29 @@ def mma_key_order(v_t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+_NOT_CUDA = "impl='gluon' runs on a CUDA GPU, not in the interpreter"
+
+
+def _gpu_refusal(device: torch.device) -> str | None:
+    if torch.cuda.get_device_capability(device)[0] != 9:
+        return "impl='gluon' runs on Hopper (compute capability 9.x) only"
+    if not GLUON:
+        return f"impl='gluon' needs Gluon, which triton {triton.__version__} does not have"
+    return None
+
+
+def unavailable(device: torch.device) -> str | None:
+    """Why this kernel cannot run on ``device`` at all (None: it can)."""
+    return _NOT_CUDA if device.type != "cuda" else _gpu_refusal(device)
+
+
 def refusal(q: torch.Tensor, k: torch.Tensor, v_t: torch.Tensor, layout: BlockLayout
             ) -> str | None:
     """Why this kernel cannot take the call (None: it can); :mod:`kernels.fp8`'s Triton kernel
     takes the rest."""
-    if not q.is_cuda:
-        return "impl='gluon' runs on a CUDA GPU, not in the interpreter"
-    if torch.cuda.get_device_capability(q.device)[0] != 9:
-        return "impl='gluon' runs on Hopper (compute capability 9.x) only"
-    if not GLUON:
-        return f"impl='gluon' needs Gluon, which triton {triton.__version__} does not have"
+    why = _gpu_refusal(q.device) if q.is_cuda else _NOT_CUDA
+    if why:
+        return why
     if q.shape[3] not in (64, 128):
         return f"impl='gluon' needs head_dim 64 or 128, got {q.shape[3]}"
     if layout.block_size % BOX_N or not (layout.block_size % BLOCK_M == 0

@@ -147,3 +147,19 @@ def test_fp8_rows_count_one_byte_an_input_and_twice_the_matrix_rate(tmp_path: Pa
     assert sol.row_bytes(fp8, layout, "pattern") == q_elems + 2 * q_elems + kv_elems
     assert metrics.peak_tflops("NVIDIA H200", FP8) == 2 * metrics.peak_tflops("NVIDIA H200",
                                                                               "bfloat16")
+
+
+@needs_interpreter
+def test_a_gluon_config_where_gluon_cannot_run_names_the_kernel_that_ran(tmp_path: Path) -> None:
+    """In the interpreter a spec asking for the Gluon fp8 kernel gets the Triton one, and its row
+    says so rather than naming a config that never ran."""
+    (row, _math) = sorted(_run(tmp_path, dtype="fp8", head_dim=64,
+                               config={"block_m": 128, "block_n": 128, "num_warps": 4,
+                                       "num_stages": 2, "impl": "gluon"},
+                               patterns=[{"type": "local_stride", "block_size": 64,
+                                          "local_blocks": 2, "vert_stride": 2}]),
+                          key=lambda r: r.provider)
+    assert row.provider == "dkbench" and row.status == "ok", row.message
+    assert not row.config.startswith("gluon") and row.config.endswith("e4m3 per head")
+    assert row.config_source == ("explicit; impl='gluon' runs on a CUDA GPU, not in the "
+                                 "interpreter, the Triton kernel's default runs")

@@ -23,6 +23,8 @@ from kernels import (
     LaunchConfig,
     dequantize_fp8,
     fp8_config_problems,
+    fp8_gluon_unavailable,
+    fp8_triton_default,
     quantize_fp8,
     resolve_fp8_config,
     sparse_attention_fp8,
@@ -99,6 +101,11 @@ def prepare_fp8(case: Case, layout: BlockLayout, sweep: Sweep, device: torch.dev
     if problems:
         raise ValueError(f"launch config {main.short()} cannot run the fp8 forward: "
                          + "; ".join(problems))
+    why = fp8_gluon_unavailable(device) if main.impl == "gluon" else None
+    if why:
+        # What the kernel runs, so that the row names the config that was timed.
+        main = fp8_triton_default(device, layout.block_size, case.head_dim)
+        source = f"{source}; {why}, the Triton kernel's default runs"
     tile_plan(layout, main.block_m, case.seqlen)  # index forms outside the timed region
     _build_time_quantisation(case, device)
     quantised = _Quantised()
