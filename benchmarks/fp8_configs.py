@@ -65,8 +65,9 @@ def measure(seqlen: int) -> list[dict]:
     for _ in range(ROUNDS):
         for name, fn in variants.items():
             times[name].append(triton.testing.do_bench(fn, warmup=25, rep=REP_MS))
+    # The speedup is the inverse of the median per-round ratio of times, as the harness's.
     return [dict(seqlen=seqlen, variant=name, ms=statistics.median(t),
-                 speedup_vs_bf16=statistics.median(b / a for a, b in zip(t, times["bf16"])),
+                 speedup_vs_bf16=1 / statistics.median(a / b for a, b in zip(t, times["bf16"])),
                  rel_diff_vs_triton_fp8=diff.get(name))
             for name, t in times.items()]
 

@@ -391,3 +391,16 @@ def test_mma_key_order_matches_the_kernels_p_columns(seq: int) -> None:
     want = p[:, :seq] @ v_t.double().transpose(-1, -2)
     got = reorder(p) @ ordered.double().transpose(-1, -2)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_the_fp8_configs_benchmark_times_valid_configs() -> None:
+    """benchmarks/fp8_configs.py (GPU only) imports what it uses, and every Gluon config it
+    times runs the Gluon kernel at phi-3's block size and head_dim."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "fp8_configs.py"
+    spec = importlib.util.spec_from_file_location("fp8_configs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.GLUON and all(fp8_config_problems(c, 64, 128) == [] and c.impl == "gluon"
+                                for c in module.GLUON.values())
