@@ -457,7 +457,11 @@ def _gpu_refusal(device: torch.device) -> str | None:
 
 def unavailable(device: torch.device) -> str | None:
     """Why this kernel cannot run on ``device`` at all (None: it can)."""
-    return _NOT_CUDA if device.type != "cuda" else _gpu_refusal(device)
+    if device.type != "cuda":
+        return _NOT_CUDA
+    if not torch.cuda.is_available():
+        return "impl='gluon' needs a CUDA GPU, and torch sees none"
+    return _gpu_refusal(device)
 
 
 def refusal(q: torch.Tensor, k: torch.Tensor, v_t: torch.Tensor, layout: BlockLayout

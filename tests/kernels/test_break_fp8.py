@@ -101,3 +101,32 @@ def test_descales_whose_scores_pass_float32_are_refused(magnitude: float) -> Non
     x = quantize_fp8(q * magnitude, -k.abs() * magnitude, v)
     with pytest.raises(ValueError, match="would pass the fp8 kernel's float32 range"):
         sparse_attention_fp8(x.q, x.k, x.v_t, _layout(), x.q_descale, x.k_descale, x.v_descale)
+
+
+def test_the_gluon_questions_answer_on_a_machine_without_a_gpu() -> None:
+    """Asking about the Gluon fp8 kernel for a CUDA device torch cannot see says why, and the
+    default config is the Triton one, rather than torch's error."""
+    cuda = torch.device("cuda")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    assert "torch sees none" in kernels.fp8_gluon_unavailable(cuda)
+    assert "interpreter" in kernels.fp8_gluon_unavailable(torch.device("cpu"))
+    assert kernels.fp8_default_config(cuda, 64, 128) == kernels.fp8_triton_default(cuda, 64, 128)
+
+
+def test_a_gluon_config_in_the_interpreter_runs_the_triton_kernel() -> None:
+    layout = local_stride_layout(2, 128, 64, 1, 1)
+    x = quantize_fp8(*_qkv(seq=128, dim=64), "head")
+    args = (x.q, x.k, x.v_t, layout, x.q_descale, x.k_descale, x.v_descale)
+    got = sparse_attention_fp8(*args, config=kernels.GLUON_FP8_DEFAULT)
+    want = sparse_attention_fp8(*args, config=kernels.fp8_triton_default(x.q.device, 64, 64))
+    assert torch.equal(got, want)
+
+
+def test_an_invalid_gluon_config_is_refused_with_every_reason(no_launch) -> None:
+    x = quantize_fp8(*_qkv(seq=64, dim=16), "head")
+    with pytest.raises(ValueError, match=r"invalid launch config gluon-m64n32w8s2: block_m=64 "
+                                         r"must be 128.*block_n=32 must be 64 or 128.*"
+                                         r"num_warps=8.*sparse block size.*head_dim 64 or 128"):
+        sparse_attention_fp8(x.q, x.k, x.v_t, _layout(seq=64), x.q_descale, x.k_descale,
+                             x.v_descale, config=kernels.LaunchConfig(64, 32, 8, 2, "gluon"))
