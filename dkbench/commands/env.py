@@ -3,6 +3,8 @@ calibrated speed of light."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -15,6 +17,31 @@ from ..spec.sweep import DEVICES
 from .errors import fail
 
 console = Console()
+
+
+class CalibrationFailed(DkbenchError):
+    """The GPU could not be measured (out of memory, a CUDA error), or the measurement not kept."""
+
+    exit_code = 1
+
+
+def check_calibration_target(path: Path) -> None:
+    """BadInputError when ``--calibrate`` could not keep what it measures at ``path``: said before
+    the ten seconds of measuring, not after."""
+    from kernels import ENV_VAR, default_cache_path
+
+    from ..measure import calibrate
+
+    cache = default_cache_path()
+    if os.environ.get(ENV_VAR) and cache.is_dir():
+        # calibration.json goes beside the config cache file, so here beside this directory.
+        raise BadInputError(f"{ENV_VAR}={cache} is a directory; allowed: the config cache's file "
+                            f"path, e.g. {cache / 'configs.json'}")
+    try:
+        calibrate.check_writable(path)
+    except OSError as exc:
+        raise BadInputError(f"--calibrate: {exc}; set {ENV_VAR} to a file in a writable "
+                            "directory") from None
 
 
 def check_device_flag(device: str) -> None:
@@ -60,9 +87,22 @@ def env(
         console.print(f"calibration: {escape(reason)}", highlight=False)
         return
     path = calibrate.calibration_path()
+    saved = True
     if measure:
+        try:
+            check_calibration_target(path)
+        except DkbenchError as exc:
+            raise fail(exc) from None
         console.print("Calibrating (about 10 s)...")
-        cal = calibrate.load_or_calibrate(dev, path, force=True)
+        try:
+            cal = calibrate.load_or_calibrate(dev, path, force=True)
+        except (RuntimeError, OSError) as exc:  # torch's CUDA errors (OOM included) are these
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise fail(CalibrationFailed(f"--calibrate: calibrating failed: "
+                                         f"{type(exc).__name__}: {first}")) from None
+        # load_or_calibrate warns and goes on when the write fails (a full disk): do not show the
+        # file as holding what it does not.
+        saved = calibrate.stored(dev, path) == cal
     else:
         cal = calibrate.stored(dev, path)
         if cal is None:
@@ -70,6 +110,9 @@ def env(
                           "make one with `dkbench env --calibrate`", highlight=False)
             return
     measured = Table(title="calibration", show_header=False)
-    for label, value in calibrate.summary_rows(cal) + [("file", str(path))]:
+    file_row = str(path) if saved else f"{path} (NOT saved: see the warning above)"
+    for label, value in calibrate.summary_rows(cal) + [("file", file_row)]:
         measured.add_row(label, escape(value))
     console.print(measured)
+    if not saved:
+        raise fail(CalibrationFailed(f"--calibrate: measured, but could not write {path}"))

@@ -18,9 +18,11 @@ from ..gate.compare import (
     SKIPPED,
     GateResult,
     parse_tolerance,
+    results_csv,
     run_gate,
 )
 from ..gate.render import TABLE_HEADER, table_rows, to_markdown
+from ..results.schema import META_FILE
 from .errors import fail
 
 _STYLES = {FAILED: "bold red", REGRESSION: "bold red", IMPROVED: "green", SKIPPED: "yellow"}
@@ -90,12 +92,13 @@ def gate(
     skipped on either side, never failed: rerun it."""
     try:
         if markdown is not None:
-            _check_markdown(markdown)
+            _check_markdown(markdown, (current, baseline))
         result = run_gate(
             current, baseline, metric=metric, against=against,
             tolerance=parse_tolerance(tolerance),
             providers=providers.split(",") if providers is not None else None,
             fail_on_missing=fail_on_missing)
+        _check_not_itself(current, baseline)
         _render(result, Console())
         if markdown is not None:
             try:
@@ -111,11 +114,28 @@ def gate(
         raise typer.Exit(code=RegressionError.exit_code)
 
 
-def _check_markdown(path: Path) -> None:
+def _check_not_itself(current: Path, baseline: Path) -> None:
+    """Refuse a run gated against itself: every row equals its baseline, so the gate would pass
+    whatever the run measured (a CI variable left unset, the same path pasted twice)."""
+    csv_path = results_csv(current)
+    if csv_path.resolve() == results_csv(baseline).resolve():
+        raise BadInputError(f"current {current} and --baseline {baseline} are the same results "
+                            f"file ({csv_path}): a run compared with itself always passes; give "
+                            "as --baseline the run to compare against")
+
+
+def _check_markdown(path: Path, inputs: tuple[Path, Path]) -> None:
     """Refuse a --markdown that cannot be written before anything is read (and not only after
-    the table has been printed)."""
+    the table has been printed), or that names a file of the runs being gated."""
     if path.is_dir():
         raise BadInputError(f"--markdown {path}: is a directory; give the file to write")
+    for given in inputs:
+        csv_path = results_csv(given)
+        # Writing the table there would replace the run's rows (or its meta.json) with Markdown.
+        for owned in (csv_path, csv_path.parent / META_FILE):
+            if path.resolve() == owned.resolve():
+                raise BadInputError(f"--markdown {path}: is {owned}, a file of the run {given} "
+                                    "being gated; pick another file for the Markdown")
     parent = path.parent
     if not parent.is_dir():
         what = "is a file" if parent.exists() else "does not exist"

@@ -9,7 +9,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ..errors import DkbenchError
+from ..errors import BadInputError, DkbenchError
+from ..results.schema import RESULTS_FILE
 from .errors import fail
 
 
@@ -29,6 +30,7 @@ def merge(
 
     console, err_console = Console(), Console(stderr=True)
     try:
+        _check_out_apart(run_dirs, out)
         result = merge_runs(run_dirs, out, force=force)
     except DkbenchError as exc:
         raise fail(exc) from None
@@ -37,3 +39,19 @@ def merge(
     shards = f" (shards {', '.join(result.shards)})" if result.shards else ""
     console.print(f"Merged {result.rows} rows from {result.sources} run directories{shards} into "
                   f"[bold]{escape(str(out))}[/bold]", highlight=False)
+
+
+def _check_out_apart(run_dirs: list[Path], out: Path) -> None:
+    """Refuse an --out inside a RUN_DIR, or the folder that holds one: the merged run would sit in
+    a shard's run directory (deleted with it, listed as its sub-run), or turn the folder of runs
+    around a shard into a run as well, which gate, plot and --resume then read as that run."""
+    target = out.resolve()
+    # Only real runs: a RUN_DIR that is none is refused by merge_runs, with the reason.
+    for run_dir in (d for d in run_dirs if (d / RESULTS_FILE).is_file()):
+        source = run_dir.resolve()
+        if source in target.parents:
+            raise BadInputError(f"--out {out}: is inside the RUN_DIR {run_dir}; give a new "
+                                "directory outside every RUN_DIR")
+        if source.parent == target:
+            raise BadInputError(f"--out {out}: holds the RUN_DIR {run_dir}; give a new "
+                                "directory outside every RUN_DIR")

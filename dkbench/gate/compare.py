@@ -208,7 +208,7 @@ class _Table:
 def load_table(path: Path, label: str, required: Sequence[str]) -> _Table:
     """Read a run directory or CSV, check its columns, and index its rows by case key."""
     path = Path(path)
-    csv_path = path / RESULTS_FILE if path.is_dir() else path
+    csv_path = results_csv(path)
     if not csv_path.is_file():
         raise BadInputError(f"{label} {path}: {_not_a_run(path)}")
     try:
@@ -233,6 +233,12 @@ def load_table(path: Path, label: str, required: Sequence[str]) -> _Table:
     notes = throttle_notes(list(rows.values()))
     throttled = {key: note for key, note in zip(rows, notes) if note is not None}
     return _Table(label, csv_path, rows, throttled)
+
+
+def results_csv(path: Path) -> Path:
+    """The results CSV the gate reads for ``path``: a run directory's results.csv, or the file."""
+    path = Path(path)
+    return path / RESULTS_FILE if path.is_dir() else path
 
 
 def _not_a_run(path: Path) -> str:
@@ -407,9 +413,15 @@ def _notes(base: _Table, cur: _Table, metric: str) -> list[str]:
                          "not from a GPU")
     gpus = [sorted({_key_text(r.get("gpu", "")) for r in t.rows.values()} - {""})
             for t in (base, cur)]
-    if metric != "speedup" and gpus[0] and gpus[1] and gpus[0] != gpus[1]:
-        notes.append(f"absolute {metric} compared across GPUs ({', '.join(gpus[0])} vs "
-                     f"{', '.join(gpus[1])}); --metric speedup is robust to that")
+    if gpus[0] and gpus[1] and gpus[0] != gpus[1]:
+        across = f"compared across GPUs ({', '.join(gpus[0])} vs {', '.join(gpus[1])})"
+        if metric == "speedup":
+            # The ratio cancels a slower machine of one model, not another model: a kernel's
+            # speedup over a library differs between GPU generations.
+            notes.append(f"speedup {across}: a kernel's speedup differs between GPU models; "
+                         "gate against a baseline from the same GPU")
+        else:
+            notes.append(f"absolute {metric} {across}; --metric speedup is robust to that")
     return notes
 
 
@@ -423,6 +435,12 @@ def run_gate(current: Path, baseline: Path, *, metric: str = "speedup",
         raise BadInputError(f"--against {against}: applies to --metric speedup only "
                             f"(--metric {metric} is not measured against a provider); leave it "
                             "out")
+    if METRICS[metric] and tolerance >= 1:
+        # A higher-is-better value falls by at most 100% (to 0): no row could ever fail.
+        raise BadInputError(f"--tolerance {tolerance * 100:g}% with --metric {metric}: no drop "
+                            "of a higher-is-better metric can exceed 100%, so the gate could "
+                            "never fail; give a percentage from 0 to below 100 (or gate on "
+                            "--metric ms, which may rise without bound)")
     required = [*KEY_COLUMNS, *_TIMING_COLUMNS]
     if metric == "tflops":
         required.append("tflops")

@@ -8,12 +8,17 @@ best-config cache, ``calibration.json``, holds one entry per (gpu, capability, t
 
 A file that cannot be read is warned about (``CalibrationWarning``) and replaced by the next
 measurement; a file that cannot be written is warned about and the measurement used anyway.
+Unreadable includes an entry filed under a key that is not its own (another GPU's numbers) and a
+rate that is not a positive finite number. A directory in the file's place is warned about and
+never read or replaced.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import stat
 import statistics
 import uuid
 import warnings
@@ -25,8 +30,9 @@ from pathlib import Path
 import torch
 import triton
 
-__all__ = ["Calibration", "CalibrationWarning", "calibrate", "calibration_path", "copy_gbs",
-           "load_or_calibrate", "stored", "summary_rows", "tflops", "unavailable_reason"]
+__all__ = ["Calibration", "CalibrationWarning", "calibrate", "calibration_path", "check_writable",
+           "copy_gbs", "load_or_calibrate", "stored", "summary_rows", "tflops",
+           "unavailable_reason"]
 
 FORMAT_VERSION = 1
 MATMUL_N = 8192
@@ -59,18 +65,39 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, d: dict) -> Calibration:
-        """Raises KeyError, TypeError or ValueError on an entry of the wrong shape."""
+        """Raises KeyError, TypeError or ValueError on an entry of the wrong shape, including a
+        rate that is not a positive finite number (a zero bandwidth would divide by zero in the
+        speed of light; a NaN or negative one would make every sol_pct a lie)."""
         clock = d["sm_clock_mhz"]
+        rates = d["matmul_tflops"]
+        if not isinstance(rates, dict):
+            raise TypeError(f"matmul_tflops is {_short(rates)}; allowed: an object of "
+                            "dtype -> TFLOP/s")
         return cls(gpu=str(d["gpu"]), capability=str(d["capability"]), torch=str(d["torch"]),
                    triton=str(d["triton"]),
-                   matmul_tflops={str(k): float(v) for k, v in dict(d["matmul_tflops"]).items()},
-                   copy_gbs=float(d["copy_gbs"]),
-                   sm_clock_mhz=None if clock is None else float(clock),
+                   matmul_tflops={str(k): _rate(f"matmul_tflops.{k}", v)
+                                  for k, v in rates.items()},
+                   copy_gbs=_rate("copy_gbs", d["copy_gbs"]),
+                   sm_clock_mhz=None if clock is None else _rate("sm_clock_mhz", clock),
                    measured_at=str(d["measured_at"]))
 
     @property
     def key(self) -> str:
         return _key(self.gpu, self.capability, self.torch, self.triton)
+
+
+def _short(value: object) -> str:
+    text = json.dumps(value) if isinstance(value, (bool, int, float, list, dict)) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _rate(name: str, value: object) -> float:
+    """``value`` as a positive finite float; ValueError naming ``name`` otherwise."""
+    # bool is an int to Python, but true is no measurement.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} is {_short(value)}; allowed: a positive finite number")
+    return float(value)
 
 
 # -- arithmetic ------------------------------------------------------------------------------
@@ -90,7 +117,9 @@ def copy_gbs(nbytes: int, ms: float) -> float:
 def summary_rows(cal: Calibration) -> list[tuple[str, str]]:
     """(label, value) pairs for a table of ``cal``."""
     rows = [(f"matmul {dtype} TFLOP/s", f"{rate:.1f}") for dtype, rate in cal.matmul_tflops.items()]
-    clock = ("n/a (no NVML: pip install nvidia-ml-py)" if cal.sm_clock_mhz is None
+    # None is also NVML installed but unable to read the clock (permissions, a MIG slice).
+    clock = ("n/a (NVML could not read it; pip install nvidia-ml-py if it is missing)"
+             if cal.sm_clock_mhz is None
              else f"{cal.sm_clock_mhz:.0f}")
     return rows + [("copy GB/s", f"{cal.copy_gbs:.0f}"), ("SM clock MHz", clock),
                    ("gpu", f"{cal.gpu} (sm {cal.capability})"), ("measured at", cal.measured_at)]
@@ -226,13 +255,27 @@ def calibration_path() -> Path:
 
 def _read(path: Path) -> dict[str, dict]:
     """The file's entries; {} when it is missing, and {} with a warning when it is unusable."""
+    if path.is_dir():
+        # No write can replace a directory (os.replace refuses): do not promise one.
+        warnings.warn(CalibrationWarning(
+            f"calibration file {path} is a directory; it is ignored (allowed: a calibration "
+            "file or nothing there)", path), stacklevel=3)
+        return {}
     try:
         data = json.loads(path.read_bytes().decode("utf-8"))
-        if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION:
+        # `is int`: true == 1 in Python, and 1.0 is no format number a writer here makes.
+        if not isinstance(data, dict) or type(data.get("format")) is not int or \
+                data["format"] != FORMAT_VERSION:
             raise ValueError(f"not a format-{FORMAT_VERSION} calibration file")
         entries = data["entries"]
-        for entry in entries.values():
-            Calibration.from_dict(entry)
+        if not isinstance(entries, dict):
+            raise TypeError(f"entries is {_short(entries)}; allowed: an object")
+        for key, entry in entries.items():
+            # Entries are looked up by key: one filed under another GPU's (or torch's) key would
+            # pass that GPU's numbers off as this one's.
+            own = Calibration.from_dict(entry).key
+            if own != key:
+                raise ValueError(f"the entry under {key!r} was measured on {own!r}")
         return dict(entries)
     except FileNotFoundError:
         return {}
@@ -243,8 +286,34 @@ def _read(path: Path) -> dict[str, dict]:
         return {}
 
 
+def check_writable(path: Path) -> None:
+    """Raise OSError naming ``path`` when a write there would fail, for a caller that should fail
+    before ten seconds of measuring rather than after."""
+    try:
+        st = os.stat(path)  # through a symlink, as a write goes
+    except OSError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise OSError(f"cannot write the calibration file {path}: it is {kind}; allowed: a "
+                      "regular file or nothing there")
+    probe = _target(path).parent
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise OSError(f"cannot write the calibration file {path}: {probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OSError(f"cannot write the calibration file {path}: {probe} is not writable")
+
+
+def _target(path: Path) -> Path:
+    # Through a symlink to the file it names: replacing the link would cut it loose.
+    return Path(os.path.realpath(path)) if os.path.islink(path) else path
+
+
 def _write(path: Path, entries: dict[str, dict]) -> None:
     """Write atomically: a temp file beside ``path``, then os.replace; raises OSError."""
+    path = _target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
@@ -255,6 +324,12 @@ def _write(path: Path, entries: dict[str, dict]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    if os.name == "posix":  # makes the rename itself survive a power cut
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def stored(device: torch.device, path: Path | None = None) -> Calibration | None:
@@ -277,6 +352,9 @@ def load_or_calibrate(device: torch.device, path: Path | None = None,
     if entry is not None and not force:
         return Calibration.from_dict(entry)
     cal = calibrate(device)
+    # Re-read after the ten seconds of measuring: another process (another GPU's run) may have
+    # written its entry meanwhile, and writing the earlier read back would drop it.
+    entries = _read(path)
     entries[cal.key] = cal.as_dict()
     try:
         _write(path, entries)
