@@ -116,28 +116,17 @@ if GLUON:
             i += 1
 
     @gluon.jit
-    def _issue_scores(q_op, k_bufs, k_ready, j, s_layout: gl.constexpr):
-        """Wait for step ``j``'s k tile and start q kᵀ over it (not waited for)."""
-        stages: gl.constexpr = k_bufs.shape[0]
+    def _issue_product(a_op, bufs, ready, j, layout: gl.constexpr):
+        """Wait for step ``j``'s tile in ``bufs`` (k, or vᵀ) and start ``a_op`` times its
+        transpose from zero, K-major on both sides (not waited for): q kᵀ, or p v."""
+        stages: gl.constexpr = bufs.shape[0]
         # Shapes through constexpr names: triton 3.6 cannot build a shape from .shape items.
-        rows: gl.constexpr = q_op.shape[0]
-        keys: gl.constexpr = k_bufs.shape[1]
-        zero = gl.zeros([rows, keys], gl.float32, s_layout)
+        rows: gl.constexpr = a_op.shape[0]
+        cols: gl.constexpr = bufs.shape[1]
+        zero = gl.zeros([rows, cols], gl.float32, layout)
         s = j % stages
-        mbarrier.wait(k_ready.index(s), (j // stages) & 1)
-        return warpgroup_mma(q_op, k_bufs.index(s).permute((1, 0)), zero, use_acc=False,
-                             is_async=True)
-
-    @gluon.jit
-    def _issue_pv(p_op, v_bufs, v_ready, j, o_layout: gl.constexpr):
-        """Wait for step ``j``'s vᵀ tile and start p v from zero (not waited for)."""
-        stages: gl.constexpr = v_bufs.shape[0]
-        rows: gl.constexpr = p_op.shape[0]
-        dims: gl.constexpr = v_bufs.shape[1]
-        zero = gl.zeros([rows, dims], gl.float32, o_layout)
-        s = j % stages
-        mbarrier.wait(v_ready.index(s), (j // stages) & 1)
-        return warpgroup_mma(p_op, v_bufs.index(s).permute((1, 0)), zero, use_acc=False,
+        mbarrier.wait(ready.index(s), (j // stages) & 1)
+        return warpgroup_mma(a_op, bufs.index(s).permute((1, 0)), zero, use_acc=False,
                              is_async=True)
 
     @gluon.jit
@@ -248,7 +237,7 @@ if GLUON:
 
             mbarrier.wait(q_ready, i & 1)
             _take_turn(turns, turn, HALF)
-            qk = _issue_scores(q_op, k_bufs, k_ready, g, s_layout)
+            qk = _issue_product(q_op, k_bufs, k_ready, g, s_layout)
             mbarrier.arrive(turns.index(1 - HALF), count=1)
             qk = warpgroup_mma_wait(0, deps=(qk,))
             # A split pair (work_items moved it first and counts it unmasked) is masked whole.
@@ -258,8 +247,8 @@ if GLUON:
                 SUB_BLOCKS, IS_CAUSAL, s_layout, p_layout)
             for j in range(1, steps):
                 _take_turn(turns, turn + j, HALF)
-                qk = _issue_scores(q_op, k_bufs, k_ready, g + j, s_layout)
-                pv = _issue_pv(p, v_bufs, v_ready, g + j - 1, o_layout)
+                qk = _issue_product(q_op, k_bufs, k_ready, g + j, s_layout)
+                pv = _issue_product(p, v_bufs, v_ready, g + j - 1, o_layout)
                 mbarrier.arrive(turns.index(1 - HALF), count=1)
                 # wgmma groups retire in order: one left outstanding means q kᵀ is done.
                 qk = warpgroup_mma_wait(1, deps=(qk,))
@@ -272,7 +261,7 @@ if GLUON:
                 acc = (acc + pv) * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
             mbarrier.arrive(q_empty, count=1)  # every q kᵀ of this item is done
             _take_turn(turns, turn + steps, HALF)
-            pv = _issue_pv(p, v_bufs, v_ready, g + steps - 1, o_layout)
+            pv = _issue_product(p, v_bufs, v_ready, g + steps - 1, o_layout)
             mbarrier.arrive(turns.index(1 - HALF), count=1)
             pv = warpgroup_mma_wait(0, deps=(pv,))
             mbarrier.arrive(kv_empty.index((g + steps - 1) % stages), count=1)
@@ -333,9 +322,10 @@ if GLUON:
                                                                       k_desc.dtype)
         vt_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=64,
                                                        element_bitwidth=8, rank=2)
-        k_boxes = gl.allocate_shared_memory(k_desc.dtype, [STAGES * BOXES] + k_desc.block_type.shape,
+        slots: gl.constexpr = STAGES * BOXES  # one 64-key copy each
+        k_boxes = gl.allocate_shared_memory(k_desc.dtype, [slots] + k_desc.block_type.shape,
                                             k_desc.layout)
-        v_boxes = gl.allocate_shared_memory(v_desc.dtype, [STAGES * BOXES] + v_desc.block_type.shape,
+        v_boxes = gl.allocate_shared_memory(v_desc.dtype, [slots] + v_desc.block_type.shape,
                                             v_desc.layout)
         # Each consumer's 64 output rows, staged as 128-byte column chunks (one store box each).
         ROWS: gl.constexpr = BLOCK_M // 2
@@ -372,7 +362,8 @@ if GLUON:
         # runtime values.
         gl.warp_specialize([
             (_consumer_partition, (q_tile, k_bufs, v_bufs, o_desc, o_boxes, o_bufs, q_ready,
-                                   q_empty, k_ready, v_ready, kv_empty, turns, Items, Starts, KvBlock, RowBits, Out, Lse,
+                                   q_empty, k_ready, v_ready, kv_empty, turns, Items, Starts,
+                                   KvBlock, RowBits, Out, Lse,
                                    QDescale, KDescale, VDescale,
                                    stride_oz, stride_oh, stride_om, stride_ok,
                                    stride_qdz, stride_qdh, stride_kdz, stride_kdh,
@@ -381,7 +372,8 @@ if GLUON:
                                    qk_scale, BLOCK_M, HEAD_DIM, BLOCK_SIZE, IS_CAUSAL,
                                    RETURN_LSE, TMA_STORE, 0)),
             (_consumer_partition, (q_tile, k_bufs, v_bufs, o_desc, o_boxes, o_bufs, q_ready,
-                                   q_empty, k_ready, v_ready, kv_empty, turns, Items, Starts, KvBlock, RowBits, Out, Lse,
+                                   q_empty, k_ready, v_ready, kv_empty, turns, Items, Starts,
+                                   KvBlock, RowBits, Out, Lse,
                                    QDescale, KDescale, VDescale,
                                    stride_oz, stride_oh, stride_om, stride_ok,
                                    stride_qdz, stride_qdh, stride_kdz, stride_kdh,
@@ -420,7 +412,8 @@ def _mma_key_order_copy(Src, Dst, kv_heads, dim, seq, padded, stride_z, stride_h
     their reordered places in the contiguous ``Dst`` (rows of ``padded``), zeros past ``seq``."""
     row = tl.program_id(0)
     src = (Src + (row // (kv_heads * dim)).to(tl.int64) * stride_z
-           + ((row // dim) % kv_heads).to(tl.int64) * stride_h + (row % dim).to(tl.int64) * stride_d)
+           + ((row // dim) % kv_heads).to(tl.int64) * stride_h
+           + (row % dim).to(tl.int64) * stride_d)
     key = tl.program_id(1) * KEYS + tl.arange(0, KEYS)
     # Within a run of 32: bits b, c, d (2), e of the key go to b, d, c, e.
     pos = (key & ~31) | (key & 16) | ((key & 6) << 1) | ((key & 8) >> 2) | (key & 1)
