@@ -46,6 +46,9 @@ def check_heads(heads: int, kv_heads: int, dim: int, layout: BlockLayout) -> Non
         raise ValueError(f"head_dim must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {dim}")
     if not is_int(kv_heads):
         raise TypeError(f"kv_heads must be an int, got {type(kv_heads).__name__}")
+    # 0 is a multiple of every kv_heads: without this, q with no heads ran (an empty output).
+    if heads < 1:
+        raise ValueError(f"q has {heads} heads; a call needs at least one query head")
     if kv_heads < 1 or heads % kv_heads:
         raise ValueError(f"the number of query heads ({heads}) must be a multiple of the number of "
                          f"kv heads ({kv_heads})")

@@ -36,6 +36,25 @@ def _check_flag(name: str, value: bool) -> None:
         raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
 
 
+def _check_pattern_storage(pattern: torch.Tensor) -> None:
+    # A sparse (or other non-strided) tensor has no dense values for ``~``, slicing and nonzero.
+    if pattern.layout != torch.strided:
+        raise TypeError(f"pattern must be a dense (strided) tensor, got {pattern.layout}; "
+                        "call .to_dense() first")
+
+
+def _check_3d(pattern: torch.Tensor) -> None:
+    if pattern.dim() != 3:
+        raise ValueError(f"pattern must be 3-D (heads, q_blocks, k_blocks), got shape "
+                         f"{tuple(pattern.shape)}")
+
+
+def _check_description(description: str) -> None:
+    if not isinstance(description, str):
+        raise TypeError(f"description must be a str, got {type(description).__name__} "
+                        f"{description!r}")
+
+
 def is_int(value) -> bool:
     """A Python or numpy integer, not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
@@ -49,7 +68,8 @@ def _check_int(name: str, value: int, low: int | None = None) -> None:
 
 
 def check_block_size(block_size: int, name: str = "block_size") -> None:
-    if not isinstance(block_size, int) or isinstance(block_size, bool):
+    # numpy ints pass, as they do for every other count; the constructors store int(block_size).
+    if not is_int(block_size):
         raise TypeError(f"{name} must be an int, got {type(block_size).__name__}")
     if block_size < MIN_BLOCK_SIZE or block_size & (block_size - 1):
         raise ValueError(f"{name} must be a power of two >= {MIN_BLOCK_SIZE}, got {block_size}")
@@ -80,11 +100,14 @@ class BlockLayout:
             raise TypeError(f"BlockLayout needs a bool pattern (heads, q_blocks, k_blocks), got "
                             f"{self.pattern.dtype} {tuple(self.pattern.shape)}; "
                             "BlockLayout.from_pattern takes integer 0/1 and 2-D patterns")
+        _check_pattern_storage(self.pattern)
         if 0 in self.pattern.shape:
             raise ValueError(f"pattern must not be empty, got shape {tuple(self.pattern.shape)}")
         check_device("pattern", self.pattern)
         check_block_size(self.block_size)
+        self.block_size = int(self.block_size)  # a numpy int would reach the kernels' constexprs
         _check_flag("causal", self.causal)
+        _check_description(self.description)
 
     @classmethod
     def from_pattern(cls, pattern: torch.Tensor, block_size: int, causal: bool = True,
@@ -92,8 +115,11 @@ class BlockLayout:
         """Validate a user pattern ``(heads or 1, q_blocks, k_blocks)`` (or 2-D for one head)."""
         check_block_size(block_size)
         _check_flag("causal", causal)
+        _check_flag("warn_kv_cache", warn_kv_cache)
+        _check_description(description)
         if not isinstance(pattern, torch.Tensor):
             raise TypeError(f"pattern must be a torch.Tensor, got {type(pattern).__name__}")
+        _check_pattern_storage(pattern)
         check_device("pattern", pattern)
         if pattern.dim() == 2:
             pattern = pattern[None]
@@ -102,6 +128,12 @@ class BlockLayout:
                 f"pattern must have shape (heads or 1, q_blocks, k_blocks), got {tuple(pattern.shape)}")
         if pattern.dtype.is_floating_point or pattern.dtype.is_complex:
             raise TypeError(f"pattern must be bool or integer 0/1, got {pattern.dtype}")
+        if pattern.dtype != torch.bool:
+            # A 2 or -1 is more likely a count or a -1 padding than a kept block: refuse it.
+            bad = pattern[(pattern != 0) & (pattern != 1)]
+            if bad.numel():
+                raise ValueError(f"pattern must hold only 0 and 1, got {bad[0].item()} "
+                                 f"({bad.numel()} entries neither 0 nor 1)")
         pattern = pattern != 0
         h, qb, kb = pattern.shape
         if h == 0 or qb == 0 or kb == 0:
@@ -148,12 +180,31 @@ class BlockLayout:
 
     @property
     def max_seqlen(self) -> int:
-        return self.k_blocks * self.block_size
+        """The longest key length :meth:`check_seqlen` takes: query blocks are absolute too, so
+        a pattern with fewer query than kv blocks covers only its query blocks' tokens."""
+        return min(self.q_blocks, self.k_blocks) * self.block_size
 
-    def to(self, device: torch.device | str) -> "BlockLayout":
+    def to(self, device: torch.device | str | int) -> "BlockLayout":
         """This layout on another device; the copy (and so its index forms) is kept and reused."""
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
+        if not isinstance(device, (torch.device, str)) and not is_int(device):
+            raise TypeError(f"device must be a torch.device, a str or an int, got "
+                            f"{type(device).__name__} {device!r}")
+        if is_int(device):
+            # An index names a CUDA device (the one accelerator the kernels run on); torch's
+            # own reading of it fails with a RuntimeError where no accelerator is present.
+            _check_int("device", device, 0)
+            device = torch.device("cuda", int(device))
+        try:
+            device = torch.device(device)
+        except RuntimeError as exc:  # torch refuses a bad device string with a RuntimeError
+            raise ValueError(f"device {device!r} is not a device torch knows ({exc})") from exc
+        if device.type == "cpu":
+            device = torch.device("cpu")  # "cpu:0" is the one CPU device, as torch stores it
+        elif device.type == "cuda" and not torch.cuda.is_available():
+            # torch's own failure here is an AssertionError ("not compiled with CUDA").
+            raise ValueError(f"device {device} is not available: torch.cuda.is_available() is "
+                             "False")
+        elif device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         if self.pattern.device == device:
             return self
@@ -170,8 +221,13 @@ class BlockLayout:
         return self._plans["hash"]
 
     def check_seqlen(self, seq_k: int, seq_q: int | None = None) -> None:
-        """Raise ValueError unless the pattern covers ``seq_k`` keys and ``seq_q`` <= ``seq_k``."""
+        """Raise ValueError unless the pattern covers ``seq_k`` keys and ``seq_q`` <= ``seq_k``
+        (TypeError for a length that is not an int)."""
         seq_q = seq_k if seq_q is None else seq_q
+        # A float (or bool) length would pass the comparisons below and break token_mask's
+        # indexing; a str or None would fail inside them.
+        _check_int("seq_k", seq_k)
+        _check_int("seq_q", seq_q)
         if seq_k < 1 or seq_q < 1:
             raise ValueError(f"sequence lengths must be >= 1, got q={seq_q}, k={seq_k}")
         if seq_q > seq_k:
@@ -187,6 +243,7 @@ class BlockLayout:
     def density(self, seq_k: int, seq_q: int | None = None) -> float:
         """Share of the (causal, if causal) token pairs the pattern keeps, for these lengths."""
         seq_q = seq_k if seq_q is None else seq_q
+        self.check_seqlen(seq_k, seq_q)  # first, so that its errors name the lengths
         total = causal_pairs(seq_q, seq_k) if self.causal else seq_q * seq_k
         return kept_pairs(self, seq_k, seq_q) / total
 
@@ -197,8 +254,19 @@ class BlockLayout:
         return self._plans[key]
 
 
+def _check_layout(layout: BlockLayout) -> None:
+    if not isinstance(layout, BlockLayout):
+        raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
+
+
 def causal_pairs(seq_q: int, seq_k: int) -> int:
     """Number of (query, key) pairs with key <= query when queries are the last seq_q positions."""
+    # More queries than keys has no such placement: the offset would go negative.
+    _check_int("seq_q", seq_q, 0)
+    _check_int("seq_k", seq_k, 0)
+    if seq_q > seq_k:
+        raise ValueError(f"seq_q must be <= seq_k (queries are the last positions), got "
+                         f"{seq_q} > {seq_k}")
     offset = seq_k - seq_q
     return seq_q * (offset + 1) + seq_q * (seq_q - 1) // 2
 
@@ -206,6 +274,7 @@ def causal_pairs(seq_q: int, seq_k: int) -> int:
 def kept_pairs(layout: BlockLayout, seq_k: int, seq_q: int | None = None) -> float:
     """Mean over pattern heads of the (query, key) token pairs the pattern keeps, causal mask
     included, counted per block without building the token mask (cheap at any length)."""
+    _check_layout(layout)
     seq_q = seq_k if seq_q is None else seq_q
     layout.check_seqlen(seq_k, seq_q)
     bs, nb = layout.block_size, math.ceil(seq_k / layout.block_size)
@@ -227,6 +296,7 @@ def kept_pairs(layout: BlockLayout, seq_k: int, seq_q: int | None = None) -> flo
 
 def token_mask(layout: BlockLayout, seq_k: int, seq_q: int | None = None) -> torch.Tensor:
     """The token-level bool mask ``(pattern_heads, seq_q, seq_k)``, causal mask included."""
+    _check_layout(layout)
     seq_q = seq_k if seq_q is None else seq_q
     layout.check_seqlen(seq_k, seq_q)
     bs = layout.block_size
@@ -241,6 +311,7 @@ def token_mask(layout: BlockLayout, seq_k: int, seq_q: int | None = None) -> tor
 
 def is_kv_cache_friendly(pattern: torch.Tensor) -> bool:
     """True when no later query block needs an off-diagonal kv block an earlier one dropped."""
+    _check_3d(pattern)
     p = pattern.to(torch.int8)
     qb, kb = p.shape[1], p.shape[2]
     # Only kv block j < i-1 counts: block i-1 may be the previous row's own diagonal.
@@ -257,7 +328,7 @@ def dense_layout(num_blocks: int, block_size: int, causal: bool = True) -> Block
     pattern = torch.ones(1, num_blocks, num_blocks, dtype=torch.bool)
     if causal:
         pattern = pattern.tril()
-    return BlockLayout(pattern, block_size, causal, f"dense(bs={block_size})")
+    return BlockLayout(pattern, block_size, causal, f"dense(bs={int(block_size)})")
 
 
 def local_stride_layout(num_heads: int, max_seq_len: int, block_size: int, local_blocks: int,
@@ -278,15 +349,22 @@ def local_stride_layout(num_heads: int, max_seq_len: int, block_size: int, local
     check_block_size(block_size)
     for name, value in (("num_heads", num_heads), ("max_seq_len", max_seq_len),
                         ("local_blocks", local_blocks), ("vert_stride", vert_stride)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not is_int(value) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    for name, value in (("num_kv_heads", num_kv_heads), ("head_sliding_step", head_sliding_step),
-                        ("head_sliding_offset", head_sliding_offset),
-                        ("num_dense_heads", num_dense_heads)):
+    # Only these two default to None; head_sliding_offset and num_dense_heads are ints.
+    for name, value in (("num_kv_heads", num_kv_heads), ("head_sliding_step", head_sliding_step)):
         if value is not None:
             _check_int(name, value)
+    _check_int("head_sliding_offset", head_sliding_offset)
+    _check_int("num_dense_heads", num_dense_heads)
     _check_flag("homo_head", homo_head)
     _check_flag("causal", causal)
+    # numpy ints pass the checks; plain ints keep the description and arithmetic plain.
+    num_heads, max_seq_len, block_size = int(num_heads), int(max_seq_len), int(block_size)
+    local_blocks, vert_stride = int(local_blocks), int(vert_stride)
+    head_sliding_offset, num_dense_heads = int(head_sliding_offset), int(num_dense_heads)
+    num_kv_heads = None if num_kv_heads is None else int(num_kv_heads)
+    head_sliding_step = None if head_sliding_step is None else int(head_sliding_step)
     if num_kv_heads is not None and (num_kv_heads < 1 or num_heads % num_kv_heads):
         raise ValueError(f"num_kv_heads must divide num_heads={num_heads}, got {num_kv_heads}")
     pattern_heads = 1 if homo_head else (num_kv_heads or num_heads)
@@ -322,8 +400,20 @@ def random_layout(heads: int, num_blocks: int, block_size: int, density: float, 
     _check_int("heads", heads, 1)
     _check_int("num_blocks", num_blocks, 1)
     _check_int("seed", seed)
+    # torch.Generator.manual_seed takes this range and fails with "Overflow" outside it.
+    if not -2**63 <= seed < 2**64:
+        raise ValueError(f"seed must be in [{-2**63}, {2**64 - 1}], got {seed}")
+    # A bool is no density (True read as 1.0); a str or None failed inside the comparison.
+    if (isinstance(density, torch.Tensor) and density.numel() == 1
+            and density.dtype.is_floating_point):
+        density = density.item()
+    if not isinstance(density, numbers.Real) or isinstance(density, bool):
+        raise TypeError(f"density must be a real number, got {type(density).__name__} "
+                        f"{density!r}")
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
+    check_block_size(block_size)
+    _check_flag("causal", causal)
     gen = torch.Generator().manual_seed(seed)
     pattern = torch.rand(heads, num_blocks, num_blocks, generator=gen) < density
     pattern |= torch.eye(num_blocks, dtype=torch.bool)
@@ -340,6 +430,7 @@ def to_csr(pattern: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     Offsets are per head; ``col_idx`` rows are padded with -1. Both int32.
     """
+    _check_3d(pattern)
     counts = pattern.sum(dim=2, dtype=torch.int32)
     row_ptr = torch.zeros(pattern.shape[0], pattern.shape[1] + 1, dtype=torch.int32,
                           device=pattern.device)
@@ -359,14 +450,17 @@ def to_csr(pattern: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def to_csc(pattern: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Kept q blocks per kv block (the backward's dk/dv form), same conventions as :func:`to_csr`."""
+    _check_3d(pattern)
     return to_csr(pattern.transpose(1, 2))
 
 
 def csr(layout: BlockLayout) -> tuple[torch.Tensor, torch.Tensor]:
     """Cached :func:`to_csr` of a layout."""
+    _check_layout(layout)
     return layout.cached(("csr", layout.pattern.device), lambda: to_csr(layout.pattern))
 
 
 def csc(layout: BlockLayout) -> tuple[torch.Tensor, torch.Tensor]:
     """Cached :func:`to_csc` of a layout."""
+    _check_layout(layout)
     return layout.cached(("csc", layout.pattern.device), lambda: to_csc(layout.pattern))

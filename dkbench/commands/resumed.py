@@ -3,15 +3,30 @@ records, checked as a run writes them, and the refusals of flags that would do n
 
 from __future__ import annotations
 
+import csv
+import io
 from pathlib import Path
 
 from ..errors import BadInputError
-from ..results.schema import META_FILE, RESULTS_FILE, meta_object, meta_value
+from ..results.runs import REQUIRED_COLUMNS
+from ..results.schema import (
+    META_FILE,
+    RESULTS_FILE,
+    meta_object,
+    meta_value,
+    read_results,
+    whole_rows_end,
+)
 
 
 def check_resume_out(resume: Path, out: Path | None) -> None:
     """--out with --resume: a resumed run writes into its own directory, so an --out elsewhere
     would do nothing; it is refused rather than ignored."""
+    if Path(resume).is_file():  # e.g. the run's results.csv, given for its directory
+        hint = (f" (--resume {Path(resume).parent})"
+                if Path(resume).name in (META_FILE, RESULTS_FILE) else "")
+        raise BadInputError(f"--resume {resume}: is a file; give the run directory that holds "
+                            f"{META_FILE} and {RESULTS_FILE}{hint}")
     if not any((resume / name).exists() for name in (META_FILE, RESULTS_FILE)):
         return  # not a run directory: --resume's own check says so
     if out is not None and Path(out).resolve() != Path(resume).resolve().parent:
@@ -32,11 +47,19 @@ def recorded_flags(resume: Path, providers: str | None, only: list[str] | None,
     return providers, only or list(recorded_only or []) or None, shard or recorded_shard
 
 
+def check_resumed_meta(resume: Path) -> None:
+    """Refuse a meta.json that cannot be read (not JSON, say, after a crash of the machine), with
+    the way to finish the run anyway; before anything else reads it."""
+    _resumed_meta(resume)
+
+
 def _resumed_meta(resume: Path) -> dict:
     try:
         return meta_object(resume)
     except BadInputError as exc:
-        raise BadInputError(f"--resume {resume}: {exc}") from None
+        raise BadInputError(f"--resume {resume}: {exc}; to finish the run without it, move it "
+                            f"aside and give the SPEC the run ran (dkbench run SPEC --resume "
+                            f"{resume})") from None
 
 
 def _recorded(resume: Path, meta: dict, key: str, kind: type):
@@ -54,3 +77,105 @@ def check_resumed_shard(resume: Path, part) -> None:
         raise BadInputError(f"--resume {resume}: that run is "
                             f"{f'shard {recorded}' if recorded else 'not sharded'}; give "
                             f"{f'--shard {recorded}' if recorded else 'no --shard'} to finish it")
+
+
+# What a row's numbers depend on: a resumed run's new rows must be measured on what the old ones
+# were, or one run directory (and every table drawn from it) mixes two machines in silence.
+ENV_KEYS = ("gpu", "torch", "triton")
+
+
+def check_resumed_environment(resume: Path, here: dict) -> None:
+    """Refuse to finish a run recorded with another gpu, torch or triton than ``here`` (this
+    process's `environment`); a key the run did not record is not compared."""
+    env = _recorded(resume, _resumed_meta(resume), "environment", dict) or {}
+    differ = [f"{key} {env[key]!r} (here: {here.get(key)!r})" for key in ENV_KEYS
+              if env.get(key) not in (None, "") and env.get(key) != here.get(key)]
+    if differ:
+        raise BadInputError(f"--resume {resume}: that run ran with {', '.join(differ)}, as its "
+                            f"{META_FILE} records; finish it with the same gpu, torch and triton, "
+                            "or start a new run here and combine the two with `dkbench merge`")
+
+
+def run_ids(resume: Path) -> list[str]:
+    """The run_ids a run directory's rows may hold: the one its meta.json records, those of
+    earlier resumes and merge inputs (its ``run_ids``, ``merged_from``), and the directory's name
+    (a resumed run's rows take it, so a renamed or copied run still resumes)."""
+    meta = _resumed_meta(resume)
+    sources = meta.get("merged_from") if isinstance(meta.get("merged_from"), list) else []
+    earlier = meta.get("run_ids") if isinstance(meta.get("run_ids"), list) else []
+    found = [meta.get("run_id"), *earlier, *(s.get("run_id") for s in sources
+                                            if isinstance(s, dict)), resume.resolve().name]
+    return sorted({r for r in found if isinstance(r, str) and r})
+
+
+def check_resumed_run_ids(resume: Path) -> None:
+    """Refuse a results.csv holding rows of another run (not among `run_ids`): they would count
+    as done, so their cases would never be measured in this one."""
+    meta = _resumed_meta(resume)
+    recorded = meta.get("run_id")
+    csv_path = resume / RESULTS_FILE
+    if not isinstance(recorded, str) or not csv_path.is_file() or not csv_path.stat().st_size:
+        return  # nothing recorded to compare with, or no rows yet
+    frame = read_results(resume)
+    if "run_id" not in frame.columns:
+        return
+    allowed = set(run_ids(resume))
+    for number, run_id in enumerate(frame["run_id"], start=1):
+        if run_id not in allowed:
+            raise BadInputError(
+                f"--resume {resume}: {csv_path} row {number} is of run {run_id!r}, not of this "
+                f"run ({recorded!r}, as {META_FILE} records); a run directory holds its own rows "
+                "only: move the others out, or combine runs with `dkbench merge`")
+
+
+def check_resumed_cases(resume: Path, case_ids: set[str], spec: object) -> None:
+    """Refuse a results.csv holding a row of no case of the spec resumed (``case_ids``, before
+    --only and --shard): rows of another spec, which a run without meta.json cannot tell apart
+    by its recorded spec, would be mixed into this one."""
+    csv_path = resume / RESULTS_FILE
+    if not csv_path.is_file() or not csv_path.stat().st_size:
+        return
+    frame = read_results(resume)
+    for number, (case_id, provider) in enumerate(zip(frame["case_id"], frame["provider"]),
+                                                 start=1):
+        if str(case_id) not in case_ids:
+            raise BadInputError(
+                f"--resume {resume}: {csv_path} row {number} (case_id {case_id}, provider "
+                f"{provider}) is of no case of {spec}: that run is of another spec (or an edited "
+                "one); resume it with the SPEC it ran, or start a new run")
+
+
+def check_resumed_results(resume: Path) -> None:
+    """Refuse a results.csv a resumed run cannot add to: not UTF-8, not a CSV, a row with more
+    fields than its header, or a header without the columns every reader needs (a resumed run
+    writes only the file's own columns, so its measurements would be dropped in silence). A torn
+    last row is not looked at: the run sets it aside."""
+    csv_path = resume / RESULTS_FILE
+    if not csv_path.is_file():
+        return  # none yet, or the run's own checks name what it is
+    try:
+        data = csv_path.read_bytes()
+    except OSError as exc:
+        raise BadInputError(f"--resume {resume}: {csv_path}: cannot be read "
+                            f"({exc.strerror or exc})") from None
+    data = data[:whole_rows_end(data)]
+    if not data:
+        return  # empty, or a torn header: every case runs
+    try:
+        records = list(csv.reader(io.StringIO(data.decode("utf-8-sig"), newline="")))
+    except UnicodeDecodeError as exc:
+        raise BadInputError(f"--resume {resume}: {csv_path}: not a UTF-8 CSV ({exc}); allowed: "
+                            "the results.csv `dkbench run` writes") from None
+    except csv.Error as exc:
+        raise BadInputError(f"--resume {resume}: {csv_path}: not a readable CSV ({exc})") from None
+    header = records[0] if records else []
+    missing = [c for c in ("case_id", *REQUIRED_COLUMNS) if c not in header]
+    if missing:
+        raise BadInputError(f"--resume {resume}: {csv_path}: its header lacks the column"
+                            f"{'s' * (len(missing) > 1)} {', '.join(missing)}; a resumed run "
+                            "writes only the file's own columns, so it adds to a results.csv "
+                            "of `dkbench run` only")
+    for line, record in enumerate(records[1:], start=2):
+        if len(record) > len(header):
+            raise BadInputError(f"--resume {resume}: {csv_path}: line {line} has more fields "
+                                f"({len(record)}) than its header ({len(header)})")

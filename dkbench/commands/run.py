@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from rich.markup import escape
 
 from .. import startup
 from ..errors import INTERRUPTED, BadInputError, DkbenchError
-from ..results.schema import META_FILE, read_meta
+from ..results.schema import META_FILE, RESULTS_FILE, read_meta
 from ..spec.load import load_spec
 from ..spec.sweep import (
     excluded_for_provider,
@@ -28,10 +29,22 @@ from ..spec.sweep import (
 from .env import check_device_flag
 from .errors import err_console, fail
 from .progress import progress_bar
-from .resumed import check_resume_out, check_resumed_shard, recorded_flags
+from .resumed import (
+    check_resume_out,
+    check_resumed_cases,
+    check_resumed_environment,
+    check_resumed_meta,
+    check_resumed_results,
+    check_resumed_run_ids,
+    check_resumed_shard,
+    recorded_flags,
+    run_ids,
+)
 
 SWEEPS_DIR = Path(__file__).resolve().parents[2] / "sweeps"
 DEFAULT_OUT = Path("results")
+# Held (flock) by the run writing a run directory; see `_lock`.
+LOCK_FILE = ".dkbench.lock"
 # Providers whose kernels are Triton's: on a CPU they run only through its interpreter.
 TRITON_PROVIDERS = ("dkbench",)
 
@@ -81,6 +94,13 @@ def run(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
 ) -> None:
     """Run a sweep: every case x provider checked, timed and appended to results.csv."""
+    with contextlib.ExitStack() as held:  # the run directory's lock, released however it ends
+        _run(spec, out, device, providers, only, resume, gpus, shard, compile_ahead, quiet, held)
+
+
+def _run(spec: Path | None, out: Path | None, device: str, providers: str | None,
+         only: list[str] | None, resume: Path | None, gpus: str | None, shard: str | None,
+         compile_ahead: bool | None, quiet: bool, held: contextlib.ExitStack) -> None:
     plan = None
     try:
         from ..measure import runner
@@ -92,6 +112,9 @@ def run(
         check_device_flag(device)
         if resume is not None:
             check_resume_out(resume, out)
+            check_resumed_meta(resume)
+        elif out is not None:
+            _check_out_not_a_run(out)
         sweep = None
         if resume is not None and spec is None:
             sweep, spec_text = recorded_spec(resume)
@@ -129,7 +152,31 @@ def run(
             return
         if resume is not None:
             check_resumed_shard(resume, part)
+            check_resumed_results(resume)  # before plan_run reads its rows
+        if resume is not None and resume.is_dir() and os.access(resume, os.W_OK | os.X_OK):
+            _lock(resume, held)  # before its rows are read: another run may be adding to them
         plan = runner.plan_run(sweep, cases, chosen, out or DEFAULT_OUT, resume)
+        if resume is None:
+            _lock(plan.run_dir, held)
+        if resume is not None:  # after plan_run, which sets a torn last row aside with a note
+            from ..measure.envinfo import environment
+
+            here = environment(dev)
+            if slots and not slots[0].cuda:  # CPU workers interpret, whatever this process does
+                here["gpu"] = "cpu (triton interpreter)"
+            check_resumed_environment(resume, here)
+            check_resumed_run_ids(resume)
+            check_resumed_cases(resume, {c.case_id for c in everything},
+                                spec or resume / META_FILE)
+            baseline = sweep.baseline if sweep.baseline in chosen else None
+            if read_meta(resume).get("finished") and not runner.pending_work(sweep, plan,
+                                                                             baseline):
+                # Finished, every row there: running it again would only overwrite the times and
+                # environment its meta.json records (and calibrate a GPU for nothing).
+                console.print(f"Nothing left to run: {resume} already holds every row of its "
+                              f"{len(cases)} cases x {len(chosen)} providers (finished "
+                              f"{read_meta(resume)['finished']}).", highlight=False)
+                return
         _announce(plan, sweep, cases, part, spec_cases, chosen, slots, dev, compile_ahead)
     except DkbenchError as exc:
         _drop_unstarted(plan, resume)
@@ -139,6 +186,9 @@ def run(
         err_console.print(INTERRUPTED)
         raise typer.Exit(code=130) from None
     meta = {"shard": str(part) if part else None, "only": list(only or []), "gpus": gpus}
+    if resume is not None:  # a finished run resumed (more providers) is unfinished until it ends
+        meta["finished"] = None
+        meta["run_ids"] = run_ids(resume)  # its old rows' and the new ones' (check_resumed_run_ids)
 
     def run_sweep(on_progress=None):
         if slots:
@@ -226,10 +276,50 @@ def _announce(plan, sweep, cases, part, spec_cases, chosen, slots, dev, compile_
         ConfigCache().entries()
 
 
+def _lock(run_dir: Path, held: contextlib.ExitStack) -> None:
+    """Hold ``run_dir``'s lock until this run ends: two runs writing one directory at once (a
+    --resume started while the run, or another resume, still goes) would both measure its missing
+    rows and append each of them twice."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no advisory locks to take
+        return
+    path = run_dir / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise BadInputError(f"{run_dir}: cannot make its lock file {LOCK_FILE} there "
+                            f"({exc.strerror or exc})") from None
+    held.callback(os.close, fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise BadInputError(f"--resume {run_dir}: another dkbench run is writing to it now (it "
+                            f"holds {path}); let that one end, or stop it, then resume") from None
+
+
+def _check_out_not_a_run(out: Path) -> None:
+    """Refuse an --out that is a run directory, or inside one: the new run would hide in it
+    (merge, plot and report read a run's own files, not runs nested in it)."""
+    probe = Path(out)
+    while True:
+        if any((probe / name).is_file() for name in (META_FILE, RESULTS_FILE)):
+            inside = "" if probe == Path(out) else f" is inside the run directory {probe}, which"
+            raise BadInputError(f"--out {out}:{inside or ''} holds a run ({META_FILE} or "
+                                f"{RESULTS_FILE}); --out takes the directory that receives run "
+                                f"directories: give --resume {probe} to finish that run, or an "
+                                f"--out outside it (e.g. {probe.parent}) for a new one")
+        if probe.exists() or probe.parent == probe:
+            return  # runs are looked for up to the nearest existing directory only
+        probe = probe.parent
+
+
 def _drop_unstarted(plan, resume: Path | None) -> None:
     """A new run directory left empty by an error or Ctrl-C before its first row is removed."""
     if plan is not None and resume is None:
         try:
+            if len(os.listdir(plan.run_dir)) == 1:  # its lock file alone
+                (plan.run_dir / LOCK_FILE).unlink(missing_ok=True)
             plan.run_dir.rmdir()  # only when empty
         except OSError:
             pass

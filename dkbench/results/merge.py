@@ -287,7 +287,10 @@ def _merged_meta(sources: list[Source], out: Path, result: MergeResult, forced: 
                       "gpu": (s.meta.get("environment") or {}).get("gpu"),
                       "finished": s.meta.get("finished")} for s in sources],
         missing_cases=result.missing_cases, duplicates_replaced=result.replaced,
-        forced=forced)
+        forced=forced,
+        # Every run_id its rows hold: a later --resume refuses rows of any other run.
+        run_ids=sorted({out.name, *(r.get("run_id") or "" for s in sources for r in s.rows)}
+                       - {""}))
     providers = [p for s in sources for p in s.meta.get("providers") or []]
     if providers:  # those of every input (they differ only under --force)
         meta["providers"] = list(dict.fromkeys(providers))

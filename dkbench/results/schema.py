@@ -375,6 +375,13 @@ def write_meta(run_dir: Path, meta: dict) -> None:
     tmp = run_dir / (META_FILE + ".tmp")
     try:
         tmp.write_text(json.dumps(meta, indent=2, default=str))
+        # On disk before the rename: a crash must not leave an empty meta.json (its spec, and
+        # with it `--resume DIR`, lost) in place of the old one.
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         tmp.replace(run_dir / META_FILE)
     except OSError as exc:
         with contextlib.suppress(OSError):
