@@ -108,34 +108,25 @@ def run_ids(resume: Path) -> list[str]:
     return sorted({r for r in found if isinstance(r, str) and r})
 
 
-def check_resumed_run_ids(resume: Path) -> None:
-    """Refuse a results.csv holding rows of another run (not among `run_ids`): they would count
-    as done, so their cases would never be measured in this one."""
-    meta = _resumed_meta(resume)
-    recorded = meta.get("run_id")
-    csv_path = resume / RESULTS_FILE
-    if not isinstance(recorded, str) or not csv_path.is_file() or not csv_path.stat().st_size:
-        return  # nothing recorded to compare with, or no rows yet
-    frame = read_results(resume)
-    if "run_id" not in frame.columns:
-        return
-    allowed = set(run_ids(resume))
-    for number, run_id in enumerate(frame["run_id"], start=1):
-        if run_id not in allowed:
-            raise BadInputError(
-                f"--resume {resume}: {csv_path} row {number} is of run {run_id!r}, not of this "
-                f"run ({recorded!r}, as {META_FILE} records); a run directory holds its own rows "
-                "only: move the others out, or combine runs with `dkbench merge`")
-
-
-def check_resumed_cases(resume: Path, case_ids: set[str], spec: object) -> None:
-    """Refuse a results.csv holding a row of no case of the spec resumed (``case_ids``, before
+def check_resumed_rows(resume: Path, case_ids: set[str], spec: object) -> None:
+    """Refuse a results.csv a resumed run would mix into itself (the file read once for both):
+    rows of another run (not among `run_ids`), which would count as done, so their cases would
+    never be measured in this one; and rows of no case of the spec resumed (``case_ids``, before
     --only and --shard): rows of another spec, which a run without meta.json cannot tell apart
-    by its recorded spec, would be mixed into this one."""
+    by its recorded spec."""
     csv_path = resume / RESULTS_FILE
     if not csv_path.is_file() or not csv_path.stat().st_size:
-        return
+        return  # no rows yet
     frame = read_results(resume)
+    recorded = _resumed_meta(resume).get("run_id")
+    if isinstance(recorded, str) and "run_id" in frame.columns:
+        allowed = set(run_ids(resume))
+        for number, run_id in enumerate(frame["run_id"], start=1):
+            if run_id not in allowed:
+                raise BadInputError(
+                    f"--resume {resume}: {csv_path} row {number} is of run {run_id!r}, not of "
+                    f"this run ({recorded!r}, as {META_FILE} records); a run directory holds its "
+                    "own rows only: move the others out, or combine runs with `dkbench merge`")
     for number, (case_id, provider) in enumerate(zip(frame["case_id"], frame["provider"]),
                                                  start=1):
         if str(case_id) not in case_ids:

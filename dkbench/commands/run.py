@@ -31,11 +31,10 @@ from .errors import err_console, fail
 from .progress import progress_bar
 from .resumed import (
     check_resume_out,
-    check_resumed_cases,
     check_resumed_environment,
     check_resumed_meta,
     check_resumed_results,
-    check_resumed_run_ids,
+    check_resumed_rows,
     check_resumed_shard,
     recorded_flags,
     run_ids,
@@ -165,9 +164,8 @@ def _run(spec: Path | None, out: Path | None, device: str, providers: str | None
             if slots and not slots[0].cuda:  # CPU workers interpret, whatever this process does
                 here["gpu"] = "cpu (triton interpreter)"
             check_resumed_environment(resume, here)
-            check_resumed_run_ids(resume)
-            check_resumed_cases(resume, {c.case_id for c in everything},
-                                spec or resume / META_FILE)
+            check_resumed_rows(resume, {c.case_id for c in everything},
+                               spec or resume / META_FILE)
             baseline = sweep.baseline if sweep.baseline in chosen else None
             if read_meta(resume).get("finished") and not runner.pending_work(sweep, plan,
                                                                              baseline):
@@ -188,7 +186,7 @@ def _run(spec: Path | None, out: Path | None, device: str, providers: str | None
     meta = {"shard": str(part) if part else None, "only": list(only or []), "gpus": gpus}
     if resume is not None:  # a finished run resumed (more providers) is unfinished until it ends
         meta["finished"] = None
-        meta["run_ids"] = run_ids(resume)  # its old rows' and the new ones' (check_resumed_run_ids)
+        meta["run_ids"] = run_ids(resume)  # its old rows' and the new ones' (check_resumed_rows)
 
     def run_sweep(on_progress=None):
         if slots:
