@@ -328,8 +328,7 @@ def fp8_gluon_unavailable(device: torch.device) -> str | None:
 def fp8_default_config(device: torch.device, block_size: int, head_dim: int) -> LaunchConfig:
     """The fp8 forward's config where no tuned one applies: on Hopper with Gluon, and a block
     size and head_dim it takes, :data:`GLUON_FP8_DEFAULT`; else :func:`fp8_triton_default`."""
-    if (device.type == "cuda" and torch.cuda.is_available()
-            and fp8_gluon_unavailable(device) is None
+    if (fp8_gluon_unavailable(device) is None  # a visible Hopper GPU, and Gluon
             and not _gluon_problems(GLUON_FP8_DEFAULT, block_size, head_dim)):
         return GLUON_FP8_DEFAULT
     return fp8_triton_default(device, block_size, head_dim)
