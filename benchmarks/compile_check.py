@@ -221,6 +221,30 @@ def backward() -> None:
                              _config("dq"))
 
 
+def backward_dq_gluon() -> None:
+    from kernels import bwd_dq_ws
+    from kernels.configs import GLUON_DQ_DEFAULT as config
+
+    q, k, v, out, do = (_bhsd(HEADS), _bhsd(KV_HEADS), _bhsd(KV_HEADS), _bhsd(HEADS),
+                        _bhsd(HEADS))
+    lse, delta = torch.zeros(BATCH, HEADS, SEQ), torch.zeros(BATCH, HEADS, SEQ)
+    bwd_dq_ws.sparse_attention_dq_ws(do, q, k, v, out, lse, delta, torch.empty_like(q), _layout(),
+                                     0.088, stages=config.num_stages,
+                                     boxes=config.block_n // bwd_dq_ws.BOX_N)
+
+
+def backward_dkdv_gluon() -> None:
+    from kernels import bwd_dkdv_ws
+    from kernels.columns import column_plan
+
+    q, k, v, do = _bhsd(HEADS), _bhsd(KV_HEADS), _bhsd(KV_HEADS), _bhsd(HEADS)
+    lse, delta = torch.zeros(BATCH, HEADS, SEQ), torch.zeros(BATCH, HEADS, SEQ)
+    layout = _layout()
+    bwd_dkdv_ws.sparse_attention_dkdv_ws(do, q, k, v, lse, delta, torch.empty_like(k),
+                                         torch.empty_like(v), layout,
+                                         column_plan(layout, SEQ, SEQ), 0.088, stages=2)
+
+
 def backward_fused() -> None:
     from kernels import bwd_fused
 
@@ -281,6 +305,8 @@ FAMILIES: dict[str, Callable[[], None]] = {
     "fwd (triton)": forward_triton,
     "fwd (gluon)": forward_gluon,
     "bwd (dq, dk/dv)": backward,
+    "bwd (dq, gluon)": backward_dq_gluon,
+    "bwd (dk/dv, gluon)": backward_dkdv_gluon,
     "bwd (fused)": backward_fused,
     "fwd (fp8)": forward_fp8,
     "fwd (fp8, gluon)": forward_fp8_gluon,

@@ -9,6 +9,10 @@
   (:mod:`kernels.bwd_fused`, impl "fused"): it also adds each step's dS K into an fp32 dq
   buffer with atomics, so no dq kernel recomputes the scores (5 matrix products per pair, not 7).
 
+On Hopper each has a warp-specialised Gluon form (:mod:`kernels.bwd_dq_ws`,
+:mod:`kernels.bwd_dkdv_ws`; configs with ``impl="gluon"``, the defaults there), which
+:func:`launch_dq` and :func:`launch_dkdv` run where the call allows.
+
 Each kernel has its own ``LaunchConfig`` (kernel names "dq" and "bwd"): ``block_m`` is the outer
 tile (query rows for dq, kv rows for dk/dv) and ``block_n`` the inner one (kv rows for dq, query
 rows for dk/dv). Their best tiles differ: on the H100, dq ran fastest with 32-key steps or
@@ -17,14 +21,11 @@ rows for dk/dv). Their best tiles differ: on the H100, dq ran fastest with 32-ke
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
-from . import buffers
+from . import buffers, bwd_dkdv_ws, bwd_dq_ws
 from .common import (
     LOG2E,
     _kv_step,
@@ -33,50 +34,15 @@ from .common import (
     _tile_program,
     _tile_rows,
     dot_fp32,
-    index_table,
     padded_dim,
     qk_scale,
     tile_descriptors,
     tile_plan,
 )
-from .configs import LaunchConfig
+from .columns import column_plan
+from .configs import LaunchConfig, default_config
+from .dispatch import choose_impl
 from .layout import BlockLayout
-
-
-@dataclass(frozen=True)
-class ColumnPlan:
-    """Kept query blocks per (pattern head, kv block), unmasked ones first in each row.
-
-    Query blocks wholly before the first query (``seq_q < seq_k``) are left out. An entry needs a
-    mask when it is the causal diagonal, the ragged last block, or straddles the first query.
-    """
-
-    col_ptr: torch.Tensor  # int32 (pattern_heads * kv_blocks + 1,)
-    n_full: torch.Tensor  # int32 (pattern_heads * kv_blocks,)
-    q_block: torch.Tensor  # int32 (nnz,)
-    kv_blocks: int
-
-
-def build_column_plan(layout: BlockLayout, seq_q: int, seq_k: int) -> ColumnPlan:
-    bs = layout.block_size
-    nb = math.ceil(seq_k / bs)
-    offset = seq_k - seq_q
-    pattern = layout.pattern[:, :nb, :nb]
-    device = pattern.device
-    qb = torch.arange(nb, device=device)
-    has_queries = (qb + 1) * bs > offset
-    kept = pattern.transpose(1, 2) & has_queries[None, None, :]  # (heads, kv block, q block)
-    partial_q = ((qb + 1) * bs > seq_k) | (qb * bs < offset)
-    masked = partial_q[None, None, :].expand_as(kept)
-    if layout.causal:
-        masked = masked | torch.eye(nb, dtype=torch.bool, device=device)[None]
-    table = index_table(kept, masked)
-    return ColumnPlan(table.row_ptr, table.n_full, table.col.to(torch.int32), nb)
-
-
-def column_plan(layout: BlockLayout, seq_q: int, seq_k: int) -> ColumnPlan:
-    return layout.cached(("bwd_col_plan", seq_q, seq_k, layout.pattern.device),
-                         lambda: build_column_plan(layout, seq_q, seq_k))
 
 
 @triton.jit
@@ -347,40 +313,69 @@ def sparse_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                          config: LaunchConfig, dq_config: LaunchConfig, tma: bool = True
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients dq, dk, dv for ``(batch, heads, seq, dim)`` views (any strides); ``config``
-    launches the dk/dv kernel, ``dq_config`` the dq kernel. ``tma=False`` loads the dk/dv
-    kernel's q and dO tiles through pointers even where tensor-memory copies could."""
+    launches the dk/dv kernel (:func:`launch_dkdv`), ``dq_config`` the dq kernel
+    (:func:`launch_dq`). ``tma=False`` loads every tile through pointers even where
+    tensor-memory copies could (so the Triton kernels run)."""
     batch, heads, seq_q, _ = q.shape
-    kv_heads, seq_k = k.shape[1], k.shape[2]
     dq, dk, dv = grad_like(q), grad_like(k), grad_like(v)
     delta = buffers.new_output((batch, heads, seq_q), q, torch.float32)
-
     # -- dq first: it writes delta, which the dk/dv kernel reads --
-    plan = tile_plan(layout, dq_config.block_m, seq_k)
-    first_tile = (seq_k - seq_q) // dq_config.block_m
+    launch_dq(do, q, k, v, out, lse, delta, dq, layout, sm_scale, dq_config, tma)
+    launch_dkdv(do, q, k, v, lse, delta, dk, dv, layout, sm_scale, config, tma)
+    return dq, dk, dv
+
+
+def launch_dq(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              out: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor, dq: torch.Tensor,
+              layout: BlockLayout, sm_scale: float, config: LaunchConfig, tma: bool = True) -> None:
+    """Launch the dq kernel with ``config`` into ``dq``, writing ``delta = rowsum(dO * O)``: a
+    Gluon config runs :mod:`kernels.bwd_dq_ws` where the call can take it, else the Triton
+    default."""
+    choice = choose_impl("dq", config.impl, q.device, q.dtype, (q, k, v, layout, do), tma)
+    if choice.impl == "gluon":
+        bwd_dq_ws.sparse_attention_dq_ws(do, q, k, v, out, lse, delta, dq, layout, sm_scale,
+                                         stages=config.num_stages,
+                                         boxes=config.block_n // bwd_dq_ws.BOX_N)
+        return
+    if config.impl != choice.impl:
+        config = default_config("dq", q.device, layout.block_size, q.shape[3], q.dtype,
+                                allow_gluon=False)
+    batch, heads, seq_q, _ = q.shape
+    kv_heads, seq_k = k.shape[1], k.shape[2]
+    plan = tile_plan(layout, config.block_m, seq_k)
+    first_tile = (seq_k - seq_q) // config.block_m
     _bwd_dq[(plan.tiles - first_tile, batch * heads)](
         q, k, v, out, do, dq, lse, delta, plan.row_ptr, plan.n_full, plan.kv_block, plan.row_bits,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *do.stride(), *dq.stride(),
         heads, heads // kv_heads, heads // layout.heads, seq_q, seq_k, plan.tiles, first_tile,
-        qk_scale(sm_scale), sm_scale, BLOCK_M=dq_config.block_m, BLOCK_N=dq_config.block_n,
-        num_warps=dq_config.num_warps, num_stages=dq_config.num_stages,
+        qk_scale(sm_scale), sm_scale, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        num_warps=config.num_warps, num_stages=config.num_stages,
         **kernel_constants(q, layout))
-    launch_dkdv(do, q, k, v, lse, delta, dk, dv, layout, sm_scale, config, tma)
-    return dq, dk, dv
 
 
 def launch_dkdv(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 lse: torch.Tensor, delta: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
                 layout: BlockLayout, sm_scale: float, config: LaunchConfig, tma: bool = True,
                 dq_acc: torch.Tensor | None = None) -> None:
-    """Launch the dk/dv kernel with ``config`` into ``dk`` and ``dv``, reading ``delta``.
+    """Launch the dk/dv kernel with ``config`` into ``dk`` and ``dv``, reading ``delta``: a
+    Gluon config runs :mod:`kernels.bwd_dkdv_ws` where the call can take it, else the Triton
+    default.
 
     With ``dq_acc`` (float32, q's shape, zeroed) it runs as the fused backward: each step's
     dS K (not yet multiplied by ``sm_scale``) is added into ``dq_acc`` with atomics.
     """
     batch, heads, seq_q, _ = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
-    constants = kernel_constants(q, layout)
     cols = column_plan(layout, seq_q, seq_k)
+    if dq_acc is None and config.impl == "gluon":
+        choice = choose_impl("bwd", "gluon", q.device, q.dtype, (q, k, v, layout, do), tma)
+        if choice.impl == "gluon":
+            bwd_dkdv_ws.sparse_attention_dkdv_ws(do, q, k, v, lse, delta, dk, dv, layout, cols,
+                                                 sm_scale, stages=config.num_stages)
+            return
+        config = default_config("bwd", q.device, layout.block_size, q.shape[3], q.dtype,
+                                allow_gluon=False)
+    constants = kernel_constants(q, layout)
     # The dk/dv kernel reads q and dO tiles of block_n rows through descriptors where it can.
     # The dq kernel keeps pointer loads: descriptors for its k/v tiles measured no faster.
     q_descs = tile_descriptors(config.block_n, constants["BLOCK_D"], q, do, tma=tma)

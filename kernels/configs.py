@@ -12,11 +12,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from . import bwd_dkdv_ws, bwd_dq_ws
 from .dispatch import choose_impl, gluon_unavailable
 from .registry import IMPLS, KERNELS
 
-__all__ = ["DECODE_BLOCK_M", "GLUON_DEFAULT", "IMPLS", "LaunchConfig", "check_config",
-           "config_problems", "default_config", "gluon_default_applies", "gluon_unavailable"]
+__all__ = ["DECODE_BLOCK_M", "GLUON_BWD_DEFAULT", "GLUON_DEFAULT", "GLUON_DQ_DEFAULT", "IMPLS",
+           "LaunchConfig", "check_config", "config_problems", "default_config",
+           "gluon_default_applies", "gluon_unavailable"]
 
 # A decode config's block_m: the kernel's query tile is the GQA group's heads, padded to a power
 # of two of at least 16 per call, so block_m sets nothing and takes this one value.
@@ -138,24 +140,52 @@ def launch_problems(config: LaunchConfig, head_dim: int) -> list[str]:
 
 def _gluon_problems(config: LaunchConfig, block_size: int, head_dim: int,
                     kernel: str) -> list[str]:
+    """The Gluon kernels' rules: the forward's and dq's 128-row query tile with 64- or 128-key
+    steps, 2 to 4 stages; the dk/dv kernel's 64-key kv tile with 64-row query steps, 2 or 3
+    stages; 4 warps a consumer group, 64-key sparse blocks or multiples, head_dim 64 or 128."""
     problems = []
     if "gluon" not in KERNELS[kernel].impls:
-        problems.append("impl='gluon' is a forward kernel only")
-    if config.block_m != 128:
-        problems.append(f"block_m={config.block_m} must be 128 for impl='gluon'")
-    if config.block_n not in (64, 128):
-        problems.append(f"block_n={config.block_n} must be 64 or 128 for impl='gluon'")
+        gluon_kernels = ", ".join(name for name, record in KERNELS.items()
+                                  if "gluon" in record.impls)
+        problems.append(f"impl='gluon' runs the {gluon_kernels} kernels only")
+    if kernel == "bwd":
+        tiles, stages = {"block_m": (64,), "block_n": (64,)}, bwd_dkdv_ws.STAGE_CHOICES
+    else:
+        tiles, stages = {"block_m": (128,), "block_n": (64, 128)}, (2, 3, 4)
+    for axis, allowed in tiles.items():
+        value = getattr(config, axis)
+        if value not in allowed:
+            problems.append(f"{axis}={value} must be {' or '.join(map(str, allowed))} for "
+                            f"impl='gluon'")
     if config.num_warps != 4:
         problems.append(f"num_warps={config.num_warps} must be 4 for impl='gluon' "
                         "(warps per consumer group)")
-    if not 2 <= config.num_stages <= 4:
-        problems.append(f"num_stages={config.num_stages} must be 2, 3 or 4 for impl='gluon'")
+    if config.num_stages not in stages:
+        problems.append(f"num_stages={config.num_stages} must be "
+                        f"{', '.join(map(str, stages[:-1]))} or {stages[-1]} for impl='gluon'")
     if block_size % 64:
         problems.append(f"impl='gluon' needs a sparse block size that is a multiple of 64, "
                         f"got {block_size}")
     if head_dim not in (64, 128):
         problems.append(f"impl='gluon' needs head_dim 64 or 128, got {head_dim}")
+    elif not problems:
+        problems += _gluon_shared_memory(config, head_dim, kernel)
     return problems
+
+
+def _gluon_shared_memory(config: LaunchConfig, head_dim: int, kernel: str) -> list[str]:
+    """Whether the backward's Gluon kernels fit a Hopper program's shared memory (the
+    forward's every config does)."""
+    if kernel == "dq":
+        need = bwd_dq_ws.shared_bytes(head_dim, config.block_n, config.num_stages)
+    elif kernel == "bwd":
+        need = bwd_dkdv_ws.shared_bytes(head_dim, config.num_stages)
+    else:
+        return []
+    if need <= bwd_dq_ws.SHARED_LIMIT:
+        return []
+    return [f"the Gluon {kernel} kernel at {config.short()} and head_dim {head_dim} needs {need} "
+            f"bytes of shared memory, over a Hopper program's {bwd_dq_ws.SHARED_LIMIT}"]
 
 
 def check_config(config: LaunchConfig, block_size: int, head_dim: int, kernel: str = "fwd") -> None:
@@ -166,22 +196,31 @@ def check_config(config: LaunchConfig, block_size: int, head_dim: int, kernel: s
 
 # Measured fastest on the H100 for the phi-3 shapes, 8k to 64k (kernels/PERF.md).
 GLUON_DEFAULT = LaunchConfig(128, 128, 4, 3, "gluon")
+# The Gluon dq kernel's: 64-key steps, four in flight; on the H200 the backward with it took
+# 0.90-0.96 of its time with the Triton dq kernel at phi-3's shapes, 128-key steps 1.16-1.18
+# (they spill) (kernels/PERF.md).
+GLUON_DQ_DEFAULT = LaunchConfig(128, 64, 4, 4, "gluon")
+# The Gluon dk/dv kernel's (its one tile shape, two stages): on the H200 the backward with it
+# took 0.85-0.99 of its time with the Triton dk/dv kernel (kernels/PERF.md).
+GLUON_BWD_DEFAULT = LaunchConfig(64, 64, 4, 2, "gluon")
+_GLUON_DEFAULTS = {"fwd": GLUON_DEFAULT, "dq": GLUON_DQ_DEFAULT, "bwd": GLUON_BWD_DEFAULT}
 
 
 def gluon_default_applies(device: torch.device, block_size: int, head_dim: int,
-                          dtype: torch.dtype) -> bool:
-    """Whether the forward defaults to the Gluon kernel here: the dispatcher would run it on this
-    device and dtype (Hopper, 16-bit), and the shape fits :data:`GLUON_DEFAULT`."""
+                          dtype: torch.dtype, kernel: str = "fwd") -> bool:
+    """Whether ``kernel`` (the forward, dq or dk/dv) defaults to its Gluon kernel here: the
+    dispatcher would run it on this device and dtype (Hopper, 16-bit), and the shape fits its
+    default (:data:`GLUON_DEFAULT`, :data:`GLUON_DQ_DEFAULT`, :data:`GLUON_BWD_DEFAULT`)."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return False
-    return (choose_impl("fwd", "gluon", device, dtype).impl == "gluon"
-            and not _gluon_problems(GLUON_DEFAULT, block_size, head_dim, "fwd"))
+    return (choose_impl(kernel, "gluon", device, dtype).impl == "gluon"
+            and not _gluon_problems(_GLUON_DEFAULTS[kernel], block_size, head_dim, kernel))
 
 
 def default_config(kernel: str, device: torch.device, block_size: int, head_dim: int,
                    dtype: torch.dtype, allow_gluon: bool = True) -> LaunchConfig:
     """A config of ``kernel`` that runs everywhere and is reasonable on recent GPUs
-    (``allow_gluon=False``: a Triton one even where the Gluon forward would be the default)."""
+    (``allow_gluon=False``: a Triton one even where a Gluon kernel would be the default)."""
     _check_kernel(kernel)
     if kernel == "decode":
         # 64-key steps at 4 warps, and Triton's default 3 stages on a GPU: what decoding
@@ -203,6 +242,11 @@ def default_config(kernel: str, device: torch.device, block_size: int, head_dim:
         block_m = 64 if big else 128
         return LaunchConfig(block_m, min(block_size, 32 if big else 64), 4, 2)
     if kernel == "dq":
+        if allow_gluon and gluon_default_applies(device, block_size, head_dim, dtype, "dq"):
+            return GLUON_DQ_DEFAULT
         # 32-key steps: on the H100 the dq kernel ran 10% faster than with 64 (PERF.md).
         return LaunchConfig(min(block_size, 64), min(block_size, 32), 4, 2)
+    if (kernel == "bwd" and allow_gluon
+            and gluon_default_applies(device, block_size, head_dim, dtype, "bwd")):
+        return GLUON_BWD_DEFAULT
     return LaunchConfig(min(block_size, 64), min(block_size, 32 if big else 64), 4, 2)

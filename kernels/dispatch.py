@@ -15,6 +15,10 @@ the interpreter), so a config asking for it always gets it; but it is only ever 
 explicit ``bwd_config``, or a tuned entry), never the default, until the GPU measures it against
 the two kernels (kernels/PERF.md). The backward of :mod:`kernels.attention` asks
 :func:`choose_impl` which of the two to launch.
+
+The dq and dk/dv kernels have Gluon implementations too (:mod:`kernels.bwd_dq_ws`,
+:mod:`kernels.bwd_dkdv_ws`), with the Gluon forward's rules and dO's strides as well;
+:func:`kernels.bwd.sparse_attention_bwd` and :func:`kernels.bwd.launch_dkdv` ask.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import fwd_ws
+from . import bwd_dq_ws, fwd_ws
 from .registry import KERNELS
 
 
@@ -44,8 +48,9 @@ def gluon_unavailable(capability: tuple[int, int] | None, dtype: torch.dtype) ->
 def choose_impl(kernel: str, impl: str, device: torch.device, dtype: torch.dtype,
                 call: tuple | None = None, tma: bool = True) -> Choice:
     """The implementation that runs ``kernel`` for a config asking for ``impl`` on ``device``
-    with ``dtype``; with ``call`` (the launch's ``(q, k, v, layout)``) and ``tma`` (whether
-    tensor-memory copies may be used), for that call's shapes and strides too."""
+    with ``dtype``; with ``call`` (the launch's ``(q, k, v, layout)``, and dO after them for
+    the backward's kernels) and ``tma`` (whether tensor-memory copies may be used), for that
+    call's shapes and strides too."""
     record = KERNELS[kernel]
     fallback = record.impls[0]
     if impl not in record.impls:
@@ -56,7 +61,9 @@ def choose_impl(kernel: str, impl: str, device: torch.device, dtype: torch.dtype
     if impl != "gluon":
         return Choice(impl, f"impl={impl!r}, as the config asks")
     if call is not None:
-        why = fwd_ws.refusal(*call, tma=tma)
+        # The backward's calls also name dO, which their tensor-memory copies read too.
+        why = (bwd_dq_ws.refusal(*call, tma=tma) if kernel in ("dq", "bwd")
+               else fwd_ws.refusal(*call, tma=tma))
     else:
         capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
         why = gluon_unavailable(capability, dtype)

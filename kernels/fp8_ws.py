@@ -52,6 +52,7 @@ if GLUON:
         _box_start,
         _read_item,
         _reinterpret,
+        _step_keep,
         _take_turn,
         _tma_load,
         _tma_store,
@@ -151,21 +152,12 @@ if GLUON:
                       TILE_N: gl.constexpr, BLOCK_SIZE: gl.constexpr, SUB_BLOCKS: gl.constexpr,
                       IS_CAUSAL: gl.constexpr, s_layout: gl.constexpr, p_layout: gl.constexpr):
         """Mask step ``j``'s scores if any of its boxes needs it, then the online softmax with p
-        scaled by ``2**P_SHIFT`` and rounded to e4m3 as the p v operand. The masks are
-        :mod:`kernels.fwd_ws`'s (whose source keys the 16-bit forward's shipped configs)."""
+        scaled by ``2**P_SHIFT`` and rounded to e4m3 as the p v operand; the masks are
+        :mod:`kernels.fwd_ws`'s."""
         if (j + 1) * (TILE_N // BOX) > full_boxes:
-            n_sub: gl.constexpr = BLOCK_SIZE // BOX
-            cols = gl.arange(0, TILE_N, layout=gl.SliceLayout(0, s_layout))
-            b = j * (TILE_N // BOX) + cols // BOX
-            offs_n = _box_start(KvBlock, first_box, b, n_boxes, BLOCK_SIZE, BOX) + cols % BOX
-            n_ok = (b < n_boxes) & (offs_n < seq_k) & (offs_n < row_end)
-            keep = gl.expand_dims(n_ok, 0)
-            if IS_CAUSAL:
-                keep = keep & (gl.expand_dims(offs_n, 0) <= gl.expand_dims(offs_m_abs, 1))
-            if SUB_BLOCKS > 1:
-                bits = gl.load(RowBits + (first_box + b) // n_sub, mask=b < n_boxes, other=0)
-                shift = offs_m_abs // BLOCK_SIZE - tile_first_block
-                keep = keep & (((gl.expand_dims(bits, 0) >> gl.expand_dims(shift, 1)) & 1) != 0)
+            keep = _step_keep(j, first_box, n_boxes, KvBlock, RowBits, offs_m_abs,
+                              tile_first_block, row_end, seq_k, TILE_N, BOX, BLOCK_SIZE,
+                              SUB_BLOCKS, IS_CAUSAL, s_layout)
             qk = gl.where(keep, qk, float("-inf"))
         p, alpha, m_new, l_i = _online_softmax_p8(qk, m_i, l_i, scale)
         return _as_pv_operand(p.to(gl.float8e4nv), p_layout), m_new, l_i, alpha

@@ -203,6 +203,31 @@ if GLUON:
         return warpgroup_mma(p_op, v_tile, acc, is_async=True)
 
     @gluon.jit
+    def _step_keep(j, first_box, n_boxes, KvBlock, RowBits, offs_m_abs, tile_first_block,
+                   row_end, seq_k, TILE_N: gl.constexpr, BOX_N: gl.constexpr,
+                   BLOCK_SIZE: gl.constexpr, SUB_BLOCKS: gl.constexpr, IS_CAUSAL: gl.constexpr,
+                   s_layout: gl.constexpr):
+        """Which scores of step ``j`` (``TILE_N`` keys from the row's boxes) its rows keep: keys
+        in the row and the sequence, causal, and in a block the row's own sub-block keeps.
+
+        common._score_mask with row bits per key (a step's keys may come from two entries).
+        Written here: called from Gluon, that helper compiled to the same instructions but, for
+        64-key blocks on triton 3.6, to other machine code."""
+        n_sub: gl.constexpr = BLOCK_SIZE // BOX_N
+        cols = gl.arange(0, TILE_N, layout=gl.SliceLayout(0, s_layout))
+        b = j * (TILE_N // BOX_N) + cols // BOX_N
+        offs_n = _box_start(KvBlock, first_box, b, n_boxes, BLOCK_SIZE, BOX_N) + cols % BOX_N
+        n_ok = (b < n_boxes) & (offs_n < seq_k) & (offs_n < row_end)
+        keep = gl.expand_dims(n_ok, 0)
+        if IS_CAUSAL:
+            keep = keep & (gl.expand_dims(offs_n, 0) <= gl.expand_dims(offs_m_abs, 1))
+        if SUB_BLOCKS > 1:
+            bits = gl.load(RowBits + (first_box + b) // n_sub, mask=b < n_boxes, other=0)
+            shift = offs_m_abs // BLOCK_SIZE - tile_first_block
+            keep = keep & (((gl.expand_dims(bits, 0) >> gl.expand_dims(shift, 1)) & 1) != 0)
+        return keep
+
+    @gluon.jit
     def _softmax_step(qk, m_i, l_i, j, first_box, n_boxes, full_boxes, KvBlock, RowBits,
                       offs_m_abs, tile_first_block, row_end, seq_k, qk_scale,
                       TILE_N: gl.constexpr, BOX_N: gl.constexpr, BLOCK_SIZE: gl.constexpr,
@@ -214,21 +239,9 @@ if GLUON:
         that rescales the accumulator.
         """
         if (j + 1) * (TILE_N // BOX_N) > full_boxes:
-            n_sub: gl.constexpr = BLOCK_SIZE // BOX_N
-            cols = gl.arange(0, TILE_N, layout=gl.SliceLayout(0, s_layout))
-            b = j * (TILE_N // BOX_N) + cols // BOX_N
-            offs_n = _box_start(KvBlock, first_box, b, n_boxes, BLOCK_SIZE, BOX_N) + cols % BOX_N
-            n_ok = (b < n_boxes) & (offs_n < seq_k) & (offs_n < row_end)
-            # common._score_mask with row bits per key (a step's keys may come from two
-            # entries). Written here: called from Gluon, that helper compiled to the same
-            # instructions but, for 64-key blocks on triton 3.6, to other machine code.
-            keep = gl.expand_dims(n_ok, 0)
-            if IS_CAUSAL:
-                keep = keep & (gl.expand_dims(offs_n, 0) <= gl.expand_dims(offs_m_abs, 1))
-            if SUB_BLOCKS > 1:
-                bits = gl.load(RowBits + (first_box + b) // n_sub, mask=b < n_boxes, other=0)
-                shift = offs_m_abs // BLOCK_SIZE - tile_first_block
-                keep = keep & (((gl.expand_dims(bits, 0) >> gl.expand_dims(shift, 1)) & 1) != 0)
+            keep = _step_keep(j, first_box, n_boxes, KvBlock, RowBits, offs_m_abs,
+                              tile_first_block, row_end, seq_k, TILE_N, BOX_N, BLOCK_SIZE,
+                              SUB_BLOCKS, IS_CAUSAL, s_layout)
             qk = gl.where(keep, qk, float("-inf"))
         p, alpha, m_new, l_i = _online_softmax(qk, m_i, l_i, qk_scale)
         return gl.convert_layout(p.to(P_DTYPE), p_layout), m_new, l_i, alpha

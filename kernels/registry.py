@@ -46,8 +46,9 @@ def _space(impls: tuple[str, ...], **tiles: tuple[int, ...]) -> Mapping[str, tup
 
 
 _FWD_IMPLS = ("triton", "gluon")
-# The backward's dk/dv kernel alone (with the dq kernel), or fused, taking dq too (with atomics).
-_BWD_IMPLS = ("triton", "fused")
+# The backward's dk/dv kernel alone (with the dq kernel), or fused, taking dq too (with atomics),
+# or warp-specialised Gluon on Hopper (with the dq kernel).
+_BWD_IMPLS = ("triton", "fused", "gluon")
 _TRITON = ("triton",)
 _FWD_TILES = "block_m query rows per program, block_n keys per step"
 
@@ -64,16 +65,24 @@ _RECORDS = (
     # The backward's two kernels live in one module and have different best tiles. The dk/dv
     # kernel's "fused" implementation (kernels/bwd_fused.py, its pre-pass and launcher) runs the
     # same kernel with dq accumulated in it, and no dq kernel: never the default until measured.
-    KernelRecord("bwd", "the backward's dk/dv kernel; impl fused takes dq too",
-                 ("kernels.bwd", "kernels.common", "kernels.bwd_fused"), _BWD_IMPLS,
+    # Its "gluon" one (kernels/bwd_dkdv_ws.py) uses the Gluon forward's copies and schedule.
+    KernelRecord("bwd", "the backward's dk/dv kernel; impl fused takes dq too, impl gluon is "
+                 "warp-specialised Gluon on Hopper",
+                 ("kernels.bwd", "kernels.common", "kernels.bwd_fused", "kernels.columns",
+                  "kernels.bwd_dkdv_ws", "kernels.fwd_ws", "kernels.schedule"), _BWD_IMPLS,
                  "sparse_attention", "bwd_config", True,
                  "block_m kv rows per program (within one sparse block), block_n query rows per "
-                 "step; impl fused also accumulates dq (fp32 atomics), and the dq config is unused",
+                 "step; impl fused also accumulates dq (fp32 atomics), and the dq config is "
+                 "unused; impl gluon: 64 kv rows, 64 query rows a step, 2 or 3 stages",
                  _space(_BWD_IMPLS, block_m=(32, 64), block_n=(32, 64), num_warps=(4, 8),
                         num_stages=(1, 2, 3))),
-    KernelRecord("dq", "the backward's dq kernel", ("kernels.bwd", "kernels.common"), _TRITON,
+    # The dq kernel in Triton, or warp-specialised Gluon on Hopper (kernels/bwd_dq_ws.py, on
+    # the Gluon forward's work items, stages and masks: it hashes their modules too).
+    KernelRecord("dq", "the backward's dq kernel in Triton, or warp-specialised Gluon on Hopper",
+                 ("kernels.bwd", "kernels.common", "kernels.bwd_dq_ws", "kernels.fwd_ws",
+                  "kernels.schedule"), _FWD_IMPLS,
                  "sparse_attention", "dq_config", True, _FWD_TILES,
-                 _space(_TRITON, block_m=(64, 128), block_n=(32, 64), num_warps=(4, 8),
+                 _space(_FWD_IMPLS, block_m=(64, 128), block_n=(32, 64, 128), num_warps=(4, 8),
                         num_stages=(2, 3, 4))),
     # The forward's tile loop over each sequence of a packed or padded batch (sparse_attention_
     # padded takes the same configs); Triton only.
@@ -111,8 +120,8 @@ _RECORDS = (
 KERNELS: dict[str, KernelRecord] = {record.name: record for record in _RECORDS}
 
 # Implementations of a kernel, every record's in registry order: "triton" everywhere; "gluon", the
-# forwards' warp-specialised Gluon kernels (kernels/fwd_ws.py, kernels/fp8_ws.py), on Hopper only; "fused", the
-# backward's dk/dv kernel taking dq too (kernels/bwd_fused.py).
+# warp-specialised Gluon kernels (kernels/fwd_ws.py, kernels/fp8_ws.py, kernels/bwd_dq_ws.py,
+# kernels/bwd_dkdv_ws.py), on Hopper only; "fused", the backward's dk/dv kernel taking dq too (kernels/bwd_fused.py).
 IMPLS: tuple[str, ...] = tuple(dict.fromkeys(impl for record in _RECORDS for impl in record.impls))
 
 # The tunable kernels reached through ``sparse_attention``, in registry order: what

@@ -133,10 +133,10 @@ def default_space(kernel: str, device: torch.device, block_size: int) -> dict[st
         base = {a: base[a] if len(base[a]) == 1 else CPU_SPACE[a] for a in AXES}
     values = dict(base)
     # The dk/dv kernel's outer tile (block_m) must stay inside one sparse block, like block_n. The
-    # forward's block_n may reach 128 where the Gluon kernel can pair 64-key blocks; the prune
-    # rules drop the Triton configs past the block size.
+    # forward's and dq's block_n may reach 128 where their Gluon kernels can pair 64-key blocks;
+    # the prune rules drop the Triton configs past the block size.
     cap = block_size
-    if kernel == "fwd" and "gluon" in base["impl"] and block_size % 64 == 0:
+    if kernel in ("fwd", "dq") and "gluon" in base["impl"] and block_size % 64 == 0:
         cap = max(block_size, 128)
     for axis in ("block_n", "block_m") if kernel == "bwd" else ("block_n",):
         values[axis] = tuple(dict.fromkeys(min(n, cap) for n in base[axis]))
@@ -186,7 +186,7 @@ def fits_shared_memory(config: LaunchConfig, problem: Problem) -> str | None:
 
 
 def runs_on_device(config: LaunchConfig, problem: Problem) -> str | None:
-    """The Gluon forward needs Hopper, 16-bit inputs and a triton that has Gluon."""
+    """The Gluon kernels need Hopper, 16-bit inputs and a triton that has Gluon."""
     if config.impl != "gluon":
         return None
     return gluon_unavailable(problem.capability, problem.dtype)

@@ -127,9 +127,10 @@ def test_space_from_flags_replaces_only_the_given_axes() -> None:
 def test_impl_axis_narrows_to_the_given_kernels() -> None:
     space = build_space("fwd", CUDA, 64, {"impl": ("triton",)})
     assert {c.impl for c in space.configs()} == {"triton"}
-    # The dk/dv kernel's fused implementation is searched on a GPU by default; dq has one.
-    assert build_space("bwd", CUDA, 64, {}).values["impl"] == ("triton", "fused")
-    assert build_space("dq", CUDA, 64, {}).values["impl"] == ("triton",)
+    # The dk/dv kernel's fused and Gluon implementations and dq's Gluon one are searched on a
+    # GPU by default.
+    assert build_space("bwd", CUDA, 64, {}).values["impl"] == ("triton", "fused", "gluon")
+    assert build_space("dq", CUDA, 64, {}).values["impl"] == ("triton", "gluon")
     assert parse_impl_list("gluon, triton") == ("gluon", "triton")
     with pytest.raises(BadInputError, match="allowed values are triton, gluon"):
         parse_impl_list("cuda")
@@ -154,9 +155,11 @@ def test_default_spaces_cap_block_n_and_shrink_on_cpu() -> None:
     # 64-key blocks: the Gluon forward may pair them into 128-key tiles; the backward may not.
     assert build_space("fwd", CUDA, 64, {}).values["block_n"] == (32, 64, 128)
     assert build_space("bwd", CUDA, 64, {}).values["block_n"] == (32, 64)
-    # The dq kernel's query tile may span sparse blocks; its kv steps may not.
+    # The dq kernel's query tile may span sparse blocks; its kv steps may not, but for its
+    # Gluon kernel's 128-key steps gathered from 64-key blocks.
     assert build_space("dq", CUDA, 32, {}).values["block_m"] == (64, 128)
     assert build_space("dq", CUDA, 32, {}).values["block_n"] == (32,)
+    assert build_space("dq", CUDA, 64, {}).values["block_n"] == (32, 64, 128)
     cpu = build_space("fwd", CPU, 64, {}).values
     assert cpu == {"block_m": (16, 32), "block_n": (16, 32), "num_warps": (4,), "num_stages": (1,),
                    "impl": ("triton",)}

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kernels import LaunchConfig, reference_attention, sparse_attention
-from kernels.bwd import build_column_plan
+from kernels.columns import build_column_plan
 from tests.kernels.cases import make_layout, make_qkv
 from tests.tolerances import assert_verbose_close, rel_tol
 

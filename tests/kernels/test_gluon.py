@@ -1,9 +1,9 @@
-"""The Gluon forward's config rules, dispatch and fallback, and that it compiles for Hopper.
+"""The Gluon kernels' config rules, dispatch and fallback, and that the forward compiles for Hopper.
 
 Gluon kernels do not run in Triton's interpreter: on the CPU the dispatch falls back to the
 Triton kernel (checked against the reference here), and the Gluon kernel is compiled for sm_90a
 without a GPU, which catches a triton release that changed the Gluon API. Its numbers are
-checked on the GPU in test_gpu_gluon.py.
+checked on the GPU in test_gpu_gluon.py (the backward's in test_gpu_bwd_gluon.py).
 """
 
 import json
@@ -16,7 +16,15 @@ import pytest
 import torch
 import triton
 
-from kernels import LaunchConfig, fwd_ws, reference_attention, sparse_attention
+from kernels import (
+    LaunchConfig,
+    bwd_dkdv_ws,
+    bwd_dq_ws,
+    fwd_ws,
+    reference_attention,
+    sparse_attention,
+)
+from kernels.dispatch import choose_impl
 from kernels.config_cache import FORMAT_VERSION, ConfigCacheWarning, load_shipped
 from kernels.configs import config_problems, default_config
 from kernels.inference import sparse_attention_varlen
@@ -31,12 +39,30 @@ def test_gluon_config_rules() -> None:
     assert config_problems(LaunchConfig(128, 64, 4, 2, "gluon"), 128, 64) == []
     assert GLUON.short() == "gluon-m128n128w4s3"
     assert LaunchConfig(128, 64).short() == "m128n64w4s2"
-    problems = " ".join(config_problems(LaunchConfig(64, 96, 8, 5, "gluon"), 32, 80, "bwd"))
-    for text in ("forward kernel only", "block_m=64", "block_n=96", "num_warps=8",
-                 "num_stages=5", "multiple of 64", "head_dim 64 or 128"):
+    problems = " ".join(config_problems(LaunchConfig(64, 96, 8, 5, "gluon"), 32, 80, "varlen"))
+    for text in ("runs the fwd, bwd, dq, fp8 kernels only", "block_m=64", "block_n=96",
+                 "num_warps=8", "num_stages=5", "multiple of 64", "head_dim 64 or 128"):
         assert text in problems
     assert "impl='cuda' must be one of triton, gluon" in config_problems(
         LaunchConfig(64, 64, 4, 2, "cuda"), 64, 64)[0]
+
+
+def test_gluon_backward_config_rules() -> None:
+    # dk/dv: a 64-key kv tile, 64-row query steps, 2 or 3 stages (4 would not fit at d128).
+    assert config_problems(LaunchConfig(64, 64, 4, 2, "gluon"), 64, 128, "bwd") == []
+    assert config_problems(LaunchConfig(64, 64, 4, 3, "gluon"), 128, 64, "bwd") == []
+    problems = " ".join(config_problems(LaunchConfig(128, 32, 4, 4, "gluon"), 64, 128, "bwd"))
+    for text in ("block_m=128 must be 64", "block_n=32 must be 64", "num_stages=4 must be 2 or 3"):
+        assert text in problems
+    assert config_problems(LaunchConfig(64, 64, 4, 3, "gluon"), 64, 128, "bwd") == [
+        "the Gluon bwd kernel at gluon-m64n64w4s3 and head_dim 128 needs 266240 bytes of shared "
+        "memory, over a Hopper program's 232448"]
+    # dq: the forward's tiles, with its q and dO tiles and the stages in shared memory.
+    assert config_problems(LaunchConfig(128, 64, 4, 4, "gluon"), 64, 128, "dq") == []
+    assert config_problems(LaunchConfig(128, 128, 4, 2, "gluon"), 64, 128, "dq") == []
+    assert "needs 263168 bytes" in config_problems(LaunchConfig(128, 128, 4, 3, "gluon"), 64,
+                                                   128, "dq")[0]
+    assert config_problems(LaunchConfig(128, 128, 4, 4, "gluon"), 64, 64, "dq") == []
 
 
 def test_configs_round_trip_and_old_entries_are_triton() -> None:
@@ -73,6 +99,29 @@ def test_gluon_config_falls_back_to_triton_where_it_cannot_run(monkeypatch) -> N
     out = sparse_attention(q, k, v, layout, config=LaunchConfig(128, 128, 4, 2, "gluon"))
     assert_verbose_close(out, reference_attention(q, k, v, layout), 2e-3)
     assert not called
+
+
+def test_gluon_backward_configs_fall_back_to_triton_where_they_cannot_run(monkeypatch) -> None:
+    """The backward's Gluon configs on the CPU: the Triton dq and dk/dv kernels answer, with
+    their own defaults (the Gluon tiles would not fit them), and the gradients are right."""
+    called = []
+    for module, name in ((bwd_dq_ws, "sparse_attention_dq_ws"),
+                         (bwd_dkdv_ws, "sparse_attention_dkdv_ws")):
+        monkeypatch.setattr(module, name, lambda *a, **k: called.append(name))
+    layout = make_layout("hetero", 2, 1, 200, 64)
+    q, k, v = make_qkv(1, 200, 200, 2, 1, 64, torch.float32, "cpu", requires_grad=True)
+    out = sparse_attention(q, k, v, layout, bwd_config=LaunchConfig(64, 64, 4, 2, "gluon"),
+                           dq_config=LaunchConfig(128, 64, 4, 4, "gluon"))
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref = reference_attention(q, k, v, layout, grad=True)
+    for name, got, want in zip(("dq", "dk", "dv"), grads,
+                               torch.autograd.grad(ref, (q, k, v), dout)):
+        assert_verbose_close(got, want, 2e-3, name)
+    assert not called
+    for kernel in ("bwd", "dq"):
+        choice = choose_impl(kernel, "gluon", torch.device("cpu"), torch.float32)
+        assert choice.impl == "triton" and "Hopper" in choice.reason, choice
 
 
 def test_varlen_refuses_an_explicit_gluon_config() -> None:

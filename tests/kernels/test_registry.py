@@ -48,9 +48,14 @@ def test_kernels_hash_todays_modules_in_todays_order() -> None:
     varlen and decode hash their own modules, not the forward's."""
     assert KERNELS["fwd"].sources == ("kernels.fwd", "kernels.fwd_tile", "kernels.common",
                                       "kernels.fwd_ws", "kernels.schedule")
-    # The dk/dv kernel's record also hashes the fused backward's pre-pass and launcher.
-    assert KERNELS["bwd"].sources == ("kernels.bwd", "kernels.common", "kernels.bwd_fused")
-    assert KERNELS["dq"].sources == ("kernels.bwd", "kernels.common")
+    # The dk/dv kernel's record also hashes the fused backward's pre-pass and launcher, the
+    # column plan, and its Gluon form's module with the Gluon forward's copies and schedule.
+    assert KERNELS["bwd"].sources == ("kernels.bwd", "kernels.common", "kernels.bwd_fused",
+                                      "kernels.columns", "kernels.bwd_dkdv_ws", "kernels.fwd_ws",
+                                      "kernels.schedule")
+    # The dq kernel's Gluon form runs on the Gluon forward's work items and masks.
+    assert KERNELS["dq"].sources == ("kernels.bwd", "kernels.common", "kernels.bwd_dq_ws",
+                                     "kernels.fwd_ws", "kernels.schedule")
     assert KERNELS["varlen"].sources == ("kernels.varlen", "kernels.fwd_tile", "kernels.common")
     assert KERNELS["decode"].sources == ("kernels.decode", "kernels.common")
 
@@ -154,7 +159,7 @@ def test_search_space_is_data_over_the_config_axes(name: str) -> None:
 @pytest.mark.parametrize("gluon", [False, True])
 def test_every_kernel_has_a_default_its_own_rules_accept(name: str, device: str, gluon: bool,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    if gluon:  # a Hopper GPU with Gluon: the dispatcher would run the Gluon forward
+    if gluon:  # a Hopper GPU with Gluon: the dispatcher would run the Gluon fwd, dq and dk/dv
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(configs, "choose_impl", lambda kernel, impl, *a: Choice(impl, ""))
     else:
@@ -165,9 +170,9 @@ def test_every_kernel_has_a_default_its_own_rules_accept(name: str, device: str,
         assert not config_problems(config, block_size, head_dim, name), (name, config)
         assert config.impl in KERNELS[name].impls
         if config.impl == "gluon":
-            assert name == "fwd" and gluon and device == "cuda"
-        elif name == "fwd" and gluon and device == "cuda" and block_size == 64:
-            raise AssertionError(f"the forward's default at bs 64, d128 is {config}, not Gluon")
+            assert name in ("fwd", "dq", "bwd") and gluon and device == "cuda"
+        elif name in ("fwd", "dq", "bwd") and gluon and device == "cuda" and block_size == 64:
+            raise AssertionError(f"the {name} default at bs 64, d128 is {config}, not Gluon")
 
 
 def test_unknown_kernel_names_are_refused() -> None:
@@ -186,7 +191,7 @@ def test_decode_configs_pin_block_m() -> None:
     assert config_problems(LaunchConfig(16, 16), 16, 64, "decode") == []
     assert config_problems(LaunchConfig(16, 32), 16, 64, "decode") == [
         "block_n=32 must not exceed the sparse block size 16"]
-    assert "forward kernel only" in " ".join(
+    assert "runs the fwd, bwd, dq, fp8 kernels only" in " ".join(
         config_problems(LaunchConfig(128, 128, 4, 3, "gluon"), 64, 128, "varlen"))
 
 
@@ -267,8 +272,9 @@ def test_forward_hash_follows_the_schedule_and_backward_hash_its_module(
     with monkeypatch.context() as patch:
         _edit_source(patch, "kernels.schedule")
         after = _hashes()
-    assert after["fwd"] != before["fwd"]
-    assert (after["bwd"], after["dq"]) == (before["bwd"], before["dq"])
+    # The Gluon dq and dk/dv kernels are dealt by the forward's schedule.
+    assert after["fwd"] != before["fwd"] and after["dq"] != before["dq"]
+    assert after["bwd"] != before["bwd"]
     _edit_source(monkeypatch, "kernels.bwd")
     after = _hashes()
     assert after["fwd"] == before["fwd"]

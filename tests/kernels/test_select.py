@@ -136,7 +136,8 @@ def test_a_pinned_decode_config_runs_and_a_bad_one_is_named(splits, device, laun
     for bad, problem in ((LaunchConfig(32, 16, 2, 1), "block_m=32 must be 16 for decoding"),
                          (LaunchConfig(16, 64, 2, 1),
                           "block_n=64 must not exceed the sparse block size 32"),
-                         (LaunchConfig(128, 128, 4, 3, "gluon"), "forward kernel only")):
+                         (LaunchConfig(128, 128, 4, 3, "gluon"),
+                          "runs the fwd, bwd, dq, fp8 kernels only")):
         with pytest.raises(ValueError, match=f"invalid launch config {bad.short()}: .*{problem}"):
             sparse_attention_decode(q, k, v, lens, layout, config=bad)
     assert launches["decode"] == [pinned]
