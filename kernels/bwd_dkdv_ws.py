@@ -52,7 +52,6 @@ Q_ROWS = triton.language.constexpr(Q_TILE)
 # A work item's fixed cost in steps (k and v copied in, dk and dv stored), for the deal.
 ITEM_OVERHEAD = 2.0
 STAGE_CHOICES = (2, 3)
-SHARED_LIMIT = 232448
 
 
 def shared_bytes(head_dim: int, stages: int) -> int:

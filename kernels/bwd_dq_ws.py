@@ -41,6 +41,7 @@ if GLUON:
         _tma_load,
         _work_item,
     )
+    from .ws_mma import _issue_transposed
 
 # Shared memory a program may take on Hopper (227 KB), for the stage rule below.
 SHARED_LIMIT = 232448
@@ -90,19 +91,6 @@ if GLUON:
                            off_z, off_kvh, BLOCK_SIZE, HEAD_DIM, stages)
             g += steps
             i += 1
-
-    @gluon.jit
-    def _issue_transposed(a_op, bufs, ready, j, s_layout: gl.constexpr):
-        """Wait for step ``j``'s tile in ``bufs`` (k or v) and start ``a_op`` times its
-        transpose from zero (not waited for): q kᵀ, or dO vᵀ."""
-        stages: gl.constexpr = bufs.shape[0]
-        rows: gl.constexpr = a_op.shape[0]
-        keys: gl.constexpr = bufs.shape[1]
-        zero = gl.zeros([rows, keys], gl.float32, s_layout)
-        s = j % stages
-        mbarrier.wait(ready.index(s), (j // stages) & 1)
-        return warpgroup_mma(a_op, bufs.index(s).permute((1, 0)), zero, use_acc=False,
-                             is_async=True)
 
     @gluon.jit
     def _issue_dq(ds, acc, k_bufs, j):

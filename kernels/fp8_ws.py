@@ -43,7 +43,6 @@ if GLUON:
         fence_async_shared,
         mbarrier,
         tma,
-        warpgroup_mma,
         warpgroup_mma_wait,
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
@@ -58,6 +57,7 @@ if GLUON:
         _tma_store,
         _work_item,
     )
+    from .ws_mma import _issue_transposed
 
 # The fp8 kernel's fixed shape, as configs name it: 128 query rows, 4 warps a consumer.
 STAGE_CHOICES = (2, 3, 4)
@@ -115,20 +115,6 @@ if GLUON:
                          off_z, off_kvh, BLOCK_SIZE, BOXES)
             g += steps
             i += 1
-
-    @gluon.jit
-    def _issue_product(a_op, bufs, ready, j, layout: gl.constexpr):
-        """Wait for step ``j``'s tile in ``bufs`` (k, or vᵀ) and start ``a_op`` times its
-        transpose from zero, K-major on both sides (not waited for): q kᵀ, or p v."""
-        stages: gl.constexpr = bufs.shape[0]
-        # Shapes through constexpr names: triton 3.6 cannot build a shape from .shape items.
-        rows: gl.constexpr = a_op.shape[0]
-        cols: gl.constexpr = bufs.shape[1]
-        zero = gl.zeros([rows, cols], gl.float32, layout)
-        s = j % stages
-        mbarrier.wait(ready.index(s), (j // stages) & 1)
-        return warpgroup_mma(a_op, bufs.index(s).permute((1, 0)), zero, use_acc=False,
-                             is_async=True)
 
     @gluon.jit
     def _as_pv_operand(p, p_layout: gl.constexpr):
@@ -229,7 +215,7 @@ if GLUON:
 
             mbarrier.wait(q_ready, i & 1)
             _take_turn(turns, turn, HALF)
-            qk = _issue_product(q_op, k_bufs, k_ready, g, s_layout)
+            qk = _issue_transposed(q_op, k_bufs, k_ready, g, s_layout)
             mbarrier.arrive(turns.index(1 - HALF), count=1)
             qk = warpgroup_mma_wait(0, deps=(qk,))
             # A split pair (work_items moved it first and counts it unmasked) is masked whole.
@@ -239,8 +225,8 @@ if GLUON:
                 SUB_BLOCKS, IS_CAUSAL, s_layout, p_layout)
             for j in range(1, steps):
                 _take_turn(turns, turn + j, HALF)
-                qk = _issue_product(q_op, k_bufs, k_ready, g + j, s_layout)
-                pv = _issue_product(p, v_bufs, v_ready, g + j - 1, o_layout)
+                qk = _issue_transposed(q_op, k_bufs, k_ready, g + j, s_layout)
+                pv = _issue_transposed(p, v_bufs, v_ready, g + j - 1, o_layout)
                 mbarrier.arrive(turns.index(1 - HALF), count=1)
                 # wgmma groups retire in order: one left outstanding means q kᵀ is done.
                 qk = warpgroup_mma_wait(1, deps=(qk,))
@@ -253,7 +239,7 @@ if GLUON:
                 acc = (acc + pv) * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
             mbarrier.arrive(q_empty, count=1)  # every q kᵀ of this item is done
             _take_turn(turns, turn + steps, HALF)
-            pv = _issue_product(p, v_bufs, v_ready, g + steps - 1, o_layout)
+            pv = _issue_transposed(p, v_bufs, v_ready, g + steps - 1, o_layout)
             mbarrier.arrive(turns.index(1 - HALF), count=1)
             pv = warpgroup_mma_wait(0, deps=(pv,))
             mbarrier.arrive(kv_empty.index((g + steps - 1) % stages), count=1)

@@ -80,7 +80,7 @@ _RECORDS = (
     # the Gluon forward's work items, stages and masks: it hashes their modules too).
     KernelRecord("dq", "the backward's dq kernel in Triton, or warp-specialised Gluon on Hopper",
                  ("kernels.bwd", "kernels.common", "kernels.bwd_dq_ws", "kernels.fwd_ws",
-                  "kernels.schedule"), _FWD_IMPLS,
+                  "kernels.schedule", "kernels.ws_mma"), _FWD_IMPLS,
                  "sparse_attention", "dq_config", True, _FWD_TILES,
                  _space(_FWD_IMPLS, block_m=(64, 128), block_n=(32, 64, 128), num_warps=(4, 8),
                         num_stages=(2, 3, 4))),
@@ -108,7 +108,8 @@ _RECORDS = (
     # mode reaches it.
     KernelRecord("fp8", "the forward on float8 e4m3 q, k, v with descales, bf16 out",
                  ("kernels.fp8", "kernels.fp8_softmax", "kernels.fp8_ws", "kernels.fwd_ws",
-                  "kernels.fwd_tile", "kernels.common", "kernels.schedule"), _FWD_IMPLS,
+                  "kernels.fwd_tile", "kernels.common", "kernels.schedule", "kernels.ws_mma"),
+                 _FWD_IMPLS,
                  "sparse_attention_fp8", "config", False,
                  "block_m query rows per program, block_n keys per step (a multiple of the sparse "
                  "block gathers that many kept blocks into one step); impl gluon: 128 rows, 64 or "

@@ -358,7 +358,7 @@ def test_the_fp8_record_hashes_its_modules() -> None:
     record = kernels.KERNELS["fp8"]
     assert record.sources == ("kernels.fp8", "kernels.fp8_softmax", "kernels.fp8_ws",
                               "kernels.fwd_ws", "kernels.fwd_tile", "kernels.common",
-                              "kernels.schedule")
+                              "kernels.schedule", "kernels.ws_mma")
     assert record.entry == "sparse_attention_fp8" and record.impls == ("triton", "gluon")
     assert all(name in kernels.__all__ for name in (
         "sparse_attention_fp8", "quantize_fp8", "dequantize_fp8", "resolve_fp8_config"))

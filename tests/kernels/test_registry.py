@@ -55,7 +55,7 @@ def test_kernels_hash_todays_modules_in_todays_order() -> None:
                                       "kernels.schedule")
     # The dq kernel's Gluon form runs on the Gluon forward's work items and masks.
     assert KERNELS["dq"].sources == ("kernels.bwd", "kernels.common", "kernels.bwd_dq_ws",
-                                     "kernels.fwd_ws", "kernels.schedule")
+                                     "kernels.fwd_ws", "kernels.schedule", "kernels.ws_mma")
     assert KERNELS["varlen"].sources == ("kernels.varlen", "kernels.fwd_tile", "kernels.common")
     assert KERNELS["decode"].sources == ("kernels.decode", "kernels.common")
 
