@@ -211,12 +211,17 @@ def forward_gluon() -> None:
                                    boxes=config.block_n // fwd_ws.BOX_N)
 
 
+def _backward_inputs() -> tuple[torch.Tensor, ...]:
+    """q, k, v, out, dO, lse and delta of one backward call (values unused: nothing runs)."""
+    q, k, v, out, do = (_bhsd(HEADS), _bhsd(KV_HEADS), _bhsd(KV_HEADS), _bhsd(HEADS),
+                        _bhsd(HEADS))
+    return q, k, v, out, do, torch.zeros(BATCH, HEADS, SEQ), torch.zeros(BATCH, HEADS, SEQ)
+
+
 def backward() -> None:
     from kernels import bwd
 
-    q, k, v, out, do = (_bhsd(HEADS), _bhsd(KV_HEADS), _bhsd(KV_HEADS), _bhsd(HEADS),
-                        _bhsd(HEADS))
-    lse = torch.zeros(BATCH, HEADS, SEQ)
+    q, k, v, out, do, lse, _ = _backward_inputs()
     bwd.sparse_attention_bwd(do, q, k, v, out, lse, _layout(), 0.088, _config("bwd"),
                              _config("dq"))
 
@@ -225,9 +230,7 @@ def backward_dq_gluon() -> None:
     from kernels import bwd_dq_ws
     from kernels.configs import GLUON_DQ_DEFAULT as config
 
-    q, k, v, out, do = (_bhsd(HEADS), _bhsd(KV_HEADS), _bhsd(KV_HEADS), _bhsd(HEADS),
-                        _bhsd(HEADS))
-    lse, delta = torch.zeros(BATCH, HEADS, SEQ), torch.zeros(BATCH, HEADS, SEQ)
+    q, k, v, out, do, lse, delta = _backward_inputs()
     bwd_dq_ws.sparse_attention_dq_ws(do, q, k, v, out, lse, delta, torch.empty_like(q), _layout(),
                                      0.088, stages=config.num_stages,
                                      boxes=config.block_n // bwd_dq_ws.BOX_N)
@@ -236,21 +239,20 @@ def backward_dq_gluon() -> None:
 def backward_dkdv_gluon() -> None:
     from kernels import bwd_dkdv_ws
     from kernels.columns import column_plan
+    from kernels.configs import GLUON_BWD_DEFAULT as config
 
-    q, k, v, do = _bhsd(HEADS), _bhsd(KV_HEADS), _bhsd(KV_HEADS), _bhsd(HEADS)
-    lse, delta = torch.zeros(BATCH, HEADS, SEQ), torch.zeros(BATCH, HEADS, SEQ)
+    q, k, v, _, do, lse, delta = _backward_inputs()
     layout = _layout()
     bwd_dkdv_ws.sparse_attention_dkdv_ws(do, q, k, v, lse, delta, torch.empty_like(k),
                                          torch.empty_like(v), layout,
-                                         column_plan(layout, SEQ, SEQ), 0.088, stages=2)
+                                         column_plan(layout, SEQ, SEQ), 0.088,
+                                         stages=config.num_stages)
 
 
 def backward_fused() -> None:
     from kernels import bwd_fused
 
-    q, k, v, out, do = (_bhsd(HEADS), _bhsd(KV_HEADS), _bhsd(KV_HEADS), _bhsd(HEADS),
-                        _bhsd(HEADS))
-    lse = torch.zeros(BATCH, HEADS, SEQ)
+    q, k, v, out, do, lse, _ = _backward_inputs()
     bwd_fused.sparse_attention_bwd_fused(do, q, k, v, out, lse, _layout(), 0.088,
                                          _config("bwd"))
 
