@@ -6,16 +6,17 @@ by job. Each program hosts two independent pipelines, each a loader warp and a c
 group: the loader copies the item's k and v tiles once, then streams the 64-row q and dO tiles
 of every step through a ring of stages; the consumer holds dk and dv in registers and per step
 takes sᵀ = k qᵀ and dpᵀ = v dOᵀ from shared memory, pᵀ = exp2(sᵀ * scale - lse), dv += pᵀ dO,
-dsᵀ = pᵀ * (dpᵀ - delta) and dk += dsᵀ q with pᵀ and dsᵀ from registers. The two consumers'
-products and elementwise work overlap on the SM's tensor cores. Persistent: program ``p`` runs
+dsᵀ = pᵀ * (dpᵀ - delta) and dk += dsᵀ q with pᵀ and dsᵀ from registers. A step's dk product
+is issued by the next step, ahead of that step's own sᵀ and dpᵀ, so the tensor cores get the
+three back to back. The two consumers' products and elementwise work overlap on the SM's
+tensor cores. Persistent: program ``p`` runs
 the work items of schedule rows ``2p`` and ``2p + 1`` (one per pipeline), dealt by their steps
 (:mod:`kernels.schedule`), so a kv tile kept by a vertical column's long run of query blocks
 does not hold a whole SM for its length.
 
 Each step's 64 rows of lse and delta come with its q and dO tiles, as flat tensor-memory copies
 from an aligned copy of both (:func:`row_statistics`); the consumer reads them from shared
-memory as it needs them. Calls it cannot take run the
-Triton dk/dv kernel.
+memory as it needs them. Calls it cannot take run the Triton dk/dv kernel.
 """
 
 from __future__ import annotations
@@ -116,12 +117,15 @@ if GLUON:
             i += 1
 
     @gluon.jit
-    def _dkdv_step(dk, dv, k_op, v_op, q_bufs, do_bufs, lse_bufs, delta_bufs, ready, empty, g,
-                   t, MASKED: gl.constexpr, QBlock, offs_n, q_offset, seq_q, qk_scale,
-                   BLOCK_SIZE: gl.constexpr, IS_CAUSAL: gl.constexpr, s_layout: gl.constexpr,
-                   op_layout: gl.constexpr):
+    def _dkdv_step(dk, dv, ds_prev, k_op, v_op, q_bufs, do_bufs, lse_bufs, delta_bufs, ready,
+                   empty, g, g0, t, MASKED: gl.constexpr, QBlock, offs_n, q_offset, seq_q,
+                   qk_scale, BLOCK_SIZE: gl.constexpr, IS_CAUSAL: gl.constexpr,
+                   s_layout: gl.constexpr, op_layout: gl.constexpr, EARLY_STATS: gl.constexpr):
         """One step: the query rows of column entry ``t // N_SUB``'s sub-tile ``t % N_SUB``,
-        in ring slot ``g``; dk and dv come back with the step's products added."""
+        in ring slot ``g`` (``g0`` the item's first step). Its dk product is left to the next
+        step, which issues it with its own sᵀ and dpᵀ: ``ds_prev`` is the last step's dsᵀ
+        operand, and the step returns its own. With ``EARLY_STATS`` the rows' lse and delta
+        are read before the products they follow are waited for."""
         stages: gl.constexpr = ready.shape[0]
         N_SUB: gl.constexpr = BLOCK_SIZE // Q_ROWS
         s = g % stages
@@ -129,13 +133,23 @@ if GLUON:
         mbarrier.wait(ready.index(s), (g // stages) & 1)
         q_tile = q_bufs.index(s)
         do_tile = do_bufs.index(s)
+        # The last step's dk product (its q tile is still held); an item's first step adds a
+        # zero product with its own tile.
+        prev = (g - (g > g0).to(gl.int32)) % stages
+        dk = warpgroup_mma(ds_prev, q_bufs.index(prev), dk, is_async=True)
         st = warpgroup_mma(k_op, q_tile.permute((1, 0)), zero, use_acc=False, is_async=True)
         dpt = warpgroup_mma(v_op, do_tile.permute((1, 0)), zero, use_acc=False, is_async=True)
         rows: gl.constexpr = gl.SliceLayout(0, s_layout)
-        st = warpgroup_mma_wait(1, deps=(st,))
-        # The row statistics come from shared memory as they are needed: kept in registers
-        # from the step's start they would hold 16 a thread each.
-        lse = lse_bufs.index(s).load(rows) * LOG2E
+        # The statistics come from shared memory as they are needed: kept in registers from
+        # the step's start they would hold 16 a thread each. lse is in log2 units already.
+        if EARLY_STATS:
+            lse = lse_bufs.index(s).load(rows)
+        # wgmma groups retire in order: one left outstanding means dk and sᵀ are done.
+        st, dk = warpgroup_mma_wait(1, deps=(st, dk))
+        if g > g0:
+            mbarrier.arrive(empty.index(prev), count=1)
+        if not EARLY_STATS:
+            lse = lse_bufs.index(s).load(rows)
         pt = gl.exp2(st * qk_scale - gl.expand_dims(lse, 0))
         if MASKED:
             start_m_abs = gl.load(QBlock + t // N_SUB) * BLOCK_SIZE + (t % N_SUB) * Q_ROWS
@@ -145,15 +159,18 @@ if GLUON:
             if IS_CAUSAL:
                 keep = keep & (gl.expand_dims(offs_m_abs, 0) >= gl.expand_dims(offs_n, 1))
             pt = gl.where(keep, pt, 0.0)
+        if EARLY_STATS:
+            delta = delta_bufs.index(s).load(rows)
         dv = warpgroup_mma(gl.convert_layout(pt.to(q_tile.dtype), op_layout), do_tile, dv,
                            is_async=True)
         dpt = warpgroup_mma_wait(1, deps=(dpt,))
-        dst = pt * (dpt - gl.expand_dims(delta_bufs.index(s).load(rows), 0))
-        dk = warpgroup_mma(gl.convert_layout(dst.to(q_tile.dtype), op_layout), q_tile, dk,
-                           is_async=True)
-        dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
-        mbarrier.arrive(empty.index(s), count=1)
-        return dk, dv
+        if not EARLY_STATS:
+            delta = delta_bufs.index(s).load(rows)
+        dst = pt * (dpt - gl.expand_dims(delta, 0))
+        ds_op = gl.convert_layout(dst.to(q_tile.dtype), op_layout)
+        # No product is left in flight across steps: ptxas serialises every wgmma otherwise.
+        dv = warpgroup_mma_wait(0, deps=(dv,))
+        return dk, dv, ds_op
 
     @gluon.jit
     def _dkdv_partition(q_bufs, do_bufs, lse_bufs, delta_bufs, k_smem, v_smem, ready, empty,
@@ -173,6 +190,9 @@ if GLUON:
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, HEAD_DIM, 16])
         op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        # At head_dim 128 the early reads spill (registers for 32 more values): measured 2-5%
+        # slower there, 2-3% faster at 64 (kernels/PERF.md).
+        EARLY_STATS: gl.constexpr = HEAD_DIM <= 64
         q_offset = seq_k - seq_q
         prog = 2 * gl.program_id(0) + PIPE
         g = 0  # steps consumed so far: the ring position
@@ -183,7 +203,9 @@ if GLUON:
             offs_n = kv_tile * KV_ROWS + gl.arange(0, KV_ROWS, layout=gl.SliceLayout(1, s_layout))
             dk = gl.zeros([KV_ROWS, HEAD_DIM], gl.float32, o_layout)
             dv = gl.zeros([KV_ROWS, HEAD_DIM], gl.float32, o_layout)
+            ds = gl.zeros([KV_ROWS, Q_ROWS], DK.dtype.element_ty, op_layout)
             mbarrier.wait(kv_ready, i & 1)
+            g0 = g
             for gq in range(0, q_per_kv):
                 off_h = off_kvh * q_per_kv + gq
                 row = (off_h // heads_per_pattern) * kv_blocks + kv_block
@@ -192,17 +214,24 @@ if GLUON:
                 end = gl.load(ColPtr + row + 1)
                 # The entries no step masks, then those that need it.
                 for t in range(start * N_SUB, mid * N_SUB):
-                    dk, dv = _dkdv_step(dk, dv, k_smem, v_smem, q_bufs, do_bufs, lse_bufs,
-                                        delta_bufs, ready, empty, g, t, False, QBlock, offs_n,
-                                        q_offset, seq_q, qk_scale, BLOCK_SIZE, IS_CAUSAL,
-                                        s_layout, op_layout)
+                    dk, dv, ds = _dkdv_step(dk, dv, ds, k_smem, v_smem, q_bufs, do_bufs,
+                                            lse_bufs, delta_bufs, ready, empty, g, g0, t, False,
+                                            QBlock, offs_n, q_offset, seq_q, qk_scale,
+                                            BLOCK_SIZE, IS_CAUSAL, s_layout, op_layout,
+                                            EARLY_STATS)
                     g += 1
                 for t in range(mid * N_SUB, end * N_SUB):
-                    dk, dv = _dkdv_step(dk, dv, k_smem, v_smem, q_bufs, do_bufs, lse_bufs,
-                                        delta_bufs, ready, empty, g, t, True, QBlock, offs_n,
-                                        q_offset, seq_q, qk_scale, BLOCK_SIZE, IS_CAUSAL,
-                                        s_layout, op_layout)
+                    dk, dv, ds = _dkdv_step(dk, dv, ds, k_smem, v_smem, q_bufs, do_bufs,
+                                            lse_bufs, delta_bufs, ready, empty, g, g0, t, True,
+                                            QBlock, offs_n, q_offset, seq_q, qk_scale,
+                                            BLOCK_SIZE, IS_CAUSAL, s_layout, op_layout,
+                                            EARLY_STATS)
                     g += 1
+            if g > g0:  # the last step's dk product
+                last = (g - 1) % ready.shape[0]
+                dk = warpgroup_mma(ds, q_bufs.index(last), dk, is_async=True)
+                dk = warpgroup_mma_wait(0, deps=(dk,))
+                mbarrier.arrive(empty.index(last), count=1)
             mbarrier.arrive(kv_empty, count=1)  # every product reading k and v is done
 
             # -- epilogue: dS was taken w.r.t. the scaled scores --
@@ -346,13 +375,14 @@ def dkdv_items(layout: BlockLayout, cols: ColumnPlan, seq_q: int, seq_k: int, ba
 def row_statistics(lse: torch.Tensor, delta: torch.Tensor, seq_k: int) -> torch.Tensor:
     """lse and delta (``(batch, heads, seq_q)`` float32) as the kernel reads them: one
     ``(2, batch x heads, stride)`` copy, zeros but at each row's absolute position (the queries
-    are the last ``seq_q`` of ``seq_k``), ``stride`` the next multiple of 4 from ``seq_k``.
+    are the last ``seq_q`` of ``seq_k``), ``stride`` the next multiple of 4 from ``seq_k``;
+    lse in log2 units (times log2 e), as the kernel's exp2 takes it.
     The rows' 16-byte-aligned starts let each step take its 64 rows in one tensor-memory copy
     from any row; 8 bytes a query row."""
     batch, heads, seq_q = lse.shape
     stride = -(-seq_k // 4) * 4
     stats = torch.zeros((2, batch * heads, stride), device=lse.device, dtype=torch.float32)
-    stats[0, :, seq_k - seq_q:seq_k] = lse.reshape(batch * heads, seq_q)
+    stats[0, :, seq_k - seq_q:seq_k] = lse.reshape(batch * heads, seq_q) * LOG2E.value
     stats[1, :, seq_k - seq_q:seq_k] = delta.reshape(batch * heads, seq_q)
     return stats
 

@@ -16,8 +16,12 @@ What differs from the 16-bit kernel, and why:
   permutes and 24 shuffles a thread a step; instead the keys of vᵀ are reordered within each
   run of 32 (:func:`mma_key_order`, one pass over vᵀ before the launch) to match where p's
   registers say they are.
-- each step's ``p v`` starts from zero and joins the float32 accumulator in the rescale:
-  Hopper's fp8 products accumulate with about 14 mantissa bits (:mod:`kernels.fp8`).
+- each step's ``p v`` accumulates into the output tile in the tensor cores, as the 16-bit
+  kernel's does, though Hopper's fp8 products add with about 14 mantissa bits (why the Triton
+  kernel starts each from zero, :mod:`kernels.fp8`). On the H200 at phi-3's shapes the output
+  moved by 0.10-0.17% of its norm (the error against the float32 reference of the dequantised
+  inputs stayed at 2.13%), and dropping the separate sum made the kernel 1-10% faster
+  (kernels/PERF.md).
 - a split first step (a block only the upper 64 rows keep beside one only the lower 64 keep)
   is multiplied whole, masked: every consumer computes its 128 keys.
 - 16-bit output leaves through a staging tile of its own per consumer and tensor-memory
@@ -57,7 +61,7 @@ if GLUON:
         _tma_store,
         _work_item,
     )
-    from .ws_mma import _issue_transposed
+    from .ws_mma import _issue_transposed, _issue_transposed_into
 
 # The fp8 kernel's fixed shape, as configs name it: 128 query rows, 4 warps a consumer.
 STAGE_CHOICES = (2, 3, 4)
@@ -226,7 +230,7 @@ if GLUON:
             for j in range(1, steps):
                 _take_turn(turns, turn + j, HALF)
                 qk = _issue_transposed(q_op, k_bufs, k_ready, g + j, s_layout)
-                pv = _issue_transposed(p, v_bufs, v_ready, g + j - 1, o_layout)
+                acc = _issue_transposed_into(p, v_bufs, v_ready, g + j - 1, acc)
                 mbarrier.arrive(turns.index(1 - HALF), count=1)
                 # wgmma groups retire in order: one left outstanding means q kᵀ is done.
                 qk = warpgroup_mma_wait(1, deps=(qk,))
@@ -234,16 +238,15 @@ if GLUON:
                     qk, m_i, l_i, j, first_box, n_boxes, full_boxes, KvBlock, RowBits,
                     offs_m_abs, tile_first_block, row_end, seq_k, scale, TILE_N, BLOCK_SIZE,
                     SUB_BLOCKS, IS_CAUSAL, s_layout, p_layout)
-                pv = warpgroup_mma_wait(0, deps=(pv,))
+                acc = warpgroup_mma_wait(0, deps=(acc,))
                 mbarrier.arrive(kv_empty.index((g + j - 1) % stages), count=1)
-                acc = (acc + pv) * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
+                acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
             mbarrier.arrive(q_empty, count=1)  # every q kᵀ of this item is done
             _take_turn(turns, turn + steps, HALF)
-            pv = _issue_transposed(p, v_bufs, v_ready, g + steps - 1, o_layout)
+            acc = _issue_transposed_into(p, v_bufs, v_ready, g + steps - 1, acc)
             mbarrier.arrive(turns.index(1 - HALF), count=1)
-            pv = warpgroup_mma_wait(0, deps=(pv,))
+            acc = warpgroup_mma_wait(0, deps=(acc,))
             mbarrier.arrive(kv_empty.index((g + steps - 1) % stages), count=1)
-            acc = acc + pv
 
             # -- epilogue: the 2**P_SHIFT in acc and l_i cancels; v's descale comes in here --
             l_safe = gl.where(l_i == 0.0, 1.0, l_i)

@@ -24,3 +24,11 @@ if GLUON:
         mbarrier.wait(ready.index(s), (j // stages) & 1)
         return warpgroup_mma(a_op, bufs.index(s).permute((1, 0)), zero, use_acc=False,
                              is_async=True)
+
+    @gluon.jit
+    def _issue_transposed_into(a_op, bufs, ready, j, acc):
+        """:func:`_issue_transposed` adding into ``acc`` instead of starting from zero."""
+        stages: gl.constexpr = bufs.shape[0]
+        s = j % stages
+        mbarrier.wait(ready.index(s), (j // stages) & 1)
+        return warpgroup_mma(a_op, bufs.index(s).permute((1, 0)), acc, is_async=True)
