@@ -327,6 +327,8 @@ def test_validate_prints_the_count(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("name", "count"), [
     ("smoke.yaml", "2 cases x 2 providers = 4 rows"),
     ("phi3.yaml", "8 cases x 11 providers"),
+    ("phi3-heads.yaml", "8 cases x 3 providers = 24 rows"),
+    ("patterns.yaml", "12 cases x 5 providers = 60 rows"),
     # Graph rows beside the eager ones: 87 eager rows, 69 graph rows (none for the slow dense
     # references, as the run makes them).
     ("decode.yaml", "15 cases x 7 providers (each timed eagerly and by CUDA-graph replay) = 156 "
