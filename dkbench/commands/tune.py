@@ -141,9 +141,9 @@ def tune(
     modes tune as one (fwd_bwd when they are several) and each inference mode as itself.
 
     Each search-space flag replaces one axis; the others keep the default space (impl gluon is
-    the forward's warp-specialised Hopper kernel; impl fused the backward's one-kernel dk/dv, which
-    adds dq by atomics, so no dq kernel runs behind it). The default config is always timed too, as the
-    reference. Default spaces:
+    the warp-specialised Hopper kernel of the forward, dk/dv and dq kernels; impl fused the
+    backward's one-kernel dk/dv, which adds dq by atomics, so no dq kernel runs behind it). The
+    default config is always timed too, as the reference. Default spaces:
     {default_spaces}
 
     Triton configs' block_n (and the dk/dv kernel's block_m) are capped at the block size; gluon

@@ -149,6 +149,9 @@ def check_sweep(sweep: Sweep, path: Path) -> None:
         fail("length_spread", f"{sweep.length_spread} draws the lengths of prefill_varlen and "
              f"decode sequences, and the spec's modes are {', '.join(modes)}; allowed: "
              "length_spread 0 (or left out) with these modes, or a mode prefill_varlen or decode")
+    if sweep.length_spread and sweep.lengths:
+        fail("length_spread", f"{sweep.length_spread} draws the sequences' lengths, and lengths "
+             "gives them, so it would do nothing; allowed: one of length_spread and lengths")
     if any(p is not None for p in as_list(sweep.page_size)) and set(modes) != {"decode"}:
         fail("page_size", f"a paged KV cache applies to mode decode only, and the spec's modes are "
              f"{', '.join(modes)}; allowed: page_size null (or left out) with other modes, or "
@@ -250,6 +253,12 @@ def _check_launch_config(sweep: Sweep, fail) -> None:
     validity rules, applied before anything runs."""
     if sweep.config is None:
         return
+    if set(as_list(sweep.mode)) == {"decode"}:
+        # The bundled provider pins it on the forward (and the varlen kernel), never on decoding.
+        fail("config", "pins the bundled kernel's forward launch config (prefill_varlen: its "
+             "varlen kernel's); the decoding kernel takes its config from the cache or its "
+             "default, so with mode decode alone it would do nothing; allowed: config null (or "
+             "left out) with mode decode, or a mode fwd, bwd, fwd_bwd or prefill_varlen")
     config = LaunchConfig(**sweep.config.model_dump())
     for block_size in sorted({p.block_size for p in sweep.patterns}):
         for head_dim in sorted(set(as_list(sweep.head_dim))):

@@ -84,6 +84,15 @@ def test_length_spread_with_no_inference_mode_is_refused(tmp_path: Path) -> None
     assert [(c.mode, c.length_spread) for c in mixed] == [("fwd", 0.0), ("decode", 0.5)]
 
 
+def test_length_spread_beside_lengths_is_refused(tmp_path: Path) -> None:
+    # lengths gives every sequence's length, so a spread to draw them from would do nothing.
+    _refused(tmp_path, "length_spread: 0.5 draws", "lengths gives them", "it would do nothing",
+             "allowed: one of length_spread and lengths",
+             mode="decode", batch=None, lengths=[16, 32], length_spread=0.5)
+    (case,) = _cases(tmp_path, mode="decode", batch=None, lengths=[16, 32])
+    assert case.lengths == (16, 32) and case.length_spread == 0.0
+
+
 @pytest.mark.parametrize(("overrides", "phrases"), [
     (dict(q_len=[16, 32], seqlen=[16, 32]), ("q_len:", "q_len=32 exceeds seqlen=16",
                                              "allowed: q_len from 1 to seqlen (16 here)")),

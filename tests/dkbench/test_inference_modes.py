@@ -81,7 +81,7 @@ def test_decode_needs_causal_and_inference_modes_take_no_q_len(tmp_path):
 
 
 def test_explicit_lengths_set_the_batch(tmp_path):
-    spec = {**INFER, "batch": None, "lengths": [64, 17, 40]}
+    spec = {**INFER, "batch": None, "length_spread": None, "lengths": [64, 17, 40]}
     (case,) = expand(load_spec(write_spec(tmp_path, **spec, mode="decode")))
     assert case.batch == 3 and sequence_lengths(case) == (64, 17, 40)
     with pytest.raises(SpecError, match="exceeds seqlen=64"):

@@ -74,6 +74,15 @@ class MaskBlocks(BaseModel):
     bwd_block: tuple[BlockSide, BlockSide] | None = None
 
 
+class ForwardMaskBlocks(BaseModel):
+    """Options of a forward-only provider that takes the pattern as a block mask: its forward's
+    (q, kv) block shape in tokens. It runs no backward, so a `bwd_block` would do nothing and is
+    refused as an unknown key. None picks the provider's default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    fwd_block: tuple[BlockSide, BlockSide] | None = None
+
+
 class Provider:
     """One attention implementation. Subclasses set the class attributes and `prepare`."""
 

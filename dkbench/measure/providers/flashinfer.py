@@ -37,7 +37,7 @@ from kernels import BlockLayout
 from ...spec.sweep import Case, Sweep
 from ..modes import block_table, sequence_lengths
 from .base import (
-    MaskBlocks,
+    ForwardMaskBlocks,
     Prepared,
     Provider,
     Unsupported,
@@ -153,7 +153,7 @@ class FlashInferSparse(Provider):
     modes = ("fwd",)
     refusals = FLASHINFER_REFUSALS
     compiles = True
-    Options = MaskBlocks
+    Options = ForwardMaskBlocks
 
     def unavailable(self, device: torch.device) -> str | None:
         return _unavailable(device)
@@ -162,7 +162,7 @@ class FlashInferSparse(Provider):
                 scale: float, config: object = None) -> Prepared:
         refuse_fp8(case, "FlashInfer's variable block-sparse wrapper is measured in bf16 only: "
                          "its fp8 path is not wired into dkbench; see the bf16 rows")
-        options: MaskBlocks = self.options(sweep)
+        options: ForwardMaskBlocks = self.options(sweep)
         block = options.fwd_block or (layout.block_size, layout.block_size)
         # The block maps refuse what FlashInfer cannot express, before it is even imported.
         blocks = variable_blocks(layout, case.heads, case.kv_heads, case.q_len, case.seqlen,
@@ -185,7 +185,7 @@ class FlashInferSparse(Provider):
             return out.view(batch, heads, q_len, dim)
 
         return Prepared(attn, f"block{block[0]}x{block[1]}",
-                        "default" if options == MaskBlocks() else "explicit")
+                        "default" if options == ForwardMaskBlocks() else "explicit")
 
 
 # -- decode: the padded cache as pages --
