@@ -8,12 +8,42 @@ import sys
 import typer
 
 
+def _device_flag(argv: list[str]) -> str | None:
+    """The value of --device on the command line, if given."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--device="):
+            return arg.split("=", 1)[1]
+        if arg == "--device" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _spec_wants_cpu(argv: list[str]) -> bool:
+    """Whether a spec file named on the command line says `device: cpu`. Read here, ahead of the
+    command, because the interpreter must be chosen before Triton loads; a spec that cannot be
+    read is left to the command, which reports it."""
+    import yaml
+
+    for arg in argv:
+        if not arg.endswith((".yaml", ".yml")) or not os.path.isfile(arg):
+            continue
+        try:
+            with open(arg, encoding="utf-8") as handle:
+                data = yaml.safe_load(handle)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue
+        if isinstance(data, dict) and data.get("device") == "cpu":
+            return True
+    return False
+
+
 def _use_interpreter_without_gpu(argv: list[str]) -> None:
-    """Kernels run through Triton's interpreter on a CPU; the flag must precede their import."""
+    """Kernels run through Triton's interpreter on a CPU; the flag must precede their import. The
+    CPU is asked for by --device cpu, or by a spec's `device: cpu` where --device is auto."""
     if os.environ.get("TRITON_INTERPRET"):  # set to something: the user's choice
         return
-    wants_cpu = "--device=cpu" in argv or any(
-        a == "--device" and i + 1 < len(argv) and argv[i + 1] == "cpu" for i, a in enumerate(argv))
+    flag = _device_flag(argv)
+    wants_cpu = flag == "cpu" or (flag in (None, "auto") and _spec_wants_cpu(argv))
     import torch
 
     if wants_cpu or not torch.cuda.is_available():

@@ -589,3 +589,40 @@ def test_an_empty_triton_interpret_still_gets_the_interpreter_on_the_cpu(
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     cli._use_interpreter_without_gpu(["run", "--device", "cpu"])
     assert os.environ["TRITON_INTERPRET"] == "0"
+
+
+@pytest.mark.parametrize(("device_key", "flags", "interprets"), [
+    ("cpu", [], True),
+    ("cpu", ["--device", "auto"], True),
+    ("cpu", ["--device=cuda"], False),
+    ("auto", [], False),
+])
+def test_a_specs_device_cpu_turns_the_interpreter_on_where_a_gpu_is_visible(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, device_key: str, flags: list[str],
+        interprets: bool) -> None:
+    """The interpreter is chosen before Triton loads, so the spec's `device: cpu` is read ahead
+    of the command; --device other than auto overrides it, as it does in the run."""
+    import torch
+
+    from dkbench import cli
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text(f"name: s\ndevice: {device_key}\n")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cli._use_interpreter_without_gpu(["run", str(spec), *flags])
+    assert (os.environ.get("TRITON_INTERPRET") == "1") is interprets
+
+
+def test_an_unreadable_spec_is_left_to_the_command(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from dkbench import cli
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"device: [cpu\n\xff")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cli._use_interpreter_without_gpu(["run", str(bad), str(tmp_path)])
+    assert "TRITON_INTERPRET" not in os.environ
