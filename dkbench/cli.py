@@ -53,7 +53,7 @@ def _use_interpreter_without_gpu(argv: list[str]) -> None:
 _use_interpreter_without_gpu(sys.argv[1:])
 
 from .commands.cache import cache_app  # noqa: E402
-from .commands.errors import plain_warnings  # noqa: E402
+from .commands.errors import plain_path_errors, plain_warnings  # noqa: E402
 from .commands.gate import gate  # noqa: E402
 from .commands.merge import merge  # noqa: E402
 from .commands.plot import plot, report  # noqa: E402
@@ -63,13 +63,8 @@ from .commands.tune import tune  # noqa: E402
 
 app = typer.Typer(name="dkbench", no_args_is_help=True, add_completion=False,
                   help="Benchmark and autotune block-sparse attention written in Triton.")
-app.command("run")(run)
-app.command("validate")(validate)
-app.command("env")(env)
-app.command("tune")(tune)
-app.command("gate")(gate)
-app.command("merge")(merge)
-app.command("plot")(plot)
-app.command("report")(report)
+for _name, _command in (("run", run), ("validate", validate), ("env", env), ("tune", tune),
+                        ("gate", gate), ("merge", merge), ("plot", plot), ("report", report)):
+    app.command(_name)(plain_path_errors(_command))
 app.add_typer(cache_app, name="cache", help="Show and manage the best-config cache.")
 app.callback()(plain_warnings)

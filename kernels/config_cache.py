@@ -224,6 +224,10 @@ def _check_key(raw: object) -> CacheKey:
     for name in ("head_dim", "block_size", "seqlen_bucket"):
         if getattr(key, name) < 1:
             raise ValueError(f"key[{name!r}] must be a positive int, got {getattr(key, name)!r}")
+    bucket = key.seqlen_bucket
+    if bucket & (bucket - 1):  # no lookup asks for it: seqlen_bucket rounds up to a power of 2
+        raise ValueError(f"key['seqlen_bucket'] must be a power of two (as seqlen_bucket makes "
+                         f"it), got {bucket}")
     return key
 
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import errno
+import functools
 import warnings
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ..errors import DkbenchError
+from ..errors import BadInputError, DkbenchError
 
 err_console = Console(stderr=True)
 
@@ -50,3 +52,19 @@ def cli_errors() -> Iterator[None]:
         yield
     except DkbenchError as exc:
         raise fail(exc) from None
+
+
+def plain_path_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``command`` with a path the OS refuses for its length (ENAMETOOLONG, from any of its path
+    flags or arguments) reported as bad input: pathlib's exists() and is_file() raise it where
+    they answer False for a path that is merely absent."""
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except OSError as exc:
+            if exc.errno != errno.ENAMETOOLONG:
+                raise
+            raise fail(BadInputError(f"{exc.filename}: {exc.strerror}; allowed: file names of "
+                                     "at most 255 bytes, paths of at most 4096")) from None
+    return wrapper

@@ -431,6 +431,9 @@ def run_gate(current: Path, baseline: Path, *, metric: str = "speedup",
     """Compare `current` against `baseline` (run directories or CSV files); see the module doc."""
     if metric not in METRICS:
         raise BadInputError(f"--metric {metric!r}: expected one of {', '.join(METRICS)}")
+    if against is not None and not against.strip():  # else the rows' baseline, in silence
+        raise BadInputError(f"--against {against!r}: names no provider; give the provider the "
+                            "speedup is measured against, or leave it out for the rows' baseline")
     if against is not None and metric != "speedup":
         raise BadInputError(f"--against {against}: applies to --metric speedup only "
                             f"(--metric {metric} is not measured against a provider); leave it "

@@ -59,10 +59,10 @@ def new_run_dir(out: Path, name: str) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = out / f"{name}-{stamp}"
     suffix = 1
-    while run_dir.exists():
-        suffix += 1
-        run_dir = out / f"{name}-{stamp}-{suffix}"
-    try:
+    try:  # exists() raises too, for a name longer than the file system allows
+        while run_dir.exists():
+            suffix += 1
+            run_dir = out / f"{name}-{stamp}-{suffix}"
         run_dir.mkdir(parents=True)
     except OSError as exc:
         raise BadInputError(f"--out {out}: cannot make the run directory {run_dir.name} there "

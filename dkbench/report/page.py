@@ -343,6 +343,7 @@ def write_report(path: Path, out: Path | None = None) -> Path:
         if target.is_dir():
             raise BadInputError(f"--out {out}: {target} is a directory")
     runs, tunes = load_sources(path)
+    _check_not_an_input(target, out, [s.path for s in (*runs, *tunes)])
     skipped: list[SkippedFigure] = []
     figures = build_figures(runs, tunes=tunes, skipped=skipped)
     written = save_figures(figures, target.parent, ("png",))
@@ -353,3 +354,14 @@ def write_report(path: Path, out: Path | None = None) -> Path:
     except OSError as err:
         raise BadInputError(f"{target}: cannot write the report ({err})") from None
     return target
+
+
+def _check_not_an_input(target: Path, out: Path | None, sources: Sequence[Path]) -> None:
+    """Refuse an --out that names a file of a run or tune directory being reported (its
+    results.csv, meta.json, tune.csv, a log): the Markdown would replace what it reports on."""
+    if not target.is_file() or target.suffix.lower() == ".md":
+        return
+    folder = target.resolve().parent
+    if any(folder == Path(source).resolve() for source in sources):
+        raise BadInputError(f"--out {out}: is {target.resolve()}, a file of a directory being "
+                            "reported; give a new file (or a .md file) for the report")

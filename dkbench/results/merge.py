@@ -21,6 +21,7 @@ import pandas as pd
 from ..errors import BadInputError, ResultsWriteError
 from ..spec.sweep import Sweep, expand, filter_cases
 from .check import check_values
+from .runs import REQUIRED_COLUMNS
 from .schema import (
     META_FILE,
     RESULTS_FILE,
@@ -68,8 +69,8 @@ def _load(run_dir: Path) -> Source:
     if meta.get("kind", "run") != "run" or "spec" not in meta:
         raise BadInputError(f"{run_dir}: not a `dkbench run` directory (its meta.json is of kind "
                             f"{meta.get('kind')!r}{'' if 'spec' in meta else ', with no spec'})")
-    for key, kind in (("spec", dict), ("environment", dict), ("only", list), ("shard", str),
-                      ("started", str), ("finished", str)):
+    for key, kind in (("spec", dict), ("environment", dict), ("only", list), ("providers", list),
+                      ("shard", str), ("started", str), ("finished", str)):
         meta_value(meta, key, kind, meta_path)
     if meta.get("shard") is not None and not _SHARD.fullmatch(meta["shard"]):
         raise BadInputError(f"{meta_path}: key 'shard' holds {meta['shard']!r}; allowed: I/N "
@@ -92,6 +93,11 @@ def _load(run_dir: Path) -> Source:
         raise BadInputError(f"{csv_path}: not a readable CSV ({exc})") from None
     if header and not {"case_id", "provider"} <= set(header):
         raise BadInputError(f"{csv_path}: no case_id/provider columns")
+    lacks = [c for c in REQUIRED_COLUMNS if header and c not in header]
+    if lacks:  # copied as they are, the merged rows would be as unreadable
+        raise BadInputError(f"{csv_path}: its header lacks the column{'s' * (len(lacks) > 1)} "
+                            f"{', '.join(lacks)}, which plot, gate, report and --resume read; "
+                            "allowed: the results.csv of `dkbench run`")
     if len(set(header)) < len(header):
         twice = sorted({c for c in header if header.count(c) > 1})
         raise BadInputError(f"{csv_path}: column {', '.join(twice)} appears more than once in "

@@ -57,6 +57,9 @@ def find_run_dirs(path: Path) -> list[Path]:
             return [path.parent]
         raise BadInputError(f"{path}: is a file; give a run directory holding {RESULTS_FILE} "
                             "or a directory of run directories")
+    if not path.is_dir():  # a device, FIFO or socket: listing it as a folder would raise
+        raise BadInputError(f"{path}: not a regular file or a directory; give a run directory "
+                            f"holding {RESULTS_FILE} or a directory of run directories")
     if (path / RESULTS_FILE).is_file():
         return [path]
     runs = sorted(p for p in path.iterdir() if (p / RESULTS_FILE).is_file())

@@ -170,7 +170,10 @@ def check_sweep(sweep: Sweep, path: Path) -> None:
         if unknown or not rule:
             fail(f"exclude[{i}]", f"unknown key(s) {unknown or '(empty rule)'}; allowed: "
                  f"{', '.join(CASE_KEYS)}")
-        # A misspelt provider (or graph suffix) would exclude nothing, silently.
+        # A misspelt provider (or graph suffix) would exclude nothing, silently; so would none.
+        if rule.get("provider", None) == []:
+            fail(f"exclude[{i}].provider", f"an empty list; give at least one provider "
+                 f"({', '.join(PROVIDERS)})")
         for name in as_list(rule.get("provider", [])):
             if not isinstance(name, str) or row_provider(name)[0] not in PROVIDERS:
                 fail(f"exclude[{i}].provider", f"unknown provider {name!r}; allowed: a provider "

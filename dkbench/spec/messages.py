@@ -100,6 +100,9 @@ def error_text(e: dict, model_at: ModelAt) -> str:
         return f"{given} is not a boolean; allowed: true, false"
     if kind == "string_pattern_mismatch":
         return f"{given} is not allowed; allowed: text matching {ctx['pattern']}"
+    if kind == "string_too_long":
+        why = " (it starts the run directory's name)" if loc == ("name",) else ""
+        return f"{len(e['input'])} characters; allowed: at most {ctx['max_length']}{why}"
     if kind.startswith("string_"):
         return f"{given} is not a string"
     if kind == "literal_error":

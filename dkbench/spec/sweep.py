@@ -58,6 +58,8 @@ AXIS_RANGES = {"batch": (1, 2**20), "batch_tokens": (1, 2**32), "seqlen": (1, MA
 MAX_CASES = 100_000
 # Block entries of one generated layout (pattern heads x blocks x blocks, a bool each).
 MAX_LAYOUT_BLOCKS = 2**32
+# The longest spec name: with "tune-" before it and "-YYYYmmdd-HHMMSS-N" after, a file name.
+MAX_NAME = 200
 # What timing.warmup_ms and timing.rep_ms may ask for, per provider and case.
 MAX_TIMING_MS = 60_000
 # Strict: a YAML `true` is not the integer 1, and `64.5` or `"64"` are not integers.
@@ -156,6 +158,12 @@ class Check(BaseModel):
         unknown = sorted(k for k in given if k not in DTYPES)
         if unknown:
             raise ValueError(f"unknown dtype(s) {unknown}; allowed: {', '.join(DTYPES)}")
+        seen: dict[str, str] = {}
+        for name in given:  # bf16 and bfloat16 name one dtype: one value would be dropped
+            if DTYPES[name] in seen:
+                raise ValueError(f"{seen[DTYPES[name]]!r} and {name!r} both name "
+                                 f"{DTYPES[name]}; allowed: one of them")
+            seen[DTYPES[name]] = name
         return {**DEFAULT_RTOL, **{DTYPES[k]: v for k, v in given.items()}}
 
 
@@ -195,7 +203,9 @@ class Sweep(BaseModel):
     """A sweep spec as written in YAML (lists are the axes of a cartesian product)."""
 
     model_config = _STRICT
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    # It starts the run directory's name (NAME-TIME, tune-NAME-TIME), which must fit in the
+    # 255 bytes a file system allows a name.
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=MAX_NAME)
     description: str = ""
     device: Literal["auto", "cuda", "cpu"] = "auto"
     dtype: Union[str, list[str]] = "bf16"

@@ -106,6 +106,9 @@ BAD_KEYS = {
     "density-above-one": ({"density_bucket": 3.5}, "must be a number in (0, 1], got 3.5"),
     "density-too-big-for-a-float": ({"density_bucket": 10**400},
                                     "key['density_bucket'] must be a number in (0, 1]"),
+    # Was: imported, and never looked up (seqlen_bucket rounds up to a power of two).
+    "seqlen-not-a-power-of-two": ({"seqlen_bucket": 1000},
+                                  "key['seqlen_bucket'] must be a power of two"),
 }
 
 

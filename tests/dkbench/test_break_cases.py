@@ -115,3 +115,18 @@ def test_an_exclusion_matching_no_case_is_warned_about(tmp_path: Path) -> None:
     text = flat(result.stderr)
     assert "exclude[0] {'seqlen': 32, 'heads': 4} matches no case of the spec" in text, text
     assert "exclude[2]" in text and "exclude[1]" not in text, text
+
+
+@pytest.mark.parametrize(("overrides", "phrases"), [
+    # Was: silently one of the two values (whichever came last).
+    (dict(check={"rtol": {"bf16": 0.1, "bfloat16": 0.2}}),
+     ("check.rtol: 'bf16' and 'bfloat16' both name bfloat16", "allowed: one of them")),
+    # Was: a rule that excluded nothing.
+    (dict(exclude=[{"provider": []}]), ("exclude[0].provider: an empty list",
+                                        "give at least one provider (dkbench")),
+    # Was: accepted, then `run` died with an OSError traceback making NAME-TIME (ENAMETOOLONG).
+    (dict(name="a" * 201), ("name: 201 characters; allowed: at most 200",)),
+])
+def test_idle_or_conflicting_keys_are_refused(tmp_path: Path, overrides, phrases) -> None:
+    _refused(tmp_path, *phrases, **overrides)
+

@@ -171,3 +171,23 @@ def test_interpreter_turned_off_on_the_cpu_is_named_before_the_rows(tmp_path: Pa
     assert result.exit_code == 0, result.output
     assert ("warning: TRITON_INTERPRET='0' turns Triton's interpreter off, so dkbench cannot run "
             "on the CPU and its rows will be errors" in flat(result.stderr)), result.output
+
+
+@pytest.mark.parametrize("command", ["run-out", "run-spec", "validate", "gate", "plot", "report",
+                                     "merge"])
+def test_a_path_name_too_long_for_the_os_is_one_line(run_copy: Path, tmp_path: Path,
+                                                     command: str) -> None:
+    # Was: an OSError traceback (exit 1): pathlib's exists() and is_file() raise ENAMETOOLONG.
+    long = tmp_path / ("d" * 300)
+    args = {"run-out": ["run", write_spec(tmp_path), "--out", long, "-q"],
+            "run-spec": ["run", long, "--out", tmp_path / "o", "-q"],
+            "validate": ["validate", long],
+            "gate": ["gate", run_copy, "--baseline", long], "plot": ["plot", long],
+            "report": ["report", run_copy, "--out", long / "r.md"],
+            "merge": ["merge", run_copy, "--out", long]}[command]
+    refused(invoke(*args), f"{long}", "File name too long", "allowed: file names of at most 255")
+
+
+def test_a_spec_name_that_fits_makes_its_run_directory(tmp_path: Path) -> None:
+    run_dir = run_to_end(write_spec(tmp_path, name="a" * 200), tmp_path / "out")
+    assert run_dir.name.startswith("a" * 200 + "-")

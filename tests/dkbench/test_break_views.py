@@ -9,9 +9,11 @@ time.
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import replace
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from rich.console import Console
 
@@ -116,6 +118,8 @@ def test_a_failed_row_with_nothing_compared_still_fails(tmp_path: Path) -> None:
     (["--providers", ""], ["--providers ''", "names no provider"]),
     (["--metric", "ms", "--against", "dkernel"], ["--against dkernel: applies to --metric "
                                                   "speedup only"]),
+    # Was: an empty --against fell back to the rows' baseline column, without a word.
+    (["--against", ""], ["--against '': names no provider"]),
 ])
 def test_gate_flags_that_would_do_nothing_are_refused(tmp_path: Path, args, words) -> None:
     base, cur = a_run(tmp_path / "base"), a_run(tmp_path / "cur")
@@ -200,6 +204,26 @@ def test_merge_of_a_meta_json_with_an_environment_of_the_wrong_type(tmp_path: Pa
             "key 'environment' holds \"h100\"; allowed: null or an object")
 
 
+@pytest.mark.parametrize("providers", [3, True])
+def test_merge_of_a_meta_json_with_providers_of_another_type(tmp_path: Path, providers) -> None:
+    # Was: a TypeError traceback ("'int' object is not iterable").
+    run = shard(tmp_path / "a", clean_rows(), providers=providers)
+    refused(invoke("merge", run, "--out", tmp_path / "out"),
+            f"key 'providers' holds {str(providers).lower()}; allowed: null or a list")
+    assert not (tmp_path / "out").exists()
+
+
+def test_merge_of_a_results_csv_without_a_column_its_readers_need(tmp_path: Path) -> None:
+    # Was: merged as it was, into a run that plot, gate, report and --resume all refuse.
+    run = shard(tmp_path / "a", clean_rows())
+    path = run / RESULTS_FILE
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    frame.drop(columns="status").to_csv(path, index=False)
+    refused(invoke("merge", run, "--out", tmp_path / "out"),
+            f"{path}: its header lacks the column status")
+    assert not (tmp_path / "out").exists()
+
+
 def test_merge_reads_past_a_byte_order_mark(tmp_path: Path) -> None:
     rows = clean_rows()
     one, two = shard(tmp_path / "one", rows[:3]), shard(tmp_path / "two", rows[3:])
@@ -246,6 +270,29 @@ def test_report_out_inside_a_file_is_refused(tmp_path: Path) -> None:
     file.write_text("x")
     refused(invoke("report", run, "--out", file / "r.md"),
             f"--out {file / 'r.md'}: {file} is a file, not a directory")
+
+
+@pytest.mark.parametrize("name", [RESULTS_FILE, "meta.json"])
+def test_report_out_that_is_a_file_of_the_run_is_refused(tmp_path: Path, name: str) -> None:
+    # Was: the run's results.csv (or meta.json) replaced by the report's Markdown.
+    run = a_run(tmp_path / "run")
+    before = (run / name).read_bytes()
+    refused(invoke("report", run, "--out", run / name), f"--out {run / name}: is",
+            "a file of a directory being reported")
+    assert (run / name).read_bytes() == before
+    assert invoke("report", run, "--out", run / "notes.md").exit_code == 0
+
+
+@pytest.mark.parametrize("command", ["plot", "report"])
+@pytest.mark.parametrize("kind", ["device", "fifo"])
+def test_plot_and_report_of_a_device_or_fifo_are_refused(tmp_path: Path, command: str,
+                                                         kind: str) -> None:
+    # Was: a NotADirectoryError traceback from listing it as a folder.
+    path = Path("/dev/null")
+    if kind == "fifo":
+        path = tmp_path / "pipe"
+        os.mkfifo(path)
+    refused(invoke(command, path), f"{path}: not a regular file or a directory")
 
 
 def test_report_out_a_new_path_without_a_suffix_is_a_directory(tmp_path: Path) -> None:
