@@ -245,18 +245,25 @@ def _announce(plan, sweep, cases, part, spec_cases, chosen, slots, dev, compile_
              else f"shard {part}: {len(cases)} of {spec_cases} cases")
     where = (f"{len(slots)} worker{'s' * (len(slots) > 1)} ({', '.join(s.label for s in slots)})"
              if slots else str(dev))
-    both = ", each timed eagerly and by CUDA-graph replay" if sweep.timing.graph_rows else ""
+    both = ""
+    if sweep.timing.graph_rows:
+        both = (", each timed eagerly and by CUDA-graph replay" if dev.type == "cuda"
+                else ", each in a NAME and a NAME+graph row")
     console.print(f"Run directory: [bold]{escape(str(plan.run_dir))}[/bold] ({count} x "
                   f"{len(chosen)} providers{both} on {where})")
-    for note in [*plan.warnings, *idle_exclusions(sweep)]:
+    for note in [*plan.warnings, *idle_exclusions(sweep, chosen)]:
         _warn(note)
     if dev.type == "cpu":
         from ..measure.envinfo import interpreting
         from ..measure.size_guard import cpu_warning
+        from ..measure.timing import WALLCLOCK
 
         if compile_ahead:
             _warn("--compile-ahead: Triton's interpreter on the CPU compiles nothing; the run "
                   "goes on without that phase")
+        if sweep.timing.cuda_graph:  # true, or [false, true]
+            _warn("timing.cuda_graph: the CPU has no CUDA graphs, so every row is timed by the "
+                  f"wall clock (timer {WALLCLOCK}), the NAME+graph rows too")
         triton = [p for p in chosen if p in TRITON_PROVIDERS]
         if triton and not slots and not interpreting():
             _warn(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r} turns Triton's "

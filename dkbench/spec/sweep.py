@@ -10,7 +10,7 @@ import hashlib
 import itertools
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Sequence, Union
 
 from pydantic import (
     BaseModel,
@@ -402,14 +402,11 @@ def product_cases(sweep: Sweep) -> list[Case]:
 def _matches(case: Case, rule: dict[str, Any], provider: str | None = None) -> bool:
     for key, wanted in rule.items():
         if key == "provider":
-            if provider is None:
-                return False  # a rule naming a provider excludes rows, not whole cases
-            # A rule naming a provider takes its graph rows too; one naming NAME+graph only them.
-            if row_provider(provider)[0] in as_list(wanted):
-                continue
-            value = provider
-        else:
-            value = case.field(key)
+            # A rule naming a provider excludes rows, not whole cases.
+            if provider is None or not _names_row(wanted, provider):
+                return False
+            continue
+        value = case.field(key)
         if key == "dtype":
             wanted = [DTYPES.get(w, w) for w in as_list(wanted)]
         if key == "page_size":
@@ -419,18 +416,30 @@ def _matches(case: Case, rule: dict[str, Any], provider: str | None = None) -> b
     return True
 
 
-def idle_exclusions(sweep: Sweep) -> list[str]:
-    """A note for each `exclude` rule that matches no case of the spec's axes (its provider aside):
-    legal values in a combination that never occurs, such as ``{seqlen: 32, heads: 4}`` where
-    heads are 2. It leaves nothing out, which may not be what was meant."""
+def idle_exclusions(sweep: Sweep, providers: Sequence[str] | None = None) -> list[str]:
+    """A note for each `exclude` rule that matches no case of the spec's axes (legal values in a
+    combination that never occurs, such as ``{seqlen: 32, heads: 4}`` where heads are 2), or
+    names only providers that do not run (``providers``: those that do, by default the spec's).
+    It leaves nothing out, which may not be what was meant."""
     cases = product_cases(sweep)
+    running = list(providers if providers is not None else sweep.providers)
+    rows = running + ([graph_row_name(p) for p in running] if sweep.timing.graph_rows else [])
     notes = []
     for index, rule in enumerate(sweep.exclude):
         shape = {key: value for key, value in rule.items() if key != "provider"}
         if not any(_matches(case, shape) for case in cases):
             notes.append(f"exclude[{index}] {rule} matches no case of the spec: it leaves "
                          "nothing out")
+        elif "provider" in rule and not any(_names_row(rule["provider"], r) for r in rows):
+            notes.append(f"exclude[{index}] {rule} names no provider that runs here (rows: "
+                         f"{', '.join(rows)}): it leaves nothing out")
     return notes
+
+
+def _names_row(wanted: Any, row: str) -> bool:
+    """Whether an exclusion's provider value takes this row: a provider takes its graph rows
+    too, NAME+graph only them."""
+    return row in as_list(wanted) or row_provider(row)[0] in as_list(wanted)
 
 
 def excluded_for_provider(sweep: Sweep, case: Case, provider: str) -> bool:

@@ -130,3 +130,22 @@ def test_an_exclusion_matching_no_case_is_warned_about(tmp_path: Path) -> None:
 def test_idle_or_conflicting_keys_are_refused(tmp_path: Path, overrides, phrases) -> None:
     _refused(tmp_path, *phrases, **overrides)
 
+
+
+def test_an_exclusion_of_a_provider_that_does_not_run_is_warned_about(tmp_path: Path) -> None:
+    # Legal names (a provider of the registry) that no row of the run has: nothing is left out.
+    spec = write_spec(tmp_path, providers=["sdpa_math", "dkbench"],
+                      exclude=[{"provider": "flex"}, {"provider": "sdpa_math+graph"},
+                               {"provider": ["flex", "dkbench"], "seqlen": 32}])
+    result = invoke("validate", spec)
+    assert result.exit_code == 0, result.output
+    text = flat(result.stderr)
+    assert ("exclude[0] {'provider': 'flex'} names no provider that runs here (rows: sdpa_math, "
+            "dkbench): it leaves nothing out") in text, text
+    assert "exclude[1] {'provider': 'sdpa_math+graph'} names no provider that runs" in text, text
+    assert "exclude[2]" not in text, text
+    # --providers decides what runs: without dkbench, the third rule leaves nothing out either.
+    result = invoke("run", spec, "--providers", "sdpa_math", "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.output
+    text = flat(result.stderr)
+    assert "exclude[2] {'provider': ['flex', 'dkbench'], 'seqlen': 32} names no provider" in text

@@ -232,11 +232,17 @@ def test_the_bundled_inference_steps_are_captured_beside_eager_ones(tmp_path: Pa
 
 @needs_interpreter
 def test_the_run_header_says_each_provider_is_timed_both_ways(tmp_path: Path) -> None:
-    from .cli_helpers import flat, invoke
+    from .cli_helpers import flat, invoke, run_dir_of
 
     spec = write_spec(tmp_path, **{**DECODE, "providers": ["sdpa_math", "dkbench"],
                                    "baseline": "sdpa_math", "timing": BOTH})
     result = invoke("run", spec, "--device", "cpu", "--out", tmp_path / "out")
     assert result.exit_code == 0, result.output
-    assert ("(1 cases x 2 providers, each timed eagerly and by CUDA-graph replay on cpu)"
+    # No graph is replayed on the CPU: the header does not claim one, and a warning says so.
+    assert ("(1 cases x 2 providers, each in a NAME and a NAME+graph row on cpu)"
             in flat(result.stdout)), result.output
+    assert ("timing.cuda_graph: the CPU has no CUDA graphs, so every row is timed by the wall "
+            "clock (timer interpreter-wallclock), the NAME+graph rows too"
+            in flat(result.stderr)), result.output
+    frame = read_results(run_dir_of(tmp_path / "out"))
+    assert set(frame["timer"]) == {"interpreter-wallclock"}
