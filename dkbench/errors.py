@@ -6,6 +6,12 @@ from __future__ import annotations
 INTERRUPTED = "Interrupted while starting; nothing was run."
 
 
+def one_line(err: BaseException) -> str:
+    """An exception's message on one line, for quoting inside ours (pandas' parser ends its
+    messages with a newline)."""
+    return " ".join(str(err).split())
+
+
 class DkbenchError(Exception):
     """Base of all harness errors; `exit_code` is what the CLI exits with."""
 

@@ -7,7 +7,7 @@ import csv
 import io
 from pathlib import Path
 
-from ..errors import BadInputError
+from ..errors import BadInputError, one_line
 from ..results.runs import REQUIRED_COLUMNS
 from ..results.schema import (
     META_FILE,
@@ -158,7 +158,7 @@ def check_resumed_results(resume: Path) -> None:
         raise BadInputError(f"--resume {resume}: {csv_path}: not a UTF-8 CSV ({exc}); allowed: "
                             "the results.csv `dkbench run` writes") from None
     except csv.Error as exc:
-        raise BadInputError(f"--resume {resume}: {csv_path}: not a readable CSV ({exc})") from None
+        raise BadInputError(f"--resume {resume}: {csv_path}: not a readable CSV ({one_line(exc)})") from None
     header = records[0] if records else []
     missing = [c for c in ("case_id", *REQUIRED_COLUMNS) if c not in header]
     if missing:

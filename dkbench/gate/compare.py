@@ -44,7 +44,7 @@ from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
-from ..errors import BadInputError
+from ..errors import BadInputError, one_line
 from ..measure.telemetry import THROTTLE_FRACTION, throttle_notes
 from ..results.check import check_values
 from ..results.schema import KEY_COLUMNS, RESULTS_FILE, held_runs, read_results
@@ -214,7 +214,7 @@ def load_table(path: Path, label: str, required: Sequence[str]) -> _Table:
     try:
         frame = read_results(csv_path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as err:
-        raise BadInputError(f"{label} {csv_path}: not a readable results CSV ({err})") from None
+        raise BadInputError(f"{label} {csv_path}: not a readable results CSV ({one_line(err)})") from None
     missing = [c for c in required if c not in frame.columns]
     if missing:
         raise BadInputError(f"{label} {csv_path}: missing columns {', '.join(missing)}")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..errors import BadInputError, ResultsWriteError
+from ..errors import BadInputError, ResultsWriteError, one_line
 from ..spec.sweep import Sweep, expand, filter_cases
 from .check import check_values
 from .runs import REQUIRED_COLUMNS
@@ -90,7 +90,7 @@ def _load(run_dir: Path) -> Source:
     except UnicodeDecodeError as exc:
         raise BadInputError(f"{csv_path}: not a UTF-8 CSV ({exc})") from None
     except csv.Error as exc:
-        raise BadInputError(f"{csv_path}: not a readable CSV ({exc})") from None
+        raise BadInputError(f"{csv_path}: not a readable CSV ({one_line(exc)})") from None
     if header and not {"case_id", "provider"} <= set(header):
         raise BadInputError(f"{csv_path}: no case_id/provider columns")
     lacks = [c for c in REQUIRED_COLUMNS if header and c not in header]

@@ -10,7 +10,7 @@ from typing import Iterable, Sequence
 
 import pandas as pd
 
-from ..errors import BadInputError
+from ..errors import BadInputError, one_line
 from .check import TUNE, check_values
 from .schema import NA_VALUES, RESULTS_FILE, TEXT_COLUMNS, read_meta, read_results
 
@@ -74,7 +74,7 @@ def _read_csv_checked(path: Path, required: Iterable[str], reader) -> pd.DataFra
     except pd.errors.EmptyDataError:
         raise BadInputError(f"{path}: empty file (no header, no rows)") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise BadInputError(f"{path}: not a readable CSV ({err})") from None
+        raise BadInputError(f"{path}: not a readable CSV ({one_line(err)})") from None
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise BadInputError(f"{path}: missing columns {', '.join(missing)}")

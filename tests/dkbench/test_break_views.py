@@ -403,3 +403,16 @@ def test_a_bad_cell_of_tune_csv_is_named(tmp_path: Path, column, value, words) -
         row[column] = value
     run = write_run(tmp_path / "run", clean_rows(), meta={"name": "run"}, tune=rows)
     refused(invoke("report", run), f"{run / 'tune.csv'}: row 1 (case_id ls-fwd-4096)", words)
+
+
+@pytest.mark.parametrize("command", ["gate", "plot", "report"])
+def test_a_csv_the_parser_refuses_is_named_on_one_line(tmp_path: Path, command: str) -> None:
+    # pandas ends its parser's message with a newline; quoted as it was, the error took two lines.
+    run = shard(tmp_path / "a", clean_rows())
+    with (run / RESULTS_FILE).open("a") as csv:
+        csv.write("1,2,3" + ",x" * 200 + "\n")
+    args = {"gate": [run, "--baseline", run]}
+    result = invoke(command, *args.get(command, [run]))
+    refused(result, "not a readable", "CSV (Error tokenizing data")
+    (line,) = [text for text in result.output.splitlines() if "not a readable" in text]
+    assert line.rstrip().endswith(")"), result.output
