@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -41,6 +42,8 @@ from .resumed import (
 )
 
 SWEEPS_DIR = Path(__file__).resolve().parents[2] / "sweeps"
+# Where an install from a wheel puts the built-in sweeps (pyproject's data-files).
+INSTALLED_SWEEPS_DIR = Path(sys.prefix) / "share" / "dkbench" / "sweeps"
 DEFAULT_OUT = Path("results")
 # Held (flock) by the run writing a run directory; see `_lock`.
 LOCK_FILE = ".dkbench.lock"
@@ -52,10 +55,11 @@ console = Console()
 
 def default_spec(device: torch.device) -> Path:
     name = "phi3.yaml" if device.type == "cuda" else "smoke.yaml"
-    for folder in (Path("sweeps"), SWEEPS_DIR):
+    for folder in (Path("sweeps"), SWEEPS_DIR, INSTALLED_SWEEPS_DIR):
         if (folder / name).is_file():
             return folder / name
-    raise BadInputError(f"no SPEC given and the built-in default sweeps/{name} was not found")
+    raise BadInputError(f"no SPEC given and the built-in default sweeps/{name} was not found "
+                        f"(looked in ./sweeps, {SWEEPS_DIR} and {INSTALLED_SWEEPS_DIR})")
 
 
 def run(

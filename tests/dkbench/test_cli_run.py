@@ -13,6 +13,7 @@ import torch
 from typer.testing import Result
 
 from dkbench.commands.run import default_spec
+from dkbench.errors import BadInputError
 from dkbench.measure import runner
 from dkbench.measure.providers.bundled import BundledKernel
 from dkbench.results.schema import COLUMNS, RESULTS_FILE, ResultRow, read_meta, read_results
@@ -313,6 +314,25 @@ def test_cuda_without_gpu_exits_2(tmp_path: Path) -> None:
 def test_default_spec_by_device() -> None:
     assert default_spec(torch.device("cpu")).name == "smoke.yaml"
     assert default_spec(torch.device("cuda", 0)).name == "phi3.yaml"
+
+
+def test_an_install_from_a_wheel_finds_the_default_spec_it_ships(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of a checkout, the default is the copy pyproject's data-files install."""
+    from dkbench.commands import run as run_command
+
+    assert run_command.INSTALLED_SWEEPS_DIR == Path(sys.prefix) / "share" / "dkbench" / "sweeps"
+    installed = tmp_path / "prefix" / "share" / "dkbench" / "sweeps"
+    pyproject = (Path(__file__).parents[2] / "pyproject.toml").read_text()
+    assert '"share/dkbench/sweeps" = ["sweeps/*.yaml"]' in pyproject
+    installed.mkdir(parents=True)
+    (installed / "smoke.yaml").write_text("name: smoke\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(run_command, "SWEEPS_DIR", tmp_path / "no-checkout")
+    monkeypatch.setattr(run_command, "INSTALLED_SWEEPS_DIR", installed)
+    assert default_spec(torch.device("cpu")) == installed / "smoke.yaml"
+    with pytest.raises(BadInputError, match="built-in default sweeps/phi3.yaml was not found"):
+        default_spec(torch.device("cuda", 0))
 
 
 # -- validate --
