@@ -7,7 +7,7 @@ import csv
 import io
 from pathlib import Path
 
-from ..errors import BadInputError, one_line
+from ..errors import BadInputError, SpecError, one_line
 from ..results.runs import REQUIRED_COLUMNS
 from ..results.schema import (
     META_FILE,
@@ -17,6 +17,7 @@ from ..results.schema import (
     read_results,
     whole_rows_end,
 )
+from ..spec.sweep import parse_only
 
 
 def check_resume_out(resume: Path, out: Path | None) -> None:
@@ -45,6 +46,30 @@ def recorded_flags(resume: Path, providers: str | None, only: list[str] | None,
     if providers is None and recorded_providers:
         providers = ",".join(recorded_providers)
     return providers, only or list(recorded_only or []) or None, shard or recorded_shard
+
+
+def recorded_scope(resume: Path, chosen: list[str], only: list[str] | None) -> dict:
+    """meta.json's providers and only once a resume with ``chosen`` and ``only`` has run: what
+    the run covers, widened by the resume but never narrowed by it. A resume of some providers
+    or cases only finishes those; recording just them would have a later `--resume DIR` call
+    the run done with the others' rows still missing."""
+    meta = _resumed_meta(resume)
+    recorded = _recorded(resume, meta, "providers", list) or []
+    providers = list(dict.fromkeys([*recorded, *chosen]))
+    return {"providers": providers,
+            "only": widened_only(_recorded(resume, meta, "only", list) or [], list(only or []))}
+
+
+def widened_only(recorded: list[str], given: list[str]) -> list[str]:
+    """The narrowest --only that keeps the cases of both: a key both name, with the values of
+    both (a key given twice takes both its values); a key one of them leaves open stays open.
+    No --only (the whole sweep) in either is no --only."""
+    try:
+        old, new = parse_only(recorded), parse_only(given)
+    except SpecError:  # a hand-edited meta.json: the whole sweep is the safe side
+        return []
+    return [item for key in old if key in new
+            for item in dict.fromkeys([*old[key][0], *new[key][0]])]
 
 
 def check_resumed_meta(resume: Path) -> None:

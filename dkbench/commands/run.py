@@ -38,6 +38,7 @@ from .resumed import (
     check_resumed_rows,
     check_resumed_shard,
     recorded_flags,
+    recorded_scope,
     run_ids,
 )
 
@@ -104,7 +105,7 @@ def run(
 def _run(spec: Path | None, out: Path | None, device: str, providers: str | None,
          only: list[str] | None, resume: Path | None, gpus: str | None, shard: str | None,
          compile_ahead: bool | None, quiet: bool, held: contextlib.ExitStack) -> None:
-    plan = None
+    plan, scope = None, {}
     try:
         from ..measure import runner
         from ..measure.parallel import execute_parallel, parent_device, parse_gpus
@@ -170,6 +171,7 @@ def _run(spec: Path | None, out: Path | None, device: str, providers: str | None
             check_resumed_environment(resume, here)
             check_resumed_rows(resume, {c.case_id for c in everything},
                                spec or resume / META_FILE)
+            scope = recorded_scope(resume, chosen, only)
             baseline = sweep.baseline if sweep.baseline in chosen else None
             if read_meta(resume).get("finished") and not runner.pending_work(sweep, plan,
                                                                              baseline):
@@ -187,7 +189,8 @@ def _run(spec: Path | None, out: Path | None, device: str, providers: str | None
         _drop_unstarted(plan, resume)
         err_console.print(INTERRUPTED)
         raise typer.Exit(code=130) from None
-    meta = {"shard": str(part) if part else None, "only": list(only or []), "gpus": gpus}
+    meta = {"shard": str(part) if part else None, "only": list(only or []), "gpus": gpus,
+            **scope}
     if resume is not None:  # a finished run resumed (more providers) is unfinished until it ends
         meta["finished"] = None
         meta["run_ids"] = run_ids(resume)  # its old rows' and the new ones' (check_resumed_rows)

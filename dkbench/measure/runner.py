@@ -60,14 +60,20 @@ def new_run_dir(out: Path, name: str) -> Path:
     run_dir = out / f"{name}-{stamp}"
     suffix = 1
     try:  # exists() raises too, for a name longer than the file system allows
-        while run_dir.exists():
+        while True:
+            try:
+                run_dir.mkdir(parents=True)
+                return run_dir
+            except FileExistsError:
+                if not run_dir.exists():  # a parent in the way: not a name taken
+                    raise
+            # Taken: by a run started this second, maybe beside this one (--out shared), in
+            # the moment between a check and the mkdir; the next name is tried, not refused.
             suffix += 1
             run_dir = out / f"{name}-{stamp}-{suffix}"
-        run_dir.mkdir(parents=True)
     except OSError as exc:
         raise BadInputError(f"--out {out}: cannot make the run directory {run_dir.name} there "
                             f"({exc.strerror or exc})") from None
-    return run_dir
 
 
 @dataclass

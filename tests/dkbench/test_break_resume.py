@@ -222,6 +222,35 @@ def test_interrupted_resume_of_a_finished_run_is_not_finished(
     assert read_meta(run_copy)["finished"] and len(set(pairs(run_copy))) == 2
 
 
+# -- a resume of some providers or cases only --
+
+@pytest.mark.parametrize("flags", [("--providers", "sdpa_efficient"), ("--only", "seqlen=64")])
+def test_a_narrower_resume_leaves_the_rest_to_a_later_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: tuple[str, str]) -> None:
+    spec = write_spec(tmp_path, seqlen=[32, 48, 64], providers=["sdpa_math", "sdpa_efficient"],
+                      timing={"warmup_ms": 1, "rep_ms": 1, "interleave": False})
+    interrupt_at(monkeypatch, 3)  # seqlen 32's two rows written
+    assert invoke("run", spec, "--out", tmp_path / "out", "-q").exit_code == 130
+    monkeypatch.undo()
+    (run_dir,) = (tmp_path / "out").iterdir()
+    result = invoke("run", "--resume", run_dir, *flags, "-q")
+    assert result.exit_code == 0, result.output
+    assert read_meta(run_dir)["providers"] == ["sdpa_math", "sdpa_efficient"]
+    assert read_meta(run_dir)["only"] == []
+    result = invoke("run", "--resume", run_dir, "-q")
+    assert result.exit_code == 0, result.output
+    # was "Nothing left to run: ... already holds every row": the narrower flags had replaced
+    # the recorded ones, so the rows they left out were never measured
+    got = pairs(run_dir)
+    assert len(got) == len(set(got)) == 6
+
+
+def test_resumes_of_other_values_record_them_all(run_copy: Path) -> None:
+    result = invoke("run", "--resume", run_copy, "--only", "seqlen=64", "-q")
+    assert result.exit_code == 0, result.output
+    assert read_meta(run_copy)["only"] == ["seqlen=32", "seqlen=64"]  # was ["seqlen=64"]
+
+
 # -- --out that is a run directory --
 
 @pytest.mark.parametrize("below", ["", "sub", "sub/deeper"])

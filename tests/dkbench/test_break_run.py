@@ -191,3 +191,25 @@ def test_a_path_name_too_long_for_the_os_is_one_line(run_copy: Path, tmp_path: P
 def test_a_spec_name_that_fits_makes_its_run_directory(tmp_path: Path) -> None:
     run_dir = run_to_end(write_spec(tmp_path, name="a" * 200), tmp_path / "out")
     assert run_dir.name.startswith("a" * 200 + "-")
+
+
+# -- two runs started at once into one --out --
+
+def test_a_run_directory_made_by_another_run_meanwhile_takes_the_next_name(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out, taken = tmp_path / "out", []
+    mkdir = Path.mkdir
+
+    def raced(self: Path, *args, **kwargs) -> None:
+        if self.parent == out and not taken:  # the other run's mkdir lands first
+            taken.append(self)
+            mkdir(self, parents=True)
+        mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", raced)
+    result = invoke("run", write_spec(tmp_path), "--out", out, "-q")
+    # was exit 2, "cannot make the run directory tiny-... there (File exists)"
+    assert result.exit_code == 0, result.output
+    (other,) = taken
+    assert not list(other.iterdir())  # the other run's directory is left to it
+    assert len(read_results(out / f"{other.name}-2")) == 1
