@@ -198,6 +198,9 @@ def tune(
             raise BadInputError(idle)
     except DkbenchError as exc:
         raise fail(exc) from None
+    except KeyboardInterrupt:
+        err_console.print("Interrupted while planning the tune; nothing was tuned.")
+        raise typer.Exit(code=130) from None
 
     if ignored:
         err_console.print(f"[yellow]warning:[/yellow] {escape(ignored)}", highlight=False,
@@ -221,14 +224,19 @@ def tune(
         err_console.print("Interrupted: the rows of the kernels tuned so far are in the tune "
                           "directory, and their winners in the cache.")
         raise typer.Exit(code=130) from None
-    for warning in outcome.warnings:
-        err_console.print(f"warning: {escape(warning)}")
-    for table in _top_tables(outcome, top):
-        console.print(table)
-    _print_cache(outcome, cache)
-    console.print(f"Tune results: [bold]{escape(str(outcome.run_dir / TUNE_FILE))}[/bold]")
-    if outcome.took:
-        console.print(outcome.took, highlight=False)
+    try:
+        for warning in outcome.warnings:
+            err_console.print(f"warning: {escape(warning)}")
+        for table in _top_tables(outcome, top):
+            console.print(table)
+        _print_cache(outcome, cache)
+        console.print(f"Tune results: [bold]{escape(str(outcome.run_dir / TUNE_FILE))}[/bold]")
+        if outcome.took:
+            console.print(outcome.took, highlight=False)
+    except KeyboardInterrupt:  # the tune is done: only its summary is cut short
+        err_console.print(f"Interrupted while summing up; every row is in "
+                          f"{outcome.run_dir / TUNE_FILE} and the winners in the cache.")
+        raise typer.Exit(code=130) from None
 
 
 def default_spaces_help() -> str:

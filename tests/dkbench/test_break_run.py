@@ -6,7 +6,12 @@ exit code 130 and nothing lost."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -213,3 +218,37 @@ def test_a_run_directory_made_by_another_run_meanwhile_takes_the_next_name(
     (other,) = taken
     assert not list(other.iterdir())  # the other run's directory is left to it
     assert len(read_results(out / f"{other.name}-2")) == 1
+
+
+# -- SIGTERM, as a scheduler or `kill` sends it --
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _data_rows(out: Path) -> int:
+    found = list(out.glob("*/results.csv"))
+    return max(len(found[0].read_text().splitlines()) - 1, 0) if found else 0
+
+
+def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, seqlen=[32, 48, 64, 80, 96, 112],
+                      timing={"warmup_ms": 50, "rep_ms": 400, "interleave": False})
+    out = tmp_path / "out"
+    env = {**os.environ, "COLUMNS": "400"}
+    child = subprocess.Popen([sys.executable, "cli.py", "run", str(spec), "--out", str(out),
+                              "-q"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while _data_rows(out) < 1 and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child.send_signal(signal.SIGTERM)
+    _, stderr = child.communicate(timeout=60)
+    # was: killed outright (-15), with no word of where the rows are or how to finish them
+    assert child.returncode == 130, stderr
+    run_dir = run_dir_of(out)
+    assert f"finish with --resume {run_dir}" in flat(stderr), stderr
+    kept = _data_rows(out)
+    assert 1 <= kept < 6, stderr
+    result = invoke("run", "--resume", run_dir, "-q")
+    assert result.exit_code == 0, result.output
+    frame = read_results(run_dir)
+    assert sorted(frame["seqlen"]) == [32, 48, 64, 80, 96, 112]

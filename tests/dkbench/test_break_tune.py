@@ -211,6 +211,20 @@ def test_interrupted_tune_says_the_winners_so_far_are_cached(
     assert "their winners in the cache" in text and "not written" not in text
 
 
+def test_a_tune_interrupted_while_planning_says_nothing_was_tuned(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("dkbench.tune.plan.plan_tune", interrupted)
+    result = invoke_tune(write_spec(tmp_path), "--device", "cpu", "--out", tmp_path / "out",
+                         "--cache", tmp_path / "c.json")
+    assert result.exit_code == 130, result.output
+    # was: exit 130 and not a word
+    assert "Interrupted while planning the tune; nothing was tuned." in flat(result.output)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "c.json").exists()
+
+
 def test_tune_csv_that_cannot_be_written_names_the_file(tmp_path: Path) -> None:
     blocker = tmp_path / "blocker"
     blocker.write_text("")
