@@ -228,6 +228,10 @@ def _check_key(raw: object) -> CacheKey:
     if bucket & (bucket - 1):  # no lookup asks for it: seqlen_bucket rounds up to a power of 2
         raise ValueError(f"key['seqlen_bucket'] must be a power of two (as seqlen_bucket makes "
                          f"it), got {bucket}")
+    if density_bucket(key.density_bucket) != key.density_bucket:
+        # Nor for this: density_bucket rounds up to a multiple of 0.05 (0.33 is looked up as 0.35).
+        raise ValueError(f"key['density_bucket'] must be a multiple of 0.05 (as density_bucket "
+                         f"makes it), got {key.density_bucket:g}")
     return key
 
 

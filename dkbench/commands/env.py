@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -49,6 +50,18 @@ def check_device_flag(device: str) -> None:
         raise BadInputError(f"--device {device!r}: allowed values are {', '.join(DEVICES)}")
 
 
+def _interpreter_off(provider: str, device: torch.device) -> str | None:
+    """Why a Triton provider cannot run on the CPU with Triton's interpreter turned off (a
+    TRITON_INTERPRET other than 1, which the CLI leaves as the user set it), or None."""
+    from ..measure.envinfo import TRITON_PROVIDERS, interpreting
+
+    if provider not in TRITON_PROVIDERS or device.type != "cpu" or interpreting():
+        return None
+    return (f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r} turns Triton's "
+            "interpreter off, which its kernels need on the CPU; unset it or set "
+            "TRITON_INTERPRET=1")
+
+
 def env(
     device: Annotated[str, typer.Option(help="auto, cuda or cpu.")] = "auto",
     measure: Annotated[bool, typer.Option(
@@ -76,7 +89,7 @@ def env(
     providers.add_column("computes")
     providers.add_column("available here")
     for name, cls in PROVIDERS.items():
-        reason = cls().unavailable(dev)
+        reason = cls().unavailable(dev) or _interpreter_off(name, dev)
         providers.add_row(name, cls.computes, "yes" if reason is None else escape(f"no: {reason}"))
     console.print(providers)
 

@@ -48,8 +48,6 @@ INSTALLED_SWEEPS_DIR = Path(sys.prefix) / "share" / "dkbench" / "sweeps"
 DEFAULT_OUT = Path("results")
 # Held (flock) by the run writing a run directory; see `_lock`.
 LOCK_FILE = ".dkbench.lock"
-# Providers whose kernels are Triton's: on a CPU they run only through its interpreter.
-TRITON_PROVIDERS = ("dkbench",)
 
 console = Console()
 
@@ -261,7 +259,7 @@ def _announce(plan, sweep, cases, part, spec_cases, chosen, slots, dev, compile_
     for note in [*plan.warnings, *idle_exclusions(sweep, chosen)]:
         _warn(note)
     if dev.type == "cpu":
-        from ..measure.envinfo import interpreting
+        from ..measure.envinfo import TRITON_PROVIDERS, interpreting
         from ..measure.size_guard import cpu_warning
         from ..measure.timing import WALLCLOCK
 

@@ -12,6 +12,10 @@ import torch
 import triton
 
 
+# Providers whose kernels are Triton's: on a CPU they run only through its interpreter.
+TRITON_PROVIDERS = ("dkbench",)
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

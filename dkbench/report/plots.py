@@ -30,6 +30,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
 
+from ..errors import BadInputError
 from ..results.runs import (
     INTERPRETER_NOTE,
     METRICS,
@@ -220,8 +221,14 @@ def _draw_facet(ax: Axes, rows: pd.DataFrame, view: _View, styles: _Styles) -> N
     if view.column == "speedup":
         ys = pd.concat([ys, pd.Series([1.0])])  # the reference line at 1 must fit on the axis
     _set_scales(ax, rows[view.x], ys, view)
-    if (rows["status"] != "ok").any() and len(ok):
+    references = any(line.get_gid() == "reference" for line in ax.get_lines())
+    if (rows["status"] != "ok").any() and (len(ok) or references):
         _failure_band(ax, FAILURE_BAND)
+    elif ok.empty:
+        # Nothing measured on this axis: ticks there would give the failure markers a value
+        # (a negative ms around matplotlib's default limits).
+        ax.set_yticks([])
+        ax.set_yticks([], minor=True)
     ax.grid(True, which="major", alpha=0.3)
 
 
@@ -414,7 +421,8 @@ def _build_figures(runs: Sequence[Run], metric: str | None, tunes: Sequence[Tune
     if runs:
         frame = pd.concat([r.results for r in runs], ignore_index=True)
         metrics = METRICS if metric is None else (check_metric(metric),)
-        views = [*(VIEWS[m] for m in metrics), DENSITY_VIEW]
+        views = _drawable_views([*(VIEWS[m] for m in metrics), DENSITY_VIEW], frame,
+                                [] if skipped is None else skipped)
         figures = [nf for v in views for nf in _view_figures(frame, v, runs)]
         figures += speed_of_light_figures(runs, frame, [] if skipped is None else skipped)
     many = len(runs) + len(tunes) > 1
@@ -427,6 +435,17 @@ def _build_figures(runs: Sequence[Run], metric: str | None, tunes: Sequence[Tune
                 tuned = [replace(nf, title=f"{nf.title}, {source.label}") for nf in tuned]
             figures += tuned
     return figures
+
+
+def _drawable_views(views: list[_View], frame: pd.DataFrame,
+                    skipped: list[SkippedFigure]) -> list[_View]:
+    """``views`` less the speedup ones when no run has a baseline (appended to ``skipped``): they
+    would draw only a "baseline (= 1)" line against a baseline that no run had."""
+    if (frame["baseline"].astype(str) != "").any():
+        return views
+    reason = "no baseline provider in the spec (its baseline key), so no speedups to draw"
+    skipped += [SkippedFigure(v.name, v.title, reason) for v in views if v.column == "speedup"]
+    return [v for v in views if v.column != "speedup"]
 
 
 def output_root(path: Path) -> Path:
@@ -445,5 +464,9 @@ def plot_path(path: Path, metric: str | None = None, formats: str | Sequence[str
     if out is not None:  # before anything is read or drawn
         check_out_dir(Path(out))
     runs, tunes = load_sources(path)
+    if metric is not None and not runs:
+        raise BadInputError(f"--metric {metric}: {path} holds tune directories only, and their "
+                            "heatmaps (median ms per config) have no metric to pick; drop "
+                            "--metric")
     out_dir = Path(out) if out else output_root(path)
     return save_figures(build_figures(runs, metric, tunes, skipped), out_dir, formats)

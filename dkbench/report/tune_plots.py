@@ -22,7 +22,9 @@ _STATUS_SHORT = {"oom": "oom", "error": "err", "unsupported": "unsup", "wrong": 
 
 
 def winner(rows: pd.DataFrame) -> pd.Series | None:
-    """The row tune marked best, else the fastest ok row (an older tune.csv may lack is_best)."""
+    """The row tune marked best (the config it cached, which need not have the lowest median: the
+    default stays unless a config is clearly faster), else the fastest ok row (an older tune.csv
+    may lack is_best)."""
     ok = rows[(rows["status"] == "ok") & rows["ms"].notna()]
     if ok.empty:
         return None
@@ -87,14 +89,28 @@ def _best_line(best: pd.Series | None) -> str:
     return text
 
 
-def tune_heatmap(rows: pd.DataFrame, subtitle: str = "", interpreter: bool = False) -> Figure:
-    """The heatmap figure of one (case_id, kernel) group of tune.csv rows."""
+def _impl_of(row: pd.Series) -> str:
+    """A row's implementation; triton where tune.csv has none (written before impl was)."""
+    impl = row.get("impl", "triton")
+    return impl.strip() if isinstance(impl, str) and impl.strip() else "triton"
+
+
+def _impls(rows: pd.DataFrame) -> pd.Series:
+    return rows.apply(_impl_of, axis=1) if len(rows) else pd.Series([], dtype=object)
+
+
+def tune_heatmap(rows: pd.DataFrame, subtitle: str = "", interpreter: bool = False,
+                 best: pd.Series | None = None, impl: str | None = None) -> Figure:
+    """The heatmap figure of one (case_id, kernel) group of tune.csv rows, or of its rows of one
+    ``impl`` (then ``best`` is the group's winner, outlined only when it is of that impl)."""
     bm = sorted(rows["block_m"].dropna().unique())
     bn = sorted(rows["block_n"].dropna().unique())
     warps = sorted(rows["num_warps"].dropna().unique())
     stages = sorted(rows["num_stages"].dropna().unique())
     ok = rows[(rows["status"] == "ok") & rows["ms"].notna()]
-    norm, best = _norm(ok["ms"]), winner(rows)
+    norm = _norm(ok["ms"])
+    best = winner(rows) if impl is None else best
+    outlined = best if impl is None or best is None or _impl_of(best) == impl else None
     cell = 0.62  # inches per heatmap cell, so a value fits in it
     fig = Figure(figsize=(max(8.0, len(stages) * (len(bn) * cell + 1.2) + 1.6),
                           len(warps) * (len(bm) * cell + 1.0) + 2.2), layout="constrained")
@@ -106,8 +122,8 @@ def tune_heatmap(rows: pd.DataFrame, subtitle: str = "", interpreter: bool = Fal
         grid, notes = _cell_grid(sub, bm, bn)
         image = ax.imshow(grid, cmap=_CMAP, norm=norm, aspect="equal")
         _annotate(ax, grid, notes, norm)
-        if best is not None and best["num_warps"] == w and best["num_stages"] == s:
-            i, j = bm.index(best["block_m"]), bn.index(best["block_n"])
+        if outlined is not None and outlined["num_warps"] == w and outlined["num_stages"] == s:
+            i, j = bm.index(outlined["block_m"]), bn.index(outlined["block_n"])
             ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red",
                                    linewidth=3, gid="winner"))
         ax.set_xticks(range(len(bn)), [f"{v:g}" for v in bn])
@@ -118,14 +134,15 @@ def tune_heatmap(rows: pd.DataFrame, subtitle: str = "", interpreter: bool = Fal
     if image is not None and len(ok):
         fig.colorbar(image, ax=axes, label="median time (ms, lower is better)", shrink=0.9)
     first = rows.iloc[0]
-    lines = [f"Launch-config tuning: case {first['case_id']}, {first['kernel']} kernel",
+    lines = [f"Launch-config tuning: case {first['case_id']}, {first['kernel']} kernel"
+             + (f", impl {impl} (its configs only)" if impl is not None else ""),
              _shape_line(first), _best_line(best)]
     lines += [subtitle] if subtitle else []
     lines += [INTERPRETER_NOTE] if interpreter else []
     width = int(fig.get_figwidth() * 11)  # characters that fit across at this font size
     fig.suptitle("\n".join(textwrap.fill(line, width) for line in lines if line), fontsize="medium")
-    fig.supxlabel("red outline: fastest config; grey: not run, screened out or failed (status shown)",
-                  fontsize="small")
+    fig.supxlabel("red outline: the chosen (cached) config; grey: not run, screened out or failed "
+                  "(status shown)", fontsize="small")
     return fig
 
 
@@ -136,8 +153,19 @@ def build_tune_figures(tune: pd.DataFrame, prefix: str = "tune", subtitle: str =
     groups = sorted(tune.groupby(["case_id", "kernel"]),
                     key=lambda kv: (str(kv[0][0]), KERNEL_ORDER.get(kv[0][1], 9), str(kv[0][1])))
     for (case_id, kernel), rows in groups:
-        fig = tune_heatmap(rows, subtitle=subtitle, interpreter=interpreter)
-        figures.append(NamedFigure(f"{prefix}_{slug(case_id)}_{slug(kernel)}",
-                                   f"Tuning heatmap: {case_id} ({kernel})", fig))
+        name, title = f"{prefix}_{slug(case_id)}_{slug(kernel)}", f"Tuning heatmap: {case_id}"
+        impls = sorted(rows.groupby(_impls(rows)), key=lambda kv: (kv[0] != "triton", kv[0]))
+        if len(impls) == 1:
+            fig = tune_heatmap(rows, subtitle=subtitle, interpreter=interpreter)
+            figures.append(NamedFigure(name, f"{title} ({kernel})", fig))
+            continue
+        # One figure per implementation: a triton and a gluon config of the same tile and
+        # warps share a cell otherwise, which would show the median of the two.
+        best = winner(rows)
+        for impl, sub in impls:
+            fig = tune_heatmap(sub, subtitle=subtitle, interpreter=interpreter, best=best,
+                               impl=impl)
+            figures.append(NamedFigure(f"{name}_{slug(impl)}", f"{title} ({kernel}, {impl})",
+                                       fig))
     return figures
 

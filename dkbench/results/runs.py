@@ -110,7 +110,8 @@ def load_run(run_dir: Path) -> Run:
     check_values(df, csv)
     for col in ("provider", "mode", "dtype", "pattern", "baseline", "gpu", "status", "message"):
         if col in df.columns:
-            df[col] = df[col].fillna("").astype(str).str.strip()
+            # As objects first: a column left empty in every row reads as float (NaN).
+            df[col] = df[col].astype(object).fillna("").astype(str).str.strip()
     df["status"] = df["status"].str.lower()
     df["interpreter"] = _truthy(df["interpreter"])
     for col in ("seqlen", "density", "ms", "ms_p20", "ms_p80", "tflops", "dense_tflops", "speedup"):
@@ -203,7 +204,8 @@ def check_metric(metric: str | None) -> str | None:
     if metric is None:
         return None
     if metric.strip().lower() not in METRICS:
-        raise BadInputError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+        raise BadInputError(f"--metric: unknown metric {metric!r}; choose one of "
+                            f"{', '.join(METRICS)}")
     return metric.strip().lower()
 
 
@@ -213,6 +215,6 @@ def parse_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
     out = tuple(dict.fromkeys(f.strip().lower().lstrip(".") for f in items if f.strip()))
     bad = [f for f in out if f not in FORMATS]
     if bad or not out:
-        raise BadInputError(f"unknown figure format {', '.join(bad) or repr(formats)}; "
-                            f"choose from {', '.join(FORMATS)}")
+        raise BadInputError(f"--format: unknown figure format "
+                            f"{', '.join(bad) or repr(formats)}; choose from {', '.join(FORMATS)}")
     return out

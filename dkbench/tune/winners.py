@@ -4,9 +4,9 @@ default, else the default; per cache key, one config for every case that shares 
 from __future__ import annotations
 
 import math
-import statistics
 from collections import defaultdict
 from dataclasses import dataclass
+from statistics import geometric_mean
 
 from kernels import CacheKey, LaunchConfig
 
@@ -88,8 +88,10 @@ def mark_best(rows: list[TuneRow], default: TuneRow) -> None:
 
 def cache_winners(results: list[KernelResult]) -> list[CacheWrite]:
     """One config per cache key: a case's winner, or, when several cases share a key (shapes in
-    one bucket), the config ok in all of them with the best geometric-mean speedup over the
-    default; failing that, the winner of the largest of those cases."""
+    one bucket), the one of the cases' winners that is ok in all of them with the best
+    geometric-mean speedup over the default; failing that, the winner of the largest of those
+    cases. Only a case's winner may be chosen: a config that won no case is within the noise
+    (or slower) everywhere, and noise must not move a cache entry."""
     by_key: dict[str, list[KernelResult]] = defaultdict(list)
     for result in results:
         if result.best is not None:
@@ -97,13 +99,15 @@ def cache_winners(results: list[KernelResult]) -> list[CacheWrite]:
     writes = []
     for group in by_key.values():
         ok = [{r.config: r for r in g.rows if r.status == "ok"} for g in group]
-        common = [c for c in ok[0] if all(c in o for o in ok[1:])]
+        won = {g.best.config for g in group}
+        common = [c for c in ok[0] if c in won and all(c in o for o in ok[1:])]
         if len(group) == 1 or not common or any(g.default.status != "ok" for g in group):
             largest = max(group, key=lambda g: g.case.batch * g.case.seqlen * g.case.heads)
             best = largest.best
             writes.append(CacheWrite(largest.key, best.config, best.ms, largest.default.ms))
             continue
-        chosen = max(common, key=lambda c: statistics.geometric_mean([o[c].speedup_vs_default for o in ok]))
-        writes.append(CacheWrite(group[0].key, chosen, statistics.geometric_mean([o[chosen].ms for o in ok]),
-                                 statistics.geometric_mean([g.default.ms for g in group])))
+        chosen = max(common, key=lambda c: geometric_mean([o[c].speedup_vs_default
+                                                           for o in ok]))
+        writes.append(CacheWrite(group[0].key, chosen, geometric_mean([o[chosen].ms for o in ok]),
+                                 geometric_mean([g.default.ms for g in group])))
     return writes

@@ -109,6 +109,10 @@ BAD_KEYS = {
     # Was: imported, and never looked up (seqlen_bucket rounds up to a power of two).
     "seqlen-not-a-power-of-two": ({"seqlen_bucket": 1000},
                                   "key['seqlen_bucket'] must be a power of two"),
+    # Was: imported, and never looked up (density_bucket rounds 0.33 up to 0.35).
+    "density-not-a-bucket": ({"density_bucket": 0.33},
+                             "key['density_bucket'] must be a multiple of 0.05 (as density_bucket "
+                             "makes it), got 0.33"),
 }
 
 

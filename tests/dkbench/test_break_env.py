@@ -201,3 +201,17 @@ def test_a_directory_in_place_is_not_promised_a_replacement(tmp_path: Path,
     with pytest.warns(CalibrationWarning, match="is a directory") as caught:
         assert cal_mod.stored(CUDA, path) is None
     assert "replaced" not in str(caught[0].message) and path.is_dir()
+
+
+@pytest.mark.parametrize("value", ["0", "true"])
+def test_env_on_the_cpu_with_the_interpreter_off_says_the_bundled_kernel_cannot_run(
+        value: str) -> None:
+    """Was: "dkbench ... yes" under TRITON_INTERPRET=0, though its rows on the CPU are errors
+    then (`run` warns so, and `tune` refuses)."""
+    result = invoke("env", "--device", "cpu", env={"TRITON_INTERPRET": value})
+    assert result.exit_code == 0, result.output
+    (row,) = [line for line in result.stdout.splitlines() if "│ dkbench " in line]
+    assert f"no: TRITON_INTERPRET={value!r} turns Triton's interpreter off" in row
+    result = invoke("env", "--device", "cpu", env={"TRITON_INTERPRET": "1"})
+    (row,) = [line for line in result.stdout.splitlines() if "│ dkbench " in line]
+    assert "│ yes" in row

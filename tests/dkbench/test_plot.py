@@ -209,6 +209,33 @@ def test_a_varying_shape_splits_facets_and_an_all_failed_facet_still_draws(tmp_p
     assert "no ok rows with ms" in [t.get_text() for t in wide_fwd.texts]
 
 
+@pytest.mark.parametrize("name", ["latency", "tflops"])
+def test_a_facet_with_no_ok_row_has_no_scale_to_read_a_failure_against(tmp_path, name):
+    """Was: matplotlib's default limits around nothing, ticks from -0.04 to 0.04 ms, and the
+    failure markers at the bottom beside "-0.04" as if that were their value."""
+    rows = [replace(r, status="unsupported", message="needs a CUDA GPU") for r in sample_rows()]
+    fig = {nf.name: nf.figure for nf in build_figures(load_runs(write_run(tmp_path / "r", rows)),
+                                                      metric=name.replace("latency", "ms"))}[name]
+    for ax in fig.axes:
+        assert lines(ax, "failed") and not lines(ax, "data"), ax.get_title()
+        assert list(ax.get_yticks()) == [] and list(ax.get_yticks(minor=True)) == []
+
+
+def test_a_run_without_a_baseline_skips_the_speedup_figures_saying_why(tmp_path):
+    """Was: both speedup figures drawn empty, titled against "the baseline provider" and with a
+    "baseline (= 1)" line, for a spec that named no baseline."""
+    rows = [replace(r, baseline="", speedup=float("nan")) for r in sample_rows()
+            if r.status == "ok"]
+    skipped = []
+    names = [nf.name for nf in build_figures(load_runs(write_run(tmp_path / "r", rows)),
+                                             skipped=skipped)]
+    assert "latency" in names and "tflops" in names
+    assert "speedup" not in names and "speedup_vs_density" not in names
+    reasons = {s.name: s.reason for s in skipped}
+    for name in ("speedup", "speedup_vs_density"):
+        assert reasons[name].startswith("no baseline provider in the spec"), reasons
+
+
 def test_run_name_falls_back_to_the_directory(tmp_path):
     write_run(tmp_path / "a" / "first", sample_rows())
     write_run(tmp_path / "a" / "second", sample_rows(), {"name": "same"})
@@ -312,14 +339,24 @@ def test_cli_plot_writes_figures_into_the_run_dir(tmp_path):
 
 @pytest.mark.parametrize("args, needle", [
     (["plot", "{tmp}/missing"], "missing: no such file"),
-    (["plot", "{tmp}", "--metric", "flops"], "unknown metric 'flops'"),
-    (["plot", "{tmp}", "--format", "jpg"], "unknown figure format jpg"),
+    # The flag named too (was: "unknown metric 'flops'" alone).
+    (["plot", "{tmp}", "--metric", "flops"], "--metric: unknown metric 'flops'"),
+    (["plot", "{tmp}", "--format", "jpg"], "--format: unknown figure format jpg"),
     (["plot", "{tmp}"], "no results.csv"),
 ])
 def test_cli_plot_bad_input_exits_2(tmp_path, args, needle):
     result = CliRunner().invoke(cli(), [a.format(tmp=tmp_path) for a in args])
     assert result.exit_code == 2, result.output
     assert needle in result.output, result.output
+
+
+def test_cli_plot_refuses_a_metric_for_tune_directories_only(tmp_path):
+    """Was: exit 0 and the same heatmaps with or without --metric (a flag that did nothing)."""
+    tuned = tune_dir(tmp_path)
+    result = CliRunner().invoke(cli(), ["plot", str(tuned), "--metric", "tflops"])
+    assert result.exit_code == 2, result.output
+    assert "--metric tflops" in result.output and "tune directories only" in result.output
+    assert not list(tuned.glob("*.png"))
 
 
 def test_batch_tokens_sweep_keeps_one_line_per_provider(tmp_path):
@@ -378,6 +415,36 @@ def test_a_directory_of_runs_and_tunings_draws_both(tmp_path):
     tune_dir(only_tunes, "tune-a")
     tune_dir(only_tunes, "tune-b")
     assert len(plot_path(only_tunes)) == 4
+
+
+def test_configs_of_two_implementations_are_never_one_cell(tmp_path):
+    """Was: a gluon config and the triton one of the same tile, warps and stages shared a cell,
+    which showed the median of the two (a time neither ran in) and outlined it as the winner."""
+    import csv
+
+    from tests.dkbench.fixtures_plot import TUNE_BEST, tune_rows
+
+    fwd = [r for r in tune_rows() if r["kernel"] == "fwd"]
+    triton = [{**r, "impl": "triton", "is_best": False} for r in fwd]
+    gluon = [{**r, "impl": "gluon", "ms": r["ms"] / 2} for r in fwd]
+    tuned = write_run(tmp_path / "tune-ls", [], TUNE_META)
+    with open(tuned / "tune.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(gluon[0]))
+        writer.writeheader()
+        writer.writerows(triton + gluon)
+    runs, tunes = load_sources(tuned)
+    figs = {nf.name: nf.figure for nf in build_figures(runs, tunes=tunes)}
+    assert set(figs) == {"tune_ls-fwd-4096_fwd_triton", "tune_ls-fwd-4096_fwd_gluon"}
+    title = f"num_warps={TUNE_BEST[2]}, num_stages={TUNE_BEST[3]}"
+    for impl, rows in (("triton", triton), ("gluon", gluon)):
+        fig = figs[f"tune_ls-fwd-4096_fwd_{impl}"]
+        (ax,) = [ax for ax in fig.axes if ax.get_title() == title]
+        best = next(r["ms"] for r in rows if (r["block_m"], r["block_n"], r["num_warps"],
+                                               r["num_stages"]) == TUNE_BEST)
+        assert ax.images[0].get_array()[1, 1] == pytest.approx(best)  # BLOCK_M=64, BLOCK_N=64
+        outlined = [p for a in fig.axes for p in a.patches if p.get_gid() == "winner"]
+        assert len(outlined) == (impl == "gluon"), impl  # the winner is the gluon config
+        assert f"impl {impl}" in fig.get_suptitle()
 
 
 def test_a_tune_directory_without_rows_is_bad_input(tmp_path):

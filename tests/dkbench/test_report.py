@@ -209,6 +209,22 @@ def test_report_of_a_tune_directory(tmp_path):
     assert all((tuned / link).is_file() for link in links)
 
 
+def test_a_kept_default_is_not_called_the_fastest_config(tmp_path):
+    """Was: the Tuning table's "fastest config" column (and the heatmap's "red outline: fastest
+    config") named the default that tune kept, beside configs with lower medians."""
+    from tests.dkbench.fixtures_plot import tune_rows
+
+    default = (32, 32, 4, 2)
+    rows = [{**r, "is_best": (r["block_m"], r["block_n"], r["num_warps"], r["num_stages"])
+             == default, "speedup_vs_default": 1.0} for r in tune_rows()]
+    tuned = write_run(tmp_path / "tune-ls-1", [], {"kind": "tune", "name": "ls"}, rows)
+    write_report(tuned)
+    tuning = section((tuned / "report.md").read_text(), "## Tuning")
+    assert "fastest" not in tuning
+    assert "| case_id | kernel | configs ok | chosen config | median ms | vs default |" in tuning
+    assert "| ls-fwd-4096 | fwd | 22 of 23 | BLOCK_M=32, BLOCK_N=32, num_warps=4, " in tuning
+
+
 def test_a_run_with_a_tune_csv_reports_its_tuning(text):
     rows = [line for line in section(text, "## Tuning").splitlines() if line.startswith("| ls-")]
     assert [line.split(" | ")[1] for line in rows] == ["fwd", "bwd"]  # pipeline order

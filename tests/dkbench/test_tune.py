@@ -480,6 +480,26 @@ def test_a_config_within_the_noise_does_not_replace_the_default(
     assert outcome.writes[0].config == LaunchConfig(32, 32, 4, 1)
 
 
+def test_cases_that_share_a_key_keep_the_default_when_no_config_won_any(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_kernel) -> None:
+    """Was: seqlen 120 and 128 share a cache key; m64 is within the noise in both (the default
+    is_best in each case's rows), yet its geometric-mean speedup of 1.002 put it in the cache."""
+    times = {"m32n32w4s1": Measurement(2.000, 1.98, 2.02, "fake", 9),
+             "m16n32w4s1": Measurement(2.500, 2.40, 2.60, "fake", 9),
+             "m64n32w4s1": Measurement(1.996, 1.97, 2.03, "fake", 9)}
+    ratios = {"m16n32w4s1": Ratio(0.80, 0.78, 0.82, 3), "m64n32w4s1": Ratio(1.002, 0.99, 1.01, 3)}
+    fake_timers(monkeypatch, fake_kernel, None,
+                lambda ready, baseline: Interleaved({r.name: times[r.name] for r in ready},
+                                                    ratios, {}, []))
+    outcome = tune_spec(tmp_path, seqlen=[120, 128])
+    assert len({r.key for r in outcome.results}) == 1  # one bucket
+    assert all(r.best is r.default for r in outcome.results)
+    (write,) = outcome.writes
+    assert write.config == LaunchConfig(32, 32, 4, 1)
+    cached = ConfigCache(tmp_path / "cache.json").get(write.key)
+    assert LaunchConfig.from_dict(cached) == LaunchConfig(32, 32, 4, 1)
+
+
 def test_interleaved_tune_records_a_failure_while_timed(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_kernel) -> None:
     def together(ready, baseline):
