@@ -56,8 +56,11 @@ def recorded_scope(resume: Path, chosen: list[str], only: list[str] | None) -> d
     meta = _resumed_meta(resume)
     recorded = _recorded(resume, meta, "providers", list) or []
     providers = list(dict.fromkeys([*recorded, *chosen]))
-    return {"providers": providers,
-            "only": widened_only(_recorded(resume, meta, "only", list) or [], list(only or []))}
+    scope = {"providers": providers,
+             "only": widened_only(_recorded(resume, meta, "only", list) or [], list(only or []))}
+    if isinstance(meta.get("baseline"), str):  # a resume without it leaves it the run's baseline
+        scope["baseline"] = meta["baseline"]
+    return scope
 
 
 def widened_only(recorded: list[str], given: list[str]) -> list[str]:

@@ -228,6 +228,7 @@ def test_interrupted_resume_of_a_finished_run_is_not_finished(
 def test_a_narrower_resume_leaves_the_rest_to_a_later_one(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: tuple[str, str]) -> None:
     spec = write_spec(tmp_path, seqlen=[32, 48, 64], providers=["sdpa_math", "sdpa_efficient"],
+                      baseline="sdpa_math",
                       timing={"warmup_ms": 1, "rep_ms": 1, "interleave": False})
     interrupt_at(monkeypatch, 3)  # seqlen 32's two rows written
     assert invoke("run", spec, "--out", tmp_path / "out", "-q").exit_code == 130
@@ -237,6 +238,7 @@ def test_a_narrower_resume_leaves_the_rest_to_a_later_one(
     assert result.exit_code == 0, result.output
     assert read_meta(run_dir)["providers"] == ["sdpa_math", "sdpa_efficient"]
     assert read_meta(run_dir)["only"] == []
+    assert read_meta(run_dir)["baseline"] == "sdpa_math"  # was null after --providers
     result = invoke("run", "--resume", run_dir, "-q")
     assert result.exit_code == 0, result.output
     # was "Nothing left to run: ... already holds every row": the narrower flags had replaced
