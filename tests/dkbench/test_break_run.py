@@ -231,24 +231,29 @@ def _data_rows(out: Path) -> int:
 
 
 def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path: Path) -> None:
-    spec = write_spec(tmp_path, seqlen=[32, 48, 64, 80, 96, 112],
-                      timing={"warmup_ms": 50, "rep_ms": 400, "interleave": False})
+    # Rows on the CPU take milliseconds (the wall clock times a fixed number of calls), so the
+    # run is stopped the moment its first row shows and the SIGTERM waits for it: many rows left.
+    cases = 24
+    spec = write_spec(tmp_path, seqlen=[32 + 16 * i for i in range(cases)],
+                      timing={"warmup_ms": 1, "rep_ms": 1, "interleave": False})
     out = tmp_path / "out"
     env = {**os.environ, "COLUMNS": "400"}
     child = subprocess.Popen([sys.executable, "cli.py", "run", str(spec), "--out", str(out),
                               "-q"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while _data_rows(out) < 1 and child.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.01)
+    child.send_signal(signal.SIGSTOP)
     child.send_signal(signal.SIGTERM)
+    child.send_signal(signal.SIGCONT)
     _, stderr = child.communicate(timeout=60)
     # was: killed outright (-15), with no word of where the rows are or how to finish them
     assert child.returncode == 130, stderr
     run_dir = run_dir_of(out)
     assert f"finish with --resume {run_dir}" in flat(stderr), stderr
     kept = _data_rows(out)
-    assert 1 <= kept < 6, stderr
+    assert 1 <= kept < cases, stderr
     result = invoke("run", "--resume", run_dir, "-q")
     assert result.exit_code == 0, result.output
     frame = read_results(run_dir)
-    assert sorted(frame["seqlen"]) == [32, 48, 64, 80, 96, 112]
+    assert sorted(frame["seqlen"]) == [32 + 16 * i for i in range(cases)]
