@@ -357,7 +357,8 @@ def build_view_figures(frame: pd.DataFrame, view: _View, runs: Sequence[Run]) ->
     """The figures of `view`, a subplot per facet and at most `FACETS_PER_FIGURE` facets to a
     figure; `frame` is the runs' results concatenated."""
     styles = _Styles(frame)
-    frame = frame.assign(tokens=frame["batch"] * frame["seqlen"])
+    if "batch" in frame.columns:  # like every shape column, optional
+        frame = frame.assign(tokens=frame["batch"] * frame["seqlen"])
     varying = [c for c in SHAPE_COLUMNS if c in frame.columns and frame[c].nunique() > 1]
     if "batch" in varying and frame["tokens"].nunique() < frame["batch"].nunique():
         # A batch_tokens sweep: batch shrinks as seqlen grows, so lines follow the token budget.

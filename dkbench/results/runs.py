@@ -12,7 +12,14 @@ import pandas as pd
 
 from ..errors import BadInputError, one_line
 from .check import TUNE, check_values
-from .schema import NA_VALUES, RESULTS_FILE, TEXT_COLUMNS, read_meta, read_results
+from .schema import (
+    KEY_COLUMNS,
+    NA_VALUES,
+    RESULTS_FILE,
+    TEXT_COLUMNS,
+    read_meta,
+    read_results,
+)
 
 TUNE_FILE = "tune.csv"
 METRICS = ("ms", "tflops", "speedup")
@@ -100,6 +107,37 @@ def read_tune(path: Path) -> pd.DataFrame | None:
     return df
 
 
+def _read_meta(run_dir: Path) -> dict:
+    """A run's or tune's meta.json, {} when absent or not an object; BadInputError naming it
+    when it cannot be read (a directory, no permission) or is not JSON."""
+    try:
+        meta = read_meta(run_dir)
+    except OSError as err:
+        raise BadInputError(f"{run_dir / 'meta.json'}: cannot be read "
+                            f"({err.strerror or err})") from None
+    except ValueError as err:  # json.JSONDecodeError, UnicodeDecodeError
+        raise BadInputError(f"{run_dir / 'meta.json'}: not valid JSON ({err})") from None
+    return meta if isinstance(meta, dict) else {}
+
+
+def _check_unique_rows(df: pd.DataFrame, csv: Path) -> None:
+    """Refuse a row given twice, by case_id and case key (files concatenated, a row pasted
+    twice): every figure and table would show it twice, where gate and merge refuse the file."""
+    key = [c for c in ("case_id", *KEY_COLUMNS) if c in df.columns]
+    if "provider" not in key:
+        return
+    twice = df[df.duplicated(key, keep=False)]
+    if twice.empty:
+        return
+    first_group = next(iter(twice.groupby(key, dropna=False, sort=False).indices.values()))
+    rows = ", ".join(str(df.index.get_loc(i) + 1) for i in twice.index[first_group])
+    first = twice.iloc[0]
+    case = f"case_id {first['case_id']}, " if "case_id" in key else ""
+    raise BadInputError(f"{csv}: rows {rows} are one case and provider ({case}provider "
+                        f"{first['provider']}); allowed: one row each (one run's results.csv, "
+                        "or runs combined by `dkbench merge`)")
+
+
 def load_run(run_dir: Path) -> Run:
     """Read one run directory, its TEXT_COLUMNS as the text written; raises BadInputError naming
     the file when it cannot be plotted."""
@@ -108,6 +146,7 @@ def load_run(run_dir: Path) -> Run:
     if df.empty:
         raise BadInputError(f"{csv}: has a header but no rows")
     check_values(df, csv)
+    _check_unique_rows(df, csv)
     for col in ("provider", "mode", "dtype", "pattern", "baseline", "gpu", "status", "message"):
         if col in df.columns:
             # As objects first: a column left empty in every row reads as float (NaN).
@@ -116,11 +155,7 @@ def load_run(run_dir: Path) -> Run:
     df["interpreter"] = _truthy(df["interpreter"])
     for col in ("seqlen", "density", "ms", "ms_p20", "ms_p80", "tflops", "dense_tflops", "speedup"):
         df[col] = pd.to_numeric(df[col], errors="coerce")
-    try:
-        meta = read_meta(run_dir)
-    except ValueError as err:  # json.JSONDecodeError
-        raise BadInputError(f"{run_dir / 'meta.json'}: not valid JSON ({err})") from None
-    meta = meta if isinstance(meta, dict) else {}
+    meta = _read_meta(run_dir)
     for col in TEXT_COLUMNS:  # read as text; an empty cell as ""
         if col in df.columns:
             df[col] = df[col].fillna("").astype(object)
@@ -173,11 +208,7 @@ def load_tune_dir(tune_dir: Path) -> TuneDir:
     tune = read_tune(tune_dir / TUNE_FILE)
     if tune is None:
         raise BadInputError(f"{tune_dir / TUNE_FILE}: no rows yet")
-    try:
-        meta = read_meta(tune_dir)
-    except ValueError as err:  # json.JSONDecodeError
-        raise BadInputError(f"{tune_dir / 'meta.json'}: not valid JSON ({err})") from None
-    meta = meta if isinstance(meta, dict) else {}
+    meta = _read_meta(tune_dir)
     env = meta.get("environment") if isinstance(meta.get("environment"), dict) else {}
     # The directory's name (tune-NAME-TIME) tells two tunings of one sweep apart.
     name, gpu = tune_dir.resolve().name, env.get("gpu") or meta.get("gpu")

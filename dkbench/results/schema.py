@@ -294,8 +294,15 @@ def read_results(path: Path) -> pd.DataFrame:
     if torn is not None:
         warnings.warn(torn, stacklevel=2)
     _check_header(path, source)
-    frame = pd.read_csv(source, dtype={c: str for c in TEXT_COLUMNS}, keep_default_na=False,
-                        na_values=NA_VALUES)
+    with warnings.catch_warnings():
+        # Rows longer than the header: pandas would take the first column as the index and
+        # shift every value one column left; with index_col=False it drops the extra fields.
+        warnings.simplefilter("error", pd.errors.ParserWarning)
+        try:
+            frame = pd.read_csv(source, dtype={c: str for c in TEXT_COLUMNS},
+                                keep_default_na=False, na_values=NA_VALUES, index_col=False)
+        except pd.errors.ParserWarning:
+            raise BadInputError(f"{path}: its rows have more fields than its header") from None
     for column, value in LATER_COLUMNS.items():
         frame[column] = frame[column].fillna(value) if column in frame.columns else value
     return frame
