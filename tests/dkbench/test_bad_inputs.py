@@ -114,6 +114,17 @@ SPECS = [
     Bad("options block not a multiple of 16", spec(**with_fa4, provider_options={
         "fa4_sparse": {"fwd_block": [100, 64]}}),
         ("provider_options.fa4_sparse.fwd_block[0]: must be a multiple of 16, got 100",)),
+    Bad("options block as text", spec(**with_fa4, provider_options={
+        "fa4_sparse": {"fwd_block": ["64", 64]}}),
+        ("provider_options.fa4_sparse.fwd_block[0]: '64' is not an integer",)),
+    Bad("options flag as text", spec(providers=["sdpa_math", "flashinfer_decode"],
+                                     provider_options={"flashinfer_decode": {
+                                         "use_tensor_cores": "yes"}}),
+        ("provider_options.flashinfer_decode.use_tensor_cores: 'yes' is not a boolean",)),
+    Bad("options page size a float", spec(providers=["sdpa_math", "flashinfer_decode"],
+                                          provider_options={"flashinfer_decode": {
+                                              "page_size": 16.0}}),
+        ("provider_options.flashinfer_decode.page_size: 16.0 is not an integer",)),
     Bad("options for a provider without options", spec(provider_options={"sdpa_math": {"x": 1}}),
         ("provider_options.sdpa_math: sdpa_math takes no options",)),
     Bad("config unknown key", spec(config={"block_m": 64, "block_n": 64, "warps": 4}),

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Annotated, Callable, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, Strict
 
 from kernels import BlockLayout
 
@@ -61,7 +61,8 @@ class Prepared:
     reference_inputs: Callable[[tuple], tuple] = _same_inputs
 
 
-BlockSide = Annotated[int, Field(ge=16, le=1024, multiple_of=16)]
+# Strict, as the rest of a spec: `"64"`, `64.0` or `true` are not block sides.
+BlockSide = Annotated[int, Strict(), Field(ge=16, le=1024, multiple_of=16)]
 
 
 class MaskBlocks(BaseModel):

@@ -30,7 +30,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from kernels import BlockLayout
 
@@ -197,8 +197,9 @@ class DecodePages(BaseModel):
     ``use_tensor_cores`` (its prefill kernels for decode, faster for large GQA groups)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    page_size: int | None = Field(default=None, ge=1, le=1024)
-    use_tensor_cores: bool = False
+    # Strict, as the rest of a spec: `"yes"` is not true, nor `16.0` a page size.
+    page_size: StrictInt | None = Field(default=None, ge=1, le=1024)
+    use_tensor_cores: StrictBool = False
 
 
 def decode_page_size(max_len: int, pinned: int | None = None) -> int:
