@@ -23,6 +23,7 @@ from ..spec.sweep import (
     expand,
     filter_cases,
     graph_row_name,
+    idle_config,
     idle_exclusions,
     only_mismatch,
     row_provider,
@@ -256,7 +257,7 @@ def _announce(plan, sweep, cases, part, spec_cases, chosen, slots, dev, compile_
                 else ", each in a NAME and a NAME+graph row")
     console.print(f"Run directory: [bold]{escape(str(plan.run_dir))}[/bold] ({count} x "
                   f"{len(chosen)} providers{both} on {where})")
-    for note in [*plan.warnings, *idle_exclusions(sweep, chosen)]:
+    for note in [*plan.warnings, *idle_exclusions(sweep, chosen), *idle_config(sweep, chosen)]:
         _warn(note)
     if dev.type == "cpu":
         from ..measure.envinfo import TRITON_PROVIDERS, interpreting
@@ -381,5 +382,5 @@ def validate(spec: Annotated[Path, typer.Argument(help="Sweep spec (YAML) to che
     timed = " (each timed eagerly and by CUDA-graph replay)" if sweep.timing.graph_rows else ""
     console.print(f"{escape(str(spec))}: ok, {len(cases)} cases x {len(sweep.providers)} providers"
                   f"{timed} = {rows} rows (after exclusions)", highlight=False)
-    for note in idle_exclusions(sweep):
+    for note in [*idle_exclusions(sweep), *idle_config(sweep)]:
         _warn(note)

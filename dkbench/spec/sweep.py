@@ -436,6 +436,20 @@ def idle_exclusions(sweep: Sweep, providers: Sequence[str] | None = None) -> lis
     return notes
 
 
+# The provider that runs the bundled kernel: the one a spec's `config` is for.
+BUNDLED_PROVIDER = "dkbench"
+
+
+def idle_config(sweep: Sweep, providers: Sequence[str] | None = None) -> list[str]:
+    """A note when the spec sets `config` but the bundled kernel's provider does not run
+    (``providers``: those that do, by default the spec's): the config then does nothing."""
+    running = providers if providers is not None else sweep.providers
+    if sweep.config is None or BUNDLED_PROVIDER in running:
+        return []
+    return [f"config applies to the bundled kernel (provider {BUNDLED_PROVIDER}), which does not "
+            f"run here (providers: {', '.join(running)}): it does nothing"]
+
+
 def _names_row(wanted: Any, row: str) -> bool:
     """Whether an exclusion's provider value takes this row: a provider takes its graph rows
     too, NAME+graph only them."""

@@ -149,3 +149,21 @@ def test_an_exclusion_of_a_provider_that_does_not_run_is_warned_about(tmp_path: 
     assert result.exit_code == 0, result.output
     text = flat(result.stderr)
     assert "exclude[2] {'provider': ['flex', 'dkbench'], 'seqlen': 32} names no provider" in text
+
+
+def test_a_config_without_the_bundled_kernel_is_warned_about(tmp_path: Path) -> None:
+    # Was: accepted in silence; the config is for the bundled kernel alone.
+    spec = write_spec(tmp_path, config={"block_m": 16, "block_n": 16})
+    result = invoke("validate", spec)
+    assert result.exit_code == 0, result.output
+    assert ("config applies to the bundled kernel (provider dkbench), which does not run here "
+            "(providers: sdpa_math): it does nothing") in flat(result.stderr), result.stderr
+    result = invoke("run", spec, "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.output
+    assert "config applies to the bundled kernel" in flat(result.stderr), result.stderr
+    # With the bundled kernel among the providers, no word of it.
+    both = write_spec(tmp_path, "both.yaml", config={"block_m": 16, "block_n": 16},
+                      providers=["sdpa_math", "dkbench"])
+    result = invoke("validate", both)
+    assert result.exit_code == 0, result.output
+    assert "config applies" not in flat(result.stderr), result.stderr
