@@ -19,7 +19,8 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import BadInputError, ResultsWriteError, one_line
-from ..spec.sweep import Sweep, expand, filter_cases
+from ..spec.load import sweep_from_dict
+from ..spec.sweep import expand, filter_cases
 from .check import check_values
 from .runs import REQUIRED_COLUMNS
 from .schema import (
@@ -201,7 +202,7 @@ def _shards_twice(sources: list[Source]) -> list[str]:
 
 def _expected_cases(sources: list[Source]) -> set[str]:
     """case_ids the spec (after the inputs' shared --only) expands to."""
-    sweep = Sweep.model_validate(sources[0].meta["spec"])
+    sweep = sweep_from_dict(sources[0].meta["spec"], sources[0].run_dir / "meta.json")
     onlys = {tuple(s.meta.get("only") or ()) for s in sources}
     cases = expand(sweep)
     if len(onlys) == 1:
@@ -268,7 +269,7 @@ def merge_runs(run_dirs: list[Path], out: Path, force: bool = False) -> MergeRes
     try:
         expected = _expected_cases(sources)
     except Exception as exc:  # noqa: BLE001 - the check is advisory; the merge still stands
-        notes.append(f"could not expand the spec to look for missing cases: {exc}")
+        notes.append(f"could not expand the spec to look for missing cases: {one_line(exc)}")
     else:
         present = {case_id for case_id, _ in merged}
         result.expected_cases, result.missing_cases = len(expected), len(expected - present)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -227,6 +228,23 @@ def test_a_forced_merge_of_other_providers_resumes_all_of_them(six, tmp_path: Pa
     assert result.exit_code == 0, result.output
     done = pairs(out)
     assert len(done) == len(set(done)) == 12  # each of the six cases by both providers, once
+
+
+def test_merge_says_in_one_line_why_a_recorded_spec_cannot_be_expanded(six, tmp_path: Path
+                                                                        ) -> None:
+    spec, shared = six
+    first = tmp_path / "first" / shared.name
+    shutil.copytree(shared, first)  # the module's shard stays as it is for the other tests
+    second = _shard(spec, tmp_path / "second", "--shard", "2/2")
+    for run_dir in (first, second):
+        _set_meta(run_dir, spec=None)
+    out = tmp_path / "merged"
+    result = invoke("merge", first, second, "--out", out)
+    assert result.exit_code == 0, result.output
+    (note,) = [line for line in result.stderr.splitlines() if "could not expand" in line]
+    # was pydantic's own text over three lines, ending in a link to its docs
+    assert "pydantic.dev" not in result.stderr, result.stderr
+    assert f"{first / META_FILE}" in flat(result.stderr), result.stderr
 
 
 def test_merge_refuses_a_shard_given_twice(six, tmp_path: Path) -> None:
