@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import math
+import os
+import stat
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from itertools import groupby
@@ -15,10 +19,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from kernels import ENV_VAR, ConfigCache
+from kernels import ENV_VAR, KERNELS, ConfigCache, LaunchConfig, config_problems
 
+from ..errors import CacheError
 from ..tune.cache import CacheRow, cache_errors, cache_rows, cache_warnings
-from .errors import cli_errors
+from .errors import cli_errors, fail, plain_path_errors
 
 cache_app = typer.Typer(
     help="Inspect and manage the best-config cache that the bundled kernels read at launch.",
@@ -58,6 +63,53 @@ def _cli_errors() -> Iterator[None]:
         yield
 
 
+def _store(cache: Path | None) -> ConfigCache:
+    """The cache at ``cache`` (else $DKBENCH_CACHE, else the platform's), refused when it names
+    what can never be a cache file: lookups would only warn and read it as empty."""
+    store = ConfigCache(cache)
+    allowed = "allowed: a regular file, or a path where one can be made"
+    try:
+        mode = os.stat(store.path).st_mode
+    except FileNotFoundError:
+        return store  # made by the first write
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            raise  # plain_path_errors says what the limits are
+        why = exc.strerror
+        if exc.errno == errno.ENOTDIR:  # the nearest part of the path that exists is a file
+            why = f"{next(p for p in store.path.parents if os.path.lexists(p))} is not a directory"
+        raise fail(CacheError(f"cannot use the config cache {store.path}: {why}; {allowed}")
+                   ) from None
+    if stat.S_ISDIR(mode):
+        raise fail(CacheError(f"{store.path} is a directory, not a cache file; name a file, "
+                              f"such as {store.path / 'cache.json'}"))
+    if not stat.S_ISREG(mode):
+        raise fail(CacheError(f"{store.path} is not a regular file (a device, a fifo or a "
+                              f"socket), so not a cache file; {allowed}"))
+    return store
+
+
+def _check_usable(src: Path) -> None:
+    """Refuse an import file with an entry that no launch would use, which a lookup skips without
+    a word: of a kernel this version does not have, or with a config its kernel cannot run. The
+    file is read as an import reads it, into a scratch cache: a bad one raises as the import
+    would, and is never set aside as a lookup would."""
+    with tempfile.TemporaryDirectory() as scratch:
+        probe = ConfigCache(Path(scratch) / "probe.json")
+        probe.merge(src)
+        entries = probe.entries()
+    for name, entry in entries.items():
+        key = entry["key"]
+        if key["kernel"] not in KERNELS:
+            raise CacheError(f"{src}: entry {name!r}: key['kernel'] must be one of "
+                             f"{', '.join(KERNELS)}, got {key['kernel']!r}")
+        problems = config_problems(LaunchConfig.from_dict(entry["config"]), key["block_size"],
+                                   key["head_dim"], key["kernel"])
+        if problems:
+            raise CacheError(f"{src}: entry {name!r}: its config cannot run: "
+                             f"{'; '.join(problems)}")
+
+
 def _cell(text: str) -> str:
     """``text`` from the cache file as a table cell: rich markup escaped, and characters that are
     not printable (a terminal escape, a newline, a lone surrogate a JSON ``\\ud800`` makes, which
@@ -84,6 +136,11 @@ def _import_summary(counts: Any) -> str:  # kernels' ImportCounts
     return f" ({'; '.join(parts)})" if parts else ""
 
 
+def _ms(value: float) -> str:
+    """A time as a table cell: one a hand edit made huge (1e308 ms) in 9 characters, not 300."""
+    return f"{value:.4f}" if value < 1e6 else f"{value:.3e}"
+
+
 def _machine_tables(rows: list[CacheRow]) -> list[Table]:
     """One table per (GPU, capability, triton): the machine in the title, so that the rest fits
     80 columns; the shape fields share one cell that wraps at spaces, never inside a field."""
@@ -104,19 +161,21 @@ def _machine_tables(rows: list[CacheRow]) -> list[Table]:
             k = r.key
             shape = f"d{k.head_dim} bs{k.block_size} s{k.seqlen_bucket} p{k.density_bucket:.2f}"
             table.add_row(_cell(k.kernel), _cell(k.kernel_hash), _cell(k.dtype), shape,
-                          _cell(r.config), f"{r.ms:.4f}",
-                          "failed" if math.isnan(r.default_ms) else f"{r.default_ms:.4f}",
-                          "-" if math.isnan(r.speedup) else f"{r.speedup:.2f}x")
+                          _cell(r.config), _ms(r.ms),
+                          "failed" if math.isnan(r.default_ms) else _ms(r.default_ms),
+                          # inf where a time near 0 overflowed the division
+                          f"{r.speedup:.2f}x" if math.isfinite(r.speedup) else "-")
         tables.append(table)
     return tables
 
 
 @cache_app.command()
+@plain_path_errors
 def show(cache: CacheOption = None) -> None:
     """Show every cached config with its timing against the default config, one table per
     machine (GPU, compute capability, triton version)."""
     with _cli_errors():
-        store = ConfigCache(cache)
+        store = _store(cache)
         rows = cache_rows(store.entries())
     if not rows:
         console.print(f"no entries in {escape(str(store.path))}")
@@ -129,20 +188,22 @@ def show(cache: CacheOption = None) -> None:
 
 
 @cache_app.command()
+@plain_path_errors
 def path(cache: CacheOption = None) -> None:
     """Print the cache file in use (it need not exist yet)."""
     # Plain echo, not rich: scripts read this line and it must never wrap.
-    typer.echo(str(ConfigCache(cache).path))
+    typer.echo(str(_store(cache).path))
 
 
 @cache_app.command()
+@plain_path_errors
 def clear(
     cache: CacheOption = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
 ) -> None:
     """Remove every entry from the cache."""
     with _cli_errors():
-        store = ConfigCache(cache)
+        store = _store(cache)
         n = len(store.entries())
     if n == 0:
         console.print(f"no entries in {escape(str(store.path))}")
@@ -156,6 +217,7 @@ def clear(
 
 
 @cache_app.command("export")
+@plain_path_errors
 def export_(
     file: Annotated[Path, typer.Argument(help="Where to write the entries.", dir_okay=False)],
     cache: CacheOption = None,
@@ -163,11 +225,12 @@ def export_(
     """Write the cache's entries to FILE, in the cache format (FILE is replaced whole; it may
     not be the cache itself or its lock file)."""
     with _cli_errors():
-        n = ConfigCache(cache).export(file)
+        n = _store(cache).export(file)
     console.print(f"exported {_entries(n)} to {escape(str(file))}")
 
 
 @cache_app.command("import")
+@plain_path_errors
 def import_(
     file: Annotated[Path, typer.Argument(help="A file written by `dkbench cache export`.")],
     cache: CacheOption = None,
@@ -179,7 +242,8 @@ def import_(
     """Merge the entries of FILE into the cache, saying how many were new, replaced a cached
     entry, were cached already as they are, or were kept as cached (--keep-existing)."""
     with _cli_errors():
-        store = ConfigCache(cache)
+        store = _store(cache)
+        _check_usable(file)
         counts = store.merge(file, overwrite=overwrite)
     console.print(f"imported {_entries(counts.written)} into {escape(str(store.path))}"
                   f"{escape(_import_summary(counts))}", highlight=False)

@@ -6,6 +6,7 @@ launch without the harness.
 
 from __future__ import annotations
 
+import errno
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -21,10 +22,13 @@ from ..errors import CacheError
 @contextmanager
 def cache_errors() -> Iterator[None]:
     """Turn the cache library's ValueError / OSError (bad file, unwritable path, stuck lock)
-    into `CacheError`, so the CLI reports it like any other harness error."""
+    into `CacheError`, so the CLI reports it like any other harness error. A path too long for
+    the OS passes through, for `plain_path_errors` to report with the limits."""
     try:
         yield
     except (ValueError, OSError) as e:
+        if isinstance(e, OSError) and e.errno == errno.ENAMETOOLONG:
+            raise
         raise CacheError(str(e)) from e
 
 

@@ -273,3 +273,88 @@ def test_a_count_of_one_says_entry(app: typer.Typer, cache: ConfigCache, tmp_pat
     assert flat(r.stdout) == f"exported 1 entry to {tmp_path / 'out.json'}"
     r = invoke(app, "clear", "--yes", "--cache", cache.path)
     assert flat(r.stdout) == f"removed 1 entry from {cache.path}"
+
+
+# -- cache paths that can never be a cache file ------------------------------------------------
+
+TOO_LONG = "a" * 300 + ".json"  # one name over the 255 bytes a file name may have
+
+
+@pytest.mark.parametrize("command", ["show", "path", "clear -y", "export OUT", "import SRC"])
+def test_a_cache_path_too_long_is_refused_with_the_limits(app: typer.Typer, cache: ConfigCache,
+                                                          tmp_path: Path, command: str) -> None:
+    """Was: show, clear and export warned, said "no entries" and exited 0; path printed it; import
+    said only "[Errno 36] File name too long"."""
+    args = [{"OUT": tmp_path / "out.json", "SRC": cache.path}.get(a, a) for a in command.split()]
+    long = tmp_path / TOO_LONG
+    r = invoke(app, *args, "--cache", long)
+    assert_refused(r, str(long), "File name too long", "allowed: file names of at most 255 bytes")
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_an_import_file_too_long_is_refused_with_the_limits(app: typer.Typer, cache: ConfigCache,
+                                                            tmp_path: Path) -> None:
+    """Was: "error: [Errno 36] File name too long: '...'", no limits named."""
+    r = invoke(app, "import", tmp_path / TOO_LONG, "--cache", cache.path)
+    assert_refused(r, TOO_LONG, "allowed: file names of at most 255 bytes")
+
+
+@pytest.mark.parametrize("command", ["show", "path", "clear -y", "export OUT"])
+@pytest.mark.parametrize("place", ["fifo", "directory", "under-a-file"])
+def test_a_cache_path_that_is_no_file_is_refused(app: typer.Typer, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch, command: str,
+                                                 place: str) -> None:
+    """Was: a warning, "no entries" (export: an empty export file written) and exit 0. The
+    directory comes through $DKBENCH_CACHE, which the --cache flag's own check never sees."""
+    path = tmp_path / "c.json"
+    if place == "fifo":
+        os.mkfifo(path)
+    elif place == "directory":
+        path.mkdir()
+    else:
+        path.write_text("{}")
+        path = path / "configs.json"
+    monkeypatch.setenv(ENV_VAR, str(path))
+    out = tmp_path / "out.json"
+    args = [str(out) if a == "OUT" else a for a in command.split()]
+    r = CliRunner().invoke(app, ["cache", *args], env={"COLUMNS": "250"})
+    why = {"fifo": f"{path} is not a regular file (a device, a fifo or a socket)",
+           "directory": f"{path} is a directory, not a cache file",
+           "under-a-file": f"cannot use the config cache {path}: {path.parent} is not a "
+                           "directory"}
+    assert_refused(r, why[place])
+    assert not out.exists()
+
+
+def test_show_keeps_a_huge_time_and_an_overflowing_speedup_in_their_columns(
+        app: typer.Typer, tmp_path: Path) -> None:
+    """Was: a default_ms of 1e308 printed as 309 digits (the table's other columns squeezed to
+    nothing), and a speedup that overflowed the division printed as "infx"."""
+    path = write(tmp_path / "configs.json", entry(ms=5e-324, default_ms=1e308))
+    r = invoke(app, "show", "--cache", path)
+    assert r.exit_code == 0, r.output
+    (row,) = [line.split() for line in r.stdout.splitlines() if "ab12cd34" in line]
+    assert row[-2:] == ["1.000e+308", "-"], r.stdout
+
+
+UNUSABLE = {
+    "unknown-kernel": ({"key": {"kernel": "bogus"}},
+                       "key['kernel'] must be one of fwd, bwd, dq, varlen, decode, fp8, "
+                       "got 'bogus'"),
+    "fused-forward": ({"config": {**CONFIG, "impl": "fused"}},
+                      "its config cannot run: impl='fused' is the backward's dk/dv kernel only"),
+    "block-m-not-a-tile": ({"config": {**CONFIG, "block_m": 3}},
+                           "its config cannot run: block_m=3 must be a power of two >= 16"),
+}
+
+
+@pytest.mark.parametrize("kind", UNUSABLE)
+def test_import_refuses_an_entry_no_launch_would_use(app: typer.Typer, cache: ConfigCache,
+                                                     tmp_path: Path, kind: str) -> None:
+    """Was: "imported 1 entry (1 new)", an entry every lookup skips without a word."""
+    overrides, reason = UNUSABLE[kind]
+    src = write(tmp_path / "incoming.json", entry(**overrides))
+    r = invoke(app, "import", src, "--cache", cache.path)
+    assert_refused(r, str(src), reason)
+    assert list(ConfigCache(cache.path).entries()) == [make_key().as_str()]
+    assert json.loads(src.read_text())["entries"]["e0"] == entry(**overrides)  # left as it was
