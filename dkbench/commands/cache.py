@@ -43,6 +43,11 @@ CacheOption = Annotated[
 ]
 
 
+def _say(text: str) -> None:
+    """One line on stdout, never folded: a long path must stay whole to be copied."""
+    console.print(escape(text), highlight=False, soft_wrap=True)
+
+
 def _warn(text: str) -> None:
     err_console.print(f"[yellow]warning:[/yellow] {escape(text)}", highlight=False,
                       soft_wrap=True)
@@ -178,9 +183,9 @@ def show(cache: CacheOption = None) -> None:
         store = _store(cache)
         rows = cache_rows(store.entries())
     if not rows:
-        console.print(f"no entries in {escape(str(store.path))}")
+        _say(f"no entries in {store.path}")
         return
-    console.print(f"{_entries(len(rows))} in {escape(str(store.path))}", highlight=False)
+    _say(f"{_entries(len(rows))} in {store.path}")
     for table in _machine_tables(rows):
         console.print(table)
     console.print("shape: head_dim d, block size bs, seqlen bucket s, density bucket p; "
@@ -206,14 +211,14 @@ def clear(
         store = _store(cache)
         n = len(store.entries())
     if n == 0:
-        console.print(f"no entries in {escape(str(store.path))}")
+        _say(f"no entries in {store.path}")
         return
     if not yes:
         typer.confirm(f"Remove {'the only entry' if n == 1 else f'all {n} entries'} from "
                       f"{store.path}?", abort=True)
     with _cli_errors():
         removed = store.clear()
-    console.print(f"removed {_entries(removed)} from {escape(str(store.path))}")
+    _say(f"removed {_entries(removed)} from {store.path}")
 
 
 @cache_app.command("export")
@@ -226,7 +231,7 @@ def export_(
     not be the cache itself or its lock file)."""
     with _cli_errors():
         n = _store(cache).export(file)
-    console.print(f"exported {_entries(n)} to {escape(str(file))}")
+    _say(f"exported {_entries(n)} to {file}")
 
 
 @cache_app.command("import")
@@ -245,5 +250,4 @@ def import_(
         store = _store(cache)
         _check_usable(file)
         counts = store.merge(file, overwrite=overwrite)
-    console.print(f"imported {_entries(counts.written)} into {escape(str(store.path))}"
-                  f"{escape(_import_summary(counts))}", highlight=False)
+    _say(f"imported {_entries(counts.written)} into {store.path}{_import_summary(counts)}")

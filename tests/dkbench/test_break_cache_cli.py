@@ -358,3 +358,17 @@ def test_import_refuses_an_entry_no_launch_would_use(app: typer.Typer, cache: Co
     assert_refused(r, str(src), reason)
     assert list(ConfigCache(cache.path).entries()) == [make_key().as_str()]
     assert json.loads(src.read_text())["entries"]["e0"] == entry(**overrides)  # left as it was
+
+
+@pytest.mark.parametrize("command", ["show", "clear -y", "export OUT", "import SRC"])
+def test_a_long_path_in_a_summary_line_stays_whole(cache: ConfigCache, tmp_path: Path,
+                                                   app: typer.Typer, command: str) -> None:
+    """Was: folded at the terminal's width, so a path copied from the line had newlines in it."""
+    long = tmp_path / ("d" * 120) / ("e" * 120 + ".json")
+    ConfigCache(long).put(make_key(), CONFIG, ms=0.4, default_ms=0.5)
+    out = tmp_path / ("o" * 150 + ".json")
+    args = [{"OUT": out, "SRC": cache.path}.get(a, a) for a in command.split()]
+    r = CliRunner().invoke(app, ["cache", *map(str, args), "--cache", str(long)],
+                           env={"COLUMNS": "80", ENV_VAR: None})
+    assert r.exit_code == 0, r.output
+    assert str(out if command.startswith("export") else long) in r.stdout.splitlines()[0]

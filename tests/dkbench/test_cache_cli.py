@@ -144,7 +144,8 @@ def test_show_fits_80_columns_with_every_key_field(app: typer.Typer, cache: Conf
                        density_bucket=1.0), CONFIG, ms=0.2, default_ms=0.3)
     r = invoke(app, "show", "--cache", str(cache.path), env={"COLUMNS": "80"})
     assert r.exit_code == 0, r.output
-    too_long = [line for line in r.stdout.splitlines() if len(line) > 80]
+    # The first line names the cache file, whole (a path is not folded): the tables must fit.
+    too_long = [line for line in r.stdout.splitlines()[1:] if len(line) > 80]
     assert not too_long, "\n".join(too_long)
     words = r.stdout.split()
     for field in ("NVIDIA H100 80GB HBM3, cc 9.0, triton 3.6.0",
