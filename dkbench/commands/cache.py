@@ -71,8 +71,13 @@ def _cli_errors() -> Iterator[None]:
 def _store(cache: Path | None) -> ConfigCache:
     """The cache at ``cache`` (else $DKBENCH_CACHE, else the platform's), refused when it names
     what can never be a cache file: lookups would only warn and read it as empty."""
-    store = ConfigCache(cache)
     allowed = "allowed: a regular file, or a path where one can be made"
+    try:
+        store = ConfigCache(cache)
+    except RuntimeError:  # expanduser() of ~name where no user is called name
+        given = cache if cache is not None else os.environ.get(ENV_VAR)
+        raise fail(CacheError(f"cannot use the config cache {given}: its ~ names no user "
+                              f"here; {allowed}")) from None
     try:
         mode = os.stat(store.path).st_mode
     except FileNotFoundError:

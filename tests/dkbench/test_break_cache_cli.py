@@ -372,3 +372,17 @@ def test_a_long_path_in_a_summary_line_stays_whole(cache: ConfigCache, tmp_path:
                            env={"COLUMNS": "80", ENV_VAR: None})
     assert r.exit_code == 0, r.output
     assert str(out if command.startswith("export") else long) in r.stdout.splitlines()[0]
+
+
+@pytest.mark.parametrize("command", ["show", "path", "clear -y", "export OUT", "import SRC"])
+@pytest.mark.parametrize("through", ["flag", "environment"])
+def test_a_cache_path_of_a_user_that_does_not_exist_is_refused(
+        app: typer.Typer, cache: ConfigCache, tmp_path: Path, command: str, through: str) -> None:
+    """Was: a RuntimeError traceback ("Could not determine home directory"), exit 1."""
+    given = "~no-such-user-dkbench/configs.json"
+    args = [{"OUT": tmp_path / "out.json", "SRC": cache.path}.get(a, a) for a in command.split()]
+    flag = ["--cache", given] if through == "flag" else []
+    r = CliRunner().invoke(app, ["cache", *map(str, args), *flag],
+                           env={"COLUMNS": "250", ENV_VAR: given})
+    assert_refused(r, f"cannot use the config cache {given}: its ~ names no user here")
+    assert not (tmp_path / "out.json").exists()
