@@ -68,7 +68,7 @@ def _cli_errors() -> Iterator[None]:
         yield
 
 
-def _store(cache: Path | None) -> ConfigCache:
+def cache_store(cache: Path | None) -> ConfigCache:
     """The cache at ``cache`` (else $DKBENCH_CACHE, else the platform's), refused when it names
     what can never be a cache file: lookups would only warn and read it as empty."""
     allowed = "allowed: a regular file, or a path where one can be made"
@@ -185,7 +185,7 @@ def show(cache: CacheOption = None) -> None:
     """Show every cached config with its timing against the default config, one table per
     machine (GPU, compute capability, triton version)."""
     with _cli_errors():
-        store = _store(cache)
+        store = cache_store(cache)
         rows = cache_rows(store.entries())
     if not rows:
         _say(f"no entries in {store.path}")
@@ -202,7 +202,7 @@ def show(cache: CacheOption = None) -> None:
 def path(cache: CacheOption = None) -> None:
     """Print the cache file in use (it need not exist yet)."""
     # Plain echo, not rich: scripts read this line and it must never wrap.
-    typer.echo(str(_store(cache).path))
+    typer.echo(str(cache_store(cache).path))
 
 
 @cache_app.command()
@@ -213,7 +213,7 @@ def clear(
 ) -> None:
     """Remove every entry from the cache."""
     with _cli_errors():
-        store = _store(cache)
+        store = cache_store(cache)
         n = len(store.entries())
     if n == 0:
         _say(f"no entries in {store.path}")
@@ -235,7 +235,7 @@ def export_(
     """Write the cache's entries to FILE, in the cache format (FILE is replaced whole; it may
     not be the cache itself or its lock file)."""
     with _cli_errors():
-        n = _store(cache).export(file)
+        n = cache_store(cache).export(file)
     _say(f"exported {_entries(n)} to {file}")
 
 
@@ -252,7 +252,7 @@ def import_(
     """Merge the entries of FILE into the cache, saying how many were new, replaced a cached
     entry, were cached already as they are, or were kept as cached (--keep-existing)."""
     with _cli_errors():
-        store = _store(cache)
+        store = cache_store(cache)
         _check_usable(file)
         counts = store.merge(file, overwrite=overwrite)
     _say(f"imported {_entries(counts.written)} into {store.path}{_import_summary(counts)}")

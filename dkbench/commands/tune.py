@@ -33,7 +33,7 @@ from ..tune.screen import (
     screens,
 )
 from ..tune.space import CPU_SPACE, GPU_SPACES, TUNED
-from .cache import show_cache_warnings
+from .cache import cache_store, show_cache_warnings
 from .errors import err_console, fail
 
 console = Console()
@@ -189,6 +189,7 @@ def tune(
             sweep = sweep_from_flags(dev, mode or "fwd", **shape)
             spec_text = yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False)
         check_tunable(sweep, str(spec) if spec is not None else "shape flags")
+        cache_store(cache)  # a cache path that can never be one is refused before any work
         ignored = _ignored_finalists(finalists, no_screen, sweep, spec)
         _check_interpreter(dev)
         modes = resolve_modes(sweep, mode)

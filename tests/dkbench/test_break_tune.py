@@ -323,6 +323,16 @@ def test_tune_refuses_a_fifo_cache_before_timing(tmp_path: Path, nothing_timed,
             f"{fifo} is not a regular file")
 
 
+def test_tune_refuses_a_cache_path_of_a_user_that_does_not_exist(tmp_path: Path,
+                                                                  nothing_timed) -> None:
+    # Was: a RuntimeError traceback from expanduser ("Could not determine home directory").
+    given = "~no-such-user-dkbench/configs.json"
+    refused(invoke_tune(write_spec(tmp_path), "--device", "cpu", "--block-m", "16,32",
+                        "--cache", given, "--out", tmp_path / "out"),
+            f"cannot use the config cache {given}: its ~ names no user here")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("command", ["export", "import"])
 def test_write_errors_name_the_file_and_the_reason(tmp_path: Path, command: str) -> None:
     blocker = tmp_path / "blocker"
