@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import sys
+from typing import Any
 
 from .errors import INTERRUPTED
 
@@ -14,6 +15,45 @@ def stop_on_sigterm_as_on_ctrl_c() -> None:
     so far kept, the way to finish them printed, exit 130. Left alone where someone set it."""
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+def repeated_flag(command: Any, argv: list[str]) -> str | None:
+    """Why ``argv`` (the words after ``command``'s name) gives an option of one value twice with
+    different values, or None: the parser would keep the last and drop the others in silence."""
+    by_name = {name: param for param in command.params if getattr(param, "opts", None)
+               for name in (*param.opts, *param.secondary_opts) if name.startswith("-")}
+    seen: dict[str, tuple[str, str]] = {}  # option -> (as first given, its value)
+    words = iter(argv)
+    for word in words:
+        if word == "--":
+            break
+        name, eq, value = word.partition("=")
+        param = by_name.get(name)
+        if param is None or param.multiple or getattr(param, "count", False):
+            continue
+        if param.is_flag:  # -q and --quiet say the same; --x and --no-x do not
+            value = "off" if name in param.secondary_opts else "on"
+            shown = word
+        else:
+            value = value if eq else next(words, "")
+            shown = f"{name} {value!r}"
+        first, before = seen.setdefault(param.name, (shown, value))
+        if before != value:
+            return (f"{first} and {shown}: {param.opts[0]} takes one value, and only the "
+                    "last would count; give it once")
+    return None
+
+
+def _refuse_repeated_flags(app: Any, argv: list[str]) -> None:
+    import typer.main
+
+    from .commands.errors import fail
+    from .errors import BadInputError
+
+    command = getattr(typer.main.get_command(app), "commands", {}).get(argv[0] if argv else "")
+    reason = repeated_flag(command, argv[1:]) if command is not None else None
+    if reason is not None:
+        raise SystemExit(fail(BadInputError(reason)).exit_code)
 
 
 def main() -> None:
@@ -26,4 +66,5 @@ def main() -> None:
     except KeyboardInterrupt:
         print(INTERRUPTED, file=sys.stderr)
         raise SystemExit(130) from None
+    _refuse_repeated_flags(app, sys.argv[1:])
     app()

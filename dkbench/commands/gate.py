@@ -24,6 +24,7 @@ from ..gate.compare import (
 from ..gate.render import TABLE_HEADER, table_rows, to_markdown
 from ..results.schema import META_FILE
 from .errors import fail
+from .run import path_flag
 
 _STYLES = {FAILED: "bold red", REGRESSION: "bold red", IMPROVED: "green", SKIPPED: "yellow"}
 
@@ -65,9 +66,12 @@ def _render(result: GateResult, console: Console) -> None:
 
 def gate(
     current: Annotated[Path, typer.Argument(
+        parser=path_flag("CURRENT", "a run directory or results CSV ('.' for this one)"),
         help="Run directory (holding results.csv) or results CSV to check.")],
     baseline: Annotated[Path, typer.Option(
-        "--baseline", "-b", help="Run directory or results CSV to compare against.")],
+        "--baseline", "-b",
+        parser=path_flag("--baseline", "a run directory or results CSV ('.' for this one)"),
+        help="Run directory or results CSV to compare against.")],
     metric: Annotated[str, typer.Option(
         help="speedup (vs a provider of the same run; higher is better), tflops (higher is "
              "better) or ms (lower is better).")] = "speedup",
@@ -82,6 +86,7 @@ def gate(
     fail_on_missing: Annotated[bool, typer.Option(
         "--fail-on-missing", help="Fail when a row is present on one side only.")] = False,
     markdown: Annotated[Optional[Path], typer.Option(
+        parser=path_flag("--markdown", "the file to write the Markdown to"),
         help="Also write the table as Markdown to this file (for a CI comment).",
         show_default=False)] = None,
 ) -> None:
@@ -129,6 +134,9 @@ def _check_markdown(path: Path, inputs: tuple[Path, Path]) -> None:
     the table has been printed), or that names a file of the runs being gated."""
     if path.is_dir():
         raise BadInputError(f"--markdown {path}: is a directory; give the file to write")
+    if path.exists() and not path.is_file():  # a fifo would block the write with no reader
+        raise BadInputError(f"--markdown {path}: is not a regular file (a fifo, socket or "
+                            "device); give the file to write")
     for given in inputs:
         csv_path = results_csv(given)
         # Writing the table there would replace the run's rows (or its meta.json) with Markdown.

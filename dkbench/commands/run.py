@@ -7,7 +7,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import torch
 import typer
@@ -53,6 +53,16 @@ LOCK_FILE = ".dkbench.lock"
 console = Console()
 
 
+def path_flag(flag: str, allowed: str) -> Callable[[str], Path]:
+    """A parser of a path flag or argument refusing an empty value (an unset variable in
+    `--out "$DIR"`): Path("") is ".", which would name the current directory in silence."""
+    def parse(text: str) -> Path:
+        if not text:
+            raise fail(BadInputError(f"{flag} '': names no path; allowed: {allowed}"))
+        return Path(text)
+    return parse
+
+
 def default_spec(device: torch.device) -> Path:
     name = "phi3.yaml" if device.type == "cuda" else "smoke.yaml"
     for folder in (Path("sweeps"), SWEEPS_DIR, INSTALLED_SWEEPS_DIR):
@@ -64,9 +74,12 @@ def default_spec(device: torch.device) -> Path:
 
 def run(
     spec: Annotated[Optional[Path], typer.Argument(
+        parser=path_flag("SPEC", "a spec file (YAML), or no SPEC for the default"),
         help="Sweep spec (YAML). Default: sweeps/phi3.yaml on a GPU, sweeps/smoke.yaml on a CPU.",
         show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option(
+        parser=path_flag("--out", "the directory that receives the run directory (default: "
+                                  "results; '.' for this one)"),
         help="Directory that receives the run directory. Default: results. With --resume, the "
              "run writes into the directory it finishes.", show_default=False)] = None,
     device: Annotated[str, typer.Option(help="auto, cuda or cpu (cpu runs Triton's interpreter).")] = "auto",
@@ -76,6 +89,7 @@ def run(
         help="Keep cases where KEY=VALUE (repeatable; VALUE may be a comma list).",
         show_default=False)] = None,
     resume: Annotated[Optional[Path], typer.Option(
+        parser=path_flag("--resume", "the run directory to finish ('.' for this one)"),
         help="Finish an interrupted run directory instead of starting a new one. Without SPEC it "
              "runs the spec recorded in the run's meta.json (and its --providers, --only and "
              "--shard unless given); a SPEC that differs from the recorded one is refused.",

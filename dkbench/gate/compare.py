@@ -171,6 +171,8 @@ def parse_tolerance(text: str) -> float:
     body = text.strip()
     body = body[:-1].strip() if body.endswith("%") else body
     try:
+        if "_" in body:  # float() reads "5_0" (a slip for 5.0) as 50
+            raise ValueError(body)
         value = float(body)
     except ValueError:
         raise BadInputError(
@@ -434,6 +436,7 @@ def run_gate(current: Path, baseline: Path, *, metric: str = "speedup",
     if against is not None and not against.strip():  # else the rows' baseline, in silence
         raise BadInputError(f"--against {against!r}: names no provider; give the provider the "
                             "speedup is measured against, or leave it out for the rows' baseline")
+    against = against.strip() if against is not None else None  # as --providers' names are
     if against is not None and metric != "speedup":
         raise BadInputError(f"--against {against}: applies to --metric speedup only "
                             f"(--metric {metric} is not measured against a provider); leave it "
