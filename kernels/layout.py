@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 
 MIN_BLOCK_SIZE = 16
+# The largest vert_stride local_stride_layout takes: its stripes' int64 sums stay below 2**63.
+MAX_VERT_STRIDE = 2**62
 
 
 class KVCacheUnfriendlyWarning(UserWarning):
@@ -373,17 +375,22 @@ def local_stride_layout(num_heads: int, max_seq_len: int, block_size: int, local
     if homo_head and num_dense_heads:
         raise ValueError("num_dense_heads needs heterogeneous heads (homo_head=False)")
     step = max(1, vert_stride // num_heads) if head_sliding_step is None else head_sliding_step
+    if vert_stride > MAX_VERT_STRIDE:
+        raise ValueError(f"vert_stride must be at most 2**62 blocks, got {vert_stride}")
 
     blocks = math.ceil(max_seq_len / block_size)
     i = torch.arange(blocks)[:, None]
     j = torch.arange(blocks)[None, :]
-    h = torch.arange(pattern_heads)[:, None, None]
+    # Each head's shift modulo vert_stride, in Python ints: the same stripes as h * step +
+    # offset, whose int64 product a large step or offset would overflow (a wrong pattern).
+    shift = torch.tensor([(hh * step + head_sliding_offset) % vert_stride
+                          for hh in range(pattern_heads)])[:, None, None]
     if causal:
         local = (i >= j) & (i - j < local_blocks)
-        vertical = ((j + h * step + head_sliding_offset) % vert_stride == 0) & (i >= j)
+        vertical = ((j + shift) % vert_stride == 0) & (i >= j)
     else:
         local = (i - j).abs() < local_blocks
-        vertical = (i - j + h * step + head_sliding_offset) % vert_stride == 0
+        vertical = (i - j + shift) % vert_stride == 0
     pattern = local[None] | vertical
     if num_dense_heads:
         full = torch.ones(blocks, blocks, dtype=torch.bool)

@@ -240,3 +240,22 @@ def test_index_forms_refuse_a_pattern_that_is_not_3d(name):
     with pytest.raises(ValueError, match=r"pattern must be 3-D \(heads, q_blocks, k_blocks\), "
                                          r"got shape \(4, 4\)"):
         getattr(kernels.layout, name)(_tril()[0])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("kw", [dict(head_sliding_step=2**62 + 1),
+                                dict(head_sliding_offset=2**63 - 1),
+                                dict(head_sliding_step=10**30, head_sliding_offset=-10**30)])
+def test_local_stride_layout_stripes_of_huge_steps_and_offsets(kw, causal):
+    # Was: h * step + offset overflowed int64 (a wrong pattern, silently) or raised an
+    # OverflowError; the stripes only depend on them modulo vert_stride.
+    reduced = {name: value % 3 for name, value in kw.items()}
+    got = local_stride_layout(4, 128, 16, 1, 3, causal=causal, **kw).pattern
+    assert torch.equal(got, local_stride_layout(4, 128, 16, 1, 3, causal=causal,
+                                                **reduced).pattern)
+
+
+def test_local_stride_layout_refuses_a_vert_stride_past_int64():
+    # Was: OverflowError from torch ("int too big to convert").
+    with pytest.raises(ValueError, match=r"vert_stride must be at most 2\*\*62 blocks"):
+        local_stride_layout(2, 64, 16, 2, 10**30)
