@@ -17,6 +17,7 @@ from .bwd_fused import sparse_attention_bwd_fused
 from .checks import (
     check_batch,
     check_config_type,
+    check_flag,
     check_heads,
     check_scale,
     check_seq_dim,
@@ -154,6 +155,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
     if isinstance(sm_scale, torch.Tensor):
         sm_scale = sm_scale.detach()  # no gradient to give it (and none asked: checked above)
     _check_inputs(q, k, v, layout, seq_dim, sm_scale)
+    check_flag("return_lse", return_lse)
     for name, given in (("config", config), ("bwd_config", bwd_config), ("dq_config", dq_config)):
         check_config_type(name, given)
     layout = layout.to(q.device)

@@ -23,6 +23,7 @@ def check_tensors(names: tuple[str, str, str], tensors: tuple, rank: int, shape_
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != rank:
             raise ValueError(f"{name} must be {rank}-D {shape_hint}, got shape {tuple(t.shape)}")
+        check_strided(name, t)
         if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32")
     q, k, v = tensors
@@ -36,6 +37,20 @@ def check_tensors(names: tuple[str, str, str], tensors: tuple, rank: int, shape_
                          "TRITON_INTERPRET=1 set before triton is imported to run on the CPU")
     if q.device.type not in ("cpu", "cuda"):
         raise ValueError(f"unsupported device {q.device}")
+
+
+def check_strided(name: str, t: torch.Tensor) -> None:
+    """A dense tensor: the kernels (and quantize_fp8's reductions) read strided storage, which a
+    sparse or mkldnn tensor has none of."""
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got {t.layout}; call "
+                        ".to_dense() first")
+
+
+def check_flag(name: str, value: bool) -> None:
+    """A Python bool: a truthy 1 or "no" would silently pick a form (a tuple for return_lse)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
 
 
 def check_heads(heads: int, kv_heads: int, dim: int, layout: BlockLayout) -> None:

@@ -51,6 +51,8 @@ def choose_impl(kernel: str, impl: str, device: torch.device, dtype: torch.dtype
     with ``dtype``; with ``call`` (the launch's ``(q, k, v, layout)``, and dO after them for
     the backward's kernels) and ``tma`` (whether tensor-memory copies may be used), for that
     call's shapes and strides too."""
+    if not isinstance(kernel, str) or kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; the kernels are {', '.join(KERNELS)}")
     record = KERNELS[kernel]
     fallback = record.impls[0]
     if impl not in record.impls:

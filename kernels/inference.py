@@ -166,8 +166,27 @@ def varlen_sequences(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     q_lens = [b - a for a, b in itertools.pairwise(cq)]
     k_lens = [b - a for a, b in itertools.pairwise(ck)]
     _check_lengths(q_lens, k_lens)
-    device = cu_seqlens_q.device if device is None else torch.device(device)
+    device = cu_seqlens_q.device if device is None else _table_device(device)
     return sequence_table([0] * len(q_lens), cq[:-1], q_lens, ck[:-1], k_lens, device)
+
+
+def _table_device(device: torch.device | str | int) -> torch.device:
+    """varlen_sequences' ``device`` (where q, k and v must live) as torch names it, refused
+    here when torch would fail on it with its own words (a RuntimeError, an AssertionError)."""
+    if not isinstance(device, (torch.device, str)) and not is_int(device):
+        raise TypeError(f"device must be a torch.device, a str, an int or None, got "
+                        f"{type(device).__name__} {device!r}")
+    if is_int(device):
+        if device < 0:
+            raise ValueError(f"device must be a CUDA device index >= 0, got {device}")
+        device = torch.device("cuda", int(device))
+    try:
+        device = torch.device(device)
+    except RuntimeError as exc:  # torch refuses a bad device string with a RuntimeError
+        raise ValueError(f"device {device!r} is not a device torch knows ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} is not available: torch.cuda.is_available() is False")
+    return device
 
 
 @outside_compile
@@ -493,13 +512,13 @@ def _check_block_table(block_table: torch.Tensor, q: torch.Tensor,
 def _max_cache_len(max_cache_len: int | None, capacity: int, paged: bool) -> int:
     if max_cache_len is None:
         return capacity
-    if not isinstance(max_cache_len, int) or isinstance(max_cache_len, bool):
-        raise TypeError(f"max_cache_len must be a Python int, got {type(max_cache_len).__name__}")
+    if not is_int(max_cache_len):
+        raise TypeError(f"max_cache_len must be an int, got {type(max_cache_len).__name__}")
     if not 1 <= max_cache_len <= capacity:
         what = "max_pages * page_size" if paged else "max_len"
         raise ValueError(f"max_cache_len must be in [1, {capacity}] (the caches' capacity, "
                          f"{what}), got {max_cache_len}")
-    return max_cache_len
+    return int(max_cache_len)
 
 
 def _check_pages(block_table: torch.Tensor, lens: list[int], page_size: int,

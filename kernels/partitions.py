@@ -24,18 +24,19 @@ from .checks import (
     check_same_shape,
     check_scale,
     check_seq_dim,
+    check_strided,
     check_tensors,
 )
 from .configs import LaunchConfig, check_config
 from .fwd import sparse_attention_fwd
-from .layout import BlockLayout
+from .layout import BlockLayout, is_int
 from .outside_compile import outside_compile
 
 _SHAPES = "(batch, seq, heads, dim) with seq_dim=1 or (batch, heads, seq, dim) with seq_dim=2"
 
 
 def _check_position(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
+    if not is_int(value):  # numpy ints pass, as for every other count (stored as ints)
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
@@ -97,6 +98,7 @@ def sparse_attention_partition(q: torch.Tensor, k_seg: torch.Tensor, v_seg: torc
     gradients.
     """
     _check_partition(q, k_seg, v_seg, layout, q_start, k_start, sm_scale, seq_dim)
+    q_start, k_start = int(q_start), int(k_start)
     check_config_type("config", config)
     if config is not None and config.impl != "triton":
         raise ValueError(f"config {config.short()}: partitions run the Triton forward kernel; give "
@@ -123,6 +125,7 @@ def _check_parts(outs, lses, seq_dim: int) -> None:
         for i, t in enumerate(parts):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+            check_strided(f"{name}[{i}]", t)
     if len(outs) != len(lses):
         raise ValueError(f"outs and lses must have one entry per segment, got {len(outs)} and "
                          f"{len(lses)}")
@@ -142,6 +145,17 @@ def _check_parts(outs, lses, seq_dim: int) -> None:
                                 f"dtype ({first.dtype}, outs[0]'s) and the lses be float")
             if t.device != first.device:
                 raise ValueError(f"{name}[{i}] is on {t.device}, outs[0] on {first.device}")
+            if name == "lses" and t.device.type == "cpu":
+                _check_lse_values(i, t)
+
+
+def _check_lse_values(i: int, lse: torch.Tensor) -> None:
+    """No log-sum-exp is NaN or +inf (-inf is a row that saw no key): either would make every
+    merged row NaN. Checked on the host only, where reading the values costs no sync."""
+    bad = lse.isnan() | lse.isposinf()
+    if bool(bad.any()):
+        raise ValueError(f"lses[{i}] holds {lse[bad].flatten()[0].item()}; a log-sum-exp is "
+                         "finite, or -inf for a row that saw no key of the segment")
 
 
 def combine_attn_partitions(outs: list[torch.Tensor] | tuple[torch.Tensor, ...],

@@ -18,8 +18,9 @@ from typing import NamedTuple
 import torch
 
 from . import fp8 as _fp8
-from .checks import check_scale, check_seq_dim
+from .checks import check_flag, check_scale, check_seq_dim, check_strided
 from .common import qk_scale
+from .layout import check_device
 from .outside_compile import outside_compile
 
 E4M3 = torch.float8_e4m3fn
@@ -89,6 +90,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, granularity: str,
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D, got shape {tuple(t.shape)}")
+        check_strided(name, t)
+        check_device(name, t)
         if t.dtype not in _SOURCE_DTYPES:
             raise TypeError(f"{name} has dtype {t.dtype}; quantize_fp8 takes float16, bfloat16 "
                             "or float32")
@@ -102,6 +105,11 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, granularity: str,
     check_seq_dim(seq_dim)
     if k.shape != v.shape:
         raise ValueError(f"k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    head_axis = 3 - seq_dim
+    if (q.shape[0], q.shape[3]) != (k.shape[0], k.shape[3]) or q.shape[head_axis] % k.shape[
+            head_axis]:
+        raise ValueError(f"q and k must share batch and head_dim, and k's heads divide q's "
+                         f"(seq_dim={seq_dim}), got shapes {tuple(q.shape)} and {tuple(k.shape)}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, "
                          f"{v.device}")
@@ -129,12 +137,26 @@ def quantize_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, granularity:
     return Fp8Inputs(q8, k8, v_t, q_descale, k_descale, v_descale)
 
 
+def _check_deq_values(name: str, descale: torch.Tensor, device: torch.device) -> None:
+    """What the fp8 kernel refuses in a descale: another device, a dtype that is not a float
+    one it converts, and (where reading it costs no sync) a value not finite and positive."""
+    if descale.device != device:
+        raise ValueError(f"x.{name}_descale is on {descale.device}, x.{name} on {device}")
+    if descale.dtype not in _DESCALE_DTYPES:
+        raise TypeError(f"x.{name}_descale has dtype {descale.dtype}; descales are float32 "
+                        "(float16, bfloat16 and float64 are converted)")
+    if descale.device.type == "cpu" and not bool((torch.isfinite(descale) & (descale > 0)).all()):
+        bad = descale[~(torch.isfinite(descale) & (descale > 0))].flatten()[0].item()
+        raise ValueError(f"x.{name}_descale must be finite and positive, got {bad}")
+
+
 def _deq_descale(name: str, descale: object, batch: int, heads: int, head_axis: int,
-                seq_dim: int) -> torch.Tensor:
+                 seq_dim: int, device: torch.device) -> torch.Tensor:
     """A descale of ``x`` as float32 broadcast over its tensor: ``(1,)``, ``(heads,)`` or
     ``(batch, heads)``, what :func:`kernels.sparse_attention_fp8` takes."""
     if not isinstance(descale, torch.Tensor):
         raise TypeError(f"x.{name}_descale must be a torch.Tensor, got {type(descale).__name__}")
+    _check_deq_values(name, descale, device)
     if descale.dim() <= 1 and descale.numel() not in (1, heads):
         raise ValueError(f"x.{name} has {heads} heads on axis {head_axis} (seq_dim={seq_dim}) "
                          f"but {descale.numel()} descales: give the seq_dim it was quantized "
@@ -168,7 +190,8 @@ def dequantize_fp8(x: Fp8Inputs, seq_dim: int = 1) -> tuple[torch.Tensor, torch.
             raise ValueError(f"x.{name} must be 4-D, got shape {tuple(t.shape)}")
     for name, t8, descale in (("q", x.q, x.q_descale), ("k", x.k, x.k_descale)):
         # The likeliest slip first: a seq_dim other than the one it was quantized with.
-        _deq_descale(name, descale, t8.shape[0], t8.shape[head_axis], head_axis, seq_dim)
+        _deq_descale(name, descale, t8.shape[0], t8.shape[head_axis], head_axis, seq_dim,
+                     t8.device)
     k_bhsd = x.k.transpose(1, 2) if seq_dim == 1 else x.k
     want = (k_bhsd.shape[0], k_bhsd.shape[1], k_bhsd.shape[3], k_bhsd.shape[2])
     if tuple(x.v_t.shape) != want:
@@ -178,17 +201,21 @@ def dequantize_fp8(x: Fp8Inputs, seq_dim: int = 1) -> tuple[torch.Tensor, torch.
     out = []
     for name, t8, descale in (("q", x.q, x.q_descale), ("k", x.k, x.k_descale),
                               ("v", v8, x.v_descale)):
-        d = _deq_descale(name, descale, t8.shape[0], t8.shape[head_axis], head_axis, seq_dim)
+        d = _deq_descale(name, descale, t8.shape[0], t8.shape[head_axis], head_axis, seq_dim,
+                         t8.device)
         out.append(t8.to(torch.float32) * d)
     return tuple(out)
 
 
 def _checked_descale(name: str, d: object) -> None:
     """What :func:`kernels.fp8._expand_descale` leaves to chance: an fp8 or other odd float
-    dtype (its checks then fail inside torch)."""
+    dtype (its checks then fail inside torch), and a gradient asked of it (silently none)."""
     if isinstance(d, torch.Tensor) and d.is_floating_point() and d.dtype not in _DESCALE_DTYPES:
         raise TypeError(f"{name} has dtype {d.dtype}; descales are float32 (float16, bfloat16 "
                         "and float64 are converted)")
+    if isinstance(d, torch.Tensor) and d.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{name} requires grad, but the fp8 forward is not differentiable and "
+                         f"gives it no gradient; pass {name}.detach()")
 
 
 def _check_score_range(q: torch.Tensor, q_descale, k_descale, sm_scale) -> None:
@@ -223,6 +250,7 @@ def sparse_attention_fp8(q, k, v_t, layout, q_descale=None, k_descale=None, v_de
                          out_dtype=torch.bfloat16):
     # The checks kernels/fp8.py lacks (that module is hashed into the config-cache keys, so they
     # live here), then the kernel's own checks and launch.
+    check_flag("return_lse", return_lse)
     for name, d in (("q_descale", q_descale), ("k_descale", k_descale),
                     ("v_descale", v_descale)):
         _checked_descale(name, d)

@@ -18,7 +18,7 @@ import triton
 
 from . import config_cache
 from .configs import LaunchConfig, config_problems, default_config
-from .layout import BlockLayout
+from .layout import BlockLayout, is_int
 from .registry import KERNELS
 
 SHIPPED_DIR = Path(__file__).parent / "tuned"
@@ -61,8 +61,24 @@ def kernel_hash(kernel: str) -> str:
     return config_cache.source_hash(*(sys.modules[module] for module in modules))
 
 
+def _check_kernel(kernel: str) -> None:
+    if not isinstance(kernel, str) or kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; the kernels are {', '.join(KERNELS)}")
+
+
+def _check_layout_call(layout: BlockLayout, seq_k: int) -> None:
+    """A layout and a key length a lookup can read (no keys would divide by zero)."""
+    if not isinstance(layout, BlockLayout):
+        raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
+    if not is_int(seq_k):
+        raise TypeError(f"seq_k must be an int, got {type(seq_k).__name__} {seq_k!r}")
+    if seq_k < 1:
+        raise ValueError(f"seq_k must be >= 1, got {seq_k}")
+
+
 def block_density(layout: BlockLayout, seq_k: int) -> float:
     """Share of the (causal) blocks kept for ``seq_k`` keys: the cheap density used for bucketing."""
+    _check_layout_call(layout, seq_k)
     def build() -> float:
         nb = triton.cdiv(seq_k, layout.block_size)
         kept = int(layout.pattern[:, :nb, :nb].sum())
@@ -86,6 +102,7 @@ def device_identity(device: torch.device) -> tuple[str, str]:
 
 def cache_key(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: int,
               block_size: int, seq_k: int, density: float) -> config_cache.CacheKey:
+    _check_kernel(kernel)
     gpu, capability = device_identity(device)
     return config_cache.CacheKey(
         gpu=gpu, capability=capability, triton=triton.__version__, kernel=kernel,
@@ -101,6 +118,11 @@ def resolve_config(kernel: str, q: torch.Tensor, layout: BlockLayout, seq_k: int
     """The config to launch ``kernel`` (a name of :data:`kernels.KERNELS`) with and where it came
     from: ``cache``, ``shipped``, ``shipped:<gpu>`` (another GPU of this architecture) or
     ``default``. ``q`` carries the device, dtype and head_dim (its last dimension)."""
+    _check_kernel(kernel)
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"q must be a torch.Tensor (its device, dtype and head_dim are looked "
+                        f"up), got {type(q).__name__}")
+    _check_layout_call(layout, seq_k)
     calls = _by_layout.setdefault(layout, {})
     call = (kernel, q.device, q.dtype, q.shape[-1], seq_k, density, cache_path)
     if call not in calls:

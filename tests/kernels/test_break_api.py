@@ -364,3 +364,99 @@ def test_partition_refuses_bad_arguments_before_launch(kwargs, error, words) -> 
     q = torch.randn(1, 64, 2, 16)
     with pytest.raises(error, match=re.escape(words)):
         sparse_attention_partition(q, q, q, _layout(), 0, 0, **kwargs)
+
+
+# -- flags, storage, numpy ints, devices and lookups ------------------------------------------
+
+
+@pytest.mark.usefixtures("no_launch", "no_fp8_or_partition_launch")
+@pytest.mark.parametrize("flag", [1, "yes", None])
+def test_return_lse_must_be_a_bool(flag) -> None:
+    # Was: any truthy value returned (out, lse), and None or 0 just out, with no word said.
+    q, k, v = _qkv()
+    module = SparseAttention(16, torch.ones(4, 4, dtype=torch.bool).tril())
+    q8, k8, v_t, layout = _fp8_inputs()
+    for call in (lambda: sparse_attention(q, k, v, _layout(), return_lse=flag),
+                 lambda: module(q, k, v, return_lse=flag),
+                 lambda: kernels.sparse_attention_fp8(q8, k8, v_t, layout, return_lse=flag)):
+        with pytest.raises(TypeError, match="return_lse must be a bool"):
+            call()
+
+
+@pytest.mark.usefixtures("no_launch")
+def test_sparse_tensors_are_refused_naming_the_argument() -> None:
+    # Was: NotImplementedError from inside the interpreter (sparse_attention), torch's amax
+    # (quantize_fp8) or addcmul_ (combine_attn_partitions).
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match="k must be a dense .strided. tensor"):
+        sparse_attention(q, k.to_sparse(), v, _layout())
+    with pytest.raises(TypeError, match="q must be a dense .strided. tensor"):
+        quantize_fp8(q.to_sparse(), k, v)
+    out, lse = torch.randn(1, 64, 2, 16), torch.randn(1, 2, 64)
+    with pytest.raises(TypeError, match=re.escape("outs[0] must be a dense (strided) tensor")):
+        kernels.combine_attn_partitions([out.to_sparse()], [lse])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_combine_refuses_nan_and_infinite_lses(bad: float) -> None:
+    # Was: every merged row came out NaN.
+    out, lse = torch.randn(1, 64, 2, 16), torch.randn(1, 2, 64)
+    lse_bad = lse.clone()
+    lse_bad[0, 1, 3] = bad
+    with pytest.raises(ValueError, match=re.escape(f"lses[1] holds {bad}")):
+        kernels.combine_attn_partitions([out, out], [lse, lse_bad])
+    lse_bad[0, 1, 3] = float("-inf")  # a row that saw no key of the segment
+    kernels.combine_attn_partitions([out, out], [lse, lse_bad])
+
+
+def test_numpy_ints_are_taken_for_positions_and_the_cache_length() -> None:
+    # Was: "q_start must be an int, got int64", "max_cache_len must be a Python int".
+    np = pytest.importorskip("numpy")
+    from kernels.partitions import sparse_attention_partition
+
+    q, k, v = _qkv()
+    got = sparse_attention_partition(q, k[:, 16:], v[:, 16:], _layout(), np.int64(0),
+                                     np.int64(16))
+    want = sparse_attention_partition(q, k[:, 16:], v[:, 16:], _layout(), 0, 16)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    qd, kc, vc = torch.randn(2, 2, 16), torch.randn(2, 64, 2, 16), torch.randn(2, 64, 2, 16)
+    lens = torch.tensor([20, 48], dtype=torch.int32)
+    torch.testing.assert_close(
+        sparse_attention_decode(qd, kc, vc, lens, _layout(), max_cache_len=np.int64(48)),
+        sparse_attention_decode(qd, kc, vc, lens, _layout(), max_cache_len=48), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device,error,match", [
+    pytest.param("cuda:0", ValueError, "device cuda:0 is not available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here")),
+    ("nonsense", ValueError, "device 'nonsense' is not a device torch knows"),
+    (3.5, TypeError, "device must be a torch.device, a str, an int or None, got float"),
+    (-1, ValueError, "device must be a CUDA device index >= 0, got -1"),
+])
+def test_varlen_sequences_refuses_what_is_no_device_here(device, error, match):
+    # Was: torch's own errors (a RuntimeError, a TypeError naming no argument, an
+    # AssertionError "Torch not compiled with CUDA enabled").
+    cu = torch.tensor([0, 16, 48])
+    with pytest.raises(error, match=re.escape(match)):
+        varlen_sequences(cu, cu, device=device)
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda q: kernels.block_density(_layout(), 0), ValueError, "seq_k must be >= 1, got 0"),
+    (lambda q: kernels.block_density(None, 64), TypeError, "layout must be a BlockLayout"),
+    (lambda q: kernels.block_density(_layout(), 64.0), TypeError, "seq_k must be an int"),
+    (lambda q: kernels.resolve_config("fwd", q, _layout(), 0), ValueError, "seq_k must be >= 1"),
+    (lambda q: kernels.resolve_config("fwd", [q], _layout(), 64), TypeError,
+     "q must be a torch.Tensor"),
+    (lambda q: kernels.resolve_config("fwd", q, None, 64), TypeError,
+     "layout must be a BlockLayout, got NoneType"),
+    (lambda q: kernels.cache_key("nope", q.device, q.dtype, 16, 16, 64, 0.5), ValueError,
+     "unknown kernel 'nope'"),
+    (lambda q: kernels.choose_impl("nope", "triton", q.device, q.dtype), ValueError,
+     "unknown kernel 'nope'"),
+])
+def test_the_lookups_refuse_bad_arguments(call, error, match) -> None:
+    # Was: ZeroDivisionError (no keys), AttributeError, KeyError, a weakref TypeError.
+    with pytest.raises(error, match=re.escape(match)):
+        call(torch.randn(1, 2, 64, 16))

@@ -4,6 +4,8 @@ interpreter); kernel launches are blocked where a call must be refused before on
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -130,3 +132,42 @@ def test_an_invalid_gluon_config_is_refused_with_every_reason(no_launch) -> None
                                          r"num_warps=8.*sparse block size.*head_dim 64 or 128"):
         sparse_attention_fp8(x.q, x.k, x.v_t, _layout(seq=64), x.q_descale, x.k_descale,
                              x.v_descale, config=kernels.LaunchConfig(64, 32, 8, 2, "gluon"))
+
+
+def test_quantize_refuses_what_no_fp8_call_could_take() -> None:
+    # Was: a RuntimeError from .item() on the meta device; q and k of other batches or head
+    # dims were quantised, to be refused only by the attention.
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="q is on meta; it must be on the CPU or a CUDA"):
+        quantize_fp8(q.to("meta"), k.to("meta"), v.to("meta"))
+    for k2 in (torch.randn(2, 32, 2, 16), torch.randn(1, 32, 2, 32), torch.randn(1, 32, 3, 16)):
+        with pytest.raises(ValueError, match="q and k must share batch and head_dim"):
+            quantize_fp8(q, k2, k2.clone())
+
+
+@pytest.mark.parametrize("descale,error,match", [
+    (torch.tensor([-0.5, 1.0]), ValueError, "x.q_descale must be finite and positive, got -0.5"),
+    (torch.tensor([float("nan"), 1.0]), ValueError, "must be finite and positive, got nan"),
+    (torch.ones(2, dtype=torch.bool), TypeError, "x.q_descale has dtype torch.bool"),
+    (torch.ones(2, dtype=torch.int64), TypeError, "x.q_descale has dtype torch.int64"),
+    (torch.ones(2, dtype=torch.complex64), TypeError, "x.q_descale has dtype torch.complex64"),
+    (torch.ones(2).to(torch.float8_e4m3fn), TypeError, "dtype torch.float8_e4m3fn"),
+    (torch.ones(2, device="meta"), ValueError, "x.q_descale is on meta, x.q on cpu"),
+])
+def test_dequantize_refuses_the_descales_the_kernel_refuses(descale, error, match) -> None:
+    # Was: dequantised with them (negative, NaN, True-as-1 or complex values out) or, on
+    # another device, a RuntimeError from inside torch.
+    x = quantize_fp8(*_qkv())
+    with pytest.raises(error, match=re.escape(match)):
+        dequantize_fp8(x._replace(q_descale=descale))
+
+
+def test_a_descale_that_requires_grad_is_refused(no_launch) -> None:
+    # Was: the output carried no gradient to it, silently (and a warning from .item()).
+    x = quantize_fp8(*_qkv())
+    with pytest.raises(ValueError, match="k_descale requires grad"):
+        sparse_attention_fp8(x.q, x.k, x.v_t, _layout(), x.q_descale,
+                             x.k_descale.clone().requires_grad_(), x.v_descale)
+    with torch.no_grad(), pytest.raises(AssertionError, match="launched"):  # past the checks
+        sparse_attention_fp8(x.q, x.k, x.v_t, _layout(), x.q_descale,
+                             x.k_descale.clone().requires_grad_(), x.v_descale)
