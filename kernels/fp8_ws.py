@@ -20,6 +20,8 @@ What differs from the 16-bit kernel, and why:
   product takes it, four keys into one register (:func:`_to_e4m3`). Carried as e4m3, each byte
   was a value of its own at the loop's edge and was unpacked and packed again every step (about
   200 instructions a thread a step, 665 in all; now 457): 1.12-1.16x faster on the H200.
+- one exp2 of p in every ``EXP2_PACK`` runs on the FMA pipe (a cubic, :func:`_mixed_exp2_asm`),
+  the rest on the exp2 unit: in fp8 that unit has as much to do a step as the tensor cores.
 - each step's ``p v`` accumulates into the output tile in the tensor cores, as the 16-bit
   kernel's does, though Hopper's fp8 products add with about 14 mantissa bits (why the Triton
   kernel starts each from zero, :mod:`kernels.fp8`). On the H200 at phi-3's shapes the output
@@ -40,7 +42,7 @@ import triton.language as tl
 
 from . import buffers
 from .common import LN2, qk_scale, tile_plan, tma_compatible
-from .fp8_softmax import P_SHIFT, _online_softmax_p8
+from .fp8_softmax import P_SHIFT
 from .fwd_ws import BLOCK_M, BOX_N, GLUON, MAX_REGS, _sm_count, work_items
 from .layout import BlockLayout
 
@@ -71,6 +73,41 @@ if GLUON:
 STAGE_CHOICES = (2, 3, 4)
 BOX_CHOICES = (1, 2)  # 64-key boxes a step (block_n 64 or 128)
 BOX = tl.constexpr(BOX_N)  # keys a tensor-memory copy of k or vᵀ holds
+
+# p's exp2s: one in every EXP2_PACK on the FMA pipe, the rest on the exp2 unit (MUFU), which in
+# fp8 is as busy as the tensor cores (kernels/PERF.md, session 9). On the FMA pipe: the integer
+# part of x (clamped at -125, where p is 0 in e4m3 anyway) by the 1.5 * 2**23 rounding trick, a
+# cubic fitted to 2**f on [-1/2, 1/2] (relative error 1.3e-4, against e4m3's 2**-4), and the
+# integer added into the exponent bits.
+EXP2_PACK = 16
+_POLY_EXP2 = """{
+    .reg .f32 t, j, f, p;
+    .reg .b32 ti, pi;
+    max.ftz.f32 t, %(x)s, 0fC2FA0000;
+    add.rn.f32 j, t, 0f4B400000;
+    sub.rn.f32 f, j, 0f4B400000;
+    sub.rn.f32 f, t, f;
+    fma.rn.f32 p, f, 0f3D6175D7, 0f3E781BDD;
+    fma.rn.f32 p, p, f, 0f3F317922;
+    fma.rn.f32 p, p, f, 0f3F7FFCB9;
+    mov.b32 ti, j;
+    shl.b32 ti, ti, 23;
+    mov.b32 pi, p;
+    add.s32 pi, pi, ti;
+    mov.b32 %(y)s, pi;
+    }"""
+
+
+def _mixed_exp2_asm(pack: int) -> tuple[str, str]:
+    """The inline assembly (and its constraints) of ``pack`` exp2s, the last on the FMA pipe."""
+    lines = [f"ex2.approx.ftz.f32 ${i}, ${pack + i};" for i in range(pack - 1)]
+    lines.append(_POLY_EXP2 % {"x": f"${2 * pack - 1}", "y": f"${pack - 1}"})
+    return "\n".join(lines), ",".join(["=f"] * pack + ["f"] * pack)
+
+
+_EXP2_ASM = tl.constexpr(_mixed_exp2_asm(EXP2_PACK)[0])
+_EXP2_CONSTRAINTS = tl.constexpr(_mixed_exp2_asm(EXP2_PACK)[1])
+_EXP2_PACK = tl.constexpr(EXP2_PACK)
 
 if GLUON:
     @gluon.jit
@@ -153,6 +190,12 @@ if GLUON:
             "=r,f,f,f,f", [p], dtype=gl.float8e4nv, is_pure=True, pack=4)
 
     @gluon.jit
+    def _exp2_p(x):
+        """exp2 of the scores' tile, EXP2_PACK at a time (see _mixed_exp2_asm)."""
+        return gl.inline_asm_elementwise(_EXP2_ASM, _EXP2_CONSTRAINTS, [x], dtype=gl.float32,
+                                         is_pure=True, pack=_EXP2_PACK)
+
+    @gluon.jit
     def _softmax_step(qk, m_i, l_i, j, first_box, n_boxes, full_boxes, KvBlock, RowBits,
                       offs_m_abs, tile_first_block, row_end, seq_k, scale,
                       TILE_N: gl.constexpr, BLOCK_SIZE: gl.constexpr, SUB_BLOCKS: gl.constexpr,
@@ -165,7 +208,11 @@ if GLUON:
                               tile_first_block, row_end, seq_k, TILE_N, BOX, BLOCK_SIZE,
                               SUB_BLOCKS, IS_CAUSAL, s_layout)
             qk = gl.where(keep, qk, float("-inf"))
-        p, alpha, m_new, l_i = _online_softmax_p8(qk, m_i, l_i, scale)
+        # _online_softmax_p8's arithmetic, with p's exp2s partly on the FMA pipe.
+        m_new = gl.maximum(m_i, gl.max(qk, 1) * scale)
+        p = _exp2_p(qk * scale - gl.expand_dims(m_new - P_SHIFT, 1))
+        alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha + gl.sum(p, 1)
         return _as_pv_operand(p, p_layout), m_new, l_i, alpha
 
     @gluon.jit
