@@ -50,8 +50,11 @@ def _refuse_repeated_flags(app: Any, argv: list[str]) -> None:
     from .commands.errors import fail
     from .errors import BadInputError
 
-    command = getattr(typer.main.get_command(app), "commands", {}).get(argv[0] if argv else "")
-    reason = repeated_flag(command, argv[1:]) if command is not None else None
+    # Down to the command the words name: `cache show` is the command show of the group cache.
+    command: Any = typer.main.get_command(app)
+    while argv and argv[0] in getattr(command, "commands", {}):
+        command, argv = command.commands[argv[0]], argv[1:]
+    reason = None if hasattr(command, "commands") else repeated_flag(command, argv)
     if reason is not None:
         raise SystemExit(fail(BadInputError(reason)).exit_code)
 

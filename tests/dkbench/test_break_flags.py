@@ -93,6 +93,9 @@ def _main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args:
     ("run", ["--compile-ahead", "--no-compile-ahead"], "--compile-ahead and --no-compile-ahead"),
     ("gate", ["cur", "-b", "x", "--baseline", "y"], "-b 'x' and --baseline 'y'"),
     ("env", ["--device", "cpu", "--device", "auto"], "--device 'cpu' and --device 'auto'"),
+    # A command of a group: the check goes down to it.
+    ("cache", ["show", "--cache", "a.json", "--cache", "b.json"],
+     "--cache 'a.json' and --cache 'b.json'"),
 ])
 def test_a_flag_of_one_value_given_twice_is_refused(monkeypatch: pytest.MonkeyPatch,
                                                     capsys: pytest.CaptureFixture, command: str,
