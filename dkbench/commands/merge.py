@@ -12,15 +12,17 @@ from rich.markup import escape
 from ..errors import BadInputError, DkbenchError
 from ..results.schema import RESULTS_FILE
 from .errors import fail
+from .run import path_flag
 
 
 def merge(
     run_dirs: Annotated[list[Path], typer.Argument(
-        metavar="RUN_DIR",
+        metavar="RUN_DIR", parser=path_flag("RUN_DIR", "a run directory ('.' for this one)"),
         help="Run directories to combine (e.g. one per shard), in order: with --force the last "
              "one's row wins a duplicate.", show_default=False)],
-    out: Annotated[Path, typer.Option(help="New run directory that receives the merged run.",
-                                      show_default=False)],
+    out: Annotated[Path, typer.Option(
+        parser=path_flag("--out", "a new directory for the merged run"),
+        help="New run directory that receives the merged run.", show_default=False)],
     force: Annotated[bool, typer.Option(
         "--force", help="Merge runs of different specs or environments, keep the last of "
                         "duplicate rows, and overwrite --out.")] = False,
@@ -42,9 +44,10 @@ def merge(
 
 
 def _check_out_apart(run_dirs: list[Path], out: Path) -> None:
-    """Refuse an --out inside a RUN_DIR, or the folder that holds one: the merged run would sit in
-    a shard's run directory (deleted with it, listed as its sub-run), or turn the folder of runs
-    around a shard into a run as well, which gate, plot and --resume then read as that run."""
+    """Refuse an --out inside a RUN_DIR, or a folder that holds one (at any depth): the merged run
+    would sit in a shard's run directory (deleted with it, listed as its sub-run), or turn the
+    folder of runs around a shard into a run as well, which gate, plot and --resume then read as
+    that run."""
     target = out.resolve()
     # Only real runs: a RUN_DIR that is none is refused by merge_runs, with the reason.
     for run_dir in (d for d in run_dirs if (d / RESULTS_FILE).is_file()):
@@ -52,6 +55,6 @@ def _check_out_apart(run_dirs: list[Path], out: Path) -> None:
         if source in target.parents:
             raise BadInputError(f"--out {out}: is inside the RUN_DIR {run_dir}; give a new "
                                 "directory outside every RUN_DIR")
-        if source.parent == target:
+        if target in source.parents:
             raise BadInputError(f"--out {out}: holds the RUN_DIR {run_dir}; give a new "
                                 "directory outside every RUN_DIR")

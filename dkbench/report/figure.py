@@ -69,8 +69,18 @@ def save_figures(figures: Sequence[NamedFigure], out_dir: Path,
         for nf in figures:
             for fmt in formats:
                 path = out_dir / f"{nf.name}.{fmt}"
-                nf.figure.savefig(path, dpi=110)
+                _save_whole(nf.figure, path, fmt)
                 written.append(path)
     except OSError as err:
         raise BadInputError(f"{out_dir}: cannot write figures ({err.strerror or err})") from None
     return written
+
+
+def _save_whole(figure: Figure, path: Path, fmt: str) -> None:
+    """Save beside ``path``, then rename over it: a crash leaves the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        figure.savefig(tmp, dpi=110, format=fmt)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

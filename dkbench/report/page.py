@@ -15,8 +15,8 @@ from urllib.parse import quote
 import pandas as pd
 
 from ..errors import BadInputError
-from ..results.runs import INTERPRETER_NOTE, Run, TuneDir, load_sources
-from ..results.schema import KEY_COLUMNS, check_out_dir
+from ..results.runs import INTERPRETER_NOTE, TUNE_FILE, Run, TuneDir, load_sources
+from ..results.schema import KEY_COLUMNS, META_FILE, RESULTS_FILE, check_out_dir
 from .density import OURS, density_facets
 from .digits import distinct_digits
 from .markdown import Md, code, escape, table
@@ -346,24 +346,35 @@ def write_report(path: Path, out: Path | None = None) -> Path:
         check_out_dir(target.parent, given=out)
         if target.is_dir():
             raise BadInputError(f"--out {out}: {target} is a directory")
+        if target.exists() and not target.is_file():  # a fifo would block the write forever
+            raise BadInputError(f"--out {out}: is not a regular file (a fifo, socket or "
+                                "device); give the Markdown file to write")
     runs, tunes = load_sources(path)
     _check_not_an_input(target, out, [s.path for s in (*runs, *tunes)])
     skipped: list[SkippedFigure] = []
     figures = build_figures(runs, tunes=tunes, skipped=skipped)
     written = save_figures(figures, target.parent, ("png",))
     links = [(nf.title, file) for nf, file in zip(figures, written)]
+    text = render_report(runs, links, target.parent, tunes, skipped)
+    tmp = target.with_name(f".{target.name}.tmp")
     try:
-        target.write_text(render_report(runs, links, target.parent, tunes, skipped),
-                          encoding="utf-8")
+        # Beside it, then renamed over it: a crash leaves the old report or the new one, whole.
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(target)
     except OSError as err:
         raise BadInputError(f"{target}: cannot write the report ({err})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return target
 
 
 def _check_not_an_input(target: Path, out: Path | None, sources: Sequence[Path]) -> None:
     """Refuse an --out that names a file of a run or tune directory being reported (its
     results.csv, meta.json, tune.csv, a log): the Markdown would replace what it reports on."""
-    if not target.is_file() or target.suffix.lower() == ".md":
+    # Its readers' files are refused even where absent: a report saved as a run's tune.csv
+    # would make the run unreadable.
+    owned = target.name in (RESULTS_FILE, META_FILE, TUNE_FILE)
+    if not (owned or target.is_file()) or target.suffix.lower() == ".md":
         return
     folder = target.resolve().parent
     if any(folder == Path(source).resolve() for source in sources):

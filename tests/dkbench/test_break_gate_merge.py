@@ -88,7 +88,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return dirs
 
 
-@pytest.mark.parametrize("where", ["inside", "parent"])
+@pytest.mark.parametrize("where", ["inside", "parent", "grandparent"])
 def test_merge_out_inside_or_around_an_input_is_refused(shards: list[Path], tmp_path: Path,
                                                         where: str) -> None:
     # A merged run written into a shard's run directory (or into the folder around it, making it
@@ -96,6 +96,7 @@ def test_merge_out_inside_or_around_an_input_is_refused(shards: list[Path], tmp_
     # --resume; the output must be a directory of its own.
     first = tmp_path / "out" / "first"
     shutil.copytree(shards[0], first)
-    out = first / "merged" if where == "inside" else first.parent
+    out = {"inside": first / "merged", "parent": first.parent,
+           "grandparent": first.parent.parent}[where]  # was merged into, around the shards
     refused(invoke("merge", first, shards[1], "--out", out), f"--out {out}:", str(first))
     assert not (out / RESULTS_FILE).exists()
