@@ -372,11 +372,11 @@ def _check_not_an_input(target: Path, out: Path | None, sources: Sequence[Path])
     """Refuse an --out that names a file of a run or tune directory being reported (its
     results.csv, meta.json, tune.csv, a log): the Markdown would replace what it reports on."""
     # Its readers' files are refused even where absent: a report saved as a run's tune.csv
-    # would make the run unreadable.
-    owned = target.name in (RESULTS_FILE, META_FILE, TUNE_FILE)
-    if not (owned or target.is_file()) or target.suffix.lower() == ".md":
+    # would make the run unreadable. Resolved: a link named x.md may point at a results.csv.
+    real = target.resolve()
+    owned = real.name in (RESULTS_FILE, META_FILE, TUNE_FILE)
+    if not (owned or real.is_file()) or real.suffix.lower() == ".md":
         return
-    folder = target.resolve().parent
-    if any(folder == Path(source).resolve() for source in sources):
-        raise BadInputError(f"--out {out}: is {target.resolve()}, a file of a directory being "
+    if any(real.parent == Path(source).resolve() for source in sources):
+        raise BadInputError(f"--out {out}: is {real}, a file of a directory being "
                             "reported; give a new file (or a .md file) for the report")

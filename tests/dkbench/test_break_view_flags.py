@@ -87,3 +87,12 @@ def test_a_figure_stopped_while_saved_leaves_the_old_one(tmp_path: Path,
         save_figures([NamedFigure("f", "f", Figure())], tmp_path)
     assert (tmp_path / "f.png").read_bytes() == b"old figure"
     assert [p.name for p in tmp_path.iterdir()] == ["f.png"]
+
+
+def test_report_out_a_link_to_a_file_of_the_run_is_refused(tmp_path: Path) -> None:
+    # Was: a .md link to the run's results.csv passed the check and the Markdown replaced the rows.
+    run, link = a_run(tmp_path / "run"), tmp_path / "notes.md"
+    link.symlink_to(run / "results.csv")
+    before = (run / "results.csv").read_bytes()
+    refused(invoke("report", run, "--out", link), "a file of a directory being reported")
+    assert (run / "results.csv").read_bytes() == before and link.is_symlink()
