@@ -382,7 +382,9 @@ def _check_workers_device(gpus: str, cuda: bool, asked: str) -> None:
                             f"the spec's device) is {asked}")
 
 
-def validate(spec: Annotated[Path, typer.Argument(help="Sweep spec (YAML) to check.")]) -> None:
+def validate(spec: Annotated[Path, typer.Argument(
+        help="Sweep spec (YAML) to check.",
+        parser=path_flag("SPEC", "a spec file (YAML)"))]) -> None:
     """Check a spec and print how many cases it expands to."""
     try:
         sweep = load_spec(spec)

@@ -35,6 +35,11 @@ def test_run_out_empty_is_refused_not_the_current_directory(
     assert not list(here.iterdir())
 
 
+def test_validate_of_an_empty_path_is_refused_naming_it() -> None:
+    # Was: ".: is a directory", naming a path the user never gave.
+    refused(invoke("validate", ""), "SPEC '': names no path; allowed: a spec file (YAML)")
+
+
 @pytest.mark.parametrize("empty", ["current", "--baseline", "--markdown"])
 def test_gate_empty_path_is_refused_naming_it(runs: tuple[Path, Path], empty: str) -> None:
     cur, base = runs
