@@ -10,7 +10,7 @@ import hashlib
 import itertools
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Optional, Sequence, Union
+from typing import Annotated, Any, Literal, NoReturn, Optional, Sequence, Union
 
 from pydantic import (
     BaseModel,
@@ -466,7 +466,7 @@ _ONLY_INT_KEYS = ("batch", "seqlen", "q_len", "heads", "kv_heads", "head_dim", "
                   "page_size")
 
 
-def _only_values(key: str, value: str) -> list[str]:
+def _only_values(item: str, key: str, value: str) -> list[str]:
     """The values one ``--only KEY=VALUE`` names, spelt as `Case.field` prints them (lowercase)."""
     # Pattern labels hold commas inside parentheses: split only on the others.
     values = [v.strip().lower() for v in re.split(r",(?![^()]*\))", value)]
@@ -475,14 +475,28 @@ def _only_values(key: str, value: str) -> list[str]:
     if key in _ONLY_INT_KEYS:
         spelt = []
         for v in values:
-            match = re.fullmatch(r"(\d+)\s*(k?)", v)
+            # [0-9], not \d: a full-width or other Unicode digit is no integer the spec can hold.
+            match = re.fullmatch(r"([0-9]+)\s*(k?)", v)
             if match:
                 v = str(int(match[1]) * (1024 if match[2] else 1))
             elif key == "page_size" and v in ("null", "none"):
                 v = "0"  # a contiguous cache, as the spec writes it
+            else:
+                _malformed(item, key, value, _int_form(key))
             spelt.append(v)
         values = spelt
+    elif "" in values or (key != "pattern" and "=" in value):  # a file pattern's name may hold =
+        _malformed(item, key, value, "a value, or a comma list of values")
     return values
+
+
+def _int_form(key: str) -> str:
+    null = ", or null (a contiguous cache)" if key == "page_size" else ""
+    return f"integers such as 64 or 8k (8192), comma-separated{null}"
+
+
+def _malformed(item: str, key: str, value: str, form: str) -> NoReturn:
+    raise SpecError(f"--only {item!r}: malformed value {value!r} for {key}; expected {form}")
 
 
 def parse_only(only: list[str]) -> dict[str, tuple[list[str], list[str]]]:
@@ -499,7 +513,7 @@ def parse_only(only: list[str]) -> dict[str, tuple[list[str], list[str]]]:
                             f"{', '.join(k for k in CASE_KEYS if k != 'provider')}")
         items, values = groups.setdefault(key, ([], []))
         items.append(item)
-        values.extend(_only_values(key, value))
+        values.extend(_only_values(item, key, value))
     return groups
 
 
