@@ -35,6 +35,7 @@ from ..tune.screen import (
 from ..tune.space import CPU_SPACE, GPU_SPACES, TUNED
 from .cache import cache_store, show_cache_warnings
 from .errors import err_console, fail
+from .run import path_flag
 
 console = Console()
 
@@ -73,6 +74,7 @@ def _list_option(axis: str, example: str):
 
 def tune(
     spec: Annotated[Optional[Path], typer.Argument(
+        parser=path_flag("SPEC", "a spec file (YAML), or no SPEC for one shape from the flags"),
         help="Sweep spec (YAML) to tune. Without it, one shape from the flags.",
         show_default=False)] = None,
     block_m: Annotated[Optional[str], _list_option("BLOCK_M", "32,64,128")] = None,
@@ -89,8 +91,9 @@ def tune(
     device: Annotated[str, typer.Option(
         help="auto, cuda or cpu (Triton's interpreter).")] = "auto",
     cache: Annotated[Optional[Path], typer.Option(
+        parser=path_flag("--cache", "the cache file to write"),
         help="Cache file to write. Default: $DKBENCH_CACHE, else the platform cache dir.",
-        dir_okay=False, show_default=False)] = None,
+        show_default=False)] = None,
     top: Annotated[int, typer.Option(
         min=1, metavar="N", help="Candidates shown per case and kernel.")] = 5,
     no_screen: Annotated[bool, typer.Option(
@@ -103,6 +106,8 @@ def tune(
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="List candidates and pruned configs (with why); run nothing.")] = False,
     out: Annotated[Path, typer.Option(
+        parser=path_flag("--out", "the directory that receives tune-NAME-TIME/ ('.' for this "
+                                  "one)"),
         help="Directory that receives tune-NAME-TIME/.")] = Path("results"),
     seqlen: Annotated[Optional[int], _shape_option("seqlen", "Sequence length")] = None,
     heads: Annotated[Optional[int], _shape_option("heads", "Query heads")] = None,

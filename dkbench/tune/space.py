@@ -8,6 +8,7 @@ reason, so `--dry-run` can show both lists without compiling anything.
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -75,20 +76,20 @@ class Space:
 
 def parse_int_list(text: str, flag: str) -> tuple[int, ...]:
     """``"32,64,128"`` -> ``(32, 64, 128)``; BadInputError naming the flag on anything else."""
+    if not text.replace(",", "").strip():
+        raise BadInputError(f"{flag} {text!r}: expected at least one integer")
     values = []
     for part in text.split(","):
         part = part.strip()
-        if not part:
-            continue
-        try:
-            value = int(part)
-        except ValueError:
-            raise BadInputError(f"{flag} {text!r}: expected comma-separated integers") from None
+        # [0-9], not int()'s leniency: "1_6" or a full-width "１６" is no value a user means.
+        if not re.fullmatch(r"-?[0-9]+", part):
+            what = f"{part!r} is not an integer" if part else "an empty item between commas"
+            raise BadInputError(f"{flag} {text!r}: {what}; expected comma-separated integers "
+                                "(e.g. 32,64)")
+        value = int(part)
         if value < 1:
             raise BadInputError(f"{flag} {text!r}: values must be positive, got {value}")
         values.append(value)
-    if not values:
-        raise BadInputError(f"{flag} {text!r}: expected at least one integer")
     return tuple(dict.fromkeys(values))
 
 
@@ -119,11 +120,12 @@ def parse_axis(axis: str, text: str) -> tuple[int, ...]:
 
 def parse_impl_list(text: str, flag: str = "--impl") -> tuple[str, ...]:
     """``"triton,gluon"`` -> ``("triton", "gluon")``; BadInputError naming the allowed values."""
-    values = tuple(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
-    bad = [v for v in values if v not in IMPLS]
-    if bad or not values:
-        raise BadInputError(f"{flag} {text!r}: allowed values are {', '.join(IMPLS)}")
-    return values
+    parts = [p.strip() for p in text.split(",")]
+    if "" in parts or any(p not in IMPLS for p in parts):
+        empty = "an empty item between commas; " if "" in parts and text.strip(", ") else ""
+        raise BadInputError(f"{flag} {text!r}: {empty}allowed values are {', '.join(IMPLS)}, "
+                            "comma-separated")
+    return tuple(dict.fromkeys(parts))
 
 
 def default_space(kernel: str, device: torch.device, block_size: int) -> dict[str, tuple]:
