@@ -6,6 +6,7 @@ import errno
 import functools
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import typer
@@ -22,6 +23,16 @@ def fail(exc: DkbenchError) -> typer.Exit:
     err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False,
                       soft_wrap=True)
     return typer.Exit(code=exc.exit_code)
+
+
+def path_flag(flag: str, allowed: str) -> Callable[[str], Path]:
+    """A parser of a path flag or argument refusing an empty value (an unset variable in
+    `--out "$DIR"`): Path("") is ".", which would name the current directory in silence."""
+    def parse(text: str) -> Path:
+        if not text:
+            raise fail(BadInputError(f"{flag} '': names no path; allowed: {allowed}"))
+        return Path(text)
+    return parse
 
 
 def plain_warnings() -> None:

@@ -23,8 +23,7 @@ from ..gate.compare import (
 )
 from ..gate.render import TABLE_HEADER, table_rows, to_markdown
 from ..results.schema import META_FILE
-from .errors import fail
-from .run import path_flag
+from .errors import fail, path_flag
 
 _STYLES = {FAILED: "bold red", REGRESSION: "bold red", IMPROVED: "green", SKIPPED: "yellow"}
 

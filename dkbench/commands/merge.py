@@ -11,8 +11,7 @@ from rich.markup import escape
 
 from ..errors import BadInputError, DkbenchError
 from ..results.schema import RESULTS_FILE
-from .errors import fail
-from .run import path_flag
+from .errors import fail, path_flag
 
 
 def merge(

@@ -7,8 +7,7 @@ import typer
 from rich.console import Console
 
 from ..errors import DkbenchError
-from .errors import fail
-from .run import path_flag
+from .errors import fail, path_flag
 
 _PATH_HELP = ("A run directory (results.csv + meta.json, maybe tune.csv), a tune directory "
               "(tune.csv + meta.json, from `dkbench tune`), or a directory of them to compare.")

@@ -7,7 +7,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated, Optional
 
 import torch
 import typer
@@ -29,7 +29,7 @@ from ..spec.sweep import (
     row_provider,
 )
 from .env import check_device_flag
-from .errors import err_console, fail
+from .errors import err_console, fail, path_flag
 from .progress import progress_bar
 from .resumed import (
     check_resume_out,
@@ -51,16 +51,6 @@ DEFAULT_OUT = Path("results")
 LOCK_FILE = ".dkbench.lock"
 
 console = Console()
-
-
-def path_flag(flag: str, allowed: str) -> Callable[[str], Path]:
-    """A parser of a path flag or argument refusing an empty value (an unset variable in
-    `--out "$DIR"`): Path("") is ".", which would name the current directory in silence."""
-    def parse(text: str) -> Path:
-        if not text:
-            raise fail(BadInputError(f"{flag} '': names no path; allowed: {allowed}"))
-        return Path(text)
-    return parse
 
 
 def default_spec(device: torch.device) -> Path:

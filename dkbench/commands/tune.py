@@ -34,8 +34,7 @@ from ..tune.screen import (
 )
 from ..tune.space import CPU_SPACE, GPU_SPACES, TUNED
 from .cache import cache_store, show_cache_warnings
-from .errors import err_console, fail
-from .run import path_flag
+from .errors import err_console, fail, path_flag
 
 console = Console()
 
