@@ -69,7 +69,13 @@ def find_run_dirs(path: Path) -> list[Path]:
                             f"holding {RESULTS_FILE} or a directory of run directories")
     if (path / RESULTS_FILE).is_file():
         return [path]
-    runs = sorted(p for p in path.iterdir() if (p / RESULTS_FILE).is_file())
+    runs = [p for p in path.iterdir() if (p / RESULTS_FILE).is_file()]
+    # A link beside the run it names (a "latest" link) is that run, not a second one: the folder
+    # itself is kept.
+    unique: dict[Path, Path] = {}
+    for run in sorted(runs, key=lambda p: (p.is_symlink(), p.name)):
+        unique.setdefault(run.resolve(), run)
+    runs = sorted(unique.values())
     if not runs:
         raise BadInputError(f"{path}: no {RESULTS_FILE} in it or in its subdirectories")
     return runs

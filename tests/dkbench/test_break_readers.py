@@ -81,3 +81,15 @@ def test_a_row_given_twice_is_refused(tmp_path: Path) -> None:
     for args in _commands(run_dir, tmp_path):
         _refused(invoke(*args), f"{run_dir / 'results.csv'}: rows 1, {count} are one case and "
                  f"provider (case_id {case_id}", "allowed: one row each")
+
+
+def test_a_link_beside_the_run_it_names_is_one_run(tmp_path: Path) -> None:
+    from dkbench.results.runs import find_run_dirs
+
+    run_dir = single_run(tmp_path)  # tmp_path/ls
+    (tmp_path / "latest").symlink_to(run_dir.name)
+    (tmp_path / "z-other").symlink_to(run_dir.name)
+    # Was: three runs, the same one drawn and tabled three times.
+    assert find_run_dirs(tmp_path) == [run_dir]
+    result = invoke("report", tmp_path, "--out", tmp_path / "report.md")
+    assert result.exit_code == 0, result.output
