@@ -16,6 +16,7 @@ from .config_cache import (
                         ConfigCacheWarning,
                         default_cache_path,
                         load_shipped,
+                        read_entries,
 )
 from .configs import (
                         WARP_COUNTS,
@@ -125,6 +126,7 @@ __all__ = [
     "local_stride_layout",
     "quantize_fp8",
     "random_layout",
+    "read_entries",
     "reference_attention",
     "resolve_config",
     "resolve_fp8_config",

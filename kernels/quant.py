@@ -145,9 +145,12 @@ def _check_deq_values(name: str, descale: torch.Tensor, device: torch.device) ->
     if descale.dtype not in _DESCALE_DTYPES:
         raise TypeError(f"x.{name}_descale has dtype {descale.dtype}; descales are float32 "
                         "(float16, bfloat16 and float64 are converted)")
-    if descale.device.type == "cpu" and not bool((torch.isfinite(descale) & (descale > 0)).all()):
-        bad = descale[~(torch.isfinite(descale) & (descale > 0))].flatten()[0].item()
-        raise ValueError(f"x.{name}_descale must be finite and positive, got {bad}")
+    if descale.device.type != "cpu":
+        return
+    ok = torch.isfinite(descale) & (descale > 0)
+    if not bool(ok.all()):
+        raise ValueError(f"x.{name}_descale must be finite and positive, got "
+                         f"{descale[~ok].flatten()[0].item()}")
 
 
 def _deq_descale(name: str, descale: object, batch: int, heads: int, head_axis: int,

@@ -6,7 +6,6 @@ import errno
 import math
 import os
 import stat
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from itertools import groupby
@@ -19,7 +18,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from kernels import ENV_VAR, KERNELS, ConfigCache, LaunchConfig, config_problems
+from kernels import (
+    ENV_VAR,
+    KERNELS,
+    ConfigCache,
+    LaunchConfig,
+    config_problems,
+    read_entries,
+)
 
 from ..errors import CacheError
 from ..tune.cache import CacheRow, cache_errors, cache_rows, cache_warnings
@@ -102,12 +108,9 @@ def cache_store(cache: Path | None) -> ConfigCache:
 def _check_usable(src: Path) -> None:
     """Refuse an import file with an entry that no launch would use, which a lookup skips without
     a word: of a kernel this version does not have, or with a config its kernel cannot run. The
-    file is read as an import reads it, into a scratch cache: a bad one raises as the import
-    would, and is never set aside as a lookup would."""
-    with tempfile.TemporaryDirectory() as scratch:
-        probe = ConfigCache(Path(scratch) / "probe.json")
-        probe.merge(src)
-        entries = probe.entries()
+    file is read by the reader the import uses: a bad one raises as the import would (a missing
+    one is left to the import to name)."""
+    _, entries = read_entries(src)
     for name, entry in entries.items():
         key = entry["key"]
         if key["kernel"] not in KERNELS:
