@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,18 +70,21 @@ def save_figures(figures: Sequence[NamedFigure], out_dir: Path,
         for nf in figures:
             for fmt in formats:
                 path = out_dir / f"{nf.name}.{fmt}"
-                _save_whole(nf.figure, path, fmt)
+                with written_whole(path) as tmp:
+                    nf.figure.savefig(tmp, dpi=110, format=fmt)
                 written.append(path)
     except OSError as err:
         raise BadInputError(f"{out_dir}: cannot write figures ({err.strerror or err})") from None
     return written
 
 
-def _save_whole(figure: Figure, path: Path, fmt: str) -> None:
-    """Save beside ``path``, then rename over it: a crash leaves the old file or the new one."""
+@contextmanager
+def written_whole(path: Path) -> Iterator[Path]:
+    """A file beside ``path`` for the block to write; renamed over ``path`` when the block ends
+    well, removed when it does not: a crash leaves the old file or the new one, whole."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        figure.savefig(tmp, dpi=110, format=fmt)
+        yield tmp
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)

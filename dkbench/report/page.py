@@ -19,6 +19,7 @@ from ..results.runs import INTERPRETER_NOTE, TUNE_FILE, Run, TuneDir, load_sourc
 from ..results.schema import KEY_COLUMNS, META_FILE, RESULTS_FILE, check_out_dir
 from .density import OURS, density_facets
 from .digits import distinct_digits
+from .figure import written_whole
 from .markdown import Md, code, escape, table
 from .plots import SkippedFigure, build_figures, output_root, save_figures
 from .tune_plots import KERNEL_ORDER, winner
@@ -356,15 +357,11 @@ def write_report(path: Path, out: Path | None = None) -> Path:
     written = save_figures(figures, target.parent, ("png",))
     links = [(nf.title, file) for nf, file in zip(figures, written)]
     text = render_report(runs, links, target.parent, tunes, skipped)
-    tmp = target.with_name(f".{target.name}.tmp")
     try:
-        # Beside it, then renamed over it: a crash leaves the old report or the new one, whole.
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(target)
+        with written_whole(target) as tmp:
+            tmp.write_text(text, encoding="utf-8")
     except OSError as err:
         raise BadInputError(f"{target}: cannot write the report ({err})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return target
 
 
