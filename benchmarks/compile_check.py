@@ -279,6 +279,20 @@ def forward_fp8_gluon() -> None:
     _forward_fp8(gluon=True)
 
 
+def backward_fp8() -> None:
+    """The fp8 backward's pre-pass, dq and dk/dv kernels at their Hopper defaults."""
+    from kernels import fp8, fp8_bwd
+
+    e4m3 = fp8.FP8_DTYPE
+    q, k = _bhsd(HEADS, e4m3), _bhsd(KV_HEADS, e4m3)
+    v_t = torch.randn(BATCH, KV_HEADS, DIM, SEQ).to(e4m3)
+    descales = (torch.ones(BATCH, HEADS), torch.ones(BATCH, KV_HEADS),
+                torch.ones(BATCH, KV_HEADS))
+    _, _, _, out, do, lse, _ = _backward_inputs()
+    fp8_bwd.sparse_attention_fp8_bwd_views(do, q, k, v_t, out, lse, _layout(), descales, 0.088,
+                                           fp8_bwd.fp8_bwd_default_configs(CUDA, DIM))
+
+
 def decode() -> None:
     from kernels import decode as dec
 
@@ -312,6 +326,7 @@ FAMILIES: dict[str, Callable[[], None]] = {
     "bwd (fused)": backward_fused,
     "fwd (fp8)": forward_fp8,
     "fwd (fp8, gluon)": forward_fp8_gluon,
+    "bwd (fp8)": backward_fp8,
     "decode": decode,
     "varlen": varlen,
 }

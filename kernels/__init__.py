@@ -38,6 +38,8 @@ from .fp8 import (
                         fp8_triton_default,
                         resolve_fp8_config,
 )
+from .fp8_bwd import Fp8BwdConfigs, fp8_bwd_config_problems, fp8_bwd_default_configs
+from .fp8_train import sparse_attention_fp8_bwd, sparse_attention_fp8_trainable
 from .inference import (
                         decode_workspace,
                         group_plan,
@@ -76,6 +78,7 @@ __all__ = [
     "CONFIG_FIELDS",
     "ENV_VAR",
     "FP8_DTYPE",
+    "Fp8BwdConfigs",
     "GLUON_FP8_DEFAULT",
     "IMPLS",
     "KERNELS",
@@ -113,6 +116,8 @@ __all__ = [
     "dense_layout",
     "density_bucket",
     "dequantize_fp8",
+    "fp8_bwd_config_problems",
+    "fp8_bwd_default_configs",
     "fp8_config_problems",
     "fp8_default_config",
     "fp8_gluon_unavailable",
@@ -136,6 +141,8 @@ __all__ = [
     "sparse_attention",
     "sparse_attention_decode",
     "sparse_attention_fp8",
+    "sparse_attention_fp8_bwd",
+    "sparse_attention_fp8_trainable",
     "sparse_attention_padded",
     "sparse_attention_partition",
     "sparse_attention_varlen",

@@ -429,8 +429,10 @@ def _check_fp8_tensors(q: torch.Tensor, k: torch.Tensor, v_t: torch.Tensor) -> N
             raise TypeError(f"{name} has dtype {t.dtype}; the fp8 forward takes "
                             "torch.float8_e4m3fn (kernels.quantize_fp8 makes it)")
         if t.requires_grad and torch.is_grad_enabled():
-            raise NotImplementedError("fp8 backward is not built yet: sparse_attention_fp8 is a "
-                                      f"forward only, and {name} requires grad")
+            raise NotImplementedError(f"sparse_attention_fp8 is the forward alone and {name} "
+                                      "requires grad: train through "
+                                      "sparse_attention_fp8_trainable (16- or 32-bit inputs), "
+                                      "or take gradients with sparse_attention_fp8_bwd")
     if not (q.device == k.device == v_t.device):
         raise ValueError(f"q, k and v_t must be on one device, got {q.device}, {k.device}, "
                          f"{v_t.device}")

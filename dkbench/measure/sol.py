@@ -45,7 +45,8 @@ def row_bytes(case: Case, layout: BlockLayout, computes: str, padded: bool = Fal
     """The fewest bytes of device memory the row's work moves, at the case's dtype size.
 
     The rule: every input is read once and every output written once, at the case's dtype (fp8:
-    e4m3 inputs, 1 byte, and a bf16 output, 2); the softmax statistics (one float32 per query
+    e4m3 q, k, v, 1 byte, and a bf16 output, 2; in bwd and fwd_bwd dO comes in bf16 and the
+    gradients go out in bf16, 2 bytes each); the softmax statistics (one float32 per query
     and head) are left out, as small.
 
     - fwd, prefill_varlen: q, k, v read, o written. prefill_varlen counts each sequence on its own
@@ -65,16 +66,19 @@ def row_bytes(case: Case, layout: BlockLayout, computes: str, padded: bool = Fal
     inputs moves every sequence at the padded length ``case.seqlen``.
     """
     itemsize = getattr(torch, case.dtype).itemsize
-    # An fp8 row reads e4m3 q, k, v (1 byte each) and writes its output in bf16 (2 bytes).
+    # An fp8 row reads e4m3 q, k, v (1 byte each); its output, dO and gradients are bf16 (2).
     out_extra = 1 if case.dtype == FP8 else 0
     h, hkv, d = case.heads, case.kv_heads, case.head_dim
     if case.mode in TRAINING_MODES:
         q_tokens = case.batch * case.q_len * h  # q, o, dO and dq each
         kv_read = case.batch * _kv_tokens(case, layout, computes, case.seqlen, case.q_len)
         elements = 2 * q_tokens + 2 * kv_read  # q, o; k, v
+        extra = q_tokens  # o
         if case.mode != "fwd":
-            elements += 2 * q_tokens + 2 * case.batch * case.seqlen * hkv  # dO, dq; dk, dv
-        return float((elements * itemsize + out_extra * q_tokens) * d)
+            grads = 2 * q_tokens + 2 * case.batch * case.seqlen * hkv  # dO, dq; dk, dv
+            elements += grads
+            extra += grads
+        return float((elements * itemsize + out_extra * extra) * d)
     pad = padded and computes == "dense"
     lengths = [case.seqlen if pad else n for n in sequence_lengths(case)]
     if case.mode == "decode":

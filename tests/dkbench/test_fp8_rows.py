@@ -107,14 +107,50 @@ def test_inputs_are_quantised_once_per_set_outside_the_timed_calls(
     assert 0 < float((q - inputs[0].float()).abs().max()) < 0.1 * float(inputs[0].abs().max())
 
 
-@pytest.mark.parametrize("mode, why", [("fwd_bwd", "fp8 backward is not built yet"),
-                                       ("decode", "no decode form yet")])
-def test_fp8_runs_the_forward_only(tmp_path: Path, mode: str, why: str) -> None:
+@pytest.mark.parametrize("mode", ["decode", "prefill_varlen"])
+def test_fp8_runs_the_training_modes_only(tmp_path: Path, mode: str) -> None:
     sweep = load_spec(write_spec(tmp_path, **{**FP8_SPEC, "dtype": "fp8", "mode": mode}))
     case = expand(sweep)[0]
     layout = case.pattern.layout(case.heads, case.kv_heads, case.seqlen, case.causal)
-    with pytest.raises(Unsupported, match=why):
+    with pytest.raises(Unsupported, match=f"no {mode} form yet: fp8 cases run the training "
+                                          r"modes \(fwd, bwd, fwd_bwd\) only"):
         BundledKernel().prepare(case, layout, sweep, CPU, 0.2)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("mode", ["fwd_bwd", "bwd"])
+def test_an_fp8_training_row_checks_its_gradients(tmp_path: Path, mode: str) -> None:
+    """The fp8 forward and backward in a grad mode: the gradients reach the bf16 inputs (straight
+    through the quantisation) and are checked against the dequantised reference's."""
+    rows = _run(tmp_path, dtype="fp8", mode=mode, providers=["dkbench"], baseline=None)
+    (row,) = rows
+    assert row.status == "ok", row.message
+    assert row.mode == mode and row.dtype == FP8 and row.ms > 0 and row.build_ms > 0
+    assert "bwd dkdv m32n32w4s1 dq m32n32w4s1" in row.config
+    # The worst of out, dq, dk, dv: above a 16-bit kernel's error, inside fp8's budget.
+    assert 5e-3 < row.rel_err < DEFAULT_RTOL[FP8]
+
+
+@needs_interpreter
+def test_an_fp8_training_check_fails_a_wrong_gradient(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gradient check can fail: dv off by 10% must fail the fp8 budget."""
+    import kernels.fp8_train as fp8_train
+
+    real = fp8_train.sparse_attention_fp8_bwd_views
+
+    def off(*args, **kwargs):
+        dq, dk, dv = real(*args, **kwargs)
+        return dq, dk, dv * 1.1
+
+    monkeypatch.setattr(fp8_train, "sparse_attention_fp8_bwd_views", off)
+    sweep = load_spec(write_spec(tmp_path, **{**FP8_SPEC, "dtype": "fp8", "mode": "fwd_bwd"}))
+    (case,) = expand(sweep)
+    layout = case.pattern.layout(case.heads, case.kv_heads, case.seqlen, case.causal)
+    provider = BundledKernel()
+    prepared = provider.prepare(case, layout, sweep, CPU, 0.2)
+    checked = run_check(provider, prepared, case, layout, sweep, CPU, 0.2, seed=3)
+    assert not checked.ok and checked.what == "dv" and checked.rel_err > 0.08
 
 
 @pytest.mark.parametrize("name, why", [

@@ -1,13 +1,17 @@
 """The bundled kernel on fp8 cases (`dtype: fp8`): the case's bf16 inputs quantised to e4m3 (one
-descale per head) and run by `kernels.sparse_attention_fp8`, forward only.
+descale per head) and run by `kernels.sparse_attention_fp8` (fwd), or by
+`kernels.sparse_attention_fp8_trainable` (bwd, fwd_bwd: the fp8 forward and backward, gradients
+passed straight through the quantisation to the bf16 inputs).
 
 The quantisation is a step of its own, never inside a timed call. The timed step is called with
 the run's bf16 inputs, so the provider quantises the inputs it is given on the first call that
 sees them (the check's call, the warm-up) and keeps that one quantised set for the calls on the
 same tensors. The run's inputs are not known in `prepare`, so to give `build_ms` what the step
 costs, `prepare` quantises a random bf16 set of the case's shapes once, synchronised, and drops
-it. The check compares the output with the reference of the dequantised inputs
-(`Prepared.reference_inputs`): the kernel's error, apart from the quantisation's.
+it. The check compares the output (and the gradients) with the reference of the dequantised inputs
+(`Prepared.reference_inputs`, straight through to the bf16 inputs as the kernel's gradients are):
+the kernel's error, apart from the quantisation's. The backward quantises dO inside the timed
+call: it is a new tensor every step.
 """
 
 from __future__ import annotations
@@ -22,12 +26,14 @@ from kernels import (
     Fp8Inputs,
     LaunchConfig,
     dequantize_fp8,
+    fp8_bwd_default_configs,
     fp8_config_problems,
     fp8_gluon_unavailable,
     fp8_triton_default,
     quantize_fp8,
     resolve_fp8_config,
     sparse_attention_fp8,
+    sparse_attention_fp8_trainable,
     tile_plan,
 )
 
@@ -79,11 +85,9 @@ def prepare_fp8(case: Case, layout: BlockLayout, sweep: Sweep, device: torch.dev
     """The bundled provider's `prepare` for an fp8 case. ``config`` (a LaunchConfig, or a dict
     holding one under "fp8") or the spec's ``config`` pins the fp8 forward's launch config;
     otherwise it is looked up."""
-    if case.mode in ("bwd", "fwd_bwd"):
-        raise Unsupported("fp8 backward is not built yet: fp8 cases run mode fwd only")
-    if case.mode != "fwd":
-        raise Unsupported(f"the fp8 kernel has no {case.mode} form yet: fp8 cases run mode fwd "
-                          "only")
+    if case.mode not in ("fwd", "bwd", "fwd_bwd"):
+        raise Unsupported(f"the fp8 kernel has no {case.mode} form yet: fp8 cases run the "
+                          "training modes (fwd, bwd, fwd_bwd) only")
     if isinstance(config, Mapping):
         if "fp8" not in config:
             raise Unsupported("the fp8 forward is not tuned by `dkbench tune` yet (no tune mode "
@@ -110,13 +114,25 @@ def prepare_fp8(case: Case, layout: BlockLayout, sweep: Sweep, device: torch.dev
     _build_time_quantisation(case, device)
     quantised = _Quantised()
 
-    def attn(q, k, v):
-        x = quantised(q, k, v)
-        return sparse_attention_fp8(x.q, x.k, x.v_t, layout, x.q_descale, x.k_descale,
-                                    x.v_descale, sm_scale=scale, seq_dim=2, config=main)
+    label = f"{main.short()} e4m3 per {GRANULARITY}"
+    if case.mode == "fwd":
+        def attn(q, k, v):
+            x = quantised(q, k, v)
+            return sparse_attention_fp8(x.q, x.k, x.v_t, layout, x.q_descale, x.k_descale,
+                                        x.v_descale, sm_scale=scale, seq_dim=2, config=main)
+    else:
+        backward = fp8_bwd_default_configs(device, case.head_dim)
+        label += f", bwd dkdv {backward.dkdv.short()} dq {backward.dq.short()}"
+        source += ", bwd default"
+
+        def attn(q, k, v):
+            return sparse_attention_fp8_trainable(q, k, v, layout, sm_scale=scale, seq_dim=2,
+                                                  quantized=quantised(q, k, v), config=main,
+                                                  bwd_configs=backward)
 
     def reference_inputs(inputs: tuple) -> tuple:
-        return dequantize_fp8(quantised(*inputs[:3]), seq_dim=2)
+        # The dequantised values, with the gradient passed straight through to the inputs.
+        deq = dequantize_fp8(quantised(*inputs[:3]), seq_dim=2)
+        return tuple(t.float() + (d - t.float()).detach() for t, d in zip(inputs, deq))
 
-    return Prepared(attn, f"{main.short()} e4m3 per {GRANULARITY}", source, launch_config=main,
-                    reference_inputs=reference_inputs)
+    return Prepared(attn, label, source, launch_config=main, reference_inputs=reference_inputs)

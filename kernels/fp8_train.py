@@ -1,0 +1,171 @@
+"""fp8 attention for training: the backward's public function, and an autograd form that
+quantises 16- or 32-bit q, k, v, runs the fp8 forward (:mod:`kernels.fp8`) and backward
+(:mod:`kernels.fp8_bwd`), and passes the gradients straight through the quantisation (the
+gradient of ``x -> dequantise(quantise(x))`` taken as the identity, as fp8 training does)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .checks import check_config_type, check_heads, check_scale, check_seq_dim
+from .fp8 import FP8_DTYPE, _expand_descale
+from .fp8_bwd import (
+    Fp8BwdConfigs,
+    fp8_bwd_config_problems,
+    fp8_bwd_default_configs,
+    sparse_attention_fp8_bwd_views,
+)
+from .layout import BlockLayout
+from .outside_compile import outside_compile
+from .quant import Fp8Inputs, quantize_fp8, sparse_attention_fp8
+
+__all__ = ["sparse_attention_fp8_bwd", "sparse_attention_fp8_trainable"]
+
+_GRAD_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _bhsd(t: torch.Tensor, seq_dim: int) -> torch.Tensor:
+    return t.transpose(1, 2) if seq_dim == 1 else t
+
+
+def _check_like(name: str, t: object, shape: tuple[int, ...], device: torch.device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape} (q's), got {tuple(t.shape)}")
+    if not t.is_floating_point() or t.dtype == FP8_DTYPE:
+        raise TypeError(f"{name} has dtype {t.dtype}; it must be float16, bfloat16 or float32")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, q on {device}")
+
+
+def _check_quantized(x: object) -> Fp8Inputs:
+    if not isinstance(x, Fp8Inputs):
+        raise TypeError(f"expected the Fp8Inputs quantize_fp8 returns, got {type(x).__name__}")
+    for name in ("q", "k", "v_t"):
+        t = getattr(x, name)
+        if not isinstance(t, torch.Tensor) or t.dtype != FP8_DTYPE or t.dim() != 4:
+            raise TypeError(f"x.{name} must be a 4-D torch.float8_e4m3fn tensor "
+                            "(what quantize_fp8 returns)")
+    return x
+
+
+def sparse_attention_fp8_bwd(do: torch.Tensor, x: Fp8Inputs, out: torch.Tensor,
+                             lse: torch.Tensor, layout: BlockLayout,
+                             sm_scale: float | None = None, seq_dim: int = 1,
+                             configs: Fp8BwdConfigs | None = None,
+                             grad_dtype: torch.dtype = torch.bfloat16
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of :func:`kernels.sparse_attention_fp8` with respect to its dequantised
+    inputs (``x.q x q_descale`` and so on): ``(dq, dk, dv)`` in ``grad_dtype``, dq in q's layout
+    and dk, dv in k's (``seq_dim``; dv is not transposed like ``x.v_t``).
+
+    ``do`` is the output's gradient and ``out``, ``lse`` what the forward returned (with
+    ``return_lse=True``), for the same ``x``, ``layout``, ``sm_scale`` and ``seq_dim``. dO is
+    quantised to e4m3 per (batch, head) inside; the products with dS run in bfloat16 (see
+    :mod:`kernels.fp8_bwd`). ``configs`` pins the two kernels' launch configs
+    (:class:`kernels.Fp8BwdConfigs`; rules: :func:`kernels.fp8_bwd_config_problems`).
+    """
+    x = _check_quantized(x)
+    check_seq_dim(seq_dim)
+    check_scale(sm_scale)
+    if grad_dtype not in _GRAD_DTYPES:
+        raise TypeError(f"grad_dtype must be torch.bfloat16, torch.float16 or torch.float32, "
+                        f"got {grad_dtype}")
+    q, k = _bhsd(x.q, seq_dim), _bhsd(x.k, seq_dim)
+    batch, heads, seq_q, dim = q.shape
+    kv_heads, seq_k = k.shape[1], k.shape[2]
+    if k.shape[0] != batch or k.shape[3] != dim:
+        raise ValueError(f"x.q and x.k must share batch and head_dim, got {tuple(q.shape)} and "
+                         f"{tuple(k.shape)} as (batch, heads, seq, dim)")
+    if tuple(x.v_t.shape) != (batch, kv_heads, dim, seq_k):
+        raise ValueError(f"x.v_t must be (batch, kv_heads, dim, seq_k) = "
+                         f"{(batch, kv_heads, dim, seq_k)}, got {tuple(x.v_t.shape)}")
+    for name, t in (("do", do), ("out", out)):
+        _check_like(name, t, tuple(x.q.shape), x.q.device)
+    if not isinstance(lse, torch.Tensor) or lse.dtype != torch.float32 or tuple(
+            lse.shape) != (batch, heads, seq_q):
+        raise ValueError(f"lse must be the forward's float32 (batch, heads, seq_q) = "
+                         f"{(batch, heads, seq_q)} log-sum-exp (return_lse=True)")
+    if lse.device != q.device:
+        raise ValueError(f"lse is on {lse.device}, q on {q.device}")
+    check_heads(heads, kv_heads, dim, layout)
+    layout.check_seqlen(seq_k, seq_q)
+    if configs is None:
+        configs = fp8_bwd_default_configs(q.device, dim)
+    if not isinstance(configs, Fp8BwdConfigs):
+        raise TypeError(f"configs must be a kernels.Fp8BwdConfigs, got {type(configs).__name__}")
+    problems = fp8_bwd_config_problems(configs, layout.block_size)
+    if problems:
+        raise ValueError("invalid fp8 backward configs: " + "; ".join(problems))
+    descales = (_expand_descale("x.q_descale", x.q_descale, batch, heads, q.device),
+                _expand_descale("x.k_descale", x.k_descale, batch, kv_heads, q.device),
+                _expand_descale("x.v_descale", x.v_descale, batch, kv_heads, q.device))
+    scale = 1.0 / math.sqrt(dim) if sm_scale is None else float(sm_scale)
+    dq, dk, dv = sparse_attention_fp8_bwd_views(
+        _bhsd(do, seq_dim), q, k, x.v_t, _bhsd(out, seq_dim), lse.contiguous(),
+        layout.to(q.device), descales, scale, configs, grad_dtype)
+    return _bhsd(dq, seq_dim), _bhsd(dk, seq_dim), _bhsd(dv, seq_dim)
+
+
+class _Fp8AttentionFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, x, layout, sm_scale, seq_dim, config, bwd_configs):
+        out, lse = sparse_attention_fp8(x.q, x.k, x.v_t, layout, x.q_descale, x.k_descale,
+                                        x.v_descale, sm_scale=sm_scale, seq_dim=seq_dim,
+                                        return_lse=True, config=config, out_dtype=q.dtype)
+        ctx.save_for_backward(out, lse)
+        ctx.x, ctx.layout, ctx.sm_scale, ctx.seq_dim = x, layout, sm_scale, seq_dim
+        ctx.bwd_configs, ctx.grad_dtypes = bwd_configs, (q.dtype, k.dtype, v.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if torch.is_grad_enabled():
+            raise RuntimeError("double backward through the fp8 attention is not supported "
+                               "(the backward kernels are not differentiable)")
+        out, lse = ctx.saved_tensors
+        grads = sparse_attention_fp8_bwd(grad_out, ctx.x, out, lse, ctx.layout, ctx.sm_scale,
+                                         ctx.seq_dim, ctx.bwd_configs, torch.float32
+                                         if torch.float32 in ctx.grad_dtypes else torch.bfloat16)
+        grads = [g if g.dtype == dt else g.to(dt) for g, dt in zip(grads, ctx.grad_dtypes)]
+        return (*grads, None, None, None, None, None, None)
+
+
+@outside_compile
+def sparse_attention_fp8_trainable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                   layout: BlockLayout, sm_scale: float | None = None,
+                                   seq_dim: int = 1, granularity: str = "head",
+                                   quantized: Fp8Inputs | None = None, config=None,
+                                   bwd_configs: Fp8BwdConfigs | None = None) -> torch.Tensor:
+    """Block-sparse attention in fp8 that autograd can train through: q, k, v (float16,
+    bfloat16 or float32, layouts as :func:`kernels.sparse_attention`) are quantised to e4m3
+    (:func:`kernels.quantize_fp8`, ``granularity``), the fp8 forward runs, and the backward gives
+    q, k and v the gradients of the dequantised inputs (straight through the quantisation), in
+    their own dtypes. The output is in q's dtype.
+
+    ``quantized`` skips the quantisation: a :func:`kernels.quantize_fp8` result of these same
+    q, k, v (with this ``seq_dim``), for a caller that keeps it; nothing checks that it is
+    theirs beyond the shapes. ``config`` pins the forward's launch config, ``bwd_configs`` the
+    backward's.
+    """
+    check_seq_dim(seq_dim)
+    check_config_type("config", config)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _GRAD_DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; it must be float16, bfloat16 or "
+                            "float32 (e4m3 inputs: kernels.sparse_attention_fp8)")
+    if quantized is None:
+        quantized = quantize_fp8(q, k, v, granularity, seq_dim=seq_dim)
+    else:
+        quantized = _check_quantized(quantized)
+        if (quantized.q.shape, quantized.k.shape) != (q.shape, k.shape) or v.shape != k.shape:
+            raise ValueError(f"quantized holds q {tuple(quantized.q.shape)} and k "
+                             f"{tuple(quantized.k.shape)}; the inputs are q {tuple(q.shape)}, "
+                             f"k {tuple(k.shape)} and v {tuple(v.shape)}")
+    return _Fp8AttentionFn.apply(q, k, v, quantized, layout, sm_scale, seq_dim, config,
+                                 bwd_configs)
