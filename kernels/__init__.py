@@ -19,6 +19,7 @@ from .config_cache import (
                         read_entries,
 )
 from .configs import (
+                        MAX_STAGES,
                         WARP_COUNTS,
                         LaunchConfig,
                         check_config,
@@ -82,6 +83,7 @@ __all__ = [
     "GLUON_FP8_DEFAULT",
     "IMPLS",
     "KERNELS",
+    "MAX_STAGES",
     "PAGE_SIZES",
     "TUNABLE",
     "WARP_COUNTS",

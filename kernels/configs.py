@@ -17,7 +17,7 @@ from .dispatch import choose_impl, gluon_unavailable
 from .registry import IMPLS, KERNELS
 
 __all__ = ["DECODE_BLOCK_M", "GLUON_BWD_DEFAULT", "GLUON_DEFAULT", "GLUON_DQ_DEFAULT", "IMPLS",
-           "LaunchConfig", "check_config", "config_problems", "default_config",
+           "MAX_STAGES", "LaunchConfig", "check_config", "config_problems", "default_config",
            "gluon_default_applies", "gluon_unavailable"]
 
 # A decode config's block_m: the kernel's query tile is the GQA group's heads, padded to a power
@@ -73,6 +73,11 @@ def _pow2(x: int) -> bool:
 # What a field of any kernel's config must be, whatever the case (the rules per kernel and per
 # case below add to these).
 WARP_COUNTS = (1, 2, 4, 8, 16)
+# The deepest software pipeline a config may ask for. A stage holds a K and a V tile in shared
+# memory (32 KiB at 64 keys, head_dim 128, bf16: a Hopper program's 227 KiB holds 6 beside the
+# query tile), the Gluon kernels take 2 to 4 and every search space stops at 4; past 8 a value is
+# a typo that could only fail to fit at launch, not a config worth trying.
+MAX_STAGES = 8
 
 
 def tile_ok(side: int) -> bool:
@@ -131,8 +136,8 @@ def launch_problems(config: LaunchConfig, head_dim: int) -> list[str]:
     if config.num_warps not in WARP_COUNTS:
         problems.append(f"num_warps={config.num_warps} must be one of "
                         f"{', '.join(map(str, WARP_COUNTS))}")
-    if config.num_stages < 1:
-        problems.append(f"num_stages={config.num_stages} must be >= 1")
+    if not 1 <= config.num_stages <= MAX_STAGES:
+        problems.append(f"num_stages={config.num_stages} must be 1 to {MAX_STAGES}")
     if head_dim > 256:
         problems.append(f"head_dim={head_dim} is above 256")
     return problems

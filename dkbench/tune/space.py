@@ -20,6 +20,7 @@ from kernels import (
     AXES,
     IMPLS,
     KERNELS,
+    MAX_STAGES,
     WARP_COUNTS,
     LaunchConfig,
     config_problems,
@@ -101,7 +102,7 @@ AXIS_RULES: Mapping[str, tuple[Callable[[int], bool], str]] = MappingProxyType({
     "block_m": (tile_ok, "powers of two from 16 (16, 32, 64, 128, ...)"),
     "block_n": (tile_ok, "powers of two from 16 (16, 32, 64, 128, ...)"),
     "num_warps": (lambda v: v in WARP_COUNTS, ", ".join(map(str, WARP_COUNTS))),
-    "num_stages": (lambda v: v >= 1, "integers from 1"),
+    "num_stages": (lambda v: 1 <= v <= MAX_STAGES, f"integers 1 to {MAX_STAGES}"),
 })
 
 

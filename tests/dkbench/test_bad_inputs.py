@@ -137,6 +137,10 @@ SPECS = [
          "block_n=64 must not exceed the sparse block size 16")),
     Bad("config with 3 warps", spec(config={"block_m": 16, "block_n": 16, "num_warps": 3}),
         ("num_warps=3 must be one of 1, 2, 4, 8, 16",)),
+    # Was accepted: no kernel holds 1000 pipeline stages in shared memory.
+    Bad("config with 1000 stages", spec(config={"block_m": 16, "block_n": 16,
+                                                "num_stages": 1000}),
+        ("config: m16n16w4s1000 cannot run", "num_stages=1000 must be 1 to 8")),
     Bad("exclude rule with unknown key", spec(exclude=[{"colour": "red"}]),
         ("exclude[0]: unknown key(s) ['colour']", "allowed: mode, dtype")),
     Bad("exclude removes every case", spec(exclude=[{"seqlen": 32}]),

@@ -345,6 +345,8 @@ UNUSABLE = {
                       "its config cannot run: impl='fused' is the backward's dk/dv kernel only"),
     "block-m-not-a-tile": ({"config": {**CONFIG, "block_m": 3}},
                            "its config cannot run: block_m=3 must be a power of two >= 16"),
+    "1000-stages": ({"config": {**CONFIG, "num_stages": 1000}},
+                    "its config cannot run: num_stages=1000 must be 1 to 8"),
 }
 
 

@@ -67,6 +67,8 @@ def refused(result: Result, *words: str) -> str:
     ("--block-n", "48", "powers of two from 16"),
     ("--num-warps", "3", "1, 2, 4, 8, 16"),
     ("--num-warps", "4,32", "1, 2, 4, 8, 16"),
+    ("--num-stages", "1000", "integers 1 to 8"),  # was accepted and searched
+    ("--num-stages", "4,9", "integers 1 to 8"),
 ])
 def test_a_value_no_kernel_can_take_is_refused(flag: str, value: str, allowed: str) -> None:
     # Before: each such config was "pruned" and the tune timed the default against itself.

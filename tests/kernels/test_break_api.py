@@ -75,6 +75,11 @@ def _qkv(batch: int = 1, seq: int = 64, heads: int = 2, dim: int = 16):
      "config.block_m must be an int, got 16.0"),
     (dict(config=LaunchConfig(16, 16, True, 1)), TypeError, "config.num_warps must be an int"),
     (dict(config=LaunchConfig(16, 16, 4, 1.5)), TypeError, "config.num_stages must be an int"),
+    # Was launched: no kernel holds 1000 pipeline stages in shared memory.
+    (dict(config=LaunchConfig(16, 16, 4, 1000)), ValueError,
+     r"invalid launch config m16n16w4s1000: num_stages=1000 must be 1 to 8 \(the config "),
+    (dict(bwd_config=LaunchConfig(16, 16, 4, 9)), ValueError,
+     r"num_stages=9 must be 1 to 8 \(the bwd_config "),
 ])
 def test_sparse_attention_refuses(change, error, match, no_launch):
     q, k, v = _qkv()

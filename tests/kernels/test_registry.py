@@ -152,6 +152,11 @@ def test_search_space_is_data_over_the_config_axes(name: str) -> None:
         if config.impl == "triton" and config.block_n <= 128:
             assert not config_problems(config, 128, 128, name), (name, config)
     assert KERNELS["decode"].search_space["block_m"] == (configs.DECODE_BLOCK_M,)
+    # The stage bound leaves every searched depth in (it refuses only typos such as 1000).
+    assert max(space["num_stages"]) <= configs.MAX_STAGES
+    assert config_problems(LaunchConfig(16, 16, 4, configs.MAX_STAGES), 16, 64, name) == []
+    assert config_problems(LaunchConfig(16, 16, 4, configs.MAX_STAGES + 1), 16, 64, name) == [
+        f"num_stages={configs.MAX_STAGES + 1} must be 1 to {configs.MAX_STAGES}"]
 
 
 @pytest.mark.parametrize("name", list(KERNELS))

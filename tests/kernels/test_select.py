@@ -134,6 +134,7 @@ def test_a_pinned_decode_config_runs_and_a_bad_one_is_named(splits, device, laun
     assert launches["decode"] == [pinned]
     check_decode(out, layout, lens, q, k, v)
     for bad, problem in ((LaunchConfig(32, 16, 2, 1), "block_m=32 must be 16 for decoding"),
+                         (LaunchConfig(16, 16, 2, 1000), "num_stages=1000 must be 1 to 8"),
                          (LaunchConfig(16, 64, 2, 1),
                           "block_n=64 must not exceed the sparse block size 32"),
                          (LaunchConfig(128, 128, 4, 3, "gluon"),
@@ -171,6 +172,15 @@ def test_a_gluon_entry_under_varlen_is_skipped(caches):
     put(user, key, LaunchConfig(128, 128, 4, 3, "gluon"))
     assert select.resolve_config("varlen", q[:1, None], layout, 120) == (
         default_config("varlen", CPU, 32, 32, q.dtype), "default")
+
+
+def test_a_cached_config_of_1000_stages_is_skipped(caches):
+    """Was: taken from the cache and launched; no kernel holds that many stages."""
+    user, _ = caches
+    put(user, key_for(), LaunchConfig(16, 16, 4, 1000))
+    assert lookup() == (default_config("fwd", CPU, 32, 32, torch.float32), "default")
+    put(user, key_for(), LaunchConfig(16, 16, 4, 8))  # the deepest pipeline a config may ask
+    assert lookup() == (LaunchConfig(16, 16, 4, 8), "cache")
 
 
 def test_decode_reads_its_own_cache_entries(caches, device, launches, poison_outputs):
