@@ -53,6 +53,7 @@ from .inference import (
 )
 from .keys import density_bucket, seqlen_bucket, source_hash
 from .layout import (
+                        MAX_NUM_BLOCKS,
                         BlockLayout,
                         KVCacheUnfriendlyWarning,
                         causal_pairs,
@@ -83,6 +84,7 @@ __all__ = [
     "GLUON_FP8_DEFAULT",
     "IMPLS",
     "KERNELS",
+    "MAX_NUM_BLOCKS",
     "MAX_STAGES",
     "PAGE_SIZES",
     "TUNABLE",

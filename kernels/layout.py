@@ -20,6 +20,10 @@ import torch
 MIN_BLOCK_SIZE = 16
 # The largest vert_stride local_stride_layout takes: its stripes' int64 sums stay below 2**63.
 MAX_VERT_STRIDE = 2**62
+# The most blocks a side of a generated layout: its index forms (to_csr, to_csc) count one head's
+# kept blocks in int32, and a head may keep every block (a dense head, a bidirectional pattern),
+# so blocks * blocks must fit in an int32. 46340 blocks: 741,440 tokens at block_size 16.
+MAX_NUM_BLOCKS = math.isqrt(torch.iinfo(torch.int32).max)
 
 
 class KVCacheUnfriendlyWarning(UserWarning):
@@ -322,10 +326,18 @@ def is_kv_cache_friendly(pattern: torch.Tensor) -> bool:
     return not bool((gained & below).any())
 
 
+def _check_num_blocks(num_blocks: int) -> None:
+    if num_blocks > MAX_NUM_BLOCKS:
+        raise ValueError(f"num_blocks must be at most {MAX_NUM_BLOCKS} (a head's kept blocks, "
+                         f"up to num_blocks**2, are counted in int32), got {num_blocks}")
+
+
 def dense_layout(num_blocks: int, block_size: int, causal: bool = True) -> BlockLayout:
-    """Every block kept (the lower triangle when causal)."""
+    """Every block kept (the lower triangle when causal); ``num_blocks`` at most
+    :data:`MAX_NUM_BLOCKS`."""
     check_block_size(block_size)
     _check_int("num_blocks", num_blocks, 1)
+    _check_num_blocks(num_blocks)
     _check_flag("causal", causal)
     pattern = torch.ones(1, num_blocks, num_blocks, dtype=torch.bool)
     if causal:
@@ -346,7 +358,8 @@ def local_stride_layout(num_heads: int, max_seq_len: int, block_size: int, local
 
     Pattern heads: 1 with ``homo_head``; ``num_kv_heads`` when given (one pattern per GQA group);
     else ``num_heads`` (one per query head). The last ``num_dense_heads`` pattern heads are dense.
-    ``head_sliding_step`` defaults to ``max(1, vert_stride // num_heads)``.
+    ``head_sliding_step`` defaults to ``max(1, vert_stride // num_heads)``. ``max_seq_len`` may
+    span at most :data:`MAX_NUM_BLOCKS` blocks.
     """
     check_block_size(block_size)
     for name, value in (("num_heads", num_heads), ("max_seq_len", max_seq_len),
@@ -377,8 +390,13 @@ def local_stride_layout(num_heads: int, max_seq_len: int, block_size: int, local
     step = max(1, vert_stride // num_heads) if head_sliding_step is None else head_sliding_step
     if vert_stride > MAX_VERT_STRIDE:
         raise ValueError(f"vert_stride must be at most 2**62 blocks, got {vert_stride}")
+    blocks = -(-max_seq_len // block_size)  # in ints: a float quotient rounds a huge length
+    if blocks > MAX_NUM_BLOCKS:
+        raise ValueError(f"max_seq_len must be at most {MAX_NUM_BLOCKS * block_size} at "
+                         f"block_size {block_size} ({MAX_NUM_BLOCKS} blocks: a head's kept "
+                         f"blocks, up to blocks**2, are counted in int32), got {max_seq_len} "
+                         f"({blocks} blocks)")
 
-    blocks = math.ceil(max_seq_len / block_size)
     i = torch.arange(blocks)[:, None]
     j = torch.arange(blocks)[None, :]
     # Each head's shift modulo vert_stride, in Python ints: the same stripes as h * step +
@@ -406,6 +424,7 @@ def random_layout(heads: int, num_blocks: int, block_size: int, density: float, 
     """A random pattern keeping about ``density`` of the blocks, diagonal always kept."""
     _check_int("heads", heads, 1)
     _check_int("num_blocks", num_blocks, 1)
+    _check_num_blocks(num_blocks)
     _check_int("seed", seed)
     # torch.Generator.manual_seed takes this range and fails with "Overflow" outside it.
     if not -2**63 <= seed < 2**64:

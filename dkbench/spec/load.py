@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from kernels import LaunchConfig, config_problems
+from kernels import MAX_NUM_BLOCKS, LaunchConfig, config_problems
 
 from ..errors import SpecError
 from ..measure.providers import PROVIDERS
@@ -315,6 +315,12 @@ def _check_case(case: Case, fail, layouts: dict[tuple, Any]) -> None:
         fail("patterns", f"{label} at seqlen={case.seqlen} is {layout.heads} x {blocks} x "
              f"{blocks} blocks; allowed: at most 2**{MAX_LAYOUT_BLOCKS.bit_length() - 1} (a "
              "larger block_size, fewer pattern heads or a shorter seqlen)")
+    if not file and blocks > MAX_NUM_BLOCKS:
+        # The generator refuses it when the run builds it (its index forms count in int32).
+        fail("patterns", f"{label} at seqlen={case.seqlen} is {blocks} blocks a side; allowed: "
+             f"at most {MAX_NUM_BLOCKS} (a head's kept blocks are counted in int32), seqlen up "
+             f"to {MAX_NUM_BLOCKS * case.block_size} at block_size {case.block_size} (a larger "
+             "block_size or a shorter seqlen)")
 
 
 @functools.lru_cache(maxsize=256)

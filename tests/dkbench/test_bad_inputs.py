@@ -191,6 +191,10 @@ SPECS = [
     Bad("layout too large", spec(seqlen=2**24, patterns=[{"type": "dense", "block_size": 16}]),
         ("patterns: dense(bs16) at seqlen=16777216 is 1 x 1048576 x 1048576 blocks",
          "allowed: at most 2**32")),
+    # Was accepted (2.5e9 blocks is under 2**32), to fail or take gigabytes in the run.
+    Bad("layout side too long", spec(seqlen=800_000, patterns=[{**LOCAL, "homo_head": True}]),
+        ("patterns: local_stride(bs16,l1,s2,homo,off0) at seqlen=800000 is 50000 blocks a side",
+         "allowed: at most 46340", "seqlen up to 741440 at block_size 16")),
     Bad("too many cases", spec(heads=many_heads, seqlen=[16 * k for k in range(1, 101)]),
         ("heads: the axes multiply to 102400 cases (100 seqlen x 1024 heads)",
          "allowed: at most 100000")),
@@ -354,6 +358,17 @@ def test_bad_flag_exits_2(tmp_path: Path, args: list[str], message: str) -> None
     assert "Traceback" not in result.output, result.output
     assert message.replace("{tmp}", str(tmp_path)) in flat(result.stderr), result.output
     assert not out.exists()  # nothing ran
+
+
+def test_run_refuses_a_layout_past_the_int32_block_count(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    path = write_spec(tmp_path, seqlen=800_000, patterns=[{"type": "dense", "block_size": 16}])
+    result = invoke("run", path, "--device", "cpu", "--out", out, "-q")
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output, result.output
+    assert (f"error: {path}: patterns: dense(bs16) at seqlen=800000 is 50000 blocks a side; "
+            "allowed: at most 46340") in flat(result.stderr), result.output
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("command", ["run", "validate"])

@@ -78,6 +78,15 @@ def test_a_value_no_kernel_can_take_is_refused(flag: str, value: str, allowed: s
 
 
 @needs_interpreter
+def test_a_shape_past_the_layouts_int32_block_count_is_refused() -> None:
+    # Was planned, then the layout's build failed with torch's allocation error.
+    refused(invoke_tune("--device", "cpu", "--dry-run", "--seqlen", "800000", "--block-size",
+                        "16", "--heads", "1", "--kv-heads", "1"),
+            "shape flags: patterns: local_stride(bs16,", "at seqlen=800000 is 50000 blocks a side",
+            "allowed: at most 46340")
+
+
+@needs_interpreter
 @pytest.mark.parametrize("flags, why", [
     (["--block-n", "64"], "each is pruned (block_n=64 must not exceed the sparse block size 32)"),
     (["--impl", "gluon"], "each is pruned (block_m=16 must be 128 for impl='gluon'"),

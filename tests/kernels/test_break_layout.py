@@ -255,6 +255,27 @@ def test_local_stride_layout_stripes_of_huge_steps_and_offsets(kw, causal):
                                                 **reduced).pattern)
 
 
+@pytest.mark.parametrize("build,match", [
+    # Was torch's allocation error (a 10**12-token pattern of 10**21 bools), after seconds.
+    (lambda: local_stride_layout(2, 10**12, 64, 2, 3),
+     r"max_seq_len must be at most 2965760 at block_size 64 \(46340 blocks: .* int32\), got "
+     r"1000000000000 \(15625000000 blocks\)"),
+    (lambda: local_stride_layout(1, 46340 * 16 + 1, 16, 2, 3, homo_head=True),
+     r"max_seq_len must be at most 741440 at block_size 16 .* got 741441 \(46341 blocks\)"),
+    # Was an OverflowError from the float quotient.
+    (lambda: local_stride_layout(2, 10**400, 64, 2, 3), "max_seq_len must be at most 2965760"),
+    (lambda: dense_layout(10**6, 16), r"num_blocks must be at most 46340 .* got 1000000"),
+    (lambda: random_layout(1, 46341, 16, 0.5), r"num_blocks must be at most 46340 .* got 46341"),
+])
+def test_layout_generators_refuse_more_blocks_than_int32_indices_count(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
+    # The bound: a head that keeps all of its blocks still counts them in an int32.
+    bound = kernels.layout.MAX_NUM_BLOCKS
+    assert bound**2 <= torch.iinfo(torch.int32).max < (bound + 1)**2
+    assert kernels.MAX_NUM_BLOCKS == bound
+
+
 def test_local_stride_layout_refuses_a_vert_stride_past_int64():
     # Was: OverflowError from torch ("int too big to convert").
     with pytest.raises(ValueError, match=r"vert_stride must be at most 2\*\*62 blocks"):
