@@ -367,9 +367,11 @@ def write_report(path: Path, out: Path | None = None) -> Path:
 
 def _check_not_an_input(target: Path, out: Path | None, sources: Sequence[Path]) -> None:
     """Refuse an --out that names a file of a run or tune directory being reported (its
-    results.csv, meta.json, tune.csv, a log): the Markdown would replace what it reports on."""
+    results.csv, meta.json, tune.csv, a log), or the results.csv, meta.json or tune.csv of any
+    other run or tune directory (one holding a meta.json): the Markdown would replace rows."""
     # Its readers' files are refused even where absent: a report saved as a run's tune.csv
-    # would make the run unreadable. Resolved: a link named x.md may point at a results.csv.
+    # would make the run unreadable. Resolved: a link named x.md may point at a results.csv,
+    # and a linked directory may be a run's.
     real = target.resolve()
     owned = real.name in (RESULTS_FILE, META_FILE, TUNE_FILE)
     if not (owned or real.is_file()) or real.suffix.lower() == ".md":
@@ -377,3 +379,7 @@ def _check_not_an_input(target: Path, out: Path | None, sources: Sequence[Path])
     if any(real.parent == Path(source).resolve() for source in sources):
         raise BadInputError(f"--out {out}: is {real}, a file of a directory being "
                             "reported; give a new file (or a .md file) for the report")
+    if owned and (real.parent / META_FILE).is_file():
+        raise BadInputError(f"--out {out}: is {real}, the {real.name} of the run directory "
+                            f"{real.parent} (it holds a {META_FILE}); give a new file (or a .md "
+                            "file) for the report")

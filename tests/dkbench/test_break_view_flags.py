@@ -96,3 +96,31 @@ def test_report_out_a_link_to_a_file_of_the_run_is_refused(tmp_path: Path) -> No
     before = (run / "results.csv").read_bytes()
     refused(invoke("report", run, "--out", link), "a file of a directory being reported")
     assert (run / "results.csv").read_bytes() == before and link.is_symlink()
+
+
+@pytest.mark.parametrize("name", ["results.csv", "meta.json", "tune.csv"])
+@pytest.mark.parametrize("via", ["path", "file-link", "directory-link"])
+def test_report_out_a_file_of_another_run_is_refused(tmp_path: Path, name: str, via: str) -> None:
+    # Was: only the runs being reported were protected; `report R1 --out R2/results.csv`
+    # replaced R2's rows with R1's Markdown (and an absent tune.csv made R2 unreadable).
+    run, other = a_run(tmp_path / "run"), a_run(tmp_path / "other")
+    before = {p.name: p.read_bytes() for p in other.iterdir()}
+    out = {"path": other / name, "file-link": tmp_path / "notes.md",
+           "directory-link": tmp_path / "linked" / name}[via]
+    if via == "file-link":
+        out.symlink_to(other / name)
+    elif via == "directory-link":
+        out.parent.symlink_to(other, target_is_directory=True)
+    refused(invoke("report", run, "--out", out), f"--out {out}: is {(other / name).resolve()}, "
+            f"the {name} of the run directory {other.resolve()} (it holds a meta.json)",
+            "give a new file (or a .md file) for the report")
+    assert {p.name: p.read_bytes() for p in other.iterdir()} == before
+    assert not list(tmp_path.rglob("*.png"))  # refused before any figure is drawn
+    assert invoke("plot", other).exit_code == 0  # still readable
+
+
+def test_report_out_a_results_csv_outside_any_run_is_still_written(tmp_path: Path) -> None:
+    run, folder = a_run(tmp_path / "run"), tmp_path / "notes"
+    folder.mkdir()
+    assert invoke("report", run, "--out", folder / "results.csv").exit_code == 0
+    assert (folder / "results.csv").read_text(encoding="utf-8").startswith("#")
