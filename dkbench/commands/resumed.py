@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
 
 from ..errors import BadInputError, SpecError, one_line
@@ -45,7 +46,22 @@ def recorded_flags(resume: Path, providers: str | None, only: list[str] | None,
     recorded_shard = _recorded(resume, meta, "shard", str)
     if providers is None and recorded_providers:
         providers = ",".join(recorded_providers)
+    if not only and recorded_only:
+        _check_recorded_only(resume, recorded_only)
     return providers, only or list(recorded_only or []) or None, shard or recorded_shard
+
+
+def _check_recorded_only(resume: Path, recorded: list[str]) -> None:
+    """Refuse a recorded --only that this dkbench's rules no longer take (an older one wrote
+    it), naming meta.json and its key: the user gave no --only to blame."""
+    try:
+        parse_only(recorded)
+    except SpecError as exc:
+        raise BadInputError(
+            f"--resume {resume}: {resume / META_FILE}: key 'only' holds {json.dumps(recorded)}, "
+            f"which is not valid for this dkbench (an older one recorded it): the recorded "
+            f"{exc}; pass --only explicitly to replace it, or start a fresh run "
+            f"(dkbench run SPEC)") from None
 
 
 def recorded_scope(resume: Path, chosen: list[str], only: list[str] | None) -> dict:

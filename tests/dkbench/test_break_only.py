@@ -71,4 +71,20 @@ def test_resume_refuses_a_malformed_recorded_only(finished: Path, tmp_path: Path
     run_dir = Path(shutil.copytree(finished, tmp_path / finished.name))
     results.write_meta(run_dir, {**read_meta(run_dir), "only": ["seqlen=\uff16\uff14"]})
     result = invoke("run", "--resume", run_dir, "-q")
-    refused(result, "--only 'seqlen=\uff16\uff14': malformed value")
+    text = refused(result, "--only 'seqlen=\uff16\uff14': malformed value")
+    # Was the --only error alone, blaming a flag the user did not pass: the file and its key,
+    # that the value is stale, and the ways out.
+    assert text.startswith(f"error: --resume {run_dir}: {run_dir / 'meta.json'}: key 'only' "
+                           'holds ["seqlen=\\uff16\\uff14"], which is not valid for this '
+                           "dkbench (an older one recorded it): the recorded --only "), text
+    assert "pass --only explicitly to replace it, or start a fresh run" in text, text
+
+
+def test_resume_with_an_explicit_only_replaces_a_malformed_recorded_one(finished: Path,
+                                                                         tmp_path: Path) -> None:
+    run_dir = Path(shutil.copytree(finished, tmp_path / finished.name))
+    results.write_meta(run_dir, {**read_meta(run_dir), "only": ["seqlen=\uff16\uff14"]})
+    result = invoke("run", "--resume", run_dir, "--only", "seqlen=64", "-q")
+    assert result.exit_code == 0, result.output
+    assert sorted(results.read_results(run_dir)["seqlen"].tolist()) == [32, 64]
+    assert invoke("run", "--resume", run_dir, "-q").exit_code == 0  # no longer stopped by it
