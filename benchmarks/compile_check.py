@@ -280,7 +280,8 @@ def forward_fp8_gluon() -> None:
 
 
 def backward_fp8() -> None:
-    """The fp8 backward's pre-pass, dq and dk/dv kernels at their Hopper defaults."""
+    """The fp8 backward's pre-pass, dq and dk/dv kernels at their Hopper defaults, and the
+    dequantising copy its "bf16" form takes."""
     from kernels import fp8, fp8_bwd
 
     e4m3 = fp8.FP8_DTYPE
@@ -291,6 +292,8 @@ def backward_fp8() -> None:
     _, _, _, out, do, lse, _ = _backward_inputs()
     fp8_bwd.sparse_attention_fp8_bwd_views(do, q, k, v_t, out, lse, _layout(), descales, 0.088,
                                            fp8_bwd.fp8_bwd_default_configs(CUDA, DIM))
+    # The "bf16" form's copies of the dequantised inputs (then the 16-bit backward's kernels).
+    fp8_bwd.dequantised_bf16(q, descales[0])
 
 
 def decode() -> None:

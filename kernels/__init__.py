@@ -40,7 +40,12 @@ from .fp8 import (
                         resolve_fp8_config,
 )
 from .fp8_bwd import Fp8BwdConfigs, fp8_bwd_config_problems, fp8_bwd_default_configs
-from .fp8_train import sparse_attention_fp8_bwd, sparse_attention_fp8_trainable
+from .fp8_train import (
+    FP8_BWD_DEFAULT,
+    FP8_BWD_IMPLS,
+    sparse_attention_fp8_bwd,
+    sparse_attention_fp8_trainable,
+)
 from .inference import (
                         decode_workspace,
                         group_plan,
@@ -79,6 +84,8 @@ __all__ = [
     "CONFIG_ARGUMENTS",
     "CONFIG_FIELDS",
     "ENV_VAR",
+    "FP8_BWD_DEFAULT",
+    "FP8_BWD_IMPLS",
     "FP8_DTYPE",
     "Fp8BwdConfigs",
     "GLUON_FP8_DEFAULT",

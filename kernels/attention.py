@@ -112,18 +112,26 @@ class _SparseAttentionFn(torch.autograd.Function):
                                "torch.autograd.functional.jacobian(vectorize=True), vmap): "
                                "take one grad_outputs at a time")
         q, k, v, out, lse = ctx.saved_tensors
-        dkdv_given, dq_given = ctx.bwd_configs
-        dkdv_config = dkdv_given or _looked_up("bwd", q, ctx.layout, k.shape[2])
-        if choose_impl("bwd", dkdv_config.impl, q.device, q.dtype).impl == "fused":
-            # One kernel takes dq too: there is no dq kernel, so no dq config is looked up and
-            # a given one is unused.
-            dq, dk, dv = sparse_attention_bwd_fused(grad_out, q, k, v, out, lse, ctx.layout,
-                                                    ctx.sm_scale, dkdv_config)
-        else:
-            dq_config = dq_given or _looked_up("dq", q, ctx.layout, k.shape[2])
-            dq, dk, dv = sparse_attention_bwd(grad_out, q, k, v, out, lse, ctx.layout,
-                                              ctx.sm_scale, dkdv_config, dq_config)
+        dq, dk, dv = gradients(grad_out, q, k, v, out, lse, ctx.layout, ctx.sm_scale,
+                               *ctx.bwd_configs)
         return dq, dk, dv, None, None, None, None, None
+
+
+def gradients(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              out: torch.Tensor, lse: torch.Tensor, layout: BlockLayout, sm_scale: float,
+              dkdv_given: LaunchConfig | None = None, dq_given: LaunchConfig | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv of checked ``(batch, heads, seq, dim)`` views from the forward's output and
+    LSE: the backward's kernels at the given configs, or those looked up."""
+    dkdv_config = dkdv_given or _looked_up("bwd", q, layout, k.shape[2])
+    if choose_impl("bwd", dkdv_config.impl, q.device, q.dtype).impl == "fused":
+        # One kernel takes dq too: there is no dq kernel, so no dq config is looked up and
+        # a given one is unused.
+        return sparse_attention_bwd_fused(grad_out, q, k, v, out, lse, layout, sm_scale,
+                                          dkdv_config)
+    dq_config = dq_given or _looked_up("dq", q, layout, k.shape[2])
+    return sparse_attention_bwd(grad_out, q, k, v, out, lse, layout, sm_scale, dkdv_config,
+                                dq_config)
 
 
 def _looked_up(kernel: str, q: torch.Tensor, layout: BlockLayout, seq_k: int) -> LaunchConfig:

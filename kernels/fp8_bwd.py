@@ -52,8 +52,8 @@ from .fp8 import E4M3_MAX, FP8_DTYPE, _round_e4m3
 from .fp8_softmax import P_SHIFT
 from .layout import BlockLayout
 
-__all__ = ["Fp8BwdConfigs", "fp8_bwd_default_configs", "fp8_bwd_config_problems",
-           "sparse_attention_fp8_bwd_views"]
+__all__ = ["Fp8BwdConfigs", "dequantised_bf16", "fp8_bwd_default_configs",
+           "fp8_bwd_config_problems", "sparse_attention_fp8_bwd_views"]
 
 # 2**-P_SHIFT: what takes the forward's shift back out of a product of shifted probabilities.
 P_UNSCALE = tl.constexpr(2.0 ** -P_SHIFT.value)
@@ -375,6 +375,52 @@ def _fp8_bwd_dq(Q, K, V, DO8, DQ, Lse, Delta, QDescale, KDescale, VDescale, DoDe
     dq = dq * (sm_scale * k_descale)
     tl.store(DQ + off_z * stride_dqz + off_h64 * stride_dqh + offs_m[:, None] * stride_dqm
              + offs_d[None, :] * stride_dqk, dq.to(DQ.dtype.element_ty), mask=mask)
+
+
+# -- bfloat16 copies of the dequantised inputs (the backward's "bf16" form) ---------------------
+
+
+@triton.jit
+def _round_bf16(x):
+    """float32 ``x`` rounded to the nearest bfloat16 value, ties to even, as float32: the GPU's
+    cast, for the interpreter (whose cast truncates). Finite values only."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _fp8_dequantise(Src, Dst, Descale, stride_sz, stride_sh, stride_ss, stride_sd,
+                    stride_dz, stride_dh, stride_ds, stride_dd, stride_ez, stride_eh,
+                    heads, seq, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, EMULATE: tl.constexpr):
+    """A tile of rows of one (batch, head) of e4m3 ``Src`` times its descale, into ``Dst``."""
+    off_zh = tl.program_id(1)
+    off_z = (off_zh // heads).to(tl.int64)
+    off_h = (off_zh % heads).to(tl.int64)
+    offs_s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_s < seq)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    descale = tl.load(Descale + off_z * stride_ez + off_h * stride_eh)
+    x = tl.load(Src + off_z * stride_sz + off_h * stride_sh + offs_s[:, None] * stride_ss
+                + offs_d[None, :] * stride_sd, mask=mask, other=0.0).to(tl.float32) * descale
+    if EMULATE:
+        x = _round_bf16(x)
+    tl.store(Dst + off_z * stride_dz + off_h * stride_dh + offs_s[:, None] * stride_ds
+             + offs_d[None, :] * stride_dd, x.to(Dst.dtype.element_ty), mask=mask)
+
+
+def dequantised_bf16(t8: torch.Tensor, descale: torch.Tensor) -> torch.Tensor:
+    """``t8 x descale`` (``(b, h, s, d)`` e4m3 of any strides, descale ``(b, h)`` float32) in
+    bfloat16, a ``(b, h, s, d)`` view of a ``(b, s, h, d)`` tensor (the layout the 16-bit kernels
+    copy fastest). Each value rounds once, by at most 2^-9 of itself. One pass, at copy speed."""
+    b, h, s, d = t8.shape
+    out = buffers.new_output((b, s, h, d), t8, torch.bfloat16).transpose(1, 2)
+    rows = 64
+    _fp8_dequantise[(triton.cdiv(s, rows), b * h)](
+        t8, out, descale, *t8.stride(), *out.stride(), *descale.stride(), h, s,
+        BLOCK_S=rows, BLOCK_D=padded_dim(d), HEAD_DIM=d, EMULATE=interpreting(), num_warps=4)
+    return out
 
 
 # -- launcher --------------------------------------------------------------------------------------

@@ -9,10 +9,12 @@ import math
 
 import torch
 
+from .attention import gradients
 from .checks import check_config_type, check_heads, check_scale, check_seq_dim
 from .fp8 import FP8_DTYPE, _expand_descale
 from .fp8_bwd import (
     Fp8BwdConfigs,
+    dequantised_bf16,
     fp8_bwd_config_problems,
     fp8_bwd_default_configs,
     sparse_attention_fp8_bwd_views,
@@ -21,9 +23,29 @@ from .layout import BlockLayout
 from .outside_compile import outside_compile
 from .quant import Fp8Inputs, quantize_fp8, sparse_attention_fp8
 
-__all__ = ["sparse_attention_fp8_bwd", "sparse_attention_fp8_trainable"]
+__all__ = ["FP8_BWD_DEFAULT", "FP8_BWD_IMPLS", "sparse_attention_fp8_bwd", "sparse_attention_fp8_trainable"]
 
 _GRAD_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# How the fp8 backward runs: "fp8", its own kernels on the e4m3 tensors (kernels/fp8_bwd.py);
+# "bf16", the 16-bit backward's kernels on bfloat16 copies of the dequantised inputs.
+FP8_BWD_IMPLS = ("fp8", "bf16")
+# The default: on an H200 at phi-3's shapes (16k and 64k tokens, 32/8 heads, d128) the fp8
+# forward with the "bf16" backward ran at 0.89-1.00x of the bf16 forward+backward and the "fp8"
+# one at 0.77-0.78x (its Triton dk/dv kernel took 1.8x the Gluon 16-bit one's time), and "bf16"
+# keeps the gradients closer (0.5-1% against the dequantised reference, 2.7-3.7% for "fp8"):
+# kernels/PERF.md, session 10.
+FP8_BWD_DEFAULT = "bf16"
+
+
+def _bf16_gradients(do, q, k, v_t, out, lse, layout, descales, sm_scale):
+    """The 16-bit backward on the dequantised inputs, bf16: P recomputed from them and the fp8
+    forward's LSE."""
+    q_descale, k_descale, v_descale = descales
+    q16 = dequantised_bf16(q, q_descale)
+    k16 = dequantised_bf16(k, k_descale)
+    v16 = dequantised_bf16(v_t.transpose(2, 3), v_descale)
+    return gradients(do.to(torch.bfloat16), q16, k16, v16, out.to(torch.bfloat16), lse, layout,
+                     sm_scale)
 
 
 def _bhsd(t: torch.Tensor, seq_dim: int) -> torch.Tensor:
@@ -56,7 +78,8 @@ def sparse_attention_fp8_bwd(do: torch.Tensor, x: Fp8Inputs, out: torch.Tensor,
                              lse: torch.Tensor, layout: BlockLayout,
                              sm_scale: float | None = None, seq_dim: int = 1,
                              configs: Fp8BwdConfigs | None = None,
-                             grad_dtype: torch.dtype = torch.bfloat16
+                             grad_dtype: torch.dtype = torch.bfloat16,
+                             impl: str = FP8_BWD_DEFAULT
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients of :func:`kernels.sparse_attention_fp8` with respect to its dequantised
     inputs (``x.q x q_descale`` and so on): ``(dq, dk, dv)`` in ``grad_dtype``, dq in q's layout
@@ -64,10 +87,21 @@ def sparse_attention_fp8_bwd(do: torch.Tensor, x: Fp8Inputs, out: torch.Tensor,
 
     ``do`` is the output's gradient and ``out``, ``lse`` what the forward returned (with
     ``return_lse=True``), for the same ``x``, ``layout``, ``sm_scale`` and ``seq_dim``. dO is
-    quantised to e4m3 per (batch, head) inside; the products with dS run in bfloat16 (see
-    :mod:`kernels.fp8_bwd`). ``configs`` pins the two kernels' launch configs
-    (:class:`kernels.Fp8BwdConfigs`; rules: :func:`kernels.fp8_bwd_config_problems`).
+    ``impl`` (one of :data:`FP8_BWD_IMPLS`) chooses the kernels:
+
+    - ``"bf16"`` (the default, :data:`FP8_BWD_DEFAULT`): the 16-bit backward's kernels (the
+      tuned warp-specialised ones on Hopper) on bfloat16 copies of the dequantised inputs, dO
+      as given;
+    - ``"fp8"``: the fp8 kernels of :mod:`kernels.fp8_bwd`, dO quantised to e4m3 per (batch,
+      head) inside, the products with dS in bfloat16. ``configs`` pins their launch configs
+      (:class:`kernels.Fp8BwdConfigs`; rules: :func:`kernels.fp8_bwd_config_problems`); with
+      ``"bf16"`` it must be None (those kernels look theirs up).
     """
+    if impl not in FP8_BWD_IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(FP8_BWD_IMPLS)}, got {impl!r}")
+    if impl == "bf16" and configs is not None:
+        raise ValueError("configs are the fp8 kernels' (impl='fp8'); impl='bf16' runs the 16-bit "
+                         "backward at its own looked-up configs")
     x = _check_quantized(x)
     check_seq_dim(seq_dim)
     check_scale(sm_scale)
@@ -93,6 +127,15 @@ def sparse_attention_fp8_bwd(do: torch.Tensor, x: Fp8Inputs, out: torch.Tensor,
         raise ValueError(f"lse is on {lse.device}, q on {q.device}")
     check_heads(heads, kv_heads, dim, layout)
     layout.check_seqlen(seq_k, seq_q)
+    descales = (_expand_descale("x.q_descale", x.q_descale, batch, heads, q.device),
+                _expand_descale("x.k_descale", x.k_descale, batch, kv_heads, q.device),
+                _expand_descale("x.v_descale", x.v_descale, batch, kv_heads, q.device))
+    scale = 1.0 / math.sqrt(dim) if sm_scale is None else float(sm_scale)
+    if impl == "bf16":
+        grads = _bf16_gradients(_bhsd(do, seq_dim), q, k, x.v_t, _bhsd(out, seq_dim),
+                                lse.contiguous(), layout.to(q.device), descales, scale)
+        return tuple(_bhsd(g if g.dtype == grad_dtype else g.to(grad_dtype), seq_dim)
+                     for g in grads)
     if configs is None:
         configs = fp8_bwd_default_configs(q.device, dim)
     if not isinstance(configs, Fp8BwdConfigs):
@@ -100,10 +143,6 @@ def sparse_attention_fp8_bwd(do: torch.Tensor, x: Fp8Inputs, out: torch.Tensor,
     problems = fp8_bwd_config_problems(configs, layout.block_size)
     if problems:
         raise ValueError("invalid fp8 backward configs: " + "; ".join(problems))
-    descales = (_expand_descale("x.q_descale", x.q_descale, batch, heads, q.device),
-                _expand_descale("x.k_descale", x.k_descale, batch, kv_heads, q.device),
-                _expand_descale("x.v_descale", x.v_descale, batch, kv_heads, q.device))
-    scale = 1.0 / math.sqrt(dim) if sm_scale is None else float(sm_scale)
     dq, dk, dv = sparse_attention_fp8_bwd_views(
         _bhsd(do, seq_dim), q, k, x.v_t, _bhsd(out, seq_dim), lse.contiguous(),
         layout.to(q.device), descales, scale, configs, grad_dtype)
@@ -112,13 +151,14 @@ def sparse_attention_fp8_bwd(do: torch.Tensor, x: Fp8Inputs, out: torch.Tensor,
 
 class _Fp8AttentionFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, x, layout, sm_scale, seq_dim, config, bwd_configs):
+    def forward(ctx, q, k, v, x, layout, sm_scale, seq_dim, config, bwd_configs, bwd_impl):
         out, lse = sparse_attention_fp8(x.q, x.k, x.v_t, layout, x.q_descale, x.k_descale,
                                         x.v_descale, sm_scale=sm_scale, seq_dim=seq_dim,
                                         return_lse=True, config=config, out_dtype=q.dtype)
         ctx.save_for_backward(out, lse)
         ctx.x, ctx.layout, ctx.sm_scale, ctx.seq_dim = x, layout, sm_scale, seq_dim
-        ctx.bwd_configs, ctx.grad_dtypes = bwd_configs, (q.dtype, k.dtype, v.dtype)
+        ctx.bwd_configs, ctx.bwd_impl = bwd_configs, bwd_impl
+        ctx.grad_dtypes = (q.dtype, k.dtype, v.dtype)
         return out
 
     @staticmethod
@@ -129,9 +169,10 @@ class _Fp8AttentionFn(torch.autograd.Function):
         out, lse = ctx.saved_tensors
         grads = sparse_attention_fp8_bwd(grad_out, ctx.x, out, lse, ctx.layout, ctx.sm_scale,
                                          ctx.seq_dim, ctx.bwd_configs, torch.float32
-                                         if torch.float32 in ctx.grad_dtypes else torch.bfloat16)
+                                         if torch.float32 in ctx.grad_dtypes else torch.bfloat16,
+                                         ctx.bwd_impl)
         grads = [g if g.dtype == dt else g.to(dt) for g, dt in zip(grads, ctx.grad_dtypes)]
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)
 
 
 @outside_compile
@@ -139,7 +180,8 @@ def sparse_attention_fp8_trainable(q: torch.Tensor, k: torch.Tensor, v: torch.Te
                                    layout: BlockLayout, sm_scale: float | None = None,
                                    seq_dim: int = 1, granularity: str = "head",
                                    quantized: Fp8Inputs | None = None, config=None,
-                                   bwd_configs: Fp8BwdConfigs | None = None) -> torch.Tensor:
+                                   bwd_configs: Fp8BwdConfigs | None = None,
+                                   bwd_impl: str = FP8_BWD_DEFAULT) -> torch.Tensor:
     """Block-sparse attention in fp8 that autograd can train through: q, k, v (float16,
     bfloat16 or float32, layouts as :func:`kernels.sparse_attention`) are quantised to e4m3
     (:func:`kernels.quantize_fp8`, ``granularity``), the fp8 forward runs, and the backward gives
@@ -148,9 +190,14 @@ def sparse_attention_fp8_trainable(q: torch.Tensor, k: torch.Tensor, v: torch.Te
 
     ``quantized`` skips the quantisation: a :func:`kernels.quantize_fp8` result of these same
     q, k, v (with this ``seq_dim``), for a caller that keeps it; nothing checks that it is
-    theirs beyond the shapes. ``config`` pins the forward's launch config, ``bwd_configs`` the
-    backward's.
+    theirs beyond the shapes. ``config`` pins the forward's launch config; ``bwd_impl`` and
+    ``bwd_configs`` are :func:`kernels.sparse_attention_fp8_bwd`'s ``impl`` and ``configs``.
     """
+    if bwd_impl not in FP8_BWD_IMPLS:
+        raise ValueError(f"bwd_impl must be one of {', '.join(FP8_BWD_IMPLS)}, got {bwd_impl!r}")
+    if bwd_impl == "bf16" and bwd_configs is not None:
+        raise ValueError("bwd_configs are the fp8 kernels' (bwd_impl='fp8'); bwd_impl='bf16' runs "
+                         "the 16-bit backward at its own looked-up configs")
     check_seq_dim(seq_dim)
     check_config_type("config", config)
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -168,4 +215,4 @@ def sparse_attention_fp8_trainable(q: torch.Tensor, k: torch.Tensor, v: torch.Te
                              f"{tuple(quantized.k.shape)}; the inputs are q {tuple(q.shape)}, "
                              f"k {tuple(k.shape)} and v {tuple(v.shape)}")
     return _Fp8AttentionFn.apply(q, k, v, quantized, layout, sm_scale, seq_dim, config,
-                                 bwd_configs)
+                                 bwd_configs, bwd_impl)

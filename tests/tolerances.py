@@ -57,3 +57,7 @@ def assert_verbose_close(actual: torch.Tensor, expected: torch.Tensor, tol: floa
 # to e4m3 for pᵀ dO, so dv carries both roundings (3.5-3.9% measured on random inputs) and dq,
 # dk the first (2.6-2.9%); dS runs in bfloat16 on a GPU, float32 in the interpreter.
 FP8_GRAD_TOL = 6e-2
+# The same gradients by the "bf16" backward (the 16-bit kernels on bfloat16 copies of the
+# dequantised inputs): each copy rounds by up to 2^-9, and the 16-bit kernels keep their own
+# bfloat16 error (1e-2 above); 0.4-0.9% measured on random inputs.
+FP8_BF16_GRAD_TOL = 2e-2

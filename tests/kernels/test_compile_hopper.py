@@ -30,6 +30,10 @@ EXPECTED = [
     ("fwd (fp8)", "_sparse_attn_fwd_fp8"),
     ("fwd (fp8, gluon)", "_mma_key_order_copy"),
     ("fwd (fp8, gluon)", "_sparse_attn_fwd_fp8_ws"),
+    ("bwd (fp8)", "_fp8_do_prepass"),
+    ("bwd (fp8)", "_fp8_bwd_dq"),
+    ("bwd (fp8)", "_fp8_bwd_dkdv"),
+    ("bwd (fp8)", "_fp8_dequantise"),
     ("decode", "_decode_split"),
     ("varlen", "_sparse_attn_fwd_varlen"),
 ]

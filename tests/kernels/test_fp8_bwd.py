@@ -25,7 +25,7 @@ from kernels import (
 from kernels.layout import token_mask
 from kernels.reference import layout_head_index
 from tests.kernels.cases import make_layout, make_qkv
-from tests.tolerances import FP8_GRAD_TOL, assert_verbose_close
+from tests.tolerances import FP8_BF16_GRAD_TOL, FP8_GRAD_TOL, assert_verbose_close
 
 SMALL = LaunchConfig(32, 32, 4, 1)
 
@@ -64,9 +64,13 @@ def _reference_grads(x, layout, scale, seq_dim, do):
     return torch.autograd.grad(ref, deq, do.to(ref.dtype))
 
 
+@pytest.mark.parametrize("impl", ["fp8", "bf16"])
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_gradients_match_the_reference_of_the_dequantised_inputs(case, device, poison_outputs):
+def test_gradients_match_the_reference_of_the_dequantised_inputs(case, impl, device,
+                                                                 poison_outputs):
     family, causal, sq, sk, h, hkv, d, bs, seq_dim, granularity, configs = case
+    if impl == "bf16":
+        configs = None  # the 16-bit kernels look theirs up
     layout = make_layout(family, h, hkv, sk, bs, causal)
     q, k, v = make_qkv(1, sq, sk, h, hkv, d, torch.bfloat16, device, seq_dim)
     x = quantize_fp8(q, k, v, granularity, seq_dim)
@@ -74,11 +78,12 @@ def test_gradients_match_the_reference_of_the_dequantised_inputs(case, device, p
     out, lse = _forward(x, layout, scale, seq_dim)
     do = torch.randn_like(out)
     grads = sparse_attention_fp8_bwd(do, x, out, lse, layout, sm_scale=scale, seq_dim=seq_dim,
-                                     configs=configs)
+                                     configs=configs, impl=impl)
     want = _reference_grads(x, layout, scale, seq_dim, do)
+    tol = FP8_GRAD_TOL if impl == "fp8" else FP8_BF16_GRAD_TOL
     for name, got, w, like in zip(("dq", "dk", "dv"), grads, want, (q, k, v)):
         assert got.dtype == torch.bfloat16 and got.shape == like.shape, name
-        assert_verbose_close(got, w, FP8_GRAD_TOL, name)
+        assert_verbose_close(got, w, tol, name)
 
 
 def _recipe(x, out, lse, do, layout, scale, seq_dim, round_p=True):
@@ -128,7 +133,7 @@ def test_gradients_follow_the_fp8_recipe(seq_dim, poison_outputs):
     sizes = torch.tensor([1.0, 30.0, 0.01, 5.0]).view([1] * head_axis + [4] + [1] * (3 - head_axis))
     do = torch.randn_like(out) * sizes
     got = sparse_attention_fp8_bwd(do, x, out, lse, layout, sm_scale=scale, seq_dim=seq_dim,
-                                   grad_dtype=torch.float32)
+                                   grad_dtype=torch.float32, impl="fp8")
     want = _recipe(x, out, lse, do, layout, scale, seq_dim)
     for name, g, w in zip(("dq", "dk", "dv"), got, want):
         assert_verbose_close(g, w, 1e-4, f"{name} against the recipe")
@@ -137,21 +142,23 @@ def test_gradients_follow_the_fp8_recipe(seq_dim, poison_outputs):
     assert _rel(got[2], unrounded) > 1e-2
 
 
+@pytest.mark.parametrize("impl", ["fp8", "bf16"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_trainable_attention_trains_the_unquantised_inputs(dtype, device, poison_outputs):
+def test_trainable_attention_trains_the_unquantised_inputs(dtype, impl, device, poison_outputs):
     """Gradients reach the 16- or 32-bit inputs straight through the quantisation, in their
     dtypes; against the unquantised reference the quantisation of q, k, v counts too."""
     layout = make_layout("hetero", 4, 2, 160, 32, True)
     q, k, v = make_qkv(1, 160, 160, 4, 2, 32, dtype, device, requires_grad=True)
-    out = sparse_attention_fp8_trainable(q, k, v, layout)
+    out = sparse_attention_fp8_trainable(q, k, v, layout, bwd_impl=impl)
     assert out.dtype == dtype and out.shape == q.shape
     do = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), do)
     assert [g.dtype for g in grads] == [dtype] * 3
     x = quantize_fp8(q.detach(), k.detach(), v.detach(), "head")
+    tol = FP8_GRAD_TOL if impl == "fp8" else FP8_BF16_GRAD_TOL
     for name, got, want in zip(("dq", "dk", "dv"), grads,
                                _reference_grads(x, layout, None, 1, do)):
-        assert_verbose_close(got, want, FP8_GRAD_TOL, name)
+        assert_verbose_close(got, want, tol, name)
     qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
     exact = torch.autograd.grad(reference_attention(qr, kr, vr, layout, grad=True),
                                 (qr, kr, vr), do.double())
@@ -159,8 +166,8 @@ def test_trainable_attention_trains_the_unquantised_inputs(dtype, device, poison
         # Each of q, k, v rounds with up to 2^-4 relative error: about 5% more on the gradients.
         assert_verbose_close(got, want, 0.15, f"{name} against the unquantised inputs")
     # A quantisation given is used as it is: the same gradients, bit for bit.
-    again = torch.autograd.grad(sparse_attention_fp8_trainable(q, k, v, layout, quantized=x),
-                                (q, k, v), do)
+    again = torch.autograd.grad(sparse_attention_fp8_trainable(q, k, v, layout, quantized=x,
+                                                               bwd_impl=impl), (q, k, v), do)
     for got, want in zip(again, grads):
         assert torch.equal(got, want)
 
@@ -195,10 +202,20 @@ def test_bad_calls_are_refused_naming_the_argument(device) -> None:
     with pytest.raises(TypeError, match="grad_dtype must be"):
         sparse_attention_fp8_bwd(do, x, out, lse, layout, grad_dtype=torch.int8)
     with pytest.raises(TypeError, match="configs must be a kernels.Fp8BwdConfigs"):
-        sparse_attention_fp8_bwd(do, x, out, lse, layout, configs=SMALL)
+        sparse_attention_fp8_bwd(do, x, out, lse, layout, configs=SMALL, impl="fp8")
     with pytest.raises(ValueError, match="invalid fp8 backward configs: dkdv: block_m=64"):
-        sparse_attention_fp8_bwd(do, x, out, lse, layout,
+        sparse_attention_fp8_bwd(do, x, out, lse, layout, impl="fp8",
                                  configs=Fp8BwdConfigs(LaunchConfig(64, 32, 4, 1), SMALL))
+    with pytest.raises(ValueError, match="impl must be one of fp8, bf16, got 'e5m2'"):
+        sparse_attention_fp8_bwd(do, x, out, lse, layout, impl="e5m2")
+    with pytest.raises(ValueError, match="impl='bf16' runs the 16-bit backward"):
+        sparse_attention_fp8_bwd(do, x, out, lse, layout, impl="bf16",
+                                 configs=Fp8BwdConfigs(SMALL, SMALL))
+    with pytest.raises(ValueError, match="bwd_impl must be one of fp8, bf16, got 'fp16'"):
+        sparse_attention_fp8_trainable(q, k, v, layout, bwd_impl="fp16")
+    with pytest.raises(ValueError, match="bwd_impl='bf16' runs the 16-bit backward"):
+        sparse_attention_fp8_trainable(q, k, v, layout, bwd_impl="bf16",
+                                       bwd_configs=Fp8BwdConfigs(SMALL, SMALL))
     with pytest.raises(TypeError, match="q has dtype torch.float8_e4m3fn; it must be float16"):
         sparse_attention_fp8_trainable(x.q, x.k, x.k, layout)
     with pytest.raises(ValueError, match=r"quantized holds q \(1, 64, 2, 32\)"):

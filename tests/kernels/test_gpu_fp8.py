@@ -21,6 +21,7 @@ from kernels import (
 from kernels import fp8_ws
 from tests.kernels.cases import PHI3, make_layout, make_qkv
 from tests.tolerances import (
+    FP8_BF16_GRAD_TOL,
     FP8_END_TO_END_TOL,
     FP8_GRAD_TOL,
     FP8_LSE_TOL,
@@ -113,16 +114,17 @@ def _reference_grads(x, layout, do, seq_dim=1, sm_scale=None):
     return torch.autograd.grad(ref, deq, do.float())
 
 
+@pytest.mark.parametrize("impl", ["fp8", "bf16"])
 @pytest.mark.parametrize("kv_heads", [8, 32], ids=lambda n: f"kv{n}")
 @pytest.mark.parametrize("dim", [64, 128], ids=lambda d: f"d{d}")
-def test_phi3_gradients_at_8k(kv_heads, dim, poison_outputs, capsys):
+def test_phi3_gradients_at_8k(kv_heads, dim, impl, poison_outputs, capsys):
     """The trainable fp8 attention's gradients at phi-3's pattern, 8k tokens, grouped and plain
     heads: against the float32 reference of the dequantised inputs, and (reported) against our
     bf16 kernel's on the unquantised inputs."""
     layout = local_stride_layout(max_seq_len=8192, **{**PHI3, "num_kv_heads": kv_heads})
     q, k, v = make_qkv(1, 8192, 8192, 32, kv_heads, dim, torch.bfloat16, "cuda",
                        requires_grad=True)
-    out = sparse_attention_fp8_trainable(q, k, v, layout, sm_scale=1 / 128)
+    out = sparse_attention_fp8_trainable(q, k, v, layout, sm_scale=1 / 128, bwd_impl=impl)
     do = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), do)
     bf16 = torch.autograd.grad(sparse_attention(q, k, v, layout, sm_scale=1 / 128), (q, k, v), do)
@@ -131,11 +133,12 @@ def test_phi3_gradients_at_8k(kv_heads, dim, poison_outputs, capsys):
     errors = {n: (_rel(g, w), _rel(g, b)) for n, g, w, b in zip(("dq", "dk", "dv"), grads, want,
                                                                  bf16)}
     with capsys.disabled():
-        print(f"\nfp8 grads phi-3 8k kv{kv_heads} d{dim}: " + ", ".join(
+        print(f"\nfp8 grads ({impl} backward) phi-3 8k kv{kv_heads} d{dim}: " + ", ".join(
             f"{n} {a:.4f} vs the dequantised reference, {b:.4f} vs bf16"
             for n, (a, b) in errors.items()))
+    tol = FP8_GRAD_TOL if impl == "fp8" else FP8_BF16_GRAD_TOL
     for name, got, w in zip(("dq", "dk", "dv"), grads, want):
-        assert_verbose_close(got, w, FP8_GRAD_TOL, name)
+        assert_verbose_close(got, w, tol, name)
 
 
 @pytest.mark.parametrize("case", [
@@ -145,14 +148,16 @@ def test_phi3_gradients_at_8k(kv_heads, dim, poison_outputs, capsys):
     ("dense_heads", True, 6000, 6000, 16, 4, 64, 128, 1),
     ("homo", True, 3001, 3001, 8, 1, 128, 64, 2),
 ], ids=str)
-def test_gradient_layout_families(case, poison_outputs):
+@pytest.mark.parametrize("impl", ["fp8", "bf16"])
+def test_gradient_layout_families(case, impl, poison_outputs):
     family, causal, sq, sk, h, hkv, d, bs, seq_dim = case
     layout = make_layout(family, h, hkv, sk, bs, causal)
     q, k, v = make_qkv(1, sq, sk, h, hkv, d, torch.bfloat16, "cuda", seq_dim, contiguous=False)
     x = quantize_fp8(q, k, v, "head", seq_dim)
     out, lse = _fp8(x, layout, seq_dim=seq_dim, return_lse=True)
     do = torch.randn_like(out)
-    grads = sparse_attention_fp8_bwd(do, x, out, lse, layout, seq_dim=seq_dim)
+    grads = sparse_attention_fp8_bwd(do, x, out, lse, layout, seq_dim=seq_dim, impl=impl)
+    tol = FP8_GRAD_TOL if impl == "fp8" else FP8_BF16_GRAD_TOL
     for name, got, want in zip(("dq", "dk", "dv"), grads,
                                _reference_grads(x, layout, do, seq_dim)):
-        assert_verbose_close(got, want, FP8_GRAD_TOL, name)
+        assert_verbose_close(got, want, tol, name)

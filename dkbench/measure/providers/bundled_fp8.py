@@ -1,7 +1,8 @@
 """The bundled kernel on fp8 cases (`dtype: fp8`): the case's bf16 inputs quantised to e4m3 (one
 descale per head) and run by `kernels.sparse_attention_fp8` (fwd), or by
-`kernels.sparse_attention_fp8_trainable` (bwd, fwd_bwd: the fp8 forward and backward, gradients
-passed straight through the quantisation to the bf16 inputs).
+`kernels.sparse_attention_fp8_trainable` (bwd, fwd_bwd: the fp8 forward and the backward in its
+default form, `kernels.FP8_BWD_DEFAULT`, gradients passed straight through the quantisation to
+the bf16 inputs).
 
 The quantisation is a step of its own, never inside a timed call. The timed step is called with
 the run's bf16 inputs, so the provider quantises the inputs it is given on the first call that
@@ -21,6 +22,7 @@ from collections.abc import Mapping
 import torch
 
 from kernels import (
+    FP8_BWD_DEFAULT,
     FP8_DTYPE,
     BlockLayout,
     Fp8Inputs,
@@ -121,8 +123,12 @@ def prepare_fp8(case: Case, layout: BlockLayout, sweep: Sweep, device: torch.dev
             return sparse_attention_fp8(x.q, x.k, x.v_t, layout, x.q_descale, x.k_descale,
                                         x.v_descale, sm_scale=scale, seq_dim=2, config=main)
     else:
-        backward = fp8_bwd_default_configs(device, case.head_dim)
-        label += f", bwd dkdv {backward.dkdv.short()} dq {backward.dq.short()}"
+        backward = None
+        if FP8_BWD_DEFAULT == "fp8":
+            backward = fp8_bwd_default_configs(device, case.head_dim)
+            label += f", bwd fp8 dkdv {backward.dkdv.short()} dq {backward.dq.short()}"
+        else:
+            label += ", bwd the bf16 kernels on the dequantised inputs"
         source += ", bwd default"
 
         def attn(q, k, v):
