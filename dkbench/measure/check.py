@@ -26,9 +26,10 @@ class CheckResult:
     ok: bool
     what: str  # which tensor had the worst relative error
     # fp8 rows: the output's relative error against our bf16 kernel on the same bf16 inputs,
-    # the quantisation's cost end to end (reported beside rel_err, which is the kernel's own).
-    # None for every other row.
+    # the quantisation's cost end to end (reported beside rel_err, which is the kernel's own);
+    # in the grad modes the worst of the output's and the gradients'. None for every other row.
     vs_bf16: float | None = None
+    vs_bf16_what: str = "out"  # which tensor vs_bf16 is of
 
 
 def random_inputs(case: Case, device: torch.device, requires_grad: bool,
@@ -92,6 +93,8 @@ def run_check(provider: Provider, prepared: Prepared, case: Case, layout: BlockL
         got = torch.autograd.grad(out, (q, k, v), dout)
         want = torch.autograd.grad(ref, (q, k, v), dout.to(ref.dtype))
         pairs += [(n, g, w) for n, g, w in zip(("dq", "dk", "dv"), got, want)]
+    if small.dtype == FP8:
+        vs_bf16 = _against_bf16(pairs, inputs, layout, scale, dout if grads else None)
     tol = sweep.check.rtol[case.dtype]
     worst = CheckResult(0.0, 0.0, True, "out")
     for name, got_t, want_t in pairs:
@@ -103,10 +106,21 @@ def run_check(provider: Provider, prepared: Prepared, case: Case, layout: BlockL
             worst = CheckResult(max(max_abs, worst.max_abs_err), rel, rel <= tol, name)
         else:
             worst = dataclasses.replace(worst, max_abs_err=max(max_abs, worst.max_abs_err))
-    if small.dtype == FP8 and small.mode == "fwd":
-        bf16 = sparse_attention(*inputs, layout, sm_scale=scale, seq_dim=2)
-        worst = dataclasses.replace(worst, vs_bf16=_rel(out, bf16))
+    if small.dtype == FP8:
+        worst = dataclasses.replace(worst, vs_bf16=vs_bf16[0], vs_bf16_what=vs_bf16[1])
     return worst
+
+
+def _against_bf16(pairs: list, inputs: tuple, layout: BlockLayout, scale: float,
+                  dout: torch.Tensor | None) -> tuple[float, str]:
+    """An fp8 row's worst relative error, and of which tensor, against our bf16 kernel on the
+    same bf16 inputs: the output's, and with ``dout`` the gradients' too."""
+    bf16 = sparse_attention(*inputs, layout, sm_scale=scale, seq_dim=2)
+    want = [bf16]
+    if dout is not None:
+        want += torch.autograd.grad(bf16, inputs, dout)
+    errors = [(_rel(got, w), name) for (name, got, _), w in zip(pairs, want)]
+    return max(errors)
 
 
 def _rel(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -202,8 +202,11 @@ def prepare_one(ctx: RunContext, case: Case, name: str, layout, density: float, 
                                f"{sweep.check.rtol[case.dtype]}")
                 return row
             if checked.vs_bf16 is not None:  # an fp8 row: how far quantising moved the output
-                row.message = (f"relative error {checked.vs_bf16:.3g} against the bf16 kernel "
-                               "on the same inputs (rel_err: against the dequantised reference)")
+                what = "" if case.mode == "fwd" else (f" ({checked.vs_bf16_what}, the worst of "
+                                                      "out, dq, dk, dv)")
+                row.message = (f"relative error {checked.vs_bf16:.3g}{what} against the bf16 "
+                               "kernel on the same inputs (rel_err: against the dequantised "
+                               "reference)")
         step = make_step(case.mode, prepared.attn, *inputs)
         step()  # warm-up: compilation and autotuning stay outside the timed region
         # Providers prepared before this one are still alive (they are timed together); what they

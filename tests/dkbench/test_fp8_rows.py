@@ -129,6 +129,12 @@ def test_an_fp8_training_row_checks_its_gradients(tmp_path: Path, mode: str) -> 
     assert row.config.endswith("e4m3 per head, bwd the bf16 kernels on the dequantised inputs")
     # The worst of out, dq, dk, dv: above a 16-bit kernel's error, inside fp8's budget.
     assert 5e-3 < row.rel_err < DEFAULT_RTOL[FP8]
+    # and how far the worst of them lies from the bf16 kernel's (quantisation included).
+    found = re.fullmatch(r"relative error (\S+) \((out|dq|dk|dv), the worst of out, dq, dk, dv\) "
+                         r"against the bf16 kernel on the same inputs \(rel_err: against the "
+                         r"dequantised reference\)", row.message)
+    assert found, row.message
+    assert row.rel_err < float(found[1]) < 0.15
 
 
 @needs_interpreter

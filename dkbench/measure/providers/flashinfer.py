@@ -254,8 +254,8 @@ class FlashInferDecode(Provider):
 
     def prepare(self, case: Case, layout: BlockLayout, sweep: Sweep, device: torch.device,
                 scale: float, config: object = None) -> Prepared:
-        refuse_fp8(case, "fp8 cases run mode fwd only; FlashInfer's fp8 KV-cache decode is not "
-                         "wired into dkbench")
+        refuse_fp8(case, "fp8 cases run the training modes only; FlashInfer's fp8 KV-cache "
+                         "decode is not wired into dkbench")
         options: DecodePages = self.options(sweep)
         lengths = torch.tensor(sequence_lengths(case), dtype=torch.int32)
         if case.page_size:  # a paged case: the case's own pages, with its block table
