@@ -23,7 +23,8 @@ from .layout import BlockLayout
 from .outside_compile import outside_compile
 from .quant import Fp8Inputs, quantize_fp8, sparse_attention_fp8
 
-__all__ = ["FP8_BWD_DEFAULT", "FP8_BWD_IMPLS", "sparse_attention_fp8_bwd", "sparse_attention_fp8_trainable"]
+__all__ = ["FP8_BWD_DEFAULT", "FP8_BWD_IMPLS", "sparse_attention_fp8_bwd",
+           "sparse_attention_fp8_trainable"]
 
 _GRAD_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # How the fp8 backward runs: "fp8", its own kernels on the e4m3 tensors (kernels/fp8_bwd.py);
