@@ -296,6 +296,20 @@ def backward_fp8() -> None:
     fp8_bwd.dequantised_bf16(q, descales[0])
 
 
+def backward_fp8_gluon() -> None:
+    """The fp8 backward's "gluon" form: its copies, the 16-bit dq kernel, the reordering
+    pre-pass and the Gluon fp8 dk/dv kernel."""
+    from kernels import fp8, fp8_bwd_ws
+
+    e4m3 = fp8.FP8_DTYPE
+    q, k = _bhsd(HEADS, e4m3), _bhsd(KV_HEADS, e4m3)
+    v_t = torch.randn(BATCH, KV_HEADS, DIM, SEQ).to(e4m3)
+    descales = (torch.ones(BATCH, HEADS), torch.ones(BATCH, KV_HEADS),
+                torch.ones(BATCH, KV_HEADS))
+    _, _, _, out, do, lse, _ = _backward_inputs()
+    fp8_bwd_ws.gluon_gradients(do, q, k, v_t, out, lse, _layout(), descales, 0.088)
+
+
 def decode() -> None:
     from kernels import decode as dec
 
@@ -330,6 +344,7 @@ FAMILIES: dict[str, Callable[[], None]] = {
     "fwd (fp8)": forward_fp8,
     "fwd (fp8, gluon)": forward_fp8_gluon,
     "bwd (fp8)": backward_fp8,
+    "bwd (fp8, gluon)": backward_fp8_gluon,
     "decode": decode,
     "varlen": varlen,
 }

@@ -34,6 +34,13 @@ EXPECTED = [
     ("bwd (fp8)", "_fp8_bwd_dq"),
     ("bwd (fp8)", "_fp8_bwd_dkdv"),
     ("bwd (fp8)", "_fp8_dequantise"),
+    # its "gluon" form: q, k and v copied, the 16-bit dq kernel, dOᵀ reordered, dk/dv in Gluon
+    ("bwd (fp8, gluon)", "_fp8_dequantise"),
+    ("bwd (fp8, gluon)", "_fp8_dequantise"),
+    ("bwd (fp8, gluon)", "_fp8_dequantise"),
+    ("bwd (fp8, gluon)", "_bwd_dq"),
+    ("bwd (fp8, gluon)", "_do_prepass_permuted"),
+    ("bwd (fp8, gluon)", "_fp8_bwd_dkdv_ws"),
     ("decode", "_decode_split"),
     ("varlen", "_sparse_attn_fwd_varlen"),
 ]

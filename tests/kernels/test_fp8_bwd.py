@@ -206,16 +206,20 @@ def test_bad_calls_are_refused_naming_the_argument(device) -> None:
     with pytest.raises(ValueError, match="invalid fp8 backward configs: dkdv: block_m=64"):
         sparse_attention_fp8_bwd(do, x, out, lse, layout, impl="fp8",
                                  configs=Fp8BwdConfigs(LaunchConfig(64, 32, 4, 1), SMALL))
-    with pytest.raises(ValueError, match="impl must be one of fp8, bf16, got 'e5m2'"):
+    with pytest.raises(ValueError, match="impl must be one of fp8, bf16, gluon, got 'e5m2'"):
         sparse_attention_fp8_bwd(do, x, out, lse, layout, impl="e5m2")
     with pytest.raises(ValueError, match="impl='bf16' runs the 16-bit backward"):
         sparse_attention_fp8_bwd(do, x, out, lse, layout, impl="bf16",
                                  configs=Fp8BwdConfigs(SMALL, SMALL))
-    with pytest.raises(ValueError, match="bwd_impl must be one of fp8, bf16, got 'fp16'"):
+    with pytest.raises(ValueError, match="bwd_impl must be one of fp8, bf16, gluon, got 'fp16'"):
         sparse_attention_fp8_trainable(q, k, v, layout, bwd_impl="fp16")
     with pytest.raises(ValueError, match="bwd_impl='bf16' runs the 16-bit backward"):
         sparse_attention_fp8_trainable(q, k, v, layout, bwd_impl="bf16",
                                        bwd_configs=Fp8BwdConfigs(SMALL, SMALL))
+    with pytest.raises(ValueError, match="impl='gluon' runs the 16-bit dq kernel at its looked-up "
+                                         "config and a Gluon dk/dv kernel of fixed tiles"):
+        sparse_attention_fp8_bwd(do, x, out, lse, layout, impl="gluon",
+                                 configs=Fp8BwdConfigs(SMALL, SMALL))
     with pytest.raises(TypeError, match="q has dtype torch.float8_e4m3fn; it must be float16"):
         sparse_attention_fp8_trainable(x.q, x.k, x.k, layout)
     with pytest.raises(ValueError, match=r"quantized holds q \(1, 64, 2, 32\)"):
@@ -223,3 +227,19 @@ def test_bad_calls_are_refused_naming_the_argument(device) -> None:
     leaf = torch.zeros_like(x.q).requires_grad_()
     with pytest.raises(NotImplementedError, match="train through sparse_attention_fp8_trainable"):
         sparse_attention_fp8(leaf, x.k, x.v_t, layout)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal off a Hopper GPU")
+def test_the_gluon_form_says_where_it_runs() -> None:
+    """Off a Hopper GPU the "gluon" form refuses, naming why and what runs anywhere, and the
+    trainable form says so before its forward runs."""
+    layout = make_layout("hetero", 2, 2, 64, 64, True)
+    q, k, v = make_qkv(1, 64, 64, 2, 2, 64, torch.bfloat16, "cpu", requires_grad=True)
+    x = quantize_fp8(q.detach(), k.detach(), v.detach(), "head")
+    out, lse = _forward(x, layout, None, 1)
+    with pytest.raises(ValueError, match=r"impl='gluon' cannot take this call: the Gluon fp8 "
+                                         r"dk/dv kernel runs on a Hopper GPU only \(impl='bf16' "
+                                         r"runs anywhere\)"):
+        sparse_attention_fp8_bwd(torch.randn_like(out), x, out, lse, layout, impl="gluon")
+    with pytest.raises(ValueError, match="bwd_impl='gluon' cannot take this call"):
+        sparse_attention_fp8_trainable(q, k, v, layout, bwd_impl="gluon")
