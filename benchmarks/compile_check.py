@@ -257,16 +257,22 @@ def backward_fused() -> None:
                                          _config("bwd"))
 
 
+def _fp8_inputs() -> tuple:
+    """e4m3 q, k and v_t of one fp8 call, with descales of 1 (values unused: nothing runs)."""
+    e4m3 = torch.float8_e4m3fn
+    q, k = _bhsd(HEADS, e4m3), _bhsd(KV_HEADS, e4m3)
+    v_t = torch.randn(BATCH, KV_HEADS, DIM, SEQ).to(e4m3)
+    descales = (torch.ones(BATCH, HEADS), torch.ones(BATCH, KV_HEADS),
+                torch.ones(BATCH, KV_HEADS))
+    return q, k, v_t, descales
+
+
 def _forward_fp8(gluon: bool) -> None:
     """The fp8 forward at the Triton kernel's default (torch sees no GPU here, so that is what
     fp8_default_config gives) or the Gluon kernel's."""
     from kernels import fp8
 
-    e4m3 = fp8.FP8_DTYPE
-    q, k = _bhsd(HEADS, e4m3), _bhsd(KV_HEADS, e4m3)
-    v_t = torch.randn(BATCH, KV_HEADS, DIM, SEQ).to(e4m3)
-    descales = (torch.ones(BATCH, HEADS), torch.ones(BATCH, KV_HEADS),
-                torch.ones(BATCH, KV_HEADS))
+    q, k, v_t, descales = _fp8_inputs()
     config = fp8.GLUON_FP8_DEFAULT if gluon else fp8.fp8_default_config(CUDA, BLOCK, DIM)
     fp8.sparse_attention_fp8_fwd(q, k, v_t, _layout(), descales, 0.088, config)
 
@@ -282,13 +288,9 @@ def forward_fp8_gluon() -> None:
 def backward_fp8() -> None:
     """The fp8 backward's pre-pass, dq and dk/dv kernels at their Hopper defaults, and the
     dequantising copy its "bf16" form takes."""
-    from kernels import fp8, fp8_bwd
+    from kernels import fp8_bwd
 
-    e4m3 = fp8.FP8_DTYPE
-    q, k = _bhsd(HEADS, e4m3), _bhsd(KV_HEADS, e4m3)
-    v_t = torch.randn(BATCH, KV_HEADS, DIM, SEQ).to(e4m3)
-    descales = (torch.ones(BATCH, HEADS), torch.ones(BATCH, KV_HEADS),
-                torch.ones(BATCH, KV_HEADS))
+    q, k, v_t, descales = _fp8_inputs()
     _, _, _, out, do, lse, _ = _backward_inputs()
     fp8_bwd.sparse_attention_fp8_bwd_views(do, q, k, v_t, out, lse, _layout(), descales, 0.088,
                                            fp8_bwd.fp8_bwd_default_configs(CUDA, DIM))
@@ -299,13 +301,9 @@ def backward_fp8() -> None:
 def backward_fp8_gluon() -> None:
     """The fp8 backward's "gluon" form: its copies, the 16-bit dq kernel, the reordering
     pre-pass and the Gluon fp8 dk/dv kernel."""
-    from kernels import fp8, fp8_bwd_ws
+    from kernels import fp8_bwd_ws
 
-    e4m3 = fp8.FP8_DTYPE
-    q, k = _bhsd(HEADS, e4m3), _bhsd(KV_HEADS, e4m3)
-    v_t = torch.randn(BATCH, KV_HEADS, DIM, SEQ).to(e4m3)
-    descales = (torch.ones(BATCH, HEADS), torch.ones(BATCH, KV_HEADS),
-                torch.ones(BATCH, KV_HEADS))
+    q, k, v_t, descales = _fp8_inputs()
     _, _, _, out, do, lse, _ = _backward_inputs()
     fp8_bwd_ws.gluon_gradients(do, q, k, v_t, out, lse, _layout(), descales, 0.088)
 
