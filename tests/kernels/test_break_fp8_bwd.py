@@ -1,0 +1,66 @@
+"""Breaking the fp8 training API (kernels.sparse_attention_fp8_bwd and
+sparse_attention_fp8_trainable): inputs that went wrong silently or with a cryptic error. Tiny
+shapes (the interpreter); kernel launches are blocked where a call must be refused before one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels.fp8_train
+from kernels import (
+    local_stride_layout,
+    quantize_fp8,
+    sparse_attention_fp8,
+    sparse_attention_fp8_bwd,
+)
+
+IMPLS = ("fp8", "bf16")
+LAYOUT = local_stride_layout(2, 64, 32, 1, 1)
+
+
+@pytest.fixture
+def no_launch(monkeypatch):
+    def launched(*args, **kwargs):
+        raise AssertionError("a kernel was launched before the call was refused")
+
+    for name in ("sparse_attention_fp8_bwd_views", "_bf16_gradients"):
+        monkeypatch.setattr(kernels.fp8_train, name, launched)
+
+
+def _qkv(batch=1, seq=64, heads=2, dim=32, dtype=torch.bfloat16, requires_grad=False):
+    return [torch.randn(batch, seq, heads, dim, dtype=dtype, requires_grad=requires_grad)
+            for _ in range(3)]
+
+
+@pytest.fixture(scope="module")
+def problem():
+    """``(do, x, out, lse)`` of one forward, (1, 64, 2, 32) in bfloat16."""
+    x = quantize_fp8(*_qkv())
+    out, lse = sparse_attention_fp8(x.q, x.k, x.v_t, LAYOUT, x.q_descale, x.k_descale,
+                                    x.v_descale, return_lse=True)
+    return torch.randn_like(out), x, out, lse
+
+
+@pytest.mark.usefixtures("no_launch")
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("arg", ["do", "out"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float8_e5m2])
+def test_do_and_out_in_a_dtype_the_message_does_not_name_are_refused(problem, arg, dtype, impl):
+    # Was: any floating dtype but e4m3 passed the check that says "float16, bfloat16 or
+    # float32"; e5m2 dO then failed inside torch in the fp8 form ("norm_cpu" not implemented).
+    do, x, out, lse = problem
+    args = {"do": do, "out": out}
+    args[arg] = args[arg].to(dtype)
+    with pytest.raises(TypeError, match=f"{arg} has dtype {dtype}; it must be float16"):
+        sparse_attention_fp8_bwd(args["do"], x, args["out"], lse, LAYOUT, impl=impl)
+
+
+@pytest.mark.usefixtures("no_launch")
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_sparse_do_is_refused(problem, impl):
+    # Was: NotImplementedError "Cannot access storage of SparseTensorImpl" (or, in the fp8
+    # form, "Could not run 'aten::linalg_vector_norm' ... 'SparseCPU' backend").
+    do, x, out, lse = problem
+    with pytest.raises(TypeError, match="do must be a dense .strided. tensor"):
+        sparse_attention_fp8_bwd(do.to_sparse(), x, out, lse, LAYOUT, impl=impl)
