@@ -20,7 +20,7 @@ from .fp8_bwd import (
     fp8_bwd_default_configs,
     sparse_attention_fp8_bwd_views,
 )
-from .layout import BlockLayout
+from .layout import BlockLayout, check_device
 from .outside_compile import outside_compile
 from .quant import Fp8Inputs, quantize_fp8, sparse_attention_fp8
 
@@ -81,6 +81,11 @@ def _check_quantized(x: object) -> Fp8Inputs:
         if not isinstance(t, torch.Tensor) or t.dtype != FP8_DTYPE or t.dim() != 4:
             raise TypeError(f"x.{name} must be a 4-D torch.float8_e4m3fn tensor "
                             "(what quantize_fp8 returns)")
+    check_device("x.q", x.q)
+    for name in ("k", "v_t"):
+        # Was: torch's "Cannot copy out of meta tensor" (or a kernel reading across devices).
+        if getattr(x, name).device != x.q.device:
+            raise ValueError(f"x.{name} is on {getattr(x, name).device}, x.q on {x.q.device}")
     return x
 
 

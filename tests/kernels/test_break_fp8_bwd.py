@@ -64,3 +64,24 @@ def test_a_sparse_do_is_refused(problem, impl):
     do, x, out, lse = problem
     with pytest.raises(TypeError, match="do must be a dense .strided. tensor"):
         sparse_attention_fp8_bwd(do.to_sparse(), x, out, lse, LAYOUT, impl=impl)
+
+
+@pytest.mark.usefixtures("no_launch")
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", ["k", "v_t"])
+def test_x_tensors_on_another_device_are_refused(problem, name, impl):
+    # Was: NotImplementedError "Cannot copy out of meta tensor; no data!".
+    do, x, out, lse = problem
+    bad = x._replace(**{name: getattr(x, name).to("meta")})
+    with pytest.raises(ValueError, match=f"x.{name} is on meta, x.q on cpu"):
+        sparse_attention_fp8_bwd(do, bad, out, lse, LAYOUT, impl=impl)
+
+
+@pytest.mark.usefixtures("no_launch")
+@pytest.mark.parametrize("impl", IMPLS)
+def test_everything_on_the_meta_device_is_refused(problem, impl):
+    do, x, out, lse = problem
+    meta = x._replace(q=x.q.to("meta"), k=x.k.to("meta"), v_t=x.v_t.to("meta"))
+    with pytest.raises(ValueError, match="x.q is on meta; it must be on the CPU or a CUDA"):
+        sparse_attention_fp8_bwd(do.to("meta"), meta, out.to("meta"), lse.to("meta"), LAYOUT,
+                                 impl=impl)
