@@ -22,7 +22,7 @@ from .fp8_bwd import (
 )
 from .layout import BlockLayout, check_device
 from .outside_compile import outside_compile
-from .quant import Fp8Inputs, quantize_fp8, sparse_attention_fp8
+from .quant import _DESCALE_DTYPES, Fp8Inputs, quantize_fp8, sparse_attention_fp8
 
 __all__ = ["FP8_BWD_DEFAULT", "FP8_BWD_IMPLS", "sparse_attention_fp8_bwd",
            "sparse_attention_fp8_trainable"]
@@ -86,6 +86,16 @@ def _check_quantized(x: object) -> Fp8Inputs:
         # Was: torch's "Cannot copy out of meta tensor" (or a kernel reading across devices).
         if getattr(x, name).device != x.q.device:
             raise ValueError(f"x.{name} is on {getattr(x, name).device}, x.q on {x.q.device}")
+    for name in ("q_descale", "k_descale", "v_descale"):
+        d = getattr(x, name)
+        # Was: None read as 1 (the forward's default, not a quantisation's: gradients of other
+        # inputs than the forward's), an e4m3 descale failed inside torch ("isfinite").
+        if not isinstance(d, torch.Tensor):
+            raise TypeError(f"x.{name} must be a torch.Tensor (quantize_fp8 gives one), got "
+                            f"{type(d).__name__}")
+        if d.is_floating_point() and d.dtype not in _DESCALE_DTYPES:
+            raise TypeError(f"x.{name} has dtype {d.dtype}; descales are float32 (float16, "
+                            "bfloat16 and float64 are converted)")
     return x
 
 

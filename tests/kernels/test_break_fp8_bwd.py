@@ -4,6 +4,8 @@ shapes (the interpreter); kernel launches are blocked where a call must be refus
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -85,3 +87,19 @@ def test_everything_on_the_meta_device_is_refused(problem, impl):
     with pytest.raises(ValueError, match="x.q is on meta; it must be on the CPU or a CUDA"):
         sparse_attention_fp8_bwd(do.to("meta"), meta, out.to("meta"), lse.to("meta"), LAYOUT,
                                  impl=impl)
+
+
+@pytest.mark.usefixtures("no_launch")
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("descale,error,match", [
+    (None, TypeError, "x.k_descale must be a torch.Tensor (quantize_fp8 gives one), got NoneType"),
+    (torch.ones(2).to(torch.float8_e4m3fn), TypeError,
+     "x.k_descale has dtype torch.float8_e4m3fn; descales are float32"),
+    (torch.ones(2, dtype=torch.int64), ValueError, "x.k_descale must be a float tensor"),
+], ids=["None", "e4m3", "int64"])
+def test_bad_descales_in_x_are_refused(problem, descale, error, match, impl):
+    # Was: None taken as 1 (gradients of inputs the forward never saw, NaN here), and an e4m3
+    # descale NotImplementedError "isfinite" not implemented for 'Float8_e4m3fn'.
+    do, x, out, lse = problem
+    with pytest.raises(error, match=re.escape(match)):
+        sparse_attention_fp8_bwd(do, x._replace(k_descale=descale), out, lse, LAYOUT, impl=impl)
