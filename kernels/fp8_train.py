@@ -11,7 +11,14 @@ import torch
 
 from . import fp8_bwd_ws
 from .attention import gradients
-from .checks import check_config_type, check_heads, check_scale, check_seq_dim, check_strided
+from .checks import (
+    check_batch,
+    check_config_type,
+    check_heads,
+    check_scale,
+    check_seq_dim,
+    check_strided,
+)
 from .fp8 import FP8_DTYPE, _expand_descale
 from .fp8_bwd import (
     Fp8BwdConfigs,
@@ -140,6 +147,8 @@ def sparse_attention_fp8_bwd(do: torch.Tensor, x: Fp8Inputs, out: torch.Tensor,
     q, k = _bhsd(x.q, seq_dim), _bhsd(x.k, seq_dim)
     batch, heads, seq_q, dim = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
+    # As the forward: no batch is no call (was an AssertionError from the 16-bit launcher).
+    check_batch("x.q", batch)
     if k.shape[0] != batch or k.shape[3] != dim:
         raise ValueError(f"x.q and x.k must share batch and head_dim, got {tuple(q.shape)} and "
                          f"{tuple(k.shape)} as (batch, heads, seq, dim)")

@@ -103,3 +103,13 @@ def test_bad_descales_in_x_are_refused(problem, descale, error, match, impl):
     do, x, out, lse = problem
     with pytest.raises(error, match=re.escape(match)):
         sparse_attention_fp8_bwd(do, x._replace(k_descale=descale), out, lse, LAYOUT, impl=impl)
+
+
+@pytest.mark.usefixtures("no_launch")
+@pytest.mark.parametrize("impl", IMPLS)
+def test_an_empty_batch_is_refused_as_the_forward_refuses_it(problem, impl):
+    # Was: AssertionError "shape must be positive" (bf16), empty gradients (fp8).
+    do, x, out, lse = problem
+    empty = x._replace(q=x.q[:0], k=x.k[:0], v_t=x.v_t[:0])
+    with pytest.raises(ValueError, match="x.q has batch size 0; a call needs at least one"):
+        sparse_attention_fp8_bwd(do[:0], empty, out[:0], lse[:0], LAYOUT, impl=impl)
