@@ -438,7 +438,9 @@ def _do_descale(do: torch.Tensor) -> torch.Tensor:
     """amax / 448 of each (batch, head) of dO ``(b, h, s, d)``, float32, contiguous; 1 where dO
     is all zeros. No host sync: a dO holding inf or NaN gives NaN gradients, as in 16 bits."""
     amax = torch.linalg.vector_norm(do, float("inf"), dim=(2, 3)).to(torch.float32)
-    return torch.where(amax > 0, amax / E4M3_MAX.value, torch.ones_like(amax)).contiguous()
+    # Tested for 0, not for > 0: a NaN amax must stay in the descale (NaN > 0 is False, and a
+    # descale of 1 let the pre-pass's clamp turn NaN dO into 448, finite gradients).
+    return torch.where(amax == 0, torch.ones_like(amax), amax / E4M3_MAX.value).contiguous()
 
 
 def sparse_attention_fp8_bwd_views(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor,

@@ -113,3 +113,17 @@ def test_an_empty_batch_is_refused_as_the_forward_refuses_it(problem, impl):
     empty = x._replace(q=x.q[:0], k=x.k[:0], v_t=x.v_t[:0])
     with pytest.raises(ValueError, match="x.q has batch size 0; a call needs at least one"):
         sparse_attention_fp8_bwd(do[:0], empty, out[:0], lse[:0], LAYOUT, impl=impl)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's, in the interpreter
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_do_holding_nan_or_inf_gives_non_finite_gradients(problem, bad, impl):
+    # Was (impl fp8): a NaN in dO gave a NaN amax, so a descale of 1, and the pre-pass's clamp
+    # made the NaN 448: finite gradients, silently wrong.
+    do, x, out, lse = problem
+    do = do.clone()
+    do[0, 5, 1, 3] = bad
+    grads = sparse_attention_fp8_bwd(do, x, out, lse, LAYOUT, impl=impl)
+    for name, g in zip(("dq", "dk", "dv"), grads):
+        assert not torch.isfinite(g[:, :, 1]).all(), name
