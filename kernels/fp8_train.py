@@ -163,6 +163,12 @@ def sparse_attention_fp8_bwd(do: torch.Tensor, x: Fp8Inputs, out: torch.Tensor,
                          f"{(batch, heads, seq_q)} log-sum-exp (return_lse=True)")
     if lse.device != q.device:
         raise ValueError(f"lse is on {lse.device}, q on {q.device}")
+    # The forward's LSE is finite in every row (even one with no kept keys: its running maximum
+    # starts at -1e30). Checked on the host, where it costs no wait for a device: a NaN gave NaN
+    # gradients, an inf silently zero ones.
+    if lse.device.type == "cpu" and not bool(torch.isfinite(lse).all()):
+        raise ValueError("lse holds inf or NaN; the forward's log-sum-exp (return_lse=True) is "
+                         "finite in every row")
     check_heads(heads, kv_heads, dim, layout)
     layout.check_seqlen(seq_k, seq_q)
     descales = (_expand_descale("x.q_descale", x.q_descale, batch, heads, q.device),

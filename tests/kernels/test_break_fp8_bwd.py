@@ -127,3 +127,15 @@ def test_a_do_holding_nan_or_inf_gives_non_finite_gradients(problem, bad, impl):
     grads = sparse_attention_fp8_bwd(do, x, out, lse, LAYOUT, impl=impl)
     for name, g in zip(("dq", "dk", "dv"), grads):
         assert not torch.isfinite(g[:, :, 1]).all(), name
+
+
+@pytest.mark.usefixtures("no_launch")
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_an_lse_holding_nan_or_inf_is_refused_on_the_host(problem, bad, impl):
+    # Was: NaN gradients for a NaN, silently zero ones for +inf.
+    do, x, out, lse = problem
+    lse = lse.clone()
+    lse[0, 1, 7] = bad
+    with pytest.raises(ValueError, match="lse holds inf or NaN"):
+        sparse_attention_fp8_bwd(do, x, out, lse, LAYOUT, impl=impl)
