@@ -106,6 +106,19 @@ def _check_quantized(x: object) -> Fp8Inputs:
     return x
 
 
+def _check_not_differentiated(named: tuple) -> None:
+    """The backward is not differentiable: an input that asks for a gradient through it would
+    silently get none (its results carry no graph), so it is refused, as the fp8 forward refuses
+    descales that ask. Under torch.no_grad (as autograd runs a backward) anything passes."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in named:
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            raise ValueError(f"{name} requires grad, but sparse_attention_fp8_bwd is not "
+                             "differentiable and its gradients carry none back to it; pass "
+                             f"{name}.detach(), or call it under torch.no_grad()")
+
+
 def sparse_attention_fp8_bwd(do: torch.Tensor, x: Fp8Inputs, out: torch.Tensor,
                              lse: torch.Tensor, layout: BlockLayout,
                              sm_scale: float | None = None, seq_dim: int = 1,
@@ -169,11 +182,15 @@ def sparse_attention_fp8_bwd(do: torch.Tensor, x: Fp8Inputs, out: torch.Tensor,
     if lse.device.type == "cpu" and not bool(torch.isfinite(lse).all()):
         raise ValueError("lse holds inf or NaN; the forward's log-sum-exp (return_lse=True) is "
                          "finite in every row")
+    _check_not_differentiated((("do", do), ("out", out), ("lse", lse), ("sm_scale", sm_scale),
+                               *((f"x.{f}", getattr(x, f)) for f in Fp8Inputs._fields)))
     check_heads(heads, kv_heads, dim, layout)
     layout.check_seqlen(seq_k, seq_q)
     descales = (_expand_descale("x.q_descale", x.q_descale, batch, heads, q.device),
                 _expand_descale("x.k_descale", x.k_descale, batch, kv_heads, q.device),
                 _expand_descale("x.v_descale", x.v_descale, batch, kv_heads, q.device))
+    if isinstance(sm_scale, torch.Tensor):
+        sm_scale = sm_scale.detach()  # asks no gradient (checked above); float() would warn
     scale = 1.0 / math.sqrt(dim) if sm_scale is None else float(sm_scale)
     if impl in ("bf16", "gluon"):
         layout = layout.to(q.device)

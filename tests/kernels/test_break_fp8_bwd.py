@@ -5,6 +5,7 @@ shapes (the interpreter); kernel launches are blocked where a call must be refus
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -139,3 +140,28 @@ def test_an_lse_holding_nan_or_inf_is_refused_on_the_host(problem, bad, impl):
     lse[0, 1, 7] = bad
     with pytest.raises(ValueError, match="lse holds inf or NaN"):
         sparse_attention_fp8_bwd(do, x, out, lse, LAYOUT, impl=impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", ["do", "out", "lse", "sm_scale", "x.q", "x.v_descale"])
+def test_an_input_that_asks_for_a_gradient_is_refused(problem, name, impl, monkeypatch):
+    # Was: accepted, its gradients carrying no graph (none reached it, silently), and a
+    # sm_scale that required grad warned from float().
+    do, x, out, lse = problem
+    args = {"do": do, "out": out, "lse": lse, "sm_scale": torch.tensor(0.2)}
+    fields = {"x.q": "q", "x.v_descale": "v_descale"}
+    if name in fields:
+        t = getattr(x, fields[name])
+        x = x._replace(**{fields[name]: t.detach().clone().requires_grad_(t.is_floating_point())})
+    else:
+        args[name] = args[name].detach().clone().requires_grad_()
+    with pytest.raises(ValueError, match=f"{name} requires grad, but sparse_attention_fp8_bwd "
+                                         "is not differentiable"):
+        sparse_attention_fp8_bwd(args["do"], x, args["out"], args["lse"], LAYOUT,
+                                 sm_scale=args["sm_scale"], impl=impl)
+    # Under no_grad, as autograd runs a backward: past the checks, and no warning from float().
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        grads = sparse_attention_fp8_bwd(args["do"], x, args["out"], args["lse"], LAYOUT,
+                                         sm_scale=args["sm_scale"], impl=impl)
+    assert all(g.shape == do.shape for g in grads)
