@@ -8,9 +8,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 from . import fp8_bwd_ws
-from .attention import gradients
+from .attention import _functorch_wrapped, gradients
 from .checks import (
     check_batch,
     check_config_type,
@@ -219,6 +220,18 @@ def sparse_attention_fp8_bwd(do: torch.Tensor, x: Fp8Inputs, out: torch.Tensor,
     return _bhsd(dq, seq_dim), _bhsd(dk, seq_dim), _bhsd(dv, seq_dim)
 
 
+def _check_untransformed(q: object, k: object, v: object) -> None:
+    """What autograd cannot get through the kernels, as kernels.sparse_attention refuses it:
+    torch.func transforms' wrappers (no storage to read) and forward-mode dual tensors (the
+    Function has no jvp)."""
+    for t in (q, k, v):
+        if isinstance(t, torch.Tensor) and (_functorch_wrapped(t)
+                                            or forward_ad.unpack_dual(t).tangent is not None):
+            raise RuntimeError("sparse_attention_fp8_trainable does not support torch.func "
+                               "transforms (grad, vmap, jacrev, jvp, ...) or forward-mode AD: "
+                               "differentiate it with torch.autograd.grad or .backward()")
+
+
 class _Fp8AttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, x, layout, sm_scale, seq_dim, config, bwd_configs, bwd_impl):
@@ -233,6 +246,12 @@ class _Fp8AttentionFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if _functorch_wrapped(grad_out):
+            # vmap over the backward hands the kernels a batched grad they cannot read.
+            raise RuntimeError("the fp8 attention's backward cannot run batched "
+                               "(torch.autograd.grad(..., is_grads_batched=True), "
+                               "torch.autograd.functional.jacobian(vectorize=True), vmap): "
+                               "take one grad_outputs at a time")
         if torch.is_grad_enabled():
             raise RuntimeError("double backward through the fp8 attention is not supported "
                                "(the backward kernels are not differentiable)")
@@ -268,6 +287,7 @@ def sparse_attention_fp8_trainable(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     if bwd_impl != "fp8" and bwd_configs is not None:
         raise ValueError(f"bwd_configs are the fp8 kernels' (bwd_impl='fp8'); "
                          f"bwd_impl={bwd_impl!r} runs {_OWN_CONFIGS[bwd_impl]}")
+    _check_untransformed(q, k, v)
     check_seq_dim(seq_dim)
     check_config_type("config", config)
     for name, t in (("q", q), ("k", k), ("v", v)):

@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 import kernels.fp8_train
 from kernels import (
@@ -16,6 +17,7 @@ from kernels import (
     quantize_fp8,
     sparse_attention_fp8,
     sparse_attention_fp8_bwd,
+    sparse_attention_fp8_trainable,
 )
 
 IMPLS = ("fp8", "bf16")
@@ -165,3 +167,39 @@ def test_an_input_that_asks_for_a_gradient_is_refused(problem, name, impl, monke
         grads = sparse_attention_fp8_bwd(args["do"], x, args["out"], args["lse"], LAYOUT,
                                          sm_scale=args["sm_scale"], impl=impl)
     assert all(g.shape == do.shape for g in grads)
+
+
+def _trainable_inputs():
+    return _qkv(dtype=torch.float32)
+
+
+@pytest.mark.parametrize("transform", ["grad", "vmap", "jvp", "forward_ad"])
+def test_torch_func_transforms_are_refused_clearly(transform):
+    # Was: torch's "must override the setup_context staticmethod" (grad, jvp), "data-dependent
+    # control flow" (vmap) and "You must implement the jvp function" (forward-mode AD).
+    q, k, v = _trainable_inputs()
+
+    def attention(q):
+        return sparse_attention_fp8_trainable(q, k, v, LAYOUT)
+
+    with pytest.raises(RuntimeError, match="sparse_attention_fp8_trainable does not support "
+                                           "torch.func transforms"):
+        if transform == "grad":
+            torch.func.grad(lambda q: attention(q).sum())(q)
+        elif transform == "vmap":
+            torch.func.vmap(lambda q: attention(q[None])[0])(q.expand(2, -1, -1, -1))
+        elif transform == "jvp":
+            torch.func.jvp(attention, (q,), (torch.randn_like(q),))
+        else:
+            with forward_ad.dual_level():
+                attention(forward_ad.make_dual(q, torch.randn_like(q)))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_batched_grad_outputs_are_refused_clearly(impl):
+    # Was: NotImplementedError "Cannot access storage of BatchedTensorImpl".
+    q, k, v = _trainable_inputs()
+    q.requires_grad_()
+    out = sparse_attention_fp8_trainable(q, k, v, LAYOUT, bwd_impl=impl)
+    with pytest.raises(RuntimeError, match="the fp8 attention's backward cannot run batched"):
+        torch.autograd.grad(out, q, torch.randn(2, *out.shape), is_grads_batched=True)
