@@ -288,6 +288,12 @@ def sparse_attention_fp8_trainable(q: torch.Tensor, k: torch.Tensor, v: torch.Te
         raise ValueError(f"bwd_configs are the fp8 kernels' (bwd_impl='fp8'); "
                          f"bwd_impl={bwd_impl!r} runs {_OWN_CONFIGS[bwd_impl]}")
     _check_untransformed(q, k, v)
+    if isinstance(sm_scale, torch.Tensor):
+        # Was: trained through with no gradient for it, silently (and a warning from float()).
+        if sm_scale.requires_grad and torch.is_grad_enabled():
+            raise ValueError("sm_scale requires grad, but the kernels take it as a number and "
+                             "give it no gradient; pass a float or sm_scale.detach()")
+        sm_scale = sm_scale.detach()
     check_seq_dim(seq_dim)
     check_config_type("config", config)
     for name, t in (("q", q), ("k", k), ("v", v)):

@@ -203,3 +203,16 @@ def test_batched_grad_outputs_are_refused_clearly(impl):
     out = sparse_attention_fp8_trainable(q, k, v, LAYOUT, bwd_impl=impl)
     with pytest.raises(RuntimeError, match="the fp8 attention's backward cannot run batched"):
         torch.autograd.grad(out, q, torch.randn(2, *out.shape), is_grads_batched=True)
+
+
+def test_a_learned_sm_scale_is_refused_by_the_trainable():
+    # Was: trained through, sm_scale silently given no gradient (and a warning from float()).
+    q, k, v = _qkv(requires_grad=True)
+    scale = torch.tensor(0.2, requires_grad=True)
+    with pytest.raises(ValueError, match="sm_scale requires grad, but the kernels take it as a "
+                                         "number"):
+        sparse_attention_fp8_trainable(q, k, v, LAYOUT, sm_scale=scale)
+    with torch.no_grad(), warnings.catch_warnings():  # nothing to train: taken as a number
+        warnings.simplefilter("error", UserWarning)
+        out = sparse_attention_fp8_trainable(q, k, v, LAYOUT, sm_scale=scale)
+    assert out.shape == q.shape and not out.requires_grad
