@@ -50,7 +50,7 @@ from .common import (
 from .configs import LaunchConfig
 from .fp8 import E4M3_MAX, FP8_DTYPE, _round_e4m3
 from .fp8_softmax import P_SHIFT
-from .layout import BlockLayout
+from .layout import BlockLayout, is_int
 
 __all__ = ["Fp8BwdConfigs", "dequantised_bf16", "fp8_bwd_default_configs",
            "fp8_bwd_config_problems", "sparse_attention_fp8_bwd_views"]
@@ -83,14 +83,25 @@ def fp8_bwd_default_configs(device: torch.device, head_dim: int) -> Fp8BwdConfig
     return Fp8BwdConfigs(LaunchConfig(64, 32, 4, stages), LaunchConfig(64, 64, 4, stages))
 
 
+_INT_FIELDS = ("block_m", "block_n", "num_warps", "num_stages")
+
+
 def fp8_bwd_config_problems(configs: Fp8BwdConfigs, block_size: int) -> list[str]:
     """Why ``configs`` cannot run the fp8 backward for this sparse block size (empty: they can).
     Both kernels' tiles are powers of two from 32 (fp8 products take k >= 32) to the block size
     (a step stays inside one kept block pair), Triton only."""
+    if not isinstance(configs, Fp8BwdConfigs):
+        raise TypeError(f"configs must be a kernels.Fp8BwdConfigs, got {type(configs).__name__}")
     problems = []
     for name, config in zip(Fp8BwdConfigs._fields, configs):
         if not isinstance(config, LaunchConfig):
             problems.append(f"{name}: expected a LaunchConfig, got {type(config).__name__}")
+            continue
+        # Was: Python's own TypeError from the comparisons below ("'<' not supported ...").
+        not_ints = [f"{axis}={getattr(config, axis)!r}" for axis in _INT_FIELDS
+                    if not is_int(getattr(config, axis))]
+        if not_ints:
+            problems.append(f"{name}: {', '.join(not_ints)} must be an int")
             continue
         if config.impl != "triton":
             problems.append(f"{name}: impl={config.impl!r}; the fp8 backward is Triton only")

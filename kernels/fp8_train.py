@@ -107,6 +107,15 @@ def _check_quantized(x: object) -> Fp8Inputs:
     return x
 
 
+def _check_bwd_configs(name: str, configs: object, layout: BlockLayout) -> None:
+    if not isinstance(configs, Fp8BwdConfigs):
+        raise TypeError(f"{name} must be a kernels.Fp8BwdConfigs, got {type(configs).__name__}")
+    problems = fp8_bwd_config_problems(configs, layout.block_size)
+    if problems:
+        raise ValueError(f"invalid fp8 backward configs: {'; '.join(problems)} (the {name} "
+                         "argument)")
+
+
 def _check_not_differentiated(named: tuple) -> None:
     """The backward is not differentiable: an input that asks for a gradient through it would
     silently get none (its results carry no graph), so it is refused, as the fp8 forward refuses
@@ -209,11 +218,7 @@ def sparse_attention_fp8_bwd(do: torch.Tensor, x: Fp8Inputs, out: torch.Tensor,
                      for g in grads)
     if configs is None:
         configs = fp8_bwd_default_configs(q.device, dim)
-    if not isinstance(configs, Fp8BwdConfigs):
-        raise TypeError(f"configs must be a kernels.Fp8BwdConfigs, got {type(configs).__name__}")
-    problems = fp8_bwd_config_problems(configs, layout.block_size)
-    if problems:
-        raise ValueError("invalid fp8 backward configs: " + "; ".join(problems))
+    _check_bwd_configs("configs", configs, layout)
     dq, dk, dv = sparse_attention_fp8_bwd_views(
         _bhsd(do, seq_dim), q, k, x.v_t, _bhsd(out, seq_dim), lse.contiguous(),
         layout.to(q.device), descales, scale, configs, grad_dtype)

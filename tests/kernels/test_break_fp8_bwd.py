@@ -13,6 +13,9 @@ import torch.autograd.forward_ad as forward_ad
 
 import kernels.fp8_train
 from kernels import (
+    Fp8BwdConfigs,
+    LaunchConfig,
+    fp8_bwd_config_problems,
     local_stride_layout,
     quantize_fp8,
     sparse_attention_fp8,
@@ -216,3 +219,21 @@ def test_a_learned_sm_scale_is_refused_by_the_trainable():
         warnings.simplefilter("error", UserWarning)
         out = sparse_attention_fp8_trainable(q, k, v, LAYOUT, sm_scale=scale)
     assert out.shape == q.shape and not out.requires_grad
+
+
+@pytest.mark.usefixtures("no_launch")
+@pytest.mark.parametrize("field", ["block_m", "num_stages"])
+def test_a_config_of_non_int_fields_is_refused_naming_them(problem, field):
+    # Was: Python's TypeError from a comparison ("'<' not supported between instances of 'str'
+    # and 'int'", "unsupported operand type(s) for &: 'float' and 'float'").
+    do, x, out, lse = problem
+    bad = LaunchConfig("32", 32, 4, 1) if field == "block_m" else LaunchConfig(32, 32, 4, 1.0)
+    configs = Fp8BwdConfigs(LaunchConfig(32, 32, 4, 1), bad)
+    value = "'32'" if field == "block_m" else "1.0"
+    assert fp8_bwd_config_problems(configs, 32) == [f"dq: {field}={value} must be an int"]
+    with pytest.raises(ValueError, match=re.escape(f"invalid fp8 backward configs: dq: {field}="
+                                                   f"{value} must be an int (the configs")):
+        sparse_attention_fp8_bwd(do, x, out, lse, LAYOUT, configs=configs, impl="fp8")
+    with pytest.raises(TypeError, match="configs must be a kernels.Fp8BwdConfigs, got tuple"):
+        fp8_bwd_config_problems(tuple(configs), 32)
+
