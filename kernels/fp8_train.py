@@ -307,6 +307,9 @@ def sparse_attention_fp8_trainable(q: torch.Tensor, k: torch.Tensor, v: torch.Te
         if t.dtype not in _GRAD_DTYPES:
             raise TypeError(f"{name} has dtype {t.dtype}; it must be float16, bfloat16 or "
                             "float32 (e4m3 inputs: kernels.sparse_attention_fp8)")
+    if bwd_configs is not None and isinstance(layout, BlockLayout):
+        # Here, not first in the backward, after a whole forward.
+        _check_bwd_configs("bwd_configs", bwd_configs, layout)
     if quantized is None:
         quantized = quantize_fp8(q, k, v, granularity, seq_dim=seq_dim)
     else:

@@ -237,3 +237,18 @@ def test_a_config_of_non_int_fields_is_refused_naming_them(problem, field):
     with pytest.raises(TypeError, match="configs must be a kernels.Fp8BwdConfigs, got tuple"):
         fp8_bwd_config_problems(tuple(configs), 32)
 
+
+def test_the_trainables_bwd_configs_are_checked_before_the_forward(monkeypatch):
+    # Was: checked only in the backward, after a whole forward (and a graph) was built.
+    def launched(*args, **kwargs):
+        raise AssertionError("the forward ran before bwd_configs were checked")
+
+    monkeypatch.setattr(kernels.fp8_train, "sparse_attention_fp8", launched)
+    q, k, v = _qkv(requires_grad=True)
+    small = LaunchConfig(32, 32, 4, 1)
+    with pytest.raises(ValueError, match=r"dkdv: block_m=64 must be a power of two from 32 to "
+                                         r"the sparse block size 32.*\(the bwd_configs argument"):
+        sparse_attention_fp8_trainable(q, k, v, LAYOUT, bwd_impl="fp8", bwd_configs=Fp8BwdConfigs(
+            LaunchConfig(64, 32, 4, 1), small))
+    with pytest.raises(TypeError, match="bwd_configs must be a kernels.Fp8BwdConfigs, got tuple"):
+        sparse_attention_fp8_trainable(q, k, v, LAYOUT, bwd_impl="fp8", bwd_configs=(small, small))
