@@ -252,3 +252,23 @@ def test_the_trainables_bwd_configs_are_checked_before_the_forward(monkeypatch):
             LaunchConfig(64, 32, 4, 1), small))
     with pytest.raises(TypeError, match="bwd_configs must be a kernels.Fp8BwdConfigs, got tuple"):
         sparse_attention_fp8_trainable(q, k, v, LAYOUT, bwd_impl="fp8", bwd_configs=(small, small))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_the_trainable_under_the_autograd_uses_a_model_makes(impl):
+    """Guards (these worked): inputs asking for no gradient, gradients for some of q, k, v (the
+    others get None), no_grad, retain_graph twice (the same gradients), and a clear error for
+    double backward."""
+    q, k, v = _qkv()
+    assert not sparse_attention_fp8_trainable(q, k, v, LAYOUT, bwd_impl=impl).requires_grad
+    k.requires_grad_()
+    out = sparse_attention_fp8_trainable(q, k, v, LAYOUT, bwd_impl=impl)
+    do = torch.randn_like(out)
+    out.backward(do, retain_graph=True)
+    assert q.grad is None and v.grad is None and k.grad.shape == k.shape
+    assert torch.equal(torch.autograd.grad(out, k, do, retain_graph=True)[0], k.grad)
+    with pytest.raises(RuntimeError, match="double backward through the fp8 attention is not "
+                                           "supported"):
+        torch.autograd.grad(out, k, do, create_graph=True)
+    with torch.no_grad():
+        assert not sparse_attention_fp8_trainable(q, k, v, LAYOUT, bwd_impl=impl).requires_grad
