@@ -16,6 +16,7 @@ from rich.markup import escape
 
 from .. import startup
 from ..errors import INTERRUPTED, BadInputError, DkbenchError
+from ..names import BUNDLED_PROVIDER
 from ..results.schema import META_FILE, RESULTS_FILE, read_meta
 from ..spec.load import load_spec
 from ..spec.sweep import (
@@ -94,10 +95,11 @@ def run(
              "Combine the run directories with `dkbench merge`.", show_default=False)] = None,
     compile_ahead: Annotated[Optional[bool], typer.Option(
         "--compile-ahead/--no-compile-ahead",
-        help="Before timing, compile the providers that compile (dkbench, flex, fa4, ...) for "
-             "every pending case at once, in worker processes sharing the GPU; their caches on "
-             "disk then serve the run's own set-up. Default: on, with one GPU (not with --gpus; "
-             "Triton's interpreter on the CPU compiles nothing).", show_default=False)] = None,
+        help=f"Before timing, compile the providers that compile ({BUNDLED_PROVIDER}, flex, fa4, "
+             "...) for every pending case at once, in worker processes sharing the GPU; their "
+             "caches on disk then serve the run's own set-up. Default: on, with one GPU (not with "
+             "--gpus; Triton's interpreter on the CPU compiles nothing).",
+        show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
 ) -> None:
     """Run a sweep: every case x provider checked, timed and appended to results.csv."""

@@ -11,9 +11,10 @@ from pathlib import Path
 import torch
 import triton
 
+from ..names import BUNDLED_PROVIDER
 
 # Providers whose kernels are Triton's: on a CPU they run only through its interpreter.
-TRITON_PROVIDERS = ("dkbench",)
+TRITON_PROVIDERS = (BUNDLED_PROVIDER,)
 
 
 def interpreting() -> bool:

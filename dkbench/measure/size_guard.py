@@ -14,6 +14,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from ..names import BUNDLED_PROVIDER
 from ..spec.sweep import FP8, TRAINING_MODES, Case
 
 GIB = 2**30
@@ -26,7 +27,7 @@ _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 
 # Triton's interpreter on a CPU: about 3 s for a causal forward over 1,000 tokens of one head of
 # head_dim 64 with 32-row tiles; the work grows with the pairs computed times heads times head_dim.
-INTERPRETED = frozenset({"dkbench"})  # providers that run the bundled Triton kernel
+INTERPRETED = frozenset({BUNDLED_PROVIDER})  # providers that run the bundled Triton kernel
 INTERPRETER_BASE_S = 3.0
 INTERPRETER_BASE_WORK = 1000**2 * 64
 # The backward alone is about 2.5 forwards; forward and backward together 3.5.

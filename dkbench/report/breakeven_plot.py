@@ -10,8 +10,9 @@ from collections.abc import Sequence
 
 from matplotlib.figure import Figure
 
+from ..names import BUNDLED_PROVIDER
 from .breakeven import ALWAYS, CROSSES
-from .density import OURS, DensityFacet
+from .density import DensityFacet
 
 _OURS_COLOR, _DENSE_COLOR, _WIN_COLOR = "tab:blue", "black", "tab:green"
 
@@ -37,7 +38,7 @@ def _title(facet: DensityFacet, runs: int) -> str:
 
 def _draw(ax, facet: DensityFacet) -> None:
     xs, ys = zip(*facet.ours)
-    ax.plot(xs, ys, color=_OURS_COLOR, marker="o", label=OURS, gid="ours")
+    ax.plot(xs, ys, color=_OURS_COLOR, marker="o", label=BUNDLED_PROVIDER, gid="ours")
     result = facet.result
     if result is None:
         ax.text(0.5, 0.9, "no dense provider ran ok", transform=ax.transAxes, ha="center",
@@ -77,6 +78,6 @@ def build_breakeven_figure(facets: Sequence[DensityFacet], subtitle: str) -> Fig
             handles.setdefault(label, handle)
     fig.legend(list(handles.values()), list(handles), loc="outside lower center",
                ncols=min(4, len(handles)), fontsize="small")
-    fig.suptitle(f"Break-even density: {OURS} against the fastest dense provider\n"
+    fig.suptitle(f"Break-even density: {BUNDLED_PROVIDER} against the fastest dense provider\n"
                  + textwrap.fill(subtitle, 110))
     return fig

@@ -16,11 +16,9 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from ..names import BUNDLED_PROVIDER
 from .breakeven import BreakEven, break_even, median_points
 
-# The bundled kernel's provider name (dkbench.measure.providers.bundled.BundledKernel.name, not
-# imported so that reading a CSV loads no kernels; a test keeps the two equal).
-OURS = "dkbench"
 SHAPE_COLUMNS = ("mode", "dtype", "seqlen", "batch", "q_len", "heads", "kv_heads", "head_dim",
                  "causal", "block_size")
 
@@ -63,12 +61,12 @@ def density_facets(frame: pd.DataFrame) -> list[DensityFacet]:
         return []
     frame = frame if "run" in frame.columns else frame.assign(run="")
     keys = [c for c in SHAPE_COLUMNS if c in frame.columns]
-    dense = dense_providers(frame) - {OURS}
+    dense = dense_providers(frame) - {BUNDLED_PROVIDER}
     facets = []
     for values, rows in frame.groupby(["run", *keys], sort=True, dropna=False):
         ok = _ok(rows.dropna(subset=["density"]))
-        ours = median_points(zip(ok.loc[ok["provider"] == OURS, "density"],
-                                 ok.loc[ok["provider"] == OURS, "ms"]))
+        ours = median_points(zip(ok.loc[ok["provider"] == BUNDLED_PROVIDER, "density"],
+                                 ok.loc[ok["provider"] == BUNDLED_PROVIDER, "ms"]))
         if len(ours) < 2:
             continue
         times = ok[ok["provider"].isin(dense)].groupby("provider")["ms"].median()

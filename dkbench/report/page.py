@@ -15,9 +15,10 @@ from urllib.parse import quote
 import pandas as pd
 
 from ..errors import BadInputError
+from ..names import BUNDLED_PROVIDER
 from ..results.runs import INTERPRETER_NOTE, TUNE_FILE, Run, TuneDir, load_sources
 from ..results.schema import KEY_COLUMNS, META_FILE, RESULTS_FILE, check_out_dir
-from .density import OURS, density_facets
+from .density import density_facets
 from .digits import distinct_digits
 from .figure import written_whole
 from .markdown import Md, code, escape, table
@@ -216,8 +217,9 @@ def breakeven_section(runs: Sequence[Run]) -> list[str]:
         "seqlen", "mode", "dtype", "break-even density", "fastest dense provider",
         "its median ms", "densities measured"]
     return ["## Break-even density", "",
-            f"Below the break-even density `{OURS}` is faster than the fastest dense provider "
-            "(interpolated linearly between the two measured densities around the crossing).", "",
+            f"Below the break-even density `{BUNDLED_PROVIDER}` is faster than the fastest dense "
+            "provider (interpolated linearly between the two measured densities around the "
+            "crossing).", "",
             *table(header, rows), ""]
 
 

@@ -24,6 +24,7 @@ from pydantic import (
 from kernels import PAGE_SIZES
 
 from ..errors import SpecError
+from ..names import BUNDLED_PROVIDER
 from .messages import (
     AxisError,
     show,
@@ -434,10 +435,6 @@ def idle_exclusions(sweep: Sweep, providers: Sequence[str] | None = None) -> lis
             notes.append(f"exclude[{index}] {rule} names no provider that runs here (rows: "
                          f"{', '.join(rows)}): it leaves nothing out")
     return notes
-
-
-# The provider that runs the bundled kernel: the one a spec's `config` is for.
-BUNDLED_PROVIDER = "dkbench"
 
 
 def idle_config(sweep: Sweep, providers: Sequence[str] | None = None) -> list[str]:

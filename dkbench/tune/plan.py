@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from kernels import KERNELS, TUNABLE, BlockLayout
 
 from ..errors import BadInputError, SpecError
+from ..names import BUNDLED_PROVIDER
 from ..spec.load import check_sweep
 from ..spec.sweep import (
     DTYPES,
@@ -70,7 +71,7 @@ def sweep_from_flags(device: torch.device, mode: str, **given: int | str | None)
            "patterns": [{"type": "local_stride", "block_size": shape["block_size"],
                          "local_blocks": shape["local_blocks"],
                          "vert_stride": shape["vert_stride"], "head_sliding_offset": 1}],
-           "providers": ["dkbench"]}
+           "providers": [BUNDLED_PROVIDER]}
     try:
         sweep = Sweep.model_validate(raw)
     except ValidationError as exc:

@@ -36,6 +36,7 @@ from .. import startup
 from ..measure import runner
 from ..measure.envinfo import command_line, environment
 from ..measure.providers.bundled import BundledKernel
+from ..names import BUNDLED_PROVIDER
 from ..results.schema import check_out_dir, read_meta, write_meta
 from ..spec.sweep import INFERENCE_MODES, Case, Sweep
 from ..measure.check import CheckResult
@@ -194,7 +195,7 @@ def execute_tune(sweep: Sweep, spec_text: str, jobs: list[TuneJob], device: torc
     write_meta(run_dir, {
         "run_id": run_dir.name, "kind": "tune", "spec_name": sweep.name, "name": sweep.name,
         "description": sweep.description, "command": command_line(), "mode": ", ".join(modes),
-        "providers": ["dkbench"], "environment": env, "spec": sweep.model_dump(mode="json"),
+        "providers": [BUNDLED_PROVIDER], "environment": env, "spec": sweep.model_dump(mode="json"),
         "spec_text": spec_text, "cache": str(cache.path),
         "spaces": {f"{j.case.case_id}/{c.kernel}": [x.short() for x in c.run] for j in jobs
                    for c in j.candidates},

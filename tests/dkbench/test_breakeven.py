@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from dkbench.measure.providers.bundled import BundledKernel
+from dkbench.names import BUNDLED_PROVIDER
 from dkbench.report.breakeven import ALWAYS, CROSSES, NEVER, break_even
-from dkbench.report.density import OURS, dense_providers, density_facets
+from dkbench.report.density import dense_providers, density_facets
 from dkbench.report.page import render_report
 from dkbench.report.plots import build_figures
 from dkbench.results.runs import load_runs
@@ -80,7 +80,7 @@ DENSE_MS = {"sdpa_cudnn": 4.5, "fa4": 6.0}  # at 4k; fastest: cudnn -> break-eve
 
 def row(provider: str, density: float, seqlen: int, ms: float, status: str = "ok") -> ResultRow:
     dense_flops = 1e12 * seqlen / 4096
-    flops = dense_flops * (density if provider in (OURS, "flex") else 1.0)
+    flops = dense_flops * (density if provider in (BUNDLED_PROVIDER, "flex") else 1.0)
     return ResultRow(
         run_id="r", timestamp="2026-12-01T00:00:00", gpu="NVIDIA H200", torch_version="2.11",
         triton_version="3.6", git_sha="abc", interpreter=False,
@@ -97,7 +97,7 @@ def sweep_rows(dense: dict[str, float] | None = None) -> list[ResultRow]:
     rows = []
     for seqlen in SEQLENS:
         for d in DENSITIES:
-            rows.append(row(OURS, d, seqlen, ours_ms(d, seqlen)))
+            rows.append(row(BUNDLED_PROVIDER, d, seqlen, ours_ms(d, seqlen)))
             rows.append(row("flex", d, seqlen, 2 * ours_ms(d, seqlen)))  # sparse, never dense
             rows += [row(p, d, seqlen, ms * seqlen / 4096) for p, ms in dense.items()]
     return rows
@@ -106,10 +106,6 @@ def sweep_rows(dense: dict[str, float] | None = None) -> list[ResultRow]:
 def facets_of(tmp_path: Path, rows: list[ResultRow]):
     (run,) = load_runs(write_run(tmp_path / "run", rows))
     return run, density_facets(run.results)
-
-
-def test_ours_is_the_bundled_providers_name() -> None:
-    assert OURS == BundledKernel.name
 
 
 def test_dense_providers_are_told_from_their_rows(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ from kernels import (
     varlen_sequences,
 )
 
+from ...names import BUNDLED_PROVIDER
 from ...spec.sweep import FP8, Case, Sweep
 from ..modes import sequence_lengths
 from .base import Prepared, Provider
@@ -40,7 +41,7 @@ _BACKWARD = ("bwd", "dq")
 
 
 class BundledKernel(Provider):
-    name = "dkbench"
+    name = BUNDLED_PROVIDER
     computes = "pattern"
     compiles = True
     modes = ("fwd", "bwd", "fwd_bwd", "prefill_varlen", "decode")
