@@ -52,8 +52,8 @@ from .fp8 import E4M3_MAX, FP8_DTYPE, _round_e4m3
 from .fp8_softmax import P_SHIFT
 from .layout import BlockLayout, is_int
 
-__all__ = ["Fp8BwdConfigs", "dequantised_bf16", "fp8_bwd_default_configs",
-           "fp8_bwd_config_problems", "sparse_attention_fp8_bwd_views"]
+__all__ = ["Fp8BwdConfigs", "dequantised_bf16", "dequantised_inputs", "fp8_bwd_default_configs",
+           "fp8_bwd_config_problems", "quantised_do", "sparse_attention_fp8_bwd_views"]
 
 # 2**-P_SHIFT: what takes the forward's shift back out of a product of shifted probabilities.
 P_UNSCALE = tl.constexpr(2.0 ** -P_SHIFT.value)
@@ -126,17 +126,22 @@ def _fp8_do_prepass(DO, Out, DO8, DO8T, Delta, DoDescale,
                     stride_oz, stride_oh, stride_om, stride_ok,
                     stride_9z, stride_9h, stride_9m, stride_9k,
                     stride_tz, stride_th, stride_tk, stride_tm,
-                    num_heads, seq_q,
+                    num_heads, seq_q, t_len,
                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    EMULATE: tl.constexpr):
+                    EMULATE: tl.constexpr, REORDER: tl.constexpr):
     """A tile of dO rows of one (batch, head): dO / descale in e4m3, written in both layouts,
-    and ``delta = rowsum(dO8 x descale x O)`` for its rows."""
+    and ``delta = rowsum(dO8 x descale x O)`` for its rows. dOᵀ's query axis is ``t_len`` long.
+    With ``REORDER`` (the Gluon dk/dv kernel's, :mod:`kernels.fp8_bwd_ws`) dOᵀ's queries are
+    reordered within each run of 32 (query ``16b + 8c + 2d + e`` of a run at ``16b + 4d + 2c +
+    e``, where that kernel's p operand holds them: :func:`kernels.fp8_ws.mma_key_order`'s order)
+    into a zeroed dOᵀ whose ``t_len`` is a multiple of 32."""
     off_zh = tl.program_id(1)
     off_z = (off_zh // num_heads).to(tl.int64)
     off_h = (off_zh % num_heads).to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m < seq_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    d_ok = offs_d < HEAD_DIM
+    mask = (offs_m < seq_q)[:, None] & d_ok[None, :]
     descale = tl.load(DoDescale + off_zh)
     do = tl.load(DO + off_z * stride_doz + off_h * stride_doh + offs_m[:, None] * stride_dom
                  + offs_d[None, :] * stride_dok, mask=mask, other=0.0).to(tl.float32)
@@ -150,10 +155,45 @@ def _fp8_do_prepass(DO, Out, DO8, DO8T, Delta, DoDescale,
         do8 = scaled.to(DO8.dtype.element_ty, fp_downcast_rounding="rtne")
     tl.store(DO8 + off_z * stride_9z + off_h * stride_9h + offs_m[:, None] * stride_9m
              + offs_d[None, :] * stride_9k, do8, mask=mask)
+    if REORDER:
+        # Rows reordered in registers (bits of a row within its run of 32: b, c, d (2), e -> b,
+        # d, c, e), so the transposed store stays contiguous; rows past seq_q are zeros already.
+        moved = tl.reshape(do8, [BLOCK_M // 32, 2, 2, 4, 2, BLOCK_D])
+        do8_t = tl.trans(tl.reshape(tl.permute(moved, (0, 1, 3, 2, 4, 5)), [BLOCK_M, BLOCK_D]))
+    else:
+        do8_t = tl.trans(do8)
     tl.store(DO8T + off_z * stride_tz + off_h * stride_th + offs_d[:, None] * stride_tk
-             + offs_m[None, :] * stride_tm, tl.trans(do8), mask=tl.trans(mask))
+             + offs_m[None, :] * stride_tm, do8_t, mask=d_ok[:, None] & (offs_m < t_len)[None, :])
     delta = tl.sum(do8.to(tl.float32) * descale * o, axis=1)
     tl.store(Delta + off_zh.to(tl.int64) * seq_q + offs_m, delta, mask=offs_m < seq_q)
+
+
+def quantised_do(do: torch.Tensor, out: torch.Tensor, group: int = 1, reorder: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward's dO pre-pass on ``(b, h, s_q, d)`` views: dO in e4m3 with one descale per
+    (batch, ``group`` of consecutive heads), in both layouts (dOᵀ ``(b, h, d, s_q)`` with its
+    query axis contiguous, reordered as :func:`_fp8_do_prepass` says with ``reorder``), and
+    ``delta = rowsum(dO8 x descale x O)``. Returns ``(do8, do8_t, delta, descale)``, the
+    descale ``(b, h // group)`` contiguous."""
+    batch, heads, seq_q, head_dim = do.shape
+    do_descale = _do_descale(do, group)
+    do8 = buffers.new_output((batch, heads, seq_q, head_dim), do, FP8_DTYPE)
+    if reorder:
+        # The reordering moves rows within a run of 32: a zeroed dOᵀ of whole runs.
+        t_len = -(-seq_q // 32) * 32
+        do8_t = torch.zeros(batch, heads, head_dim, t_len, device=do.device, dtype=FP8_DTYPE)
+    else:
+        t_len = seq_q
+        do8_t = _padded_transpose(do8)
+    delta = buffers.new_output((batch, heads, seq_q), do, torch.float32)
+    rows = 64
+    per_head = do_descale.repeat_interleave(group, dim=1) if group > 1 else do_descale
+    _fp8_do_prepass[(triton.cdiv(seq_q, rows), batch * heads)](
+        do, out, do8, do8_t, delta, per_head.contiguous(), *do.stride(), *out.stride(),
+        *do8.stride(), *do8_t.stride(), heads, seq_q, t_len, BLOCK_M=rows,
+        BLOCK_D=max(32, padded_dim(head_dim)), HEAD_DIM=head_dim, EMULATE=interpreting(),
+        REORDER=reorder, num_warps=4)
+    return do8, do8_t, delta, do_descale
 
 
 # -- the dk/dv kernel ------------------------------------------------------------------------------
@@ -434,6 +474,16 @@ def dequantised_bf16(t8: torch.Tensor, descale: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def dequantised_inputs(q8: torch.Tensor, k8: torch.Tensor, v_t: torch.Tensor,
+                       descales: tuple[torch.Tensor, ...]
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`dequantised_bf16` of e4m3 q and k ``(b, h, s, d)`` and of v_t ``(b, hkv, d, s_k)``
+    (v back in k's layout), with their descales ``(b, h)``, ``(b, hkv)``, ``(b, hkv)``."""
+    q_descale, k_descale, v_descale = descales
+    return (dequantised_bf16(q8, q_descale), dequantised_bf16(k8, k_descale),
+            dequantised_bf16(v_t.transpose(2, 3), v_descale))
+
+
 # -- launcher --------------------------------------------------------------------------------------
 
 
@@ -445,10 +495,12 @@ def _padded_transpose(t: torch.Tensor) -> torch.Tensor:
     return buffers.new_output((b, h, d, padded), t, FP8_DTYPE)[..., :s]
 
 
-def _do_descale(do: torch.Tensor) -> torch.Tensor:
-    """amax / 448 of each (batch, head) of dO ``(b, h, s, d)``, float32, contiguous; 1 where dO
-    is all zeros. No host sync: a dO holding inf or NaN gives NaN gradients, as in 16 bits."""
-    amax = torch.linalg.vector_norm(do, float("inf"), dim=(2, 3)).to(torch.float32)
+def _do_descale(do: torch.Tensor, group: int = 1) -> torch.Tensor:
+    """amax / 448 of each (batch, ``group`` of consecutive heads) of dO ``(b, h, s, d)``,
+    float32 ``(b, h // group)``, contiguous; 1 where dO is all zeros. No host sync: a dO holding
+    inf or NaN gives NaN gradients, as in 16 bits."""
+    amax = torch.linalg.vector_norm(do.unflatten(1, (do.shape[1] // group, group)), float("inf"),
+                                    dim=(2, 3, 4)).to(torch.float32)
     # Tested for 0, not for > 0: a NaN amax must stay in the descale (NaN > 0 is False, and a
     # descale of 1 let the pre-pass's clamp turn NaN dO into 448, finite gradients).
     return torch.where(amax == 0, torch.ones_like(amax), amax / E4M3_MAX.value).contiguous()
@@ -470,15 +522,7 @@ def sparse_attention_fp8_bwd_views(do: torch.Tensor, q: torch.Tensor, k: torch.T
     block_d = max(32, padded_dim(head_dim))
     emulate = interpreting()
     # -- the pre-pass: dO in e4m3 in both layouts, and delta --
-    do_descale = _do_descale(do)
-    do8 = buffers.new_output((batch, heads, seq_q, head_dim), q, FP8_DTYPE)
-    do8_t = _padded_transpose(do8)
-    delta = buffers.new_output((batch, heads, seq_q), q, torch.float32)
-    prep_rows = 64
-    _fp8_do_prepass[(triton.cdiv(seq_q, prep_rows), batch * heads)](
-        do, out, do8, do8_t, delta, do_descale, *do.stride(), *out.stride(), *do8.stride(),
-        *do8_t.stride(), heads, seq_q, BLOCK_M=prep_rows, BLOCK_D=block_d, HEAD_DIM=head_dim,
-        EMULATE=emulate, num_warps=4)
+    do8, do8_t, delta, do_descale = quantised_do(do, out)
     # v in k's layout (keys, dim), for the products whose K axis is the head dim.
     v = v_t.transpose(2, 3).contiguous()
     q_descale, k_descale, v_descale = descales

@@ -22,9 +22,11 @@ import torch
 import triton
 import triton.language as tl
 
+from . import buffers, bwd, select
 from .bwd_dkdv_ws import KV_TILE, Q_TILE, _stat_descriptor, dkdv_items, row_statistics
-from .columns import ColumnPlan
+from .columns import ColumnPlan, column_plan
 from .common import LOG2E, qk_scale
+from .fp8_bwd import dequantised_inputs, quantised_do
 from .fp8_softmax import P_SHIFT
 from .fwd_ws import GLUON, MAX_REGS, _sm_count
 from .layout import BlockLayout
@@ -355,44 +357,7 @@ def sparse_attention_fp8_dkdv_ws(q16: torch.Tensor, k16: torch.Tensor, v8: torch
     )
 
 
-# -- the form's pre-pass and launch order ----------------------------------------------------------
-
-
-@triton.jit
-def _do_prepass_permuted(DO, Out, DO8, DO8T, Delta, DoDescale,
-                         stride_doz, stride_doh, stride_dom, stride_dok,
-                         stride_oz, stride_oh, stride_om, stride_ok,
-                         stride_9z, stride_9h, stride_9m, stride_9k,
-                         stride_tz, stride_th, stride_tk, stride_tm,
-                         num_heads, seq_q, padded,
-                         BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """:func:`kernels.fp8_bwd._fp8_do_prepass` with dOᵀ's queries reordered within each run of
-    32 (query ``16b + 8c + 2d + e`` of a run at ``16b + 4d + 2c + e``, where the p operand
-    holds them: :func:`kernels.fp8_ws.mma_key_order`'s order)."""
-    off_zh = tl.program_id(1)
-    off_z = (off_zh // num_heads).to(tl.int64)
-    off_h = (off_zh % num_heads).to(tl.int64)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < seq_q
-    mask = row_ok[:, None]
-    descale = tl.load(DoDescale + off_zh)
-    do = tl.load(DO + off_z * stride_doz + off_h * stride_doh + offs_m[:, None] * stride_dom
-                 + offs_d[None, :] * stride_dok, mask=mask, other=0.0).to(tl.float32)
-    o = tl.load(Out + off_z * stride_oz + off_h * stride_oh + offs_m[:, None] * stride_om
-                + offs_d[None, :] * stride_ok, mask=mask, other=0.0).to(tl.float32)
-    scaled = tl.minimum(tl.maximum(do / descale, -448.0), 448.0)
-    do8 = scaled.to(DO8.dtype.element_ty, fp_downcast_rounding="rtne")
-    tl.store(DO8 + off_z * stride_9z + off_h * stride_9h + offs_m[:, None] * stride_9m
-             + offs_d[None, :] * stride_9k, do8, mask=mask)
-    # Rows reordered in registers (bits of a row within its run of 32: b, c, d (2), e -> b, d,
-    # c, e), so the transposed store stays contiguous; rows past seq_q are zeros already.
-    moved = tl.reshape(do8, [BLOCK_M // 32, 2, 2, 4, 2, HEAD_DIM])
-    moved = tl.reshape(tl.permute(moved, (0, 1, 3, 2, 4, 5)), [BLOCK_M, HEAD_DIM])
-    tl.store(DO8T + off_z * stride_tz + off_h * stride_th + offs_d[:, None] * stride_tk
-             + offs_m[None, :] * stride_tm, tl.trans(moved), mask=(offs_m < padded)[None, :])
-    delta = tl.sum(do8.to(tl.float32) * descale * o, axis=1)
-    tl.store(Delta + off_zh.to(tl.int64) * seq_q + offs_m, delta, mask=row_ok)
+# -- the form's launch order ------------------------------------------------------------------------
 
 
 def gluon_gradients(do: torch.Tensor, q8: torch.Tensor, k8: torch.Tensor, v_t: torch.Tensor,
@@ -401,16 +366,9 @@ def gluon_gradients(do: torch.Tensor, q8: torch.Tensor, k8: torch.Tensor, v_t: t
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv (bf16) of checked ``(b, h, s, d)`` views for a call :func:`refusal` takes: dq
     by the 16-bit dq kernel on the bf16 dequantised inputs, dk and dv by this module's kernel."""
-    from . import bwd, buffers, select
-    from .columns import column_plan
-    from .fp8_bwd import dequantised_bf16
-
-    batch, heads, seq_q, head_dim = q8.shape
+    batch, heads, seq_q, _ = q8.shape
     kv_heads, seq_k = k8.shape[1], k8.shape[2]
-    group = heads // kv_heads
-    q_descale, k_descale, v_descale = descales
-    q16, k16 = dequantised_bf16(q8, q_descale), dequantised_bf16(k8, k_descale)
-    v16 = dequantised_bf16(v_t.transpose(2, 3), v_descale)
+    q16, k16, v16 = dequantised_inputs(q8, k8, v_t, descales)
     do16, out16 = do.to(torch.bfloat16), out.to(torch.bfloat16)
     # -- dq: the 16-bit kernel on the dequantised inputs --
     dq = bwd.grad_like(q16)
@@ -418,21 +376,10 @@ def gluon_gradients(do: torch.Tensor, q8: torch.Tensor, k8: torch.Tensor, v_t: t
     dq_config = select.resolve_config("dq", q16, layout, seq_k)[0]
     bwd.launch_dq(do16, q16, k16, v16, out16, lse, delta16, dq, layout, sm_scale, dq_config)
     # -- dO in e4m3, one descale per (batch, kv group); dOᵀ reordered; delta of that dO --
-    amax = torch.linalg.vector_norm(do16.unflatten(1, (kv_heads, group)), float("inf"),
-                                    dim=(2, 3, 4)).to(torch.float32)
-    do_descale = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax)).contiguous()
-    do8 = buffers.new_output((batch, heads, seq_q, head_dim), q16, torch.float8_e4m3fn)
-    padded = -(-seq_q // 32) * 32
-    do8_t = torch.zeros(batch, heads, head_dim, padded, device=q16.device,
-                        dtype=torch.float8_e4m3fn)
-    delta8 = buffers.new_output((batch, heads, seq_q), q16, torch.float32)
-    rows = 64
-    _do_prepass_permuted[(triton.cdiv(seq_q, rows), batch * heads)](
-        do16, out16, do8, do8_t, delta8, do_descale.repeat_interleave(group, dim=1).contiguous(),
-        *do16.stride(), *out16.stride(), *do8.stride(), *do8_t.stride(), heads, seq_q, padded,
-        BLOCK_M=rows, HEAD_DIM=head_dim, num_warps=4)
+    do8, do8_t, delta8, do_descale = quantised_do(do16, out16, heads // kv_heads, reorder=True)
     v8 = v_t.transpose(2, 3).contiguous()
     dk, dv = bwd.grad_like(k16), bwd.grad_like(k16)
     sparse_attention_fp8_dkdv_ws(q16, k16, v8, do8, do8_t, lse, delta8, dk, dv, do_descale,
-                                 v_descale, layout, column_plan(layout, seq_q, seq_k), sm_scale)
+                                 descales[2], layout, column_plan(layout, seq_q, seq_k),
+                                 sm_scale)
     return dq, dk, dv

@@ -23,7 +23,7 @@ from .checks import (
 from .fp8 import FP8_DTYPE, _expand_descale
 from .fp8_bwd import (
     Fp8BwdConfigs,
-    dequantised_bf16,
+    dequantised_inputs,
     fp8_bwd_config_problems,
     fp8_bwd_default_configs,
     sparse_attention_fp8_bwd_views,
@@ -55,10 +55,7 @@ FP8_BWD_DEFAULT = "bf16"
 def _bf16_gradients(do, q, k, v_t, out, lse, layout, descales, sm_scale):
     """The 16-bit backward on the dequantised inputs, bf16: P recomputed from them and the fp8
     forward's LSE."""
-    q_descale, k_descale, v_descale = descales
-    q16 = dequantised_bf16(q, q_descale)
-    k16 = dequantised_bf16(k, k_descale)
-    v16 = dequantised_bf16(v_t.transpose(2, 3), v_descale)
+    q16, k16, v16 = dequantised_inputs(q, k, v_t, descales)
     return gradients(do.to(torch.bfloat16), q16, k16, v16, out.to(torch.bfloat16), lse, layout,
                      sm_scale)
 

@@ -39,7 +39,7 @@ EXPECTED = [
     ("bwd (fp8, gluon)", "_fp8_dequantise"),
     ("bwd (fp8, gluon)", "_fp8_dequantise"),
     ("bwd (fp8, gluon)", "_bwd_dq"),
-    ("bwd (fp8, gluon)", "_do_prepass_permuted"),
+    ("bwd (fp8, gluon)", "_fp8_do_prepass"),
     ("bwd (fp8, gluon)", "_fp8_bwd_dkdv_ws"),
     ("decode", "_decode_split"),
     ("varlen", "_sparse_attn_fwd_varlen"),

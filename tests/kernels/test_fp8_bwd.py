@@ -243,3 +243,39 @@ def test_the_gluon_form_says_where_it_runs() -> None:
         sparse_attention_fp8_bwd(torch.randn_like(out), x, out, lse, layout, impl="gluon")
     with pytest.raises(ValueError, match="bwd_impl='gluon' cannot take this call"):
         sparse_attention_fp8_trainable(q, k, v, layout, bwd_impl="gluon")
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_the_do_prepass_reorders_dot_for_the_gluon_kernel(group, device, poison_outputs):
+    """quantised_do's two forms from one kernel: dO in e4m3 with one descale per (batch, group
+    of heads), dOᵀ plain or with its queries reordered within runs of 32 (zeros past seq_q), and
+    delta of the quantised dO. A ragged length, so the last run is partial."""
+    from kernels.fp8_bwd import quantised_do
+
+    b, h, sq, d = 1, 4, 100, 32
+    sizes = torch.tensor([1.0, 30.0, 0.01, 5.0], device=device).view(1, h, 1, 1)
+    do = (torch.randn(b, sq, h, d, device=device).transpose(1, 2) * sizes).to(torch.bfloat16)
+    out = torch.randn(b, sq, h, d, device=device, dtype=torch.bfloat16).transpose(1, 2)
+    want_descale = do.float().abs().unflatten(1, (h // group, group)).amax(dim=(2, 3, 4)) / 448
+    per_head = want_descale.repeat_interleave(group, dim=1)[:, :, None, None]
+    want8 = (do.float() / per_head).clamp(-448, 448).to(FP8_DTYPE).float()
+    m = torch.arange(sq)
+    pos = (m & ~31) | (m & 16) | ((m & 6) << 1) | ((m & 8) >> 2) | (m & 1)
+    for reorder in (False, True):
+        do8, do8_t, delta, descale = quantised_do(do, out, group, reorder)
+        assert torch.equal(descale, want_descale)
+        assert torch.equal(do8.float(), want8)
+        if reorder:
+            assert do8_t.shape[-1] == 128
+            want_t = torch.zeros(b, h, d, 128, device=device)
+            want_t[..., pos.to(device)] = want8.transpose(2, 3)
+        else:
+            want_t = want8.transpose(2, 3)
+        assert torch.equal(do8_t.float(), want_t), reorder
+        assert_verbose_close(delta, (want8 * per_head * out.float()).sum(-1), 1e-5, "delta")
+    # Without the reordering the two transposes differ: the test sees it.
+    assert not torch.equal(quantised_do(do, out, group)[1].float(), want_t[..., :sq])
+    # A NaN in dO stays in its group's descale (a descale of 1 would clamp it to 448, finite).
+    do[0, 1, 7, 3] = float("nan")
+    descale = quantised_do(do, out, group, reorder=True)[3]
+    assert torch.isnan(descale[0, 1 // group]) and not torch.isnan(descale[0, -1])
