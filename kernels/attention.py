@@ -74,6 +74,12 @@ def _check_training(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise RuntimeError("sparse_attention does not support torch.func transforms (grad, vmap, "
                            "jacrev, jvp, ...): differentiate it with torch.autograd.grad or "
                            ".backward()")
+    refuse_scale_grad(sm_scale)
+
+
+def refuse_scale_grad(sm_scale: float | torch.Tensor | None) -> None:
+    """A tensor ``sm_scale`` asking for a gradient, which the kernels (taking it as a number)
+    would silently not give."""
     if isinstance(sm_scale, torch.Tensor) and sm_scale.requires_grad and torch.is_grad_enabled():
         raise ValueError("sm_scale requires grad, but the kernels take it as a number and give it "
                          "no gradient; pass a float or sm_scale.detach()")

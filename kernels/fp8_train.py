@@ -11,7 +11,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 
 from . import fp8_bwd_ws
-from .attention import _functorch_wrapped, gradients
+from .attention import _functorch_wrapped, gradients, refuse_scale_grad
 from .checks import (
     check_batch,
     check_config_type,
@@ -126,6 +126,25 @@ def _check_not_differentiated(named: tuple) -> None:
                              f"{name}.detach(), or call it under torch.no_grad()")
 
 
+def _check_impl(impl_name: str, impl: object, configs_name: str, configs: object) -> None:
+    """``impl`` one of :data:`FP8_BWD_IMPLS`, and ``configs`` given only to the form that takes
+    them; the names are the caller's arguments."""
+    if impl not in FP8_BWD_IMPLS:
+        raise ValueError(f"{impl_name} must be one of {', '.join(FP8_BWD_IMPLS)}, got {impl!r}")
+    if impl != "fp8" and configs is not None:
+        raise ValueError(f"{configs_name} are the fp8 kernels' ({impl_name}='fp8'); "
+                         f"{impl_name}={impl!r} runs {_OWN_CONFIGS[impl]}")
+
+
+def _check_gluon_takes(impl_name: str, q: torch.Tensor, layout: BlockLayout, seq_q: int,
+                       seq_k: int) -> None:
+    """The "gluon" form's refusal of a call (``q`` ``(b, h, s, d)``), naming the argument."""
+    why = fp8_bwd_ws.refusal(q, layout, seq_q, seq_k)
+    if why:
+        raise ValueError(f"{impl_name}='gluon' cannot take this call: {why} ({impl_name}='bf16' "
+                         "runs anywhere)")
+
+
 def sparse_attention_fp8_bwd(do: torch.Tensor, x: Fp8Inputs, out: torch.Tensor,
                              lse: torch.Tensor, layout: BlockLayout,
                              sm_scale: float | None = None, seq_dim: int = 1,
@@ -153,11 +172,7 @@ def sparse_attention_fp8_bwd(do: torch.Tensor, x: Fp8Inputs, out: torch.Tensor,
       dk/dv kernel with ``dO vᵀ`` and ``pᵀ dO`` in e4m3 (:mod:`kernels.fp8_bwd_ws`; dO
       quantised per (batch, kv group)). Measured at 0.95-1.02x of ``"bf16"``'s time on an H200.
     """
-    if impl not in FP8_BWD_IMPLS:
-        raise ValueError(f"impl must be one of {', '.join(FP8_BWD_IMPLS)}, got {impl!r}")
-    if impl != "fp8" and configs is not None:
-        raise ValueError(f"configs are the fp8 kernels' (impl='fp8'); impl={impl!r} runs "
-                         f"{_OWN_CONFIGS[impl]}")
+    _check_impl("impl", impl, "configs", configs)
     x = _check_quantized(x)
     check_seq_dim(seq_dim)
     check_scale(sm_scale)
@@ -202,10 +217,7 @@ def sparse_attention_fp8_bwd(do: torch.Tensor, x: Fp8Inputs, out: torch.Tensor,
     if impl in ("bf16", "gluon"):
         layout = layout.to(q.device)
         if impl == "gluon":
-            why = fp8_bwd_ws.refusal(q, layout, seq_q, seq_k)
-            if why:
-                raise ValueError(f"impl='gluon' cannot take this call: {why} (impl='bf16' runs "
-                                 "anywhere)")
+            _check_gluon_takes("impl", q, layout, seq_q, seq_k)
             form = fp8_bwd_ws.gluon_gradients
         else:
             form = _bf16_gradients
@@ -284,17 +296,11 @@ def sparse_attention_fp8_trainable(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     theirs beyond the shapes. ``config`` pins the forward's launch config; ``bwd_impl`` and
     ``bwd_configs`` are :func:`kernels.sparse_attention_fp8_bwd`'s ``impl`` and ``configs``.
     """
-    if bwd_impl not in FP8_BWD_IMPLS:
-        raise ValueError(f"bwd_impl must be one of {', '.join(FP8_BWD_IMPLS)}, got {bwd_impl!r}")
-    if bwd_impl != "fp8" and bwd_configs is not None:
-        raise ValueError(f"bwd_configs are the fp8 kernels' (bwd_impl='fp8'); "
-                         f"bwd_impl={bwd_impl!r} runs {_OWN_CONFIGS[bwd_impl]}")
+    _check_impl("bwd_impl", bwd_impl, "bwd_configs", bwd_configs)
     _check_untransformed(q, k, v)
+    # Was: trained through with no gradient for it, silently (and a warning from float()).
+    refuse_scale_grad(sm_scale)
     if isinstance(sm_scale, torch.Tensor):
-        # Was: trained through with no gradient for it, silently (and a warning from float()).
-        if sm_scale.requires_grad and torch.is_grad_enabled():
-            raise ValueError("sm_scale requires grad, but the kernels take it as a number and "
-                             "give it no gradient; pass a float or sm_scale.detach()")
         sm_scale = sm_scale.detach()
     check_seq_dim(seq_dim)
     check_config_type("config", config)
@@ -318,9 +324,6 @@ def sparse_attention_fp8_trainable(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     if bwd_impl == "gluon" and isinstance(layout, BlockLayout):
         # Said before the forward runs, not when the backward is reached.
         bhsd_q, bhsd_k = _bhsd(quantized.q, seq_dim), _bhsd(quantized.k, seq_dim)
-        why = fp8_bwd_ws.refusal(bhsd_q, layout, bhsd_q.shape[2], bhsd_k.shape[2])
-        if why:
-            raise ValueError(f"bwd_impl='gluon' cannot take this call: {why} (bwd_impl='bf16' "
-                             "runs anywhere)")
+        _check_gluon_takes("bwd_impl", bhsd_q, layout, bhsd_q.shape[2], bhsd_k.shape[2])
     return _Fp8AttentionFn.apply(q, k, v, quantized, layout, sm_scale, seq_dim, config,
                                  bwd_configs, bwd_impl)

@@ -205,3 +205,11 @@ def test_a_gluon_config_where_gluon_cannot_run_names_the_kernel_that_ran(tmp_pat
     assert not row.config.startswith("gluon") and row.config.endswith("e4m3 per head")
     assert row.config_source == ("explicit; impl='gluon' runs on a CUDA GPU, not in the "
                                  "interpreter, the Triton kernel's default runs")
+
+
+def test_every_backward_form_has_a_config_label() -> None:
+    """The row's config names the backward's form: every form the kernels have, the default
+    among them."""
+    import kernels
+
+    assert set(bundled_fp8._BACKWARD_FORMS) == set(kernels.FP8_BWD_IMPLS)

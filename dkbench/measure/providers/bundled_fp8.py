@@ -11,8 +11,9 @@ same tensors. The run's inputs are not known in `prepare`, so to give `build_ms`
 costs, `prepare` quantises a random bf16 set of the case's shapes once, synchronised, and drops
 it. The check compares the output (and the gradients) with the reference of the dequantised inputs
 (`Prepared.reference_inputs`, straight through to the bf16 inputs as the kernel's gradients are):
-the kernel's error, apart from the quantisation's. The backward quantises dO inside the timed
-call: it is a new tensor every step.
+the kernel's error, apart from the quantisation's. What the backward makes of dO and of the
+quantised inputs (dO in e4m3, or bf16 copies of the inputs) it makes inside the timed call, as a
+training step would.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from kernels import (
     Fp8Inputs,
     LaunchConfig,
     dequantize_fp8,
-    fp8_bwd_default_configs,
     fp8_config_problems,
     fp8_gluon_unavailable,
     fp8_triton_default,
@@ -44,6 +44,10 @@ from .base import Prepared, Unsupported
 
 # Descales per head: a head whose values run larger no longer costs the others their precision.
 GRANULARITY = "head"
+# What a training row's backward runs, by form (kernels.FP8_BWD_IMPLS), for its config column.
+_BACKWARD_FORMS = {"bf16": "the bf16 kernels on the dequantised inputs",
+                   "fp8": "the fp8 kernels at their default configs",
+                   "gluon": "the bf16 dq kernel and the Gluon fp8 dk/dv kernel"}
 
 
 class _Quantised:
@@ -123,18 +127,12 @@ def prepare_fp8(case: Case, layout: BlockLayout, sweep: Sweep, device: torch.dev
             return sparse_attention_fp8(x.q, x.k, x.v_t, layout, x.q_descale, x.k_descale,
                                         x.v_descale, sm_scale=scale, seq_dim=2, config=main)
     else:
-        backward = None
-        if FP8_BWD_DEFAULT == "fp8":
-            backward = fp8_bwd_default_configs(device, case.head_dim)
-            label += f", bwd fp8 dkdv {backward.dkdv.short()} dq {backward.dq.short()}"
-        else:
-            label += ", bwd the bf16 kernels on the dequantised inputs"
+        label += f", bwd {_BACKWARD_FORMS[FP8_BWD_DEFAULT]}"
         source += ", bwd default"
 
         def attn(q, k, v):
             return sparse_attention_fp8_trainable(q, k, v, layout, sm_scale=scale, seq_dim=2,
-                                                  quantized=quantised(q, k, v), config=main,
-                                                  bwd_configs=backward)
+                                                  quantized=quantised(q, k, v), config=main)
 
     def reference_inputs(inputs: tuple) -> tuple:
         # The dequantised values, with the gradient passed straight through to the inputs.
