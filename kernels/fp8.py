@@ -443,6 +443,23 @@ def _check_fp8_tensors(q: torch.Tensor, k: torch.Tensor, v_t: torch.Tensor) -> N
         raise ValueError(f"unsupported device {q.device}")
 
 
+def check_fp8_shapes(q: torch.Tensor, k: torch.Tensor, v_t: torch.Tensor,
+                     prefix: str = "") -> None:
+    """q and k as ``(batch, heads, seq, dim)`` views and v_t ``(batch, kv_heads, dim, seq_k)``:
+    a batch, one batch and head_dim, and v_t k's transpose. ``prefix`` names the arguments'
+    owner in the messages (``x.`` for an Fp8Inputs)."""
+    batch, _, _, dim = q.shape
+    kv_heads, seq_k = k.shape[1], k.shape[2]
+    check_batch(f"{prefix}q", batch)
+    if k.shape[0] != batch or k.shape[3] != dim:
+        raise ValueError(f"{prefix}q and {prefix}k must share batch and head_dim, got "
+                         f"{prefix}q {tuple(q.shape)} and {prefix}k {tuple(k.shape)} as "
+                         "(batch, heads, seq, dim)")
+    if tuple(v_t.shape) != (batch, kv_heads, dim, seq_k):
+        raise ValueError(f"{prefix}v_t must be (batch, kv_heads, dim, seq_k) = "
+                         f"{(batch, kv_heads, dim, seq_k)}, got {tuple(v_t.shape)}")
+
+
 def _expand_descale(name: str, d: torch.Tensor | None, batch: int, heads: int,
                     device: torch.device) -> torch.Tensor:
     """A descale as float32 ``(batch, heads)`` (a broadcast view): None is 1; a tensor may be
@@ -499,13 +516,7 @@ def sparse_attention_fp8(q: torch.Tensor, k: torch.Tensor, v_t: torch.Tensor,
         q, k = q.transpose(1, 2), k.transpose(1, 2)
     batch, heads, seq_q, dim = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
-    check_batch("q", batch)
-    if k.shape[0] != batch or k.shape[3] != dim:
-        raise ValueError(f"q and k must share batch and head_dim, got q {tuple(q.shape)} and k "
-                         f"{tuple(k.shape)} as (batch, heads, seq, dim)")
-    if tuple(v_t.shape) != (batch, kv_heads, dim, seq_k):
-        raise ValueError(f"v_t must be (batch, kv_heads, dim, seq_k) = "
-                         f"{(batch, kv_heads, dim, seq_k)}, got {tuple(v_t.shape)}")
+    check_fp8_shapes(q, k, v_t)
     check_heads(heads, kv_heads, dim, layout)
     layout.check_seqlen(seq_k, seq_q)
     descales = (_expand_descale("q_descale", q_descale, batch, heads, q.device),

@@ -13,14 +13,13 @@ import torch.autograd.forward_ad as forward_ad
 from . import fp8_bwd_ws
 from .attention import _functorch_wrapped, gradients, refuse_scale_grad
 from .checks import (
-    check_batch,
     check_config_type,
     check_heads,
     check_scale,
     check_seq_dim,
     check_strided,
 )
-from .fp8 import FP8_DTYPE, _expand_descale
+from .fp8 import FP8_DTYPE, _expand_descale, check_fp8_shapes
 from .fp8_bwd import (
     Fp8BwdConfigs,
     dequantised_inputs,
@@ -183,13 +182,7 @@ def sparse_attention_fp8_bwd(do: torch.Tensor, x: Fp8Inputs, out: torch.Tensor,
     batch, heads, seq_q, dim = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
     # As the forward: no batch is no call (was an AssertionError from the 16-bit launcher).
-    check_batch("x.q", batch)
-    if k.shape[0] != batch or k.shape[3] != dim:
-        raise ValueError(f"x.q and x.k must share batch and head_dim, got {tuple(q.shape)} and "
-                         f"{tuple(k.shape)} as (batch, heads, seq, dim)")
-    if tuple(x.v_t.shape) != (batch, kv_heads, dim, seq_k):
-        raise ValueError(f"x.v_t must be (batch, kv_heads, dim, seq_k) = "
-                         f"{(batch, kv_heads, dim, seq_k)}, got {tuple(x.v_t.shape)}")
+    check_fp8_shapes(q, k, x.v_t, "x.")
     for name, t in (("do", do), ("out", out)):
         _check_like(name, t, tuple(x.q.shape), x.q.device)
     if not isinstance(lse, torch.Tensor) or lse.dtype != torch.float32 or tuple(
