@@ -30,6 +30,10 @@ What differs from the 16-bit kernel, and why:
   (kernels/PERF.md).
 - a split first step (a block only the upper 64 rows keep beside one only the lower 64 keep)
   is multiplied whole, masked: every consumer computes its 128 keys.
+- two q buffers (an fp8 q tile is 16 KB, and the fp8 stages leave the room the 16-bit kernel's
+  do not): the loader copies the next item's q, and then its first k and vᵀ tiles, while this
+  item's last steps run, where with one buffer they waited for the item's last q kᵀ. With the
+  output stores' wait moved to the next store, 1.00-1.04x on the H200 (kernels/PERF.md).
 - 16-bit output leaves through a staging tile of its own per consumer and tensor-memory
   stores (an fp8 k stage is too small to stage 16-bit rows in, as the 16-bit kernel does).
 """
@@ -133,20 +137,24 @@ if GLUON:
                         k_ready, v_ready, kv_empty, Items, Starts, KvBlock, n_tiles,
                         first_tile, num_heads, q_per_kv, q_offset,
                         BLOCK_M: gl.constexpr, BLOCK_SIZE: gl.constexpr, BOXES: gl.constexpr):
-        """Loader warp: each work item's q tile (once both consumers released the last one),
-        then its k and vᵀ tiles through the stages."""
+        """Loader warp: each work item's q tile into one of two buffers (once both consumers
+        released the item two before it), then its k and vᵀ tiles through the stages. With two
+        q buffers the next item's q and first tiles are on their way while this item's last
+        steps run; with one, they waited for its last q kᵀ."""
         stages: gl.constexpr = k_ready.shape[0]
         n_sub: gl.constexpr = BLOCK_SIZE // BOX
         g = 0  # kv steps issued so far by this program: the ring position
-        i = 0  # work items so far: the q buffer's phase
+        i = 0  # work items so far: the q buffer (i % 2) and its phase (i // 2)
         pid = gl.program_id(0)
         for slot in range(gl.load(Starts + pid), gl.load(Starts + pid + 1)):
             w, first_entry, n_entries, _, _ = _read_item(Items, slot)
             tile, _, off_z, off_h, off_kvh = _work_item(w, n_tiles, first_tile, num_heads,
                                                         q_per_kv)
-            mbarrier.wait(q_empty, (i & 1) ^ 1)
-            mbarrier.expect(q_ready, q_desc.block_type.nbytes)
-            _tma_load(q_desc, [off_z, off_h, tile * BLOCK_M - q_offset, 0], q_ready, q_smem)
+            b = i % 2
+            mbarrier.wait(q_empty.index(b), ((i // 2) & 1) ^ 1)
+            mbarrier.expect(q_ready.index(b), q_desc.block_type.nbytes)
+            _tma_load(q_desc, [off_z, off_h, tile * BLOCK_M - q_offset, 0], q_ready.index(b),
+                      q_smem.index(b))
             first_box = first_entry * n_sub
             n_boxes = n_entries * n_sub
             steps = gl.maximum(gl.cdiv(n_boxes, BOXES), 1)
@@ -246,10 +254,9 @@ if GLUON:
         rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         O_BOX_D: gl.constexpr = o_desc.block_type.shape[3]
         O_CHUNKS: gl.constexpr = HEAD_DIM // O_BOX_D
-        q_op = q_smem.slice(HALF * ROWS, ROWS)
         q_offset = seq_k - seq_q
         g = 0  # kv steps consumed so far by this program: the ring position
-        i = 0  # work items so far: the q buffer's phase
+        i = 0  # work items so far: the q buffer (i % 2) and its phase (i // 2)
         turn = 0  # turns taken so far
         pid = gl.program_id(0)
         first_slot = gl.load(Starts + pid)
@@ -280,7 +287,8 @@ if GLUON:
             full_boxes = n_front * n_sub
             steps = gl.maximum(gl.cdiv(n_boxes, TILE_N // BOX), 1)
 
-            mbarrier.wait(q_ready, i & 1)
+            q_op = q_smem.index(i % 2).reshape([BLOCK_M, HEAD_DIM]).slice(HALF * ROWS, ROWS)
+            mbarrier.wait(q_ready.index(i % 2), (i // 2) & 1)
             _take_turn(turns, turn, HALF)
             qk = _issue_transposed(q_op, k_bufs, k_ready, g, s_layout)
             mbarrier.arrive(turns.index(1 - HALF), count=1)
@@ -307,7 +315,7 @@ if GLUON:
                 acc = warpgroup_mma_wait(0, deps=(acc,))
                 mbarrier.arrive(kv_empty.index((g + j - 1) % stages), count=1)
                 acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
-            mbarrier.arrive(q_empty, count=1)  # every q kᵀ of this item is done
+            mbarrier.arrive(q_empty.index(i % 2), count=1)  # every q kᵀ of this item is done
             p8 = _to_e4m3(p)
             _take_turn(turns, turn + steps, HALF)
             acc = _issue_transposed_into(p8, v_bufs, v_ready, g + steps - 1, acc)
@@ -321,14 +329,16 @@ if GLUON:
             if TMA_STORE:
                 # Through this consumer's staging tile and tensor-memory stores (rows past the
                 # end are not written): scattered stores from registers cost about a tenth of
-                # the 16-bit forward at 8k (kernels/PERF.md).
+                # the 16-bit forward at 8k (kernels/PERF.md). The last item's stores must have
+                # read the tile before it is written again: waiting for that here, not right
+                # after issuing them, keeps their read off this item's path.
                 o_tile = o_bufs.index(HALF)
+                tma.store_wait(0)
                 o_tile.store(out.to(o_tile.dtype))
                 fence_async_shared()
                 for c in gl.static_range(O_CHUNKS):
                     _tma_store(o_desc, [off_z, off_h, row0 - q_offset, c * O_BOX_D],
                                o_boxes.index(HALF * O_CHUNKS + c))
-                tma.store_wait(0)
             else:
                 offs_m = row0 - q_offset + gl.arange(0, ROWS, layout=rows_o)
                 offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
@@ -347,6 +357,8 @@ if GLUON:
                 offs_m_s = offs_m_abs - q_offset
                 gl.store(Lse + off_zh.to(gl.int64) * seq_q + offs_m_s, lse,
                          mask=(offs_m_s >= 0) & (offs_m_s < seq_q))
+        if TMA_STORE:
+            tma.store_wait(0)
 
     @gluon.jit
     def _sparse_attn_fwd_fp8_ws(q_desc, k_desc, v_desc, o_desc, Out, Lse, Items, Starts, KvBlock,
@@ -363,7 +375,9 @@ if GLUON:
         ``Items`` (:func:`kernels.fwd_ws.work_items`). With ``TMA_STORE`` the output leaves
         through ``o_desc`` (boxes of 64 rows and 128 bytes) from a staging tile per consumer;
         without, through ``Out``'s pointers (``o_desc`` unused)."""
-        q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
+        # Two q buffers: work item i's q tile in buffer i % 2.
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape,
+                                           q_desc.layout)
         # A stage's k tile is (keys, dim), its boxes stacked by rows; its vᵀ tile is (dim, keys),
         # its boxes side by side, each one 64-byte column chunk.
         k_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BOXES * BOX, HEAD_DIM],
@@ -390,26 +404,26 @@ if GLUON:
             o_boxes = k_boxes
             o_bufs = k_bufs
         v_bufs = _reinterpret(v_boxes, v_desc.dtype, [STAGES, HEAD_DIM, BOXES * BOX], vt_layout)
-        q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_ready, count=1)
-        mbarrier.init(q_empty, count=2)  # both consumers release the q tile
+        for i in gl.static_range(2):
+            mbarrier.init(q_ready.index(i), count=1)
+            mbarrier.init(q_empty.index(i), count=2)  # both consumers release a q tile
         for i in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
             mbarrier.init(kv_empty.index(i), count=2)  # both consumers release a stage
         for i in gl.static_range(2):
             mbarrier.init(turns.index(i), count=1)
-        q_tile = q_smem.reshape([BLOCK_M, HEAD_DIM])
 
         # Constexprs written into each partition's tuple: a tuple variable would make them
         # runtime values.
         gl.warp_specialize([
-            (_consumer_partition, (q_tile, k_bufs, v_bufs, o_desc, o_boxes, o_bufs, q_ready,
+            (_consumer_partition, (q_smem, k_bufs, v_bufs, o_desc, o_boxes, o_bufs, q_ready,
                                    q_empty, k_ready, v_ready, kv_empty, turns, Items, Starts,
                                    KvBlock, RowBits, Out, Lse,
                                    QDescale, KDescale, VDescale,
@@ -419,7 +433,7 @@ if GLUON:
                                    n_tiles, first_tile, num_heads, q_per_kv, seq_q, seq_k,
                                    qk_scale, BLOCK_M, HEAD_DIM, BLOCK_SIZE, IS_CAUSAL,
                                    RETURN_LSE, TMA_STORE, 0)),
-            (_consumer_partition, (q_tile, k_bufs, v_bufs, o_desc, o_boxes, o_bufs, q_ready,
+            (_consumer_partition, (q_smem, k_bufs, v_bufs, o_desc, o_boxes, o_bufs, q_ready,
                                    q_empty, k_ready, v_ready, kv_empty, turns, Items, Starts,
                                    KvBlock, RowBits, Out, Lse,
                                    QDescale, KDescale, VDescale,
