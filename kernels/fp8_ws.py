@@ -1,10 +1,10 @@
 """Warp-specialised fp8 forward for Hopper, written in Gluon (fp8 configs with ``impl="gluon"``).
 
 The Gluon forward's structure (:mod:`kernels.fwd_ws`: a loader warp, two 64-row consumer warp
-groups taking turns at the tensor cores, persistent programs over a balanced deal of work items)
-with :mod:`kernels.fp8`'s arithmetic: e4m3 q, k and vᵀ, both products on e4m3 operands, the
-descales folded into the softmax scale and the normalisation, p scaled by ``2**P_SHIFT`` and
-rounded to e4m3 in registers as the ``p v`` operand, bf16 (or fp16, fp32) out.
+groups, persistent programs over a balanced deal of work items) with :mod:`kernels.fp8`'s
+arithmetic: e4m3 q, k and vᵀ, both products on e4m3 operands, the descales folded into the
+softmax scale and the normalisation, p scaled by ``2**P_SHIFT`` and rounded to e4m3 in
+registers as the ``p v`` operand, bf16 (or fp16, fp32) out.
 
 What differs from the 16-bit kernel, and why:
 - v arrives transposed, ``(batch, kv_heads, dim, seq)``: Hopper's fp8 products need both
@@ -34,6 +34,10 @@ What differs from the 16-bit kernel, and why:
   do not): the loader copies the next item's q, and then its first k and vᵀ tiles, while this
   item's last steps run, where with one buffer they waited for the item's last q kᵀ. With the
   output stores' wait moved to the next store, 1.00-1.04x on the H200 (kernels/PERF.md).
+- the consumers do not take turns at the tensor cores (the 16-bit kernel's ping-pong): in fp8
+  the products are about a third of a step's cycles and each consumer's own instructions bound
+  it, so waiting for the other consumer's turn only delayed a consumer's next products. Without
+  the waits, 1.03-1.05x on the H200 (kernels/PERF.md, session 11).
 - 16-bit output leaves through a staging tile of its own per consumer and tensor-memory
   stores (an fp8 k stage is too small to stage 16-bit rows in, as the 16-bit kernel does).
 """
@@ -66,7 +70,6 @@ if GLUON:
         _read_item,
         _reinterpret,
         _step_keep,
-        _take_turn,
         _tma_load,
         _tma_store,
         _work_item,
@@ -225,7 +228,7 @@ if GLUON:
 
     @gluon.jit
     def _consumer_partition(q_smem, k_bufs, v_bufs, o_desc, o_boxes, o_bufs, q_ready, q_empty,
-                            k_ready, v_ready, kv_empty, turns, Items, Starts, KvBlock, RowBits,
+                            k_ready, v_ready, kv_empty, Items, Starts, KvBlock, RowBits,
                             Out, Lse,
                             QDescale, KDescale, VDescale,
                             stride_oz, stride_oh, stride_om, stride_ok,
@@ -238,7 +241,8 @@ if GLUON:
                             HALF: gl.constexpr):
         """One consumer warp group: rows ``HALF * BLOCK_M / 2`` on of each work item's tile.
         Pipelined by one step as in :mod:`kernels.fwd_ws`: step j+1's q kᵀ and step j's p v
-        are issued in one turn, step j+1's softmax runs while p v does."""
+        are issued together, step j+1's softmax runs while p v does (but see PERF.md, session
+        11: ptxas waits for p v first). Unlike there, the consumers do not take turns."""
         NUM_WARPS: gl.constexpr = 4
         ROWS: gl.constexpr = BLOCK_M // 2
         SUB_BLOCKS: gl.constexpr = BLOCK_M // BLOCK_SIZE if BLOCK_M > BLOCK_SIZE else 1
@@ -257,7 +261,6 @@ if GLUON:
         q_offset = seq_k - seq_q
         g = 0  # kv steps consumed so far by this program: the ring position
         i = 0  # work items so far: the q buffer (i % 2) and its phase (i // 2)
-        turn = 0  # turns taken so far
         pid = gl.program_id(0)
         first_slot = gl.load(Starts + pid)
         last_slot = gl.load(Starts + pid + 1)
@@ -289,9 +292,7 @@ if GLUON:
 
             q_op = q_smem.index(i % 2).reshape([BLOCK_M, HEAD_DIM]).slice(HALF * ROWS, ROWS)
             mbarrier.wait(q_ready.index(i % 2), (i // 2) & 1)
-            _take_turn(turns, turn, HALF)
             qk = _issue_transposed(q_op, k_bufs, k_ready, g, s_layout)
-            mbarrier.arrive(turns.index(1 - HALF), count=1)
             qk = warpgroup_mma_wait(0, deps=(qk,))
             # A split pair (work_items moved it first and counts it unmasked) is masked whole.
             p, m_i, l_i, _alpha0 = _softmax_step(
@@ -302,10 +303,8 @@ if GLUON:
                 # p rides the back edge in float32 and is rounded where it is used: carried as
                 # e4m3, its bytes were unpacked and packed again, 200 instructions a step.
                 p8 = _to_e4m3(p)
-                _take_turn(turns, turn + j, HALF)
                 qk = _issue_transposed(q_op, k_bufs, k_ready, g + j, s_layout)
                 acc = _issue_transposed_into(p8, v_bufs, v_ready, g + j - 1, acc)
-                mbarrier.arrive(turns.index(1 - HALF), count=1)
                 # wgmma groups retire in order: one left outstanding means q kᵀ is done.
                 qk = warpgroup_mma_wait(1, deps=(qk,))
                 p, m_i, l_i, alpha = _softmax_step(
@@ -317,9 +316,7 @@ if GLUON:
                 acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
             mbarrier.arrive(q_empty.index(i % 2), count=1)  # every q kᵀ of this item is done
             p8 = _to_e4m3(p)
-            _take_turn(turns, turn + steps, HALF)
             acc = _issue_transposed_into(p8, v_bufs, v_ready, g + steps - 1, acc)
-            mbarrier.arrive(turns.index(1 - HALF), count=1)
             acc = warpgroup_mma_wait(0, deps=(acc,))
             mbarrier.arrive(kv_empty.index((g + steps - 1) % stages), count=1)
 
@@ -349,7 +346,6 @@ if GLUON:
                 gl.store(o_ptrs, out.to(Out.dtype.element_ty),
                          mask=gl.expand_dims(row_ok, 1) & gl.expand_dims(offs_d < HEAD_DIM, 0))
             g += steps
-            turn += steps + 1
             i += 1
             if RETURN_LSE:
                 # Natural-log log-sum-exp; m_i is in log2 units and l_i carries 2**P_SHIFT.
@@ -409,7 +405,6 @@ if GLUON:
         k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(2):
             mbarrier.init(q_ready.index(i), count=1)
             mbarrier.init(q_empty.index(i), count=2)  # both consumers release a q tile
@@ -417,14 +412,12 @@ if GLUON:
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
             mbarrier.init(kv_empty.index(i), count=2)  # both consumers release a stage
-        for i in gl.static_range(2):
-            mbarrier.init(turns.index(i), count=1)
 
         # Constexprs written into each partition's tuple: a tuple variable would make them
         # runtime values.
         gl.warp_specialize([
             (_consumer_partition, (q_smem, k_bufs, v_bufs, o_desc, o_boxes, o_bufs, q_ready,
-                                   q_empty, k_ready, v_ready, kv_empty, turns, Items, Starts,
+                                   q_empty, k_ready, v_ready, kv_empty, Items, Starts,
                                    KvBlock, RowBits, Out, Lse,
                                    QDescale, KDescale, VDescale,
                                    stride_oz, stride_oh, stride_om, stride_ok,
@@ -434,7 +427,7 @@ if GLUON:
                                    qk_scale, BLOCK_M, HEAD_DIM, BLOCK_SIZE, IS_CAUSAL,
                                    RETURN_LSE, TMA_STORE, 0)),
             (_consumer_partition, (q_smem, k_bufs, v_bufs, o_desc, o_boxes, o_bufs, q_ready,
-                                   q_empty, k_ready, v_ready, kv_empty, turns, Items, Starts,
+                                   q_empty, k_ready, v_ready, kv_empty, Items, Starts,
                                    KvBlock, RowBits, Out, Lse,
                                    QDescale, KDescale, VDescale,
                                    stride_oz, stride_oh, stride_om, stride_ok,
