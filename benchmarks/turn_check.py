@@ -4,7 +4,7 @@ provider alone for a second, its last half timed, three times), phi-3's forward 
 Usage (on a GPU, FA4 installed): python benchmarks/turn_check.py OUT.json
 It wrote benchmarks/results/turns-8k-h200.json, the reason `measure.timing.TURN_MS` is 100.
 """
-import json, statistics, sys, time
+import json, statistics, sys
 import torch
 from dkbench.spec.load import load_spec
 from dkbench.spec.sweep import expand

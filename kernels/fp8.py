@@ -293,8 +293,9 @@ def fp8_config_problems(config: LaunchConfig, block_size: int, head_dim: int) ->
     return problems + launch_problems(config, head_dim)
 
 
-# The Gluon fp8 forward's default: 128-key steps (two 64-key copies), two stages.
-GLUON_FP8_DEFAULT = LaunchConfig(128, 128, 4, 2, "gluon")
+# The Gluon fp8 forward's default: 128-key steps (two 64-key copies), three stages (its row
+# sums from the tensor cores pay at three, not at two: kernels/PERF.md, sessions 13-14).
+GLUON_FP8_DEFAULT = LaunchConfig(128, 128, 4, 3, "gluon")
 
 
 def _gluon_problems(config: LaunchConfig, block_size: int, head_dim: int) -> list[str]:

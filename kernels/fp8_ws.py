@@ -28,6 +28,11 @@ What differs from the 16-bit kernel, and why:
   moved by 0.10-0.17% of its norm (the error against the float32 reference of the dequantised
   inputs stayed at 2.13%), and dropping the separate sum made the kernel 1-10% faster
   (kernels/PERF.md).
+- p's row sums come from the tensor cores too: p times a (keys, 8) tile of ones, issued beside
+  p v. Each step's sums start from zero and are added up in float32 (a running sum through the
+  fp8 additions left the log-sum-exp 2% low). That takes 64 adds and 4 shuffles a thread a step
+  off the consumers, whose instructions bound an fp8 step. The loader copies the ones in: the
+  consumers' own stores of them were not what the products read (kernels/PERF.md, session 13).
 - a split first step (a block only the upper 64 rows keep beside one only the lower 64 keep)
   is multiplied whole, masked: every consumer computes its 128 keys.
 - two q buffers (an fp8 q tile is 16 KB, and the fp8 stages leave the room the 16-bit kernel's
@@ -61,6 +66,7 @@ if GLUON:
         fence_async_shared,
         mbarrier,
         tma,
+        warpgroup_mma,
         warpgroup_mma_wait,
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
@@ -136,16 +142,19 @@ if GLUON:
             _tma_load(desc, [off_z, off_kvh, 0, start_n], ready, boxes_buf.index(s * BOXES + h))
 
     @gluon.jit
-    def _load_partition(q_desc, k_desc, v_desc, q_smem, k_boxes, v_boxes, q_ready, q_empty,
-                        k_ready, v_ready, kv_empty, Items, Starts, KvBlock, n_tiles,
-                        first_tile, num_heads, q_per_kv, q_offset,
+    def _load_partition(q_desc, k_desc, v_desc, ones_desc, q_smem, k_boxes, v_boxes, ones_box,
+                        q_ready, q_empty, k_ready, v_ready, kv_empty, ones_ready, Items, Starts,
+                        KvBlock, n_tiles, first_tile, num_heads, q_per_kv, q_offset,
                         BLOCK_M: gl.constexpr, BLOCK_SIZE: gl.constexpr, BOXES: gl.constexpr):
-        """Loader warp: each work item's q tile into one of two buffers (once both consumers
-        released the item two before it), then its k and vᵀ tiles through the stages. With two
-        q buffers the next item's q and first tiles are on their way while this item's last
-        steps run; with one, they waited for its last q kᵀ."""
+        """Loader warp: the tile of ones the consumers' row sums take first, then each work
+        item's q tile into one of two buffers (once both consumers released the item two before
+        it), then its k and vᵀ tiles through the stages. With two q buffers the next item's q
+        and first tiles are on their way while this item's last steps run; with one, they
+        waited for its last q kᵀ."""
         stages: gl.constexpr = k_ready.shape[0]
         n_sub: gl.constexpr = BLOCK_SIZE // BOX
+        mbarrier.expect(ones_ready, ones_desc.block_type.nbytes)
+        _tma_load(ones_desc, [0, 0, 0, 0], ones_ready, ones_box)
         g = 0  # kv steps issued so far by this program: the ring position
         i = 0  # work items so far: the q buffer (i % 2) and its phase (i // 2)
         pid = gl.program_id(0)
@@ -207,13 +216,13 @@ if GLUON:
                                          is_pure=True, pack=_EXP2_PACK)
 
     @gluon.jit
-    def _softmax_step(qk, m_i, l_i, j, first_box, n_boxes, full_boxes, KvBlock, RowBits,
+    def _softmax_step(qk, m_i, j, first_box, n_boxes, full_boxes, KvBlock, RowBits,
                       offs_m_abs, tile_first_block, row_end, seq_k, scale,
                       TILE_N: gl.constexpr, BLOCK_SIZE: gl.constexpr, SUB_BLOCKS: gl.constexpr,
                       IS_CAUSAL: gl.constexpr, s_layout: gl.constexpr, p_layout: gl.constexpr):
         """Mask step ``j``'s scores if any of its boxes needs it, then the online softmax with p
-        scaled by ``2**P_SHIFT`` and rounded to e4m3 as the p v operand; the masks are
-        :mod:`kernels.fwd_ws`'s."""
+        scaled by ``2**P_SHIFT`` as the p v operand (its row sums come from the tensor cores,
+        see the consumer); the masks are :mod:`kernels.fwd_ws`'s."""
         if (j + 1) * (TILE_N // BOX) > full_boxes:
             keep = _step_keep(j, first_box, n_boxes, KvBlock, RowBits, offs_m_abs,
                               tile_first_block, row_end, seq_k, TILE_N, BOX, BLOCK_SIZE,
@@ -223,12 +232,11 @@ if GLUON:
         m_new = gl.maximum(m_i, gl.max(qk, 1) * scale)
         p = _exp2_p(qk * scale - gl.expand_dims(m_new - P_SHIFT, 1))
         alpha = gl.exp2(m_i - m_new)
-        l_i = l_i * alpha + gl.sum(p, 1)
-        return _as_pv_operand(p, p_layout), m_new, l_i, alpha
+        return _as_pv_operand(p, p_layout), m_new, alpha
 
     @gluon.jit
-    def _consumer_partition(q_smem, k_bufs, v_bufs, o_desc, o_boxes, o_bufs, q_ready, q_empty,
-                            k_ready, v_ready, kv_empty, Items, Starts, KvBlock, RowBits,
+    def _consumer_partition(q_smem, k_bufs, v_bufs, ones_smem, o_desc, o_boxes, o_bufs, q_ready,
+                            q_empty, k_ready, v_ready, kv_empty, ones_ready, Items, Starts, KvBlock, RowBits,
                             Out, Lse,
                             QDescale, KDescale, VDescale,
                             stride_oz, stride_oh, stride_om, stride_ok,
@@ -256,6 +264,15 @@ if GLUON:
             version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, HEAD_DIM, 32])
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
         rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        # p's row sums as p times a (keys, 8) tile of ones: eight equal columns. The p operand
+        # over this product is p_layout's register for register (the conversion is free).
+        l_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, 8, 32])
+        p_sum_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=l_layout,
+                                                         k_width=4)
+        rows_l: gl.constexpr = gl.SliceLayout(1, l_layout)
+        ones_op = ones_smem.permute((1, 0))
+        no_sum = gl.zeros([ROWS, 8], gl.float32, l_layout)
         O_BOX_D: gl.constexpr = o_desc.block_type.shape[3]
         O_CHUNKS: gl.constexpr = HEAD_DIM // O_BOX_D
         q_offset = seq_k - seq_q
@@ -265,6 +282,7 @@ if GLUON:
         first_slot = gl.load(Starts + pid)
         last_slot = gl.load(Starts + pid + 1)
         next_item = _read_item(Items, first_slot)
+        mbarrier.wait(ones_ready, 0)  # the loader's copy of the ones, once
         for slot in range(first_slot, last_slot):
             w, first_entry, n_entries, n_front, split = next_item
             next_item = _read_item(Items, gl.minimum(slot + 1, last_slot - 1))
@@ -278,7 +296,7 @@ if GLUON:
             offs_m_abs = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
             # A finite floor instead of -inf keeps exp2(m_i - m_new) defined for masked rows.
             m_i = gl.full([ROWS], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
-            l_i = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, s_layout))
+            l_i = gl.zeros([ROWS], gl.float32, rows_l)
             acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
             tile_first_block = tile * BLOCK_M // BLOCK_SIZE
             if IS_CAUSAL:
@@ -295,8 +313,8 @@ if GLUON:
             qk = _issue_transposed(q_op, k_bufs, k_ready, g, s_layout)
             qk = warpgroup_mma_wait(0, deps=(qk,))
             # A split pair (work_items moved it first and counts it unmasked) is masked whole.
-            p, m_i, l_i, _alpha0 = _softmax_step(
-                qk, m_i, l_i, 0, first_box, n_boxes, full_boxes * (1 - split), KvBlock, RowBits,
+            p, m_i, _alpha0 = _softmax_step(
+                qk, m_i, 0, first_box, n_boxes, full_boxes * (1 - split), KvBlock, RowBits,
                 offs_m_abs, tile_first_block, row_end, seq_k, scale, TILE_N, BLOCK_SIZE,
                 SUB_BLOCKS, IS_CAUSAL, s_layout, p_layout)
             for j in range(1, steps):
@@ -304,21 +322,30 @@ if GLUON:
                 # e4m3, its bytes were unpacked and packed again, 200 instructions a step.
                 p8 = _to_e4m3(p)
                 qk = _issue_transposed(q_op, k_bufs, k_ready, g + j, s_layout)
+                # The step's row sums start from zero: the tensor cores add fp8 products with
+                # about 14 bits, so only a step's own keys pass through those additions and the
+                # running sum stays in float32 (a running sum there left the LSE 2% low).
+                l = warpgroup_mma(gl.convert_layout(p8, p_sum_layout, assert_trivial=True),
+                                  ones_op, no_sum, use_acc=False, is_async=True)
                 acc = _issue_transposed_into(p8, v_bufs, v_ready, g + j - 1, acc)
-                # wgmma groups retire in order: one left outstanding means q kᵀ is done.
-                qk = warpgroup_mma_wait(1, deps=(qk,))
-                p, m_i, l_i, alpha = _softmax_step(
-                    qk, m_i, l_i, j, first_box, n_boxes, full_boxes, KvBlock, RowBits,
+                # wgmma groups retire in order: two left outstanding means q kᵀ is done.
+                qk = warpgroup_mma_wait(2, deps=(qk,))
+                p, m_i, alpha = _softmax_step(
+                    qk, m_i, j, first_box, n_boxes, full_boxes, KvBlock, RowBits,
                     offs_m_abs, tile_first_block, row_end, seq_k, scale, TILE_N, BLOCK_SIZE,
                     SUB_BLOCKS, IS_CAUSAL, s_layout, p_layout)
-                acc = warpgroup_mma_wait(0, deps=(acc,))
+                acc, l = warpgroup_mma_wait(0, deps=(acc, l))
                 mbarrier.arrive(kv_empty.index((g + j - 1) % stages), count=1)
                 acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
+                l_i = (l_i + gl.max(l, 1)) * gl.convert_layout(alpha, rows_l)
             mbarrier.arrive(q_empty.index(i % 2), count=1)  # every q kᵀ of this item is done
             p8 = _to_e4m3(p)
+            l = warpgroup_mma(gl.convert_layout(p8, p_sum_layout, assert_trivial=True), ones_op,
+                              no_sum, use_acc=False, is_async=True)
             acc = _issue_transposed_into(p8, v_bufs, v_ready, g + steps - 1, acc)
-            acc = warpgroup_mma_wait(0, deps=(acc,))
+            acc, l = warpgroup_mma_wait(0, deps=(acc, l))
             mbarrier.arrive(kv_empty.index((g + steps - 1) % stages), count=1)
+            l_i += gl.max(l, 1)
 
             # -- epilogue: the 2**P_SHIFT in acc and l_i cancels; v's descale comes in here --
             l_safe = gl.where(l_i == 0.0, 1.0, l_i)
@@ -349,7 +376,8 @@ if GLUON:
             i += 1
             if RETURN_LSE:
                 # Natural-log log-sum-exp; m_i is in log2 units and l_i carries 2**P_SHIFT.
-                lse = (m_i + gl.log2(l_safe) - P_SHIFT) * LN2
+                l_rows = gl.convert_layout(l_safe, gl.SliceLayout(1, s_layout))
+                lse = (m_i + gl.log2(l_rows) - P_SHIFT) * LN2
                 offs_m_s = offs_m_abs - q_offset
                 gl.store(Lse + off_zh.to(gl.int64) * seq_q + offs_m_s, lse,
                          mask=(offs_m_s >= 0) & (offs_m_s < seq_q))
@@ -357,7 +385,7 @@ if GLUON:
             tma.store_wait(0)
 
     @gluon.jit
-    def _sparse_attn_fwd_fp8_ws(q_desc, k_desc, v_desc, o_desc, Out, Lse, Items, Starts, KvBlock,
+    def _sparse_attn_fwd_fp8_ws(q_desc, k_desc, v_desc, o_desc, ones_desc, Out, Lse, Items, Starts, KvBlock,
                                 RowBits, QDescale, KDescale, VDescale,
                                 stride_oz, stride_oh, stride_om, stride_ok,
                                 stride_qdz, stride_qdh, stride_kdz, stride_kdh,
@@ -370,7 +398,10 @@ if GLUON:
         """Persistent: program ``p`` takes the work items in rows ``Starts[p]:Starts[p+1]`` of
         ``Items`` (:func:`kernels.fwd_ws.work_items`). With ``TMA_STORE`` the output leaves
         through ``o_desc`` (boxes of 64 rows and 128 bytes) from a staging tile per consumer;
-        without, through ``Out``'s pointers (``o_desc`` unused)."""
+        without, through ``Out``'s pointers (``o_desc`` unused). ``ones_desc`` copies the
+        (8, keys) tile of ones the row sums are taken with: filled in place by the consumers'
+        own stores, the tile they then read was not the one written (kernels/PERF.md, session
+        13)."""
         # Two q buffers: work item i's q tile in buffer i % 2.
         q_smem = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape,
                                            q_desc.layout)
@@ -400,6 +431,11 @@ if GLUON:
             o_boxes = k_boxes
             o_bufs = k_bufs
         v_bufs = _reinterpret(v_boxes, v_desc.dtype, [STAGES, HEAD_DIM, BOXES * BOX], vt_layout)
+        ones_box = gl.allocate_shared_memory(ones_desc.dtype, ones_desc.block_type.shape,
+                                             ones_desc.layout)
+        ones_smem = ones_box.reshape([8, BOXES * BOX])
+        ones_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        mbarrier.init(ones_ready, count=1)
         q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -416,8 +452,9 @@ if GLUON:
         # Constexprs written into each partition's tuple: a tuple variable would make them
         # runtime values.
         gl.warp_specialize([
-            (_consumer_partition, (q_smem, k_bufs, v_bufs, o_desc, o_boxes, o_bufs, q_ready,
-                                   q_empty, k_ready, v_ready, kv_empty, Items, Starts,
+            (_consumer_partition, (q_smem, k_bufs, v_bufs, ones_smem, o_desc, o_boxes, o_bufs,
+                                   q_ready, q_empty, k_ready, v_ready, kv_empty, ones_ready,
+                                   Items, Starts,
                                    KvBlock, RowBits, Out, Lse,
                                    QDescale, KDescale, VDescale,
                                    stride_oz, stride_oh, stride_om, stride_ok,
@@ -426,8 +463,9 @@ if GLUON:
                                    n_tiles, first_tile, num_heads, q_per_kv, seq_q, seq_k,
                                    qk_scale, BLOCK_M, HEAD_DIM, BLOCK_SIZE, IS_CAUSAL,
                                    RETURN_LSE, TMA_STORE, 0)),
-            (_consumer_partition, (q_smem, k_bufs, v_bufs, o_desc, o_boxes, o_bufs, q_ready,
-                                   q_empty, k_ready, v_ready, kv_empty, Items, Starts,
+            (_consumer_partition, (q_smem, k_bufs, v_bufs, ones_smem, o_desc, o_boxes, o_bufs,
+                                   q_ready, q_empty, k_ready, v_ready, kv_empty, ones_ready,
+                                   Items, Starts,
                                    KvBlock, RowBits, Out, Lse,
                                    QDescale, KDescale, VDescale,
                                    stride_oz, stride_oh, stride_om, stride_ok,
@@ -436,9 +474,9 @@ if GLUON:
                                    n_tiles, first_tile, num_heads, q_per_kv, seq_q, seq_k,
                                    qk_scale, BLOCK_M, HEAD_DIM, BLOCK_SIZE, IS_CAUSAL,
                                    RETURN_LSE, TMA_STORE, 1)),
-            (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_boxes, v_boxes, q_ready,
-                               q_empty, k_ready, v_ready, kv_empty, Items, Starts, KvBlock,
-                               n_tiles, first_tile, num_heads, q_per_kv, seq_k - seq_q,
+            (_load_partition, (q_desc, k_desc, v_desc, ones_desc, q_smem, k_boxes, v_boxes,
+                               ones_box, q_ready, q_empty, k_ready, v_ready, kv_empty,
+                               ones_ready, Items, Starts, KvBlock, n_tiles, first_tile, num_heads, q_per_kv, seq_k - seq_q,
                                BLOCK_M, BLOCK_SIZE, BOXES)),
         ], [4, 1], [240, 24])  # registers a thread: see kernels.fwd_ws.MAX_REGS
 
@@ -490,6 +528,21 @@ def mma_key_order(v_t: torch.Tensor) -> torch.Tensor:
         v_t.view(torch.uint8), out.view(torch.uint8), kv_heads, dim, seq, padded,
         *v_t.stride()[:3], KEYS=keys)
     return out
+
+
+_ONES: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _ones_tile(device: torch.device, keys: int) -> torch.Tensor:
+    """The ``(1, 1, 8, keys)`` e4m3 tile of ones the kernel's row sums are taken with, made once
+    per device and width: made inside a CUDA graph capture it would live in the graph's pool."""
+    key = (device, keys)
+    if key not in _ONES:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the fp8 Gluon forward must run once on this device before a "
+                               "CUDA graph captures it (its tile of ones is made on first use)")
+        _ONES[key] = torch.ones(1, 1, 8, keys, device=device).to(torch.float8_e4m3fn)
+    return _ONES[key]
 
 
 _NOT_CUDA = "impl='gluon' runs on a CUDA GPU, not in the interpreter"
@@ -556,7 +609,8 @@ def sparse_attention_fp8_ws(q: torch.Tensor, k: torch.Tensor, v_t: torch.Tensor,
               else _descriptor(k, BOX_N, head_dim))
     _sparse_attn_fwd_fp8_ws[grid](
         _descriptor(q, BLOCK_M, head_dim), _descriptor(k, BOX_N, head_dim),
-        _descriptor(mma_key_order(v_t), head_dim, BOX_N, swizzle=64), o_desc, out, lse,
+        _descriptor(mma_key_order(v_t), head_dim, BOX_N, swizzle=64), o_desc,
+        _descriptor(_ones_tile(q.device, BOX_N * boxes), 8, BOX_N * boxes), out, lse,
         work.items, work.starts, work.kv_block, work.row_bits, q_descale, k_descale, v_descale,
         *out.stride(), *q_descale.stride(), *k_descale.stride(), *v_descale.stride(),
         heads, heads // kv_heads, seq_q, seq_k, plan.tiles - first_tile, first_tile,
