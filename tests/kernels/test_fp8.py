@@ -404,3 +404,16 @@ def test_the_fp8_configs_benchmark_times_valid_configs() -> None:
     spec.loader.exec_module(module)
     assert module.GLUON and all(fp8_config_problems(c, 64, 128) == [] and c.impl == "gluon"
                                 for c in module.GLUON.values())
+
+
+@pytest.mark.parametrize("keys", [64, 128])
+def test_ones_tile_the_row_sums_take(keys: int) -> None:
+    """The Gluon fp8 kernel's row sums are p times this tile: it must be e4m3 ones, (1, 1, 8,
+    keys) as its descriptor boxes it, made once per device and width."""
+    from kernels import fp8_ws
+
+    tile = fp8_ws._ones_tile(torch.device("cpu"), keys)
+    assert tile.shape == (1, 1, 8, keys) and tile.dtype == FP8_DTYPE and tile.is_contiguous()
+    assert torch.equal(tile.float(), torch.ones(1, 1, 8, keys))
+    assert fp8_ws._ones_tile(torch.device("cpu"), keys) is tile
+    assert fp8_ws._ones_tile(torch.device("cpu"), 192 - keys) is not tile
