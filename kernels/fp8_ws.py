@@ -535,14 +535,16 @@ _ONES: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 def _ones_tile(device: torch.device, keys: int) -> torch.Tensor:
     """The ``(1, 1, 8, keys)`` e4m3 tile of ones the kernel's row sums are taken with, made once
-    per device and width: made inside a CUDA graph capture it would live in the graph's pool."""
+    per device and width. Inside a CUDA graph capture a tile not made yet is made for that
+    graph alone: filled as the graph's first step on each replay, it would hold nothing outside
+    it, so it is not kept."""
     key = (device, keys)
-    if key not in _ONES:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("the fp8 Gluon forward must run once on this device before a "
-                               "CUDA graph captures it (its tile of ones is made on first use)")
-        _ONES[key] = torch.ones(1, 1, 8, keys, device=device).to(torch.float8_e4m3fn)
-    return _ONES[key]
+    if key in _ONES:
+        return _ONES[key]
+    tile = torch.ones(1, 1, 8, keys, device=device).to(torch.float8_e4m3fn)
+    if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        _ONES[key] = tile
+    return tile
 
 
 _NOT_CUDA = "impl='gluon' runs on a CUDA GPU, not in the interpreter"

@@ -75,6 +75,35 @@ def test_phi3_at_8k(config, granularity, poison_outputs, capsys):
     assert_verbose_close(out, bf16, FP8_END_TO_END_TOL, "out against the bf16 kernel")
 
 
+def test_a_graph_captured_before_any_eager_call_makes_its_own_ones(monkeypatch):
+    """The Gluon forward's row sums take a tile of ones made on first use. Captured into a CUDA
+    graph before any eager call on the device has made it, the graph must make its own (the
+    cache stays empty) and replay to the eager output; the next eager call keeps one."""
+    layout = local_stride_layout(max_seq_len=2048, **PHI3)
+    q, k, v = make_qkv(2, 2048, 2048, 32, 8, 128, torch.bfloat16, "cuda")
+    x = quantize_fp8(q, k, v)
+    _assert_gluon_takes(x, layout, GLUON_FP8_DEFAULT)
+
+    def step():
+        return _fp8(x, layout, sm_scale=1 / 128, config=GLUON_FP8_DEFAULT)
+
+    side = torch.cuda.Stream()  # compile and plan once, off the capture
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        eager = step().clone()
+    torch.cuda.current_stream().wait_stream(side)
+    monkeypatch.setattr(fp8_ws, "_ONES", {})  # as on a device no eager call has used
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    assert fp8_ws._ONES == {}
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+    assert torch.equal(step(), eager) and len(fp8_ws._ONES) == 1
+
+
 @pytest.mark.parametrize("case", [
     # (family, causal, seq_q, seq_k, heads, kv_heads, dim, block, seq_dim, config)
     ("hetero", False, 4096, 4096, 16, 4, 128, 64, 1, None),
