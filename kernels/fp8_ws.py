@@ -30,8 +30,9 @@ What differs from the 16-bit kernel, and why:
   (kernels/PERF.md).
 - p's row sums come from the tensor cores too: p times a (keys, 8) tile of ones, issued beside
   p v. Each step's sums start from zero and are added up in float32 (a running sum through the
-  fp8 additions left the log-sum-exp 2% low). That takes 64 adds and 4 shuffles a thread a step
-  off the consumers, whose instructions bound an fp8 step. The loader copies the ones in: the
+  fp8 additions left the log-sum-exp 2% low). That takes 64 adds a thread a step off the
+  consumers, whose instructions bound an fp8 step (the sums' reduction over the product's eight
+  equal columns takes the shuffles the adds' did). The loader copies the ones in: the
   consumers' own stores of them were not what the products read (kernels/PERF.md, session 13).
 - a split first step (a block only the upper 64 rows keep beside one only the lower 64 keep)
   is multiplied whole, masked: every consumer computes its 128 keys.
