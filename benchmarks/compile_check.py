@@ -52,6 +52,10 @@ class Compiled:
     stack_bytes: int | None  # stack frame per thread: where ptxas puts what it spills
     shared_bytes: int
     num_warps: int
+    # Whether ptxas serialises the kernel's wgmma products (each waited for as it is issued,
+    # which costs a pipelined kernel most of its overlap), and its reason; None: no ptxas here.
+    wgmma_serialised: bool | None = None
+    serialisation: str = ""
 
 
 class _NoLaunch:
@@ -131,6 +135,33 @@ def resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
                               text=True).stdout
     regs, stack = re.search(r"REG:(\d+)", text), re.search(r"STACK:(\d+)", text)
     return (int(regs.group(1)) if regs else None, int(stack.group(1)) if stack else None)
+
+
+_SERIALISED = re.compile(r"wgmma\.mma_async instructions are serialized due to (.*?)(?: in the"
+                         r" function|$)", re.MULTILINE)
+
+
+def wgmma_serialisation(ptx: str) -> tuple[bool | None, str]:
+    """Whether ptxas (sm_90a) serialises the wgmma products of ``ptx``, and why, as its
+    verbose output says (message C7514 and its kin); (None, "") where ptxas is missing."""
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not tool.exists():
+        return None, ""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        done = subprocess.run([str(tool), "-v", "--gpu-name=sm_90a", str(src), "-o",
+                               str(Path(tmp) / "kernel.cubin")], capture_output=True, text=True)
+    why = serialisation_reason(done.stdout + done.stderr)
+    return why is not None, why or ""
+
+
+def serialisation_reason(ptxas_log: str) -> str | None:
+    """The reason ptxas's verbose log gives for serialising wgmma products; None: it does not."""
+    found = _SERIALISED.search(ptxas_log)
+    return " ".join(found.group(1).split()) if found else None
 
 
 @contextmanager
@@ -354,9 +385,10 @@ def compile_all() -> tuple[list[Compiled], dict[str, str]]:
     failed: dict[str, str] = {}
     for family, launch in FAMILIES.items():
         def record(kernel, family: str = family) -> None:
+            serialised, why = wgmma_serialisation(kernel.asm["ptx"])
             compiled.append(Compiled(family, kernel.name, kernel.n_regs or None,
                                      kernel.n_spills, kernel.metadata.shared,
-                                     kernel.metadata.num_warps))
+                                     kernel.metadata.num_warps, serialised, why))
         before = len(compiled)
         try:
             with hopper_without_gpu(record):
@@ -389,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"triton {triton.__version__}, target sm_{CAPABILITY[0]}{CAPABILITY[1]}a")
         for c in compiled:
             print(f"  {c.family:<16} {c.kernel:<24} {c.num_warps:>2} warps  "
-                  f"{c.registers} registers  {c.stack_bytes} B stack  {c.shared_bytes} B shared")
+                  f"{c.registers} registers  {c.stack_bytes} B stack  {c.shared_bytes} B shared"
+                  + (f"  wgmma serialised: {c.serialisation}" if c.wgmma_serialised else ""))
         for family, why in failed.items():
             print(f"  {family:<16} FAILED: {why}")
     return 1 if failed else 0

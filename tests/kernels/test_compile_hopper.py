@@ -70,6 +70,27 @@ def test_every_kernel_family_compiles_for_hopper(tmp_path: Path) -> None:
                  "_bwd_dq_ws"):
         (kernel,) = [f for f in found if f["kernel"] == name]
         assert kernel["stack_bytes"] in (0, None), kernel
+    # ptxas serialises no Gluon kernel's products nor the Triton fp8 forward's on triton 3.6 or
+    # 3.9 (a product left in flight across a loop's back edge makes it wait for each one as it
+    # is issued: kernels/PERF.md, H200 session 14), which would undo the kernels' pipelining.
+    for kernel in found:
+        if kernel["kernel"].endswith("_ws") or kernel["kernel"] == "_sparse_attn_fwd_fp8":
+            assert kernel["wgmma_serialised"] in (False, None), kernel
+
+
+def test_the_check_reads_why_ptxas_serialises_wgmma() -> None:
+    """The message ptxas (sm_90a, -v) printed for a kernel with a product in flight across its
+    loop's back edge, and the log of one without."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from compile_check import serialisation_reason
+
+    log = ("ptxas info    : (C7514) Potential Performance Loss: wgmma.mma_async instructions are "
+           "serialized due to non wgmma instructions reading accumulator registers of  a wgmma "
+           "between start and end of the pipeline stage in the function '_kernel'\n"
+           "ptxas info    : Used 168 registers, used 3 barriers\n")
+    assert serialisation_reason(log) == ("non wgmma instructions reading accumulator registers "
+                                         "of a wgmma between start and end of the pipeline stage")
+    assert serialisation_reason(log.splitlines()[1]) is None
 
 
 def test_the_check_refuses_to_run_in_the_interpreter() -> None:
