@@ -237,8 +237,8 @@ if GLUON:
 
     @gluon.jit
     def _consumer_partition(q_smem, k_bufs, v_bufs, ones_smem, o_desc, o_boxes, o_bufs, q_ready,
-                            q_empty, k_ready, v_ready, kv_empty, ones_ready, Items, Starts, KvBlock, RowBits,
-                            Out, Lse,
+                            q_empty, k_ready, v_ready, kv_empty, ones_ready, Items, Starts,
+                            KvBlock, RowBits, Out, Lse,
                             QDescale, KDescale, VDescale,
                             stride_oz, stride_oh, stride_om, stride_ok,
                             stride_qdz, stride_qdh, stride_kdz, stride_kdh,
@@ -386,8 +386,8 @@ if GLUON:
             tma.store_wait(0)
 
     @gluon.jit
-    def _sparse_attn_fwd_fp8_ws(q_desc, k_desc, v_desc, o_desc, ones_desc, Out, Lse, Items, Starts, KvBlock,
-                                RowBits, QDescale, KDescale, VDescale,
+    def _sparse_attn_fwd_fp8_ws(q_desc, k_desc, v_desc, o_desc, ones_desc, Out, Lse, Items,
+                                Starts, KvBlock, RowBits, QDescale, KDescale, VDescale,
                                 stride_oz, stride_oh, stride_om, stride_ok,
                                 stride_qdz, stride_qdh, stride_kdz, stride_kdh,
                                 stride_vdz, stride_vdh,
@@ -477,8 +477,8 @@ if GLUON:
                                    RETURN_LSE, TMA_STORE, 1)),
             (_load_partition, (q_desc, k_desc, v_desc, ones_desc, q_smem, k_boxes, v_boxes,
                                ones_box, q_ready, q_empty, k_ready, v_ready, kv_empty,
-                               ones_ready, Items, Starts, KvBlock, n_tiles, first_tile, num_heads, q_per_kv, seq_k - seq_q,
-                               BLOCK_M, BLOCK_SIZE, BOXES)),
+                               ones_ready, Items, Starts, KvBlock, n_tiles, first_tile,
+                               num_heads, q_per_kv, seq_k - seq_q, BLOCK_M, BLOCK_SIZE, BOXES)),
         ], [4, 1], [240, 24])  # registers a thread: see kernels.fwd_ws.MAX_REGS
 
 
