@@ -142,7 +142,7 @@ def measure(variants: list[Variant], modules: list[ModuleType], seqlens: list[in
             q, k, v = (t[:1].float() for t in dequantize_fp8(x))
             ref, ref_lse = reference_attention(q, k, v, layout, SCALE, return_lse=True)
             for name, call in calls.items():
-                out, lse = call()  # out (batch, heads, seq, dim), the reference q's layout
+                out, lse = call()  # out (batch, heads, seq, dim), ref (batch, seq, heads, dim)
                 got = out[:1].transpose(1, 2).float()
                 row[f"err_{name}"] = float((got - ref).norm() / ref.norm())
                 row[f"lse_maxabs_{name}"] = float((lse[:1] - ref_lse).abs().max())
