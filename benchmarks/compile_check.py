@@ -242,6 +242,17 @@ def forward_gluon() -> None:
                                    boxes=config.block_n // fwd_ws.BOX_N)
 
 
+def forward_gluon_halves() -> None:
+    """The Gluon forward with owned steps, on a random pattern (its halves keep different
+    blocks)."""
+    import kernels
+    from kernels import fwd_halves
+
+    layout = kernels.random_layout(HEADS, SEQ // BLOCK, BLOCK, 0.3)
+    fwd_halves.sparse_attention_fwd_halves(_bhsd(HEADS), _bhsd(KV_HEADS), _bhsd(KV_HEADS),
+                                           layout, 0.088, stages=3)
+
+
 def _backward_inputs() -> tuple[torch.Tensor, ...]:
     """q, k, v, out, dO, lse and delta of one backward call (values unused: nothing runs)."""
     q, k, v, out, do = (_bhsd(HEADS), _bhsd(KV_HEADS), _bhsd(KV_HEADS), _bhsd(HEADS),
@@ -265,6 +276,19 @@ def backward_dq_gluon() -> None:
     bwd_dq_ws.sparse_attention_dq_ws(do, q, k, v, out, lse, delta, torch.empty_like(q), _layout(),
                                      0.088, stages=config.num_stages,
                                      boxes=config.block_n // bwd_dq_ws.BOX_N)
+
+
+def backward_dq_gluon_halves() -> None:
+    """The Gluon dq kernel on owned steps, on a random pattern, at the dq default's steps."""
+    import kernels
+    from kernels import bwd_dq_halves
+    from kernels.configs import GLUON_DQ_DEFAULT as config
+
+    q, k, v, out, do, lse, delta = _backward_inputs()
+    bwd_dq_halves.sparse_attention_dq_halves(
+        do, q, k, v, out, lse, delta, torch.empty_like(q),
+        kernels.random_layout(HEADS, SEQ // BLOCK, BLOCK, 0.3), 0.088,
+        stages=config.num_stages, boxes=config.block_n // BLOCK)
 
 
 def backward_dkdv_gluon() -> None:
@@ -366,8 +390,10 @@ def varlen() -> None:
 FAMILIES: dict[str, Callable[[], None]] = {
     "fwd (triton)": forward_triton,
     "fwd (gluon)": forward_gluon,
+    "fwd (gluon, owned steps)": forward_gluon_halves,
     "bwd (dq, dk/dv)": backward,
     "bwd (dq, gluon)": backward_dq_gluon,
+    "bwd (dq, gluon, owned steps)": backward_dq_gluon_halves,
     "bwd (dk/dv, gluon)": backward_dkdv_gluon,
     "bwd (fused)": backward_fused,
     "fwd (fp8)": forward_fp8,

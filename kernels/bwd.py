@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import buffers, bwd_dkdv_ws, bwd_dq_ws
+from . import buffers, bwd_dkdv_ws, bwd_dq_halves, bwd_dq_ws, halves_plan
 from .common import (
     LOG2E,
     _kv_step,
@@ -329,13 +329,17 @@ def launch_dq(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
               out: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor, dq: torch.Tensor,
               layout: BlockLayout, sm_scale: float, config: LaunchConfig, tma: bool = True) -> None:
     """Launch the dq kernel with ``config`` into ``dq``, writing ``delta = rowsum(dO * O)``: a
-    Gluon config runs :mod:`kernels.bwd_dq_ws` where the call can take it, else the Triton
-    default."""
+    Gluon config runs :mod:`kernels.bwd_dq_ws` where the call can take it (on owned steps,
+    :mod:`kernels.bwd_dq_halves`, where the pattern's tile halves keep different blocks enough
+    for that to pay), else the Triton default."""
     choice = choose_impl("dq", config.impl, q.device, q.dtype, (q, k, v, layout, do), tma)
     if choice.impl == "gluon":
-        bwd_dq_ws.sparse_attention_dq_ws(do, q, k, v, out, lse, delta, dq, layout, sm_scale,
-                                         stages=config.num_stages,
-                                         boxes=config.block_n // bwd_dq_ws.BOX_N)
+        boxes = config.block_n // bwd_dq_ws.BOX_N
+        launch = (bwd_dq_halves.sparse_attention_dq_halves
+                  if halves_plan.halves_pay(layout, k.shape[2], config.num_stages, boxes)
+                  else bwd_dq_ws.sparse_attention_dq_ws)
+        launch(do, q, k, v, out, lse, delta, dq, layout, sm_scale, stages=config.num_stages,
+               boxes=boxes)
         return
     if config.impl != choice.impl:
         config = default_config("dq", q.device, layout.block_size, q.shape[3], q.dtype,

@@ -7,7 +7,9 @@ covers ``BLOCK_M // block_size`` whole blocks otherwise) and walks the kv blocks
 do (causal diagonal, ragged end, or kept by only some of the tile's query blocks). The tile's
 work is :mod:`kernels.fwd_tile`'s, shared with the varlen kernel. A config with ``impl="gluon"``
 hands the call to the warp-specialised Gluon kernel (:mod:`kernels.fwd_ws`) where the dispatcher
-(:mod:`kernels.dispatch`) says it can take it. The same kernel runs a partition of the keys
+(:mod:`kernels.dispatch`) says it can take it, or to its form with steps each tile half takes
+alone (:mod:`kernels.fwd_halves`) where the pattern's tile halves keep different blocks enough
+for that to pay (:mod:`kernels.halves_plan`). The same kernel runs a partition of the keys
 (:mod:`kernels.partitions`): queries and keys from given absolute positions, the plan
 restricted to the keys' blocks.
 """
@@ -18,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import buffers, fwd_ws
+from . import buffers, fwd_halves, fwd_ws, halves_plan
 from .common import (
     LN2,
     TilePlan,
@@ -116,9 +118,13 @@ def sparse_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layo
     choice = choose_impl("fwd", "triton" if partition else config.impl, q.device, q.dtype,
                          (q, k, v, layout), tma)
     if choice.impl == "gluon":
+        boxes = config.block_n // fwd_ws.BOX_N
+        if halves_plan.halves_pay(layout, k.shape[2], config.num_stages, boxes):
+            return fwd_halves.sparse_attention_fwd_halves(q, k, v, layout, sm_scale, return_lse,
+                                                          out, stages=config.num_stages,
+                                                          boxes=boxes)
         return fwd_ws.sparse_attention_fwd_ws(q, k, v, layout, sm_scale, return_lse, out,
-                                              stages=config.num_stages,
-                                              boxes=config.block_n // fwd_ws.BOX_N)
+                                              stages=config.num_stages, boxes=boxes)
     if config.impl != choice.impl:
         config = default_config("fwd", q.device, layout.block_size, q.shape[3], q.dtype,
                                 allow_gluon=False)

@@ -54,11 +54,12 @@ _FWD_TILES = "block_m query rows per program, block_n keys per step"
 
 _RECORDS = (
     # The forward's configs choose between two modules (Triton and Gluon), so it hashes both,
-    # and the schedule the Gluon one walks. Its block_n reaches 128, which only the Gluon kernel
-    # can use (it pairs 64-key blocks in one tile).
+    # the schedule the Gluon one walks, and its form on owned steps with their plan
+    # (kernels/fwd_halves.py, kernels/halves_plan.py). Its block_n reaches 128, which only the
+    # Gluon kernel can use (it pairs 64-key blocks in one tile).
     KernelRecord("fwd", "the forward in Triton, or warp-specialised Gluon on Hopper",
                  ("kernels.fwd", "kernels.fwd_tile", "kernels.common", "kernels.fwd_ws",
-                  "kernels.schedule"),
+                  "kernels.schedule", "kernels.fwd_halves", "kernels.halves_plan"),
                  _FWD_IMPLS, "sparse_attention", "config", True, _FWD_TILES,
                  _space(_FWD_IMPLS, block_m=(64, 128), block_n=(32, 64, 128), num_warps=(4, 8),
                         num_stages=(2, 3, 4))),
@@ -77,10 +78,12 @@ _RECORDS = (
                  _space(_BWD_IMPLS, block_m=(32, 64), block_n=(32, 64), num_warps=(4, 8),
                         num_stages=(1, 2, 3))),
     # The dq kernel in Triton, or warp-specialised Gluon on Hopper (kernels/bwd_dq_ws.py, on
-    # the Gluon forward's work items, stages and masks: it hashes their modules too).
+    # the Gluon forward's work items, stages and masks: it hashes their modules too), and its
+    # form on owned steps (kernels/bwd_dq_halves.py, with the forward's owned-step helpers).
     KernelRecord("dq", "the backward's dq kernel in Triton, or warp-specialised Gluon on Hopper",
                  ("kernels.bwd", "kernels.common", "kernels.bwd_dq_ws", "kernels.fwd_ws",
-                  "kernels.schedule", "kernels.ws_mma"), _FWD_IMPLS,
+                  "kernels.schedule", "kernels.ws_mma", "kernels.bwd_dq_halves",
+                  "kernels.fwd_halves", "kernels.halves_plan"), _FWD_IMPLS,
                  "sparse_attention", "dq_config", True, _FWD_TILES,
                  _space(_FWD_IMPLS, block_m=(64, 128), block_n=(32, 64, 128), num_warps=(4, 8),
                         num_stages=(2, 3, 4))),

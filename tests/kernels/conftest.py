@@ -44,3 +44,20 @@ def allocations(monkeypatch):
 
     monkeypatch.setattr(kernels.buffers, "new_output", recorded)
     return shapes
+
+
+@pytest.fixture
+def forward_calls(monkeypatch) -> list:
+    """Records launches of the Gluon forward: "union" (kernels.fwd_ws) or "halves" (its form
+    with owned steps, kernels.fwd_halves)."""
+    from kernels import fwd_halves, fwd_ws
+
+    calls = []
+    for module, name, form in ((fwd_ws, "sparse_attention_fwd_ws", "union"),
+                               (fwd_halves, "sparse_attention_fwd_halves", "halves")):
+        def counted(*args, real=getattr(module, name), form=form, **kwargs):
+            calls.append(form)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+    return calls

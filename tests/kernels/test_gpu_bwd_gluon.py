@@ -8,6 +8,7 @@ import torch
 from kernels import (
     LaunchConfig,
     bwd_dkdv_ws,
+    bwd_dq_halves,
     bwd_dq_ws,
     fwd_ws,
     local_stride_layout,
@@ -32,9 +33,10 @@ CONFIGS = [(LaunchConfig(128, 64, 4, 3, "gluon"), TRITON_DKDV),
 
 @pytest.fixture
 def gluon_calls(monkeypatch) -> dict:
-    """Counts launches of the Gluon dq and dk/dv kernels."""
+    """Counts launches of the Gluon dq (on the union's steps or owned ones) and dk/dv kernels."""
     calls = {"dq": 0, "bwd": 0}
     for module, name, kernel in ((bwd_dq_ws, "sparse_attention_dq_ws", "dq"),
+                                 (bwd_dq_halves, "sparse_attention_dq_halves", "dq"),
                                  (bwd_dkdv_ws, "sparse_attention_dkdv_ws", "bwd")):
         def counted(*args, real=getattr(module, name), kernel=kernel, **kwargs):
             calls[kernel] += 1

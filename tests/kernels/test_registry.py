@@ -47,7 +47,8 @@ def test_kernels_hash_todays_modules_in_todays_order() -> None:
     """The shipped configs are keyed on these hashes: a change here (even of order) drops them.
     varlen and decode hash their own modules, not the forward's."""
     assert KERNELS["fwd"].sources == ("kernels.fwd", "kernels.fwd_tile", "kernels.common",
-                                      "kernels.fwd_ws", "kernels.schedule")
+                                      "kernels.fwd_ws", "kernels.schedule", "kernels.fwd_halves",
+                                      "kernels.halves_plan")
     # The dk/dv kernel's record also hashes the fused backward's pre-pass and launcher, the
     # column plan, and its Gluon form's module with the Gluon forward's copies and schedule.
     assert KERNELS["bwd"].sources == ("kernels.bwd", "kernels.common", "kernels.bwd_fused",
@@ -55,7 +56,9 @@ def test_kernels_hash_todays_modules_in_todays_order() -> None:
                                       "kernels.schedule")
     # The dq kernel's Gluon form runs on the Gluon forward's work items and masks.
     assert KERNELS["dq"].sources == ("kernels.bwd", "kernels.common", "kernels.bwd_dq_ws",
-                                     "kernels.fwd_ws", "kernels.schedule", "kernels.ws_mma")
+                                     "kernels.fwd_ws", "kernels.schedule", "kernels.ws_mma",
+                                     "kernels.bwd_dq_halves", "kernels.fwd_halves",
+                                     "kernels.halves_plan")
     assert KERNELS["varlen"].sources == ("kernels.varlen", "kernels.fwd_tile", "kernels.common")
     assert KERNELS["decode"].sources == ("kernels.decode", "kernels.common")
 
