@@ -1,6 +1,6 @@
 """The owned-step plan (kernels/halves_plan.py) of the Gluon forward and dq kernels, on the CPU.
 
-The kernels run on Hopper only (tests/kernels/test_gpu_fwd_halves.py checks their numbers);
+The kernels run on Hopper only (tests/kernels/test_gpu_halves.py checks their numbers);
 here the plan is checked for what they rely on, and walked the way the forward walks it (each
 half's own steps, their masks only where a step's word says so) against the reference: a step
 left unmasked that needs a mask, a block lost or counted twice, reads the wrong keys.
@@ -16,8 +16,6 @@ import torch
 from kernels import BlockLayout, local_stride_layout, random_layout, reference_attention
 from kernels.common import tile_plan
 from kernels.halves_plan import (
-    BOTH,
-    HEADER,
     build_halves_plan,
     halves_cost,
     halves_items,
@@ -199,4 +197,3 @@ def test_the_items_cover_every_tile_of_every_head_once() -> None:
     items = halves_items(layout, 16 * BLOCK, 0, 2, 8, 2, 5, torch.device("cpu"))
     assert sorted(items.items[:, 0].tolist()) == list(range(2 * 8 * 8))
     assert items.starts.tolist()[0] == 0 and items.starts.tolist()[-1] == len(items.items)
-    assert HEADER == 4 and BOTH == 3
