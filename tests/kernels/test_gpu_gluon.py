@@ -15,6 +15,8 @@ pytestmark = pytest.mark.skipif(
 CONFIGS = [LaunchConfig(128, 128, 4, 3, "gluon"), LaunchConfig(128, 64, 4, 2, "gluon")]
 
 
+# A random 64-key-block case at three stages may take the owned-step form where the dispatch
+# says it pays (tests/kernels/test_gpu_halves.py tests that form).
 @pytest.mark.parametrize("config", CONFIGS, ids=str)
 @pytest.mark.parametrize("case", [
     # (family, causal, seq_q, seq_k, heads, kv_heads, dim, block, seq_dim, dtype)
@@ -29,8 +31,6 @@ CONFIGS = [LaunchConfig(128, 128, 4, 3, "gluon"), LaunchConfig(128, 64, 4, 2, "g
     ("dense", True, 1024, 1024, 2, 1, 128, 64, 1, torch.bfloat16),
     ("homo", True, 100, 100, 4, 1, 128, 64, 2, torch.bfloat16),  # shorter than one q tile
 ], ids=str)
-# A random 64-key-block case at three stages may take the owned-step form where the dispatch
-# says it pays (tests/kernels/test_gpu_halves.py tests that form).
 def test_gluon_forward_matches_reference(case, config, forward_calls, poison_outputs):
     family, causal, sq, sk, h, hkv, d, bs, seq_dim, dtype = case
     layout = make_layout(family, h, hkv, sk, bs, causal)
