@@ -550,6 +550,15 @@ def split_first_steps(plan: TilePlan, block_size: int, boxes: int
     return kv_block[order], row_bits[order], split
 
 
+def split_steps(layout: BlockLayout, seq_k: int, boxes: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`split_first_steps` of the layout's 128-row plan, cached on the layout (the work
+    items and the owned steps' estimate both read it)."""
+    return layout.cached(("split_first_steps", seq_k, boxes),
+                         lambda: split_first_steps(tile_plan(layout, BLOCK_M, seq_k),
+                                                   layout.block_size, boxes))
+
+
 def work_items(layout: BlockLayout, seq_k: int, first_tile: int, batch: int, heads: int,
                boxes: int, programs: int, device: torch.device) -> WorkItems:
     """Deal the work items to up to ``programs`` programs, balanced by their kv steps (cached
@@ -561,7 +570,7 @@ def work_items(layout: BlockLayout, seq_k: int, first_tile: int, batch: int, hea
     """
     def build() -> WorkItems:
         plan = tile_plan(layout, BLOCK_M, seq_k)
-        kv_block, row_bits, split = split_first_steps(plan, layout.block_size, boxes)
+        kv_block, row_bits, split = split_steps(layout, seq_k, boxes)
         n_tiles = plan.tiles - first_tile
         item = torch.arange((batch * heads) * n_tiles)
         head = (item // n_tiles) % heads

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .common import TilePlan, tile_plan
-from .fwd_ws import BLOCK_M, BOX_N, ITEM_OVERHEAD, split_first_steps
+from .fwd_ws import BLOCK_M, BOX_N, ITEM_OVERHEAD, split_steps
 from .layout import BlockLayout
 from .schedule import balanced_schedule
 
@@ -59,83 +59,127 @@ class HalvesPlan:
     steps: torch.Tensor  # int32 (rows * HEADER + the halves' steps,)
 
 
-Step = tuple[int, tuple[int, ...], bool]  # owners, entries (-1: padding), needs a mask
+def _rank_in_row(entry_row: torch.Tensor, row_ptr: torch.Tensor, hit: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each entry's rank among the hits of its row (entries grouped by row, in order), and each
+    row's number of hits."""
+    seen = torch.zeros(len(hit) + 1, dtype=torch.long)
+    seen[1:] = torch.cumsum(hit.long(), 0)
+    before_row = seen[row_ptr[:-1]]
+    return seen[:-1] - before_row[entry_row], seen[row_ptr[1:]] - before_row
 
 
-def _groups(entries: list[int], size: int) -> tuple[list[tuple[int, ...]], list[int]]:
-    """``entries`` in consecutive groups of ``size`` and the ones left over."""
-    whole = len(entries) - len(entries) % size
-    return [tuple(entries[i:i + size]) for i in range(0, whole, size)], entries[whole:]
-
-
-def _interleave(first: list, second: list) -> list:
-    """first[0], second[0], first[1], second[1], ..., then the longer one's rest."""
-    out = []
-    for i in range(max(len(first), len(second))):
-        out.extend(x[i] for x in (first, second) if i < len(x))
-    return out
-
-
-def _row_steps(bits: list[int], masked: list[bool], boxes: int) -> list[Step]:
-    """One row's owned steps.
-
-    Blocks both halves keep come first, ``boxes`` a step, then each half's own blocks, its
-    steps alternating with the other half's. With two boxes the odd blocks left of each kind
-    share masked steps both halves take, except a single odd block of one half's, which takes
-    a step of that half's with padding.
-    """
-    kinds = {owner: [e for e, b in enumerate(bits) if b == owner] for owner in (BOTH, UPPER, LOWER)}
-    grouped = {owner: _groups(entries, boxes) for owner, entries in kinds.items()}
-
-    def step(owner: int, group: tuple[int, ...]) -> Step:
-        return owner, group, any(e < 0 or masked[e] for e in group)
-
-    shared = [step(BOTH, group) for group in grouped[BOTH][0]]
-    own = {owner: [step(owner, group) for group in grouped[owner][0]] for owner in (UPPER, LOWER)}
-    odd = grouped[BOTH][1] + grouped[UPPER][1] + grouped[LOWER][1]  # empty with one box
-    if len(odd) == 1 and bits[odd[0]] != BOTH:
-        own[bits[odd[0]]].append((bits[odd[0]], (odd[0], -1), True))
-    elif odd:
-        pairs, rest = _groups(odd, 2)
-        shared += [(BOTH, pair, True) for pair in pairs]
-        shared += [(BOTH, (rest[0], -1), True)] if rest else []
-    steps = shared + _interleave(own[UPPER], own[LOWER])
-    # An empty row still takes one step (all padding), as the loader and the union's kernel do.
-    return steps or [(BOTH, (-1,) * boxes, True)]
+def _interleaved(i: torch.Tensor, theirs: torch.Tensor, second: bool) -> torch.Tensor:
+    """Where a list's ``i``-th element lands when it alternates with a list of ``theirs``
+    elements (the first list's element first, ``second`` says which this is), the longer
+    one's rest after."""
+    return torch.where(i < theirs, 2 * i + int(second), theirs + i)
 
 
 def build_halves_plan(plan: TilePlan, block_size: int, seq_k: int, causal: bool,
                       boxes: int) -> HalvesPlan:
     """Regroup a 128-row tile plan of 64-key blocks into owned steps of ``boxes`` blocks.
 
+    Each row's steps: the blocks both halves keep, ``boxes`` a step, then each half's own
+    blocks, its steps alternating with the other half's (the upper half's first). With two
+    boxes the odd blocks left of each kind (a shared one, an upper one, a lower one, in that
+    order) share masked steps after the shared ones, except a single odd block of one half's,
+    which takes a last step of that half's with padding. An empty row still takes one step (all
+    padding), as the loader and the union's kernel do.
+
     An entry needs a mask for its owners where its block is ragged (past ``seq_k``) or, causal,
     reaches into the tile (the union's plan masks the blocks one half does not keep too; here
-    those go to the other half's steps)."""
-    row_ptr = plan.row_ptr.cpu().tolist()
-    kv_block = plan.kv_block.cpu().tolist()
-    row_bits = plan.row_bits.cpu().tolist()
-    out_ptr, out_block, out_bits, step_ptr, words = [0], [], [], [], []
-    for r in range(len(row_ptr) - 1):
-        lo, hi = row_ptr[r], row_ptr[r + 1]
-        tile_start = (r % plan.tiles) * BLOCK_M
-        blocks, bits = kv_block[lo:hi], row_bits[lo:hi]
-        masked = [(b + 1) * block_size > seq_k or (causal and (b + 1) * block_size > tile_start)
-                  for b in blocks]
-        steps = _row_steps(bits, masked, boxes)
-        lists = [[(j << 1) | needs_mask for j, (owner, _, needs_mask) in enumerate(steps)
-                  if owner & half] for half in (UPPER, LOWER)]
-        for js in lists:
-            assert all(0 < (b >> 1) - (a >> 1) <= 2 for a, b in zip(js, js[1:])), steps
-        step_ptr.append(len(words))
-        words += [HEADER, len(lists[0]), HEADER + len(lists[0]), len(lists[1])]
-        words += lists[0] + lists[1]
-        for _, group, _ in steps:
-            out_block += [blocks[e] if e >= 0 else 0 for e in group]
-            out_bits += [bits[e] if e >= 0 else 0 for e in group]
-        out_ptr.append(len(out_block))
-    return HalvesPlan(boxes, torch.tensor(out_ptr), torch.tensor(out_block, dtype=torch.int32),
-                      torch.tensor(out_bits, dtype=torch.int32), torch.tensor(step_ptr),
-                      torch.tensor(words, dtype=torch.int32))
+    those go to the other half's steps). Built with tensor operations over every entry at once:
+    a plan at 64k tokens has millions."""
+    row_ptr = plan.row_ptr.cpu().long()
+    kv_block, bits = plan.kv_block.cpu().long(), plan.row_bits.cpu().long()
+    rows = len(row_ptr) - 1
+    entry_row = torch.repeat_interleave(torch.arange(rows), row_ptr[1:] - row_ptr[:-1])
+    if not bool(((bits >= UPPER) & (bits <= BOTH)).all()):
+        raise ValueError("a tile plan entry is kept by neither half")
+    block_end = (kv_block + 1) * block_size
+    masked = block_end > seq_k
+    if causal:
+        masked |= block_end > (entry_row % plan.tiles) * BLOCK_M
+
+    rank = torch.zeros_like(kv_block)
+    kept = {}
+    for owner in (BOTH, UPPER, LOWER):
+        hit = bits == owner
+        owner_rank, kept[owner] = _rank_in_row(entry_row, row_ptr, hit)
+        rank = torch.where(hit, owner_rank, rank)
+    odd = {owner: kept[owner] % boxes for owner in kept}  # zero with one box
+    n_odd = odd[BOTH] + odd[UPPER] + odd[LOWER]
+    alone = (n_odd == 1) & (odd[BOTH] == 0)
+    n_shared = kept[BOTH] // boxes + torch.where(alone, 0, (n_odd + 1) // 2)
+    n_own = {owner: kept[owner] // boxes + (alone & (odd[owner] == 1)).long()
+             for owner in (UPPER, LOWER)}
+    n_steps = torch.clamp(n_shared + n_own[UPPER] + n_own[LOWER], min=1)
+
+    # Each entry's step in its row and its place in the step. A whole group's entries go by
+    # their rank; a half's lone odd block is its last own step; the other odd blocks fill the
+    # steps after the whole shared ones, two a step.
+    rows_n = {owner: n[entry_row] for owner, n in n_own.items()}
+    whole_kept = torch.stack([torch.zeros(rows, dtype=torch.long)]
+                             + [kept[owner] - odd[owner] for owner in (UPPER, LOWER, BOTH)], 1)
+    whole = rank < whole_kept[entry_row, bits]
+    own_step = n_shared[entry_row] + torch.where(
+        bits == UPPER, _interleaved(rank // boxes, rows_n[LOWER], False),
+        _interleaved(rank // boxes, rows_n[UPPER], True))
+    step = torch.where(bits == BOTH, rank // boxes, own_step)
+    slot = torch.where(whole, rank % boxes, 0)
+    leftover = ~whole & ~alone[entry_row]
+    odd_place = (torch.where(bits == BOTH, 0, odd[BOTH][entry_row])
+                 + torch.where(bits == LOWER, odd[UPPER][entry_row], 0))
+    step = torch.where(leftover, (kept[BOTH] // boxes)[entry_row] + odd_place // 2, step)
+    slot = torch.where(leftover, odd_place % 2, slot)
+
+    step_base = torch.zeros(rows + 1, dtype=torch.long)
+    step_base[1:] = torch.cumsum(n_steps, 0)
+    total = int(step_base[-1])
+    out_entry = (step_base[entry_row] + step) * boxes + slot
+    out_block = torch.zeros(total * boxes, dtype=torch.int32)
+    out_bits = torch.zeros(total * boxes, dtype=torch.int32)
+    out_block[out_entry] = kv_block.to(torch.int32)
+    out_bits[out_entry] = bits.to(torch.int32)
+
+    # Each step's owners and whether its scores need the mask: a padding entry, a masked
+    # block, or odd blocks of different owners sharing it.
+    at = step_base[entry_row] + step
+    real = torch.zeros(total, dtype=torch.long).index_add_(0, at, torch.ones_like(at))
+    flagged = torch.zeros(total, dtype=torch.long).index_add_(0, at, (masked | ~whole).long())
+    needs_mask = (real < boxes) | (flagged > 0)
+    step_row = torch.repeat_interleave(torch.arange(rows), n_steps)
+    j = torch.arange(total) - step_base[step_row]
+    after_shared = j - n_shared[step_row]
+    upper_n, lower_n = n_own[UPPER][step_row], n_own[LOWER][step_row]
+    paired = after_shared < 2 * torch.minimum(upper_n, lower_n)
+    upper_turn = torch.where(paired, after_shared % 2 == 0, upper_n > lower_n)
+    owner = torch.where(j < n_shared[step_row], BOTH, torch.where(upper_turn, UPPER, LOWER))
+    owner = torch.where((n_shared + n_own[UPPER] + n_own[LOWER] == 0)[step_row], BOTH, owner)
+
+    # The step table: each row's header, then the upper half's words, then the lower half's.
+    word = (j << 1) | needs_mask.long()
+    in_list = {half: (owner & half) != 0 for half in (UPPER, LOWER)}
+    listed = {half: torch.bincount(step_row[in_list[half]], minlength=rows)
+              for half in (UPPER, LOWER)}
+    for half in (UPPER, LOWER):
+        js = j[in_list[half]]
+        same_row = step_row[in_list[half]][1:] == step_row[in_list[half]][:-1]
+        gaps = (js[1:] - js[:-1])[same_row]
+        assert bool(((gaps > 0) & (gaps <= 2)).all()), "a half's steps more than two apart"
+    row_words = HEADER + listed[UPPER] + listed[LOWER]
+    step_ptr = torch.cumsum(row_words, 0) - row_words
+    words = torch.zeros(int(row_words.sum()), dtype=torch.long)
+    header = torch.stack([torch.full((rows,), HEADER), listed[UPPER], HEADER + listed[UPPER],
+                          listed[LOWER]], dim=1)
+    words[(step_ptr[:, None] + torch.arange(HEADER)).flatten()] = header.flatten()
+    for half, first in ((UPPER, torch.full((rows,), HEADER)), (LOWER, HEADER + listed[UPPER])):
+        place, _ = _rank_in_row(step_row, step_base, in_list[half])
+        rows_of = step_row[in_list[half]]
+        words[step_ptr[rows_of] + first[rows_of] + place[in_list[half]]] = word[in_list[half]]
+    return HalvesPlan(boxes, step_base * boxes, out_block, out_bits, step_ptr,
+                      words.to(torch.int32))
 
 
 def halves_plan(layout: BlockLayout, seq_k: int, boxes: int) -> HalvesPlan:
@@ -148,7 +192,7 @@ def halves_plan(layout: BlockLayout, seq_k: int, boxes: int) -> HalvesPlan:
 
 def halves_cost(plan: TilePlan, boxes: int) -> torch.Tensor:
     """Each tile-plan row's time in owned steps, in steps: its shared steps plus the larger
-    half's own ones (the two halves' own steps run side by side), as :func:`_row_steps` makes
+    half's own ones (the two halves' own steps run side by side), as :func:`build_halves_plan` makes
     them; counted from the row bits without building the plan."""
     rows = len(plan.row_ptr) - 1
     counts = (plan.row_ptr[1:] - plan.row_ptr[:-1]).cpu().long()
@@ -168,9 +212,9 @@ def halves_cost(plan: TilePlan, boxes: int) -> torch.Tensor:
     return torch.clamp(shared + torch.maximum(upper, lower), min=1).double()
 
 
-def union_cost(plan: TilePlan, block_size: int, boxes: int) -> torch.Tensor:
-    """Each tile-plan row's steps in the union's kernels (half a step less for a split one)."""
-    _, _, split = split_first_steps(plan, block_size, boxes)
+def union_cost(plan: TilePlan, split: torch.Tensor, boxes: int) -> torch.Tensor:
+    """Each tile-plan row's steps in the union's kernels, half a step less for a row whose first
+    step is split (``split``, from :func:`kernels.fwd_ws.split_steps`)."""
     counts = (plan.row_ptr[1:] - plan.row_ptr[:-1]).cpu().double()
     return torch.clamp(torch.ceil(counts / boxes), min=1) - 0.5 * split.double()
 
@@ -185,7 +229,8 @@ def halves_pay(layout: BlockLayout, seq_k: int, stages: int, boxes: int) -> bool
 
     def decide() -> bool:
         plan = tile_plan(layout, BLOCK_M, seq_k)
-        union = float((union_cost(plan, layout.block_size, boxes) + ITEM_OVERHEAD).sum())
+        _, _, split = split_steps(layout, seq_k, boxes)
+        union = float((union_cost(plan, split, boxes) + ITEM_OVERHEAD).sum())
         return float((halves_cost(plan, boxes) + ITEM_OVERHEAD).sum()) < PAYS_BELOW * union
 
     return layout.cached(("halves_pay", seq_k, boxes), decide)

@@ -197,3 +197,69 @@ def test_the_items_cover_every_tile_of_every_head_once() -> None:
     items = halves_items(layout, 16 * BLOCK, 0, 2, 8, 2, 5, torch.device("cpu"))
     assert sorted(items.items[:, 0].tolist()) == list(range(2 * 8 * 8))
     assert items.starts.tolist()[0] == 0 and items.starts.tolist()[-1] == len(items.items)
+
+
+def _row_by_row(plan, block_size: int, seq_k: int, causal: bool, boxes: int):
+    """The owned-step plan built one row at a time with lists, as its rules read: the oracle
+    for the tensor form. Returns (row_ptr, kv_block, row_bits, step_ptr, steps) as lists."""
+    both, upper, lower = 3, 1, 2
+
+    def groups(entries, size):
+        whole = len(entries) - len(entries) % size
+        return [tuple(entries[i:i + size]) for i in range(0, whole, size)], entries[whole:]
+
+    def row_steps(bits, masked):
+        kinds = {o: [e for e, b in enumerate(bits) if b == o] for o in (both, upper, lower)}
+        grouped = {o: groups(entries, boxes) for o, entries in kinds.items()}
+
+        def step(owner, group):
+            return owner, group, any(e < 0 or masked[e] for e in group)
+
+        shared = [step(both, g) for g in grouped[both][0]]
+        own = {o: [step(o, g) for g in grouped[o][0]] for o in (upper, lower)}
+        odd = grouped[both][1] + grouped[upper][1] + grouped[lower][1]
+        if len(odd) == 1 and bits[odd[0]] != both:
+            own[bits[odd[0]]].append((bits[odd[0]], (odd[0], -1), True))
+        elif odd:
+            pairs, rest = groups(odd, 2)
+            shared += [(both, pair, True) for pair in pairs]
+            shared += [(both, (rest[0], -1), True)] if rest else []
+        mixed = []
+        for i in range(max(len(own[upper]), len(own[lower]))):
+            mixed += [own[o][i] for o in (upper, lower) if i < len(own[o])]
+        return shared + mixed or [(both, (-1,) * boxes, True)]
+
+    row_ptr, kv_block, row_bits = (t.tolist() for t in (plan.row_ptr, plan.kv_block,
+                                                          plan.row_bits))
+    out_ptr, out_block, out_bits, step_ptr, words = [0], [], [], [], []
+    for r in range(len(row_ptr) - 1):
+        blocks, bits = kv_block[row_ptr[r]:row_ptr[r + 1]], row_bits[row_ptr[r]:row_ptr[r + 1]]
+        tile_start = (r % plan.tiles) * 2 * block_size
+        masked = [(b + 1) * block_size > seq_k or (causal and (b + 1) * block_size > tile_start)
+                  for b in blocks]
+        steps = row_steps(bits, masked)
+        lists = [[(j << 1) | m for j, (o, _, m) in enumerate(steps) if o & half]
+                 for half in (upper, lower)]
+        step_ptr.append(len(words))
+        words += [4, len(lists[0]), 4 + len(lists[0]), len(lists[1])] + lists[0] + lists[1]
+        for _, group, _ in steps:
+            out_block += [blocks[e] if e >= 0 else 0 for e in group]
+            out_bits += [bits[e] if e >= 0 else 0 for e in group]
+        out_ptr.append(len(out_block))
+    return out_ptr, out_block, out_bits, step_ptr, words
+
+
+@pytest.mark.parametrize("boxes", [1, 2])
+@pytest.mark.parametrize("density", [0.03, 0.2, 0.5, 0.9])
+@pytest.mark.parametrize("causal", [True, False])
+def test_the_tensor_form_builds_the_row_by_row_plan(boxes: int, density: float,
+                                                     causal: bool) -> None:
+    cases = [(random_layout(6, 40, BLOCK, density, seed=11, causal=causal), 40 * BLOCK),
+             (random_layout(3, 23, BLOCK, density, seed=12, causal=causal), 22 * BLOCK + 9)]
+    cases += [(layout, seq_k) for layout, seq_k in _layouts() if layout.causal == causal]
+    for layout, seq_k in cases:
+        union = tile_plan(layout, 2 * BLOCK, seq_k)
+        plan = build_halves_plan(union, BLOCK, seq_k, causal, boxes)
+        got = [t.tolist() for t in (plan.row_ptr, plan.kv_block, plan.row_bits, plan.step_ptr,
+                                    plan.steps)]
+        assert got == list(_row_by_row(union, BLOCK, seq_k, causal, boxes))
