@@ -46,18 +46,31 @@ def allocations(monkeypatch):
     return shapes
 
 
-@pytest.fixture
-def forward_calls(monkeypatch) -> list:
-    """Records launches of the Gluon forward: "union" (kernels.fwd_ws) or "halves" (its form
-    with owned steps, kernels.fwd_halves)."""
-    from kernels import fwd_halves, fwd_ws
+class Launches(list):
+    """Each Gluon launch's (kernel, form), in order: kernel "fwd", "dq" or "bwd" (dk/dv), form
+    "union" (the union's steps) or "halves" (owned steps)."""
 
-    calls = []
-    for module, name, form in ((fwd_ws, "sparse_attention_fwd_ws", "union"),
-                               (fwd_halves, "sparse_attention_fwd_halves", "halves")):
-        def counted(*args, real=getattr(module, name), form=form, **kwargs):
-            calls.append(form)
+    def of(self, kernel: str) -> list[str]:
+        """The forms of ``kernel``'s launches, in order."""
+        return [form for name, form in self if name == kernel]
+
+
+@pytest.fixture
+def gluon_launches(monkeypatch) -> Launches:
+    """Records launches of the Gluon kernels, so a test sees which really ran (no silent
+    fallback)."""
+    from kernels import bwd_dkdv_ws, bwd_dq_halves, bwd_dq_ws, fwd_halves, fwd_ws
+
+    launches = Launches()
+    for module, name, kernel, form in (
+            (fwd_ws, "sparse_attention_fwd_ws", "fwd", "union"),
+            (fwd_halves, "sparse_attention_fwd_halves", "fwd", "halves"),
+            (bwd_dq_ws, "sparse_attention_dq_ws", "dq", "union"),
+            (bwd_dq_halves, "sparse_attention_dq_halves", "dq", "halves"),
+            (bwd_dkdv_ws, "sparse_attention_dkdv_ws", "bwd", "union")):
+        def counted(*args, real=getattr(module, name), launch=(kernel, form), **kwargs):
+            launches.append(launch)
             return real(*args, **kwargs)
 
         monkeypatch.setattr(module, name, counted)
-    return calls
+    return launches

@@ -31,23 +31,23 @@ CONFIGS = [LaunchConfig(128, 128, 4, 3, "gluon"), LaunchConfig(128, 64, 4, 2, "g
     ("dense", True, 1024, 1024, 2, 1, 128, 64, 1, torch.bfloat16),
     ("homo", True, 100, 100, 4, 1, 128, 64, 2, torch.bfloat16),  # shorter than one q tile
 ], ids=str)
-def test_gluon_forward_matches_reference(case, config, forward_calls, poison_outputs):
+def test_gluon_forward_matches_reference(case, config, gluon_launches, poison_outputs):
     family, causal, sq, sk, h, hkv, d, bs, seq_dim, dtype = case
     layout = make_layout(family, h, hkv, sk, bs, causal)
     q, k, v = make_qkv(2, sq, sk, h, hkv, d, dtype, "cuda", seq_dim)
     out, lse = sparse_attention(q, k, v, layout, seq_dim=seq_dim, return_lse=True, config=config)
     ref, ref_lse = reference_attention(q, k, v, layout, seq_dim=seq_dim, return_lse=True)
-    assert forward_calls, "the Gluon kernel did not run"
+    assert gluon_launches.of("fwd"), "the Gluon kernel did not run"
     assert_verbose_close(out, ref, 1e-2)
     assert_verbose_close(lse, ref_lse, 1e-3, "lse")
 
 
-def test_phi3_8k_default_is_gluon_and_gradients_flow(forward_calls, poison_outputs):
+def test_phi3_8k_default_is_gluon_and_gradients_flow(gluon_launches, poison_outputs):
     """The default forward at phi-3 shapes is the Gluon kernel; the backward reads its LSE."""
     layout = local_stride_layout(32, 8192, 64, 16, 8, head_sliding_offset=1)
     q, k, v = make_qkv(1, 8192, 8192, 32, 8, 128, torch.bfloat16, "cuda", requires_grad=True)
     out = sparse_attention(q, k, v, layout, sm_scale=1 / 128)
-    assert forward_calls == ["union"], "the default forward was not the Gluon kernel"
+    assert gluon_launches.of("fwd") == ["union"], "the default forward was not the Gluon kernel"
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     ref = reference_attention(q, k, v, layout, sm_scale=1 / 128, grad=True)
@@ -57,9 +57,9 @@ def test_phi3_8k_default_is_gluon_and_gradients_flow(forward_calls, poison_outpu
         assert_verbose_close(got, want, 1e-2, name)
 
 
-def test_strides_tma_cannot_take_fall_back_to_triton(forward_calls, poison_outputs):
+def test_strides_tma_cannot_take_fall_back_to_triton(gluon_launches, poison_outputs):
     layout = make_layout("hetero", 8, 2, 1024, 64)
     q, k, v = make_qkv(1, 1024, 1024, 8, 2, 128, torch.bfloat16, "cuda", contiguous=False)
     out = sparse_attention(q, k, v, layout, config=CONFIGS[0])
-    assert not forward_calls
+    assert not gluon_launches.of("fwd")
     assert_verbose_close(out, reference_attention(q, k, v, layout), 1e-2)

@@ -9,7 +9,6 @@ import torch
 from kernels import (
     BlockLayout,
     LaunchConfig,
-    bwd_dq_halves,
     halves_plan,
     random_layout,
     reference_attention,
@@ -20,20 +19,6 @@ from tests.kernels.test_gpu_gluon import pytestmark  # noqa: F401 - the same ski
 from tests.tolerances import assert_verbose_close
 
 GLUON_BWD = LaunchConfig(64, 64, 4, 2, "gluon")
-
-
-@pytest.fixture
-def dq_calls(monkeypatch) -> list:
-    """Counts launches of the dq kernel on owned steps."""
-    calls = []
-    real = bwd_dq_halves.sparse_attention_dq_halves
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(bwd_dq_halves, "sparse_attention_dq_halves", counted)
-    return calls
 
 
 def _lonely_halves(blocks: int) -> BlockLayout:
@@ -68,7 +53,7 @@ def _check_gradients(q, k, v, layout, seq_dim, out, ref, configs) -> None:
     (0.4, False, 777, 777, 4, 2, 64, 1, torch.bfloat16),
     (None, False, 768, 768, 4, 1, 128, 1, torch.bfloat16),
 ], ids=str)
-def test_owned_steps_match_reference(case, dq_config, forward_calls, dq_calls, poison_outputs,
+def test_owned_steps_match_reference(case, dq_config, gluon_launches, poison_outputs,
                                      monkeypatch):
     # Short sequences whose owned steps would not pay by the dispatch's estimate take them here.
     monkeypatch.setattr(halves_plan, "halves_pay", lambda *args: True)
@@ -82,15 +67,15 @@ def test_owned_steps_match_reference(case, dq_config, forward_calls, dq_calls, p
                                 bwd_config=GLUON_BWD, dq_config=dq_config)
     ref, ref_lse = reference_attention(q, k, v, layout, seq_dim=seq_dim, return_lse=True,
                                        grad=True)
-    assert forward_calls == ["halves"]
+    assert gluon_launches.of("fwd") == ["halves"]
     assert_verbose_close(out, ref, 1e-2)
     assert_verbose_close(lse, ref_lse, 1e-3, "lse")
     _check_gradients(q, k, v, layout, seq_dim, out, ref, dq_config)
-    assert dq_calls == [1]
+    assert gluon_launches.of("dq") == ["halves"]
 
 
-def test_head_dim_64_four_forward_stages_and_128_key_dq_steps(forward_calls, dq_calls,
-                                                              poison_outputs, monkeypatch):
+def test_head_dim_64_four_forward_stages_and_128_key_dq_steps(gluon_launches, poison_outputs,
+                                                              monkeypatch):
     """Four 128-key forward stages, and three 128-key dq stages, fit at head_dim 64 only."""
     monkeypatch.setattr(halves_plan, "halves_pay", lambda *args: True)
     layout = random_layout(8, 32, 64, 0.3, seed=2)
@@ -100,21 +85,20 @@ def test_head_dim_64_four_forward_stages_and_128_key_dq_steps(forward_calls, dq_
                                 config=LaunchConfig(128, 128, 4, 4, "gluon"),
                                 bwd_config=GLUON_BWD, dq_config=dq_config)
     ref, ref_lse = reference_attention(q, k, v, layout, return_lse=True, grad=True)
-    assert forward_calls == ["halves"]
+    assert gluon_launches.of("fwd") == ["halves"]
     assert_verbose_close(out, ref, 1e-2)
     assert_verbose_close(lse, ref_lse, 1e-3, "lse")
     _check_gradients(q, k, v, layout, 1, out, ref, dq_config)
-    assert dq_calls == [1]
+    assert gluon_launches.of("dq") == ["halves"]
 
 
-def test_owned_steps_by_default_at_8k_and_their_gradients(forward_calls, dq_calls,
-                                                          poison_outputs):
+def test_owned_steps_by_default_at_8k_and_their_gradients(gluon_launches, poison_outputs):
     """The patterns sweep's density at 8k, default configs: both kernels take owned steps."""
     layout = random_layout(8, 128, 64, 0.2, seed=0)
     q, k, v = make_qkv(1, 8192, 8192, 8, 2, 128, torch.bfloat16, "cuda", requires_grad=True)
     out = sparse_attention(q, k, v, layout, sm_scale=1 / 128)
-    assert forward_calls == ["halves"], "the default forward did not take the owned steps"
+    assert gluon_launches.of("fwd") == ["halves"], "the default forward took the union's steps"
     ref = reference_attention(q, k, v, layout, sm_scale=1 / 128, grad=True)
     assert_verbose_close(out, ref, 1e-2)
     _check_gradients(q, k, v, layout, 1, out, ref, "default")
-    assert dq_calls == [1], "the default dq kernel did not take the owned steps"
+    assert gluon_launches.of("dq") == ["halves"], "the default dq kernel took the union's steps"
