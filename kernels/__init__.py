@@ -74,7 +74,14 @@ from .partitions import combine_attn_partitions, sparse_attention_partition
 from .quant import Fp8Inputs, dequantize_fp8, quantize_fp8, sparse_attention_fp8
 from .reference import layout_head_index, reference_attention
 from .registry import AXES, IMPLS, KERNELS, TUNABLE, KernelRecord
-from .select import block_density, cache_key, clear_memo, kernel_hash, resolve_config
+from .select import (
+    block_density,
+    cache_key,
+    clear_memo,
+    kernel_hash,
+    resolve_config,
+    step_form,
+)
 from .varlen import VarlenSequences
 
 __version__ = "0.1.0"
@@ -157,6 +164,7 @@ __all__ = [
     "sparse_attention_padded",
     "sparse_attention_partition",
     "sparse_attention_varlen",
+    "step_form",
     "tile_ok",
     "tile_plan",
     "token_mask",

@@ -15,6 +15,11 @@ from typing import Any
 
 _DENSITY_STEP = 0.05
 _HASH_CHARS = 8
+# How a kernel walks a 128-row tile's kv blocks, a property of the pattern: "union" (the blocks
+# either half keeps, both consumers on every step) or "owned" (each half on the blocks its own
+# rows keep, where the halves keep different ones: kernels/halves_plan.py). The forward's and the
+# dq kernel's best configs differ between the two, at the same length and density.
+STEP_FORMS = ("union", "owned")
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,8 @@ class CacheKey:
     block_size: int
     seqlen_bucket: int
     density_bucket: float
+    # One of STEP_FORMS; entries written before it existed are "union", and so is their string.
+    steps: str = "union"
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -43,16 +50,20 @@ class CacheKey:
         density = self.density_bucket
         if isinstance(density, bool) or not isinstance(density, (int, float)):
             raise ValueError(f"CacheKey.density_bucket must be a float, got {density!r}")
+        if self.steps not in STEP_FORMS:
+            raise ValueError(f"CacheKey.steps must be one of {', '.join(STEP_FORMS)}, "
+                             f"got {self.steps!r}")
         # Normalised so that 0.35 and 0.35000000000000003 name the same entry.
         object.__setattr__(self, "density_bucket", round(float(self.density_bucket), 2))
 
     def as_str(self) -> str:
         """Stable, human-readable key string, e.g.
-        ``NVIDIA H100 80GB HBM3|9.0|3.6.0|fwd|ab12cd34|bfloat16|d128|bs64|s8192|p0.35``."""
+        ``NVIDIA H100 80GB HBM3|9.0|3.6.0|fwd|ab12cd34|bfloat16|d128|bs64|s8192|p0.35``, with
+        ``|owned`` after it for a pattern of owned steps."""
         return (
             f"{self.gpu}|{self.capability}|{self.triton}|{self.kernel}|{self.kernel_hash}|"
             f"{self.dtype}|d{self.head_dim}|bs{self.block_size}|s{self.seqlen_bucket}|"
-            f"p{self.density_bucket:.2f}"
+            f"p{self.density_bucket:.2f}" + ("" if self.steps == "union" else f"|{self.steps}")
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -61,15 +72,16 @@ class CacheKey:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> CacheKey:
-        """Build a key from its dict form; missing or unknown fields raise ValueError."""
+        """Build a key from its dict form; missing or unknown fields raise ValueError (``steps``
+        may be missing: a key written before it existed is "union")."""
         if not isinstance(d, Mapping):
             raise ValueError(f"a cache key must be an object, got {type(d).__name__}")
         names = {f.name for f in fields(cls)}
-        missing = sorted(names - d.keys())
+        missing = sorted(names - d.keys() - {"steps"})
         unknown = sorted(d.keys() - names)
         if missing or unknown:
             raise ValueError(f"bad cache key fields: missing {missing}, unknown {unknown}")
-        return cls(**{name: d[name] for name in names})
+        return cls(**{name: d[name] for name in names if name in d})
 
 
 def seqlen_bucket(seqlen: int) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import triton
 
-from . import config_cache
+from . import config_cache, halves_plan
 from .configs import LaunchConfig, config_problems, default_config
 from .layout import BlockLayout, is_int
 from .registry import KERNELS
@@ -100,8 +100,29 @@ def device_identity(device: torch.device) -> tuple[str, str]:
     return props.name, f"{props.major}.{props.minor}"
 
 
+# The kernels with a form on owned steps, and the 64-key boxes a step their classification
+# assumes (their default configs' on Hopper).
+OWNED_STEP_BOXES = {"fwd": 2, "dq": 1}
+
+
+def step_form(kernel: str, layout: BlockLayout, seq_k: int) -> str:
+    """How ``kernel`` walks this pattern's tiles, for the cache key (kernels.keys.STEP_FORMS):
+    "owned" where the owned steps' estimate pays (kernels.halves_plan.halves_pay at the fewest
+    stages they take), else "union". Only the forward and the dq kernel have the two forms."""
+    _check_kernel(kernel)
+    _check_layout_call(layout, seq_k)
+    if kernel not in OWNED_STEP_BOXES:
+        return "union"
+    owned = halves_plan.halves_pay(layout, seq_k, halves_plan.MIN_STAGES,
+                                   OWNED_STEP_BOXES[kernel])
+    return "owned" if owned else "union"
+
+
 def cache_key(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: int,
-              block_size: int, seq_k: int, density: float) -> config_cache.CacheKey:
+              block_size: int, seq_k: int, density: float, steps: str = "union"
+              ) -> config_cache.CacheKey:
+    """The key of ``kernel``'s configs for this call's shape bucket and step form (``steps``,
+    from :func:`step_form`)."""
     _check_kernel(kernel)
     gpu, capability = device_identity(device)
     return config_cache.CacheKey(
@@ -109,7 +130,7 @@ def cache_key(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: i
         kernel_hash=kernel_hash(kernel), dtype=str(dtype).removeprefix("torch."),
         head_dim=head_dim, block_size=block_size,
         seqlen_bucket=config_cache.seqlen_bucket(seq_k),
-        density_bucket=config_cache.density_bucket(density))
+        density_bucket=config_cache.density_bucket(density), steps=steps)
 
 
 def resolve_config(kernel: str, q: torch.Tensor, layout: BlockLayout, seq_k: int,
@@ -138,7 +159,8 @@ def _resolve(kernel: str, q: torch.Tensor, layout: BlockLayout, seq_k: int,
     # there, which is how the tune -> cache -> run pipeline is tested without a GPU.
     if density is None:
         density = block_density(layout, seq_k)
-    key = cache_key(kernel, q.device, q.dtype, head_dim, block_size, seq_k, density)
+    key = cache_key(kernel, q.device, q.dtype, head_dim, block_size, seq_k, density,
+                    step_form(kernel, layout, seq_k))
     memo_key = (key, cache_path)
     if memo_key not in _memo:
         _memo[memo_key] = _lookup(key, cache_path, block_size, head_dim) or (fallback, "default")

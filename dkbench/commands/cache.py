@@ -173,6 +173,7 @@ def _machine_tables(rows: list[CacheRow]) -> list[Table]:
         for r in group:
             k = r.key
             shape = f"d{k.head_dim} bs{k.block_size} s{k.seqlen_bucket} p{k.density_bucket:.2f}"
+            shape += "" if k.steps == "union" else f" {k.steps}"  # a pattern of owned steps
             table.add_row(_cell(k.kernel), _cell(k.kernel_hash), _cell(k.dtype), shape,
                           _cell(r.config), _ms(r.ms),
                           "failed" if math.isnan(r.default_ms) else _ms(r.default_ms),

@@ -137,8 +137,8 @@ def test_rows_and_config_format(cache: ConfigCache) -> None:
 
 def test_show_fits_80_columns_with_every_key_field(app: typer.Typer, cache: ConfigCache) -> None:
     gluon = {"block_m": 128, "block_n": 128, "num_warps": 4, "num_stages": 3, "impl": "gluon"}
-    cache.put(make_key(kernel="dq", seqlen_bucket=131072, density_bucket=0.05), gluon, ms=12.5,
-              default_ms=13.75)
+    cache.put(make_key(kernel="dq", seqlen_bucket=131072, density_bucket=0.05, steps="owned"),
+              gluon, ms=12.5, default_ms=13.75)
     cache.put(make_key(gpu="cpu (triton interpreter)", capability="", kernel="bwd",
                        dtype="float32", head_dim=32, block_size=32, seqlen_bucket=256,
                        density_bucket=1.0), CONFIG, ms=0.2, default_ms=0.3)
@@ -153,8 +153,8 @@ def test_show_fits_80_columns_with_every_key_field(app: typer.Typer, cache: Conf
                   "1.25x", "12.5000", "13.7500", "1.10x", "1.50x"):
         assert field in r.stdout, f"{field!r} missing from:\n{r.stdout}"
     for word in ("fwd", "bwd", "dq", "ab12cd34", "bfloat16", "float32", "d128", "d64", "d32",
-                 "bs64", "bs32", "s8192", "s131072", "s256", "p0.35", "p0.05", "p1.00", "gluon",
-                 "128x128"):
+                 "bs64", "bs32", "s8192", "s131072", "s256", "p0.35", "p0.05", "p1.00", "owned",
+                 "gluon", "128x128"):
         assert word in words, f"{word!r} missing (or folded) in:\n{r.stdout}"
 
 

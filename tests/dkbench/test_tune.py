@@ -682,7 +682,15 @@ def test_tiny_tune_writes_csv_and_cache_that_run_uses(app: typer.Typer, tmp_path
 
 
 @needs_interpreter
-def test_tiny_fwd_bwd_tune_caches_every_kernel(tmp_path: Path, cache_env: Path) -> None:
+@pytest.mark.parametrize("owned", [False, True], ids=["union", "owned steps"])
+def test_tiny_fwd_bwd_tune_caches_every_kernel(tmp_path: Path, cache_env: Path, owned: bool,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    if owned:  # a pattern of owned steps (the interpreter's small blocks never make one)
+        def form(kernel, layout, seq_k):
+            return "owned" if kernel in select.OWNED_STEP_BOXES else "union"
+
+        monkeypatch.setattr(select, "step_form", form)
+        monkeypatch.setattr(tuning, "step_form", form)
     spec = write_spec(tmp_path, mode="fwd_bwd")
     sweep = load_spec(spec)
     overrides = {"block_m": (32,), "block_n": (16, 32), "num_warps": (4,), "num_stages": (1,)}
@@ -700,3 +708,7 @@ def test_tiny_fwd_bwd_tune_caches_every_kernel(tmp_path: Path, cache_env: Path) 
         found = select.resolve_config(write.key.kernel, probe, layout, case.seqlen)
         assert found == (write.config, "cache")
     assert sorted(w.key.kernel for w in outcome.writes) == ["bwd", "dq", "fwd"]
+    # Each entry under the step form its kernel takes this pattern in.
+    assert {w.key.kernel: w.key.steps for w in outcome.writes} == (
+        {"fwd": "owned", "dq": "owned", "bwd": "union"} if owned
+        else dict.fromkeys(("fwd", "dq", "bwd"), "union"))

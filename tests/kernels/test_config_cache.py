@@ -74,6 +74,18 @@ def test_key_string_is_stable_and_round_trips() -> None:
     assert make_key(density_bucket=0.35000000000000003).as_str() == key.as_str()
 
 
+def test_a_key_of_owned_steps_is_another_entry_and_old_keys_read_as_union() -> None:
+    union, owned = make_key(), make_key(steps="owned")
+    assert union.steps == "union"
+    assert owned.as_str() == union.as_str() + "|owned"
+    assert CacheKey.from_dict(owned.to_dict()) == owned
+    # A key written before the field existed has no "steps": it is the union's, as it was.
+    old = {name: value for name, value in union.to_dict().items() if name != "steps"}
+    assert CacheKey.from_dict(old) == union
+    with pytest.raises(ValueError, match="steps must be one of union, owned"):
+        make_key(steps="halves")
+
+
 def test_key_from_dict_rejects_missing_and_wrong_types() -> None:
     d = make_key().to_dict()
     del d["dtype"]

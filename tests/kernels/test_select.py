@@ -12,6 +12,8 @@ import torch
 import kernels.inference
 from kernels import (
     LaunchConfig,
+    local_stride_layout,
+    random_layout,
     reference_attention,
     select,
     sparse_attention_decode,
@@ -257,6 +259,39 @@ def test_the_architecture_fallback_takes_a_usable_entry_by_gpu_name(caches, on_h
     put(file, key_for(gpu="NVIDIA H800", capability="9.0"), LaunchConfig(16, 16, 2, 1))
     put(file, key_for(gpu=H100, capability="9.0"), LaunchConfig(32, 16, 2, 1))
     assert lookup() == (LaunchConfig(32, 16, 2, 1), f"shipped:{H100}")
+
+
+def test_step_form_tells_patterns_of_owned_steps_apart():
+    seq_k = 64 * 64
+    rand = random_layout(4, 64, 64, 0.2, seed=0)
+    phi3 = local_stride_layout(4, seq_k, 64, 16, 8, head_sliding_offset=1)
+    assert select.step_form("fwd", rand, seq_k) == select.step_form("dq", rand, seq_k) == "owned"
+    assert select.step_form("fwd", phi3, seq_k) == select.step_form("dq", phi3, seq_k) == "union"
+    # The kernels without owned steps, and blocks the owned steps do not take.
+    assert select.step_form("bwd", rand, seq_k) == "union"
+    assert select.step_form("fwd", random_layout(4, 32, 128, 0.2), seq_k) == "union"
+
+
+def test_configs_tuned_on_one_step_form_never_serve_the_other(caches):
+    """A random pattern and phi-3's can share a length and density bucket; the forward's and dq
+    kernel's configs tuned on one must not reach the other (they run other kernels)."""
+    user, _ = caches
+    seq_k = 64 * 64
+    rand = random_layout(2, 64, 64, 0.2, seed=0)
+    q = torch.empty(1, 1, 1, 64)
+    density = select.block_density(rand, seq_k)
+
+    def key(kernel: str, steps: str):
+        return select.cache_key(kernel, CPU, q.dtype, 64, 64, seq_k, density, steps)
+
+    tuned = LaunchConfig(32, 32, 4, 1)
+    for kernel in ("fwd", "dq", "bwd"):
+        put(user, key(kernel, "union"), tuned)
+    assert select.resolve_config("fwd", q, rand, seq_k)[1] == "default"
+    assert select.resolve_config("dq", q, rand, seq_k)[1] == "default"
+    assert select.resolve_config("bwd", q, rand, seq_k) == (tuned, "cache")  # one form only
+    put(user, key("fwd", "owned"), tuned)
+    assert select.resolve_config("fwd", q, rand, seq_k) == (tuned, "cache")
 
 
 def test_no_architecture_fallback_off_a_gpu(caches):
