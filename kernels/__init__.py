@@ -75,6 +75,7 @@ from .quant import Fp8Inputs, dequantize_fp8, quantize_fp8, sparse_attention_fp8
 from .reference import layout_head_index, reference_attention
 from .registry import AXES, IMPLS, KERNELS, TUNABLE, KernelRecord
 from .select import (
+    OWNED_STEP_BOXES,
     block_density,
     cache_key,
     clear_memo,
@@ -100,6 +101,7 @@ __all__ = [
     "KERNELS",
     "MAX_NUM_BLOCKS",
     "MAX_STAGES",
+    "OWNED_STEP_BOXES",
     "PAGE_SIZES",
     "TUNABLE",
     "WARP_COUNTS",

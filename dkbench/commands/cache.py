@@ -21,6 +21,7 @@ from rich.table import Table
 from kernels import (
     ENV_VAR,
     KERNELS,
+    OWNED_STEP_BOXES,
     ConfigCache,
     LaunchConfig,
     config_problems,
@@ -116,6 +117,10 @@ def _check_usable(src: Path) -> None:
         if key["kernel"] not in KERNELS:
             raise CacheError(f"{src}: entry {name!r}: key['kernel'] must be one of "
                              f"{', '.join(KERNELS)}, got {key['kernel']!r}")
+        if key["steps"] != "union" and key["kernel"] not in OWNED_STEP_BOXES:
+            raise CacheError(f"{src}: entry {name!r}: key['steps'] is {key['steps']!r}, but "
+                             f"only {', '.join(OWNED_STEP_BOXES)} have that form; a "
+                             f"{key['kernel']} key's is 'union'")
         problems = config_problems(LaunchConfig.from_dict(entry["config"]), key["block_size"],
                                    key["head_dim"], key["kernel"])
         if problems:

@@ -341,6 +341,9 @@ UNUSABLE = {
     "unknown-kernel": ({"key": {"kernel": "bogus"}},
                        "key['kernel'] must be one of fwd, bwd, dq, varlen, decode, fp8, "
                        "got 'bogus'"),
+    "owned-dkdv": ({"key": {"kernel": "bwd", "steps": "owned"}},
+                   "key['steps'] is 'owned', but only fwd, dq have that form; a bwd key's is "
+                   "'union'"),
     "fused-forward": ({"config": {**CONFIG, "impl": "fused"}},
                       "its config cannot run: impl='fused' is the backward's dk/dv kernel only"),
     "block-m-not-a-tile": ({"config": {**CONFIG, "block_m": 3}},
