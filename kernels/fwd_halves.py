@@ -136,7 +136,7 @@ if GLUON:
                 row_end = gl.minimum((tile + 1) * BLOCK_M, seq_k)
             else:
                 row_end = seq_k
-            steps = n_entries // 2
+            steps = n_entries // (TILE_N // BOX_N)  # the plan pads a row to whole steps
             # This half's steps: (item-relative step << 1) | needs a mask, each one or two
             # after the one before (build_halves_plan).
             own = Steps + step_word + gl.load(Steps + step_word + 2 * HALF)

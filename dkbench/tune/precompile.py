@@ -16,9 +16,10 @@ the same device with the same seeded inputs), and its failure, which is then not
 want of memory (the workers share the GPU, so it is tried again alone). Behind other pins the
 timing loop prepares and checks it itself. A worker that dies costs the candidate it was on
 (recorded as an error) and is replaced; that failure, and one that broke a worker's CUDA context,
-hold whatever the pins, as the same run in the timing loop's process could end the tune. Workers
-that cannot start leave their candidates to the timing loop. The workers start once, for the
-batch.
+hold whatever the pins, as the same run in the timing loop's process could end the tune. So does
+a candidate still running after `CANDIDATE_LIMIT_S` (a kernel that never ends would hang the
+tune): its worker is stopped and replaced. Workers that cannot start leave their candidates to
+the timing loop. The workers start once, for the batch.
 
 In Triton's interpreter there is nothing to compile: the phase runs in this process.
 """
@@ -55,6 +56,9 @@ from ..spec.sweep import Case, Sweep
 # with the cores shared out and one batch, 28 s with 8 and 33 s with 12.
 MAX_WORKERS = 8
 POLL_S = 1.0  # how often the parent checks on its workers while no message arrives
+# A candidate's run (its compile, check and warm-up call) takes seconds, a minute at most on the
+# largest configs; one still running after this is taken to be a kernel that never ends.
+CANDIDATE_LIMIT_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -261,6 +265,8 @@ class _Worker:
     ready: bool = False  # it started
     retiring: bool = False  # it exits after its task (its CUDA context broke)
     task: CompileTask | None = None
+    since: float = 0.0  # when it was given its task (time.monotonic)
+    overdue: bool = False  # stopped: its task ran past CANDIDATE_LIMIT_S
 
 
 class WorkerPool:
@@ -288,6 +294,7 @@ class WorkerPool:
             self._dispatch(w)
         while self.workers and (self.pending or any(w.task for w in self.workers)):
             poll_workers(self.workers, self._drain, self._died, POLL_S)
+            self._stop_overdue()
         if self.pending and not self.gave_up:
             self.gave_up = True
             self.compiled.warnings.append("no compile worker could start; the candidates "
@@ -302,7 +309,7 @@ class WorkerPool:
     def _dispatch(self, w: _Worker) -> None:
         """The next task to ``w`` when it started, is free and is staying."""
         if w.ready and not w.retiring and w.task is None and self.pending and w.proc.is_alive():
-            w.task = self.pending.popleft()
+            w.task, w.since = self.pending.popleft(), time.monotonic()
             with contextlib.suppress(OSError):  # it died: _died records the task
                 w.conn.send(w.task)
 
@@ -318,15 +325,25 @@ class WorkerPool:
                     w.retiring = message[2]  # a replacement takes the next task
                 self._dispatch(w)
 
+    def _stop_overdue(self) -> None:
+        """Kill each worker whose task has run past CANDIDATE_LIMIT_S; `_died` records it."""
+        now = time.monotonic()
+        for w in self.workers:
+            if w.task is not None and not w.overdue and now - w.since > CANDIDATE_LIMIT_S:
+                w.overdue = True
+                w.proc.kill()
+
     def _died(self, w: _Worker) -> None:
         w.proc.join()
         self._drain(w)  # what it sent before it died
         w.conn.close()
         self.workers.remove(w)
         if w.task is not None:
-            self.compiled.record(w.task, Failure(
-                "error", f"the compile worker died (exit code {describe_exit(w.proc.exitcode)}) "
-                         "while running this config"), any_pins=True)
+            why = (f"still running after {CANDIDATE_LIMIT_S:.0f} s (its compile, check and "
+                   "first call), so it was stopped: a kernel that never ends?" if w.overdue else
+                   f"the compile worker died (exit code {describe_exit(w.proc.exitcode)}) while "
+                   "running this config")
+            self.compiled.record(w.task, Failure("error", why), any_pins=True)
             self.on_done(w.task)
         if w.ready:  # one that never started would not start again
             self._start()

@@ -57,9 +57,10 @@ def _rank_key(row: TuneRow) -> tuple[float, float]:
 
 def clearly_faster(row: TuneRow, default: TuneRow) -> bool:
     """Faster than the default beyond the noise: in at least four rounds of five when the two
-    were timed interleaved (p20 of the paired speedups above 1), else with p20-p80 bands apart."""
+    were timed interleaved (p20 of the paired speedups above 1) and with a median no slower
+    (where the two measures disagree the gain is noise), else with p20-p80 bands apart."""
     if math.isfinite(row.speedup_p20):
-        return row.speedup_p20 > 1.0
+        return row.speedup_p20 > 1.0 and row.ms <= default.ms
     return row.ms_p80 < default.ms_p20
 
 

@@ -480,6 +480,23 @@ def test_a_config_within_the_noise_does_not_replace_the_default(
     assert outcome.writes[0].config == LaunchConfig(32, 32, 4, 1)
 
 
+def test_a_paired_win_whose_median_is_slower_does_not_replace_the_default(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_kernel) -> None:
+    """Was (an H200 tune): four rounds of five faster by their paired ratios (p20 1.0004), yet
+    a median 0.2% slower than the default's; cached, the entry's ms lost to its default_ms."""
+    times = {"m32n32w4s1": Measurement(10.489, 10.40, 10.60, "fake", 9),
+             "m16n32w4s1": Measurement(12.000, 11.90, 12.10, "fake", 9),
+             "m64n32w4s1": Measurement(10.508, 10.42, 10.61, "fake", 9)}
+    ratios = {"m16n32w4s1": Ratio(0.87, 0.86, 0.88, 3), "m64n32w4s1": Ratio(1.0012, 1.0004, 1.01, 3)}
+    fake_timers(monkeypatch, fake_kernel, None,
+                lambda ready, baseline: Interleaved({r.name: times[r.name] for r in ready},
+                                                    ratios, {}, []))
+    outcome = tune_spec(tmp_path)
+    (result,) = outcome.results
+    assert result.best is result.default and result.default_kept
+    assert outcome.writes[0].config == LaunchConfig(32, 32, 4, 1)
+
+
 def test_cases_that_share_a_key_keep_the_default_when_no_config_won_any(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_kernel) -> None:
     """Was: seqlen 120 and 128 share a cache key; m64 is within the noise in both (the default

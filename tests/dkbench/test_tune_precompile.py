@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,13 @@ class Crash:
 
     def __reduce__(self):
         return (os._exit, (3,))
+
+
+class Hang:
+    """Unpickled in a worker, it keeps the worker busy for good, as a kernel that never ends."""
+
+    def __reduce__(self):
+        return (time.sleep, (3600,))
 
 
 def test_worker_count_is_one_per_core_capped_and_none_in_the_interpreter(
@@ -153,6 +161,32 @@ def test_workers_run_each_candidate_and_a_dead_worker_costs_only_its_own(tmp_pat
     assert other.failures == {"c2": died} and other.checks == {}
     assert replacement is not first and first.exitcode == 3  # c3 ran on the replacement
     assert compiled.warnings == [] and not replacement.is_alive()
+
+
+@needs_interpreter
+def test_a_candidate_that_never_ends_is_stopped_and_costs_only_its_own(
+        tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(precompile, "CANDIDATE_LIMIT_S", 3.0)
+    sweep, tasks = tasks_of(tmp_path, GOOD, Hang(), GOOD)
+    heard = []
+    pool = WorkerPool((sweep, environment(CPU), CPU), 1)
+    try:
+        first = pool.workers[0].proc
+        started = time.monotonic()
+        compiled = pool.compile(tasks, lambda task: heard.append(task.name))
+        took = time.monotonic() - started
+    finally:
+        pool.close(graceful=True)
+    assert heard == ["c0", "c1", "c2"] and took < 60
+    found = compiled.found(tasks)
+    assert set(found.checks) == {"c0", "c2"}  # the one after it ran on the replacement
+    assert found.failures["c1"] == Failure(
+        "error", "still running after 3 s (its compile, check and first call), so it was "
+                 "stopped: a kernel that never ends?")
+    # It holds behind any pins: the timing loop's process would hang on it too.
+    other = compiled.found([dataclasses.replace(t, pin={"fwd": OTHER}) for t in tasks])
+    assert other.failures == {"c1": found.failures["c1"]}
+    assert not first.is_alive()
 
 
 @needs_interpreter

@@ -102,3 +102,30 @@ def test_owned_steps_by_default_at_8k_and_their_gradients(gluon_launches, poison
     assert_verbose_close(out, ref, 1e-2)
     _check_gradients(q, k, v, layout, 1, out, ref, "default")
     assert gluon_launches.of("dq") == ["halves"], "the default dq kernel took the union's steps"
+
+
+@pytest.mark.parametrize("config", [LaunchConfig(128, 64, 4, 3, "gluon"),
+                                    LaunchConfig(128, 64, 4, 4, "gluon")], ids=str)
+@pytest.mark.parametrize("case", [
+    # (density or None for _lonely_halves, causal, seq_q, seq_k, heads, kv_heads, dim, dtype)
+    (0.05, True, 2048, 2048, 8, 2, 128, torch.bfloat16),
+    (0.3, True, 1000, 1000, 8, 2, 64, torch.float16),  # ragged end
+    (0.3, True, 300, 1000, 8, 4, 128, torch.bfloat16),  # the last 300 queries
+    (None, False, 768, 768, 4, 1, 128, torch.bfloat16),
+], ids=str)
+def test_owned_steps_of_one_block_a_step_forward(case, config, gluon_launches, poison_outputs,
+                                                 monkeypatch):
+    """The forward on owned steps of one 64-key block each (block_n 64): its consumers count
+    the item's steps as the loader does (they once took two blocks a step whatever the config,
+    and the kernel never ended)."""
+    monkeypatch.setattr(halves_plan, "halves_pay", lambda *args: True)
+    density, causal, sq, sk, h, hkv, d, dtype = case
+    blocks = -(-sk // 64)
+    layout = (_lonely_halves(blocks) if density is None
+              else random_layout(h, blocks, 64, density, seed=5, causal=causal))
+    q, k, v = make_qkv(2, sq, sk, h, hkv, d, dtype, "cuda", 1)
+    out, lse = sparse_attention(q, k, v, layout, return_lse=True, config=config)
+    ref, ref_lse = reference_attention(q, k, v, layout, return_lse=True)
+    assert gluon_launches.of("fwd") == ["halves"]
+    assert_verbose_close(out, ref, 1e-2)
+    assert_verbose_close(lse, ref_lse, 1e-3, "lse")
