@@ -84,6 +84,7 @@ from .select import (
     step_form,
 )
 from .varlen import VarlenSequences
+from . import fp8_rules  # noqa: F401,E402 - registers the fp8 forward's config rules
 
 __version__ = "0.1.0"
 

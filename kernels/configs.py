@@ -8,6 +8,7 @@ implementation a config runs is :func:`kernels.dispatch.choose_impl`'s to say.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -19,6 +20,20 @@ from .registry import IMPLS, KERNELS
 __all__ = ["DECODE_BLOCK_M", "GLUON_BWD_DEFAULT", "GLUON_DEFAULT", "GLUON_DQ_DEFAULT", "IMPLS",
            "MAX_STAGES", "LaunchConfig", "check_config", "config_problems", "default_config",
            "gluon_default_applies", "gluon_unavailable"]
+
+# Kernels whose config rules live beside their own code, which imports this module (the fp8
+# forward's, in kernels/fp8.py): name -> (problems(config, block_size, head_dim),
+# default(device, block_size, head_dim, allow_gluon)). kernels/fp8_rules.py registers them when
+# the package is imported, so that config_problems and default_config answer for every kernel.
+_OWN_RULES: dict[str, tuple[Callable[..., list[str]], Callable[..., "LaunchConfig"]]] = {}
+
+
+def register_rules(kernel: str, problems: Callable[..., list[str]],
+                   default: Callable[..., "LaunchConfig"]) -> None:
+    """Make :func:`config_problems` and :func:`default_config` answer for ``kernel`` with
+    ``problems`` and ``default``."""
+    _OWN_RULES[kernel] = (problems, default)
+
 
 # A decode config's block_m: the kernel's query tile is the GQA group's heads, padded to a power
 # of two of at least 16 per call, so block_m sets nothing and takes this one value.
@@ -92,8 +107,11 @@ def _check_kernel(kernel: str) -> None:
 
 def config_problems(config: LaunchConfig, block_size: int, head_dim: int,
                     kernel: str = "fwd") -> list[str]:
-    """Why a config cannot run this kernel for this sparse block size and head_dim (empty if ok)."""
+    """Why a config cannot run this kernel for this sparse block size and head_dim (empty if ok).
+    A kernel with rules of its own (:func:`register_rules`: the fp8 forward's) answers by them."""
     _check_kernel(kernel)
+    if kernel in _OWN_RULES:
+        return _OWN_RULES[kernel][0](config, block_size, head_dim)
     if config.impl not in IMPLS:
         return [f"impl={config.impl!r} must be one of {', '.join(IMPLS)}"]
     if config.impl == "gluon":
@@ -225,8 +243,11 @@ def gluon_default_applies(device: torch.device, block_size: int, head_dim: int,
 def default_config(kernel: str, device: torch.device, block_size: int, head_dim: int,
                    dtype: torch.dtype, allow_gluon: bool = True) -> LaunchConfig:
     """A config of ``kernel`` that runs everywhere and is reasonable on recent GPUs
-    (``allow_gluon=False``: a Triton one even where a Gluon kernel would be the default)."""
+    (``allow_gluon=False``: a Triton one even where a Gluon kernel would be the default). A
+    kernel with rules of its own (:func:`register_rules`) takes its own default."""
     _check_kernel(kernel)
+    if kernel in _OWN_RULES:
+        return _OWN_RULES[kernel][1](device, block_size, head_dim, allow_gluon)
     if kernel == "decode":
         # 64-key steps at 4 warps, and Triton's default 3 stages on a GPU: what decoding
         # launched with before it took configs.

@@ -107,13 +107,13 @@ _RECORDS = (
     # The forward on float8 e4m3 inputs: a Triton kernel (kernels/fp8.py: the forward's tile
     # plan, masks and normalisation around its own tile loop) and a warp-specialised Gluon one
     # on Hopper (kernels/fp8_ws.py, on the Gluon forward's work items); their rules are
-    # kernels.fp8.fp8_config_problems and fp8_default_config. Not tuned yet: no `dkbench tune`
-    # mode reaches it.
+    # kernels.fp8.fp8_config_problems and fp8_default_config. An fp8 case tunes it in the modes
+    # with a forward (its backward is not tuned).
     KernelRecord("fp8", "the forward on float8 e4m3 q, k, v with descales, bf16 out",
                  ("kernels.fp8", "kernels.fp8_softmax", "kernels.fp8_ws", "kernels.fwd_ws",
                   "kernels.fwd_tile", "kernels.common", "kernels.schedule", "kernels.ws_mma"),
                  _FWD_IMPLS,
-                 "sparse_attention_fp8", "config", False,
+                 "sparse_attention_fp8", "config", True,
                  "block_m query rows per program, block_n keys per step (a multiple of the sparse "
                  "block gathers that many kept blocks into one step); impl gluon: 128 rows, 64 or "
                  "128 keys a step, 4 warps a consumer group",

@@ -2,8 +2,10 @@
 
 A training case (fwd, bwd, fwd_bwd) is tuned in one training mode for all of them: the forward,
 then the backward's dk/dv kernel ("bwd") behind the forward's winner, then its dq kernel behind
-both. An inference case is tuned in its own mode, on its own lengths: prefill_varlen tunes the
-varlen kernel, decode the decoding kernel.
+both. An fp8 case tunes its forward (kernel "fp8") in a mode with the forward (fwd, fwd_bwd);
+its backward runs its default, so a bwd-only tune has nothing of it to tune. An inference case is
+tuned in its own mode, on its own lengths: prefill_varlen tunes the varlen kernel, decode the
+decoding kernel.
 """
 
 from __future__ import annotations
@@ -127,15 +129,7 @@ def tune_mode(case_mode: str, modes: tuple[str, ...]) -> str | None:
 
 def check_tunable(sweep: Sweep, where: str) -> None:
     """BadInputError, naming ``where`` (the spec file, or the flags) and the key, for what a tune
-    cannot honour: fp8 cases (no tune mode reaches the fp8 forward; its candidates would only be
-    planned and compiled to end unsupported) and rows timed both ways (a tune picks one config
-    per case, by one timing)."""
-    fp8 = [d for d in as_list(sweep.dtype) if DTYPES.get(d) == FP8]
-    if fp8:
-        allowed = ", ".join(d for d in DTYPES if DTYPES[d] != FP8)
-        raise BadInputError(f"{where}: dtype: {fp8[0]} is not tuned by `dkbench tune` yet (no "
-                            f"tune mode reaches the fp8 forward; pin its config in the spec's "
-                            f"config instead); allowed: {allowed}")
+    cannot honour: rows timed both ways (a tune picks one config per case, by one timing)."""
     if sweep.timing.graph_rows:
         raise BadInputError(f"{where}: timing.cuda_graph: [false, true] times every row both "
                             "ways, but a tune picks one config per case by one timing; allowed: "
@@ -160,15 +154,24 @@ class TuneJob:
     candidates: tuple[Candidates, ...]
 
 
+def case_kernels(case: Case, mode: str) -> tuple[str, ...]:
+    """The kernels a case tunes in ``mode``: the mode's, or for an fp8 case its forward ("fp8")
+    where the mode tunes the forward (its backward is not tuned)."""
+    if case.dtype == FP8:
+        return ("fp8",) if "fwd" in MODE_KERNELS[mode] else ()
+    return MODE_KERNELS[mode]
+
+
 def plan_tune(sweep: Sweep, modes: tuple[str, ...], device: torch.device,
               overrides: Mapping[str, tuple | None]) -> list[TuneJob]:
     """Every case of the sweep in its tune mode (:func:`tune_mode`; duplicates dropped), with
     its candidates; BadInputError when ``modes`` leaves no case."""
-    if any("bwd" in MODE_KERNELS[m] for m in modes):
+    if any("bwd" in MODE_KERNELS[m] for m in modes) and any(
+            DTYPES.get(d, d) != FP8 for d in as_list(sweep.dtype)):
         require_backward()
     limit = smem_limit(device)
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    jobs, seen = [], set()
+    jobs, seen, fp8_left = [], set(), False
     for case in expand(sweep):
         mode = tune_mode(case.mode, modes)
         if mode is None:
@@ -177,14 +180,24 @@ def plan_tune(sweep: Sweep, modes: tuple[str, ...], device: torch.device,
         if case in seen:
             continue
         seen.add(case)
+        kernels = case_kernels(case, mode)
+        if not kernels:
+            fp8_left = True
+            continue
         layout = case.pattern.layout(case.heads, case.kv_heads, case.seqlen, case.causal)
         dtype = getattr(torch, case.dtype)
         candidates = []
-        for kernel in MODE_KERNELS[mode]:
-            problem = Problem(kernel, case.block_size, case.head_dim, dtype, limit, capability)
+        for kernel in kernels:
+            problem = Problem(kernel, case.block_size, case.head_dim, dtype, limit, capability,
+                              device)
             space = build_space(kernel, device, case.block_size, overrides)
             candidates.append(plan_candidates(space, problem, device))
         jobs.append(TuneJob(case, layout, tuple(candidates)))
+    if not jobs and fp8_left:
+        raise BadInputError(
+            f"mode {', '.join(modes)}: an fp8 case tunes its forward only (kernel fp8; its "
+            "backward runs its default), and this mode has no forward; use --mode fwd or "
+            "fwd_bwd")
     if not jobs:
         given = ", ".join(dict.fromkeys(as_list(sweep.mode)))
         raise BadInputError(

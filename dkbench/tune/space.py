@@ -25,6 +25,7 @@ from kernels import (
     LaunchConfig,
     config_problems,
     default_config,
+    fp8_gluon_unavailable,
     gluon_unavailable,
     tile_ok,
 )
@@ -57,6 +58,7 @@ class Problem:
     dtype: torch.dtype
     smem_limit: int | None  # bytes of shared memory per block (opt-in), None on the CPU
     capability: tuple[int, int] | None = None  # CUDA compute capability, None on the CPU
+    device: torch.device | None = None  # where it runs (the fp8 kernel's rules ask the device)
 
 
 @dataclass(frozen=True)
@@ -138,8 +140,9 @@ def default_space(kernel: str, device: torch.device, block_size: int) -> dict[st
     # The dk/dv kernel's outer tile (block_m) must stay inside one sparse block, like block_n. The
     # forward's and dq's block_n may reach 128 where their Gluon kernels can pair 64-key blocks;
     # the prune rules drop the Triton configs past the block size.
+    # The fp8 forward's steps gather kept blocks too, in both of its implementations.
     cap = block_size
-    if kernel in ("fwd", "dq") and "gluon" in base["impl"] and block_size % 64 == 0:
+    if kernel in ("fwd", "dq", "fp8") and "gluon" in base["impl"] and block_size % 64 == 0:
         cap = max(block_size, 128)
     for axis in ("block_n", "block_m") if kernel == "bwd" else ("block_n",):
         values[axis] = tuple(dict.fromkeys(min(n, cap) for n in base[axis]))
@@ -189,17 +192,20 @@ def fits_shared_memory(config: LaunchConfig, problem: Problem) -> str | None:
 
 
 def runs_on_device(config: LaunchConfig, problem: Problem) -> str | None:
-    """The Gluon kernels need Hopper, 16-bit inputs and a triton that has Gluon."""
+    """The Gluon kernels need Hopper, 16-bit inputs (the fp8 forward's, e4m3 ones) and a triton
+    that has Gluon."""
     if config.impl != "gluon":
         return None
+    if problem.kernel == "fp8":
+        return fp8_gluon_unavailable(problem.device or torch.device("cpu"))
     return gluon_unavailable(problem.capability, problem.dtype)
 
 
 def kernel_accepts(config: LaunchConfig, problem: Problem) -> str | None:
     """The kernels' compile-time asserts on tile shapes (``tl.static_assert``), as a rule here so
     that a bad combination is pruned with a reason instead of failing to compile."""
-    if config.impl == "gluon":
-        return None  # config_problems holds all of its tile rules
+    if config.impl == "gluon" or problem.kernel == "fp8":
+        return None  # config_problems (fp8_config_problems) holds all of its tile rules
     bs = problem.block_size
     if bs % config.block_n:
         return f"the kernel needs block_n={config.block_n} to divide the block size {bs}"

@@ -66,11 +66,11 @@ class TuneOutcome:
 
 
 def measured_case(case: Case, kernel: str) -> Case:
-    """What runs ``kernel`` of a tuned case: the forward, or the whole backward (both of its
-    kernels) for "bwd" and "dq"; an inference case as it is."""
+    """What runs ``kernel`` of a tuned case: the forward (the fp8 one for "fp8"), or the whole
+    backward (both of its kernels) for "bwd" and "dq"; an inference case as it is."""
     if case.mode in INFERENCE_MODES:
         return case
-    return dataclasses.replace(case, mode="fwd" if kernel == "fwd" else "bwd")
+    return dataclasses.replace(case, mode="fwd" if kernel in ("fwd", "fp8") else "bwd")
 
 
 def pins(kernel: str, config: LaunchConfig, winners: dict[str, LaunchConfig]) -> dict:

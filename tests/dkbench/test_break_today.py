@@ -1,5 +1,6 @@
 """Bad input against the day's features (graph rows, fp8 cases, the setup_ms column): each refused
-in one line naming the file or flag, the key and what is allowed, with exit code 2."""
+in one line naming the file or flag, the key and what is allowed, with exit code 2; and fp8 specs,
+once refused by the tune, planned."""
 
 from __future__ import annotations
 
@@ -22,18 +23,22 @@ def _refused(result, *words: str) -> str:
     return text
 
 
-def test_tune_refuses_an_fp8_spec_before_planning(tmp_path: Path) -> None:
+def test_tune_plans_the_fp8_forward_of_an_fp8_spec(tmp_path: Path) -> None:
+    """Was refused ("dtype: fp8 is not tuned"): the fp8 forward is tuned now."""
     spec = write_spec(tmp_path, providers=["dkbench"], dtype="fp8")
     result = invoke("tune", spec, "--device", "cpu", "--dry-run", "--out", tmp_path / "out",
                     "--cache", tmp_path / "cache.json")
-    _refused(result, f"{spec}: dtype: fp8 is not tuned", "allowed: bf16")
-    assert not (tmp_path / "out").exists()
+    text = flat(result.output)
+    assert result.exit_code == 0 and "Traceback" not in text, result.output
+    assert "│ fp8 │ m32n32w4s1 │ run (default, reference)" in text
+    assert not (tmp_path / "out").exists()  # a dry run writes nothing
 
 
-def test_tune_refuses_fp8_from_the_shape_flags(tmp_path: Path) -> None:
+def test_tune_plans_fp8_from_the_shape_flags(tmp_path: Path) -> None:
     result = invoke("tune", "--device", "cpu", "--dtype", "float8_e4m3fn", "--dry-run",
                     "--cache", tmp_path / "cache.json")
-    _refused(result, "dtype: float8_e4m3fn is not tuned", "allowed:")
+    assert result.exit_code == 0, result.output
+    assert "│ fp8 │ m32n32w4s1 │ run (default, reference)" in flat(result.output)
 
 
 def test_tune_refuses_rows_timed_both_ways(tmp_path: Path) -> None:

@@ -278,6 +278,20 @@ def test_config_rules() -> None:
         "impl='gluon' needs head_dim 64 or 128, got 80"]
     assert fp8_config_problems(LaunchConfig(128, 32, 4, 2, "gluon"), 64, 128) == [
         "block_n=32 must be 64 or 128 for impl='gluon'"]
+
+
+def test_the_general_config_rules_and_default_take_the_fp8_kernels_own() -> None:
+    """What the tuner, `dkbench cache import` and the shipped-file check ask of every kernel:
+    for "fp8" the fp8 forward's answers, not the 16-bit forward's (which would refuse its
+    128-key steps over 64-key blocks)."""
+    for config in (LaunchConfig(64, 128, 4, 2), LaunchConfig(64, 16, 4, 2),
+                   LaunchConfig(128, 32, 4, 2, "gluon"), LaunchConfig(128, 128, 4, 3, "gluon")):
+        assert (kernels.config_problems(config, 64, 128, "fp8")
+                == fp8_config_problems(config, 64, 128)), config
+    assert kernels.config_problems(LaunchConfig(64, 128, 4, 2), 64, 128, "fwd") != []
+    cpu = torch.device("cpu")
+    assert (kernels.default_config("fp8", cpu, 64, 128, FP8_DTYPE)
+            == fp8_default_config(cpu, 64, 128))
     assert "implementations are 'triton' and 'gluon'" in " ".join(
         fp8_config_problems(LaunchConfig(128, 128, 4, 3, "fused"), 64, 128))
     for device in ("cpu", "cuda"):

@@ -19,6 +19,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
 import kernels
+import kernels.fp8
 from kernels import KERNELS, Choice, KernelRecord, configs, select
 from kernels.attention import CONFIG_ARGUMENTS
 from kernels.config_cache import ConfigCache, load_shipped
@@ -132,8 +133,7 @@ def test_implementations_entries_config_arguments_and_tunable() -> None:
         assert record.config_meaning, name
     assert KERNELS["fwd"].impls == ("triton", "gluon")
     assert CONFIG_ARGUMENTS == {"fwd": "config", "bwd": "bwd_config", "dq": "dq_config"}
-    # The fp8 forward is not tuned yet: no `dkbench tune` mode reaches it.
-    assert {name for name, r in KERNELS.items() if r.tunable} == set(KERNELS) - {"fp8"}
+    assert all(r.tunable for r in KERNELS.values())  # the fp8 forward too, on fp8 cases
     # What `dkbench tune` reaches through sparse_attention today.
     assert TUNABLE == ("fwd", "bwd", "dq")
     assert inspect.signature(kernels.sparse_attention_padded).parameters["config"].default is None
@@ -157,8 +157,11 @@ def test_search_space_is_data_over_the_config_axes(name: str) -> None:
     assert KERNELS["decode"].search_space["block_m"] == (configs.DECODE_BLOCK_M,)
     # The stage bound leaves every searched depth in (it refuses only typos such as 1000).
     assert max(space["num_stages"]) <= configs.MAX_STAGES
-    assert config_problems(LaunchConfig(16, 16, 4, configs.MAX_STAGES), 16, 64, name) == []
-    assert config_problems(LaunchConfig(16, 16, 4, configs.MAX_STAGES + 1), 16, 64, name) == [
+    # (fp8 products take at least 32 keys a step.)
+    block_n = 32 if name == "fp8" else 16
+    assert config_problems(LaunchConfig(16, block_n, 4, configs.MAX_STAGES), 16, 64, name) == []
+    assert config_problems(LaunchConfig(16, block_n, 4, configs.MAX_STAGES + 1), 16, 64,
+                           name) == [
         f"num_stages={configs.MAX_STAGES + 1} must be 1 to {configs.MAX_STAGES}"]
 
 
@@ -170,6 +173,8 @@ def test_every_kernel_has_a_default_its_own_rules_accept(name: str, device: str,
     if gluon:  # a Hopper GPU with Gluon: the dispatcher would run the Gluon fwd, dq and dk/dv
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(configs, "choose_impl", lambda kernel, impl, *a: Choice(impl, ""))
+        monkeypatch.setattr(kernels.fp8, "fp8_gluon_unavailable",
+                            lambda device: None if device.type == "cuda" else "not a GPU")
     else:
         monkeypatch.setattr(configs, "gluon_default_applies", lambda *args: False)
     for block_size, head_dim, dtype in ((16, 32, torch.float32), (64, 128, torch.bfloat16),
@@ -178,8 +183,9 @@ def test_every_kernel_has_a_default_its_own_rules_accept(name: str, device: str,
         assert not config_problems(config, block_size, head_dim, name), (name, config)
         assert config.impl in KERNELS[name].impls
         if config.impl == "gluon":
-            assert name in ("fwd", "dq", "bwd") and gluon and device == "cuda"
-        elif name in ("fwd", "dq", "bwd") and gluon and device == "cuda" and block_size == 64:
+            assert name in ("fwd", "dq", "bwd", "fp8") and gluon and device == "cuda"
+        elif (name in ("fwd", "dq", "bwd", "fp8") and gluon and device == "cuda"
+              and block_size == 64):
             raise AssertionError(f"the {name} default at bs 64, d128 is {config}, not Gluon")
 
 

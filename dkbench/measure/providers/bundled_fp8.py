@@ -96,8 +96,10 @@ def prepare_fp8(case: Case, layout: BlockLayout, sweep: Sweep, device: torch.dev
                           "training modes (fwd, bwd, fwd_bwd) only")
     if isinstance(config, Mapping):
         if "fp8" not in config:
-            raise Unsupported("the fp8 forward is not tuned by `dkbench tune` yet (no tune mode "
-                              "reaches its kernel, fp8): pin its config in the spec instead")
+            # The other kernels' pins do not run here: the fp8 backward takes its defaults.
+            raise Unsupported(f"an fp8 case runs the kernel fp8 (its forward) with its "
+                              f"backward's defaults; pins of {', '.join(sorted(config))} do not "
+                              "apply to it")
         config = config["fp8"]
     layout = layout.to(device)
     if isinstance(config, LaunchConfig):
