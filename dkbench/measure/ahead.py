@@ -16,11 +16,17 @@ What the workers find is thrown away: this process prepares, checks and times ev
 exactly as without them, only with the compilers' caches full. A worker that fails or dies
 costs only the time it took: its provider compiles here as it comes. The workers share the GPU
 while they run, and nothing is timed until the last one has ended (or `LIMIT_S` stopped it).
+
+One exception to "thrown away": a case a worker is still preparing after `CASE_LIMIT_S` (a
+kernel that never ends) would hang this process too. The worker is stopped, the rest of its group
+goes to another, and that provider's row of that case is not run here: it is an error row saying
+why (`Ahead.stalled`, `runner.RunContext.stalled`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import multiprocessing as mp
 import os
 import signal
@@ -56,12 +62,18 @@ WORKER_HOST_BYTES = 4 * 2**30
 # The phase ends here whatever is left (its workers are stopped; what they had not compiled
 # compiles in the run's own set-up).
 LIMIT_S = 600.0
+# One case's preparation (compile, check, warm-up call) takes seconds to a minute or two for the
+# slowest compilers; one still running after this is taken to be a kernel that never ends.
+CASE_LIMIT_S = 300.0
 POLL_S = 1.0
 LOG_FILE = "compile-ahead.log"  # in the run directory
 # Test hook: a provider's name makes a worker os._exit(CRASH_EXIT) as it starts that provider's
 # group, as a segfault in a compiler would.
 CRASH_ENV = "DKBENCH_TEST_AHEAD_CRASH"
 CRASH_EXIT = 3
+# Test hook: a provider's name makes a worker hang (sleep for good) as it starts that
+# provider's group, as a kernel that never ends would.
+HANG_ENV = "DKBENCH_TEST_AHEAD_HANG"
 
 Progress = Callable[[str, int, int], None]
 
@@ -89,10 +101,14 @@ class Ahead:
     workers: int = 0
     groups: dict[str, dict] = field(default_factory=dict)
     not_started: list[str] = field(default_factory=list)  # why a worker could not be started
+    # (case_id, provider) -> why, for the cases whose preparation ran past CASE_LIMIT_S: their
+    # rows are not run here.
+    stalled: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {"seconds": round(self.seconds, 2), "workers": self.workers,
-                "groups": self.groups, "not_started": self.not_started}
+                "groups": self.groups, "not_started": self.not_started,
+                "stalled": [[*pair, why] for pair, why in self.stalled.items()]}
 
 
 def groups_for(work: list[tuple[Case, list[str]]], device: torch.device) -> list[Group]:
@@ -151,6 +167,7 @@ def execute(sweep: Sweep, spec_text: str, plan: runner.RunPlan, device: torch.de
         ahead = pool.run(groups, on_progress) if pool is not None else None
     if ahead is not None:
         write_meta(plan.run_dir, {**read_meta(plan.run_dir), "compiled_ahead": ahead.as_dict()})
+        ctx = dataclasses.replace(ctx, stalled=dict(ahead.stalled))
     return runner.run_work(ctx, plan, work, on_progress)
 
 
@@ -214,6 +231,8 @@ def _worker_main(conn: Connection, setup: _Setup) -> None:
         for group in iter(conn.recv, None):
             if group.provider == os.environ.get(CRASH_ENV):
                 os._exit(CRASH_EXIT)
+            while group.provider == os.environ.get(HANG_ENV):
+                time.sleep(60)
             for index, case in enumerate(group.cases):
                 started = time.perf_counter()
                 status, message = _prepare(ctx, case, group.provider)
@@ -244,6 +263,8 @@ class _Worker:
     ready: bool = False
     group: Group | None = None
     index: int = 0  # the case of its group it is on
+    since: float = 0.0  # when it started that case (time.perf_counter)
+    overdue: bool = False  # stopped: that case ran past CASE_LIMIT_S
 
 
 class _Pool:
@@ -306,6 +327,15 @@ class _Pool:
                 self.pending.clear()
                 return
             poll_workers(self.workers, self._drain, self._died, POLL_S)
+            self._stop_stalled()
+
+    def _stop_stalled(self) -> None:
+        """Kill each worker whose case has run past CASE_LIMIT_S; `_died` records it."""
+        now = time.perf_counter()
+        for w in self.workers:
+            if w.group is not None and not w.overdue and now - w.since > CASE_LIMIT_S:
+                w.overdue = True
+                w.proc.kill()
 
     def _dispatch(self, w: _Worker) -> None:
         if w.ready and w.group is None and self.pending:
@@ -315,6 +345,7 @@ class _Pool:
                 w.conn.send(w.group)
 
     def _starting(self, w: _Worker) -> None:
+        w.since = time.perf_counter()
         self.report(f"{w.group.label}: {w.group.cases[w.index].label()}", self.done)
 
     def _drain(self, w: _Worker) -> None:
@@ -342,7 +373,19 @@ class _Pool:
         self._drain(w)
         w.conn.close()
         self.workers.remove(w)
-        if w.group is not None:
+        if w.group is not None and w.overdue:
+            case = w.group.cases[w.index]
+            self.ahead.stalled[case.case_id, w.group.provider] = (
+                f"not run: its preparation in the compile-ahead phase was still going after "
+                f"{CASE_LIMIT_S:.0f} s and was stopped (a kernel that never ends?); "
+                "--no-compile-ahead prepares it in the run itself, however long it takes")
+            self.note(w.group, f"{case.label()}: still preparing after {CASE_LIMIT_S:.0f} s, so "
+                               "stopped; not run")
+            self.done += 1
+            rest = w.group.cases[w.index + 1:]
+            if rest:  # the group's other cases go on in another worker
+                self.pending.appendleft(dataclasses.replace(w.group, cases=rest))
+        elif w.group is not None:
             self.note(w.group, f"the worker died (exit code {describe_exit(w.proc.exitcode)}) "
                                 f"at case {w.index + 1} of {len(w.group.cases)}")
             self.done += len(w.group.cases) - w.index

@@ -96,6 +96,9 @@ class RunContext:
     # Checks already run, by provider name: the same check on the same device and seeded inputs,
     # run by a tune's compile worker, so it is not run again here.
     prechecked: dict[str, CheckResult] = field(default_factory=dict)
+    # (case_id, provider) -> why: preparations that never ended in a compile-ahead worker
+    # (dkbench.measure.ahead.CASE_LIMIT_S), not prepared here, where they would hang the run.
+    stalled: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
 def order_providers(names: list[str], baseline: str | None) -> list[str]:
@@ -167,6 +170,10 @@ def prepare_one(ctx: RunContext, case: Case, name: str, layout, density: float, 
     provider was prepared.
     """
     row = _base_row(ctx, case, name, layout.hash(), density)
+    stalled = ctx.stalled.get((case.case_id, row_provider(name)[0]))
+    if stalled:
+        row.status, row.message = "error", stalled
+        return row
     provider, config = provider_for(ctx, name)
     device, sweep = ctx.device, ctx.sweep
     scale = case.sm_scale if case.sm_scale is not None else 1.0 / math.sqrt(case.head_dim)

@@ -151,6 +151,33 @@ def test_a_dead_worker_costs_its_own_group_only(tmp_path: Path, monkeypatch) -> 
 
 
 @needs_interpreter
+def test_a_case_that_never_ends_is_stopped_and_not_run(tmp_path: Path, monkeypatch) -> None:
+    """A worker still preparing a case after CASE_LIMIT_S is stopped; the rest of the phase goes
+    on in a replacement, and the run writes that row as an error instead of preparing it (it
+    would hang the run as it hung the worker)."""
+    monkeypatch.setenv(ahead.HANG_ENV, "sdpa_math")
+    monkeypatch.setattr(ahead, "CASE_LIMIT_S", 2.0)
+    monkeypatch.setattr(ahead, "MAX_WORKERS", 1)  # one worker: its replacement takes the rest
+    path = write_spec(tmp_path, providers=["sdpa_math", "dkbench"], baseline="sdpa_math")
+    sweep = load_spec(path)
+    (case,) = expand(sweep)
+    groups = [Group("sdpa_math", "fwd", (case,)), Group("dkbench", "fwd", (case,))]
+    monkeypatch.setattr(ahead, "planned_groups", lambda work, device: groups)
+    plan = runner.plan_run(sweep, [case], sweep.providers, tmp_path / "out", None)
+    rows = {row.provider: row for row in ahead.execute(sweep, path.read_text(), plan, CPU)}
+    why = ("not run: its preparation in the compile-ahead phase was still going after 2 s and "
+           "was stopped (a kernel that never ends?); --no-compile-ahead prepares it in the run "
+           "itself, however long it takes")
+    assert (rows["sdpa_math"].status, rows["sdpa_math"].message) == ("error", why)
+    assert rows["dkbench"].status == "ok", rows["dkbench"].message
+    done = read_meta(plan.run_dir)["compiled_ahead"]
+    assert done["stalled"] == [[case.case_id, "sdpa_math", why]]
+    (problem,) = done["groups"]["sdpa_math fwd"]["problems"]
+    assert problem.endswith("still preparing after 2 s, so stopped; not run")
+    assert done["groups"]["dkbench fwd"]["problems"] == []
+
+
+@needs_interpreter
 def test_the_phase_stops_at_its_time_limit(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(ahead, "LIMIT_S", 0.0)
     monkeypatch.setattr(ahead, "MAX_WORKERS", 1)
