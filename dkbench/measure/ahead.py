@@ -17,10 +17,11 @@ exactly as without them, only with the compilers' caches full. A worker that fai
 costs only the time it took: its provider compiles here as it comes. The workers share the GPU
 while they run, and nothing is timed until the last one has ended (or `LIMIT_S` stopped it).
 
-One exception to "thrown away": a case a worker is still preparing after `CASE_LIMIT_S` (a
-kernel that never ends) would hang this process too. The worker is stopped, the rest of its group
-goes to another, and that provider's row of that case is not run here: it is an error row saying
-why (`Ahead.stalled`, `runner.RunContext.stalled`).
+One exception to "thrown away": a case the bundled provider is still preparing after
+`CASE_LIMIT_S` (a kernel of ours that never ends; its compiles take seconds) would hang this
+process too. The worker is stopped, the rest of its group goes to another, and that row is not
+run here: it is an error row saying why (`Ahead.stalled`, `runner.RunContext.stalled`). The
+peers' compilers may take minutes on a first use (FlashInfer's nvcc), so theirs are left alone.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from ..names import BUNDLED_PROVIDER
 from ..results.schema import ResultRow, read_meta, write_meta
 from ..spec.sweep import Case, Sweep, row_provider
 from . import runner
@@ -62,9 +64,11 @@ WORKER_HOST_BYTES = 4 * 2**30
 # The phase ends here whatever is left (its workers are stopped; what they had not compiled
 # compiles in the run's own set-up).
 LIMIT_S = 600.0
-# One case's preparation (compile, check, warm-up call) takes seconds to a minute or two for the
-# slowest compilers; one still running after this is taken to be a kernel that never ends.
+# The bundled provider's preparation of one case (its Triton and Gluon compiles, check, warm-up
+# call) takes seconds, a minute at most with the workers sharing the cores; one still running
+# after this is taken to be a kernel that never ends.
 CASE_LIMIT_S = 300.0
+STALL_CHECKED = (BUNDLED_PROVIDER,)  # the providers whose cases CASE_LIMIT_S applies to
 POLL_S = 1.0
 LOG_FILE = "compile-ahead.log"  # in the run directory
 # Test hook: a provider's name makes a worker os._exit(CRASH_EXIT) as it starts that provider's
@@ -330,10 +334,12 @@ class _Pool:
             self._stop_stalled()
 
     def _stop_stalled(self) -> None:
-        """Kill each worker whose case has run past CASE_LIMIT_S; `_died` records it."""
+        """Kill each worker whose case of a STALL_CHECKED provider has run past CASE_LIMIT_S;
+        `_died` records it."""
         now = time.perf_counter()
         for w in self.workers:
-            if w.group is not None and not w.overdue and now - w.since > CASE_LIMIT_S:
+            if (w.group is not None and w.group.provider in STALL_CHECKED and not w.overdue
+                    and now - w.since > CASE_LIMIT_S):
                 w.overdue = True
                 w.proc.kill()
 
