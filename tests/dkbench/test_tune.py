@@ -43,7 +43,7 @@ from dkbench.tune.space import (
     shared_memory_bytes,
 )
 from kernels import LaunchConfig, reference_attention
-from kernels.config_cache import ENV_VAR, ConfigCache
+from kernels.config_cache import ConfigCache
 from tests.dkbench.specs import needs_interpreter
 
 CPU = torch.device("cpu")
@@ -77,16 +77,6 @@ def tune_app() -> typer.Typer:
 @pytest.fixture
 def app() -> typer.Typer:
     return tune_app()
-
-
-@pytest.fixture
-def cache_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A private cache file that both tune (--cache) and the kernels' lookup (env var) use."""
-    path = tmp_path / "configs.json"
-    monkeypatch.setenv(ENV_VAR, str(path))
-    select.clear_memo()
-    yield path
-    select.clear_memo()
 
 
 def invoke(app: typer.Typer, *args: str) -> Result:
@@ -480,6 +470,15 @@ def test_a_config_within_the_noise_does_not_replace_the_default(
     assert outcome.writes[0].config == LaunchConfig(32, 32, 4, 1)
 
 
+def _tuned_with_paired(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_kernel,
+                      times: dict, ratios: dict, **spec):
+    """A tune of the three-config space whose interleaved timing gives ``times`` and ``ratios``."""
+    fake_timers(monkeypatch, fake_kernel, None,
+                lambda ready, baseline: Interleaved({r.name: times[r.name] for r in ready},
+                                                    ratios, {}, []))
+    return tune_spec(tmp_path, **spec)
+
+
 def test_a_paired_win_whose_median_is_slower_does_not_replace_the_default(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_kernel) -> None:
     """Was (an H200 tune): four rounds of five faster by their paired ratios (p20 1.0004), yet
@@ -487,11 +486,9 @@ def test_a_paired_win_whose_median_is_slower_does_not_replace_the_default(
     times = {"m32n32w4s1": Measurement(10.489, 10.40, 10.60, "fake", 9),
              "m16n32w4s1": Measurement(12.000, 11.90, 12.10, "fake", 9),
              "m64n32w4s1": Measurement(10.508, 10.42, 10.61, "fake", 9)}
-    ratios = {"m16n32w4s1": Ratio(0.87, 0.86, 0.88, 3), "m64n32w4s1": Ratio(1.0012, 1.0004, 1.01, 3)}
-    fake_timers(monkeypatch, fake_kernel, None,
-                lambda ready, baseline: Interleaved({r.name: times[r.name] for r in ready},
-                                                    ratios, {}, []))
-    outcome = tune_spec(tmp_path)
+    ratios = {"m16n32w4s1": Ratio(0.87, 0.86, 0.88, 3),
+              "m64n32w4s1": Ratio(1.0012, 1.0004, 1.01, 3)}
+    outcome = _tuned_with_paired(tmp_path, monkeypatch, fake_kernel, times, ratios)
     (result,) = outcome.results
     assert result.best is result.default and result.default_kept
     assert outcome.writes[0].config == LaunchConfig(32, 32, 4, 1)
@@ -505,10 +502,8 @@ def test_cases_that_share_a_key_keep_the_default_when_no_config_won_any(
              "m16n32w4s1": Measurement(2.500, 2.40, 2.60, "fake", 9),
              "m64n32w4s1": Measurement(1.996, 1.97, 2.03, "fake", 9)}
     ratios = {"m16n32w4s1": Ratio(0.80, 0.78, 0.82, 3), "m64n32w4s1": Ratio(1.002, 0.99, 1.01, 3)}
-    fake_timers(monkeypatch, fake_kernel, None,
-                lambda ready, baseline: Interleaved({r.name: times[r.name] for r in ready},
-                                                    ratios, {}, []))
-    outcome = tune_spec(tmp_path, seqlen=[120, 128])
+    outcome = _tuned_with_paired(tmp_path, monkeypatch, fake_kernel, times, ratios,
+                                 seqlen=[120, 128])
     assert len({r.key for r in outcome.results}) == 1  # one bucket
     assert all(r.best is r.default for r in outcome.results)
     (write,) = outcome.writes

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 
 import kernels.select as select
@@ -16,7 +15,7 @@ from dkbench.spec.sweep import FP8, expand
 from dkbench.tune.plan import plan_tune
 from dkbench.tune.space import Problem, build_space, plan_candidates
 from kernels import LaunchConfig
-from kernels.config_cache import ENV_VAR, ConfigCache
+from kernels.config_cache import ConfigCache
 
 from .cli_helpers import flat, invoke
 from .specs import needs_interpreter, write_spec
@@ -27,15 +26,6 @@ FP8_TUNE = {"dtype": "fp8", "seqlen": 128, "heads": 4, "kv_heads": 2, "head_dim"
             "patterns": [{"type": "local_stride", "block_size": 32, "local_blocks": 2,
                           "vert_stride": 2}],
             "providers": ["dkbench"]}
-
-
-@pytest.fixture
-def cache_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "configs.json"
-    monkeypatch.setenv(ENV_VAR, str(path))
-    select.clear_memo()
-    yield path
-    select.clear_memo()
 
 
 def test_an_fp8_case_plans_its_forward_by_its_own_rules(tmp_path: Path) -> None:

@@ -20,10 +20,9 @@ from dkbench.tune.plan import plan_tune, resolve_modes
 from kernels import LaunchConfig
 from kernels.config_cache import ConfigCache
 from tests.dkbench.specs import needs_interpreter
-from tests.dkbench.test_tune import (  # noqa: F401 - app, cache_env: fixtures
+from tests.dkbench.test_tune import (  # noqa: F401 - app: a fixture
     TINY,
     app,
-    cache_env,
     read_rows,
 )
 

@@ -33,9 +33,8 @@ from kernels import LaunchConfig
 from kernels.config_cache import ConfigCache
 from tests.dkbench.clocks import ScriptedClock
 from tests.dkbench.specs import needs_interpreter
-from tests.dkbench.test_tune import (  # noqa: F401 - app, cache_env, fake_kernel: fixtures
+from tests.dkbench.test_tune import (  # noqa: F401 - app, fake_kernel: fixtures
     app,
-    cache_env,
     fake_kernel,
     invoke,
     only_run_dir,
