@@ -80,6 +80,7 @@ from .select import (
     cache_key,
     clear_memo,
     kernel_hash,
+    layout_key,
     resolve_config,
     step_form,
 )
@@ -148,6 +149,7 @@ __all__ = [
     "kept_pairs",
     "kernel_hash",
     "layout_head_index",
+    "layout_key",
     "load_shipped",
     "local_stride_layout",
     "quantize_fp8",

@@ -133,6 +133,18 @@ def cache_key(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: i
         density_bucket=config_cache.density_bucket(density), steps=steps)
 
 
+def layout_key(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: int,
+               layout: BlockLayout, seq_k: int, density: float | None = None
+               ) -> config_cache.CacheKey:
+    """The key a launch of ``kernel`` on ``layout`` looks its config up under, and a tune of it
+    writes to: :func:`cache_key` with the layout's block size, its density (``density``, or
+    :func:`block_density`'s) and its :func:`step_form`."""
+    if density is None:
+        density = block_density(layout, seq_k)
+    return cache_key(kernel, device, dtype, head_dim, layout.block_size, seq_k, density,
+                     step_form(kernel, layout, seq_k))
+
+
 def resolve_config(kernel: str, q: torch.Tensor, layout: BlockLayout, seq_k: int,
                    density: float | None = None, cache_path: str | None = None
                    ) -> tuple[LaunchConfig, str]:
@@ -157,10 +169,7 @@ def _resolve(kernel: str, q: torch.Tensor, layout: BlockLayout, seq_k: int,
     fallback = default_config(kernel, q.device, block_size, head_dim, q.dtype)
     # A non-CUDA device (the interpreter) is looked up too, under CPU_IDENTITY: a CPU tune writes
     # there, which is how the tune -> cache -> run pipeline is tested without a GPU.
-    if density is None:
-        density = block_density(layout, seq_k)
-    key = cache_key(kernel, q.device, q.dtype, head_dim, block_size, seq_k, density,
-                    step_form(kernel, layout, seq_k))
+    key = layout_key(kernel, q.device, q.dtype, head_dim, layout, seq_k, density)
     memo_key = (key, cache_path)
     if memo_key not in _memo:
         _memo[memo_key] = _lookup(key, cache_path, block_size, head_dim) or (fallback, "default")

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from kernels import ConfigCache, LaunchConfig, block_density, cache_key, clear_memo, step_form
+from kernels import ConfigCache, LaunchConfig, clear_memo, layout_key
 
 from .. import startup
 from ..measure import runner
@@ -165,9 +165,8 @@ def tune_kernel(job: TuneJob, cands: Candidates, sweep: Sweep, device: torch.dev
         row.status, row.message = "unsupported", f"pruned: {reason}"
         rows.append(row)
     mark_best(rows, default_row)
-    density = block_density(job.layout, job.case.seqlen)
-    key = cache_key(kernel, device, getattr(torch, case.dtype), case.head_dim, case.block_size,
-                    case.seqlen, density, step_form(kernel, job.layout, case.seqlen))
+    key = layout_key(kernel, device, getattr(torch, case.dtype), case.head_dim, job.layout,
+                     case.seqlen)
     return KernelResult(job.case, kernel, rows, default_row, key)
 
 

@@ -701,8 +701,7 @@ def test_tiny_fwd_bwd_tune_caches_every_kernel(tmp_path: Path, cache_env: Path, 
         def form(kernel, layout, seq_k):
             return "owned" if kernel in select.OWNED_STEP_BOXES else "union"
 
-        monkeypatch.setattr(select, "step_form", form)
-        monkeypatch.setattr(tuning, "step_form", form)
+        monkeypatch.setattr(select, "step_form", form)  # the tune's key and the lookup's
     spec = write_spec(tmp_path, mode="fwd_bwd")
     sweep = load_spec(spec)
     overrides = {"block_m": (32,), "block_n": (16, 32), "num_warps": (4,), "num_stages": (1,)}
