@@ -384,7 +384,7 @@ class _Pool:
             self.ahead.stalled[case.case_id, w.group.provider] = (
                 f"not run: its preparation in the compile-ahead phase was still going after "
                 f"{CASE_LIMIT_S:.0f} s and was stopped (a kernel that never ends?); "
-                "--no-compile-ahead prepares it in the run itself, however long it takes")
+                "--no-compile-ahead prepares it in the run itself, for up to an hour")
             self.note(w.group, f"{case.label()}: still preparing after {CASE_LIMIT_S:.0f} s, so "
                                "stopped; not run")
             self.done += 1

@@ -29,7 +29,7 @@ from ..spec.sweep import (
     graph_row_name,
     row_provider,
 )
-from . import metrics, size_guard, sol, telemetry
+from . import metrics, size_guard, sol, telemetry, watchdog
 from .calibrate import Calibration, load_or_calibrate, unavailable_reason
 from .check import CheckResult, random_inputs, run_check
 from .envinfo import command_line, environment
@@ -99,6 +99,11 @@ class RunContext:
     # (case_id, provider) -> why: preparations that never ended in a compile-ahead worker
     # (dkbench.measure.ahead.CASE_LIMIT_S), not prepared here, where they would hang the run.
     stalled: dict[tuple[str, str], str] = field(default_factory=dict)
+    # A preparation in this process still going after this many seconds (None: never) is taken
+    # for a call that never ends: its error row goes to ``on_stuck``, which ends the process
+    # (dkbench.measure.watchdog). Set by begin_run on a GPU; armed only where on_stuck is given.
+    prepare_limit_s: float | None = None
+    on_stuck: Callable[[ResultRow], None] | None = None
 
 
 def order_providers(names: list[str], baseline: str | None) -> list[str]:
@@ -192,40 +197,61 @@ def prepare_one(ctx: RunContext, case: Case, name: str, layout, density: float, 
         if too_big:
             row.status, row.message = "oom", too_big
             return row
-        before = _allocated(device)
-        start = time.perf_counter()
-        prepared = provider.prepare(case, layout, sweep, device, scale, config)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        row.build_ms = (time.perf_counter() - start) * 1e3
-        row.config, row.config_source = prepared.config, prepared.config_source
-        if sweep.check.enabled:
-            checked = ctx.prechecked.get(name) or run_check(provider, prepared, case, layout,
-                                                            sweep, device, scale, seed)
-            row.max_abs_err, row.rel_err = checked.max_abs_err, checked.rel_err
-            if not checked.ok:
-                row.status = "wrong"
-                row.message = (f"{checked.what}: relative error {checked.rel_err:.3g} above "
-                               f"{sweep.check.rtol[case.dtype]}")
-                return row
-            if checked.vs_bf16 is not None:  # an fp8 row: how far quantising moved the output
-                what = "" if case.mode == "fwd" else (f" ({checked.vs_bf16_what}, the worst of "
-                                                      "out, dq, dk, dv)")
-                row.message = (f"relative error {checked.vs_bf16:.3g}{what} against the bf16 "
-                               "kernel on the same inputs (rel_err: against the dequantised "
-                               "reference)")
-        step = make_step(case.mode, prepared.attn, *inputs)
-        step()  # warm-up: compilation and autotuning stay outside the timed region
-        # Providers prepared before this one are still alive (they are timed together); what they
-        # hold is not this step's. With one provider alive, before == case_bytes and this is all
-        # memory allocated while the call runs, inputs and outputs included.
-        peak = peak_memory(step, device, before - case_bytes)
-        row.peak_mem_mb = peak.mb
-        row.setup_ms = (time.perf_counter() - start) * 1e3
-        return ReadyStep(row, provider, step, peak.ms)
+        with watchdog.deadline(ctx.prepare_limit_s if ctx.on_stuck else None,
+                               lambda: ctx.on_stuck(_stuck(row, ctx.prepare_limit_s))):
+            return _prepare_and_warm(ctx, case, name, provider, config, row, layout, inputs,
+                                     seed, scale, case_bytes)
     except Exception as exc:  # noqa: BLE001 - one failing row never stops a sweep
         _record_failure(row, exc, provider.refused(exc))
     return row
+
+
+def _stuck(row: ResultRow, limit_s: float) -> ResultRow:
+    """``row`` as the error row of a preparation that ran past ``limit_s``."""
+    row.status = "error"
+    row.message = (f"still preparing after {limit_s:.0f} s (its compile, check and first call), "
+                   "taken for a call that never ends: the run stopped here, and --resume goes "
+                   "on without it")
+    return row
+
+
+def _prepare_and_warm(ctx: RunContext, case: Case, name: str, provider: Provider, config,
+                      row: ResultRow, layout, inputs, seed: int, scale: float,
+                      case_bytes: int) -> ResultRow | ReadyStep:
+    """`prepare_one`'s work once the provider may run the case: prepare, check, one warm-up
+    call and peak memory. Raises what the provider raises."""
+    device, sweep = ctx.device, ctx.sweep
+    before = _allocated(device)
+    start = time.perf_counter()
+    prepared = provider.prepare(case, layout, sweep, device, scale, config)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    row.build_ms = (time.perf_counter() - start) * 1e3
+    row.config, row.config_source = prepared.config, prepared.config_source
+    if sweep.check.enabled:
+        checked = ctx.prechecked.get(name) or run_check(provider, prepared, case, layout,
+                                                        sweep, device, scale, seed)
+        row.max_abs_err, row.rel_err = checked.max_abs_err, checked.rel_err
+        if not checked.ok:
+            row.status = "wrong"
+            row.message = (f"{checked.what}: relative error {checked.rel_err:.3g} above "
+                           f"{sweep.check.rtol[case.dtype]}")
+            return row
+        if checked.vs_bf16 is not None:  # an fp8 row: how far quantising moved the output
+            what = "" if case.mode == "fwd" else (f" ({checked.vs_bf16_what}, the worst of "
+                                                  "out, dq, dk, dv)")
+            row.message = (f"relative error {checked.vs_bf16:.3g}{what} against the bf16 "
+                           "kernel on the same inputs (rel_err: against the dequantised "
+                           "reference)")
+    step = make_step(case.mode, prepared.attn, *inputs)
+    step()  # warm-up: compilation and autotuning stay outside the timed region
+    # Providers prepared before this one are still alive (they are timed together); what they
+    # hold is not this step's. With one provider alive, before == case_bytes and this is all
+    # memory allocated while the call runs, inputs and outputs included.
+    peak = peak_memory(step, device, before - case_bytes)
+    row.peak_mem_mb = peak.mb
+    row.setup_ms = (time.perf_counter() - start) * 1e3
+    return ReadyStep(row, provider, step, peak.ms)
 
 
 def run_one(ctx: RunContext, case: Case, name: str, layout, density: float, inputs,
@@ -381,6 +407,8 @@ def begin_run(sweep: Sweep, spec_text: str, plan: RunPlan, device: torch.device,
                          for case_id, ms in previous_baselines(plan.run_dir, twin).items()})
     ctx = RunContext(sweep, device, env, plan.run_dir.name, baseline, command_line(), measured,
                      calibration)
+    if device.type == "cuda":  # the interpreter's calls always end, however slow
+        ctx.prepare_limit_s = watchdog.PREPARE_LIMIT_S
     meta = {"run_id": ctx.run_id, "spec_name": sweep.name, "name": sweep.name,
             "description": sweep.description, "command": ctx.command, "providers": plan.providers,
             "baseline": baseline, "environment": env, "spec": sweep.model_dump(mode="json"),
@@ -410,6 +438,22 @@ def finish_run(plan: RunPlan, extra_meta: dict | None = None) -> None:
     telemetry.flag_throttled(plan.run_dir / RESULTS_FILE)
     write_meta(plan.run_dir, {**read_meta(plan.run_dir), **(extra_meta or {}),
                               "finished": datetime.now(timezone.utc).isoformat()})
+
+
+def stop_stuck(plan: RunPlan, row: ResultRow) -> None:
+    """End the run, from the deadline's thread, at a preparation that never ended: its error
+    ``row`` written, meta.json saying where the run stopped, the way on printed."""
+    lost = ""
+    try:
+        append_row(plan.run_dir / RESULTS_FILE, row)
+        write_meta(plan.run_dir, {**read_meta(plan.run_dir), "stuck": {
+            "case_id": row.case_id, "provider": row.provider, "why": row.message}})
+    except Exception as exc:  # noqa: BLE001 - the process ends either way
+        lost = (f" (writing its error row failed: {type(exc).__name__}: {_first_line(exc)}; "
+                "--resume will try it again)")
+    watchdog.stop_process(
+        f"error: {row.provider} on case {row.case_id}: {row.message}{lost}. Rows so far are in "
+        f"{plan.run_dir}; finish the rest with `dkbench run --resume {plan.run_dir}`")
 
 
 def case_seed(sweep: Sweep, case: Case) -> int:
@@ -529,6 +573,7 @@ def run_work(ctx: RunContext, plan: RunPlan, work: list[tuple[Case, list[str]]],
         append_row(plan.run_dir / RESULTS_FILE, row)
         rows.append(row)
 
+    ctx.on_stuck = lambda row: stop_stuck(plan, row)
     for case, names in work:
         def on_start(what: str, case: Case = case) -> None:
             if on_progress:
