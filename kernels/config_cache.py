@@ -16,16 +16,18 @@ replace the file atomically (temp file in the same directory, fsync, ``os.replac
 tuners never lose each other's entries and a reader never sees half a file. Readers take no lock.
 
 Every read goes through one reader, :func:`read_entries`. A file it cannot use (not UTF-8, not
-JSON, truncated, of the wrong shape or another format version) is reported once with a
-``ConfigCacheWarning`` naming it and renamed to ``<path>.corrupt-<timestamp>`` (bytes kept); the
-cache then behaves as empty. The wrong shape includes what no writer here makes and a rewrite
-would silently drop or mangle: a name given twice in one object, a top-level field besides
-``format`` and ``entries``, two entries with the same key fields, a time that is NaN, infinite,
-negative or too big for a float, a size below 1 or a density bucket outside (0, 1]; ``put`` refuses
-the same. A directory, device or fifo in its place is never read or moved: it
-is warned about on lookups and refused on writes. Nothing here raises on a bad cache file except
-``import_`` of a bad source file; a file that cannot be opened at all (permissions) is warned about
-on lookups and raises OSError on writes. ``check_writable`` lets a tuner fail before it measures.
+JSON, truncated, of the wrong shape or another format version) is never moved, renamed or
+written: the path may name anyone's file (``--cache results.csv``). Lookups report it once with
+a ``ConfigCacheWarning`` naming it and read the cache as empty; writes (``put``, ``clear``,
+``import_``, ``check_writable``) refuse with a CacheFormatError saying what is wrong and how to
+go on (fix it, remove it, or name another cache). The wrong shape includes what no writer here
+makes and a rewrite would silently drop or mangle: a name given twice in one object, a top-level
+field besides ``format`` and ``entries``, two entries with the same key fields, a time that is
+NaN, infinite, negative or too big for a float, a size below 1 or a density bucket outside
+(0, 1]; ``put`` refuses the same. A directory, device or fifo in its place is never read or
+moved: it is warned about on lookups and refused on writes. A lookup never raises on a bad cache
+file; a file that cannot be opened at all (permissions) is warned about on lookups and raises
+OSError on writes. ``check_writable`` lets a tuner fail before it measures.
 
 Memoisation: ``ConfigCache.get`` keeps the parsed file in memory and calls ``os.stat`` once per
 lookup; the memo is dropped when the file's (mtime_ns, size, inode) changes. That costs a
@@ -73,8 +75,8 @@ _Stamp = tuple[int, int, int]
 
 
 class ConfigCacheWarning(UserWarning):
-    """A cache file was unreadable or of another format version and was set aside (or, where it
-    could not be moved, ignored). The message names the file; ``path`` is it."""
+    """A cache file a lookup met was unreadable or of another format version, so it was
+    ignored (and left as it is). The message names the file; ``path`` is it."""
 
     def __init__(self, message: str, path: Path | None = None) -> None:
         super().__init__(message)
@@ -371,8 +373,8 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-# Stamps of bad files already reported in this process, so a file that cannot be moved aside
-# (read-only directory) is not reported on every lookup.
+# Stamps of bad files already reported in this process, so a bad file is not reported on every
+# lookup (until it changes).
 _reported: set[tuple[str, _Stamp]] = set()
 
 
@@ -384,21 +386,11 @@ def _report_once(path: Path, stamp: _Stamp | None, message: str) -> None:
     warnings.warn(ConfigCacheWarning(message, path), stacklevel=3)
 
 
-def _set_aside(path: Path, stamp: _Stamp | None, reason: str) -> bool:
-    """Rename a bad cache file out of the way, bytes kept, and warn once; True if
-    it moved. Call under the file lock."""
-    timestamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-    # Through a symlink, the bad file it names moves; the link stays for the next write.
-    real = _target(path)
-    dest = real.with_name(f"{real.name}.corrupt-{timestamp}")
-    message = f"ignoring the config cache {path}: {reason}"
-    try:
-        os.replace(real, dest)
-    except OSError as e:
-        _report_once(path, stamp, f"{message}; could not set it aside ({e})")
-        return False
-    _report_once(path, stamp, f"{message}; moved it to {dest}")
-    return True
+def _refused(path: Path, bad: CacheFormatError) -> CacheFormatError:
+    """The error of a write to a file that is not a usable cache, which is left as it is."""
+    return CacheFormatError(path, f"not a usable config cache ({bad.reason}), so it is not "
+                                  "written; it is left as it is: fix it, remove it, or name "
+                                  f"another cache (--cache, ${ENV_VAR})", bad.stamp)
 
 
 def load_shipped(path: Path) -> dict[str, dict[str, Any]]:
@@ -484,49 +476,54 @@ class ConfigCache:
             lock.release()
 
     def _load_locked(self) -> tuple[_Stamp | None, dict[str, dict[str, Any]]]:
-        """Read the file; a bad one is set aside (caller holds the lock) and reads as empty.
-        OSError (cannot open it) propagates: a writer must not replace what it could not read."""
+        """Read the file for a write (the caller holds the lock). A bad file is refused, left as
+        it is; OSError (cannot open it) propagates: a writer must not replace what it could not
+        read."""
         try:
             return read_entries(self.path)
         except CacheFormatError as e:
-            moved = _set_aside(self.path, e.stamp, e.reason)
-            # Not moved (read-only directory): memoised under its stamp, so not re-read per lookup.
-            return (None if moved else e.stamp), {}
+            raise _refused(self.path, e) from None
 
     def _load(self, stat_stamp: _Stamp | None) -> tuple[_Stamp | None, dict[str, dict[str, Any]]]:
-        """Read the file without the lock; take it only to set a bad file aside."""
+        """Read the file for a lookup, without the lock: a bad or unopenable file is reported
+        once and read as empty, memoised under its stamp so it is not re-read until it changes."""
         try:
             return read_entries(self.path)
         except CacheFormatError as e:
-            bad = e
+            _report_once(self.path, e.stamp,
+                         f"ignoring the config cache {self.path}: {e.reason}; it is left as it "
+                         "is (a tune writing there refuses until it is fixed or removed)")
+            return e.stamp or stat_stamp, {}
         except OSError as e:
-            # Cannot open it (permissions): a launch falls back to defaults, not a crash;
-            # memoised under the stat stamp so it is not retried until the file changes.
+            # Cannot open it (permissions): a launch falls back to defaults, not a crash.
             _report_once(self.path, stat_stamp, f"ignoring the config cache {self.path}: {e}")
             return stat_stamp, {}
-        try:
-            with self._locked():
-                # Re-read under the lock: a writer may have replaced the bad file meanwhile.
-                return self._load_locked()
-        except (OSError, filelock.Timeout):
-            # Read-only location or a stuck lock: ignore the file, warn once, never crash a launch.
-            _report_once(self.path, bad.stamp,
-                         f"ignoring the config cache {self.path}: {bad.reason}")
-            return bad.stamp or stat_stamp, {}
 
     def check_writable(self) -> None:
-        """Raise OSError naming the file when a write here would fail; a bad file is set aside
-        now, as a write would. For callers (a tuner) that should fail before long work, not after.
-        """
+        """Raise OSError naming the file when a write here would fail, CacheFormatError when the
+        file there is not a usable cache (a write would refuse it). For callers (a tuner) that
+        should fail before long work, not after."""
         probe = self.path.parent
         while not probe.exists() and probe.parent != probe:
             probe = probe.parent
         if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
             what = "is not a directory" if not probe.is_dir() else "is not writable"
             raise PermissionError(f"cannot write the config cache {self.path}: {probe} {what}")
+        self.check_usable()
         with self._locked():
             self._load_locked()
         self.invalidate()
+
+    def check_usable(self) -> None:
+        """Raise CacheFormatError when the file is there and not a usable cache (what a write
+        refuses). Writes check it before taking the lock, so a write refused never leaves a lock
+        file beside someone else's file."""
+        try:
+            read_entries(self.path)
+        except CacheFormatError as e:
+            raise _refused(self.path, e) from None
+        except OSError:
+            pass  # the locked read reports it
 
     def _entries_view(self) -> dict[str, dict[str, Any]]:
         """The memoised entries (do not mutate); one os.stat decides whether they are stale."""
@@ -565,6 +562,7 @@ class ConfigCache:
 
     def _update(self, change: Callable[[dict[str, dict[str, Any]]], int]) -> int:
         """Under the lock: re-read, apply ``change`` (it returns a count), write back if nonzero."""
+        self.check_usable()
         with self._locked():
             _, entries = self._load_locked()
             count = change(entries)

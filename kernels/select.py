@@ -198,7 +198,7 @@ def _lookup(key: config_cache.CacheKey, cache_path: str | None, block_size: int,
     """The first usable config and its source (``cache``, ``shipped``, or ``shipped:<gpu>``
     for another GPU's entry); None means the default.
 
-    An unreadable user cache reads as empty (ConfigCache warns, naming it, and sets it aside), and
+    An unreadable user cache reads as empty (ConfigCache warns, naming it, and leaves it), and
     a config that this block size cannot use (hand-edited file) is skipped: either way the next
     source answers, never an error in the launch.
     """

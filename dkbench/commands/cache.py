@@ -223,6 +223,7 @@ def clear(
     """Remove every entry from the cache."""
     with _cli_errors():
         store = cache_store(cache)
+        store.check_usable()  # a file that is not a cache is refused, not read as empty
         n = len(store.entries())
     if n == 0:
         _say(f"no entries in {store.path}")

@@ -37,8 +37,8 @@ def path_flag(flag: str, allowed: str) -> Callable[[str], Path]:
 
 def plain_warnings() -> None:
     """Show the warnings the library raises on purpose (a torn results row set aside, a config
-    cache or calibration file set aside) as one ``warning:`` line on stderr, not Python's
-    file:line form."""
+    cache file ignored, a calibration file replaced) as one ``warning:`` line on stderr, not
+    Python's file:line form."""
     from kernels import ConfigCacheWarning
 
     from ..errors import TornRowWarning

@@ -34,7 +34,7 @@ def cache_errors() -> Iterator[None]:
 
 @contextmanager
 def cache_warnings(show: Callable[[str], None]) -> Iterator[None]:
-    """Hand each `ConfigCacheWarning` (a cache file set aside or ignored) raised inside the block
+    """Hand each `ConfigCacheWarning` (a bad cache file a lookup ignored) raised inside the block
     to ``show``, once per message, instead of Python's ``file:line: Warning`` print; other
     warnings pass through unchanged."""
     seen: set[str] = set()

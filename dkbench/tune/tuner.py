@@ -172,7 +172,7 @@ def tune_kernel(job: TuneJob, cands: Candidates, sweep: Sweep, device: torch.dev
 
 def preflight(out: Path, cache_path: Path | None) -> ConfigCache:
     """Before anything is timed: ``out`` can take the tune directory and the cache can be written
-    (a bad cache file is set aside now, with its warning, not after the last candidate)."""
+    (a bad cache file is refused now, not after the last candidate)."""
     check_out_dir(out)
     cache = ConfigCache(cache_path)
     with cache_errors():

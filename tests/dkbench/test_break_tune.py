@@ -268,7 +268,7 @@ def test_writes_through_a_symlinked_cache_update_the_file_it_names(tmp_path: Pat
 
 
 @pytest.mark.skipif(os.name != "posix", reason="symlinks")
-def test_a_bad_file_behind_a_symlink_is_set_aside_not_the_link(tmp_path: Path) -> None:
+def test_a_bad_file_behind_a_symlink_is_left_as_it_is_and_so_is_the_link(tmp_path: Path) -> None:
     real = tmp_path / "synced" / "configs.json"
     real.parent.mkdir()
     real.write_text("{truncated")
@@ -277,9 +277,10 @@ def test_a_bad_file_behind_a_symlink_is_set_aside_not_the_link(tmp_path: Path) -
     r = invoke_cache("show", "--cache", link)
     assert r.exit_code == 0, r.output
     assert "not valid JSON" in flat(r.output)
-    assert link.is_symlink()
-    (aside,) = real.parent.glob("configs.json.corrupt-*")
-    assert aside.read_text() == "{truncated"
+    r = invoke_cache("clear", "--yes", "--cache", link)
+    assert r.exit_code == 2 and "not a usable config cache" in flat(r.output), r.output
+    assert link.is_symlink() and real.read_text() == "{truncated"
+    assert [p.name for p in real.parent.iterdir()] == ["configs.json"]
 
 
 @pytest.fixture

@@ -1,6 +1,8 @@
-"""Bad best-config cache files, whoever reads them: the lookup at launch, `run`, `tune` and every
-`cache` command report the file by path, set it aside with its bytes, and carry on; `tune` checks
-the cache and OUT can be written before it times anything; `tune --help` reads well at 80 columns.
+"""Bad best-config cache files, whoever reads them: the lookup at launch, `run` and `cache show`
+report the file by path and carry on without it; every write (`tune`, `cache clear|import`)
+refuses it by path; nothing ever moves, renames or writes beside it (the path may name anyone's
+file). `tune` checks the cache and OUT can be written before it times anything; `tune --help`
+reads well at 80 columns.
 """
 
 from __future__ import annotations
@@ -25,7 +27,13 @@ from dkbench.measure import runner
 from dkbench.spec.load import load_spec
 from dkbench.spec.sweep import expand
 from kernels import BlockLayout
-from kernels.config_cache import ENV_VAR, CacheKey, ConfigCache, ConfigCacheWarning
+from kernels.config_cache import (
+    ENV_VAR,
+    CacheFormatError,
+    CacheKey,
+    ConfigCache,
+    ConfigCacheWarning,
+)
 from kernels.layout import local_stride_layout
 from tests.cache_keys import CONFIG, make_key
 from tests.dkbench import specs
@@ -70,10 +78,11 @@ def make_directory(path: Path) -> None:
     (path / "inside.txt").write_text("kept")
 
 
-def assert_set_aside(path: Path, kind: str) -> None:
-    """The bad file is gone from ``path`` and kept, bytes and all, in one corrupt-* sibling."""
-    (aside,) = path.parent.glob(f"{path.name}.corrupt-*")
-    assert aside.read_bytes() == BAD[kind]
+def assert_untouched(path: Path, kind: str) -> None:
+    """The bad file is where it was, bytes and all, with nothing made beside it (no lock file,
+    no renamed copy)."""
+    assert path.read_bytes() == BAD[kind]
+    assert sorted(p.name for p in path.parent.glob(f"{path.name}*")) == [path.name]
 
 
 def assert_left_in_place(path: Path) -> None:
@@ -101,31 +110,43 @@ READERS: dict[str, Callable[[ConfigCache, Path], object]] = {
 }
 
 
+# Lookups read a bad file as an empty cache, with a warning; writes refuse it.
+LOOKUPS = ("get", "entries", "export")
+
+
 @pytest.mark.parametrize("reader", READERS)
 @pytest.mark.parametrize("kind", BAD)
-def test_every_reader_reports_and_sets_aside_every_bad_file(tmp_path: Path, kind: str,
-                                                            reader: str) -> None:
+def test_every_reader_reports_every_bad_file_and_leaves_it(tmp_path: Path, kind: str,
+                                                           reader: str) -> None:
     path = tmp_path / "configs.json"
     make_bad(path, kind)
     (tmp_path / "good.json").write_text(good_text())
     cache = ConfigCache(path)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        READERS[reader](cache, tmp_path)
-    warning = only_warning(record, path)
-    assert "moved it to" in str(warning)
-    assert_set_aside(path, kind)
-    # After that the cache is an ordinary one: no more warnings, and it can be written.
+        if reader in LOOKUPS:
+            READERS[reader](cache, tmp_path)
+            warning = only_warning(record, path)
+            assert "it is left as it is" in str(warning)
+        else:
+            with pytest.raises(CacheFormatError) as refused:
+                READERS[reader](cache, tmp_path)
+            message = str(refused.value)
+            assert message.startswith(f"{path}: not a usable config cache (")
+            assert message.endswith("so it is not written; it is left as it is: fix it, remove "
+                                    f"it, or name another cache (--cache, ${ENV_VAR})")
+            assert not [w for w in record if issubclass(w.category, ConfigCacheWarning)]
+    assert_untouched(path, kind)
+    # Once it is removed, the cache is an ordinary one: no warnings, and it can be written.
+    path.unlink()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cache.put(make_key(head_dim=64), CONFIG, ms=1.0, default_ms=2.0)
         assert make_key(head_dim=64).as_str() in ConfigCache(path).entries()
 
 
-# Lookups read a directory as an empty cache, with a warning; writes refuse it.
-LOOKUPS = ("get", "entries", "export")
-
-
+# A directory in the cache's place: lookups read it as an empty cache, with a warning; writes
+# refuse it, as they refuse a bad file.
 @pytest.mark.parametrize("reader", READERS)
 def test_a_directory_in_the_caches_place_is_never_moved(tmp_path: Path, reader: str) -> None:
     """It may be someone's home: never read, never renamed, whatever touches it."""
@@ -210,7 +231,7 @@ def test_lookup_skips_a_bad_user_cache(env_cache: Path, kind: str, shipped: bool
         select.clear_memo()
         assert select.resolve_config("fwd", probe, layout, 128) == (config, source)
     only_warning(record, env_cache)
-    assert_left_in_place(env_cache) if kind == "directory" else assert_set_aside(env_cache, kind)
+    assert_left_in_place(env_cache) if kind == "directory" else assert_untouched(env_cache, kind)
     if shipped:
         assert (config.as_dict(), source) == ({**small, "impl": "triton"}, "shipped")
     else:
@@ -239,7 +260,7 @@ def test_run_of_the_bundled_kernel_is_ok_with_a_random_bytes_cache(tmp_path: Pat
         rows = runner.execute(sweep, path.read_text(), plan, CPU)
     assert [(r.status, r.config_source) for r in rows] == [("ok", "default")] * 2, rows
     only_warning(record, env_cache)
-    assert_set_aside(env_cache, "random-bytes")
+    assert_untouched(env_cache, "random-bytes")
 
 
 # -- the cache commands ----------------------------------------------------------------------------
@@ -261,7 +282,7 @@ def invoke_cache(app: typer.Typer, *args: str, env: dict[str, str | None] | None
 def assert_warned_once(result: Result, path: Path) -> None:
     lines = [line for line in result.stderr.splitlines() if "warning" in line]
     assert len(lines) == 1, result.stderr
-    assert str(path) in lines[0] and "moved it to" in lines[0], result.stderr
+    assert str(path) in lines[0] and "it is left as it is" in lines[0], result.stderr
     assert "Traceback" not in result.output and "ConfigCacheWarning" not in result.stderr
 
 
@@ -275,18 +296,25 @@ COMMANDS: dict[str, Callable[[Path], list[str]]] = {
 
 @pytest.mark.parametrize("command", COMMANDS)
 @pytest.mark.parametrize("kind", ["random-bytes", "utf-16", "truncated", "format-true"])
-def test_cache_commands_name_and_set_aside_a_bad_cache(cache_cli: typer.Typer, tmp_path: Path,
-                                                       command: str, kind: str) -> None:
+def test_cache_commands_name_a_bad_cache_and_leave_it(cache_cli: typer.Typer, tmp_path: Path,
+                                                      command: str, kind: str) -> None:
+    """The reading commands warn and go on without it (exit 0); the writing ones refuse it
+    (exit 2); none moves it or writes beside it."""
     path = tmp_path / "configs.json"
     make_bad(path, kind)
     (tmp_path / "good.json").write_text(good_text())
     # Through the environment variable: --cache refuses a directory before the command runs.
     r = invoke_cache(cache_cli, *COMMANDS[command](tmp_path), env={ENV_VAR: str(path)})
-    assert r.exit_code == 0, r.output
-    assert_warned_once(r, path)
-    assert_set_aside(path, kind)
-    if command == "import":
-        assert list(ConfigCache(path).entries()) == [make_key().as_str()]
+    if command in ("show", "export"):
+        assert r.exit_code == 0, r.output
+        assert_warned_once(r, path)
+    else:
+        assert r.exit_code == 2, r.output
+        message = " ".join(r.stderr.split())
+        assert f"{path}: not a usable config cache (" in message, r.stderr
+        assert "it is left as it is: fix it, remove it, or name another cache" in message
+        assert "Traceback" not in r.output and "warning" not in r.stderr
+    assert_untouched(path, kind)
     if command == "export":
         assert json.loads((tmp_path / "out.json").read_text())["entries"] == {}
 
@@ -317,7 +345,7 @@ def test_cache_import_of_a_random_bytes_file_names_it(cache_cli: typer.Typer,
     assert "error" in r.stderr and str(src) in r.stderr and "UTF-8" in r.stderr, r.stderr
 
 
-# -- tune: a bad cache is set aside before timing; unwritable places fail before it -------------
+# -- tune: a bad cache is refused before timing; unwritable places fail before it --------------
 
 
 @pytest.fixture
@@ -342,27 +370,22 @@ def deny_writes(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
 
 
 @specs.needs_interpreter
-def test_tune_sets_a_bad_cache_aside_before_timing_and_writes_it(
+def test_tune_refuses_a_bad_cache_before_timing_and_leaves_it(
         tune_cli: typer.Typer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         fake_kernel) -> None:  # noqa: F811
     cache = tmp_path / "configs.json"
     make_bad(cache, "random-bytes")
-    real_together = runner.measure_interleaved  # the fake_kernel's
     seen = []
-
-    def together(steps, *args, **kwargs):
-        seen.append(cache.exists())  # the bad file must already be out of the way
-        return real_together(steps, *args, **kwargs)
-
-    monkeypatch.setattr(runner, "measure_interleaved", together)
+    monkeypatch.setattr(runner, "measure_interleaved", lambda *a, **k: seen.append(1))
     r = invoke_tune(tune_cli, str(write_spec(tmp_path)), "--device", "cpu", "--block-m", "16,32",
                     "--block-n", "32", "--cache", str(cache), "--out", str(tmp_path / "out"))
-    assert r.exit_code == 0, r.output
-    assert seen == [False]
-    assert_warned_once(r, cache)
-    assert_set_aside(cache, "random-bytes")
-    (entry,) = ConfigCache(cache).entries().values()
-    assert entry["config"]["block_m"] == 16  # FAKE_MS favours it
+    assert r.exit_code == 2, r.output
+    assert seen == []  # refused before anything was timed
+    message = " ".join(r.stderr.split())
+    assert f"{cache}: not a usable config cache (not UTF-8 text" in message, r.stderr
+    assert "fix it, remove it, or name another cache" in message
+    assert "Traceback" not in r.output
+    assert_untouched(cache, "random-bytes")
 
 
 @specs.needs_interpreter
