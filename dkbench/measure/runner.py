@@ -207,11 +207,11 @@ def prepare_one(ctx: RunContext, case: Case, name: str, layout, density: float, 
 
 
 def _stuck(row: ResultRow, limit_s: float) -> ResultRow:
-    """``row`` as the error row of a preparation that ran past ``limit_s``."""
+    """``row`` as the error row of a preparation that ran past ``limit_s`` (``on_stuck`` says
+    what follows)."""
     row.status = "error"
     row.message = (f"still preparing after {limit_s:.0f} s (its compile, check and first call), "
-                   "taken for a call that never ends: the run stopped here, and --resume goes "
-                   "on without it")
+                   "taken for a call that never ends")
     return row
 
 
@@ -407,8 +407,7 @@ def begin_run(sweep: Sweep, spec_text: str, plan: RunPlan, device: torch.device,
                          for case_id, ms in previous_baselines(plan.run_dir, twin).items()})
     ctx = RunContext(sweep, device, env, plan.run_dir.name, baseline, command_line(), measured,
                      calibration)
-    if device.type == "cuda":  # the interpreter's calls always end, however slow
-        ctx.prepare_limit_s = watchdog.PREPARE_LIMIT_S
+    ctx.prepare_limit_s = watchdog.limit_for(device)
     meta = {"run_id": ctx.run_id, "spec_name": sweep.name, "name": sweep.name,
             "description": sweep.description, "command": ctx.command, "providers": plan.providers,
             "baseline": baseline, "environment": env, "spec": sweep.model_dump(mode="json"),
@@ -444,6 +443,7 @@ def stop_stuck(plan: RunPlan, row: ResultRow) -> None:
     """End the run, from the deadline's thread, at a preparation that never ended: its error
     ``row`` written, meta.json saying where the run stopped, the way on printed."""
     lost = ""
+    row.message += ": the run stopped here, and --resume goes on without it"
     try:
         append_row(plan.run_dir / RESULTS_FILE, row)
         write_meta(plan.run_dir, {**read_meta(plan.run_dir), "stuck": {

@@ -1,12 +1,13 @@
 """A deadline on one case x provider's preparation in the run's own process.
 
 A kernel that never ends cannot be taken back: the call waits on the GPU for good, and so would
-the run. The compile-ahead phase and the `--gpus` workers prepare cases in processes they can
-stop; a preparation in the run itself (`--no-compile-ahead`, and every case after the phase) has
-no one to stop it but itself. So a timer thread watches it: a preparation still going after
-`PREPARE_LIMIT_S` has its error row written, the run's meta.json says where it stopped, and the
-process ends with exit status `STUCK_EXIT`, its rows so far kept, `--resume` going on after it
-(the stuck case x provider keeps its error row, so it is not tried again).
+the run. The compile-ahead phase, the `--gpus` workers and the tune's compile workers prepare in
+processes they can stop; a preparation in the command's own process (`run --no-compile-ahead`,
+every case after the phase, the tune's timing phase) has no one to stop it but itself. So a timer
+thread watches it: a preparation still going after `PREPARE_LIMIT_S` has its error row handed to
+the command (`runner.stop_stuck` writes it and says where the run stopped, `--resume` going on
+after it; `tuner.stop_stuck_tune` records the candidate), and the process ends with exit status
+`STUCK_EXIT`, what was written so far kept.
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ from typing import Callable, Iterator
 # compile of a peer's kernels takes minutes at most; an hour is a call that never returns.
 PREPARE_LIMIT_S = 3600.0
 STUCK_EXIT = 1
+
+
+def limit_for(device: object) -> float | None:
+    """The deadline of a preparation on ``device`` (a torch.device): `PREPARE_LIMIT_S` on a GPU,
+    None elsewhere (the interpreter's calls always end, however slow)."""
+    return PREPARE_LIMIT_S if getattr(device, "type", None) == "cuda" else None
 
 
 @contextmanager

@@ -33,11 +33,11 @@ import torch
 from kernels import ConfigCache, LaunchConfig, clear_memo, layout_key
 
 from .. import startup
-from ..measure import runner
+from ..measure import runner, watchdog
 from ..measure.envinfo import command_line, environment
 from ..measure.providers.bundled import BundledKernel
 from ..names import BUNDLED_PROVIDER
-from ..results.schema import check_out_dir, read_meta, write_meta
+from ..results.schema import ResultRow, check_out_dir, read_meta, write_meta
 from ..spec.sweep import INFERENCE_MODES, Case, Sweep
 from ..measure.check import CheckResult
 from .cache import cache_errors
@@ -109,13 +109,15 @@ def tune_kernel(job: TuneJob, cands: Candidates, sweep: Sweep, device: torch.dev
                 on_step: Callable[[str], None], screen: Screen | None = None,
                 on_screen: Callable[[str], None] = lambda text: None,
                 checks: dict[str, CheckResult] | None = None,
-                clock: Stopwatch | None = None) -> KernelResult:
+                clock: Stopwatch | None = None,
+                on_stuck: Callable[[ResultRow], None] | None = None) -> KernelResult:
     """Measure the candidates of one kernel of one case behind the ``winners`` of the kernels
     tuned before it; those in ``failed`` (by name) keep that failure and are not measured, and
     those in ``checks`` were checked already (in the compile phase, behind the same pins). Pruned
     configs become rows too. ``on_step`` hears each step of the timing phase; where ``screen``
     applies (:func:`screens`), ``on_screen`` hears once what it did; ``clock`` adds up each
-    phase."""
+    phase. On a GPU a candidate still preparing after `watchdog.PREPARE_LIMIT_S` has its error
+    row handed to ``on_stuck``, which ends the process (the call never returns)."""
     clock = clock or Stopwatch()
     kernel = cands.kernel
     tasks = compile_tasks(job, cands, winners)  # the default first: the baseline
@@ -123,6 +125,9 @@ def tune_kernel(job: TuneJob, cands: Candidates, sweep: Sweep, device: torch.dev
     names = {task.name: config for task, config in zip(tasks, cands.run)}
     ctx = runner.RunContext(sweep, device, env, run_id, default, command_line(), pinned={
         task.name: (BundledKernel(), task.pin) for task in tasks}, prechecked=dict(checks or {}))
+    limit = watchdog.limit_for(device)
+    if limit is not None and on_stuck is not None:
+        ctx.prepare_limit_s, ctx.on_stuck = limit, on_stuck
     todo = [name for name in names if name not in failed]
 
     def on_start(what: str) -> None:  # "preparing NAME" (or NAME), "timing N providers ..."
@@ -168,6 +173,22 @@ def tune_kernel(job: TuneJob, cands: Candidates, sweep: Sweep, device: torch.dev
     key = layout_key(kernel, device, getattr(torch, case.dtype), case.head_dim, job.layout,
                      case.seqlen)
     return KernelResult(job.case, kernel, rows, default_row, key)
+
+
+def stop_stuck_tune(run_dir: Path, cache_path: Path, row: ResultRow) -> None:
+    """End the tune, from the deadline's thread, at a candidate whose preparation never ended:
+    meta.json says where it stopped; the winners cached so far and the rows of the kernels tuned
+    before it stay."""
+    try:
+        write_meta(run_dir, {**read_meta(run_dir), "stuck": {
+            "case_id": row.case_id, "candidate": row.provider, "why": row.message}})
+    except Exception:  # noqa: BLE001 - the process ends either way
+        pass
+    watchdog.stop_process(
+        f"error: candidate {row.provider} on case {row.case_id}: {row.message}: the tune stopped "
+        f"here. The winners cached so far are in {cache_path}, the rows of the kernels tuned "
+        f"before it in {run_dir / TUNE_FILE}; leave that config out (--block-m, --block-n, ...) "
+        "to tune the rest")
 
 
 def preflight(out: Path, cache_path: Path | None) -> ConfigCache:
@@ -262,7 +283,8 @@ def execute_tune(sweep: Sweep, spec_text: str, jobs: list[TuneJob], device: torc
             done += len(found.failures)  # not prepared again
             result = tune_kernel(job, cands, sweep, device, env, run_dir.name, winners,
                                  found.failures, on_step, screen, on_screen(cands),
-                                 found.checks, clock)
+                                 found.checks, clock,
+                                 lambda row: stop_stuck_tune(run_dir, cache.path, row))
             append_tune_rows(run_dir / TUNE_FILE, result.rows)
             results.append(result)
             if result.best is not None:

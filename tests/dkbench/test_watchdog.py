@@ -17,8 +17,9 @@ from dkbench.measure import runner, watchdog
 from dkbench.results.schema import read_results
 from dkbench.spec.load import load_spec
 from dkbench.spec.sweep import expand
+from dkbench.tune.plan import plan_tune
 
-from .specs import write_spec
+from .specs import needs_interpreter, write_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -94,3 +95,59 @@ def test_a_stuck_preparation_ends_the_run_with_its_row_and_resume_skips_it(tmp_p
     plan = runner.plan_run(sweep, expand(sweep), sweep.providers, tmp_path / "out", run_dir)
     rows = runner.execute(sweep, spec.read_text(), plan, torch.device("cpu"))
     assert [(r.seqlen, r.status) for r in rows] == [(64, "ok")]
+
+
+# A tune in a process of its own: every candidate compiles, then the timing phase's first
+# preparation never ends.
+STUCK_TUNE = textwrap.dedent("""
+    import itertools, sys, time
+    from pathlib import Path
+    import torch
+    from dkbench.measure import watchdog
+    from dkbench.measure.providers.bundled import BundledKernel
+    from dkbench.spec.load import load_spec
+    from dkbench.tune import tuner
+    from dkbench.tune.plan import plan_tune
+
+    watchdog.limit_for = lambda device: 1.0
+    sweep = load_spec(sys.argv[1])
+    cpu = torch.device("cpu")
+    jobs = plan_tune(sweep, ("fwd",), cpu, {"block_m": (16, 32), "block_n": (32,),
+                                             "num_warps": (4,), "num_stages": (1,)})
+    compiled = sum(len(c.run) for job in jobs for c in job.candidates)
+    real, calls = BundledKernel.prepare, itertools.count()
+
+    def prepare(self, *args, **kwargs):
+        if next(calls) >= compiled:
+            time.sleep(600)
+        return real(self, *args, **kwargs)
+
+    BundledKernel.prepare = prepare
+    tuner.execute_tune(sweep, "", jobs, cpu, Path(sys.argv[2]), Path(sys.argv[3]))
+    print("the tune went on", flush=True)
+""")
+
+
+@needs_interpreter
+def test_a_stuck_candidate_ends_the_tune_saying_where(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, mode="fwd")
+    cache = tmp_path / "cache.json"
+    done = subprocess.run([sys.executable, "-c", STUCK_TUNE, str(spec), str(tmp_path / "out"),
+                           str(cache)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == watchdog.STUCK_EXIT, done.stderr
+    assert "the tune went on" not in done.stdout
+    (run_dir,) = (tmp_path / "out").iterdir()
+    stuck = json.loads((run_dir / "meta.json").read_text())["stuck"]
+    why = ("still preparing after 1 s (its compile, check and first call), taken for a call that "
+           "never ends")
+    # The timing phase starts with the default config: the one that hung.
+    (job,) = plan_tune(load_spec(spec), ("fwd",), torch.device("cpu"), {
+        "block_m": (16, 32), "block_n": (32,), "num_warps": (4,), "num_stages": (1,)})
+    assert stuck == {"case_id": job.case.case_id, "candidate": job.candidates[0].default.short(),
+                     "why": why}
+    message = " ".join(done.stderr.split())
+    assert message.startswith(f"error: candidate {stuck['candidate']} on case "
+                              f"{stuck['case_id']}: {why}: the tune stopped here. ")
+    assert f"The winners cached so far are in {cache}" in message
+    assert message.endswith("leave that config out (--block-m, --block-n, ...) to tune the rest")
+    assert not cache.exists()  # nothing was tuned before it
