@@ -1,6 +1,8 @@
 """Where the backward's time goes, on a Hopper GPU: the two-kernel backward (the dq kernel, then
 the dk/dv kernel, each at its default config) timed whole and each kernel alone, beside the fused
-backward (`kernels/bwd_fused.py`: 5 products a pair, dq added into a float32 buffer by atomics).
+backward (`kernels/bwd_fused.py`: 5 products a pair, dq added into a float32 buffer by atomics)
+and the Gluon fused backward (`kernels/bwd_fused_ws.py`: 5 products, 128-key items, dq added by
+tensor-memory reduces; form "fused_gluon_s<stages>").
 
 The phi-3 sweep's shapes (`sweeps/phi3.yaml`): 65,536 tokens a batch, 32/8 heads, head_dim 128,
 bf16, phi-3's pattern, sm_scale 1/128. For each length, each round times every form once with
@@ -8,10 +10,11 @@ bf16, phi-3's pattern, sm_scale 1/128. For each length, each round times every f
 ratios of the two-kernel backward's time to its own (above 1: faster than the two kernels). The
 fused rows give the bytes their dq adds move (a 64-row x head_dim float32 tile per step, so the
 rate of that traffic can be read off their extra time) and the largest difference of their
-gradients from the two kernels' over the largest value.
+gradients from the two kernels' over the largest value. ``--pattern dense`` times a dense causal
+layout of 64-blocks instead of phi-3's.
 
     python benchmarks/bwd_split.py [--seqlens 8192,16384,32768,65536] [--stages 1]
-        [--rounds 5] [--out FILE]
+        [--gluon-stages 2] [--pattern phi3] [--rounds 5] [--out FILE]
 
 Exit status 2 on a bad argument or without a Hopper GPU.
 """
@@ -44,7 +47,7 @@ def _ints(text: str, allowed: tuple[int, ...]) -> list[int]:
     return values
 
 
-def _forms(q, k, v, out, lse, do, layout, stages: list[int]) -> dict:
+def _forms(q, k, v, out, lse, do, layout, stages: list[int], gluon_stages: list[int]) -> dict:
     """Every backward (or part of one) to time, each a no-argument callable returning the
     gradients it writes, (dq, dk, dv) or the one kernel's."""
     import torch
@@ -52,6 +55,7 @@ def _forms(q, k, v, out, lse, do, layout, stages: list[int]) -> dict:
     from kernels import LaunchConfig, default_config
     from kernels.bwd import grad_like, launch_dkdv, launch_dq, sparse_attention_bwd
     from kernels.bwd_fused import sparse_attention_bwd_fused
+    from kernels.bwd_fused_ws import sparse_attention_bwd_fused_ws
 
     dkdv = default_config("bwd", q.device, layout.block_size, DIM, q.dtype)
     dq_config = default_config("dq", q.device, layout.block_size, DIM, q.dtype)
@@ -73,6 +77,9 @@ def _forms(q, k, v, out, lse, do, layout, stages: list[int]) -> dict:
         config = LaunchConfig(64, 64, 4, s, "fused")
         forms[f"fused_s{s}"] = (lambda config=config: sparse_attention_bwd_fused(
             do, q, k, v, out, lse, layout, SCALE, config))
+    for s in gluon_stages:
+        forms[f"fused_gluon_s{s}"] = (lambda s=s: sparse_attention_bwd_fused_ws(
+            do, q, k, v, out, lse, layout, SCALE, s))
     return forms
 
 
@@ -85,24 +92,41 @@ def _steps(layout, seqlen: int) -> int:
     return int(cols.col_ptr[-1]) * rows_per_pattern
 
 
-def measure(seqlens: list[int], stages: list[int], rounds: int) -> list[dict]:
+def _pair_steps(layout, seqlen: int) -> int:
+    """(64-row query step, 128-key item) pairs the Gluon fused kernel walks, over every head."""
+    from kernels.bwd_fused_ws import pair_plan
+
+    plan = pair_plan(layout, seqlen, seqlen, HEADS, KV_HEADS)
+    return int(plan.row_ptr[-1])
+
+
+def _layout(pattern: str, seqlen: int):
+    from kernels import local_stride_layout
+    from kernels.layout import dense_layout
+
+    if pattern == "dense":
+        return dense_layout(seqlen // 64, 64)
+    return local_stride_layout(max_seq_len=seqlen, **PHI3)
+
+
+def measure(seqlens: list[int], stages: list[int], gluon_stages: list[int], rounds: int,
+            pattern: str = "phi3") -> list[dict]:
     import torch
     import triton
 
-    from kernels import local_stride_layout
     from kernels.fwd_ws import sparse_attention_fwd_ws
 
     rows = []
     for seqlen in seqlens:
         batch = TOKENS // seqlen
-        layout = local_stride_layout(max_seq_len=seqlen, **PHI3).to("cuda")
+        layout = _layout(pattern, seqlen).to("cuda")
         q = torch.randn(batch, seqlen, HEADS, DIM, device="cuda", dtype=torch.bfloat16)
         k, v = (torch.randn(batch, seqlen, KV_HEADS, DIM, device="cuda", dtype=torch.bfloat16)
                 for _ in range(2))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         out, lse = sparse_attention_fwd_ws(q, k, v, layout, SCALE, True)
         do = torch.randn_like(out)
-        forms = _forms(q, k, v, out, lse, do, layout, stages)
+        forms = _forms(q, k, v, out, lse, do, layout, stages, gluon_stages)
         want = [g.float().clone() for g in forms["two_kernels"]()]
         diffs = {}
         for name, run in forms.items():
@@ -114,12 +138,15 @@ def measure(seqlens: list[int], stages: list[int], rounds: int) -> list[dict]:
         for _ in range(rounds):
             for name, run in forms.items():
                 times[name].append(triton.testing.do_bench(run, warmup=25, rep=150))
-        dq_bytes = _steps(layout, seqlen) * batch * 64 * DIM * 4
+        step_bytes = batch * 64 * DIM * 4
+        dq_bytes = {"fused_s": _steps(layout, seqlen) * step_bytes,
+                    "fused_gluon": _pair_steps(layout, seqlen) * step_bytes}
         base = times["two_kernels"]
         for name, ts in times.items():
-            row = {"seqlen": seqlen, "form": name, "ms": statistics.median(ts),
+            moved = next((b for f, b in dq_bytes.items() if name.startswith(f)), 0)
+            row = {"seqlen": seqlen, "pattern": pattern, "form": name, "ms": statistics.median(ts),
                    "speedup_over_two_kernels": statistics.median(b / t for b, t in zip(base, ts)),
-                   "dq_add_gb": dq_bytes / 1e9 if name in diffs else 0.0,
+                   "dq_add_gb": moved / 1e9,
                    "rel_diff_vs_two_kernels": diffs.get(name)}
             print(json.dumps(row), flush=True)
             rows.append(row)
@@ -130,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seqlens", type=lambda t: _ints(t, SEQLENS), default=list(SEQLENS))
     parser.add_argument("--stages", type=lambda t: _ints(t, (1, 2, 3)), default=[1])
+    parser.add_argument("--gluon-stages", type=lambda t: _ints(t, (1, 2)), default=[2])
+    parser.add_argument("--pattern", choices=("phi3", "dense"), default="phi3")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, help="write the rows as a JSON list here too")
     args = parser.parse_args(argv)
@@ -141,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: needs a Hopper GPU (the backward's Gluon kernels)",
               file=sys.stderr)
         return 2
-    rows = measure(args.seqlens, args.stages, args.rounds)
+    rows = measure(args.seqlens, args.stages, args.gluon_stages, args.rounds, args.pattern)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rows, indent=1) + "\n")

@@ -312,6 +312,13 @@ def backward_fused() -> None:
                                          _config("bwd"))
 
 
+def backward_fused_gluon() -> None:
+    from kernels import bwd_fused_ws
+
+    q, k, v, out, do, lse, _ = _backward_inputs()
+    bwd_fused_ws.sparse_attention_bwd_fused_ws(do, q, k, v, out, lse, _layout(), 0.088)
+
+
 def _fp8_inputs() -> tuple:
     """e4m3 q, k and v_t of one fp8 call, with descales of 1 (values unused: nothing runs)."""
     e4m3 = torch.float8_e4m3fn
@@ -396,6 +403,7 @@ FAMILIES: dict[str, Callable[[], None]] = {
     "bwd (dq, gluon, owned steps)": backward_dq_gluon_halves,
     "bwd (dk/dv, gluon)": backward_dkdv_gluon,
     "bwd (fused)": backward_fused,
+    "bwd (fused, gluon)": backward_fused_gluon,
     "fwd (fp8)": forward_fp8,
     "fwd (fp8, gluon)": forward_fp8_gluon,
     "bwd (fp8)": backward_fp8,

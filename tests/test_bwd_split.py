@@ -28,6 +28,8 @@ split = _tool()
     (["--seqlens", "8192,x"], "expected integers"),
     (["--seqlens", "4096"], "allowed: 8192, 16384, 32768, 65536"),
     (["--stages", "0"], "allowed: 1, 2, 3"),
+    (["--gluon-stages", "3"], "allowed: 1, 2"),
+    (["--pattern", "random"], "invalid choice: 'random'"),
     (["--rounds", "0"], "--rounds must be at least 1"),
 ])
 def test_bad_arguments_exit_2_with_the_reason(argv, message, capsys) -> None:
@@ -42,6 +44,22 @@ def test_without_a_hopper_gpu_it_says_so_and_exits_2(capsys, tmp_path) -> None:
     assert split.main(["--out", str(tmp_path / "split.json")]) == 2
     assert "needs a Hopper GPU" in capsys.readouterr().err
     assert not (tmp_path / "split.json").exists()
+
+
+@pytest.mark.parametrize("seqlen", [1024, 4096])
+def test_pair_steps_are_the_plan_entries_of_every_head(seqlen) -> None:
+    from kernels.bwd_fused_ws import pair_plan
+
+    layout = split._layout("phi3", seqlen)
+    plan = pair_plan(layout, seqlen, seqlen, split.HEADS, split.KV_HEADS)
+    # Each pair step covers two 64-key boxes: at least half the 64-key steps, never all.
+    assert split._steps(layout, seqlen) / 2 <= split._pair_steps(layout, seqlen)
+    assert split._pair_steps(layout, seqlen) == int(plan.row_ptr[-1]) < split._steps(layout, seqlen)
+
+
+def test_dense_pattern_is_every_causal_block() -> None:
+    layout = split._layout("dense", 1024)
+    assert layout.pattern[0, :16, :16].equal(torch.ones(16, 16, dtype=torch.bool).tril())
 
 
 @pytest.mark.parametrize("seqlen", [1024, 4096])
