@@ -4,8 +4,8 @@ backward (`kernels/bwd_fused.py`: 5 products a pair, dq added into a float32 buf
 and the Gluon fused backward (`kernels/bwd_fused_ws.py`: 5 products, 128-key items, dq added by
 tensor-memory reduces; form "fused_gluon_s<stages>").
 
-The phi-3 sweep's shapes (`sweeps/phi3.yaml`): 65,536 tokens a batch, 32/8 heads, head_dim 128,
-bf16, phi-3's pattern, sm_scale 1/128. For each length, each round times every form once with
+The phi-3 sweep's shapes (`sweeps/phi3.yaml`): 65,536 tokens a batch, 32/8 heads, head_dim 128
+(or ``--head-dim 64``), bf16, phi-3's pattern, sm_scale 1/head_dim. For each length, each round times every form once with
 `triton.testing.do_bench`; a form's figure is its median time and the median of the per-round
 ratios of the two-kernel backward's time to its own (above 1: faster than the two kernels). The
 fused rows give the bytes their dq adds move (a 64-row x head_dim float32 tile per step, so the
@@ -14,7 +14,7 @@ gradients from the two kernels' over the largest value. ``--pattern dense`` time
 layout of 64-blocks instead of phi-3's.
 
     python benchmarks/bwd_split.py [--seqlens 8192,16384,32768,65536] [--stages 1]
-        [--gluon-stages 2] [--pattern phi3] [--rounds 5] [--out FILE]
+        [--gluon-stages 2] [--pattern phi3] [--head-dim 128] [--rounds 5] [--out FILE]
 
 Exit status 2 on a bad argument or without a Hopper GPU.
 """
@@ -30,7 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-TOKENS, HEADS, KV_HEADS, DIM, SCALE = 65536, 32, 8, 128, 1 / 128
+TOKENS, HEADS, KV_HEADS = 65536, 32, 8
+HEAD_DIMS = (64, 128)
 PHI3 = dict(block_size=64, local_blocks=16, vert_stride=8, homo_head=False,
             head_sliding_offset=1, num_heads=HEADS)
 SEQLENS = (8192, 16384, 32768, 65536)
@@ -57,29 +58,31 @@ def _forms(q, k, v, out, lse, do, layout, stages: list[int], gluon_stages: list[
     from kernels.bwd_fused import sparse_attention_bwd_fused
     from kernels.bwd_fused_ws import sparse_attention_bwd_fused_ws
 
-    dkdv = default_config("bwd", q.device, layout.block_size, DIM, q.dtype)
-    dq_config = default_config("dq", q.device, layout.block_size, DIM, q.dtype)
+    dim = q.shape[3]
+    dkdv = default_config("bwd", q.device, layout.block_size, dim, q.dtype)
+    dq_config = default_config("dq", q.device, layout.block_size, dim, q.dtype)
+    scale = 1 / dim
     dq, dk, dv = grad_like(q), grad_like(k), grad_like(v)
     delta = torch.empty(lse.shape, device=q.device, dtype=torch.float32)
 
     def dq_kernel():
-        launch_dq(do, q, k, v, out, lse, delta, dq, layout, SCALE, dq_config)
+        launch_dq(do, q, k, v, out, lse, delta, dq, layout, scale, dq_config)
         return (dq,)
 
     def dkdv_kernel():  # reads the delta the dq kernel wrote
-        launch_dkdv(do, q, k, v, lse, delta, dk, dv, layout, SCALE, dkdv)
+        launch_dkdv(do, q, k, v, lse, delta, dk, dv, layout, scale, dkdv)
         return dk, dv
 
-    forms = {"two_kernels": lambda: sparse_attention_bwd(do, q, k, v, out, lse, layout, SCALE,
+    forms = {"two_kernels": lambda: sparse_attention_bwd(do, q, k, v, out, lse, layout, scale,
                                                          dkdv, dq_config),
              "dq_kernel": dq_kernel, "dkdv_kernel": dkdv_kernel}
     for s in stages:
         config = LaunchConfig(64, 64, 4, s, "fused")
         forms[f"fused_s{s}"] = (lambda config=config: sparse_attention_bwd_fused(
-            do, q, k, v, out, lse, layout, SCALE, config))
+            do, q, k, v, out, lse, layout, scale, config))
     for s in gluon_stages:
         forms[f"fused_gluon_s{s}"] = (lambda s=s: sparse_attention_bwd_fused_ws(
-            do, q, k, v, out, lse, layout, SCALE, s))
+            do, q, k, v, out, lse, layout, scale, s))
     return forms
 
 
@@ -110,7 +113,7 @@ def _layout(pattern: str, seqlen: int):
 
 
 def measure(seqlens: list[int], stages: list[int], gluon_stages: list[int], rounds: int,
-            pattern: str = "phi3") -> list[dict]:
+            pattern: str = "phi3", dim: int = 128) -> list[dict]:
     import torch
     import triton
 
@@ -120,11 +123,11 @@ def measure(seqlens: list[int], stages: list[int], gluon_stages: list[int], roun
     for seqlen in seqlens:
         batch = TOKENS // seqlen
         layout = _layout(pattern, seqlen).to("cuda")
-        q = torch.randn(batch, seqlen, HEADS, DIM, device="cuda", dtype=torch.bfloat16)
-        k, v = (torch.randn(batch, seqlen, KV_HEADS, DIM, device="cuda", dtype=torch.bfloat16)
+        q = torch.randn(batch, seqlen, HEADS, dim, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(batch, seqlen, KV_HEADS, dim, device="cuda", dtype=torch.bfloat16)
                 for _ in range(2))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        out, lse = sparse_attention_fwd_ws(q, k, v, layout, SCALE, True)
+        out, lse = sparse_attention_fwd_ws(q, k, v, layout, 1 / dim, True)
         do = torch.randn_like(out)
         forms = _forms(q, k, v, out, lse, do, layout, stages, gluon_stages)
         want = [g.float().clone() for g in forms["two_kernels"]()]
@@ -138,13 +141,14 @@ def measure(seqlens: list[int], stages: list[int], gluon_stages: list[int], roun
         for _ in range(rounds):
             for name, run in forms.items():
                 times[name].append(triton.testing.do_bench(run, warmup=25, rep=150))
-        step_bytes = batch * 64 * DIM * 4
+        step_bytes = batch * 64 * dim * 4
         dq_bytes = {"fused_s": _steps(layout, seqlen) * step_bytes,
                     "fused_gluon": _pair_steps(layout, seqlen) * step_bytes}
         base = times["two_kernels"]
         for name, ts in times.items():
             moved = next((b for f, b in dq_bytes.items() if name.startswith(f)), 0)
-            row = {"seqlen": seqlen, "pattern": pattern, "form": name, "ms": statistics.median(ts),
+            row = {"seqlen": seqlen, "pattern": pattern, "head_dim": dim, "form": name,
+                   "ms": statistics.median(ts),
                    "speedup_over_two_kernels": statistics.median(b / t for b, t in zip(base, ts)),
                    "dq_add_gb": moved / 1e9,
                    "rel_diff_vs_two_kernels": diffs.get(name)}
@@ -157,20 +161,28 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seqlens", type=lambda t: _ints(t, SEQLENS), default=list(SEQLENS))
     parser.add_argument("--stages", type=lambda t: _ints(t, (1, 2, 3)), default=[1])
-    parser.add_argument("--gluon-stages", type=lambda t: _ints(t, (1, 2)), default=[2])
+    parser.add_argument("--gluon-stages", type=lambda t: _ints(t, (1, 2, 3, 4)), default=[2])
     parser.add_argument("--pattern", choices=("phi3", "dense"), default="phi3")
+    parser.add_argument("--head-dim", type=int, choices=HEAD_DIMS, default=128)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, help="write the rows as a JSON list here too")
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    from kernels.bwd_fused_ws import max_stages
+
+    most = max_stages(args.head_dim)
+    if max(args.gluon_stages) > most:
+        parser.error(f"--gluon-stages: at head_dim {args.head_dim} the Gluon fused backward "
+                     f"takes 1 to {most} stages, got {max(args.gluon_stages)}")
     import torch
 
     if not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9):
         print("error: needs a Hopper GPU (the backward's Gluon kernels)",
               file=sys.stderr)
         return 2
-    rows = measure(args.seqlens, args.stages, args.gluon_stages, args.rounds, args.pattern)
+    rows = measure(args.seqlens, args.stages, args.gluon_stages, args.rounds, args.pattern,
+                   args.head_dim)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rows, indent=1) + "\n")

@@ -28,7 +28,10 @@ split = _tool()
     (["--seqlens", "8192,x"], "expected integers"),
     (["--seqlens", "4096"], "allowed: 8192, 16384, 32768, 65536"),
     (["--stages", "0"], "allowed: 1, 2, 3"),
-    (["--gluon-stages", "3"], "allowed: 1, 2"),
+    (["--gluon-stages", "5"], "allowed: 1, 2, 3, 4"),
+    (["--gluon-stages", "2,3"],
+     "--gluon-stages: at head_dim 128 the Gluon fused backward takes 1 to 2 stages, got 3"),
+    (["--head-dim", "96"], "invalid choice: 96"),
     (["--pattern", "random"], "invalid choice: 'random'"),
     (["--rounds", "0"], "--rounds must be at least 1"),
 ])
