@@ -43,7 +43,7 @@ from . import buffers
 from .bwd import grad_like, kernel_constants
 from .bwd_dkdv_ws import _stat_descriptor, row_statistics
 from .bwd_fused import PREP_ROWS, _bwd_fused_prep
-from .common import qk_scale, tma_compatible
+from .common import index_table, qk_scale, tma_compatible
 from .fwd_ws import GLUON, MAX_REGS, _sm_count
 from .fwd_ws import unavailable as gluon_unavailable
 from .layout import BlockLayout
@@ -214,16 +214,9 @@ def build_pair_plan(layout: BlockLayout, seq_q: int, seq_k: int, heads: int,
         pair_blocks = box_block[head_boxes]  # (heads, pairs, 2)
         masked = masked | (pair_blocks[..., None] == qb).any(2)
     bits = first.to(torch.int32) | (second.to(torch.int32) << 1)
-    hi, ri, ci = kept.nonzero(as_tuple=True)
-    row = hi * pairs + ri
-    entry_masked = masked[hi, ri, ci]
-    order = torch.argsort(row * 2 + entry_masked.to(row.dtype), stable=True)
-    rows = heads * pairs
-    row_ptr = torch.zeros(rows + 1, dtype=torch.int32, device=device)
-    row_ptr[1:] = torch.bincount(row, minlength=rows).cumsum(0)
-    n_full = torch.bincount(row[~entry_masked], minlength=rows).to(torch.int32)
-    return PairPlan(boxes.to(device), row_ptr, n_full, ci[order].to(torch.int32),
-                    bits[hi, ri, ci][order].contiguous(), pairs)
+    table = index_table(kept, masked)
+    return PairPlan(boxes.to(device), table.row_ptr, table.n_full, table.col.to(torch.int32),
+                    bits[table.head, table.row, table.col].contiguous(), pairs)
 
 
 def pair_plan(layout: BlockLayout, seq_q: int, seq_k: int, heads: int,
